@@ -1,0 +1,65 @@
+"""The landmark set: named points in physical LPS space, the one currency of the library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LandmarkSet:
+    """Named landmarks of one image.
+
+    Attributes:
+        names: landmark names, in model/dataset order.
+        points_lps: (N, d) float64 physical positions in mm (ITK/LPS convention, d = 2 or 3);
+            a row of NaN marks a missing landmark.
+        confidences: optional (N,) values in [0, 1] (prediction confidence); NaN where unknown.
+    """
+
+    names: list[str]
+    points_lps: np.ndarray
+    confidences: np.ndarray | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.names = list(self.names)
+        self.points_lps = np.asarray(self.points_lps, dtype=np.float64)
+        if self.points_lps.ndim != 2 or self.points_lps.shape[0] != len(self.names):
+            raise ValueError(
+                f"points_lps must have shape (N, d) with N = {len(self.names)} names, "
+                f"got {self.points_lps.shape}")
+        if self.points_lps.shape[1] not in (2, 3):
+            raise ValueError(f"landmarks must be 2D or 3D, got dimension {self.points_lps.shape[1]}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"landmark names must be unique: {self.names}")
+        if self.confidences is not None:
+            self.confidences = np.asarray(self.confidences, dtype=np.float64).reshape(len(self.names))
+
+    @property
+    def dimension(self) -> int:
+        return int(self.points_lps.shape[1])
+
+    @property
+    def present(self) -> np.ndarray:
+        """(N,) bool: True where the landmark has a position."""
+        return np.all(np.isfinite(self.points_lps), axis=1)
+
+    def reordered(self, names: list[str]) -> "LandmarkSet":
+        """Return the set in the order of `names`; names absent here become missing (NaN).
+
+        Raises:
+            ValueError: if this set holds a name that is not in `names`.
+        """
+        unknown = [n for n in self.names if n not in names]
+        if unknown:
+            raise ValueError(f"unknown landmark names {unknown}; expected names from {names}")
+        index = {n: i for i, n in enumerate(self.names)}
+        points = np.full((len(names), self.dimension), np.nan)
+        conf = None if self.confidences is None else np.full(len(names), np.nan)
+        for j, n in enumerate(names):
+            if n in index:
+                points[j] = self.points_lps[index[n]]
+                if conf is not None:
+                    conf[j] = self.confidences[index[n]]
+        return LandmarkSet(names, points, conf)

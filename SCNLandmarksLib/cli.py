@@ -1,0 +1,158 @@
+"""Command line: `scn-landmarks train | detect | evaluate | info | demo`.
+
+Thin: parses arguments, calls the library, shows progress, turns user-facing errors into one
+clear line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import SCNLandmarksError
+
+log = logging.getLogger("scn-landmarks")
+
+LANDMARK_FORMATS = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv"}
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingProgress:
+    """A one-line progress bar (loss, mean sigma, ETA) on a terminal, periodic lines otherwise."""
+
+    def __init__(self, stream=sys.stderr, every_s: float = 10.0):
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self.every_s = every_s
+        self.last = 0.0
+
+    def __call__(self, info: dict) -> None:
+        done, total = info["iteration"], info["iterations"]
+        width = 30
+        filled = int(width * done / total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {info['loss']:.4f} "
+                f"sigma {info['mean_sigma']:.2f} ETA {_format_seconds(info['eta_s'])}")
+        validation = info.get("validation")
+        if validation:
+            line += (f" | validation mean {validation['mean_error']:.2f} median {validation['median_error']:.2f}"
+                     f" missed {int(validation['missed'])}")
+        now = time.monotonic()
+        if self.interactive:
+            self.stream.write("\r" + line + ("\n" if validation or done == total else ""))
+            self.stream.flush()
+        elif validation or done == total or now - self.last >= self.every_s:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last = now
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config)
+    result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress())
+    print(json.dumps({"model": str(result.model_path), "iterations": result.iterations,
+                      "best_validation_mean_error": result.best_validation_error}))
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from .inference import Predictor
+    from .io.images import read_image
+    from .io.landmarks import write_landmarks
+    from .io.images import write_image
+
+    predictor = Predictor.from_file(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = LANDMARK_FORMATS[args.format]
+    for number, image_path in enumerate(args.images, start=1):
+        started = time.perf_counter()
+        image = read_image(image_path, predictor.dimension)
+        prediction = predictor.predict(image, heatmaps=args.heatmaps, source=str(image_path))
+        stem = Path(image_path).name.split(".")[0]
+        target = out / f"{stem}{suffix}"
+        write_landmarks(prediction.landmarks, target, prediction.status)
+        if args.heatmaps:
+            for kind in ("final", "local", "spatial"):
+                if kind in prediction._heatmaps:
+                    write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
+        found = sum(s != "missing" for s in prediction.status)
+        print(f"[{number}/{len(args.images)}] {image_path}: {found}/{len(prediction.status)} landmarks -> "
+              f"{target} ({time.perf_counter() - started:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation_run import evaluate_model
+
+    metrics_path = evaluate_model(args.model, args.dataset, args.split, Path(args.out), device=args.device)
+    print(str(metrics_path))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .bundle import read_metadata
+
+    print(json.dumps(read_metadata(args.model), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scn-landmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a configuration TOML")
+    train.add_argument("config", help="training configuration (.toml)")
+    train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.set_defaults(run=_train)
+
+    detect = commands.add_parser("detect", help="detect landmarks on images")
+    detect.add_argument("model", help="model file (.safetensors)")
+    detect.add_argument("images", nargs="+", help="image files (or DICOM series folders)")
+    detect.add_argument("--out", required=True, help="output folder (one landmark file per image)")
+    detect.add_argument("--format", default="mrk.json", choices=tuple(LANDMARK_FORMATS))
+    detect.add_argument("--heatmaps", action="store_true", help="also write heatmaps (.nrrd, input geometry)")
+    detect.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    detect.set_defaults(run=_detect)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model on a dataset split")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--dataset", required=True, help="dataset spec (.toml)")
+    evaluate.add_argument("--split", default="validation")
+    evaluate.add_argument("--out", required=True, help="output folder for metrics.json and report.md")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.set_defaults(run=_evaluate)
+
+    info = commands.add_parser("info", help="print a model file's metadata")
+    info.add_argument("model")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except SCNLandmarksError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

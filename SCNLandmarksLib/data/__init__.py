@@ -1,0 +1,1 @@
+"""Datasets: the dataset spec, image preparation and physical-space augmentation."""

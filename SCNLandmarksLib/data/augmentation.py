@@ -1,0 +1,215 @@
+"""Physical-space augmentation (MIA 2019, Sec. 3.1): one composed transform for image and landmarks.
+
+For an output grid voxel at physical position q (grid frame), the input is read at
+
+    p = c + t + R S F (q + u(q) - c)
+
+with c the image centre, t a translation, R a rotation, S a scaling, F an optional mirror and u a
+smooth elastic displacement. Landmarks go the other way through the exact inverse: the affine
+part is inverted in closed form and the elastic part by fixed-point iteration q = A^-1 p - u(q),
+which converges because u is smooth (its Jacobian is far below 1).
+
+Everything runs in torch on the training device, driven by an explicit torch.Generator, so a
+sample is a pure function of (seed, iteration, position in batch): resumed training sees exactly
+the samples uninterrupted training would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import AugmentationConfig
+from ..geometry import ImageGeometry, axis_aligned_grid
+from .preparation import PreparedImage, grid_positions, sample_at
+
+
+@dataclass
+class SpatialTransform:
+    """p_in = affine (q + displacement(q)), q in the output grid's physical frame.
+
+    Attributes:
+        affine: (d+1, d+1) float64 homogeneous matrix, output physical -> input physical.
+        displacement: optional (d, [z,] y, x) elastic displacement in mm on the output grid,
+            components ordered (x, y[, z]).
+        mirrored: whether the affine contains a mirror (landmark pairs must then be swapped).
+    """
+
+    affine: torch.Tensor
+    displacement: torch.Tensor | None = None
+    mirrored: bool = False
+
+    def input_positions(self, grid: ImageGeometry, device) -> torch.Tensor:
+        """Physical input positions read for every output voxel, shape ([z,] y, x, d)."""
+        q = grid_positions(grid, device)
+        if self.displacement is not None:
+            q = q + torch.movedim(self.displacement, 0, -1)
+        a = self.affine.to(device=device, dtype=q.dtype)
+        d = grid.dimension
+        return q @ a[:d, :d].T + a[:d, d]
+
+    def output_positions(self, points_lps: torch.Tensor, grid: ImageGeometry, iterations: int = 20) -> torch.Tensor:
+        """Exact inverse: input physical points (M, d) -> output-frame physical points (M, d)."""
+        d = grid.dimension
+        inverse = torch.linalg.inv(self.affine).to(points_lps)
+        q_affine = points_lps @ inverse[:d, :d].T + inverse[:d, d]
+        if self.displacement is None:
+            return q_affine
+        q = q_affine
+        for _ in range(iterations):
+            q = q_affine - displacement_at(self.displacement, grid, q)
+        return q
+
+
+def displacement_at(displacement: torch.Tensor, grid: ImageGeometry, points: torch.Tensor) -> torch.Tensor:
+    """Linearly interpolated displacement (d, *grid) at physical points (M, d) -> (M, d).
+
+    Points outside the grid take the nearest border value (the field is smooth there anyway).
+    """
+    d = grid.dimension
+    to_index = torch.as_tensor(np.linalg.inv(grid.index_to_physical_matrix), dtype=points.dtype,
+                               device=points.device)
+    index = points @ to_index[:d, :d].T + to_index[:d, d]
+    size = torch.as_tensor(grid.size, dtype=points.dtype, device=points.device)
+    coordinates = index * (2.0 / torch.clamp(size - 1.0, min=1.0)) - 1.0
+    shape = (1,) * (d - 1) + (points.shape[0],)
+    coordinates = coordinates.reshape(1, *shape, d).to(displacement.dtype)
+    values = F.grid_sample(displacement.unsqueeze(0), coordinates, mode="bilinear", padding_mode="border",
+                           align_corners=True)
+    return values.reshape(d, -1).T.to(points.dtype)
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, size=()) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator, dtype=torch.float64)
+
+
+def rotation_matrix(angles_rad: torch.Tensor, dimension: int) -> torch.Tensor:
+    """2D: one angle; 3D: rotations about x, then y, then z. Returns (d, d) float64."""
+    if dimension == 2:
+        c, s = torch.cos(angles_rad[0]), torch.sin(angles_rad[0])
+        return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    matrix = torch.eye(3, dtype=torch.float64)
+    for axis in range(3):
+        c, s = torch.cos(angles_rad[axis]), torch.sin(angles_rad[axis])
+        i, j = [a for a in range(3) if a != axis]
+        rotation = torch.eye(3, dtype=torch.float64)
+        rotation[i, i], rotation[i, j], rotation[j, i], rotation[j, j] = c, -s, s, c
+        matrix = rotation @ matrix
+    return matrix
+
+
+def smooth_noise_field(grid: ImageGeometry, channels: int, std: float, control_spacing: float,
+                       generator: torch.Generator, device) -> torch.Tensor:
+    """A smooth random field (channels, *grid) from Gaussian noise on a coarse control grid.
+
+    The control values are interpolated (bicubic in 2D, trilinear in 3D) to the grid, a B-spline-like
+    deformation whose smoothness is set by `control_spacing` (mm).
+    """
+    d = grid.dimension
+    extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+    control = [max(2, int(math.ceil(e / control_spacing)) + 1) for e in extent]
+    noise = torch.randn((1, channels, *reversed(control)), generator=generator, dtype=torch.float64) * std
+    mode = "bicubic" if d == 2 else "trilinear"
+    field = F.interpolate(noise.float().to(device), size=tuple(reversed(grid.size)), mode=mode, align_corners=True)
+    return field[0]
+
+
+def random_transform(config: AugmentationConfig, grid: ImageGeometry, center: np.ndarray,
+                     generator: torch.Generator, device) -> SpatialTransform:
+    """Draw one random physical transform about `center` (the grid's centre) for the output grid."""
+    d = grid.dimension
+    translation = _uniform(generator, -config.translation, config.translation, (d,))
+    angles = _uniform(generator, -1.0, 1.0, (1 if d == 2 else 3,)) * math.radians(config.rotation_deg)
+    scale = 1.0 + _uniform(generator, -config.scale, config.scale)
+    scale_axes = scale * (1.0 + _uniform(generator, -config.scale_per_axis, config.scale_per_axis, (d,)))
+    linear = rotation_matrix(angles, d) @ torch.diag(scale_axes)
+    mirrored = bool(config.flip_axis is not None and
+                    float(torch.rand((), generator=generator, dtype=torch.float64)) < config.flip_probability)
+    if mirrored:
+        mirror = torch.eye(d, dtype=torch.float64)
+        mirror[config.flip_axis, config.flip_axis] = -1.0
+        linear = linear @ mirror
+    c = torch.as_tensor(center, dtype=torch.float64)
+    affine = torch.eye(d + 1, dtype=torch.float64)
+    affine[:d, :d] = linear
+    affine[:d, d] = c + translation - linear @ c
+    displacement = None
+    if config.elastic_mm > 0:
+        displacement = smooth_noise_field(grid, d, config.elastic_mm, config.elastic_control_spacing_mm,
+                                          generator, device)
+    return SpatialTransform(affine, displacement, mirrored)
+
+
+def augment_intensities(sample: torch.Tensor, config: AugmentationConfig, grid: ImageGeometry,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Random contrast, shift, gamma, bias field and noise on one normalised sample (1, *grid)."""
+    scale = 1.0 + float(_uniform(generator, -config.intensity_scale, config.intensity_scale))
+    shift = float(_uniform(generator, -config.intensity_shift, config.intensity_shift))
+    if config.gamma_log > 0:
+        gamma = math.exp(float(_uniform(generator, -config.gamma_log, config.gamma_log)))
+        sample = ((sample + 1.0) / 2.0).clamp(min=0.0).pow(gamma) * 2.0 - 1.0
+    if config.bias_field_log > 0:
+        field = smooth_noise_field(grid, 1, config.bias_field_log, 100.0, generator, sample.device)
+        sample = (sample + 1.0) * torch.exp(field) - 1.0
+    sample = sample * scale + shift
+    if config.noise_std > 0:
+        noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32) * config.noise_std
+        sample = sample + noise.to(sample.device)
+    return sample
+
+
+def image_center(geometry: ImageGeometry) -> np.ndarray:
+    corners = geometry.corners_physical()
+    return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
+
+
+def swap_permutation(names: list[str], pairs: tuple[tuple[str, str], ...]) -> list[int]:
+    """Index permutation that swaps the named landmark pairs (for mirrored samples)."""
+    permutation = list(range(len(names)))
+    for a, b in pairs:
+        i, j = names.index(a), names.index(b)
+        permutation[i], permutation[j] = j, i
+    return permutation
+
+
+def augmented_sample(prepared: PreparedImage, points_lps: np.ndarray, grid_size: tuple[int, ...],
+                     grid_spacing: tuple[float, ...], config: AugmentationConfig, generator: torch.Generator,
+                     flip_permutation: list[int] | None = None, augment: bool = True,
+                     ) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
+    """One training sample: the image on an axis-aligned grid centred on the image, randomly transformed.
+
+    Args:
+        prepared: the normalised image.
+        points_lps: (N, d) landmark positions (NaN = missing), physical LPS.
+        grid_size, grid_spacing: the network grid (x, y[, z]).
+        flip_permutation: landmark permutation applied when the transform mirrors.
+        augment: False gives the plain centred resampling (validation).
+    Returns:
+        sample: (1, *grid) float32 input;
+        landmark_index: (N, d) float64 continuous grid indices (x, y[, z]) of the landmarks, NaN if missing;
+        grid: the output grid geometry.
+    """
+    device = prepared.array.device
+    center = image_center(prepared.geometry)
+    grid = axis_aligned_grid(center, grid_size, grid_spacing)
+    d = grid.dimension
+    if augment:
+        transform = random_transform(config, grid, center, generator, device)
+    else:
+        transform = SpatialTransform(torch.eye(d + 1, dtype=torch.float64))
+    sample = sample_at(prepared, transform.input_positions(grid, device))
+    if augment:
+        sample = augment_intensities(sample, config, grid, generator)
+    points = torch.as_tensor(points_lps, dtype=torch.float64)
+    present = torch.isfinite(points).all(dim=1)
+    output = torch.full_like(points, float("nan"))
+    if present.any():
+        output[present] = transform.output_positions(points[present].to(device), grid).cpu()
+    if transform.mirrored and flip_permutation is not None:
+        output = output[flip_permutation]
+    landmark_index = torch.as_tensor(grid.physical_to_index(output.numpy()))
+    return sample, landmark_index, grid

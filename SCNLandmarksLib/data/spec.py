@@ -1,0 +1,135 @@
+"""Dataset spec (TOML): which images, which landmark files, which landmark names, which splits.
+
+Example::
+
+    dimension = 2
+    landmarks = ["Sella", "Nasion"]        # names in model order
+    landmarks_csv = "landmarks.csv"         # optional table image,landmark,x,y[,z]
+    csv_coordinates = "index"               # "physical" (LPS mm) or "index" (continuous pixel index)
+
+    [[images]]
+    id = "001"
+    image = "images/001.png"
+    landmarks = "001.mrk.json"              # optional per-image file (.mrk.json, .fcsv)
+    split = "train"                         # optional; or list ids under [splits]
+
+    [splits]
+    validation = ["002"]
+
+Paths are relative to the spec file. A landmark absent from an image's file is missing for that
+image: it is left out of the loss, never treated as zero.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from ..geometry import ImageGeometry
+from ..io.images import read_image
+from ..io.landmarks import read_landmarks, read_landmarks_csv
+from ..landmark_set import LandmarkSet
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    id: str
+    image: Path
+    landmarks: Path | None
+    split: str | None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: Path
+    dimension: int
+    landmark_names: tuple[str, ...]
+    entries: tuple[ImageEntry, ...]
+    landmarks_csv: Path | None = None
+    csv_coordinates: str = "physical"
+
+    def split(self, name: str) -> list[ImageEntry]:
+        """Entries of one split, in spec order; an empty split is an error naming the spec file."""
+        chosen = [e for e in self.entries if e.split == name]
+        if not chosen:
+            known = sorted({e.split for e in self.entries if e.split})
+            raise DataError(f"{self.path}: split '{name}' has no images (splits: {known})")
+        return chosen
+
+    def load_landmarks(self, entries: list[ImageEntry],
+                       geometries: dict[str, ImageGeometry] | None = None) -> dict[str, LandmarkSet]:
+        """Landmarks per entry id in `landmark_names` order (LPS), from per-image files and/or the CSV."""
+        names = list(self.landmark_names)
+        table: dict[str, LandmarkSet] = {}
+        if self.landmarks_csv is not None:
+            need_geometry = self.csv_coordinates == "index"
+            if need_geometry and geometries is None:
+                geometries = {e.id: ImageGeometry.of(read_image(e.image, self.dimension)) for e in entries}
+            table = read_landmarks_csv(self.landmarks_csv, coordinates=self.csv_coordinates,
+                                       geometries=geometries, names=names, dimension=self.dimension)
+        result = {}
+        for entry in entries:
+            if entry.landmarks is not None:
+                result[entry.id] = read_landmarks(entry.landmarks, names=names, dimension=self.dimension)
+            elif entry.id in table:
+                result[entry.id] = table[entry.id]
+            else:
+                raise DataError(f"{self.path}: image '{entry.id}' has no landmark file and no rows in "
+                                f"{self.landmarks_csv or 'a landmarks_csv'}")
+        return result
+
+
+def load_dataset_spec(path: str | Path) -> DatasetSpec:
+    """Read and check a dataset spec TOML (files exist, names unique, splits known)."""
+    path = Path(path).resolve()
+    try:
+        with open(path, "rb") as stream:
+            values = tomllib.load(stream)
+    except FileNotFoundError:
+        raise DataError(f"{path}: dataset spec not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataError(f"{path}: not valid TOML ({error})") from None
+    base = path.parent
+
+    dimension = values.get("dimension")
+    if dimension not in (2, 3):
+        raise DataError(f"{path}: 'dimension' must be 2 or 3, got {dimension!r}")
+    names = values.get("landmarks")
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{path}: 'landmarks' must be a non-empty list of landmark names")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: duplicate landmark names in 'landmarks'")
+    coordinates = values.get("csv_coordinates", "physical")
+    if coordinates not in ("physical", "index"):
+        raise DataError(f"{path}: csv_coordinates must be 'physical' or 'index', got {coordinates!r}")
+    csv_path = base / values["landmarks_csv"] if "landmarks_csv" in values else None
+    if csv_path is not None and not csv_path.is_file():
+        raise DataError(f"{path}: landmarks_csv {csv_path} not found")
+
+    split_of = {}
+    for split_name, ids in values.get("splits", {}).items():
+        for image_id in ids:
+            split_of[str(image_id)] = split_name
+    entries = []
+    for number, item in enumerate(values.get("images", []), start=1):
+        if "image" not in item:
+            raise DataError(f"{path}: [[images]] entry {number} has no 'image'")
+        image_id = str(item.get("id", Path(item["image"]).name.split(".")[0]))
+        image = base / item["image"]
+        if not image.exists():
+            raise DataError(f"{path}: image {image} (id '{image_id}') not found")
+        landmarks = base / item["landmarks"] if "landmarks" in item else None
+        if landmarks is not None and not landmarks.is_file():
+            raise DataError(f"{path}: landmark file {landmarks} (id '{image_id}') not found")
+        entries.append(ImageEntry(image_id, image, landmarks, item.get("split", split_of.get(image_id))))
+    if not entries:
+        raise DataError(f"{path}: the dataset has no images ([[images]] entries)")
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate image ids")
+    unknown = sorted(set(split_of) - set(ids))
+    if unknown:
+        raise DataError(f"{path}: [splits] name unknown image ids {unknown}")
+    return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates)

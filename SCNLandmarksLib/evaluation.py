@@ -1,0 +1,460 @@
+"""Landmark localisation metrics (point error, success detection rates, outliers) and reports.
+
+Conventions:
+  * The point error of a landmark is the Euclidean distance between prediction and truth, in the
+    unit of the points (physical mm for LandmarkSets, or pixels when the caller passes pixel
+    coordinates and unit="px").
+  * Only landmarks whose truth is present are evaluated. A present truth whose prediction is
+    missing (NaN) is "missed": it has no error, but it counts in the SDR denominators and fails
+    every radius. A missing truth is excluded altogether.
+  * SDR at radius r = (#errors <= r) / (#detected + #missed), a fraction in [0, 1].
+  * Outliers = detected landmarks with error > outlier_radius (missed ones are counted separately).
+  * sd is the population standard deviation (numpy's default, ddof=0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .landmark_set import LandmarkSet
+
+DEFAULT_RADII_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
+WORST_IMAGES_SHOWN = 10
+
+
+@dataclass
+class Statistics:
+    """Error statistics over a group of evaluated landmarks (one landmark, or all).
+
+    count: detected landmarks (truth and prediction present); missed: truth present, prediction
+    missing; mean/sd/median/max over the detected errors (NaN when count == 0); sdr: radius ->
+    fraction of the count + missed landmarks within the radius (NaN when there are none);
+    outliers: detected errors > the outlier radius.
+    """
+
+    count: int
+    missed: int
+    mean: float
+    sd: float
+    median: float
+    max: float
+    sdr: dict[float, float]
+    outliers: int
+
+    @property
+    def total(self) -> int:
+        return self.count + self.missed
+
+    @classmethod
+    def of(cls, errors: np.ndarray, missed: int, radii: tuple[float, ...], outlier_radius: float) -> "Statistics":
+        e = np.asarray(errors, dtype=np.float64).ravel()
+        e = e[np.isfinite(e)]
+        total = e.size + int(missed)
+        nan = float("nan")
+        return cls(
+            count=int(e.size), missed=int(missed),
+            mean=float(e.mean()) if e.size else nan,
+            sd=float(e.std()) if e.size else nan,
+            median=float(np.median(e)) if e.size else nan,
+            max=float(e.max()) if e.size else nan,
+            sdr={float(r): (float(np.count_nonzero(e <= r)) / total if total else nan) for r in radii},
+            outliers=int(np.count_nonzero(e > outlier_radius)),
+        )
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "missed": self.missed, "mean": self.mean, "sd": self.sd,
+                "median": self.median, "max": self.max,
+                "sdr": {_radius_key(r): v for r, v in self.sdr.items()}, "outliers": self.outliers}
+
+
+@dataclass
+class ImageRow:
+    """One image of the per-image table: errors by landmark name (NaN = not evaluated or missed)."""
+
+    image_id: str
+    count: int
+    missed: list[str]
+    mean: float
+    max: float
+    errors: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"image": self.image_id, "count": self.count, "missed": list(self.missed),
+                "mean": self.mean, "max": self.max, "errors": dict(self.errors)}
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of a set of predictions against ground truth.
+
+    errors: (n_images, n_landmarks) point errors, NaN where not evaluated or missed;
+    missed: (n_images, n_landmarks) bool, truth present but prediction missing.
+    """
+
+    unit: str
+    radii: tuple[float, ...]
+    outlier_radius: float
+    landmark_names: list[str]
+    image_ids: list[str]
+    errors: np.ndarray
+    missed: np.ndarray
+    overall: Statistics
+    per_landmark: dict[str, Statistics]
+    per_image: list[ImageRow]
+    images_without_prediction: list[str] = field(default_factory=list)
+    images_without_truth: list[str] = field(default_factory=list)
+
+    def worst_images(self, n: int = WORST_IMAGES_SHOWN) -> list[ImageRow]:
+        """The n worst images: most missed landmarks first, then highest mean error (no detections first)."""
+        def key(row: ImageRow):
+            mean = math.inf if not np.isfinite(row.mean) else row.mean
+            return (-len(row.missed), -mean)
+        return sorted(self.per_image, key=key)[:n]
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict; NaN values become None (null)."""
+        return _nan_to_none({
+            "unit": self.unit,
+            "radii": list(self.radii),
+            "outlier_radius": self.outlier_radius,
+            "landmark_names": list(self.landmark_names),
+            "overall": self.overall.to_json(),
+            "per_landmark": {n: self.per_landmark[n].to_json() for n in self.landmark_names},
+            "per_image": [row.to_json() for row in self.per_image],
+            "images_without_prediction": list(self.images_without_prediction),
+            "images_without_truth": list(self.images_without_truth),
+        })
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvaluationResult":
+        """Rebuild a result from `to_json()` output (statistics are recomputed from the errors)."""
+        names = list(data["landmark_names"])
+        rows = data["per_image"]
+        errors = np.full((len(rows), len(names)), np.nan)
+        missed = np.zeros((len(rows), len(names)), dtype=bool)
+        for i, row in enumerate(rows):
+            for j, n in enumerate(names):
+                v = row["errors"].get(n)
+                errors[i, j] = np.nan if v is None else float(v)
+                missed[i, j] = n in row["missed"]
+        return _build(data["unit"], tuple(float(r) for r in data["radii"]), float(data["outlier_radius"]),
+                      names, [row["image"] for row in rows], errors, missed,
+                      list(data.get("images_without_prediction", [])), list(data.get("images_without_truth", [])))
+
+
+def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet], unit: str = "mm",
+             radii: tuple[float, ...] | None = None, outlier_radius: float | None = None) -> EvaluationResult:
+    """Compare predicted with true landmarks, image by image and name by name.
+
+    Args:
+        predictions: image id -> predicted landmarks.
+        truths: image id -> ground truth. Every image with a truth is evaluated, in this dict's
+            order; one without a prediction has all its present landmarks missed (and is listed in
+            `images_without_prediction`). Predictions without a truth are ignored (listed in
+            `images_without_truth`).
+        unit: "mm" or "px" (a label: the points must already be in that unit).
+        radii: SDR radii; default (2, 2.5, 3, 4) for "mm"; required for "px".
+        outlier_radius: errors above it are outliers; default the largest radius.
+
+    Raises:
+        DataError: a prediction holds a landmark name no truth has, dimensions differ, or no
+            image is common to both dicts.
+        ValueError: bad unit or radii.
+    """
+    if unit not in ("mm", "px"):
+        raise ValueError(f"unit must be 'mm' or 'px', got {unit!r}")
+    if radii is None:
+        if unit == "px":
+            raise ValueError("radii must be given for unit='px' (the default radii are in mm)")
+        radii = DEFAULT_RADII_MM
+    radii = tuple(sorted(float(r) for r in radii))
+    if not radii or any(not np.isfinite(r) or r <= 0 for r in radii):
+        raise ValueError(f"radii must be positive and finite, got {radii}")
+    outlier_radius = radii[-1] if outlier_radius is None else float(outlier_radius)
+    if not truths:
+        raise DataError("no ground truth to evaluate against")
+    if predictions and not set(predictions) & set(truths):
+        raise DataError(f"no image id is common to predictions ({sorted(predictions)[:5]}...) "
+                        f"and truths ({sorted(truths)[:5]}...)")
+
+    names: list[str] = []
+    for t in truths.values():
+        names.extend(n for n in t.names if n not in names)
+    dims = {t.dimension for t in truths.values()} | {p.dimension for p in predictions.values()}
+    if len(dims) > 1:
+        raise DataError(f"landmark sets mix dimensions {sorted(dims)}")
+
+    image_ids = [str(k) for k in truths]
+    errors = np.full((len(image_ids), len(names)), np.nan)
+    missed = np.zeros((len(image_ids), len(names)), dtype=bool)
+    for i, image_id in enumerate(truths):
+        truth = truths[image_id].reordered(names)
+        if image_id in predictions:
+            unknown = [n for n in predictions[image_id].names if n not in names]
+            if unknown:
+                raise DataError(f"image {image_id!r}: predicted landmarks {unknown} are not in the "
+                                f"ground truth names {names}")
+            pred = predictions[image_id].reordered(names)
+        else:
+            pred = LandmarkSet(names, np.full_like(truth.points_lps, np.nan))
+        evaluated = truth.present
+        detected = evaluated & pred.present
+        errors[i, detected] = np.linalg.norm(pred.points_lps[detected] - truth.points_lps[detected], axis=1)
+        missed[i] = evaluated & ~pred.present
+    return _build(unit, radii, outlier_radius, names, image_ids, errors, missed,
+                  [str(k) for k in truths if k not in predictions],
+                  [str(k) for k in predictions if k not in truths])
+
+
+def _build(unit, radii, outlier_radius, names, image_ids, errors, missed,
+           without_prediction, without_truth) -> EvaluationResult:
+    per_landmark = {n: Statistics.of(errors[:, j], int(missed[:, j].sum()), radii, outlier_radius)
+                    for j, n in enumerate(names)}
+    overall = Statistics.of(errors, int(missed.sum()), radii, outlier_radius)
+    rows = []
+    for i, image_id in enumerate(image_ids):
+        e = errors[i][np.isfinite(errors[i])]
+        rows.append(ImageRow(image_id, int(e.size), [n for j, n in enumerate(names) if missed[i, j]],
+                             float(e.mean()) if e.size else float("nan"),
+                             float(e.max()) if e.size else float("nan"),
+                             {n: float(errors[i, j]) for j, n in enumerate(names)}))
+    return EvaluationResult(unit, tuple(radii), float(outlier_radius), list(names), list(image_ids),
+                            errors, missed, overall, per_landmark, rows,
+                            list(without_prediction), list(without_truth))
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def _radius_key(r: float) -> str:
+    return f"{r:g}"
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_metrics(result: EvaluationResult, path: str | Path) -> Path:
+    """Write `result.to_json()` atomically; `path` is the file, or a folder to hold metrics.json."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    _atomic_write_text(path, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# --- Markdown report ----------------------------------------------------------------------------
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{100.0 * v:.1f}%"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _safe_filename(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+
+
+def write_plots(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
+    """Box plot of errors per landmark and the cumulative error curve as PNGs.
+
+    Returns [] without writing anything if matplotlib is not importable (as inside Slicer).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    names = result.landmark_names
+
+    # Not pyplot: no global backend state is touched.
+    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2.0), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    data = [result.errors[:, j][np.isfinite(result.errors[:, j])] for j in range(len(names))]
+    positions = [j + 1 for j, d in enumerate(data) if d.size]
+    if positions:
+        ax.boxplot([d for d in data if d.size], positions=positions, widths=0.6, showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(0.3, len(names) + 0.7)
+    ax.set_ylabel(f"point error ({result.unit})")
+    ax.set_title("Point error per landmark")
+    for r in result.radii:
+        ax.axhline(r, color="0.7", lw=0.8, ls="--")
+    fig.tight_layout()
+    paths.append(out_dir / "errors_per_landmark.png")
+    fig.savefig(paths[-1], dpi=100)
+
+    fig = Figure(figsize=(6.0, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    e = np.sort(result.errors[np.isfinite(result.errors)])
+    total = result.overall.total
+    if total:
+        upper = max(float(e.max()) if e.size else 0.0, result.radii[-1]) * 1.05
+        x = np.concatenate([[0.0], e, [upper]])
+        y = np.concatenate([[0.0], np.arange(1, e.size + 1) / total, [e.size / total]]) * 100.0
+        ax.step(x, y, where="post")
+        ax.set_xlim(0.0, upper)
+    for r in result.radii:
+        ax.axvline(r, color="0.7", lw=0.8, ls="--")
+    ax.set_ylim(0.0, 100.0)
+    ax.set_xlabel(f"radius ({result.unit})")
+    ax.set_ylabel("landmarks within radius (%)")
+    ax.set_title("Cumulative error distribution (missed count as failures)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "cumulative_error.png")
+    fig.savefig(paths[-1], dpi=100)
+    return paths
+
+
+def write_report(result: EvaluationResult, out_dir: str | Path,
+                 overlays: list[tuple[str, Any, LandmarkSet, LandmarkSet]] | None = None) -> Path:
+    """Write out_dir/report.md (summary, per-landmark, SDR and worst-image tables), plus plots when
+    matplotlib is available and overlays of the given cases.
+
+    Args:
+        overlays: (image id, SimpleITK image, prediction, truth) of the cases to draw, e.g. the
+            images of `result.worst_images()`; each is rendered to overlays/<id>.png. A case that
+            fails to render is noted in the report instead of aborting it.
+
+    Returns:
+        The path of report.md.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    u = result.unit
+    o = result.overall
+    radii = result.radii
+    lines = ["# Landmark evaluation report", ""]
+
+    lines += ["## Summary", ""]
+    summary = [
+        ["Images", str(len(result.image_ids))],
+        ["Landmarks per image", str(len(result.landmark_names))],
+        ["Evaluated landmarks (truth present)", str(o.total)],
+        ["Detected", str(o.count)],
+        ["Missed (no prediction)", str(o.missed)],
+        [f"Mean ± sd error ({u})", f"{_fmt(o.mean)} ± {_fmt(o.sd)}"],
+        [f"Median error ({u})", _fmt(o.median)],
+        [f"Max error ({u})", _fmt(o.max)],
+        [f"Outliers (> {result.outlier_radius:g} {u})", str(o.outliers)],
+    ] + [[f"SDR ≤ {r:g} {u}", _pct(o.sdr[r])] for r in radii]
+    lines += _table(["Metric", "Value"], summary)
+    if result.images_without_prediction:
+        lines += [f"Images without prediction (all landmarks missed): "
+                  f"{', '.join(result.images_without_prediction)}", ""]
+    if result.images_without_truth:
+        lines += [f"Predictions without ground truth (ignored): {', '.join(result.images_without_truth)}", ""]
+
+    lines += ["## Per-landmark errors", ""]
+    rows = []
+    for n in result.landmark_names:
+        s = result.per_landmark[n]
+        rows.append([n, str(s.count), str(s.missed), _fmt(s.mean), _fmt(s.sd), _fmt(s.median),
+                     _fmt(s.max), str(s.outliers)])
+    rows.append(["**all**", str(o.count), str(o.missed), _fmt(o.mean), _fmt(o.sd), _fmt(o.median),
+                 _fmt(o.max), str(o.outliers)])
+    lines += _table(["Landmark", "n", "missed", f"mean ({u})", f"sd ({u})", f"median ({u})",
+                     f"max ({u})", f"outliers > {result.outlier_radius:g}"], rows)
+
+    lines += ["## Success detection rates", "",
+              "Fraction of the evaluated landmarks (missed ones count as failures) within each radius.", ""]
+    rows = [[n] + [_pct(result.per_landmark[n].sdr[r]) for r in radii] for n in result.landmark_names]
+    rows.append(["**all**"] + [_pct(o.sdr[r]) for r in radii])
+    lines += _table(["Landmark"] + [f"≤ {r:g} {u}" for r in radii], rows)
+
+    lines += ["## Worst images", ""]
+    rows = []
+    for row in result.worst_images():
+        finite = {n: e for n, e in row.errors.items() if np.isfinite(e)}
+        worst = max(finite, key=finite.get) if finite else ""
+        rows.append([row.image_id, _fmt(row.mean), _fmt(row.max), worst, str(row.count),
+                     ", ".join(row.missed) or "-"])
+    lines += _table(["Image", f"mean ({u})", f"max ({u})", "worst landmark", "detected", "missed"], rows)
+
+    lines += ["## Plots", ""]
+    plots = write_plots(result, out_dir)
+    if plots:
+        for p in plots:
+            lines += [f"![{p.stem.replace('_', ' ')}]({p.name})", ""]
+    else:
+        lines += ["matplotlib is not available; plots skipped.", ""]
+
+    if overlays:
+        from .overlay import render_landmarks_png
+
+        lines += ["## Worst cases", "",
+                  "Predictions as filled discs (green: high, yellow: medium, red: low confidence, "
+                  "magenta: unknown), ground truth as cyan rings joined by a white line.", ""]
+        used: set[str] = set()
+        for image_id, image, prediction, truth in overlays:
+            stem = _safe_filename(str(image_id))
+            while stem in used:
+                stem += "_"
+            used.add(stem)
+            rel = f"overlays/{stem}.png"
+            try:
+                render_landmarks_png(image, out_dir / rel, prediction, truth)
+            except Exception as exc:  # a report with a noted failure beats no report
+                lines += [f"### {image_id}", "", f"Overlay failed: {type(exc).__name__}: {exc}", ""]
+                continue
+            lines += [f"### {image_id}", "", f"![{image_id}]({rel})", ""]
+
+    path = out_dir / "report.md"
+    _atomic_write_text(path, "\n".join(lines))
+    return path

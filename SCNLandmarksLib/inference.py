@@ -1,0 +1,198 @@
+"""Prediction: model file + image -> named landmarks in physical space, confidences and heatmaps.
+
+The image is normalised and resampled onto an axis-aligned grid of the model's spacing that covers
+its whole physical extent (any size, any orientation); the network runs on it (in overlapping
+tiles, max-merged, when the grid is very large); each landmark is the maximum of its final heatmap,
+refined below the voxel and mapped through the grid's exact index-to-physical transform.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import LoadedModel, load_model
+from .config import IntensityConfig
+from .data.preparation import prepare_image, resample_to_grid
+from .errors import Cancelled, DataError
+from .geometry import ImageGeometry, covering_grid
+from .heatmaps import peak_height, refine_peaks
+from .io.images import as_scalar_image
+from .landmark_set import LandmarkSet
+from .models import HeatmapOutput
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+HEATMAP_KINDS = ("final", "local", "spatial")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of length `tile` covering [0, size) with at least `overlap` shared."""
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return sorted({round(i * (size - tile) / (count - 1)) for i in range(count)})
+
+
+@torch.inference_mode()
+def run_network(network: torch.nn.Module, sample: torch.Tensor, max_voxels: int) -> HeatmapOutput:
+    """Forward one (1, C, *grid) sample; grids above `max_voxels` go through overlapping tiles.
+
+    Tiles overlap by a quarter of their size and are merged by taking the maximum, so a landmark
+    seen near a tile border in one tile is seen well inside another.
+    """
+    spatial = sample.shape[2:]
+    if math.prod(spatial) <= max_voxels:
+        return network(sample)
+    tile = [min(s, int(max_voxels ** (1.0 / len(spatial)))) for s in spatial]
+    starts = [tile_starts(s, t, t // 4) for s, t in zip(spatial, tile)]
+    merged: dict[str, torch.Tensor] = {}
+    for corner in itertools.product(*starts):
+        window = tuple(slice(c, c + t) for c, t in zip(corner, tile))
+        output = network(sample[(slice(None), slice(None), *window)])
+        for kind in HEATMAP_KINDS:
+            part = getattr(output, kind)
+            if part is None:
+                continue
+            if kind not in merged:
+                merged[kind] = torch.full((*part.shape[:2], *spatial), -math.inf, device=part.device)
+            target = merged[kind][(slice(None), slice(None), *window)]
+            torch.maximum(target, part, out=target)
+    return HeatmapOutput(merged["final"], merged["local"], merged.get("spatial"))
+
+
+@dataclass
+class Prediction:
+    """Landmarks of one image, with access to its heatmaps in the input image's geometry.
+
+    Attributes:
+        landmarks: names, LPS positions (NaN rows = missing) and confidences in [0, 1].
+        status: per landmark "detected", "low confidence" or "missing".
+        timings: seconds per stage.
+    """
+
+    landmarks: LandmarkSet
+    status: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    _grid: ImageGeometry | None = None
+    _reference: sitk.Image | None = None
+    _heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
+        """One heatmap (or the maximum over all landmarks) resampled to the input image's geometry.
+
+        Args:
+            kind: "final" (H_app * H_sc), "local" (H_app) or "spatial" (H_sc).
+            landmark: landmark index, or None for the maximum over landmarks.
+        Returns:
+            float32 sitk.Image with the input image's size, spacing, origin and direction.
+        """
+        if not self._heatmaps:
+            raise ValueError("heatmaps were not kept: call predict(..., heatmaps=True)")
+        if kind not in self._heatmaps:
+            raise ValueError(f"no '{kind}' heatmap for this model; available: {sorted(self._heatmaps)}")
+        values = self._heatmaps[kind]
+        array = values.max(axis=0) if landmark is None else values[landmark]
+        on_grid = self._grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32)))
+        return sitk.Resample(on_grid, self._reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+class Predictor:
+    """A loaded model, ready to detect landmarks on images."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device):
+        self.device = device
+        self.network = loaded.network
+        self.sigmas = loaded.sigmas
+        self.metadata = loaded.metadata
+        self.landmark_names: list[str] = list(self.metadata["landmark_names"])
+        self.dimension: int = int(self.metadata["dimension"])
+        self.spacing = tuple(float(s) for s in self.metadata["grid_spacing"])
+        self.intensity = IntensityConfig(**self.metadata["intensity"])
+        self.gamma = float(self.metadata["gamma"])
+        self.thresholds = self.metadata["inference"]
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
+        """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda'."""
+        device = resolve_device(device)
+        return cls(load_model(path, device), device)
+
+    def predict(self, image: sitk.Image, heatmaps: bool = False, progress: Progress | None = None,
+                cancel: Cancel | None = None, source: str = "image") -> Prediction:
+        """Detect the model's landmarks on one image.
+
+        Args:
+            image: SimpleITK image (2D or 3D as the model; colour becomes grayscale; a single-slice
+                3D image is taken as 2D for a 2D model).
+            heatmaps: keep the heatmaps for `Prediction.heatmap`.
+            progress: called with (fraction done, message).
+            cancel: polled between stages; returning True raises Cancelled.
+            source: how to name the image in error messages (e.g. its file path).
+        """
+        def step(fraction: float, message: str) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("landmark detection cancelled")
+            if progress is not None:
+                progress(fraction, message)
+
+        timings = {}
+        start = time.perf_counter()
+        step(0.0, "preparing image")
+        image = as_scalar_image(image, self.dimension, source)
+        prepared = prepare_image(image, self.spacing, self.intensity, self.device)
+        grid = covering_grid(prepared.geometry, self.spacing)
+        sample = resample_to_grid(prepared, grid).unsqueeze(0)
+        timings["resample"] = time.perf_counter() - start
+
+        step(0.3, f"running the network on a {'x'.join(map(str, grid.size))} grid ({self.device.type})")
+        start = time.perf_counter()
+        output = run_network(self.network, sample, int(self.thresholds.get("max_grid_voxels", 48_000_000)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings["network"] = time.perf_counter() - start
+
+        step(0.9, "locating landmarks")
+        start = time.perf_counter()
+        index, value = refine_peaks(output.final[0].float())
+        points = grid.index_to_physical(index.cpu().numpy())
+        confidence = (value / peak_height(self.sigmas, self.gamma, self.dimension)).clamp(0.0, 1.0).cpu().numpy()
+        status = []
+        for i, c in enumerate(confidence):
+            if c < self.thresholds["missing_below"]:
+                points[i] = np.nan
+                status.append("missing")
+            else:
+                status.append("low confidence" if c < self.thresholds["low_confidence_below"] else "detected")
+        kept = {}
+        if heatmaps:
+            for kind in HEATMAP_KINDS:
+                tensor = getattr(output, kind)
+                if tensor is not None:
+                    kept[kind] = tensor[0].float().cpu().numpy()
+        timings["peaks"] = time.perf_counter() - start
+        step(1.0, "done")
+        landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64))
+        return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept)

@@ -1,0 +1,190 @@
+"""Image reading and writing: every image enters the library as a scalar float32 SimpleITK image.
+
+2D images are kept 2D (including 3D files that hold a single slice, such as W x H x 1 MetaImages),
+3D images stay 3D; physical geometry (origin, spacing, direction) is preserved so that landmark
+positions in LPS millimetres stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from SCNLandmarksLib.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Photo/raster formats: their resolution tags (PNG pHYs, TIFF resolution, JPEG density) describe print
+# size, not anatomy, so read_image ignores them and such images are measured in pixels.
+PIXEL_UNIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# ITU-R BT.601 luma weights for R, G, B.
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+
+# Formats whose header names a separate data file, so the written header cannot be renamed afterwards.
+_MULTI_FILE_SUFFIXES = (".mhd", ".hdr")
+
+
+def _full_suffix(path: Path) -> str:
+    """Lower-case suffix including a compression suffix, e.g. '.nii.gz' or '.png'."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
+def spacing_unit(path: str | os.PathLike) -> str:
+    """Unit of physical coordinates of images read from `path`.
+
+    Args:
+        path: image file (or DICOM directory).
+
+    Returns:
+        "px" for formats that carry no physical spacing (PNG, JPEG, BMP, TIFF), else "mm".
+    """
+    return "px" if _full_suffix(Path(path)) in PIXEL_UNIT_SUFFIXES else "mm"
+
+
+def _read_dicom_series(directory: Path) -> sitk.Image:
+    """Read the DICOM series in `directory`; with several series, the one with the most files."""
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+    if not series_ids:
+        raise DataError(f"{directory}: the directory holds no DICOM series")
+    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid)
+                       for sid in series_ids}
+    series_id = max(series_ids, key=lambda sid: len(files_by_series[sid]))
+    if len(series_ids) > 1:
+        logger.warning("%s holds %d DICOM series; reading %s (%d files)", directory, len(series_ids),
+                       series_id, len(files_by_series[series_id]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files_by_series[series_id])
+    return reader.Execute()
+
+
+def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
+    """Cast to float32; RGB/RGBA images become their luminance (alpha is dropped)."""
+    components = image.GetNumberOfComponentsPerPixel()
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise DataError(f"{path}: complex-valued images are not supported")
+    if components == 1:
+        if image.GetPixelIDTypeAsString().startswith("vector"):
+            image = sitk.VectorIndexSelectionCast(image, 0)
+        return sitk.Cast(image, sitk.sitkFloat32)
+    if components not in (3, 4):
+        raise DataError(f"{path}: images with {components} components per pixel are not supported "
+                        "(expected grayscale, RGB or RGBA)")
+    luminance = None
+    for channel, weight in enumerate(LUMINANCE_WEIGHTS):
+        term = sitk.Cast(sitk.VectorIndexSelectionCast(image, channel), sitk.sitkFloat32) * weight
+        luminance = term if luminance is None else luminance + term
+    return luminance
+
+
+def _drop_single_slice(image: sitk.Image, path: Path | str) -> sitk.Image:
+    """A 3D image with one slice along the last axis -> 2D, keeping the in-plane geometry."""
+    width, height, _ = image.GetSize()
+    try:
+        return sitk.Extract(image, [width, height, 0], [0, 0, 0],
+                            sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+    except RuntimeError:
+        # The slice plane does not contain the first two physical axes (e.g. a single coronal
+        # slice), so no 2x2 direction describes it; fall back to an identity in-plane direction.
+        logger.warning("%s: the single slice is not in the x-y plane; using an identity 2D direction",
+                       path)
+        return sitk.Extract(image, [width, height, 0], [0, 0, 0],
+                            sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+
+
+def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "image") -> sitk.Image:
+    """An in-memory image as the networks take it: scalar float32, 2D or 3D.
+
+    Colour becomes luminance; a 3D image with one slice along the last axis becomes 2D.
+
+    Args:
+        image: any SimpleITK image.
+        dimension: expected dimension (2 or 3); None accepts both.
+        source: how to name the image in error messages (e.g. its file path).
+
+    Raises:
+        DataError: unsupported dimension or pixel type, or a dimension other than `dimension`.
+    """
+    if image.GetDimension() not in (2, 3):
+        raise DataError(f"{source}: {image.GetDimension()}D images are not supported (only 2D and 3D)")
+    image = _to_scalar_float(image, source)
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1 and dimension != 3:
+        image = _drop_single_slice(image, source)
+    if dimension is not None and image.GetDimension() != dimension:
+        raise DataError(f"{source}: the image is {image.GetDimension()}D but the model expects "
+                        f"{dimension}D images")
+    return image
+
+
+def read_image(path: str | os.PathLike, dimension: int | None = None) -> sitk.Image:
+    """Read a 2D or 3D image as a scalar float32 SimpleITK image with its physical geometry.
+
+    Supported: 2D PNG, TIFF, JPEG, BMP, MHA/NRRD and single DICOM files; 3D NIfTI, NRRD, MHA and
+    DICOM series directories. A 3D image with exactly one slice along the last axis becomes 2D.
+    For PNG/JPEG/BMP/TIFF the spacing is set to 1 (see `spacing_unit`): coordinates are pixels.
+
+    Args:
+        path: image file, or a directory holding a DICOM series.
+        dimension: expected dimension (2 or 3); None accepts both.
+
+    Returns:
+        sitk.Image of pixel type sitkFloat32 and dimension 2 or 3; origin/spacing/direction in LPS mm.
+
+    Raises:
+        DataError: the file is missing or unreadable, has an unsupported pixel type or dimension,
+            or its dimension differs from `dimension`. The message names the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        # SimpleITK's messages start with the C++ source location; the last line holds the reason.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: cannot read image ({reason})") from error
+
+    image = as_scalar_image(image, dimension, str(path))
+    if spacing_unit(path) == "px":
+        image.SetSpacing([1.0] * image.GetDimension())
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write `image` to `path` (format from the suffix), replacing any existing file atomically.
+
+    The file is written to a temporary name in the same folder and then renamed, so a failure never
+    leaves a half-written file (except for header+data formats .mhd/.hdr, written in place).
+
+    Args:
+        image: any SimpleITK image the target format can hold (e.g. PNG needs 8/16-bit integers).
+        path: target file; NRRD, NIfTI and MetaImage files are compressed.
+
+    Raises:
+        DataError: the image cannot be written (names the path and the reason).
+    """
+    path = Path(path)
+    suffix = _full_suffix(path)
+    compress = suffix in (".nrrd", ".nii", ".nii.gz", ".mha")
+    try:
+        if suffix in _MULTI_FILE_SUFFIXES:
+            sitk.WriteImage(image, str(path), compress)
+            return
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            sitk.WriteImage(image, tmp_name, compress)
+            os.replace(tmp_name, path)
+        finally:
+            if os.path.exists(tmp_name):
+                os.remove(tmp_name)
+    except (RuntimeError, OSError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: cannot write image ({reason})") from error

@@ -1,0 +1,570 @@
+"""Landmark files: 3D Slicer markups (.mrk.json, .fcsv) and plain CSV tables.
+
+Every reader returns physical LPS coordinates (ITK convention, mm or px); every writer stores LPS and
+says so in the file. Formats, chosen by the file suffix:
+
+* ``.mrk.json`` / ``.json``: Slicer markups JSON (schema markups-schema-v1.0.3); one control point per
+  landmark, ``label`` = landmark name, ``positionStatus`` "missing"/"undefined" = missing landmark.
+* ``.fcsv``: Slicer markups fiducial CSV (version 4.x); missing landmarks are simply absent.
+* ``.csv``: a table with a header row. One image: ``landmark,x,y[,z][,confidence]``; many images:
+  ``image,landmark,x,y[,z][,confidence]`` (see `read_landmarks_csv`). Empty or ``nan`` coordinates,
+  or no row at all, mean a missing landmark; other columns (e.g. ``status``) are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from SCNLandmarksLib.errors import DataError
+from SCNLandmarksLib.geometry import ImageGeometry, ras_to_lps
+from SCNLandmarksLib.landmark_set import LandmarkSet
+
+logger = logging.getLogger(__name__)
+
+MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+                  "Resources/Schema/markups-schema-v1.0.3.json#")
+# Slicer's control point states; "missing" (skipped on purpose) and "undefined" (not placed yet) have no
+# position.
+POSITION_STATUSES = ("defined", "preview", "missing", "undefined")
+NO_POSITION_STATUSES = ("missing", "undefined")
+CONFIDENCE_MEASUREMENT = "confidence"
+
+FCSV_VERSION = "4.11"
+FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
+                "associatedNodeID")
+# Slicer 5 appends unnamed fields after `associatedNodeID`, the first being the numeric position status
+# (its enum: 0 undefined, 1 preview, 2 defined, 3 missing); it keeps stale coordinates for missing points.
+_FCSV_NO_POSITION_CODES = ("0", "3")
+
+# z coordinates larger than this (mm) make dropping z for a 2D model suspicious.
+_PLANAR_Z_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _format(path: Path) -> str:
+    """'json', 'fcsv' or 'csv' from the file name (case-insensitive)."""
+    name = path.name.lower()
+    for suffix, kind in ((".mrk.json", "json"), (".json", "json"), (".fcsv", "fcsv"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return kind
+    raise DataError(f"{path}: unsupported landmark file type (expected .mrk.json, .json, .fcsv or .csv)")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: landmark file not found")
+    try:
+        # utf-8-sig: spreadsheet programs often prepend a byte order mark to CSV files.
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read landmark file ({error})") from error
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write landmark file ({error})") from error
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, path)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write landmark file ({error})") from error
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+def _parse_float(text: str, path: Path, line: int, column: str) -> float:
+    """A number from a table cell; empty or 'nan' means missing (NaN)."""
+    text = text.strip()
+    if text == "" or text.lower() == "nan":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{path}, line {line}: column '{column}' holds '{text}', not a number") from None
+
+
+def _check_labels(path: Path, labels: list[str]) -> None:
+    empty = [i + 1 for i, label in enumerate(labels) if not label.strip()]
+    if empty:
+        raise DataError(f"{path}: landmark(s) number {empty} have no label; every landmark needs a name")
+    duplicates = sorted(label for label, count in Counter(labels).items() if count > 1)
+    if duplicates:
+        raise DataError(f"{path}: landmark name(s) {duplicates} occur more than once")
+
+
+def _apply_dimension(path: Path, points: np.ndarray, dimension: int | None) -> np.ndarray:
+    """Drop z for 2D models (2D points are stored with z = 0); refuse 2D points for 3D models."""
+    if dimension is None or dimension == points.shape[1]:
+        return points
+    if dimension == 2:
+        z = points[:, 2]
+        if np.any(np.abs(z[np.isfinite(z)]) > _PLANAR_Z_TOLERANCE):
+            logger.warning("%s: dropping non-zero z coordinates (up to %.3g) for a 2D model", path,
+                           np.nanmax(np.abs(z)))
+        return points[:, :2]
+    if dimension == 3:
+        raise DataError(f"{path}: the landmarks are 2D but the model expects 3D landmarks")
+    raise ValueError(f"dimension must be 2, 3 or None, got {dimension}")
+
+
+def _make_set(path: Path, labels: list[str], points: np.ndarray, confidences: np.ndarray | None,
+              names: list[str] | None, dimension: int | None) -> LandmarkSet:
+    """Validate labels, apply `dimension` and the name order of `names`."""
+    _check_labels(path, labels)
+    landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), confidences)
+    return landmarks if names is None else landmarks.reordered(_check_names(path, labels, names))
+
+
+def _check_names(path: Path, found: list[str], names: list[str] | None) -> list[str]:
+    """The name order to use: `names`, after checking that the file holds no other landmark."""
+    if names is None:
+        return found
+    unknown = [n for n in found if n not in names]
+    if unknown:
+        raise DataError(f"{path}: unknown landmark(s) {unknown}; the model's landmarks are {list(names)}")
+    return list(names)
+
+
+def _number_text(value: float) -> str:
+    """Shortest text that reads back to exactly the same float."""
+    return repr(float(value))
+
+
+def _status_texts(landmarks: LandmarkSet, status: list[str] | None) -> list[str]:
+    """One (possibly empty) detection status text per landmark."""
+    if status is None:
+        return [""] * len(landmarks.names)
+    status = [str(s) for s in status]
+    if len(status) != len(landmarks.names):
+        raise ValueError(f"status has {len(status)} entries for {len(landmarks.names)} landmarks")
+    return status
+
+
+def _confidence_text(landmarks: LandmarkSet, i: int) -> str:
+    if landmarks.confidences is None or not np.isfinite(landmarks.confidences[i]):
+        return ""
+    return _number_text(landmarks.confidences[i])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slicer markups JSON
+
+
+def _read_markups_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Labels, (N, 3) LPS points (NaN rows = missing) and optional (N,) confidences."""
+    try:
+        document = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    markups = document.get("markups") if isinstance(document, dict) else None
+    if not isinstance(markups, list) or not markups or not isinstance(markups[0], dict):
+        raise DataError(f"{path}: not a Slicer markups file (no 'markups' list)")
+    if len(markups) > 1:
+        logger.warning("%s holds %d markups; reading only the first", path, len(markups))
+    markup = markups[0]
+
+    system = str(markup.get("coordinateSystem", "LPS")).upper()  # the schema's default is LPS
+    if system not in ("LPS", "RAS"):
+        raise DataError(f"{path}: unknown coordinateSystem '{system}' (expected LPS or RAS)")
+    units = markup.get("coordinateUnits", "mm")
+    if units != "mm":
+        # Slicer itself does not rescale either: the whole scene is then in these units.
+        logger.warning("%s: coordinateUnits is '%s'; coordinates are used without rescaling", path, units)
+
+    control_points = markup.get("controlPoints", [])
+    if not isinstance(control_points, list):
+        raise DataError(f"{path}: 'controlPoints' is not a list")
+    labels: list[str] = []
+    points = np.full((len(control_points), 3), np.nan)
+    for i, point in enumerate(control_points):
+        if not isinstance(point, dict):
+            raise DataError(f"{path}: control point {i + 1} is not an object")
+        labels.append(str(point.get("label", "")))
+        point_status = point.get("positionStatus", "defined")
+        if point_status not in POSITION_STATUSES:
+            raise DataError(f"{path}: control point '{labels[-1]}' has unknown positionStatus "
+                            f"'{point_status}'")
+        if point_status in NO_POSITION_STATUSES:
+            continue  # Slicer writes "" or stale coordinates here
+        position = point.get("position")
+        try:
+            points[i] = np.asarray(position, dtype=np.float64).reshape(3)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: control point '{labels[-1]}' has position {position!r}; "
+                            "expected three numbers") from None
+    if system == "RAS":
+        points = ras_to_lps(points)
+    return labels, points, _read_confidence_measurement(path, markup, len(labels))
+
+
+def _read_confidence_measurement(path: Path, markup: dict, count: int) -> np.ndarray | None:
+    """(count,) values of the "confidence" measurement (NaN = unknown), or None without one."""
+    for measurement in markup.get("measurements", []):
+        if isinstance(measurement, dict) and measurement.get("name") == CONFIDENCE_MEASUREMENT:
+            values = measurement.get("controlPointValues")
+            if not isinstance(values, list) or len(values) != count:
+                # A confidence is only meaningful per control point; a node-level value is not one.
+                logger.warning("%s: ignoring the confidence measurement (no value per control point)", path)
+                return None
+            try:
+                return np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: the confidence measurement holds non-numeric values") from None
+    return None
+
+
+def _markups_json_text(landmarks: LandmarkSet, status: list[str]) -> str:
+    points = landmarks.points_lps
+    if landmarks.dimension == 2:
+        points = np.concatenate([points, np.zeros((len(points), 1))], axis=1)
+    control_points = []
+    for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
+        control_points.append({
+            "id": str(i + 1),
+            "label": name,
+            "description": status[i],
+            "position": [float(v) for v in points[i]] if present else [0.0, 0.0, 0.0],
+            "positionStatus": "defined" if present else "missing",
+        })
+    markup: dict = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+                    "controlPoints": control_points}
+    if landmarks.confidences is not None:
+        # Unknown confidences are written as NaN: not strict JSON, but exactly what Slicer itself writes
+        # and reads for measurement values (it rejects null there).
+        markup["measurements"] = [{"name": CONFIDENCE_MEASUREMENT, "enabled": True,
+                                   "controlPointValues": [float(c) for c in landmarks.confidences]}]
+    return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [markup]}, indent=2) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slicer fcsv
+
+
+def _read_fcsv(path: Path) -> tuple[list[str], np.ndarray]:
+    """Labels and (N, 3) LPS points of a Slicer 4.x/5.x fiducial CSV."""
+    columns = list(FCSV_COLUMNS)
+    system = None
+    labels: list[str] = []
+    rows: list[list[float]] = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if line.startswith("#"):
+            key, _, value = line[1:].partition("=")
+            key, value = key.strip(), value.strip()
+            if key == "CoordinateSystem":
+                system = {"0": "RAS", "RAS": "RAS", "1": "LPS", "LPS": "LPS"}.get(value.upper())
+                if system is None:
+                    raise DataError(f"{path}, line {line_number}: unknown CoordinateSystem '{value}' "
+                                    "(expected 0/RAS or 1/LPS)")
+            elif key == "columns":
+                columns = [c.strip() for c in value.split(",")]
+                missing_columns = [c for c in ("x", "y", "z", "label") if c not in columns]
+                if missing_columns:
+                    raise DataError(f"{path}, line {line_number}: the columns header lacks {missing_columns}")
+            continue
+        if not line.strip():
+            continue
+        # Slicer quotes labels that contain commas, as the csv module does.
+        fields = next(csv.reader([line]))
+        if len(fields) < len(columns):
+            fields += [""] * (len(columns) - len(fields))
+        record = dict(zip(columns, fields))
+        labels.append(record["label"])
+        point = [_parse_float(record[axis], path, line_number, axis) for axis in ("x", "y", "z")]
+        status_code = fields[len(columns)].strip() if len(fields) > len(columns) else ""
+        if status_code in _FCSV_NO_POSITION_CODES or not all(math.isfinite(v) for v in point):
+            point = [math.nan] * 3
+        rows.append(point)
+    points = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+    if system is None:
+        # Slicer >= 5 reads a file without the header line as LPS; do the same so both agree.
+        logger.warning("%s: no CoordinateSystem header line; assuming LPS as Slicer does", path)
+        system = "LPS"
+    return labels, ras_to_lps(points) if system == "RAS" else points
+
+
+def _fcsv_text(landmarks: LandmarkSet, status: list[str]) -> str:
+    stream = io.StringIO()
+    stream.write(f"# Markups fiducial file version = {FCSV_VERSION}\n"
+                 "# CoordinateSystem = LPS\n"
+                 f"# columns = {','.join(FCSV_COLUMNS)}\n")
+    writer = csv.writer(stream, lineterminator="\n")
+    points = landmarks.points_lps
+    for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
+        if not present:
+            continue  # fcsv has no missing state that Slicer 4 understands: leave the point out
+        x, y, z = (list(points[i]) + [0.0])[:3]
+        writer.writerow([str(i + 1), _number_text(x), _number_text(y), _number_text(z),
+                         "0", "0", "0", "1", "1", "1", "0", name, status[i], ""])
+    return stream.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CSV tables
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Lower-cased header and (line number, row) pairs of a CSV file with a header row."""
+    reader = csv.reader(io.StringIO(_read_text(path)))
+    header = [name.strip().lower() for name in next(reader, [])]
+    if not header:
+        raise DataError(f"{path}: empty CSV file (a header row is required)")
+    rows = [(reader.line_num, dict(zip(header, cells))) for cells in reader
+            if any(cell.strip() for cell in cells)]
+    return header, rows
+
+
+def _table_axes(path: Path, header: list[str], dimension: int | None) -> tuple[str, ...]:
+    """The coordinate columns to read: x, y and (when present and wanted) z."""
+    for required in ("x", "y"):
+        if required not in header:
+            raise DataError(f"{path}: the CSV header {header} has no '{required}' column")
+    if "z" in header and dimension != 2:
+        return ("x", "y", "z")
+    if "z" not in header and dimension == 3:
+        raise DataError(f"{path}: the landmarks are 2D (no 'z' column) but the model expects 3D landmarks")
+    return ("x", "y")
+
+
+def _landmark_column(path: Path, header: list[str]) -> str:
+    # `landmark_name` is accepted too: the cephalometric tables of the shared data use it.
+    for column in ("landmark", "landmark_name"):
+        if column in header:
+            return column
+    raise DataError(f"{path}: the CSV header {header} has no 'landmark' column")
+
+
+def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, str]]],
+                 dimension: int | None, image_column: str | None
+                 ) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float]]]]:
+    """Landmark names in first-seen order and {image: {landmark: (point, confidence)}}."""
+    axes = _table_axes(path, header, dimension)
+    landmark_column = _landmark_column(path, header)
+    has_confidence = "confidence" in header
+    names: list[str] = []
+    table: dict[str, dict[str, tuple[list[float], float]]] = {}
+    for line, row in rows:
+        image = (row.get(image_column) or "").strip() if image_column else ""
+        name = (row.get(landmark_column) or "").strip()
+        if not name:
+            raise DataError(f"{path}, line {line}: empty landmark name")
+        if image_column and not image:
+            raise DataError(f"{path}, line {line}: empty image name")
+        point = [_parse_float(row.get(axis) or "", path, line, axis) for axis in axes]
+        if not all(math.isfinite(v) for v in point):
+            point = [math.nan] * len(axes)
+        confidence = _parse_float(row.get("confidence") or "", path, line, "confidence") \
+            if has_confidence else math.nan
+        per_image = table.setdefault(image, {})
+        if name in per_image:
+            where = f" for image '{image}'" if image_column else ""
+            raise DataError(f"{path}, line {line}: landmark '{name}' occurs more than once{where}")
+        per_image[name] = (point, confidence)
+        if name not in names:
+            names.append(name)
+    return names, table
+
+
+def _table_set(names: list[str], entries: dict[str, tuple[list[float], float]],
+               dimension: int, has_confidence: bool) -> LandmarkSet:
+    points = np.full((len(names), dimension), np.nan)
+    confidences = np.full(len(names), np.nan) if has_confidence else None
+    for i, name in enumerate(names):
+        if name in entries:
+            points[i], confidence = entries[name]
+            if confidences is not None:
+                confidences[i] = confidence
+    return LandmarkSet(names, points, confidences)
+
+
+def _read_single_csv(path: Path, names: list[str] | None, dimension: int | None) -> LandmarkSet:
+    header, rows = _read_table(path)
+    image_column = "image" if "image" in header else None
+    found, table = _parse_table(path, header, rows, dimension, image_column)
+    if len(table) > 1:
+        raise DataError(f"{path}: the table holds landmarks of {len(table)} images; "
+                        "read it with read_landmarks_csv")
+    entries = next(iter(table.values()), {})
+    point_dimension = len(_table_axes(path, header, dimension))
+    return _table_set(_check_names(path, found, names), entries, point_dimension,
+                      "confidence" in header)
+
+
+def _table_rows(landmarks: LandmarkSet) -> Iterable[list[str]]:
+    """[landmark, x, y[, z], confidence] cells; blank coordinates for missing landmarks."""
+    for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
+        coordinates = [_number_text(v) if present else "" for v in landmarks.points_lps[i]]
+        yield [name, *coordinates, _confidence_text(landmarks, i)]
+
+
+def _csv_text(header: list[str], rows: Iterable[list[str]]) -> str:
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return stream.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+
+
+def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
+                   dimension: int | None = None) -> LandmarkSet:
+    """Read the landmarks of one image from a .mrk.json/.json, .fcsv or single-image .csv file.
+
+    Args:
+        path: landmark file; RAS files are converted, the result is always LPS.
+        names: the model's landmark names; the result follows this order, names absent from the
+            file become missing (NaN). None keeps the file's order.
+        dimension: 2 drops z (Slicer stores 2D points with z = 0); 3 requires 3D points.
+
+    Returns:
+        LandmarkSet with points_lps of shape (N, dimension or 3) in mm (px for pixel-unit images) and,
+        where the file has them, (N,) confidences.
+
+    Raises:
+        DataError: missing/unreadable/malformed file, empty or duplicate labels, or a landmark that is
+            not in `names`; the message names the file.
+    """
+    path = Path(path)
+    kind = _format(path)
+    if kind == "csv":
+        return _read_single_csv(path, names, dimension)
+    if kind == "json":
+        labels, points, confidences = _read_markups_json(path)
+    else:
+        labels, points = _read_fcsv(path)
+        confidences = None
+    return _make_set(path, labels, points, confidences, names, dimension)
+
+
+def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
+                       geometries: dict[str, ImageGeometry] | None = None,
+                       names: list[str] | None = None,
+                       dimension: int | None = None) -> dict[str, LandmarkSet]:
+    """Read a table ``image,landmark,x,y[,z][,confidence]`` holding landmarks of many images.
+
+    Args:
+        path: CSV file with a header row; other columns are ignored. A missing row or empty/``nan``
+            coordinates mean a missing landmark.
+        coordinates: "physical" (LPS mm, or px for pixel-unit images) or "index" (continuous pixel
+            indices: x = column, y = row[, z = slice], voxel centres at integers).
+        geometries: image geometry per `image` column value; required for "index".
+        names: the model's landmark names (result order); None = order of first appearance.
+        dimension: 2 ignores a z column; 3 requires one.
+
+    Returns:
+        {image: LandmarkSet} in the file's image order; every set has the same names, points_lps of
+        shape (N, d) in physical LPS units and, when the table has a confidence column, confidences.
+
+    Raises:
+        DataError: malformed table or number (names file and line), a landmark not in `names`, or a
+            missing/mismatched geometry for "index" coordinates.
+    """
+    path = Path(path)
+    if coordinates not in ("physical", "index"):
+        raise ValueError(f"coordinates must be 'physical' or 'index', got '{coordinates}'")
+    header, rows = _read_table(path)
+    if "image" not in header:
+        raise DataError(f"{path}: the CSV header {header} has no 'image' column")
+    found, table = _parse_table(path, header, rows, dimension, "image")
+    names = _check_names(path, found, names)
+    point_dimension = len(_table_axes(path, header, dimension))
+    result: dict[str, LandmarkSet] = {}
+    for image, entries in table.items():
+        landmarks = _table_set(names, entries, point_dimension, "confidence" in header)
+        if coordinates == "index":
+            geometry = (geometries or {}).get(image)
+            if geometry is None:
+                raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
+            if geometry.dimension != point_dimension:
+                raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
+                                f"{point_dimension}D")
+            landmarks.points_lps = geometry.index_to_physical(landmarks.points_lps)
+        result[image] = landmarks
+    return result
+
+
+def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
+                    status: list[str] | None = None) -> None:
+    """Write one image's landmarks as .mrk.json/.json, .fcsv or .csv (LPS), replacing atomically.
+
+    .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, units mm), one control point per
+    landmark (label = name, id "1".."N"; 2D points get z = 0; NaN rows get positionStatus "missing");
+    confidences as a markup measurement "confidence" with one value per control point. .fcsv:
+    version 4.11, LPS, missing landmarks left out. .csv: ``landmark,x,y[,z],confidence[,status]``
+    with blank cells for missing values.
+
+    Args:
+        landmarks: the landmarks, points_lps (N, 2|3).
+        path: target file; the suffix selects the format.
+        status: optional (N,) detection status text per landmark (e.g. "detected", "low confidence",
+            "missing"), stored as the control point description (.mrk.json, .fcsv) or a "status"
+            column (.csv) so a Slicer user sees it next to each point.
+
+    Raises:
+        DataError: the file cannot be written or has an unsupported suffix.
+        ValueError: `status` does not have one entry per landmark.
+    """
+    path = Path(path)
+    kind = _format(path)
+    texts = _status_texts(landmarks, status)
+    if kind == "json":
+        text = _markups_json_text(landmarks, texts)
+    elif kind == "fcsv":
+        text = _fcsv_text(landmarks, texts)
+    else:
+        axes = ["x", "y", "z"][:landmarks.dimension]
+        header = ["landmark", *axes, "confidence"]
+        rows = list(_table_rows(landmarks))
+        if status is not None:
+            header.append("status")
+            rows = [[*row, note] for row, note in zip(rows, texts)]
+        text = _csv_text(header, rows)
+    _write_text_atomically(path, text)
+
+
+def write_landmarks_csv(path: str | os.PathLike, landmark_sets: dict[str, LandmarkSet]) -> None:
+    """Write landmarks of many images as ``image,landmark,x,y[,z],confidence`` (physical LPS).
+
+    The file reads back with `read_landmarks_csv(path)`; missing landmarks get blank coordinates.
+
+    Args:
+        path: target .csv file, replaced atomically.
+        landmark_sets: {image key: LandmarkSet}; all sets must have the same dimension.
+
+    Raises:
+        DataError: the file cannot be written.
+        ValueError: the sets have different dimensions.
+    """
+    path = Path(path)
+    dimensions = {landmarks.dimension for landmarks in landmark_sets.values()}
+    if len(dimensions) > 1:
+        raise ValueError(f"all landmark sets must have the same dimension, got {sorted(dimensions)}")
+    dimension = dimensions.pop() if dimensions else 3
+    rows = [[image, *row]
+            for image, landmarks in landmark_sets.items()
+            for row in _table_rows(landmarks)]
+    _write_text_atomically(path, _csv_text(["image", "landmark", *["x", "y", "z"][:dimension],
+                                            "confidence"], rows))

@@ -117,7 +117,7 @@ def covering_grid(geometry: ImageGeometry, spacing: tuple[float, ...], multiple_
     """
     corners = geometry.corners_physical()
     extent = corners.max(axis=0) - corners.min(axis=0)
-    size = np.floor(extent / np.asarray(spacing) + 1e-6).astype(int) + 1
+    size = np.ceil(extent / np.asarray(spacing) - 1e-6).astype(int) + 1
     size = ((size + multiple_of - 1) // multiple_of) * multiple_of
     center = (corners.max(axis=0) + corners.min(axis=0)) / 2.0
     return axis_aligned_grid(center, tuple(int(s) for s in size), spacing)

@@ -302,8 +302,8 @@ def train(config: Config, resume: bool = False, device: str = "auto",
 
         elapsed = time.perf_counter() - started
         info: dict[str, Any] = {
-            "iteration": iteration, "iterations": config.training.iterations, "loss": float(loss),
-            "heatmap_loss": float(heatmap_term), "mean_sigma": float(sigma.mean()),
+            "iteration": iteration, "iterations": config.training.iterations, "loss": loss.item(),
+            "heatmap_loss": heatmap_term.item(), "mean_sigma": sigma.mean().item(),
             "learning_rate": optimizer.param_groups[0]["lr"],
             "eta_s": elapsed / (iteration - started_iteration) * (config.training.iterations - iteration)}
         last = iteration == config.training.iterations
@@ -314,6 +314,9 @@ def train(config: Config, resume: bool = False, device: str = "auto",
                 history.append({"iteration": iteration, **validation})
         if iteration % config.training.checkpoint_every == 0 or last:
             save_checkpoint(iteration)
+            if main_process and not validation_items:
+                # Without validation there is no best model: keep the newest one usable at all times.
+                export(output_dir / BEST_MODEL, iteration, None)
         if progress is not None and main_process:
             progress(info)
         if cancel is not None and cancel():
@@ -322,8 +325,6 @@ def train(config: Config, resume: bool = False, device: str = "auto",
 
     if main_process:
         export(output_dir / LAST_MODEL, iteration, history[-1] if history else None)
-        if best_validation is None:
-            export(output_dir / BEST_MODEL, iteration, None)
     if distributed:
         dist.barrier()
     return TrainingResult(iteration, best_validation["mean_error"] if best_validation else None,

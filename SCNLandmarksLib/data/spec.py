@@ -68,7 +68,8 @@ class DatasetSpec:
             if need_geometry and geometries is None:
                 geometries = {e.id: ImageGeometry.of(read_image(e.image, self.dimension)) for e in entries}
             table = read_landmarks_csv(self.landmarks_csv, coordinates=self.csv_coordinates,
-                                       geometries=geometries, names=names, dimension=self.dimension)
+                                       geometries=geometries, names=names, dimension=self.dimension,
+                                       images=[e.id for e in entries])
         result = {}
         for entry in entries:
             if entry.landmarks is not None:

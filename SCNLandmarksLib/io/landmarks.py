@@ -462,7 +462,8 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
 def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
                        geometries: dict[str, ImageGeometry] | None = None,
                        names: list[str] | None = None,
-                       dimension: int | None = None) -> dict[str, LandmarkSet]:
+                       dimension: int | None = None,
+                       images: Iterable[str] | None = None) -> dict[str, LandmarkSet]:
     """Read a table ``image,landmark,x,y[,z][,confidence]`` holding landmarks of many images.
 
     Args:
@@ -473,6 +474,7 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
         geometries: image geometry per `image` column value; required for "index".
         names: the model's landmark names (result order); None = order of first appearance.
         dimension: 2 ignores a z column; 3 requires one.
+        images: only return these images (None = all); others need no geometry.
 
     Returns:
         {image: LandmarkSet} in the file's image order; every set has the same names, points_lps of
@@ -492,7 +494,10 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
     names = _check_names(path, found, names)
     point_dimension = len(_table_axes(path, header, dimension))
     result: dict[str, LandmarkSet] = {}
+    wanted = None if images is None else set(images)
     for image, entries in table.items():
+        if wanted is not None and image not in wanted:
+            continue
         landmarks = _table_set(names, entries, point_dimension, "confidence" in header)
         if coordinates == "index":
             geometry = (geometries or {}).get(image)

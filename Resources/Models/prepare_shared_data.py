@@ -1,0 +1,75 @@
+"""Turn the project's shared training data (../shared/data, not redistributable here) into datasets.
+
+    python Resources/Models/prepare_shared_data.py [--shared ../shared/data] [--out runs/data]
+
+Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) the library trains on:
+  afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)
+  ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), splits of 80/20
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from SCNLandmarksLib.io.landmarks import write_landmarks
+from SCNLandmarksLib.landmark_set import LandmarkSet
+
+AFIDS_IMAGE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def prepare_afids(shared: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(open(shared / "afids_groundtruth.csv")))
+    names = [r["abbreviation"] for r in rows]
+    points = np.array([[float(r[k]) for k in ("x_lps", "y_lps", "z_lps")] for r in rows])
+    write_landmarks(LandmarkSet(names, points), out / "template.mrk.json")
+    image = (shared / AFIDS_IMAGE).resolve()
+    spec = out / "dataset.toml"
+    spec.write_text(f"dimension = 3\nlandmarks = {toml_list(names)}\n\n[[images]]\nid = \"template\"\n"
+                    f"image = \"{image}\"\nlandmarks = \"template.mrk.json\"\nsplit = \"train\"\n")
+    return spec
+
+
+def prepare_ceph(shared: Path, out: Path, validation: int = 20) -> Path:
+    """80/20 split by image number; 014 and 087 (the same radiograph) stay together in train."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(open(shared / "landmarks_mean.csv")))
+    names = []
+    for r in sorted(rows, key=lambda r: int(r["landmark_index"])):
+        if r["landmark_name"] not in names:
+            names.append(r["landmark_name"])
+    with open(out / "landmarks.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "landmark", "x", "y"])
+        for r in rows:
+            writer.writerow([r["image"].split(".")[0], r["landmark_name"], r["x"], r["y"]])
+    images = sorted(p for p in (shared / "images").glob("*.png"))
+    lines = [f"dimension = 2\nlandmarks = {toml_list(names)}\nlandmarks_csv = \"landmarks.csv\"\n"
+             "csv_coordinates = \"index\"\n"]
+    for number, path in enumerate(images):
+        split = "validation" if number >= len(images) - validation else "train"
+        lines.append(f"[[images]]\nid = \"{path.stem}\"\nimage = \"{path.resolve()}\"\nsplit = \"{split}\"\n")
+    spec = out / "dataset.toml"
+    spec.write_text("\n".join(lines))
+    return spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default="../shared/data", type=Path)
+    parser.add_argument("--out", default="runs/data", type=Path)
+    args = parser.parse_args()
+    print(prepare_afids(args.shared / "afids", args.out / "afids"))
+    print(prepare_ceph(args.shared / "ceph", args.out / "ceph"))
+
+
+if __name__ == "__main__":
+    main()

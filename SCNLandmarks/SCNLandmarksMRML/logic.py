@@ -1,0 +1,502 @@
+"""SCNLandmarksLogic: landmark detection on MRML nodes - volume in, markups and heatmaps out.
+
+Works wherever `slicer` holds MRML (the Slicer application, or slicer-core without any GUI); it
+imports no Qt, opens no dialogs and never installs anything. Long work reports through
+``progress(fraction, message)`` and stops when ``cancel()`` returns True; problems are raised as
+`SCNLandmarksLib.errors.DataError` / `ModelFileError` (and `Cancelled`) with messages meant for
+users, and leave the scene as it was.
+
+The library (`SCNLandmarksLib`, which needs torch) is imported only when a model is loaded, so the
+module can start, and say what is missing, in a Slicer without PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import slicer
+
+from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
+from SCNLandmarksLib.geometry import ras_to_lps
+from SCNLandmarksLib.landmark_set import LandmarkSet
+
+from . import catalogue, dependencies, overlays, rendering
+from . import markups as landmarkMarkups
+from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+
+HEATMAP_KINDS = ("final", "local", "spatial")
+HEATMAP_KIND_LABELS = {"final": "final (SCN output)", "local": "local appearance", "spatial": "spatial configuration"}
+TRAINING_SPEC_NAME = "dataset.toml"
+
+
+@dataclass
+class DetectionResult:
+    """One detection run.
+
+    Attributes:
+        markupsNode: the point list (one control point per landmark, labelled with its name).
+        volumeNode: the input volume.
+        landmarkNames: model landmark names (markups order).
+        pointsRas: (N, 3) predicted RAS positions in the volume's frame, NaN where missing.
+        confidences: (N,) confidences in [0, 1].
+        statuses: N statuses: "detected", "low confidence" or "missing".
+        seconds: wall time of the whole run.
+        device: the device used, e.g. "cpu" or "cuda:0 (NVIDIA ...)".
+        modelPath: the model file.
+        prediction: the library's Prediction (heatmaps, when kept).
+    """
+
+    markupsNode: object
+    volumeNode: object
+    landmarkNames: list[str]
+    pointsRas: np.ndarray
+    confidences: np.ndarray
+    statuses: list[str]
+    seconds: float
+    device: str
+    modelPath: str
+    prediction: object = field(default=None, repr=False)
+
+    @property
+    def summary(self) -> str:
+        """One line for the status text: counts, time taken and device."""
+        counts = {s: self.statuses.count(s) for s in landmarkMarkups.STATUSES}
+        text = f"{counts['detected'] + counts['low confidence']} of {len(self.statuses)} landmarks found"
+        details = [f"{counts[s]} {s}" for s in ("low confidence", "missing") if counts[s]]
+        if details:
+            text += f" ({', '.join(details)})"
+        return f"{text} in {self.seconds:.1f} s on {self.device}."
+
+
+def _scaled(progress: Progress | None, start: float, stop: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (stop - start) * float(fraction), message)
+
+
+def _safeName(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "case"
+
+
+class SCNLandmarksLogic:
+    """Detect landmarks on volume nodes, review them as markups and heatmaps, export corrections.
+
+    Args:
+        scene: the MRML scene to work in; default `slicer.mrmlScene` (the application's scene).
+    """
+
+    def __init__(self, scene=None):
+        super().__init__()
+        self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
+        self._predictors: dict[tuple, object] = {}
+        # markups node ID -> (Prediction, VolumeImage): heatmaps live in memory for this session.
+        self._predictions: dict[str, tuple[object, VolumeImage]] = {}
+        self._statusObserver = landmarkMarkups.StatusObserver()
+
+    # ------------------------------------------------------------------------------------------
+    # environment
+
+    @staticmethod
+    def dependencyStatus() -> dependencies.DependencyStatus:
+        """Whether torch (and the library's other needs) are importable; see `dependencies`."""
+        return dependencies.dependencyStatus()
+
+    @staticmethod
+    def deviceChoices() -> list[dependencies.DeviceChoice]:
+        """Auto / GPU / CPU, labelled with what this computer has."""
+        return dependencies.deviceChoices()
+
+    @staticmethod
+    def availableModels() -> list[catalogue.ModelEntry]:
+        """Models of the catalogue `Resources/Models/models.json`."""
+        return catalogue.availableModels()
+
+    @staticmethod
+    def heatmapKinds() -> dict[str, str]:
+        """{kind: label} of the heatmaps a prediction offers."""
+        return dict(HEATMAP_KIND_LABELS)
+
+    # ------------------------------------------------------------------------------------------
+    # models
+
+    def loadPredictor(self, modelPath, device: str = "auto"):
+        """Load (once; cached by file, modification time and device) a model file as a Predictor.
+
+        Raises:
+            ModelFileError: missing, truncated or foreign model file.
+            DataError: e.g. "cuda" requested without a GPU.
+        """
+        path = Path(modelPath) if modelPath else None
+        if path is None or not str(modelPath).strip():
+            raise ModelFileError("No model selected: choose a model from the list or load a model file.")
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        from SCNLandmarksLib.inference import Predictor
+
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device)
+        if key not in self._predictors:
+            self._predictors.clear()  # one model in memory at a time (GPU memory)
+            self._predictors[key] = Predictor.from_file(path, device=device)
+        return self._predictors[key]
+
+    # ------------------------------------------------------------------------------------------
+    # detection
+
+    def volumeImage(self, volumeNode, predictor) -> VolumeImage:
+        """The volume as the predictor's SimpleITK image (checked: scalar, dimension of the model)."""
+        pixelUnits = str(predictor.metadata.get("unit", "mm")).lower() in ("px", "pixel", "pixels")
+        return imageFromVolumeNode(volumeNode, predictor.dimension, pixelUnits=pixelUnits)
+
+    def detectLandmarks(self, volumeNode, model, device: str = "auto", progress: Progress | None = None,
+                        cancel: Cancel | None = None, markupsNode=None, keepHeatmaps: bool = True) -> DetectionResult:
+        """Detect the model's landmarks on a volume node and put them in a markups point list.
+
+        Args:
+            volumeNode: scalar 2D (one slice) or 3D volume; its IJKToRAS geometry is honoured.
+            model: model file path, or a loaded Predictor.
+            device: "auto", "cuda" or "cpu" (when `model` is a path).
+            progress: called with (fraction in [0, 1], message).
+            cancel: polled between stages; True stops with `Cancelled`.
+            markupsNode: an existing point list to refill (e.g. a previous result); default a new node.
+            keepHeatmaps: keep heatmaps in memory for `showHeatmap`.
+
+        Returns:
+            DetectionResult (its markupsNode carries names, confidences and statuses).
+
+        Raises:
+            DataError: no/bad volume (RGB, vector, 4D frame) or a model of the other dimension.
+            ModelFileError: bad model file.
+            Cancelled: `cancel()` returned True. In every case the scene is left unchanged.
+        """
+        start = time.perf_counter()
+        if self.scene is None:
+            raise DataError("No MRML scene to work in.")
+        checkScalarVolume(volumeNode)
+        report = progress or (lambda fraction, message: None)
+
+        def check() -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("Landmark detection cancelled; nothing was changed.")
+
+        report(0.0, "loading model")
+        check()
+        if isinstance(model, (str, Path)):
+            modelPath = str(model)
+            predictor = self.loadPredictor(model, device)
+        else:
+            predictor = model
+            modelPath = str(getattr(model, "path", "") or "")
+        check()
+        report(0.05, "reading volume")
+        volumeImage = self.volumeImage(volumeNode, predictor)
+        try:
+            prediction = predictor.predict(volumeImage.image, heatmaps=keepHeatmaps,
+                                           progress=_scaled(progress, 0.1, 0.95), cancel=cancel,
+                                           source=f"volume '{volumeNode.GetName()}'")
+        except Cancelled as error:
+            raise Cancelled(f"Landmark detection cancelled; nothing was changed. ({error})") from None
+        check()
+        report(0.95, "creating landmarks")
+        landmarks = prediction.landmarks
+        pointsRas = volumeImage.pointsToRas(landmarks.points_lps)
+        confidences = (np.asarray(landmarks.confidences, dtype=np.float64) if landmarks.confidences is not None
+                       else np.full(len(landmarks.names), np.nan))
+        statuses = list(prediction.status)
+
+        createdNew = markupsNode is None
+        name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if createdNew else None
+        try:
+            markupsNode = landmarkMarkups.createLandmarksNode(
+                self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
+                volumeNode=volumeNode, modelPath=modelPath, markupsNode=markupsNode)
+        except Exception:
+            if createdNew and markupsNode is not None:
+                self.scene.RemoveNode(markupsNode)
+            raise
+        if keepHeatmaps:
+            self._predictions[markupsNode.GetID()] = (prediction, volumeImage)
+        self._statusObserver.observe(markupsNode)
+        seconds = time.perf_counter() - start
+        device = dependencies.describeDevice(predictor.device)
+        report(1.0, "done")
+        result = DetectionResult(markupsNode, volumeNode, list(landmarks.names), pointsRas, confidences,
+                                 statuses, seconds, device, modelPath, prediction)
+        logger.info("%s", result.summary)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # review and correction
+
+    def landmarkRows(self, markupsNode) -> list[landmarkMarkups.LandmarkRow]:
+        """Name, confidence, current status and position of each landmark (for the results table)."""
+        return landmarkMarkups.landmarkRows(markupsNode)
+
+    def updatePointStatuses(self, markupsNode) -> list[landmarkMarkups.LandmarkRow]:
+        """Recompute statuses (e.g. after points were moved by a script) and refresh descriptions."""
+        return landmarkMarkups.updatePointStatuses(markupsNode)
+
+    def observeCorrections(self, markupsNode) -> None:
+        """Keep the point descriptions current while the user moves points (also done on detection)."""
+        if landmarkMarkups.isLandmarksNode(markupsNode):
+            self._statusObserver.observe(markupsNode)
+
+    def resetPoint(self, markupsNode, landmark: int | str) -> landmarkMarkups.LandmarkRow:
+        """Restore the predicted position of one landmark (index in model order, or name)."""
+        return landmarkMarkups.resetPoint(markupsNode, landmark)
+
+    def centreViewsOnLandmark(self, markupsNode, landmark: int | str) -> np.ndarray | None:
+        """Centre all slice views on a landmark's current (else predicted) position.
+
+        Returns:
+            The world RAS point the views were centred on, or None if the landmark has no position.
+        """
+        rows = self.landmarkRows(markupsNode)
+        row = next((r for r in rows if r.name == landmark), None) if isinstance(landmark, str) else rows[landmark]
+        if row is None:
+            raise ValueError(f"no landmark {landmark!r} in '{markupsNode.GetName()}'")
+        point = row.positionRas if row.positionRas is not None else row.predictedRas
+        if point is None:
+            return None
+        world = overlays.worldFromLocal(markupsNode, point)
+        overlays.centreSliceViews(self.scene, world)
+        return world
+
+    # ------------------------------------------------------------------------------------------
+    # heatmap overlays
+
+    def hasHeatmaps(self, markupsNode) -> bool:
+        """True when heatmaps of this detection are in memory (detections of this session)."""
+        return markupsNode is not None and markupsNode.GetID() in self._predictions
+
+    def heatmapNode(self, markupsNode):
+        """The heatmap volume node of a detection, if one was shown."""
+        return markupsNode.GetNodeReference(landmarkMarkups.HEATMAP_REFERENCE_ROLE) if markupsNode else None
+
+    def showHeatmap(self, markupsNode, kind: str = "final", landmark: int | str | None = None,
+                    opacity: float = 0.5):
+        """Show a heatmap of a detection as the foreground of every slice view.
+
+        Args:
+            markupsNode: a detection's point list.
+            kind: "final", "local" (local appearance) or "spatial" (spatial configuration).
+            landmark: landmark index or name; None shows the maximum over all landmarks.
+            opacity: foreground opacity in [0, 1].
+
+        Returns:
+            The heatmap vtkMRMLScalarVolumeNode: the input volume's exact grid and IJKToRAS, heat
+            colour map, low values transparent. One node per detection, refilled on each call.
+
+        Raises:
+            DataError: no heatmaps in memory for this node, or an unknown kind/landmark.
+        """
+        if kind not in HEATMAP_KINDS:
+            raise DataError(f"Unknown heatmap kind '{kind}'; choose one of {', '.join(HEATMAP_KINDS)}.")
+        if not self.hasHeatmaps(markupsNode):
+            name = markupsNode.GetName() if markupsNode is not None else "(none)"
+            raise DataError(f"No heatmaps for '{name}': heatmaps are kept in memory for detections made in "
+                            "this session only. Run the detection again to see them.")
+        prediction, volumeImage = self._predictions[markupsNode.GetID()]
+        names = list(prediction.landmarks.names)
+        index = landmark
+        if isinstance(landmark, str):
+            if landmark not in names:
+                raise DataError(f"No landmark named '{landmark}'; the model has {', '.join(names)}.")
+            index = names.index(landmark)
+        if index is not None and not 0 <= int(index) < len(names):
+            raise DataError(f"Landmark index {index} is out of range (0..{len(names) - 1}).")
+        try:
+            heatmap = prediction.heatmap(kind, None if index is None else int(index))
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        array = volumeImage.volumeArray(heatmap)
+        volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
+        what = "all landmarks (max)" if index is None else names[int(index)]
+        name = f"{markupsNode.GetName()} heatmap: {kind}, {what}"
+        heatmapNode = overlays.updateHeatmapNode(self.scene, self.heatmapNode(markupsNode), array, volumeNode, name)
+        heatmapNode.SetAttribute(overlays.HEATMAP_KIND_ATTRIBUTE, kind)
+        heatmapNode.SetAttribute(overlays.HEATMAP_LANDMARK_ATTRIBUTE, "" if index is None else names[int(index)])
+        markupsNode.SetNodeReferenceID(landmarkMarkups.HEATMAP_REFERENCE_ROLE, heatmapNode.GetID())
+        overlays.showInSliceViews(self.scene, volumeNode, heatmapNode, opacity)
+        return heatmapNode
+
+    def setHeatmapOpacity(self, markupsNode, opacity: float) -> None:
+        """Change the foreground opacity of the slice views showing this detection's heatmap."""
+        overlays.setForegroundOpacity(self.scene, self.heatmapNode(markupsNode), opacity)
+
+    def hideHeatmap(self, markupsNode) -> None:
+        """Take this detection's heatmap out of the slice views (the node stays)."""
+        overlays.hideFromSliceViews(self.scene, self.heatmapNode(markupsNode))
+
+    def forgetDetection(self, markupsNode) -> None:
+        """Drop the in-memory heatmaps and observers of a detection (e.g. its node was removed)."""
+        if markupsNode is None:
+            return
+        self._predictions.pop(markupsNode.GetID(), None)
+        self._statusObserver.unobserve(markupsNode)
+
+    # ------------------------------------------------------------------------------------------
+    # export
+
+    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[str]]:
+        """Current (corrected) positions as a library LandmarkSet in LPS (3D), and the statuses."""
+        rows = self.landmarkRows(markupsNode)
+        if not rows:
+            raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
+        pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
+        landmarks = LandmarkSet([r.name for r in rows], ras_to_lps(pointsRas),
+                                np.array([r.confidence for r in rows], dtype=np.float64))
+        return landmarks, [r.status for r in rows]
+
+    def exportLandmarks(self, markupsNode, path) -> Path:
+        """Write the current (corrected) points of a point list.
+
+        The suffix chooses the format: ``.mrk.json`` (Slicer markups JSON, written by Slicer's
+        vtkMRMLMarkupsJsonStorageNode, LPS, with labels, status descriptions and the confidence
+        measurement), ``.fcsv`` (Slicer's legacy fiducial CSV) or ``.csv`` (the library's table
+        ``landmark,x,y,z,confidence,status`` in LPS).
+
+        Returns:
+            The written path.
+
+        Raises:
+            DataError: unknown suffix, nothing to export, or the file cannot be written.
+        """
+        if markupsNode is None:
+            raise DataError("No landmarks to export: run a detection (or choose a point list) first.")
+        path = Path(path)
+        lower = path.name.lower()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if landmarkMarkups.isLandmarksNode(markupsNode):
+            landmarkMarkups.updatePointStatuses(markupsNode)
+        if lower.endswith(".csv"):
+            from SCNLandmarksLib.io.landmarks import write_landmarks
+
+            landmarks, statuses = self.landmarkSet(markupsNode)
+            write_landmarks(landmarks, path, status=statuses)
+            return path
+        if lower.endswith(".mrk.json") or lower.endswith(".json"):
+            storageNode = slicer.vtkMRMLMarkupsJsonStorageNode()
+        elif lower.endswith(".fcsv"):
+            storageNode = slicer.vtkMRMLMarkupsFiducialStorageNode()
+        else:
+            raise DataError(f"{path}: unknown landmark format; use .mrk.json, .fcsv or .csv")
+        storageNode.SetFileName(str(path))
+        if not storageNode.WriteData(markupsNode):
+            raise DataError(f"{path}: Slicer could not write the landmarks")
+        return path
+
+    def saveTrainingPair(self, volumeNode, markupsNode, folder, caseId: str | None = None,
+                         split: str | None = None) -> tuple[Path, Path]:
+        """Save a volume and its corrected landmarks as one more training case of a dataset folder.
+
+        Writes ``<folder>/<caseId>.nrrd`` (Slicer's NRRD writer, geometry as in Slicer) and
+        ``<folder>/<caseId>.mrk.json`` (Slicer's markups JSON, LPS), and adds or replaces the case
+        in ``<folder>/dataset.toml``, the library's dataset spec, so ``scn-landmarks train`` can
+        use the folder as is.
+
+        Args:
+            volumeNode: the image (scalar 2D or 3D volume).
+            markupsNode: its corrected landmarks (a detection's point list, or any point list whose
+                labels are the landmark names).
+            folder: the dataset folder (created).
+            caseId: file stem and case id; default the volume name.
+            split: the case's split ("train" or "validation"); default: keep the split of a case
+                being replaced, else "train".
+
+        Returns:
+            (image path, landmarks path).
+
+        Raises:
+            DataError: bad volume or landmarks, a dataset folder made for another dimension or other
+                landmark names, or files that cannot be written.
+        """
+        checkScalarVolume(volumeNode)
+        if markupsNode is None:
+            raise DataError("No landmarks to save: run a detection (or choose a point list) first.")
+        rows = self.landmarkRows(markupsNode)
+        if rows:
+            names = [r.name for r in rows]
+        else:
+            names = [markupsNode.GetNthControlPointLabel(i) for i in range(markupsNode.GetNumberOfControlPoints())]
+        if not names:
+            raise DataError(f"'{markupsNode.GetName()}' holds no landmarks.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        caseId = _safeName(caseId or volumeNode.GetName() or "case")
+        dimension = 2 if volumeNode.GetImageData().GetDimensions()[2] == 1 else 3
+        specPath = folder / TRAINING_SPEC_NAME
+        spec = self._readTrainingSpec(specPath, dimension, names)
+
+        imagePath = folder / f"{caseId}.nrrd"
+        storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storageNode.SetFileName(str(imagePath))
+        storageNode.SetUseCompression(True)
+        if not storageNode.WriteData(volumeNode):
+            raise DataError(f"{imagePath}: Slicer could not write the volume")
+        landmarksPath = self.exportLandmarks(markupsNode, folder / f"{caseId}.mrk.json")
+
+        previous = [entry for entry in spec.get("images", []) if str(entry.get("id")) == caseId]
+        split = split or (previous[0].get("split") if previous else None) or "train"
+        images = [entry for entry in spec.get("images", []) if str(entry.get("id")) != caseId]
+        images.append({"id": caseId, "image": imagePath.name, "landmarks": landmarksPath.name, "split": split})
+        self._writeTrainingSpec(specPath, dimension, names, images)
+        return imagePath, landmarksPath
+
+    @staticmethod
+    def _readTrainingSpec(specPath: Path, dimension: int, names: list[str]) -> dict:
+        if not specPath.is_file():
+            return {}
+        try:
+            spec = tomllib.loads(specPath.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise DataError(f"{specPath}: cannot read the dataset spec ({error})") from None
+        if spec.get("dimension") not in (None, dimension):
+            raise DataError(f"{specPath}: this folder holds {spec.get('dimension')}D cases; the volume is "
+                            f"{dimension}D. Choose another folder.")
+        if spec.get("landmarks") not in (None, names):
+            raise DataError(f"{specPath}: this folder's cases have the landmarks {spec.get('landmarks')}, "
+                            f"not {names}. Choose another folder.")
+        return spec
+
+    @staticmethod
+    def _writeTrainingSpec(specPath: Path, dimension: int, names: list[str], images: list[dict]) -> None:
+        def quoted(text) -> str:
+            return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["# Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).",
+                 f"dimension = {dimension}",
+                 f"landmarks = [{', '.join(quoted(n) for n in names)}]", ""]
+        for entry in images:
+            lines.append("[[images]]")
+            for key in ("id", "image", "landmarks", "split"):
+                if key in entry:
+                    lines.append(f"{key} = {quoted(entry[key])}")
+            lines.append("")
+        temporary = specPath.with_suffix(".toml.tmp")
+        temporary.write_text("\n".join(lines), encoding="utf-8")
+        temporary.replace(specPath)
+
+    # ------------------------------------------------------------------------------------------
+    # pictures
+
+    def renderOverlayPng(self, path, volumeNode, heatmapNode=None, markupsNode=None, **options) -> rendering.RenderedSlice:
+        """Render a slice view (image, heatmap foreground, landmarks) offscreen to a PNG.
+
+        See `rendering.renderOverlayPng` for the options (opacity, orientation, centerRas, sizePx,
+        ...). The scene is left unchanged.
+        """
+        return rendering.renderOverlayPng(self.scene, path, volumeNode, heatmapNode, markupsNode, **options)

@@ -1,0 +1,303 @@
+"""Predicted landmarks as a markups point list: one movable control point per landmark.
+
+Each control point is labelled with the landmark name. What the model said is kept in the node
+itself, so it survives scene saving:
+
+* node attribute ``SCNLandmarks.Prediction`` (JSON): per control point ID the landmark name, the
+  predicted RAS position (null when missing), the confidence and the predicted status;
+* a static measurement ``confidence`` with one value per control point (written to .mrk.json as
+  ``controlPointValues``, which the library reads back);
+* the control point description: the current status and confidence, for people.
+
+The current status is derived, never stored as truth: a point whose position differs from its
+prediction (or that was placed where the model found none) is "moved by user". Low-confidence
+points are shown "selected" (the display node's selected colour) so they stand out in the views.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import vtk
+
+import slicer
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_ATTRIBUTE = "SCNLandmarks.Prediction"
+VOLUME_REFERENCE_ROLE = "SCNLandmarksInputVolume"
+HEATMAP_REFERENCE_ROLE = "SCNLandmarksHeatmap"
+CONFIDENCE_MEASUREMENT = "confidence"
+
+DETECTED = "detected"
+LOW_CONFIDENCE = "low confidence"
+MISSING = "missing"
+MOVED = "moved by user"
+STATUSES = (DETECTED, LOW_CONFIDENCE, MISSING, MOVED)
+
+# A control point further than this from its prediction (mm, in the node's frame) has been moved.
+MOVED_TOLERANCE_MM = 1e-3
+
+NORMAL_COLOR = (0.30, 0.90, 0.30)          # unselected points: detected / moved
+LOW_CONFIDENCE_COLOR = (1.00, 0.45, 0.00)  # selected points: low confidence
+
+
+@dataclass(frozen=True)
+class LandmarkRow:
+    """One landmark as the results table shows it.
+
+    Attributes:
+        name: landmark name (the control point label at detection time).
+        index: control point index in the markups node, or -1 if the user deleted the point.
+        confidence: model confidence in [0, 1] (NaN if unknown).
+        status: "detected", "low confidence", "missing" or "moved by user".
+        positionRas: current (N=3,) RAS position in the node's frame, or None without a position.
+        predictedRas: predicted (3,) RAS position, or None when the model found none.
+    """
+
+    name: str
+    index: int
+    confidence: float
+    status: str
+    positionRas: np.ndarray | None
+    predictedRas: np.ndarray | None
+
+
+def describe(status: str, confidence: float) -> str:
+    """The control point description: status and confidence."""
+    if confidence is None or not math.isfinite(confidence):
+        return status
+    return f"{status}; confidence {confidence:.2f}"
+
+
+def _finite(value) -> float:
+    value = float(value) if value is not None else math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def readPredictionInfo(markupsNode) -> dict | None:
+    """The prediction record stored on a markups node by `createLandmarksNode`, or None."""
+    text = markupsNode.GetAttribute(PREDICTION_ATTRIBUTE) if markupsNode is not None else None
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        logger.warning("%s: unreadable %s attribute", markupsNode.GetName(), PREDICTION_ATTRIBUTE)
+        return None
+
+
+def _writePredictionInfo(markupsNode, info: dict) -> None:
+    markupsNode.SetAttribute(PREDICTION_ATTRIBUTE, json.dumps(info))
+
+
+def isLandmarksNode(node) -> bool:
+    """True for markups nodes made by this module (they carry a prediction record)."""
+    return node is not None and node.IsA("vtkMRMLMarkupsFiducialNode") and readPredictionInfo(node) is not None
+
+
+def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: np.ndarray,
+                        confidences: np.ndarray, statuses: list[str], volumeNode=None,
+                        modelPath: str = "", markupsNode=None):
+    """Make (or refill) a markups point list holding predicted landmarks.
+
+    Args:
+        scene: the MRML scene.
+        name: node name for a new node.
+        landmarkNames: N landmark names (control point labels).
+        pointsRas: (N, 3) RAS positions in the volume's frame; NaN rows = missing (the control point
+            is kept, with an undefined position, so the user can place it).
+        confidences: (N,) values in [0, 1].
+        statuses: N predicted statuses ("detected", "low confidence", "missing").
+        volumeNode: the input volume; the node follows its parent transform and references it.
+        modelPath: recorded in the prediction record.
+        markupsNode: an existing node to refill instead of creating one.
+
+    Returns:
+        The vtkMRMLMarkupsFiducialNode.
+    """
+    pointsRas = np.asarray(pointsRas, dtype=np.float64).reshape(-1, 3)
+    if markupsNode is None:
+        markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    if markupsNode.GetDisplayNode() is None:
+        markupsNode.CreateDefaultDisplayNodes()
+    wasModifying = markupsNode.StartModify()
+    try:
+        markupsNode.RemoveAllControlPoints()
+        markupsNode.RemoveAllMeasurements()
+        markupsNode.SetLocked(False)
+        records = []
+        for landmarkName, ras, confidence, status in zip(landmarkNames, pointsRas, confidences, statuses):
+            present = bool(np.all(np.isfinite(ras)))
+            index = markupsNode.AddControlPoint(vtk.vtkVector3d(*(ras if present else (0.0, 0.0, 0.0))), landmarkName)
+            if not present:
+                markupsNode.UnsetNthControlPointPosition(index)
+            markupsNode.SetNthControlPointLocked(index, False)
+            records.append({
+                "id": markupsNode.GetNthControlPointID(index),
+                "name": landmarkName,
+                "predictedRas": [float(v) for v in ras] if present else None,
+                "confidence": None if math.isnan(_finite(confidence)) else _finite(confidence),
+                "status": status,
+            })
+        values = vtk.vtkDoubleArray()
+        values.SetName(CONFIDENCE_MEASUREMENT)
+        for confidence in confidences:
+            values.InsertNextValue(_finite(confidence))
+        measurement = slicer.vtkMRMLStaticMeasurement()
+        measurement.SetName(CONFIDENCE_MEASUREMENT)
+        measurement.SetUnits("")
+        measurement.SetPrintFormat("%4.2f")
+        measurement.SetControlPointValues(values)
+        markupsNode.AddMeasurement(measurement)
+        _writePredictionInfo(markupsNode, {"model": str(modelPath), "points": records})
+        if volumeNode is not None:
+            markupsNode.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
+            markupsNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        display = markupsNode.GetDisplayNode()
+        display.SetColor(*NORMAL_COLOR)
+        display.SetSelectedColor(*LOW_CONFIDENCE_COLOR)
+        display.SetPointLabelsVisibility(True)
+        updatePointStatuses(markupsNode)
+    finally:
+        markupsNode.EndModify(wasModifying)
+    return markupsNode
+
+
+def _record(info: dict, markupsNode, index: int) -> dict | None:
+    pointId = markupsNode.GetNthControlPointID(index)
+    for record in info["points"]:
+        if record["id"] == pointId:
+            return record
+    return None
+
+
+def currentStatus(markupsNode, record: dict) -> tuple[str, int, np.ndarray | None]:
+    """(status, control point index or -1, current RAS position or None) of one recorded landmark."""
+    index = markupsNode.GetNthControlPointIndexByID(record["id"])
+    if index < 0:
+        return MISSING, -1, None
+    defined = markupsNode.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined
+    position = np.array(markupsNode.GetNthControlPointPositionVector(index)) if defined else None
+    predicted = record["predictedRas"]
+    if position is not None:
+        if predicted is None or np.linalg.norm(position - np.asarray(predicted)) > MOVED_TOLERANCE_MM:
+            return MOVED, index, position
+        return record["status"], index, position
+    return MISSING, index, None
+
+
+def landmarkRows(markupsNode) -> list[LandmarkRow]:
+    """The landmarks of a node made by `createLandmarksNode`, in model order, with current status."""
+    info = readPredictionInfo(markupsNode)
+    if info is None:
+        return []
+    rows = []
+    for record in info["points"]:
+        status, index, position = currentStatus(markupsNode, record)
+        predicted = record["predictedRas"]
+        rows.append(LandmarkRow(record["name"], index, _finite(record["confidence"]), status, position,
+                                None if predicted is None else np.asarray(predicted, dtype=np.float64)))
+    return rows
+
+
+def updatePointStatuses(markupsNode) -> list[LandmarkRow]:
+    """Refresh descriptions and highlighting of every control point from its current status."""
+    rows = landmarkRows(markupsNode)
+    wasModifying = markupsNode.StartModify()
+    try:
+        for row in rows:
+            if row.index < 0:
+                continue
+            description = describe(row.status, row.confidence)
+            if markupsNode.GetNthControlPointDescription(row.index) != description:
+                markupsNode.SetNthControlPointDescription(row.index, description)
+            selected = row.status == LOW_CONFIDENCE
+            if bool(markupsNode.GetNthControlPointSelected(row.index)) != selected:
+                markupsNode.SetNthControlPointSelected(row.index, selected)
+    finally:
+        markupsNode.EndModify(wasModifying)
+    return rows
+
+
+def resetPoint(markupsNode, landmark: int | str) -> LandmarkRow:
+    """Put one landmark back where the model predicted it (or unplace it if the model found none).
+
+    Args:
+        markupsNode: node made by `createLandmarksNode`.
+        landmark: landmark index (model order) or name.
+
+    Returns:
+        The landmark's row after the reset.
+    """
+    info = readPredictionInfo(markupsNode)
+    if info is None:
+        raise ValueError(f"'{markupsNode.GetName()}' holds no predicted landmarks")
+    records = info["points"]
+    if isinstance(landmark, str):
+        matches = [i for i, r in enumerate(records) if r["name"] == landmark]
+        if not matches:
+            raise ValueError(f"no landmark named '{landmark}' in '{markupsNode.GetName()}'")
+        landmark = matches[0]
+    record = records[landmark]
+    index = markupsNode.GetNthControlPointIndexByID(record["id"])
+    if index < 0:
+        # The user deleted the control point: bring it back with the same ID.
+        index = markupsNode.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), record["name"])
+        record["id"] = markupsNode.GetNthControlPointID(index)
+        _writePredictionInfo(markupsNode, info)
+    if record["predictedRas"] is None:
+        markupsNode.UnsetNthControlPointPosition(index)
+    else:
+        markupsNode.SetNthControlPointPosition(index, *record["predictedRas"])
+    return updatePointStatuses(markupsNode)[landmark]
+
+
+class StatusObserver:
+    """Keeps control point descriptions and highlighting current while the user edits points."""
+
+    def __init__(self):
+        self._tags: dict[str, tuple[object, list[int]]] = {}
+        self._updating = False
+
+    def observe(self, markupsNode) -> None:
+        nodeId = markupsNode.GetID()
+        if nodeId in self._tags:
+            return
+        events = (slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointPositionMissingEvent,
+                  slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        tags = [markupsNode.AddObserver(event, self._onPointModified) for event in events]
+        self._tags[nodeId] = (markupsNode, tags)
+
+    def unobserve(self, markupsNode=None) -> None:
+        ids = list(self._tags) if markupsNode is None else [markupsNode.GetID()]
+        for nodeId in ids:
+            node, tags = self._tags.pop(nodeId, (None, []))
+            for tag in tags:
+                node.RemoveObserver(tag)
+
+    def _onPointModified(self, caller, event) -> None:
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            updatePointStatuses(caller)
+        finally:
+            self._updating = False
+
+
+def landmarkPositionsRas(markupsNode) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, (N, 3) RAS positions with NaN where unplaced, (N,) confidences) in model order."""
+    rows = landmarkRows(markupsNode)
+    names = [r.name for r in rows]
+    points = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows],
+                      dtype=np.float64).reshape(-1, 3)
+    confidences = np.array([r.confidence for r in rows], dtype=np.float64)
+    return names, points, confidences

@@ -1,0 +1,170 @@
+"""Offscreen slice-view pictures: Slicer's own slice compositing, written as PNG.
+
+A private vtkMRMLSliceLogic reslices and blends the layers exactly as a slice view does
+(background image with its window/level, heatmap foreground in its colour map, thresholded and at
+the chosen opacity) - a VTK pipeline that needs no window or OpenGL. Markups are then drawn on the
+composited RGBA image with numpy (the markups displayable managers need an interactive render
+window): a filled disc for points in the slice (or within half a voxel of it), a ring for points
+projected from elsewhere. The private slice and composite nodes are removed afterwards, so the
+scene is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from vtk.util import numpy_support
+
+import slicer
+
+from . import markups as landmarkMarkups
+from .overlays import worldFromLocal
+from .volumes import matrixToArray, volumeCornersRas
+
+logger = logging.getLogger(__name__)
+
+OFFSCREEN_VIEW_NAME = "SCNLandmarksOffscreen"
+
+STATUS_COLORS = {
+    landmarkMarkups.DETECTED: (60, 230, 60),
+    landmarkMarkups.LOW_CONFIDENCE: (255, 115, 0),
+    landmarkMarkups.MOVED: (0, 200, 255),
+}
+OUTLINE = (0, 0, 0)
+
+
+@dataclass
+class RenderedSlice:
+    """What `renderOverlayPng` drew.
+
+    Attributes:
+        path: the PNG written.
+        rgb: (rows, columns, 3) uint8 picture, row 0 at the top.
+        markers: per drawn point: (label, (column, row) pixel, distance to the slice in mm).
+        xyToRas: (4, 4) matrix from slice-view pixel (x right, y up from the bottom row) to RAS.
+    """
+
+    path: Path
+    rgb: np.ndarray
+    markers: list = field(default_factory=list)
+    xyToRas: np.ndarray | None = None
+
+    def pixelOf(self, pointRas) -> tuple[float, float]:
+        """(column, row) of a RAS point in `rgb` (row 0 at the top)."""
+        xy = np.linalg.inv(self.xyToRas) @ np.append(np.asarray(pointRas, dtype=np.float64), 1.0)
+        return float(xy[0]), float(self.rgb.shape[0] - 1 - xy[1])
+
+
+def _drawDisc(rgb: np.ndarray, column: float, row: float, radius: float, color, filled: bool) -> None:
+    rows, columns = np.ogrid[:rgb.shape[0], :rgb.shape[1]]
+    distance = np.sqrt((columns - column) ** 2 + (rows - row) ** 2)
+    outline = (distance <= radius + 1.5) & (distance > radius - (radius if filled else 2.5))
+    rgb[outline] = OUTLINE
+    inside = distance <= radius if filled else (distance <= radius) & (distance > radius - 1.5)
+    rgb[inside] = color
+
+
+def _markupsPoints(markupsNode):
+    """(label, world RAS, colour) for every placed control point of a markups node."""
+    rows = {row.index: row for row in landmarkMarkups.landmarkRows(markupsNode)}
+    display = markupsNode.GetDisplayNode()
+    defaultColor = tuple(int(255 * c) for c in display.GetColor()) if display is not None else (255, 255, 0)
+    points = []
+    for index in range(markupsNode.GetNumberOfControlPoints()):
+        if markupsNode.GetNthControlPointPositionStatus(index) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+            continue
+        world = [0.0, 0.0, 0.0]
+        markupsNode.GetNthControlPointPositionWorld(index, world)
+        row = rows.get(index)
+        color = STATUS_COLORS.get(row.status, defaultColor) if row is not None else defaultColor
+        points.append((markupsNode.GetNthControlPointLabel(index), np.asarray(world), color))
+    return points
+
+
+def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None, opacity: float = 0.5,
+                     orientation: str = "Axial", alignToVolume: bool = True, centerRas=None,
+                     sizePx: int = 512, pointRadiusPx: float = 5.0, slabMm: float | None = None) -> RenderedSlice:
+    """Render one slice view offscreen - image, heatmap foreground, markups - to a PNG.
+
+    Args:
+        scene: the MRML scene holding the nodes.
+        path: PNG file to write (parent folders are created).
+        volumeNode: background volume.
+        heatmapNode: optional foreground volume (e.g. from `SCNLandmarksLogic.showHeatmap`), drawn
+            with its display node's colour map and threshold.
+        markupsNode: optional point list to draw (landmark status colours for detection results).
+        opacity: foreground opacity in [0, 1].
+        orientation: "Axial", "Sagittal" or "Coronal".
+        alignToVolume: rotate the slice to the volume's own voxel plane (as Slicer does for
+            oblique volumes on demand), so oblique volumes are cut along their voxel grid.
+        centerRas: RAS point the slice passes through (default: the volume centre).
+        sizePx: pixels along the longer side of the picture.
+        pointRadiusPx: marker radius.
+        slabMm: points closer than this to the slice are drawn filled, others as rings (default:
+            half the volume's largest voxel spacing).
+
+    Returns:
+        RenderedSlice with the path, the picture and where each point was drawn.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    sliceLogic = slicer.vtkMRMLSliceLogic()
+    sliceLogic.SetMRMLScene(scene)
+    try:
+        sliceNode = sliceLogic.AddSliceNode(OFFSCREEN_VIEW_NAME)
+        composite = sliceLogic.GetSliceCompositeNode()
+        composite.SetBackgroundVolumeID(volumeNode.GetID())
+        composite.SetForegroundVolumeID(heatmapNode.GetID() if heatmapNode is not None else None)
+        composite.SetForegroundOpacity(float(np.clip(opacity, 0.0, 1.0)))
+        composite.SetLabelVolumeID(None)
+        sliceNode.SetOrientation(orientation)
+        if alignToVolume:
+            sliceNode.RotateToVolumePlane(volumeNode)
+
+        corners = np.array([worldFromLocal(volumeNode, c) for c in volumeCornersRas(volumeNode)])
+        sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
+        extent = [np.ptp(corners @ sliceToRas[:3, axis]) for axis in (0, 1)]
+        spacing = np.asarray(volumeNode.GetSpacing())
+        extent = [e + float(spacing.min()) for e in extent]
+        longer = max(extent)
+        width = max(8, int(round(sizePx * extent[0] / longer)))
+        height = max(8, int(round(sizePx * extent[1] / longer)))
+        sliceNode.SetDimensions(width, height, 1)
+        sliceLogic.FitSliceToAll(width, height)
+        center = corners.mean(axis=0) if centerRas is None else np.asarray(centerRas, dtype=np.float64)
+        sliceNode.JumpSliceByOffsetting(*[float(v) for v in center])
+
+        connection = sliceLogic.GetImageDataConnection()
+        producer = connection.GetProducer()
+        producer.Update()
+        imageData = producer.GetOutputDataObject(connection.GetIndex())
+        columns, rows, _ = imageData.GetDimensions()
+        rgba = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(rows, columns, -1)
+        rgb = np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
+        xyToRas = matrixToArray(sliceNode.GetXYToRAS())
+        sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
+    finally:
+        sliceLogic.SetMRMLScene(None)
+        for i in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(i)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+
+    rendered = RenderedSlice(path, rgb, [], xyToRas)
+    if markupsNode is not None:
+        if slabMm is None:
+            slabMm = 0.5 * float(np.max(volumeNode.GetSpacing()))
+        normal = sliceToRas[:3, 2] / np.linalg.norm(sliceToRas[:3, 2])
+        planePoint = sliceToRas[:3, 3]
+        for label, world, color in _markupsPoints(markupsNode):
+            column, row = rendered.pixelOf(world)
+            distance = float(np.dot(world - planePoint, normal))
+            _drawDisc(rgb, column, row, pointRadiusPx, color, filled=abs(distance) <= slabMm)
+            rendered.markers.append((label, (column, row), distance))
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
+    return rendered

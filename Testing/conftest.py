@@ -1,0 +1,78 @@
+"""Shared fixtures: synthetic datasets and tiny models trained for real in the test session."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SCNLandmarksLib.config import config_from_dict
+from SCNLandmarksLib.data.synthetic import make_dataset
+from SCNLandmarksLib.train import train
+
+TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
+
+
+def oblique_direction(dimension: int, degrees: float = 25.0, flip_axis: int = 1) -> np.ndarray:
+    """A rotated direction with one axis flipped (determinant -1): the hard case for geometry code."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    if dimension == 2:
+        rotation = np.array([[c, -s], [s, c]])
+    else:
+        rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array(
+            [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    flip = np.eye(dimension)
+    flip[flip_axis, flip_axis] = -1.0
+    return rotation @ flip
+
+
+def tiny_config(spec: Path, output_dir: Path, dimension: int, **training) -> object:
+    """A small but real SCN configuration for the synthetic datasets."""
+    grid = {"size": [32, 32], "spacing": [2.0, 2.0]} if dimension == 2 else \
+        {"size": [24, 24, 24], "spacing": [2.5, 2.5, 2.5]}
+    values = {"dataset": str(spec), "output_dir": str(output_dir), "grid": grid,
+              "heatmap": {"sigma_init": 3.0 if dimension == 2 else 4.0},
+              "augmentation": {"translation": 4.0, "rotation_deg": 10.0},
+              "model": {"params": TINY_SCN},
+              "training": {"iterations": 400 if dimension == 2 else 250, "batch_size": 4 if dimension == 2 else 2,
+                           "learning_rate": 1e-3, "validate_every": 100, "checkpoint_every": 100, **training}}
+    return config_from_dict(values, Path("/"))
+
+
+@pytest.fixture(scope="session")
+def dataset_2d(tmp_path_factory) -> Path:
+    """2D synthetic dataset: anisotropic spacing, oblique flipped direction."""
+    return make_dataset(tmp_path_factory.mktemp("dataset2d"), dimension=2, images=12, landmarks=4,
+                        size=(64, 48), spacing=(1.0, 1.3), direction=oblique_direction(2))
+
+
+@pytest.fixture(scope="session")
+def dataset_3d(tmp_path_factory) -> Path:
+    """3D synthetic dataset: anisotropic spacing, oblique flipped direction."""
+    return make_dataset(tmp_path_factory.mktemp("dataset3d"), dimension=3, images=8, landmarks=4,
+                        size=(32, 30, 24), spacing=(1.5, 1.6, 2.0), direction=oblique_direction(3))
+
+
+@pytest.fixture(scope="session")
+def trained_2d(dataset_2d, tmp_path_factory):
+    """(config, TrainingResult) of a tiny 2D SCN trained in the session."""
+    config = tiny_config(dataset_2d, tmp_path_factory.mktemp("run2d"), 2)
+    return config, train(config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_3d(dataset_3d, tmp_path_factory):
+    config = tiny_config(dataset_3d, tmp_path_factory.mktemp("run3d"), 3)
+    return config, train(config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_2d(trained_2d) -> Path:
+    return trained_2d[1].model_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_3d(trained_3d) -> Path:
+    return trained_3d[1].model_path

@@ -1,0 +1,168 @@
+"""Physical space survives resampling and augmentation: 2D and 3D, anisotropic, oblique, flipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from conftest import oblique_direction
+from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
+from SCNLandmarksLib.data.augmentation import augmented_sample, random_transform, swap_permutation
+from SCNLandmarksLib.data.preparation import PreparedImage, prepare_image, resample_to_grid, shrink_factors
+from SCNLandmarksLib.data.synthetic import render
+from SCNLandmarksLib.geometry import ImageGeometry, axis_aligned_grid, covering_grid, lps_to_ras, ras_to_lps
+from SCNLandmarksLib.heatmaps import refine_peaks
+
+CASES = {
+    "2d": dict(size=(70, 50), spacing=(0.8, 1.3)),
+    "3d": dict(size=(40, 36, 22), spacing=(1.0, 1.2, 2.1)),
+}
+
+
+def blob_image(case: str, point_offset: np.ndarray | None = None, blob_mm: float = 3.0):
+    """An anisotropic, oblique, flipped image with one Gaussian blob at a known physical point."""
+    size, spacing = CASES[case]["size"], CASES[case]["spacing"]
+    d = len(size)
+    geometry = ImageGeometry(size, spacing, tuple(np.linspace(-20.0, 30.0, d)), tuple(oblique_direction(d).ravel()))
+    centre = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
+    point = centre + (np.zeros(d) if point_offset is None else point_offset)
+    image = render(geometry, point[None], np.array([blob_mm]), np.random.default_rng(0), noise=0.0)
+    return image, point
+
+
+def test_index_physical_round_trip_oblique_flipped():
+    for d, size, spacing in ((2, (7, 9), (0.3, 2.0)), (3, (5, 6, 7), (0.5, 1.0, 3.0))):
+        geometry = ImageGeometry(size, spacing, tuple(range(d)), tuple(oblique_direction(d).ravel()))
+        image = geometry.apply_to(sitk.Image(list(size), sitk.sitkFloat32))
+        index = np.random.default_rng(1).uniform(0, 5, (10, d))
+        physical = geometry.index_to_physical(index)
+        expected = [image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index]
+        np.testing.assert_allclose(physical, expected, atol=1e-9)
+        np.testing.assert_allclose(geometry.physical_to_index(physical), index, atol=1e-9)
+
+
+def test_lps_ras_is_an_involution():
+    points = np.array([[1.0, 2.0, 3.0], [-4.0, 5.5, 0.0]])
+    np.testing.assert_array_equal(lps_to_ras(points), [[-1.0, -2.0, 3.0], [4.0, -5.5, 0.0]])
+    np.testing.assert_array_equal(ras_to_lps(lps_to_ras(points)), points)
+
+
+def test_covering_grid_contains_every_voxel_centre():
+    geometry = ImageGeometry((30, 20, 10), (1.0, 1.5, 3.0), (5.0, -2.0, 7.0), tuple(oblique_direction(3).ravel()))
+    grid = covering_grid(geometry, (2.0, 2.0, 2.0))
+    assert np.all(grid.contains(geometry.corners_physical(), margin_voxels=1e-6))
+    np.testing.assert_allclose(grid.direction_matrix, np.eye(3))
+
+
+def test_shrink_factors_never_exceed_the_grid_spacing():
+    assert shrink_factors((0.1, 0.1), (1.0, 1.0)) == [10, 10]
+    assert shrink_factors((0.8, 3.0), (2.0, 2.0)) == [2, 1]
+    assert shrink_factors((3.0, 3.0, 3.0), (1.0, 1.0, 1.0)) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("case", ["2d", "3d"])
+def test_resampling_keeps_a_landmark_on_its_anatomy(case):
+    """Blob at a known point -> prepared (shrunk) -> axis-aligned grid: the peak stays at the point."""
+    image, point = blob_image(case, point_offset=np.array([3.3, -2.7, 1.9][: len(CASES[case]["size"])]))
+    spacing = (1.5,) * image.GetDimension()
+    prepared = prepare_image(image, spacing, IntensityConfig())
+    grid = covering_grid(prepared.geometry, spacing)
+    sample = resample_to_grid(prepared, grid)
+    index, _ = refine_peaks(sample)
+    error = np.linalg.norm(grid.index_to_physical(index.numpy()[0]) - point)
+    # The peak of a linearly interpolated blob carries interpolation error; the exact check is below.
+    assert error < 0.2 * spacing[0], f"landmark moved {error:.3f} mm"
+
+
+def coordinate_images(case: str) -> tuple[list[PreparedImage], ImageGeometry]:
+    """One image per physical axis whose value is that physical coordinate (mm).
+
+    Linear interpolation reproduces a linear function exactly, so sampling these images checks the
+    geometry of the whole augmentation path with no interpolation error in the way.
+    """
+    size, spacing = CASES[case]["size"], CASES[case]["spacing"]
+    d = len(size)
+    geometry = ImageGeometry(size, spacing, tuple(np.linspace(-20.0, 30.0, d)), tuple(oblique_direction(d).ravel()))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
+    physical = geometry.index_to_physical(index)
+    images = [PreparedImage(torch.as_tensor(physical[..., axis], dtype=torch.float32)[None], geometry, 0.0)
+              for axis in range(d)]
+    return images, geometry
+
+
+def value_at_index(sample: torch.Tensor, index: np.ndarray) -> float:
+    """Linear interpolation of a (1, *grid) sample at one continuous (x, y[, z]) index."""
+    size = np.asarray(sample.shape[1:][::-1], dtype=np.float64)
+    coordinates = torch.as_tensor(index * 2.0 / (size - 1.0) - 1.0, dtype=torch.float32)
+    shape = (1,) * (len(size) - 1) + (1, len(size))
+    return float(F.grid_sample(sample[None], coordinates.reshape(1, *shape), align_corners=True).flatten()[0])
+
+
+@pytest.mark.parametrize("case", ["2d", "3d"])
+def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
+    """Random affine + elastic + mirror: the sample, read at the mapped landmark, shows its true position."""
+    images, geometry = coordinate_images(case)
+    d = geometry.dimension
+    centre = geometry.index_to_physical((np.asarray(geometry.size) - 1) / 2.0)
+    points = centre + np.random.default_rng(2).uniform(-6.0, 6.0, (5, d))
+    config = AugmentationConfig(translation=5.0, rotation_deg=20.0, scale=0.15, scale_per_axis=0.1, flip_axis=0,
+                                flip_probability=0.5, elastic_mm=1.5, elastic_control_spacing_mm=20.0,
+                                intensity_shift=0.0, intensity_scale=0.0)
+    grid_size, grid_spacing = (40,) * d, (1.25,) * d
+    mirrored = set()
+    for seed in range(6):
+        positions = []
+        for image in images:
+            generator = torch.Generator().manual_seed(seed)  # the same transform for every coordinate image
+            sample, landmark_index, grid = augmented_sample(image, points, grid_size, grid_spacing, config, generator)
+            positions.append([value_at_index(sample, i) for i in landmark_index.numpy()])
+        mirrored.add(random_transform(config, grid, centre, torch.Generator().manual_seed(seed), "cpu").mirrored)
+        error = np.abs(np.array(positions).T - points).max()
+        assert error < 0.02, f"seed {seed}: landmarks are {error:.4f} mm off their anatomy"
+    assert mirrored == {True, False}
+
+
+def test_inverse_of_the_elastic_transform_is_exact():
+    d = 3
+    grid = axis_aligned_grid(np.zeros(d), (32, 32, 32), (2.0, 2.0, 2.0))
+    config = AugmentationConfig(elastic_mm=3.0, elastic_control_spacing_mm=20.0, flip_axis=1, flip_probability=1.0)
+    transform = random_transform(config, grid, np.zeros(d), torch.Generator().manual_seed(3), "cpu")
+    points = torch.as_tensor(np.random.default_rng(0).uniform(-20, 20, (20, d)))
+    q = transform.output_positions(points, grid)
+    # Forward-map q with the same interpolation the sampler uses: p = A (q + u(q)).
+    from SCNLandmarksLib.data.augmentation import displacement_at
+    moved = q + displacement_at(transform.displacement, grid, q)
+    affine = transform.affine
+    back = moved @ affine[:d, :d].T + affine[:d, d]
+    assert torch.max(torch.linalg.norm(back - points, dim=1)) < 1e-3
+
+
+def test_mirrored_samples_swap_left_right_landmarks():
+    names = ["L_eye", "R_eye", "nose"]
+    assert swap_permutation(names, (("L_eye", "R_eye"),)) == [1, 0, 2]
+    image, point = blob_image("2d")
+    prepared = prepare_image(image, (1.0, 1.0), IntensityConfig())
+    points = np.stack([point + [-6.0, 0.0], point + [6.0, 0.0], point])
+    config = AugmentationConfig(translation=0.0, rotation_deg=0.0, scale=0.0, scale_per_axis=0.0, flip_axis=0,
+                                flip_probability=1.0)
+    _, index, grid = augmented_sample(prepared, points, (64, 64), (1.0, 1.0), config, torch.Generator().manual_seed(0),
+                                      flip_permutation=[1, 0, 2])
+    # After the mirror the channel "L_eye" holds the landmark that now lies on the left side again.
+    assert index[0, 0] < index[2, 0] < index[1, 0]
+
+
+def test_samples_are_reproducible_and_missing_landmarks_stay_missing():
+    image, point = blob_image("2d")
+    prepared = prepare_image(image, (1.0, 1.0), IntensityConfig())
+    points = np.stack([point, [np.nan, np.nan]])
+    config = AugmentationConfig(elastic_mm=1.0, noise_std=0.05, bias_field_log=0.2, gamma_log=0.2)
+    a = augmented_sample(prepared, points, (40, 40), (1.0, 1.0), config, torch.Generator().manual_seed(5))
+    b = augmented_sample(prepared, points, (40, 40), (1.0, 1.0), config, torch.Generator().manual_seed(5))
+    c = augmented_sample(prepared, points, (40, 40), (1.0, 1.0), config, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    assert not torch.equal(a[0], c[0])
+    assert torch.isnan(a[1][1]).all() and torch.isfinite(a[1][0]).all()

@@ -1,0 +1,717 @@
+"""The SCNLandmarks Slicer logic on real MRML (slicer-core): volumes loaded through storage nodes,
+markups, heatmap volumes, exports read back by Slicer and by the library, offscreen pictures.
+
+Two kinds of predictor are used:
+
+* `BlobOracle`, a stand-in with the library's Predictor interface that "detects" bright cubes the
+  tests burnt into the images at known voxels. Its answers are exact, so the geometry chain
+  (file -> storage node -> IJKToRAS -> SimpleITK image -> points -> RAS markups) is checked to
+  1e-4 mm on oblique, anisotropic, flipped volumes and on a 2D PNG.
+* the tiny SCN models trained in the session (Testing/conftest.py): the logic must put landmarks
+  exactly where the library's own predictor puts them on the same file.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("slicer-core (MRML) is not installed", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "SCNLandmarks"
+sys.path.insert(0, str(MODULE_DIR))
+
+from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
+from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
+from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
+from SCNLandmarksMRML import (  # noqa: E402
+    DETECTED, LOW_CONFIDENCE, MISSING, MOVED, SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
+    loadMarkupsFile, loadVolumeFile)
+from SCNLandmarksMRML.catalogue import ModelEntry, downloadModel, readCatalogue  # noqa: E402
+from SCNLandmarksMRML.volumes import ijkToRasArray  # noqa: E402
+
+NAMES = ["Apex", "Base", "Left", "Right"]
+# Voxel (i, j[, k]) of each landmark's cube; "Right" is left out of the image (the oracle reports
+# it missing), "Left" comes out with a low confidence.
+VOXELS_3D = [(5, 6, 4), (14, 9, 3), (9, 16, 7), None]
+VOXELS_2D = [(12, 8), (30, 20), (20, 33), None]
+CONFIDENCES = [0.95, 0.9, 0.2, 0.01]
+STATUS = [DETECTED, DETECTED, LOW_CONFIDENCE, MISSING]
+
+
+# ------------------------------------------------------------------------------------------------
+# test data
+
+
+def _oblique_direction() -> np.ndarray:
+    """A rotation about an oblique axis with one axis flipped (determinant -1)."""
+    c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array(
+        [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return rotation @ np.diag([1.0, -1.0, 1.0])
+
+
+def _with_cubes(shape_zyx, voxels, rng) -> np.ndarray:
+    array = rng.uniform(0.0, 100.0, shape_zyx).astype(np.float32)
+    for level, voxel in enumerate(voxels, start=1):
+        if voxel is None:
+            continue
+        index = tuple(slice(v - 1, v + 2) for v in reversed(voxel))
+        array[index] = 1000.0 * level
+    return array
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """Image files with cubes at known voxels, and the physical LPS truth SimpleITK gives for them."""
+    folder = tmp_path_factory.mktemp("slicer_logic_files")
+    rng = np.random.default_rng(3)
+    image = sitk.GetImageFromArray(_with_cubes((12, 22, 20), VOXELS_3D, rng))
+    image.SetSpacing((0.7, 1.1, 2.5))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection(_oblique_direction().ravel().tolist())
+    result = {"truth3d": np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in voxel])
+                                   if voxel else [np.nan] * 3 for voxel in VOXELS_3D])}
+    for suffix in ("nrrd", "nii.gz"):
+        sitk.WriteImage(image, str(folder / f"oblique.{suffix}"))
+        result[suffix] = folder / f"oblique.{suffix}"
+
+    xray = _with_cubes((40, 48), VOXELS_2D, rng)
+    pixels = sitk.GetImageFromArray((xray / 20.0).astype(np.uint8))  # levels 50, 100, 150 survive
+    sitk.WriteImage(pixels, str(folder / "xray.png"))
+    sitk.WriteImage(pixels, str(folder / "xray_as_nrrd.nrrd"))
+    result["png"] = folder / "xray.png"
+    result["png_as_nrrd"] = folder / "xray_as_nrrd.nrrd"
+    result["truth2d"] = np.array([[*voxel, 0.0] if voxel else [np.nan] * 3 for voxel in VOXELS_2D], dtype=float)
+
+    rgb = sitk.GetImageFromArray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), isVector=True)
+    sitk.WriteImage(rgb, str(folder / "colour.png"))
+    result["rgb_png"] = folder / "colour.png"
+    frames = sitk.JoinSeries([sitk.GetImageFromArray(rng.random((6, 7, 8)).astype(np.float32))] * 3)
+    sitk.WriteImage(frames, str(folder / "cine4d.nrrd"))
+    result["4d"] = folder / "cine4d.nrrd"
+    # Five values per voxel (NRRD kinds "vector domain domain domain"): loads as a vector volume.
+    vectors = sitk.GetImageFromArray(rng.random((6, 7, 8, 5)).astype(np.float32), isVector=True)
+    sitk.WriteImage(vectors, str(folder / "frames_as_vector.nrrd"))
+    result["4d_vector"] = folder / "frames_as_vector.nrrd"
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# a predictor with exact answers
+
+
+class BlobPrediction:
+    def __init__(self, image: sitk.Image, landmarks: LandmarkSet, status: list[str]):
+        self.landmarks = landmarks
+        self.status = status
+        self._image = image
+
+    def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
+        """Gaussians around the landmarks, computed on the input image's own grid (as the library does)."""
+        if kind not in ("final", "local", "spatial"):
+            raise ValueError(f"no '{kind}' heatmap")
+        size = self._image.GetSize()
+        index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
+        index = index.reshape(-1, len(size)).astype(np.float64)
+        origin = np.asarray(self._image.GetOrigin())
+        matrix = np.asarray(self._image.GetDirection()).reshape(len(size), len(size)) @ np.diag(self._image.GetSpacing())
+        physical = index @ matrix.T + origin
+        sigma = 2.0 * max(self._image.GetSpacing())
+        chosen = range(len(self.landmarks.names)) if landmark is None else [landmark]
+        values = np.zeros(len(physical))
+        for k in chosen:
+            if np.all(np.isfinite(self.landmarks.points_lps[k])):
+                d2 = np.sum((physical - self.landmarks.points_lps[k]) ** 2, axis=1)
+                values = np.maximum(values, np.exp(-d2 / (2 * sigma ** 2)) * {"final": 1.0, "local": 0.8, "spatial": 0.6}[kind])
+        heatmap = sitk.GetImageFromArray(values.reshape(tuple(reversed(size))).astype(np.float32))
+        heatmap.CopyInformation(self._image)
+        return heatmap
+
+
+class BlobOracle:
+    """Predictor interface; landmark k is the centre of the cube of intensity 1000*(k+1) (any scale)."""
+
+    def __init__(self, dimension: int, names=NAMES, confidences=CONFIDENCES, status=STATUS):
+        self.dimension = dimension
+        self.landmark_names = list(names)
+        self.device = "cpu"
+        self.metadata = {"unit": "mm", "dimension": dimension}
+        self.confidences = confidences
+        self.statuses = status
+        self.calls = 0
+
+    def predict(self, image, heatmaps=False, progress=None, cancel=None, source="image"):
+        self.calls += 1
+        assert image.GetDimension() == self.dimension
+        for fraction in (0.0, 0.5, 1.0):
+            if cancel is not None and cancel():
+                raise Cancelled("landmark detection cancelled")
+            if progress is not None:
+                progress(fraction, "oracle")
+        array = sitk.GetArrayFromImage(image)
+        top = float(array.max())
+        levels = sorted({float(v) for v in np.unique(array) if v > 0.2 * top / len(self.landmark_names)})[-3:]
+        points = []
+        for k in range(len(self.landmark_names)):
+            if k >= len(levels) or self.statuses[k] == MISSING:
+                points.append([np.nan] * self.dimension)
+                continue
+            where = np.argwhere(array == levels[k]).mean(axis=0)[::-1]  # (x, y[, z]) voxel centre
+            points.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in where]))
+        landmarks = LandmarkSet(self.landmark_names, np.array(points, dtype=float), np.array(self.confidences))
+        return BlobPrediction(image, landmarks, list(self.statuses))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def mrml():
+    headless = createHeadlessScene()
+    yield headless
+    headless.scene.Clear(1)
+
+
+def _ids(scene) -> list[str]:
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def _positions(markupsNode) -> np.ndarray:
+    points = []
+    for i in range(markupsNode.GetNumberOfControlPoints()):
+        if markupsNode.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined:
+            points.append(markupsNode.GetNthControlPointPositionVector(i))
+        else:
+            points.append([np.nan] * 3)
+    return np.array(points, dtype=float)
+
+
+def _labels(markupsNode) -> list[str]:
+    return [markupsNode.GetNthControlPointLabel(i) for i in range(markupsNode.GetNumberOfControlPoints())]
+
+
+# ------------------------------------------------------------------------------------------------
+# volumes in, images out
+
+
+def test_png_loads_with_slicers_geometry(mrml, files):
+    """The headless PNG reader gives the node Slicer's storage node gives for the same pixels (NRRD)."""
+    png = loadVolumeFile(mrml.scene, files["png"])
+    reference = loadVolumeFile(mrml.scene, files["png_as_nrrd"])
+    assert png.IsA("vtkMRMLScalarVolumeNode") and not png.IsA("vtkMRMLVectorVolumeNode")
+    np.testing.assert_allclose(ijkToRasArray(png), ijkToRasArray(reference), atol=1e-12)
+    np.testing.assert_allclose(ijkToRasArray(png), np.diag([-1.0, -1.0, 1.0, 1.0]), atol=1e-12)
+    assert png.GetImageData().GetDimensions() == (48, 40, 1)
+    assert png.GetStorageNode().GetFileName() == str(files["png"])
+    for node in (png, reference):
+        assert np.array_equal(slicer.util.arrayFromVolume(node)[0], sitk.GetArrayFromImage(sitk.ReadImage(str(files["png"]))))
+
+
+@pytest.mark.parametrize("suffix", ["nrrd", "nii.gz"])
+def test_volume_node_to_image_keeps_geometry(mrml, files, suffix):
+    """Every voxel keeps its value at its physical place (Slicer may reorder a left-handed volume's
+    slices, so the comparison is physical, not index by index)."""
+    volume = loadVolumeFile(mrml.scene, files[suffix])
+    converted = imageFromVolumeNode(volume, 3).image
+    original = sitk.ReadImage(str(files[suffix]))
+    assert abs(np.linalg.det(np.reshape(converted.GetDirection(), (3, 3)))) == pytest.approx(1.0)
+    np.testing.assert_allclose(sorted(converted.GetSpacing()), sorted(original.GetSpacing()), atol=1e-5)
+    corners = [[i, j, k] for i in (0, 19) for j in (0, 21) for k in (0, 11)]
+    physical = sorted(tuple(np.round(original.TransformIndexToPhysicalPoint(c), 3)) for c in corners)
+    size = converted.GetSize()
+    mine = sorted(tuple(np.round(converted.TransformIndexToPhysicalPoint([i, j, k]), 3))
+                  for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1))
+    np.testing.assert_allclose(mine, physical, atol=2e-3)
+    back = sitk.Resample(converted, original, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0, original.GetPixelID())
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original))
+
+
+def test_png_becomes_a_2d_image(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    converted = imageFromVolumeNode(volume, 2)
+    assert converted.image.GetDimension() == 2 and converted.image.GetSize() == (48, 40)
+    np.testing.assert_allclose(converted.pointsToRas([[12.0, 8.0]]), [[-12.0, -8.0, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(converted.rasToPoints([[-12.0, -8.0, 0.0]]), [[12.0, 8.0]], atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# detection
+
+
+@pytest.mark.parametrize("suffix", ["nrrd", "nii.gz"])
+def test_detect_3d_oblique_puts_points_at_the_truth(mrml, files, suffix):
+    volume = loadVolumeFile(mrml.scene, files[suffix])
+    logic = SCNLandmarksLogic(mrml.scene)
+    messages = []
+    result = logic.detectLandmarks(volume, BlobOracle(3), progress=lambda f, m: messages.append((f, m)))
+    node = result.markupsNode
+    assert node.IsA("vtkMRMLMarkupsFiducialNode") and node.GetScene() is mrml.scene
+    assert _labels(node) == NAMES
+    np.testing.assert_allclose(_positions(node), lps_to_ras(files["truth3d"]), atol=1e-4)
+    np.testing.assert_allclose(result.pointsRas, lps_to_ras(files["truth3d"]), atol=1e-4)
+    assert [r.status for r in logic.landmarkRows(node)] == STATUS
+    np.testing.assert_allclose([r.confidence for r in logic.landmarkRows(node)], CONFIDENCES)
+    assert node.GetNthControlPointDescription(2) == "low confidence; confidence 0.20"
+    assert [bool(node.GetNthControlPointSelected(i)) for i in range(4)] == [False, False, True, False]
+    assert not node.GetLocked() and not any(node.GetNthControlPointLocked(i) for i in range(4))
+    assert node.GetNthControlPointPositionStatus(3) == slicer.vtkMRMLMarkupsNode.PositionUndefined
+    measurement = node.GetMeasurement("confidence")
+    values = measurement.GetControlPointValues()
+    np.testing.assert_allclose([values.GetValue(i) for i in range(4)], CONFIDENCES)
+    assert node.GetNodeReference("SCNLandmarksInputVolume") is volume
+    assert messages[0][0] == 0.0 and messages[-1] == (1.0, "done")
+    assert all(b[0] >= a[0] for a, b in zip(messages, messages[1:]))
+    assert "2 of 4 landmarks found" not in result.summary and "3 of 4 landmarks found" in result.summary
+    assert "on cpu" in result.summary
+
+
+def test_detect_2d_png_maps_points_into_the_slice(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    # Put the X-ray somewhere else in space: the points must follow the slice (z of the slice).
+    matrix = ijkToRasArray(volume)
+    matrix[:3, 3] = (5.0, -7.0, 12.5)
+    matrix[:3, :3] = matrix[:3, :3] @ np.diag([0.2, 0.3, 1.0])
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    logic = SCNLandmarksLogic(mrml.scene)
+    result = logic.detectLandmarks(volume, BlobOracle(2))
+    expected = np.array([matrix[:3, :3] @ v + matrix[:3, 3] for v in files["truth2d"]])
+    np.testing.assert_allclose(_positions(result.markupsNode), expected, atol=1e-6)
+    assert np.allclose(_positions(result.markupsNode)[:3, 2], 12.5)
+
+
+def test_pixel_unit_models_see_unit_spacing(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    volume.SetSpacing(0.1, 0.1, 1.0)
+    oracle = BlobOracle(2)
+    oracle.metadata["unit"] = "px"
+    seen = []
+    original = oracle.predict
+    oracle.predict = lambda image, **kw: (seen.append(image.GetSpacing()), original(image, **kw))[1]
+    result = SCNLandmarksLogic(mrml.scene).detectLandmarks(volume, oracle)
+    assert seen == [(1.0, 1.0)]
+    expected = files["truth2d"][:3] * [-0.1, -0.1, 1.0]
+    np.testing.assert_allclose(_positions(result.markupsNode)[:3], expected, atol=1e-6)
+
+
+def test_detect_refills_an_existing_node(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    first = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
+    count = mrml.scene.GetNumberOfNodes()
+    second = logic.detectLandmarks(volume, BlobOracle(3), markupsNode=first).markupsNode
+    assert second is first and mrml.scene.GetNumberOfNodes() == count
+    assert first.GetNumberOfControlPoints() == len(NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# heatmaps
+
+
+@pytest.mark.parametrize("suffix", ["nrrd", "png"])
+def test_heatmap_volume_shares_the_input_geometry(mrml, files, suffix):
+    volume = loadVolumeFile(mrml.scene, files[suffix])
+    logic = SCNLandmarksLogic(mrml.scene)
+    dimension = 3 if suffix == "nrrd" else 2
+    result = logic.detectLandmarks(volume, BlobOracle(dimension))
+    heatmap = logic.showHeatmap(result.markupsNode, "local", "Base", opacity=0.4)
+    assert heatmap.IsA("vtkMRMLScalarVolumeNode")
+    np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))
+    assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    array = slicer.util.arrayFromVolume(heatmap)
+    peak = np.array(np.unravel_index(np.argmax(array), array.shape)[::-1], dtype=float)
+    peakRas = ijkToRasArray(volume) @ np.append(peak, 1.0)
+    np.testing.assert_allclose(peakRas[:3], result.pointsRas[1], atol=1e-4)
+    assert math.isclose(float(array.max()), 0.8, rel_tol=1e-3)
+
+    display = heatmap.GetDisplayNode()
+    assert display.GetColorNode().GetName() in ("Inferno", "PET-Heat")
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() > 0
+    composites = [mrml.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+    for composite in composites:
+        assert composite.GetForegroundVolumeID() == heatmap.GetID()
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
+        assert math.isclose(composite.GetForegroundOpacity(), 0.4)
+    logic.setHeatmapOpacity(result.markupsNode, 0.7)
+    assert all(math.isclose(c.GetForegroundOpacity(), 0.7) for c in composites)
+
+    count = mrml.scene.GetNumberOfNodes()
+    again = logic.showHeatmap(result.markupsNode, "final", None)
+    assert again is heatmap and mrml.scene.GetNumberOfNodes() == count
+    everything = slicer.util.arrayFromVolume(heatmap)
+    assert everything.max() == pytest.approx(1.0, rel=1e-3)
+    assert "final" in heatmap.GetName() and "all landmarks" in heatmap.GetName()
+    logic.hideHeatmap(result.markupsNode)
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
+
+    with pytest.raises(DataError, match="No landmark named"):
+        logic.showHeatmap(result.markupsNode, "final", "Nose")
+    with pytest.raises(DataError, match="Unknown heatmap kind"):
+        logic.showHeatmap(result.markupsNode, "sharp")
+
+
+def test_heatmaps_need_a_detection_of_this_session(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    result = SCNLandmarksLogic(mrml.scene).detectLandmarks(volume, BlobOracle(3))
+    with pytest.raises(DataError, match="Run the detection again"):
+        SCNLandmarksLogic(mrml.scene).showHeatmap(result.markupsNode)
+
+
+# ------------------------------------------------------------------------------------------------
+# correction and export
+
+
+def test_moved_point_is_marked_exported_and_reloaded(mrml, files, tmp_path):
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
+    predicted = _positions(node)
+    moved = predicted[0] + np.array([3.0, -2.0, 1.5])
+    node.SetNthControlPointPosition(0, *moved)  # as dragging in a view does
+    assert logic.landmarkRows(node)[0].status == MOVED
+    assert node.GetNthControlPointDescription(0).startswith(MOVED)  # updated by the observer
+    node.SetNthControlPointPosition(3, 1.0, 2.0, 3.0)  # the user places the missing landmark
+    assert logic.landmarkRows(node)[3].status == MOVED
+
+    exported = logic.exportLandmarks(node, tmp_path / "corrected.mrk.json")
+    data = json.loads(exported.read_text())
+    assert data["markups"][0]["coordinateSystem"] == "LPS"
+    assert [p["label"] for p in data["markups"][0]["controlPoints"]] == NAMES
+
+    other = createHeadlessScene()
+    loaded = loadMarkupsFile(other.scene, exported)
+    assert _labels(loaded) == NAMES
+    current = _positions(node)
+    np.testing.assert_allclose(_positions(loaded), current, atol=1e-6)
+    np.testing.assert_allclose(current[0], moved)
+    assert loaded.GetNthControlPointDescription(0).startswith(MOVED)
+
+    from SCNLandmarksLib.io.landmarks import read_landmarks
+
+    for suffix in ("mrk.json", "fcsv", "csv"):
+        path = logic.exportLandmarks(node, tmp_path / f"corrected.{suffix}")
+        back = read_landmarks(path, names=NAMES, dimension=3)
+        np.testing.assert_allclose(lps_to_ras(back.points_lps), current, atol=1e-4)
+
+    row = logic.resetPoint(node, "Apex")
+    assert row.status == DETECTED
+    np.testing.assert_allclose(_positions(node)[0], predicted[0])
+    logic.resetPoint(node, 3)
+    assert logic.landmarkRows(node)[3].status == MISSING
+    assert node.GetNthControlPointPositionStatus(3) == slicer.vtkMRMLMarkupsNode.PositionUndefined
+    with pytest.raises(DataError, match="unknown landmark format"):
+        logic.exportLandmarks(node, tmp_path / "points.txt")
+
+
+@pytest.mark.parametrize("suffix", ["nrrd", "png"])
+def test_training_pair_is_a_dataset_the_library_reads(mrml, files, tmp_path, suffix):
+    from SCNLandmarksLib.data.spec import load_dataset_spec
+    from SCNLandmarksLib.io.images import read_image
+
+    volume = loadVolumeFile(mrml.scene, files[suffix])
+    dimension = 3 if suffix == "nrrd" else 2
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, BlobOracle(dimension)).markupsNode
+    node.SetNthControlPointPosition(1, *(_positions(node)[1] + [1.0, 1.0, 0.0]))
+    imagePath, landmarksPath = logic.saveTrainingPair(volume, node, tmp_path / "dataset", "case A")
+    assert imagePath.name == "case_A.nrrd" and landmarksPath.name == "case_A.mrk.json"
+    logic.saveTrainingPair(volume, node, tmp_path / "dataset", "case B", split="validation")
+
+    spec = load_dataset_spec(tmp_path / "dataset" / "dataset.toml")
+    assert spec.dimension == dimension and list(spec.landmark_names) == NAMES
+    assert [(e.id, e.split) for e in spec.entries] == [("case_A", "train"), ("case_B", "validation")]
+    image = read_image(spec.entries[0].image, dimension)
+    assert np.array_equal(sitk.GetArrayFromImage(image).reshape(-1), slicer.util.arrayFromVolume(volume).reshape(-1))
+    landmarks = spec.load_landmarks(list(spec.entries))["case_A"]
+    expected = _positions(node)
+    lps = lps_to_ras(expected)[:, :dimension]
+    np.testing.assert_allclose(landmarks.points_lps, lps, atol=1e-4)
+    assert np.isnan(landmarks.points_lps[3]).all()
+    # The unmoved landmarks sit on their cubes in the written image, whatever its voxel order.
+    for k in (0, 2):
+        voxel = image.TransformPhysicalPointToIndex(landmarks.points_lps[k].tolist())
+        level = sitk.GetArrayFromImage(image)[tuple(reversed(voxel))]
+        assert level == sitk.GetArrayFromImage(image).max() * (k + 1) / 3.0
+
+    other = slicer.vtkMRMLMarkupsFiducialNode()
+    mrml.scene.AddNode(other)
+    for name in ("X", "Y"):
+        other.AddControlPoint(0.0, 0.0, 0.0, name)
+    with pytest.raises(DataError, match="landmarks"):
+        logic.saveTrainingPair(volume, other, tmp_path / "dataset", "case C")
+
+
+def test_centre_views_on_a_landmark(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
+    point = logic.centreViewsOnLandmark(node, "Left")
+    np.testing.assert_allclose(point, _positions(node)[2])
+    red = mrml.sliceLogics["Red"].GetSliceNode()
+    width, height, _ = red.GetDimensions()
+    centre = slicer.util.arrayFromVTKMatrix(red.GetXYToRAS()) @ [width / 2, height / 2, 0, 1]
+    np.testing.assert_allclose(centre[:3], point, atol=1e-6)
+    assert logic.centreViewsOnLandmark(node, "Right") is None  # missing: nothing to centre on
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a clear message and an unchanged scene
+
+
+def _assert_refused(scene, call, error, pattern):
+    before = _ids(scene)
+    with pytest.raises(error, match=pattern):
+        call()
+    assert _ids(scene) == before
+
+
+def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_path):
+    scene = mrml.scene
+    logic = SCNLandmarksLogic(scene)
+    volume3d = loadVolumeFile(scene, files["nrrd"])
+    xray = loadVolumeFile(scene, files["png"])
+    colour = loadVolumeFile(scene, files["rgb_png"])
+    cine = loadVolumeFile(scene, files["4d_vector"])
+    assert colour.IsA("vtkMRMLVectorVolumeNode") and cine.IsA("vtkMRMLVectorVolumeNode")
+    _assert_refused(scene, lambda: loadVolumeFile(scene, files["4d"]), DataError, "4D image.*as a sequence")
+
+    _assert_refused(scene, lambda: logic.detectLandmarks(None, BlobOracle(3)), DataError, "No input volume")
+    _assert_refused(scene, lambda: logic.detectLandmarks(colour, BlobOracle(2)), DataError, "RGB colour image")
+    _assert_refused(scene, lambda: logic.detectLandmarks(cine, BlobOracle(3)), DataError, "vector or 4D volume \\(5 values per voxel\\)")
+    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, BlobOracle(2)), DataError,
+                    "model detects landmarks in 2D images.*3D volume")
+    _assert_refused(scene, lambda: logic.detectLandmarks(xray, BlobOracle(3)), DataError,
+                    "model detects landmarks in 3D volumes.*single 2D slice")
+    _assert_refused(scene, lambda: logic.detectLandmarks(xray, tmp_path / "nothing.safetensors"),
+                    ModelFileError, "model file not found")
+    _assert_refused(scene, lambda: logic.detectLandmarks(xray, ""), ModelFileError, "No model selected")
+    empty = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(empty)
+    _assert_refused(scene, lambda: logic.detectLandmarks(empty, BlobOracle(3)), DataError, "no image data")
+
+    # Cancelled before the model runs, and while it runs.
+    oracle = BlobOracle(3)
+    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: True), Cancelled,
+                    "cancelled; nothing was changed")
+    assert oracle.calls == 0
+    polls = iter([False, False, False, True, True, True, True])
+    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: next(polls)),
+                    Cancelled, "cancelled")
+    assert oracle.calls == 1
+
+    # A 4D NRRD loaded as a sequence: its proxy volume is one frame.
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    storage.SetFileName(str(files["4d"]))
+    scene.AddNode(storage)
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
+    sequence.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(sequence)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    sequencesLogic = next(lg for lg in mrml.logics if lg.IsA("vtkSlicerSequencesLogic"))
+    sequencesLogic.UpdateProxyNodesFromSequences(browser)
+    frame = browser.GetProxyNode(sequence)
+    assert frame.IsA("vtkMRMLScalarVolumeNode") and not frame.IsA("vtkMRMLVectorVolumeNode")
+    _assert_refused(scene, lambda: logic.detectLandmarks(frame, BlobOracle(3)), DataError, "frame of the 4D sequence")
+
+
+# ------------------------------------------------------------------------------------------------
+# offscreen picture
+
+
+@pytest.mark.parametrize("suffix", ["nrrd", "png"])
+def test_render_overlay_png(mrml, files, tmp_path, suffix):
+    volume = loadVolumeFile(mrml.scene, files[suffix])
+    logic = SCNLandmarksLogic(mrml.scene)
+    dimension = 3 if suffix == "nrrd" else 2
+    result = logic.detectLandmarks(volume, BlobOracle(dimension))
+    heatmap = logic.showHeatmap(result.markupsNode, "final", "Base", opacity=0.6)
+    before = _ids(mrml.scene)
+    rendered = logic.renderOverlayPng(tmp_path / "overlay.png", volume, heatmap, result.markupsNode,
+                                      opacity=0.6, centerRas=result.pointsRas[1], sizePx=300)
+    assert _ids(mrml.scene) == before
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(rendered.path)))
+    assert picture.shape == rendered.rgb.shape and picture.shape[2] == 3 and max(picture.shape[:2]) == 300
+    assert [m[0] for m in rendered.markers] == NAMES[:3]
+    column, row = rendered.pixelOf(result.pointsRas[1])
+    assert 0 <= column < picture.shape[1] and 0 <= row < picture.shape[0]
+    assert abs(rendered.markers[1][2]) < 1e-6  # the slice passes through "Base"
+    # The heatmap shows in heat colours (red over blue) around "Base"; without it the image is gray.
+    plain = logic.renderOverlayPng(tmp_path / "plain.png", volume, None, None, centerRas=result.pointsRas[1],
+                                   sizePx=300).rgb.astype(int)
+    assert np.all(np.abs(plain[..., 0] - plain[..., 2]) <= 2)
+    warm = picture[..., 0].astype(int) - picture[..., 2].astype(int) > 60
+    assert warm.sum() > 200
+    rows, columns = np.nonzero(warm)
+    assert abs(np.median(columns) - column) < 0.25 * picture.shape[1]
+    assert abs(np.median(rows) - row) < 0.25 * picture.shape[0]
+    # The marker of "Base" is drawn in the detected colour.
+    assert tuple(picture[int(round(row)), int(round(column))]) == (60, 230, 60)
+
+
+# ------------------------------------------------------------------------------------------------
+# the real library with tiny trained models
+
+
+def _dataset_image(spec: Path, index: int = 0) -> Path:
+    text = spec.read_text()
+    return spec.parent / re.findall(r'image = "([^"]+)"', text)[index]
+
+
+def test_real_model_3d_matches_the_library_predictor(mrml, tiny_model_3d, dataset_3d):
+    from SCNLandmarksLib.inference import Predictor
+    from SCNLandmarksLib.io.images import read_image
+
+    path = _dataset_image(dataset_3d, -1)
+    volume = loadVolumeFile(mrml.scene, path)
+    logic = SCNLandmarksLogic(mrml.scene)
+    result = logic.detectLandmarks(volume, tiny_model_3d, device="cpu")
+    reference = Predictor.from_file(tiny_model_3d, "cpu").predict(read_image(path, 3))
+    assert _labels(result.markupsNode) == reference.landmarks.names
+    np.testing.assert_allclose(result.pointsRas, lps_to_ras(reference.landmarks.points_lps), atol=1e-3)
+    np.testing.assert_allclose(result.confidences, reference.landmarks.confidences, atol=1e-4)
+    assert result.statuses == reference.status
+    heatmap = logic.showHeatmap(result.markupsNode, "spatial", 0)
+    np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))
+    assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert result.device == "cpu"
+    _assert_refused(mrml.scene, lambda: logic.detectLandmarks(volume, tiny_model_3d.parent / "missing.safetensors"),
+                    ModelFileError, "not found")
+
+
+def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2d, dataset_2d, tmp_path):
+    from SCNLandmarksLib.inference import Predictor
+    from SCNLandmarksLib.io.images import read_image
+
+    source = sitk.ReadImage(str(_dataset_image(dataset_2d, -1)))
+    array = sitk.GetArrayFromImage(source)
+    scaled = (array - array.min()) / max(float(np.ptp(array)), 1e-6) * 65535.0
+    png = tmp_path / "xray.png"
+    sitk.WriteImage(sitk.GetImageFromArray(scaled.astype(np.uint16)), str(png))
+    volume = loadVolumeFile(mrml.scene, png)
+    logic = SCNLandmarksLogic(mrml.scene)
+    result = logic.detectLandmarks(volume, tiny_model_2d, device="cpu")
+    reference = Predictor.from_file(tiny_model_2d, "cpu").predict(read_image(png, 2))
+    expected = np.array([[*p, 0.0] for p in reference.landmarks.points_lps])
+    np.testing.assert_allclose(result.pointsRas, lps_to_ras(expected), atol=1e-3)
+    np.testing.assert_allclose(result.confidences, reference.landmarks.confidences, atol=1e-4)
+    heatmap = logic.showHeatmap(result.markupsNode)
+    np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))
+
+    volume3d = loadVolumeFile(mrml.scene, _dataset_image(dataset_2d, 0))  # 2D MetaImage, oblique
+    oblique = logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu")
+    reference = Predictor.from_file(tiny_model_2d, "cpu").predict(read_image(_dataset_image(dataset_2d, 0), 2))
+    expected = np.array([[*p, 0.0] for p in reference.landmarks.points_lps])
+    np.testing.assert_allclose(oblique.pointsRas, lps_to_ras(expected), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the module's GUI and build files
+
+
+def _module_source() -> str:
+    return (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
+
+
+def _ui_widgets() -> dict[str, ElementTree.Element]:
+    tree = ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "SCNLandmarks.ui")
+    return {w.get("name"): w for w in tree.iter("widget")}
+
+
+def test_every_widget_the_module_uses_is_in_the_ui_file():
+    used = set(re.findall(r"\bself\.ui\.(\w+)", _module_source()))
+    assert used, "the module uses no widgets from the .ui file?"
+    missing = sorted(used - set(_ui_widgets()))
+    assert not missing, f"widgets used in SCNLandmarks.py but not in SCNLandmarks.ui: {missing}"
+
+
+def test_parameter_names_in_the_ui_file_are_parameter_node_fields():
+    tree = ast.parse(_module_source())
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SCNLandmarksParameterNode")
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    bound = {}
+    for name, widget in _ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.find("string").text
+    assert bound, "no widget is bound to the parameter node"
+    assert set(bound.values()) <= fields, f"unknown parameters: {set(bound.values()) - fields}"
+
+
+def test_logic_package_imports_no_gui():
+    for path in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("qt", "ctk", "PythonQt"), f"{path.name} imports {name}"
+                assert not name.startswith("slicer.util") and not name.startswith("slicer.Scripted"), \
+                    f"{path.name} imports {name}"
+    assert "slicer.util" not in "".join(p.read_text() for p in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"))
+
+
+def test_cmake_lists_name_existing_files():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    listed = re.findall(r"^\s+(\S+\.(?:py|ui|png|json))\s*$", text, flags=re.MULTILINE)
+    assert "SCNLandmarksMRML/logic.py" in [item.replace("${MODULE_NAME}", "SCNLandmarks") for item in listed]
+    for item in listed:
+        assert (MODULE_DIR / item.replace("${MODULE_NAME}", "SCNLandmarks")).is_file(), item
+    python_files = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py")}
+    assert python_files <= {item.replace("${MODULE_NAME}", "SCNLandmarks") for item in listed}
+    top = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_CATEGORY"):
+        assert key in top
+    assert re.search(r'EXTENSION_DEPENDS\s+"?PyTorch', top)
+    assert "WITH_GENERIC_TESTS" in text
+    icon = sitk.ReadImage(str(MODULE_DIR / "Resources" / "Icons" / "SCNLandmarks.png"))
+    assert icon.GetSize() == (128, 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# catalogue, downloads, dependencies
+
+
+def test_catalogue_and_checked_download(tmp_path):
+    model = tmp_path / "source.safetensors"
+    model.write_bytes(b"model bytes")
+    import hashlib
+
+    digest = hashlib.sha256(b"model bytes").hexdigest()
+    catalogue = tmp_path / "models.json"
+    catalogue.write_text(json.dumps({"models": [
+        {"name": "Local", "file": "source.safetensors", "dimension": 2},
+        {"name": "Remote", "file": "remote.safetensors", "url": model.as_uri(), "sha256": digest},
+        {"description": "no name, no file: skipped"}]}))
+    entries = readCatalogue(catalogue)
+    assert [e.name for e in entries] == ["Local", "Remote"]
+    assert entries[0].available and entries[0].dimension == 2 and not entries[1].available
+    downloaded = downloadModel(entries[1])
+    assert downloaded == tmp_path / "remote.safetensors" and downloaded.read_bytes() == b"model bytes"
+    bad = ModelEntry("Bad", tmp_path / "bad.safetensors", model.as_uri(), "0" * 64)
+    with pytest.raises(ModelFileError, match="corrupt"):
+        downloadModel(bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(Cancelled):
+        downloadModel(entries[1], tmp_path / "elsewhere", cancel=lambda: True)
+
+
+def test_dependency_status_and_devices():
+    status = SCNLandmarksLogic.dependencyStatus()
+    assert status.torchAvailable and status.ready and status.message == ""
+    choices = SCNLandmarksLogic.deviceChoices()
+    assert [c.key for c in choices] == ["auto", "cuda", "cpu"]
+    assert choices[2].available

@@ -191,6 +191,8 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(target)
     main_process = rank == 0
+    if distributed and main_process:
+        log.info("distributed training on %d processes (%s)", world_size, dist.get_backend())
 
     spec = load_dataset_spec(config.dataset)
     if spec.dimension != config.dimension:
@@ -287,7 +289,7 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         loss, heatmap_term = heatmap_loss(output.final, targets, present, config.grid.spacing, sigma, config.heatmap)
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"the loss became {float(loss)} at iteration {iteration + 1}; training stopped. The last good "
+                f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped. The last good "
                 f"checkpoint ({checkpoint_path}) is kept: lower training.learning_rate and resume with --resume.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -45,6 +45,9 @@ class ModelEntry:
         sha256: expected checksum of the download, or "".
         dimension: 2 or 3 when the catalogue says, else None.
         description: free text.
+        sample: an image to try the model on (self-test), or None.
+        sampleLandmarks: its true landmarks (.mrk.json, .fcsv, .csv), or None.
+        toleranceMm: the largest median error the self-test accepts on the sample, or None.
     """
 
     name: str
@@ -53,6 +56,9 @@ class ModelEntry:
     sha256: str = ""
     dimension: int | None = None
     description: str = ""
+    sample: Path | None = None
+    sampleLandmarks: Path | None = None
+    toleranceMm: float | None = None
 
     @property
     def available(self) -> bool:
@@ -83,9 +89,16 @@ def readCatalogue(path: Path) -> list[ModelEntry]:
         if not filePath.is_absolute():
             filePath = Path(path).parent / filePath
         dimension = item.get("dimension")
+
+        def local(key: str) -> Path | None:
+            value = item.get(key)
+            return None if not value else (Path(value) if Path(value).is_absolute() else Path(path).parent / value)
+
+        tolerance = item.get("tolerance_mm")
         entries.append(ModelEntry(name, filePath, url, str(item.get("sha256", "")),
                                   int(dimension) if dimension in (2, 3) else None,
-                                  str(item.get("description", ""))))
+                                  str(item.get("description", "")), local("sample"), local("sample_landmarks"),
+                                  float(tolerance) if isinstance(tolerance, (int, float)) else None))
     return entries
 
 

@@ -132,6 +132,29 @@ class SCNLandmarksLogic:
     # ------------------------------------------------------------------------------------------
     # models
 
+    @staticmethod
+    def modelInfo(modelPath) -> str:
+        """One line about a model file (dimension, landmarks), or why it cannot be used."""
+        if not modelPath or not Path(modelPath).is_file():
+            return "No model file selected." if not modelPath else f"{modelPath}: model file not found"
+        try:
+            from SCNLandmarksLib.bundle import read_metadata
+        except ImportError:
+            return "PyTorch is needed to read model files; it will be installed when you detect."
+        try:
+            metadata = read_metadata(modelPath)
+        except ModelFileError as error:
+            return str(error)
+        names = list(metadata["landmark_names"])
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        return f"{metadata['dimension']}D model, {len(names)} landmarks: {shown}"
+
+    @staticmethod
+    def downloadModel(entry: catalogue.ModelEntry, progress: Progress | None = None,
+                      cancel: Cancel | None = None) -> Path:
+        """Download a catalogue model (only after the user agreed); see `catalogue.downloadModel`."""
+        return catalogue.downloadModel(entry, progress=progress, cancel=cancel)
+
     def loadPredictor(self, modelPath, device: str = "auto"):
         """Load (once; cached by file, modification time and device) a model file as a Predictor.
 

@@ -1,0 +1,185 @@
+"""Training for real on synthetic data: accuracy, exact resume, cancel, NaN guard, DDP, bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import tiny_config
+from SCNLandmarksLib.config import HeatmapConfig, load_config, save_config
+from SCNLandmarksLib.data.spec import load_dataset_spec
+from SCNLandmarksLib.errors import Cancelled, DataError, TrainingError
+from SCNLandmarksLib.heatmaps import gaussian_heatmaps, peak_height, refine_peaks
+from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.io.images import read_image
+from SCNLandmarksLib.losses import heatmap_loss
+from SCNLandmarksLib.train import CHECKPOINT, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gaussian_targets_are_normalised_and_missing_landmarks_are_zero():
+    spacing = (0.5, 0.7)
+    sigma = torch.tensor([2.0, 3.0])
+    index = torch.tensor([[[40.2, 30.7], [float("nan"), float("nan")]]])
+    present = torch.tensor([[True, False]])
+    targets = gaussian_heatmaps(index, present, (80, 60), spacing, sigma, gamma=10.0)
+    integral = float(targets[0, 0].sum()) * spacing[0] * spacing[1]
+    assert integral == pytest.approx(10.0, rel=1e-3)  # gamma: the Gaussian integrates to gamma
+    assert float(targets[0, 0].max()) == pytest.approx(float(peak_height(sigma, 10.0, 2)[0]), rel=0.05)
+    assert float(targets[0, 1].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_sub_voxel_refinement_recovers_known_peaks(dimension):
+    rng = np.random.default_rng(dimension)
+    size = (21, 17, 13)[:dimension]
+    truth = torch.as_tensor(rng.uniform(3, 10, (1, 5, dimension)), dtype=torch.float32)
+    heatmaps = gaussian_heatmaps(truth, torch.ones(1, 5, dtype=torch.bool), size, (1.0,) * dimension,
+                                 torch.full((5,), 1.6), gamma=1.0)
+    index, _ = refine_peaks(heatmaps[0])
+    np.testing.assert_allclose(index.numpy(), truth[0].numpy(), atol=1e-3)
+
+
+def test_loss_ignores_missing_landmarks():
+    config = HeatmapConfig(sigma_init=2.0)
+    target = torch.zeros(1, 2, 10, 10)
+    prediction = torch.zeros(1, 2, 10, 10)
+    present = torch.tensor([[True, False]])
+    sigma = torch.tensor([2.0, 2.0])
+    base, _ = heatmap_loss(prediction, target, present, (1.0, 1.0), sigma, config)
+    prediction[0, 1] = 5.0  # anything in a missing landmark's channel is not penalised
+    same, _ = heatmap_loss(prediction, target, present, (1.0, 1.0), sigma, config)
+    prediction[0, 0, 3, 3] = 1.0
+    worse, _ = heatmap_loss(prediction, target, present, (1.0, 1.0), sigma, config)
+    assert float(same) == float(base) and float(worse) > float(base)
+
+
+def test_short_training_reaches_sub_voxel_point_error(trained_2d, dataset_2d):
+    """A tiny SCN on the 2 mm grid finds synthetic landmarks on held-out images within 0.5 mm."""
+    config, result = trained_2d
+    assert result.iterations == config.training.iterations
+    assert result.best_validation_error < 0.5
+    assert result.history[0]["mean_error"] >= result.best_validation_error
+    predictor = Predictor.from_file(result.model_path, "cpu")
+    spec = load_dataset_spec(dataset_2d)
+    entries = spec.split("validation")
+    truth = spec.load_landmarks(entries)
+    errors = []
+    for entry in entries:
+        prediction = predictor.predict(read_image(entry.image))
+        assert prediction.status == ["detected"] * 4
+        errors += list(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
+    assert np.mean(errors) < 0.5
+    assert (config.output_dir / "config.toml").is_file()
+    assert load_config(config.output_dir / "config.toml").grid == config.grid
+
+
+def test_3d_model_detects_landmarks_on_oblique_anisotropic_flipped_volumes(trained_3d, dataset_3d):
+    config, result = trained_3d
+    predictor = Predictor.from_file(result.model_path, "cpu")
+    spec = load_dataset_spec(dataset_3d)
+    entries = spec.split("validation")
+    truth = spec.load_landmarks(entries)
+    errors = []
+    for entry in entries:
+        image = read_image(entry.image)
+        assert image.GetDirection() != tuple(np.eye(3).ravel())
+        prediction = predictor.predict(image)
+        errors += list(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
+    assert np.mean(errors) < 1.25, f"mean error {np.mean(errors):.2f} mm on a 2.5 mm grid"
+
+
+def _fast_config(spec: Path, output_dir: Path, **training):
+    values = {"iterations": 6, "batch_size": 2, "checkpoint_every": 3, "validate_every": 3, **training}
+    return tiny_config(spec, output_dir, 2, **values)
+
+
+def test_resume_equals_uninterrupted_training(dataset_2d, tmp_path):
+    straight = _fast_config(dataset_2d, tmp_path / "straight")
+    train(straight, device="cpu")
+    interrupted = _fast_config(dataset_2d, tmp_path / "interrupted")
+    with pytest.raises(Cancelled):
+        train(interrupted, device="cpu", cancel=lambda: True)  # stops (and checkpoints) after iteration 1
+    state = torch.load(interrupted.output_dir / CHECKPOINT, weights_only=True)
+    assert state["iteration"] == 1
+    train(interrupted, resume=True, device="cpu")
+    a = torch.load(straight.output_dir / CHECKPOINT, weights_only=True)
+    b = torch.load(interrupted.output_dir / CHECKPOINT, weights_only=True)
+    assert a["iteration"] == b["iteration"] == 6
+    for key, value in a["trainable"].items():
+        assert torch.equal(value, b["trainable"][key]), key
+    assert repr(a["history"]) == repr(b["history"])  # repr: NaN entries compare equal
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset_2d, tmp_path):
+    config = _fast_config(dataset_2d, tmp_path / "nan", iterations=50, checkpoint_every=1, learning_rate=1e12,
+                          gradient_clip=1e30)
+    config = dataclasses.replace(config, heatmap=dataclasses.replace(config.heatmap, learnable_sigma=False))
+    with pytest.raises(TrainingError, match="non-finite|loss became") as failure:
+        train(config, device="cpu")
+    assert str(config.output_dir / CHECKPOINT) in str(failure.value)
+    state = torch.load(config.output_dir / CHECKPOINT, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_distributed_training_on_gloo(dataset_2d, tmp_path):
+    config = _fast_config(dataset_2d, tmp_path / "ddp", iterations=4)
+    config_path = tmp_path / "ddp.toml"
+    save_config(config, config_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "SCNLandmarksLib.cli", "train", str(config_path),
+               "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "distributed training on 2 processes (gloo)" in run.stderr
+    predictor = Predictor.from_file(config.output_dir / "model.safetensors", "cpu")
+    assert predictor.landmark_names == ["L1", "L2", "L3", "L4"]
+
+
+def _write_spec(folder: Path, name: str, dimension: int, entries: str, landmarks='["L1", "L2", "L3", "L4"]') -> Path:
+    spec = folder / f"{name}.toml"
+    spec.write_text(f"dimension = {dimension}\nlandmarks = {landmarks}\n{entries}")
+    return spec
+
+
+def test_bad_inputs_get_clear_errors_naming_the_file(dataset_2d, tmp_path):
+    source = dataset_2d.parent / "images"
+    broken = tmp_path / "broken.mha"
+    broken.write_bytes(b"not an image at all")
+    cases = {
+        "unreadable image": (_write_spec(tmp_path, "unreadable", 2, f'[[images]]\nimage = "{broken}"\n'
+                                          f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n'),
+                             str(broken)),
+        "unknown landmark": (_write_spec(tmp_path, "unknown", 2, f'[[images]]\nimage = "{source / "case000.mha"}"\n'
+                                         f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n',
+                                         landmarks='["L1", "L2", "L3"]'),
+                             "case000.mrk.json"),
+        "mismatched dimension": (_write_spec(tmp_path, "dimension", 3, f'[[images]]\nimage = "{source / "case000.mha"}"\n'
+                                             f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n'),
+                                 "case000.mha"),
+        "empty dataset": (_write_spec(tmp_path, "empty", 2, ""), "empty.toml"),
+    }
+    for problem, (spec, named) in cases.items():
+        dimension = load_dataset_spec(spec).dimension if problem != "empty dataset" else 2
+        config = tiny_config(spec, tmp_path / "out", dimension, iterations=2)
+        with pytest.raises(DataError) as failure:
+            train(config, device="cpu")
+        assert named in str(failure.value), f"{problem}: {failure.value}"

@@ -67,9 +67,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     from .inference import Predictor
-    from .io.images import read_image
+    from .io.images import read_image, write_image
     from .io.landmarks import write_landmarks
-    from .io.images import write_image
 
     predictor = Predictor.from_file(args.model, args.device)
     out = Path(args.out)
@@ -82,10 +81,8 @@ def _detect(args: argparse.Namespace) -> int:
         stem = Path(image_path).name.split(".")[0]
         target = out / f"{stem}{suffix}"
         write_landmarks(prediction.landmarks, target, prediction.status)
-        if args.heatmaps:
-            for kind in ("final", "local", "spatial"):
-                if kind in prediction._heatmaps:
-                    write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
+        for kind in prediction.heatmap_kinds:
+            write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != "missing" for s in prediction.status)
         print(f"[{number}/{len(args.images)}] {image_path}: {found}/{len(prediction.status)} landmarks -> "
               f"{target} ({time.perf_counter() - started:.2f} s)", file=sys.stderr)

@@ -100,6 +100,11 @@ class Prediction:
     _reference: sitk.Image | None = None
     _heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def heatmap_kinds(self) -> list[str]:
+        """The heatmap kinds kept by predict(..., heatmaps=True) (empty otherwise)."""
+        return list(self._heatmaps)
+
     def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
         """One heatmap (or the maximum over all landmarks) resampled to the input image's geometry.
 

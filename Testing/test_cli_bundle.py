@@ -1,0 +1,89 @@
+"""Model files load safely (never unpickled) and the CLI trains, detects and reports end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_config
+from SCNLandmarksLib.bundle import read_metadata
+from SCNLandmarksLib.config import save_config
+from SCNLandmarksLib.data.spec import load_dataset_spec
+from SCNLandmarksLib.errors import ModelFileError
+from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.io.landmarks import read_landmarks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+def test_model_file_is_self_describing(tiny_model_2d):
+    metadata = read_metadata(tiny_model_2d)
+    assert metadata["format"] == "scn-landmarks-model" and metadata["dimension"] == 2
+    assert metadata["landmark_names"] == ["L1", "L2", "L3", "L4"]
+    assert metadata["unit"] == "mm" and len(metadata["sigmas"]) == 4
+    assert metadata["provenance"]["iterations"] > 0 and metadata["validation"]["mean_error"] < 0.5
+
+
+def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    pickled = tmp_path / "model.safetensors"
+    pickled.write_bytes(pickle.dumps({"weights": Payload()}))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(Path(tiny_model_2d).read_bytes()[:5000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(foreign))
+    for path, problem in ((pickled, "not a readable model file"), (truncated, "not a readable model file"),
+                          (foreign, "not an SCNLandmarks model"), (tmp_path / "absent.safetensors", "not found")):
+        with pytest.raises(ModelFileError, match=problem) as failure:
+            Predictor.from_file(path, "cpu")
+        assert str(path) in str(failure.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
+    config = tiny_config(dataset_2d, tmp_path / "run", 2, iterations=120, validate_every=60)
+    config_path = tmp_path / "train.toml"
+    save_config(config, config_path)
+    trained = cli("train", str(config_path), "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "120/120" in trained.stderr and "validation mean" in trained.stderr
+    model = Path(json.loads(trained.stdout)["model"])
+
+    spec = load_dataset_spec(dataset_2d)
+    entries = spec.split("validation")
+    out = tmp_path / "detected"
+    for form, suffix in (("mrk.json", ".mrk.json"), ("fcsv", ".fcsv"), ("csv", ".csv")):
+        detected = cli("detect", str(model), *[str(e.image) for e in entries], "--out", str(out), "--format", form,
+                       "--heatmaps", "--device", "cpu")
+        assert detected.returncode == 0, detected.stderr[-2000:]
+        assert f"[2/2] {entries[1].image}" in detected.stderr
+        truth = spec.load_landmarks(entries)
+        for entry in entries:
+            found = read_landmarks(out / f"{entry.id}{suffix}", names=spec.landmark_names, dimension=2)
+            assert np.linalg.norm(found.points_lps - truth[entry.id].points_lps, axis=1).mean() < 1.0
+    assert (out / f"{entries[0].id}_heatmap_final.nrrd").is_file()
+
+    info = cli("info", str(model))
+    assert info.returncode == 0 and json.loads(info.stdout)["landmark_names"] == ["L1", "L2", "L3", "L4"]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    missing = cli("detect", str(tmp_path / "nope.safetensors"), "image.png", "--out", str(tmp_path))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: model file not found"

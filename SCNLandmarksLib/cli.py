@@ -90,10 +90,16 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation_run import evaluate_model
+    from .evaluation import evaluate_model
 
-    metrics_path = evaluate_model(args.model, args.dataset, args.split, Path(args.out), device=args.device)
-    print(str(metrics_path))
+    def progress(done: int, total: int, image_id: str) -> None:
+        print(f"[{done}/{total}] {image_id}", file=sys.stderr)
+
+    metrics_path = evaluate_model(args.model, args.dataset, args.split, Path(args.out), device=args.device,
+                                  radii=tuple(args.radii) if args.radii else None, progress=progress)
+    overall = json.loads(metrics_path.read_text())["overall"]
+    print(json.dumps({"metrics": str(metrics_path), "report": str(metrics_path.parent / "report.md"),
+                      "overall": overall}))
     return 0
 
 
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", required=True, help="dataset spec (.toml)")
     evaluate.add_argument("--split", default="validation")
     evaluate.add_argument("--out", required=True, help="output folder for metrics.json and report.md")
+    evaluate.add_argument("--radii", type=float, nargs="+", help="success-detection radii (model unit)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(run=_evaluate)
 

@@ -458,3 +458,46 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     path = out_dir / "report.md"
     _atomic_write_text(path, "\n".join(lines))
     return path
+
+
+DEFAULT_RADII_PX: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+
+
+def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_dir: str | Path,
+                   device: str = "auto", radii: tuple[float, ...] | None = None,
+                   progress: Any = None) -> Path:
+    """Run a model on one split of a dataset spec and write metrics.json, report.md, plots, overlays.
+
+    Args:
+        radii: success-detection radii in the model's unit; default 2/2.5/3/4 mm, or 5/10/20/40 px
+            for models trained on images without spacing.
+        progress: optional callable(done, total, image_id).
+    Returns:
+        The path of metrics.json.
+    """
+    from .data.spec import load_dataset_spec
+    from .inference import Predictor
+    from .io.images import read_image
+
+    predictor = Predictor.from_file(model_path, device)
+    spec = load_dataset_spec(dataset)
+    entries = spec.split(split)
+    names = predictor.landmark_names
+    if list(spec.landmark_names) != names:
+        raise DataError(f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's {names}")
+    truths = spec.load_landmarks(entries)
+    images, predictions = {}, {}
+    for number, entry in enumerate(entries, start=1):
+        images[entry.id] = read_image(entry.image, predictor.dimension)
+        predictions[entry.id] = predictor.predict(images[entry.id], source=str(entry.image)).landmarks
+        if progress is not None:
+            progress(number, len(entries), entry.id)
+    unit = predictor.metadata.get("unit", "mm")
+    radii = radii or (DEFAULT_RADII_PX if unit == "px" else DEFAULT_RADII_MM)
+    result = evaluate(predictions, truths, unit=unit, radii=radii)
+    out_dir = Path(out_dir)
+    metrics = write_metrics(result, out_dir / "metrics.json")
+    worst = [(row.image_id, images[row.image_id], predictions[row.image_id], truths[row.image_id])
+             for row in result.worst_images()]
+    write_report(result, out_dir, overlays=worst)
+    return metrics

@@ -79,6 +79,15 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
             assert np.linalg.norm(found.points_lps - truth[entry.id].points_lps, axis=1).mean() < 1.0
     assert (out / f"{entries[0].id}_heatmap_final.nrrd").is_file()
 
+    evaluated = cli("evaluate", str(model), "--dataset", str(dataset_2d), "--split", "validation",
+                    "--out", str(tmp_path / "evaluation"), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    summary = json.loads(evaluated.stdout)
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    assert metrics["overall"]["count"] == 8 and metrics["overall"]["mean"] < 1.0
+    report = Path(summary["report"]).read_text()
+    assert "Per-landmark" in report and (tmp_path / "evaluation" / "overlays").is_dir()
+
     info = cli("info", str(model))
     assert info.returncode == 0 and json.loads(info.stdout)["landmark_names"] == ["L1", "L2", "L3", "L4"]
 

@@ -30,11 +30,11 @@ _DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
     "scn": {
         2: {"filters": 128, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
             "heatmap_kernel": 3, "heatmap_init_std": 1e-4,
-            "sc_downsample": 16, "sc_layers": 4, "sc_kernel": 11, "sc_filters": 128,
+            "sc_downsample": 16, "sc_layers": 4, "sc_kernel": 11, "sc_filters": 128, "sc_init_bias": 0.5,
             "pad_mode": "replicate"},
         3: {"filters": 64, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
             "heatmap_kernel": 3, "heatmap_init_std": 1e-4,
-            "sc_downsample": 4, "sc_layers": 4, "sc_kernel": 7, "sc_filters": 64,
+            "sc_downsample": 4, "sc_layers": 4, "sc_kernel": 7, "sc_filters": 64, "sc_init_bias": 0.5,
             "pad_mode": "replicate"},
     },
     "unet": {
@@ -103,6 +103,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "sc_layers": _positive_int,
     "sc_kernel": _odd_int,
     "sc_filters": _positive_int,
+    "sc_init_bias": _number(-3.0, 3.0, False, False),
     "pad_mode": _pad_mode,
     "convs_per_level": _positive_int,
     "kernel_size": _odd_int,

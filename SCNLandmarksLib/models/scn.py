@@ -12,7 +12,10 @@ Layout (after the authors' description and their public TensorFlow networks):
   near zero so that the first heatmaps are ~0.
 * Spatial configuration component: H_app is average-pooled by ``sc_downsample``, passed through
   ``sc_layers`` large-kernel convolutions (LeakyReLU between, tanh after the last one, the last
-  one with N outputs and a near-zero initialisation) and upsampled linearly back: H_sc.
+  one with N outputs, near-zero weights and bias ``sc_init_bias``) and upsampled linearly back: H_sc.
+  H_sc starts near tanh(sc_init_bias) = 0.46 rather than 0: with both factors of H_app * H_sc at
+  zero, neither branch gets a gradient (a saddle), and a 3D SCN was seen to sit there for hundreds
+  of iterations; a positive start lets H_app learn at once and H_sc learn to suppress.
 * Final heatmaps: H = H_app * H_sc (element-wise).
 
 Any input size is accepted: the input is replicate- (or zero-) padded to the multiple the pooling
@@ -175,7 +178,7 @@ class SpatialConfigurationNet(nn.Module):
                  filters: int, levels: int, dropout: float, negative_slope: float,
                  heatmap_kernel: int, heatmap_init_std: float,
                  sc_downsample: int, sc_layers: int, sc_kernel: int, sc_filters: int,
-                 pad_mode: str):
+                 sc_init_bias: float, pad_mode: str):
         super().__init__()
         self.dimension = _check_dimension(dimension)
         self.num_landmarks = num_landmarks
@@ -193,6 +196,7 @@ class SpatialConfigurationNet(nn.Module):
             c = conv_layer(dimension, cin, num_landmarks if last else sc_filters, sc_kernel)
             if last:
                 init_heatmap(c, heatmap_init_std)
+                nn.init.constant_(c.bias, sc_init_bias)
             else:
                 init_he(c, negative_slope)
             layers.append(c)

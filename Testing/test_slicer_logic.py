@@ -677,6 +677,10 @@ def test_cmake_lists_name_existing_files():
         assert key in top
     assert re.search(r'EXTENSION_DEPENDS\s+"?PyTorch', top)
     assert "WITH_GENERIC_TESTS" in text
+    entry = json.loads((MODULE_DIR / "Resources" / "SCNLandmarks.json").read_text())  # ExtensionsIndex form
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert f'EXTENSION_CATEGORY "{entry["category"]}"' in top
+    assert entry["build_dependencies"] == ["PyTorch"]
     icon = sitk.ReadImage(str(MODULE_DIR / "Resources" / "Icons" / "SCNLandmarks.png"))
     assert icon.GetSize() == (128, 128)
 

@@ -35,6 +35,11 @@ class HeadlessScene:
     logics: list = field(default_factory=list)
     sliceLogics: dict = field(default_factory=dict)
 
+    @property
+    def applicationLogic(self):
+        """The vtkMRMLApplicationLogic (what `slicer.app.applicationLogic()` is in the application)."""
+        return self.logics[0]
+
 
 def createHeadlessScene(sliceViews: tuple[str, ...] = ("Red", "Yellow", "Green")) -> HeadlessScene:
     """A new MRML scene with the logics the landmark module uses, and slice views (no rendering).
@@ -51,6 +56,7 @@ def createHeadlessScene(sliceViews: tuple[str, ...] = ("Red", "Yellow", "Green")
     markupsLogic = slicer.vtkSlicerMarkupsLogic()
     markupsLogic.SetMRMLApplicationLogic(applicationLogic)
     markupsLogic.SetMRMLScene(scene)
+    applicationLogic.SetModuleLogic("Markups", markupsLogic)  # used by the markups displayable managers
     sequencesLogic = slicer.vtkSlicerSequencesLogic()
     sequencesLogic.SetMRMLScene(scene)
     headless = HeadlessScene(scene, [applicationLogic, colorLogic, markupsLogic, sequencesLogic])

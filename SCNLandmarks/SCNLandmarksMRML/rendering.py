@@ -1,12 +1,19 @@
-"""Offscreen slice-view pictures: Slicer's own slice compositing, written as PNG.
+"""Offscreen slice-view pictures: Slicer's own slice compositing and markups rendering, as PNG.
 
 A private vtkMRMLSliceLogic reslices and blends the layers exactly as a slice view does
 (background image with its window/level, heatmap foreground in its colour map, thresholded and at
-the chosen opacity) - a VTK pipeline that needs no window or OpenGL. Markups are then drawn on the
-composited RGBA image with numpy (the markups displayable managers need an interactive render
-window): a filled disc for points in the slice (or within half a voxel of it), a ring for points
-projected from elsewhere. The private slice and composite nodes are removed afterwards, so the
-scene is left as it was.
+the chosen opacity) - a VTK pipeline that needs no window. The points are then drawn one of two
+ways:
+
+* "vtk": the composited image and Slicer's markups displayable manager (the code that draws
+  point lists in slice views: glyphs in the display node's colours, labels) render into an
+  offscreen VTK window. Needs OpenGL offscreen (EGL or OSMesa; slicer-core has it where Mesa
+  EGL is installed) and the application logic with the Markups module logic.
+* "numpy": markers drawn on the composited image with numpy (no OpenGL at all): a filled disc in
+  the status colour for points in the slice (within half a voxel), a ring for points elsewhere.
+
+"auto" uses "vtk" when it can, else "numpy". The private slice and composite nodes (and anything
+else the renderer adds) are removed afterwards, so the scene is left as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import vtk
 from vtk.util import numpy_support
 
 import slicer
@@ -44,14 +52,16 @@ class RenderedSlice:
     Attributes:
         path: the PNG written.
         rgb: (rows, columns, 3) uint8 picture, row 0 at the top.
-        markers: per drawn point: (label, (column, row) pixel, distance to the slice in mm).
+        markers: per placed point: (label, (column, row) pixel, distance to the slice in mm).
         xyToRas: (4, 4) matrix from slice-view pixel (x right, y up from the bottom row) to RAS.
+        method: "vtk" or "numpy", how the points were drawn.
     """
 
     path: Path
     rgb: np.ndarray
     markers: list = field(default_factory=list)
     xyToRas: np.ndarray | None = None
+    method: str = "numpy"
 
     def pixelOf(self, pointRas) -> tuple[float, float]:
         """(column, row) of a RAS point in `rgb` (row 0 at the top)."""
@@ -85,9 +95,67 @@ def _markupsPoints(markupsNode):
     return points
 
 
+def offscreenRenderingAvailable() -> bool:
+    """True when VTK can open an offscreen OpenGL context here (EGL, OSMesa or a display)."""
+    try:
+        window = vtk.vtkRenderWindow()
+        window.SetOffScreenRendering(True)
+        return bool(window.SupportsOpenGL())
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+
+
+def _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic, width: int, height: int,
+                                         withMarkups: bool) -> np.ndarray:
+    """Composited slice image (+ Slicer's markups rendering) from an offscreen window, (rows, cols, 3)."""
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(True)
+    window.SetSize(width, height)
+    renderer = vtk.vtkRenderer()
+    window.AddRenderer(renderer)
+    interactor = vtk.vtkRenderWindowInteractor()
+    interactor.SetRenderWindow(window)
+    actor = vtk.vtkImageActor()
+    actor.GetMapper().SetInputConnection(sliceLogic.GetImageDataConnection())
+    renderer.AddActor(actor)
+    # One world unit per display pixel, pixel centres at integers: the slice view's XY frame.
+    camera = renderer.GetActiveCamera()
+    camera.ParallelProjectionOn()
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    camera.SetFocalPoint(cx, cy, 0.0)
+    camera.SetPosition(cx, cy, 1000.0)
+    camera.SetViewUp(0.0, 1.0, 0.0)
+    camera.SetParallelScale(height / 2.0)
+    renderer.ResetCameraClippingRange()
+    group = None
+    if withMarkups:
+        group = slicer.vtkMRMLDisplayableManagerGroup()
+        manager = slicer.vtkMRMLMarkupsDisplayableManager()
+        manager.SetMRMLApplicationLogic(applicationLogic)
+        group.SetRenderer(renderer)
+        group.AddDisplayableManager(manager)
+        group.SetMRMLDisplayableNode(sliceNode)
+    try:
+        window.Render()
+        grabber = vtk.vtkWindowToImageFilter()
+        grabber.SetInput(window)
+        grabber.SetInputBufferTypeToRGB()
+        grabber.ReadFrontBufferOff()
+        grabber.Update()
+        image = grabber.GetOutput()
+        columns, rows, _ = image.GetDimensions()
+        pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(rows, columns, -1)
+        return np.ascontiguousarray(pixels[::-1, :, :3]).astype(np.uint8)
+    finally:
+        if group is not None:
+            group.SetMRMLDisplayableNode(None)
+        window.Finalize()
+
+
 def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None, opacity: float = 0.5,
                      orientation: str = "Axial", alignToVolume: bool = True, centerRas=None,
-                     sizePx: int = 512, pointRadiusPx: float = 5.0, slabMm: float | None = None) -> RenderedSlice:
+                     sizePx: int = 512, pointRadiusPx: float = 5.0, slabMm: float | None = None,
+                     method: str = "auto", applicationLogic=None) -> RenderedSlice:
     """Render one slice view offscreen - image, heatmap foreground, markups - to a PNG.
 
     Args:
@@ -96,24 +164,36 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
         volumeNode: background volume.
         heatmapNode: optional foreground volume (e.g. from `SCNLandmarksLogic.showHeatmap`), drawn
             with its display node's colour map and threshold.
-        markupsNode: optional point list to draw (landmark status colours for detection results).
+        markupsNode: optional point list to draw.
         opacity: foreground opacity in [0, 1].
         orientation: "Axial", "Sagittal" or "Coronal".
         alignToVolume: rotate the slice to the volume's own voxel plane (as Slicer does for
             oblique volumes on demand), so oblique volumes are cut along their voxel grid.
         centerRas: RAS point the slice passes through (default: the volume centre).
         sizePx: pixels along the longer side of the picture.
-        pointRadiusPx: marker radius.
-        slabMm: points closer than this to the slice are drawn filled, others as rings (default:
-            half the volume's largest voxel spacing).
+        pointRadiusPx: marker radius ("numpy" method).
+        slabMm: "numpy" method: points closer than this to the slice are drawn filled, others as
+            rings (default: half the volume's largest voxel spacing).
+        method: "auto", "vtk" or "numpy" (see the module docstring).
+        applicationLogic: vtkMRMLApplicationLogic with the Markups module logic, needed by "vtk".
 
     Returns:
-        RenderedSlice with the path, the picture and where each point was drawn.
+        RenderedSlice with the path, the picture, where each point falls and the method used.
     """
+    if method not in ("auto", "vtk", "numpy"):
+        raise ValueError(f"method must be 'auto', 'vtk' or 'numpy', got {method!r}")
+    canUseVtk = applicationLogic is not None and (markupsNode is None or
+                                                 applicationLogic.GetModuleLogic("Markups") is not None)
+    if method == "vtk" and not canUseVtk:
+        raise ValueError("the 'vtk' method needs the application logic with the Markups module logic")
+    useVtk = method == "vtk" or (method == "auto" and canUseVtk and offscreenRenderingAvailable())
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     sliceLogic = slicer.vtkMRMLSliceLogic()
+    if applicationLogic is not None:
+        sliceLogic.SetMRMLApplicationLogic(applicationLogic)
     sliceLogic.SetMRMLScene(scene)
     try:
         sliceNode = sliceLogic.AddSliceNode(OFFSCREEN_VIEW_NAME)
@@ -138,16 +218,27 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
         sliceLogic.FitSliceToAll(width, height)
         center = corners.mean(axis=0) if centerRas is None else np.asarray(centerRas, dtype=np.float64)
         sliceNode.JumpSliceByOffsetting(*[float(v) for v in center])
-
-        connection = sliceLogic.GetImageDataConnection()
-        producer = connection.GetProducer()
-        producer.Update()
-        imageData = producer.GetOutputDataObject(connection.GetIndex())
-        columns, rows, _ = imageData.GetDimensions()
-        rgba = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(rows, columns, -1)
-        rgb = np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
         xyToRas = matrixToArray(sliceNode.GetXYToRAS())
         sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
+
+        rgb = None
+        if useVtk:
+            try:
+                rgb = _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic, width, height,
+                                                           markupsNode is not None)
+            except Exception as error:  # noqa: BLE001 - fall back to drawing with numpy
+                if method == "vtk":
+                    raise
+                logger.warning("offscreen VTK rendering failed (%s); drawing points with numpy", error)
+                useVtk = False
+        if rgb is None:
+            connection = sliceLogic.GetImageDataConnection()
+            producer = connection.GetProducer()
+            producer.Update()
+            imageData = producer.GetOutputDataObject(connection.GetIndex())
+            columns, rows, _ = imageData.GetDimensions()
+            rgba = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(rows, columns, -1)
+            rgb = np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
     finally:
         sliceLogic.SetMRMLScene(None)
         for i in reversed(range(scene.GetNumberOfNodes())):
@@ -155,7 +246,7 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
             if node is not None and node.GetID() not in before:
                 scene.RemoveNode(node)
 
-    rendered = RenderedSlice(path, rgb, [], xyToRas)
+    rendered = RenderedSlice(path, rgb, [], xyToRas, "vtk" if useVtk else "numpy")
     if markupsNode is not None:
         if slabMm is None:
             slabMm = 0.5 * float(np.max(volumeNode.GetSpacing()))
@@ -164,7 +255,8 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
         for label, world, color in _markupsPoints(markupsNode):
             column, row = rendered.pixelOf(world)
             distance = float(np.dot(world - planePoint, normal))
-            _drawDisc(rgb, column, row, pointRadiusPx, color, filled=abs(distance) <= slabMm)
+            if not useVtk:
+                _drawDisc(rgb, column, row, pointRadiusPx, color, filled=abs(distance) <= slabMm)
             rendered.markers.append((label, (column, row), distance))
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
     return rendered

@@ -22,8 +22,6 @@ from vtk.util import numpy_support
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry
 
-import slicer
-
 logger = logging.getLogger(__name__)
 
 # diag(-1, -1, 1): RAS <-> LPS for directions and points (its own inverse).
@@ -262,8 +260,3 @@ def volumeCornersRas(volumeNode) -> np.ndarray:
     nx, ny, nz = volumeNode.GetImageData().GetDimensions()
     corners = np.array([[i, j, k, 1.0] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)])
     return (corners @ ijkToRasArray(volumeNode).T)[:, :3]
-
-
-def isSlicerNode(node) -> bool:
-    """True for MRML nodes (guards against stray Python objects passed by callers)."""
-    return isinstance(node, slicer.vtkMRMLNode)

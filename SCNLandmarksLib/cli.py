@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import SCNLandmarksError
+from .errors import Cancelled, SCNLandmarksError
 
 log = logging.getLogger("scn-landmarks")
 
@@ -59,7 +60,21 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = load_config(args.config)
-    result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress())
+    interrupted = []
+
+    def on_interrupt(signum, frame) -> None:
+        # First Ctrl-C: finish the iteration, checkpoint, stop (resumable). A second one aborts.
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        print("\nstopping after this iteration (checkpoint kept; Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress(),
+                       cancel=lambda: bool(interrupted))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(json.dumps({"model": str(result.model_path), "iterations": result.iterations,
                       "best_validation_mean_error": result.best_validation_error}))
     return 0
@@ -150,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
+    except Cancelled as cancelled:
+        print(f"cancelled: {cancelled}", file=sys.stderr)
+        return 130
     except SCNLandmarksError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

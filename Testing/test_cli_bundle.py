@@ -96,3 +96,25 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     missing = cli("detect", str(tmp_path / "nope.safetensors"), "image.png", "--out", str(tmp_path))
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: model file not found"
+
+
+def test_ctrl_c_during_training_leaves_a_resumable_checkpoint(dataset_2d, tmp_path):
+    import signal
+    import time
+
+    from SCNLandmarksLib.train import CHECKPOINT
+
+    config = tiny_config(dataset_2d, tmp_path / "run", 2, iterations=100000, checkpoint_every=100000)
+    config_path = tmp_path / "train.toml"
+    save_config(config, config_path)
+    process = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "train", str(config_path), "--device",
+                                "cpu"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not (config.output_dir / "config.toml").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "cancelled: training cancelled at iteration" in stderr
+    assert torch.load(config.output_dir / CHECKPOINT, weights_only=True)["iteration"] >= 1

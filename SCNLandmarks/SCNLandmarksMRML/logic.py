@@ -96,11 +96,16 @@ class SCNLandmarksLogic:
 
     Args:
         scene: the MRML scene to work in; default `slicer.mrmlScene` (the application's scene).
+        applicationLogic: the vtkMRMLApplicationLogic (default the application's, if any); only
+            offscreen pictures drawn with Slicer's markups renderer need it.
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, applicationLogic=None):
         super().__init__()
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
+        if applicationLogic is None and getattr(slicer, "app", None) is not None:
+            applicationLogic = slicer.app.applicationLogic()
+        self.applicationLogic = applicationLogic
         self._predictors: dict[tuple, object] = {}
         # markups node ID -> (Prediction, VolumeImage): heatmaps live in memory for this session.
         self._predictions: dict[str, tuple[object, VolumeImage]] = {}
@@ -520,6 +525,8 @@ class SCNLandmarksLogic:
         """Render a slice view (image, heatmap foreground, landmarks) offscreen to a PNG.
 
         See `rendering.renderOverlayPng` for the options (opacity, orientation, centerRas, sizePx,
-        ...). The scene is left unchanged.
+        method, ...). Points are drawn by Slicer's markups renderer when offscreen OpenGL is
+        available, else with numpy. The scene is left unchanged.
         """
+        options.setdefault("applicationLogic", self.applicationLogic)
         return rendering.renderOverlayPng(self.scene, path, volumeNode, heatmapNode, markupsNode, **options)

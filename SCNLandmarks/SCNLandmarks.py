@@ -231,7 +231,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         for combo, value in ((self.ui.modelComboBox, self._parameterNode.modelPath),
-                             (self.ui.deviceComboBox, self._parameterNode.device)):
+                             (self.ui.deviceComboBox, self._parameterNode.device),
+                             (self.ui.heatmapLandmarkComboBox, self._parameterNode.heatmapLandmark)):
             index = combo.findData(value)
             if index >= 0 and index != combo.currentIndex:
                 with SignalBlocker(combo):
@@ -400,11 +401,6 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters.inputVolume, parameters.modelPath, parameters.device, progress=progress, cancel=cancel))
         if result is None:
             return
-        with SignalBlocker(self.ui.heatmapLandmarkComboBox):
-            self.ui.heatmapLandmarkComboBox.clear()
-            self.ui.heatmapLandmarkComboBox.addItem(_("All landmarks (maximum)"), "")
-            for name in result.landmarkNames:
-                self.ui.heatmapLandmarkComboBox.addItem(name, name)
         self._overlayState = None
         parameters.heatmapLandmark = ""
         parameters.landmarks = result.markupsNode
@@ -426,6 +422,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.observeCorrections(node)
             for event in events:
                 self.addObserver(node, event, self._onLandmarksModified)
+        combo = self.ui.heatmapLandmarkComboBox
+        with SignalBlocker(combo):
+            combo.clear()
+            combo.addItem(_("All landmarks (maximum)"), "")
+            for row in self.logic.landmarkRows(node) if node is not None else []:
+                combo.addItem(row.name, row.name)
+        self._updateManualWidgets()
 
     def _onLandmarksModified(self, caller=None, event=None) -> None:
         self._updateResultsTable()

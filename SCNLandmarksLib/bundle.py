@@ -7,8 +7,6 @@ network from it, so a model file is all a user or the Slicer module needs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError
+from .io.atomic import atomic_output
 from .models import build_model
 
 FORMAT = "scn-landmarks-model"
@@ -45,14 +44,8 @@ def save_model(path: str | Path, network: torch.nn.Module, sigmas: torch.Tensor,
     tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
     tensors[SIGMA_TENSOR] = sigmas.detach().to("cpu", torch.float32).contiguous()
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={METADATA_KEY: json.dumps(header)})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_output(path) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
     return path
 
 

@@ -212,17 +212,21 @@ def validate(config: Config, where: str = "config") -> None:
         raise DataError(f"{where} [augmentation]: flip_axis {flip} outside 0..{config.dimension - 1}")
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a DataError naming it (`what` says which kind)."""
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataError(f"{path}: not valid TOML ({error})") from None
+
+
 def load_config(path: str | Path) -> Config:
     """Read a training configuration TOML file (errors name the file)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as stream:
-            values = tomllib.load(stream)
-    except FileNotFoundError:
-        raise DataError(f"{path}: configuration file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise DataError(f"{path}: not valid TOML ({error})") from None
-    return config_from_dict(values, path.parent, where=str(path))
+    return config_from_dict(read_toml(path, "configuration file"), path.parent, where=str(path))
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

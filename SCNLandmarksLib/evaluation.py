@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .io.atomic import write_text_atomically
 from .landmark_set import LandmarkSet
 
 DEFAULT_RADII_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
@@ -254,27 +253,12 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_metrics(result: EvaluationResult, path: str | Path) -> Path:
     """Write `result.to_json()` atomically; `path` is the file, or a folder to hold metrics.json."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.json"
-    _atomic_write_text(path, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+    write_text_atomically(path, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -456,7 +440,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
             lines += [f"### {image_id}", "", f"![{image_id}]({rel})", ""]
 
     path = out_dir / "report.md"
-    _atomic_write_text(path, "\n".join(lines))
+    write_text_atomically(path, "\n".join(lines))
     return path
 
 

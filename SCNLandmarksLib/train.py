@@ -13,7 +13,6 @@ import datetime
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from .errors import Cancelled, DataError, TrainingError
 from .heatmaps import LearnableSigmas, gaussian_heatmaps
 from .inference import Predictor, resolve_device
+from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
@@ -107,17 +107,6 @@ def _optimizer(trainable: _Trainable, config: Config) -> torch.optim.Optimizer:
     if training.optimizer == "adamw":
         return torch.optim.AdamW(groups)
     return torch.optim.Adam(groups)
-
-
-def _atomic_torch_save(state: dict, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def model_metadata(config: Config, spec: DatasetSpec, params: dict, sigmas: torch.Tensor, unit: str,
@@ -233,17 +222,19 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.toml")
 
-    model = nn.parallel.DistributedDataParallel(trainable) if distributed else trainable
+    model = (nn.parallel.DistributedDataParallel(trainable, device_ids=[target.index] if target.type == "cuda" else None)
+             if distributed else trainable)
     gamma = config.heatmap.resolved_gamma(config.dimension)
     autocast = target.type == "cuda" and config.training.mixed_precision
 
     def save_checkpoint(iteration: int) -> None:
         if not main_process:
             return
-        _atomic_torch_save({"iteration": iteration, "trainable": trainable.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "best_score": best_score, "best_validation": best_validation or {},
-                            "history": history}, checkpoint_path)
+        with atomic_output(checkpoint_path) as temporary:
+            torch.save({"iteration": iteration, "trainable": trainable.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "best_score": best_score, "best_validation": best_validation or {},
+                        "history": history}, temporary)
 
     def export(path: Path, iteration: int, validation: dict | None) -> None:
         save_model(path, trainable.network, trainable.sigmas(),

@@ -602,7 +602,7 @@ def test_real_model_3d_matches_the_library_predictor(mrml, tiny_model_3d, datase
                     ModelFileError, "not found")
 
 
-def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2d, dataset_2d, tmp_path):
+def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2d, dataset_2d, tmp_path, files):
     from SCNLandmarksLib.inference import Predictor
     from SCNLandmarksLib.io.images import read_image
 
@@ -621,11 +621,15 @@ def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2
     heatmap = logic.showHeatmap(result.markupsNode)
     np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))
 
-    volume3d = loadVolumeFile(mrml.scene, _dataset_image(dataset_2d, 0))  # 2D MetaImage, oblique
-    oblique = logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu")
+    metaImage = loadVolumeFile(mrml.scene, _dataset_image(dataset_2d, 0))  # 2D MetaImage, oblique
+    oblique = logic.detectLandmarks(metaImage, tiny_model_2d, device="cpu")
     reference = Predictor.from_file(tiny_model_2d, "cpu").predict(read_image(_dataset_image(dataset_2d, 0), 2))
     expected = np.array([[*p, 0.0] for p in reference.landmarks.points_lps])
     np.testing.assert_allclose(oblique.pointsRas, lps_to_ras(expected), atol=1e-3)
+
+    volume3d = loadVolumeFile(mrml.scene, files["nrrd"])
+    _assert_refused(mrml.scene, lambda: logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu"), DataError,
+                    "model detects landmarks in 2D images, but 'oblique' is a 3D volume")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ image: it is left out of the loss, never treated as zero.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import read_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image
@@ -85,13 +85,7 @@ class DatasetSpec:
 def load_dataset_spec(path: str | Path) -> DatasetSpec:
     """Read and check a dataset spec TOML (files exist, names unique, splits known)."""
     path = Path(path).resolve()
-    try:
-        with open(path, "rb") as stream:
-            values = tomllib.load(stream)
-    except FileNotFoundError:
-        raise DataError(f"{path}: dataset spec not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise DataError(f"{path}: not valid TOML ({error})") from None
+    values = read_toml(path, "dataset spec")
     base = path.parent
 
     dimension = values.get("dimension")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from SCNLandmarksLib.errors import DataError
+from SCNLandmarksLib.io.atomic import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +177,8 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
         if suffix in _MULTI_FILE_SUFFIXES:
             sitk.WriteImage(image, str(path), compress)
             return
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            sitk.WriteImage(image, tmp_name, compress)
-            os.replace(tmp_name, path)
-        finally:
-            if os.path.exists(tmp_name):
-                os.remove(tmp_name)
+        with atomic_output(path, suffix) as temporary:
+            sitk.WriteImage(image, str(temporary), compress)
     except (RuntimeError, OSError) as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise DataError(f"{path}: cannot write image ({reason})") from error

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry, ras_to_lps
+from SCNLandmarksLib.io.atomic import write_text_atomically
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -75,22 +75,10 @@ def _read_text(path: Path) -> str:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_text_atomically(path, text)
     except OSError as error:
         raise DataError(f"{path}: cannot write landmark file ({error})") from error
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except OSError as error:
-        raise DataError(f"{path}: cannot write landmark file ({error})") from error
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
 
 
 def _parse_float(text: str, path: Path, line: int, column: str) -> float:

@@ -1,0 +1,35 @@
+"""Atomic file replacement: a reader sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` if the block succeeds, else remove it.
+
+    Args:
+        suffix: the temporary file's suffix (writers that pick the format from it need the real one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text (newlines as given) to `path` atomically."""
+    with atomic_output(path) as temporary:
+        with open(temporary, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)

@@ -512,6 +512,19 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
                     Cancelled, "cancelled")
     assert oracle.calls == 1
 
+    # A failure while filling the new point list removes it (and its display node) again.
+    import SCNLandmarksMRML.markups as markupsModule
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    original = markupsModule._fillLandmarksNode
+    markupsModule._fillLandmarksNode = broken
+    try:
+        _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, BlobOracle(3)), RuntimeError, "disk full")
+    finally:
+        markupsModule._fillLandmarksNode = original
+
     # A 4D NRRD loaded as a sequence: its proxy volume is one frame.
     storage = slicer.vtkMRMLVolumeSequenceStorageNode()
     storage.SetFileName(str(files["4d"]))

@@ -235,8 +235,8 @@ class SCNLandmarksLogic:
             prediction = predictor.predict(volumeImage.image, heatmaps=keepHeatmaps,
                                            progress=_scaled(progress, 0.1, 0.95), cancel=cancel,
                                            source=f"volume '{volumeNode.GetName()}'")
-        except Cancelled as error:
-            raise Cancelled(f"Landmark detection cancelled; nothing was changed. ({error})") from None
+        except Cancelled:
+            raise Cancelled("Landmark detection cancelled; nothing was changed.") from None
         check()
         report(0.95, "creating landmarks")
         landmarks = prediction.landmarks
@@ -245,16 +245,10 @@ class SCNLandmarksLogic:
                        else np.full(len(landmarks.names), np.nan))
         statuses = list(prediction.status)
 
-        createdNew = markupsNode is None
-        name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if createdNew else None
-        try:
-            markupsNode = landmarkMarkups.createLandmarksNode(
-                self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
-                volumeNode=volumeNode, modelPath=modelPath, markupsNode=markupsNode)
-        except Exception:
-            if createdNew and markupsNode is not None:
-                self.scene.RemoveNode(markupsNode)
-            raise
+        name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if markupsNode is None else None
+        markupsNode = landmarkMarkups.createLandmarksNode(
+            self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
+            volumeNode=volumeNode, modelPath=modelPath, markupsNode=markupsNode)
         if keepHeatmaps:
             self._predictions[markupsNode.GetID()] = (prediction, volumeImage)
         self._statusObserver.observe(markupsNode)

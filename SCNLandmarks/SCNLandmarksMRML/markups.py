@@ -121,8 +121,31 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
         The vtkMRMLMarkupsFiducialNode.
     """
     pointsRas = np.asarray(pointsRas, dtype=np.float64).reshape(-1, 3)
-    if markupsNode is None:
+    created = markupsNode is None
+    if created:
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    try:
+        _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath)
+    except Exception:
+        if created:
+            removeNode(scene, markupsNode)
+        raise
+    return markupsNode
+
+
+def removeNode(scene, node) -> None:
+    """Remove a displayable node with its display and storage nodes."""
+    for i in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            scene.RemoveNode(display)
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is not None:
+        scene.RemoveNode(storage)
+    scene.RemoveNode(node)
+
+
+def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath) -> None:
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
     wasModifying = markupsNode.StartModify()
@@ -165,7 +188,6 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
         updatePointStatuses(markupsNode)
     finally:
         markupsNode.EndModify(wasModifying)
-    return markupsNode
 
 
 def _record(info: dict, markupsNode, index: int) -> dict | None:

@@ -1,0 +1,85 @@
+"""Predictor behaviour: tiling, missing landmarks, colour input, heatmap geometry, progress and cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SCNLandmarksLib.data.spec import load_dataset_spec
+from SCNLandmarksLib.data.synthetic import render
+from SCNLandmarksLib.errors import Cancelled, DataError
+from SCNLandmarksLib.geometry import ImageGeometry
+from SCNLandmarksLib.inference import Predictor, tile_starts
+from SCNLandmarksLib.io.images import read_image
+
+
+@pytest.fixture(scope="module")
+def case_2d(dataset_2d):
+    spec = load_dataset_spec(dataset_2d)
+    entry = spec.split("validation")[0]
+    return read_image(entry.image), spec.load_landmarks([entry])[entry.id]
+
+
+def test_tile_starts_cover_the_axis_with_overlap():
+    assert tile_starts(10, 16, 4) == [0]
+    starts = tile_starts(100, 32, 8)
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert all(b - a <= 32 - 8 for a, b in zip(starts, starts[1:]))
+
+
+def test_tiled_inference_finds_the_same_landmarks(tiny_model_2d, case_2d):
+    image, truth = case_2d
+    whole = Predictor.from_file(tiny_model_2d, "cpu")
+    tiled = Predictor.from_file(tiny_model_2d, "cpu")
+    tiled.thresholds = {**tiled.thresholds, "max_grid_voxels": 600}  # forces 2 x 2 overlapping tiles
+    a, b = whole.predict(image), tiled.predict(image)
+    assert b.status == ["detected"] * 4
+    assert np.linalg.norm(a.landmarks.points_lps - b.landmarks.points_lps, axis=1).max() < 1.0
+    assert np.linalg.norm(b.landmarks.points_lps - truth.points_lps, axis=1).mean() < 1.0
+
+
+def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d):
+    image, truth = case_2d
+    geometry = ImageGeometry.of(image)
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    predictor.thresholds = {**predictor.thresholds, "missing_below": 0.3}
+    extent = (np.asarray(geometry.size) - 1) * np.asarray(geometry.spacing)
+    blob_mm = 0.035 * float(extent.min()) * (1.0 + 0.5 * np.arange(4) / 3)  # as make_dataset draws them
+    without_first = render(geometry, truth.points_lps[1:], blob_mm[1:], np.random.default_rng(0))
+    prediction = predictor.predict(without_first)
+    assert prediction.status[0] == "missing", prediction.landmarks.confidences
+    assert np.isnan(prediction.landmarks.points_lps[0]).all()
+    assert prediction.landmarks.confidences[0] < predictor.thresholds["missing_below"]
+    assert all(s == "detected" for s in prediction.status[1:]) and min(prediction.landmarks.confidences[1:]) > 0.6
+
+
+def test_colour_input_becomes_grayscale_and_heatmaps_share_the_input_geometry(tiny_model_2d, case_2d):
+    image, truth = case_2d
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    gray = predictor.predict(image, heatmaps=True)
+    rgb = sitk.Compose([image, image, image])
+    coloured = predictor.predict(rgb)
+    np.testing.assert_allclose(coloured.landmarks.points_lps, gray.landmarks.points_lps, atol=1e-3)
+    for kind in ("final", "local", "spatial"):
+        heatmap = gray.heatmap(kind, 2)
+        assert ImageGeometry.of(heatmap) == ImageGeometry.of(image)
+    peak = np.unravel_index(np.argmax(sitk.GetArrayViewFromImage(gray.heatmap("final", 2))), image.GetSize()[::-1])
+    peak_lps = ImageGeometry.of(image).index_to_physical(np.array(peak[::-1], dtype=float))
+    assert np.linalg.norm(peak_lps - truth.points_lps[2]) < 2.0
+    maximum = sitk.GetArrayViewFromImage(gray.heatmap("final"))
+    assert maximum.max() >= sitk.GetArrayViewFromImage(gray.heatmap("final", 2)).max()
+
+
+def test_progress_cancel_and_dimension_errors(tiny_model_2d, tiny_model_3d, case_2d):
+    image, _ = case_2d
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    seen = []
+    predictor.predict(image, progress=lambda fraction, message: seen.append(fraction))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    with pytest.raises(Cancelled):
+        predictor.predict(image, cancel=lambda: True)
+    with pytest.raises(DataError, match="scan.png: the image is 2D but the model expects 3D"):
+        Predictor.from_file(tiny_model_3d, "cpu").predict(image, source="scan.png")
+    with pytest.raises(ValueError, match="heatmaps=True"):
+        predictor.predict(image).heatmap()

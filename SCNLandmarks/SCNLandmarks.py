@@ -130,7 +130,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = False
         self._cancelRequested = False
         self._updatingGui = False
-        self._modelInfo: dict[str, str] = {}
+        self._modelInfo: dict[str, tuple[str, str]] = {}  # model path -> (info line, tooltip)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -200,8 +200,12 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = volume or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if volume:
                 self._parameterNode.inputVolume = volume
-        if not self._parameterNode.modelPath and self.ui.modelComboBox.count > 1:
-            self.onModelSelected(self.ui.modelComboBox.currentIndex)
+        if not self._parameterNode.modelPath:
+            index = self._firstModelIndex()
+            if index >= 0:
+                with SignalBlocker(self.ui.modelComboBox):
+                    self.ui.modelComboBox.currentIndex = index
+                self.onModelSelected(index)
 
     def setParameterNode(self, inputParameterNode: SCNLandmarksParameterNode | None) -> None:
         if self._parameterNode:
@@ -239,8 +243,20 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     combo.currentIndex = index
         path = self._parameterNode.modelPath
         if path and path not in self._modelInfo:
-            self._modelInfo[path] = self.logic.modelInfo(path)
-        self.ui.modelInfoLabel.text = self._modelInfo.get(path, "")
+            self._modelInfo[path] = (self.logic.modelInfo(path), self._modelDetails(path))
+        text, details = self._modelInfo.get(path, ("", _("No model selected.")))
+        self.ui.modelInfoLabel.text = text
+        self.ui.modelInfoLabel.toolTip = details
+
+    @staticmethod
+    def _modelDetails(path: str) -> str:
+        """Tooltip of the model information: description and model card of a catalogue model, and the file."""
+        entry = SCNLandmarksMRML.entryForModel(path)
+        details = [entry.description] if entry and entry.description else []
+        if entry and entry.card and entry.card.is_file():
+            details.append(_("Model card (data, training, accuracy, limits): {path}").format(path=entry.card))
+        details.append(_("Model file: {path}").format(path=path))
+        return "\n\n".join(details)
 
     def _updateButtons(self) -> None:
         parameters = self._parameterNode
@@ -258,14 +274,31 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # model and device selectors
 
     def _populateModels(self) -> None:
+        """Catalogue models that ship with this installation; a catalogue model whose file is absent
+        is listed disabled, saying why. Nothing is ever downloaded: other models are loaded from a file."""
         combo = self.ui.modelComboBox
         with SignalBlocker(combo):
             combo.clear()
-            for entry in self.logic.availableModels():
-                suffix = "" if entry.available else _(" (download)")
-                combo.addItem(entry.name + suffix, str(entry.path))
-                combo.setItemData(combo.count - 1, entry.description or str(entry.path), qt.Qt.ToolTipRole)
+            for entry in self.logic.catalogueModels():
+                combo.addItem(entry.name if entry.available else _("{name} (not installed)").format(name=entry.name),
+                              str(entry.path))
+                tooltip = entry.description or str(entry.path)
+                if not entry.available:
+                    tooltip = entry.unavailableReason
+                    combo.model().item(combo.count - 1).setEnabled(False)
+                combo.setItemData(combo.count - 1, tooltip, qt.Qt.ToolTipRole)
             combo.addItem(_("Load model file..."), LOAD_MODEL_FILE)
+            combo.setItemData(combo.count - 1, _("Use a model file (.safetensors) from this computer."),
+                              qt.Qt.ToolTipRole)
+
+    def _firstModelIndex(self) -> int:
+        """Index of the first usable catalogue model in the selector, or -1."""
+        combo = self.ui.modelComboBox
+        for index in range(combo.count):
+            data = combo.itemData(index)
+            if data and data != LOAD_MODEL_FILE and combo.model().item(index).isEnabled():
+                return index
+        return -1
 
     def _populateDevices(self) -> None:
         combo = self.ui.deviceComboBox
@@ -295,10 +328,6 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceSelected(self, index: int) -> None:
         if self._parameterNode and not self._updatingGui:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
-
-    def _selectedCatalogueEntry(self):
-        path = self._parameterNode.modelPath
-        return next((e for e in self.logic.availableModels() if str(e.path) == path), None)
 
     # --------------------------------------------------------------------------------------------
     # detection
@@ -341,20 +370,16 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return ready
 
     def _ensureModelFile(self) -> bool:
-        entry = self._selectedCatalogueEntry()
-        if entry is None or entry.available:
+        """The selected model file must be on this computer (nothing is downloaded)."""
+        path = self._parameterNode.modelPath
+        if path and Path(path).is_file():
             return True
-        if not entry.url:
-            slicer.util.errorDisplay(_("The model file {path} is missing.").format(path=entry.path))
-            return False
-        if not slicer.util.confirmOkCancelDisplay(
-                _("Download the model '{name}' from {url}?").format(name=entry.name, url=entry.url)):
-            return False
-        path = self._runWithProgress(lambda progress, cancel: self.logic.downloadModel(entry, progress, cancel))
-        if path is None:
-            return False
-        self._parameterNode.modelPath = str(path)
-        return True
+        entry = SCNLandmarksMRML.entryForModel(path)
+        message = entry.unavailableReason if entry else \
+            _("The model file {path} is not there. Choose a model, or 'Load model file...'.").format(path=path)
+        self.ui.statusLabel.text = message
+        slicer.util.errorDisplay(message)
+        return False
 
     def _runWithProgress(self, work):
         """Run work(progress, cancel) with the progress bar and Cancel button; None if it failed."""
@@ -587,10 +612,15 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic, SCNLandmarksMRML.SCNLandmar
 class SCNLandmarksTest(ScriptedLoadableModuleTest):
     """Loads a sample, detects its landmarks with the real library, checks, corrects and exports them.
 
-    The sample and model come from the catalogue (an entry with "sample"); without one, a small
-    synthetic 2D dataset is generated and a tiny model trained on it briefly (about a minute on a
-    CPU); the module must then put the points exactly where the library's predictor puts them.
+    The sample and model are the catalogue's (the entry with a "sample": the bundled brain model on
+    the bundled MNI template), and the anatomy is checked: every landmark is found inside the volume
+    and the AC-PC distance is 20-35 mm. Only when this installation has no catalogue sample model is
+    a small synthetic 2D dataset generated and a tiny model trained on it briefly (about a minute on
+    a CPU); either way the module must put the points exactly where the library's predictor does.
     """
+
+    # Anatomically plausible AC-PC distance, mm (adults: about 23-30 mm).
+    AC_PC_RANGE_MM = (20.0, 35.0)
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -600,15 +630,17 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         self.test_SCNLandmarksDetectCorrectExport()
 
     def _sampleAndModel(self, workDir: Path):
-        """(image path, model path, true landmarks path or None, tolerance mm or None)."""
-        for entry in SCNLandmarksMRML.availableModels():
-            if entry.available and entry.sample and entry.sample.is_file():
-                return entry.sample, entry.path, entry.sampleLandmarks, entry.toleranceMm
+        """(image path, model path, true landmarks path or None, tolerance mm or None, from the catalogue)."""
+        entry = SCNLandmarksMRML.sampleModel()
+        if entry is not None and entry.available and entry.hasSample:
+            return entry.sample, entry.path, entry.sampleLandmarks, entry.toleranceMm, True
         from SCNLandmarksLib.config import config_from_dict
         from SCNLandmarksLib.data.synthetic import make_dataset
         from SCNLandmarksLib.train import train
 
-        self.delayDisplay("No sample model in the catalogue: training a tiny model on synthetic images")
+        why = "no catalogue entry has a sample" if entry is None else \
+            (entry.unavailableReason or f"the sample {entry.sample} is missing")
+        self.delayDisplay(f"No catalogue sample model ({why}): training a tiny model on synthetic images")
         spec = make_dataset(workDir / "dataset", dimension=2, images=8, landmarks=4, size=(64, 48),
                             spacing=(1.0, 1.3), validation=1)
         config = config_from_dict({
@@ -621,7 +653,28 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
                          "validate_every": 40, "checkpoint_every": 40}}, Path("/"))
         model = train(config, device="cpu").model_path
         image = spec.parent / "images" / "case007.mha"
-        return image, model, spec.parent / "images" / "case007.mrk.json", None
+        return image, model, spec.parent / "images" / "case007.mrk.json", None, False
+
+    def _checkAnatomy(self, volume, result) -> None:
+        """Every landmark found, inside the volume; AC-PC distance plausible (when the model has both)."""
+        import numpy as np
+
+        missing = [n for n, s in zip(result.landmarkNames, result.statuses) if s == SCNLandmarksMRML.MISSING]
+        self.assertEqual(missing, [], f"landmarks not found on the sample: {missing}")
+        rasToIjk = vtk.vtkMatrix4x4()
+        volume.GetRASToIJKMatrix(rasToIjk)
+        rasToIjk = slicer.util.arrayFromVTKMatrix(rasToIjk)
+        size = np.array(volume.GetImageData().GetDimensions(), dtype=float)
+        ijk = np.c_[result.pointsRas, np.ones(len(result.pointsRas))] @ rasToIjk.T
+        outside = [n for n, v in zip(result.landmarkNames, ijk[:, :3])
+                   if not (np.all(np.isfinite(v)) and np.all(v >= -0.5) and np.all(v <= size - 0.5))]
+        self.assertEqual(outside, [], f"landmarks outside the volume: {outside}")
+        if "AC" in result.landmarkNames and "PC" in result.landmarkNames:
+            ac, pc = (result.pointsRas[result.landmarkNames.index(n)] for n in ("AC", "PC"))
+            distance = float(np.linalg.norm(ac - pc))
+            self.delayDisplay(f"AC-PC distance {distance:.1f} mm")
+            low, high = self.AC_PC_RANGE_MM
+            self.assertTrue(low <= distance <= high, f"AC-PC distance {distance:.1f} mm is not in {low}-{high} mm")
 
     def test_SCNLandmarksDetectCorrectExport(self):
         import numpy as np
@@ -632,12 +685,15 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         from SCNLandmarksLib.io.landmarks import read_landmarks
 
         workDir = Path(tempfile.mkdtemp(prefix="SCNLandmarksTest"))
-        image, model, truth, tolerance = self._sampleAndModel(workDir)
+        image, model, truth, tolerance, fromCatalogue = self._sampleAndModel(workDir)
         self.delayDisplay(f"Loading {image.name}")
         volume = slicer.util.loadVolume(str(image))
         logic = SCNLandmarksLogic()
         result = logic.detectLandmarks(volume, str(model), device="cpu")
+        self.delayDisplay(result.summary)
         self.assertEqual(result.markupsNode.GetNumberOfControlPoints(), len(result.landmarkNames))
+        if fromCatalogue:
+            self._checkAnatomy(volume, result)
 
         dimension = 2 if volume.GetImageData().GetDimensions()[2] == 1 else 3
         reference = Predictor.from_file(model, "cpu").predict(read_image(image, dimension))

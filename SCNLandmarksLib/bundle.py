@@ -24,7 +24,16 @@ FORMAT_VERSION = 1
 METADATA_KEY = "scn_landmarks"
 REQUIRED_KEYS = ("architecture", "dimension", "in_channels", "landmark_names", "params", "grid_spacing",
                  "unit", "intensity", "sigmas", "gamma", "inference")
-SIGMA_TENSOR = "heatmap.sigmas"
+REFINEMENT_KEYS = ("architecture", "params", "patch_size", "grid_spacing", "sigmas", "gamma")
+# Tensor name prefixes of the two stages: the coarse network, and the optional refinement network.
+PREFIXES = {"coarse": "network.", "refinement": "refiner."}
+SIGMA_TENSORS = {"coarse": "heatmap.sigmas", "refinement": "refiner_heatmap.sigmas"}
+
+
+@dataclass
+class Stage:
+    network: torch.nn.Module
+    sigmas: torch.Tensor          # (N,) learned Gaussian sigmas, mm
 
 
 @dataclass
@@ -32,17 +41,32 @@ class LoadedModel:
     network: torch.nn.Module
     sigmas: torch.Tensor          # (N,) learned Gaussian sigmas, mm
     metadata: dict[str, Any]
+    refinement: Stage | None = None   # described by metadata["refinement"]
 
 
-def save_model(path: str | Path, network: torch.nn.Module, sigmas: torch.Tensor, metadata: dict[str, Any]) -> Path:
-    """Write weights + metadata atomically (a crash never leaves a half-written model file)."""
+def _stage_tensors(stage: str, network: torch.nn.Module, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
+    tensors = {f"{PREFIXES[stage]}{k}": v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in network.state_dict().items()}
+    tensors[SIGMA_TENSORS[stage]] = sigmas.detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
+def save_model(path: str | Path, network: torch.nn.Module, sigmas: torch.Tensor, metadata: dict[str, Any],
+               refinement: Stage | None = None) -> Path:
+    """Write weights + metadata atomically (a crash never leaves a half-written model file).
+
+    Args:
+        refinement: the optional fine stage; metadata["refinement"] must then describe it.
+    """
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if refinement is not None:
+        missing += [f"refinement.{k}" for k in REFINEMENT_KEYS if k not in metadata.get("refinement", {})]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-    tensors[SIGMA_TENSOR] = sigmas.detach().to("cpu", torch.float32).contiguous()
+    tensors = _stage_tensors("coarse", network, sigmas)
+    if refinement is not None:
+        tensors.update(_stage_tensors("refinement", refinement.network, refinement.sigmas))
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
     with atomic_output(path) as temporary:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
@@ -76,27 +100,45 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def _build_stage(path: Path, stage: str, description: dict[str, Any], metadata: dict[str, Any],
+                 tensors: dict[str, torch.Tensor], device) -> Stage:
+    """Rebuild one stage's network from its description and load its tensors strictly."""
+    count = len(metadata["landmark_names"])
+    try:
+        network = build_model(description["architecture"], metadata["dimension"], metadata["in_channels"], count,
+                              description["params"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelFileError(f"{path}: cannot build the {stage} network it describes ({error})") from None
+    sigmas = tensors.get(SIGMA_TENSORS[stage])
+    if sigmas is None or sigmas.shape != (count,):
+        raise ModelFileError(f"{path}: {stage} sigma tensor missing or of the wrong size")
+    prefix = PREFIXES[stage]
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: {stage} weights do not match the described network: {error}") from None
+    return Stage(network.eval().to(device), sigmas.to(device))
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the network from a model file and load its weights (strictly, names and shapes checked)."""
+    """Rebuild the network(s) from a model file and load the weights (names and shapes checked)."""
     path = Path(path)
     metadata = read_metadata(path)
-    try:
-        network = build_model(metadata["architecture"], metadata["dimension"], metadata["in_channels"],
-                              len(metadata["landmark_names"]), metadata["params"])
-    except (ValueError, TypeError, KeyError) as error:
-        raise ModelFileError(f"{path}: cannot build the network it describes ({error})") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: weights cannot be read (truncated?): {error}") from None
-    sigmas = tensors.pop(SIGMA_TENSOR, None)
-    if sigmas is None or sigmas.shape != (len(metadata["landmark_names"]),):
-        raise ModelFileError(f"{path}: sigma tensor missing or of the wrong size")
-    state = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ModelFileError(f"{path}: weights do not match the described network: {error}") from None
-    network.eval().to(device)
-    return LoadedModel(network, sigmas.to(device), metadata)
+    coarse = _build_stage(path, "coarse", metadata, metadata, tensors, device)
+    refinement = None
+    if "refinement" in metadata:
+        missing = [k for k in REFINEMENT_KEYS if k not in metadata["refinement"]]
+        if missing:
+            raise ModelFileError(f"{path}: refinement metadata lacks {missing}")
+        refinement = _build_stage(path, "refinement", metadata["refinement"], metadata, tensors, device)
+    unexpected = [k for k in tensors if not any(k.startswith(p) for p in PREFIXES.values())
+                  and k not in SIGMA_TENSORS.values()]
+    if unexpected:
+        raise ModelFileError(f"{path}: unexpected tensors {unexpected[:5]}")
+    return LoadedModel(coarse.network, coarse.sigmas, metadata, refinement)

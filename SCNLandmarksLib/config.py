@@ -130,6 +130,24 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class RefinementConfig:
+    """Optional second stage (coarse-to-fine): a local network on small fine-grid patches.
+
+    After the coarse SCN has found each landmark, a patch of `grid` (fine spacing) centred on the
+    coarse point goes through this network and the landmark's heatmap maximum there replaces the
+    coarse position. It trains on patches centred within `offset_mm` of the true landmark (the
+    coarse stage's error range), with its own heatmap, model, training and augmentation settings.
+    """
+
+    grid: GridConfig
+    offset_mm: float = 10.0
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(architecture="unet"))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a training run needs. `dataset` and `output_dir` are relative to the TOML file."""
 
@@ -142,6 +160,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    refinement: RefinementConfig | None = None
     train_split: str = "train"
     validation_split: str = "validation"
 
@@ -172,6 +191,16 @@ def _build(cls, values: dict[str, Any], where: str):
         raise DataError(f"{where}: {error}") from None
 
 
+def _refinement(values: dict[str, Any], where: str) -> RefinementConfig:
+    if "grid" not in values:
+        raise DataError(f"{where}: missing required section [refinement.grid] (patch size and spacing)")
+    nested = {name: _build(_SECTIONS[name], values.pop(name), f"{where[:-1]}.{name}]")
+              for name in ("grid", "heatmap", "model", "training", "augmentation") if name in values}
+    if "model" not in nested:
+        nested["model"] = ModelConfig(architecture="unet")
+    return _build(RefinementConfig, {**values, **nested}, where)
+
+
 def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "config") -> Config:
     """Build and validate a Config; relative paths are resolved against `base_dir`."""
     values = dict(values)
@@ -181,6 +210,8 @@ def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "confi
     if "grid" not in values:
         raise DataError(f"{where}: missing required section [grid] (size and spacing)")
     sections = {name: _build(cls, values.pop(name, {}), f"{where} [{name}]") for name, cls in _SECTIONS.items()}
+    if "refinement" in values:
+        sections["refinement"] = _refinement(dict(values.pop("refinement")), f"{where} [refinement]")
     top = {k: values.pop(k) for k in ("train_split", "validation_split") if k in values}
     dataset = (base_dir / values.pop("dataset")).resolve()
     output_dir = (base_dir / values.pop("output_dir")).resolve()
@@ -209,6 +240,13 @@ def validate(config: Config, where: str = "config") -> None:
         raise DataError(f"{where} [training]: iterations and batch_size must be >= 1")
     if config.heatmap.sigma_init <= 0 or config.heatmap.sigma_min <= 0:
         raise DataError(f"{where} [heatmap]: sigma_init and sigma_min must be > 0")
+    refinement = config.refinement
+    if refinement is not None:
+        if len(refinement.grid.size) != config.dimension or len(refinement.grid.spacing) != config.dimension:
+            raise DataError(f"{where} [refinement.grid]: size and spacing need {config.dimension} entries")
+        if refinement.model.architecture == "scn":
+            raise DataError(f"{where} [refinement.model]: the refinement works on small patches: use 'unet', "
+                            "'downsampling' or 'convonly'")
     flip = config.augmentation.flip_axis
     if flip is not None and not 0 <= flip < config.dimension:
         raise DataError(f"{where} [augmentation]: flip_axis {flip} outside 0..{config.dimension - 1}")
@@ -266,13 +304,18 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
 
 
-def dumps_toml(values: dict[str, Any]) -> str:
-    """Write a two-level dict (top-level scalars + tables) as TOML; enough for Config."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+def dumps_toml(values: dict[str, Any], prefix: str = "") -> str:
+    """Write nested dicts as TOML tables ([a], [a.b], ...); a dict whose values are all scalars or
+    lists is written inline only as a value of `params` (model parameters)."""
+    def is_table(key: str, value: Any) -> bool:
+        return isinstance(value, dict) and key != "params"
+
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not is_table(k, v)]
+    text = "\n".join(lines) + ("\n" if lines else "")
     for name, table in values.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{name}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+        if is_table(name, table):
+            text += f"\n[{prefix}{name}]\n" + dumps_toml(table, f"{prefix}{name}.")
+    return text
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -24,7 +24,7 @@ from .bundle import LoadedModel, load_model
 from .config import IntensityConfig
 from .data.preparation import prepare_image, resample_to_grid
 from .errors import Cancelled, DataError
-from .geometry import ImageGeometry, covering_grid
+from .geometry import ImageGeometry, axis_aligned_grid, covering_grid
 from .heatmaps import peak_height, refine_peaks
 from .io.images import as_scalar_image
 from .landmark_set import LandmarkSet
@@ -129,6 +129,7 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, device: torch.device):
         self.device = device
+        self.refinement = loaded.refinement
         self.network = loaded.network
         self.sigmas = loaded.sigmas
         self.metadata = loaded.metadata
@@ -191,13 +192,43 @@ class Predictor:
                 status.append("missing")
             else:
                 status.append("low confidence" if c < self.thresholds["low_confidence_below"] else "detected")
+        if self.refinement is not None:
+            step(0.95, "refining landmarks on fine patches")
+            points = self._refine(image, points)
         kept = {}
         if heatmaps:
             for kind in HEATMAP_KINDS:
                 tensor = getattr(output, kind)
                 if tensor is not None:
                     kept[kind] = tensor[0].float().cpu().numpy()
-        timings["peaks"] = time.perf_counter() - start
+        timings["peaks_and_refinement"] = time.perf_counter() - start
         step(1.0, "done")
         landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64))
         return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept)
+
+    @torch.inference_mode()
+    def _refine(self, image: sitk.Image, points: np.ndarray) -> np.ndarray:
+        """Coarse-to-fine: each found landmark's maximum on a fine patch centred on its coarse position.
+
+        All patches go through the refinement network in one batch. A landmark whose refined peak is
+        below the missing threshold keeps its coarse position.
+        """
+        description = self.metadata["refinement"]
+        spacing = tuple(float(s) for s in description["grid_spacing"])
+        size = tuple(int(s) for s in description["patch_size"])
+        found = np.flatnonzero(np.all(np.isfinite(points), axis=1))
+        if len(found) == 0:
+            return points
+        prepared = prepare_image(image, spacing, self.intensity, self.device)
+        grids = [axis_aligned_grid(points[k], size, spacing) for k in found]
+        batch = torch.stack([resample_to_grid(prepared, grid) for grid in grids])
+        final = self.refinement.network(batch).final
+        heatmaps = final[torch.arange(len(found)), torch.as_tensor(found)].float()
+        index, value = refine_peaks(heatmaps)
+        ideal = peak_height(self.refinement.sigmas[torch.as_tensor(found)], float(description["gamma"]), self.dimension)
+        confident = (value / ideal).cpu().numpy() >= self.thresholds["missing_below"]
+        refined = points.copy()
+        for m, k in enumerate(found):
+            if confident[m]:
+                refined[k] = grids[m].index_to_physical(index[m].cpu().numpy())
+        return refined

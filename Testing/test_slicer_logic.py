@@ -39,7 +39,8 @@ from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
 from SCNLandmarksMRML import (  # noqa: E402
     DETECTED, LOW_CONFIDENCE, MISSING, MOVED, SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
     loadMarkupsFile, loadVolumeFile)
-from SCNLandmarksMRML.catalogue import ModelEntry, downloadModel, readCatalogue  # noqa: E402
+from SCNLandmarksMRML.catalogue import (  # noqa: E402
+    availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel)
 from SCNLandmarksMRML.volumes import ijkToRasArray  # noqa: E402
 
 NAMES = ["Apex", "Base", "Left", "Right"]
@@ -713,31 +714,60 @@ def test_cmake_lists_name_existing_files():
 
 
 # ------------------------------------------------------------------------------------------------
-# catalogue, downloads, dependencies
+# catalogue (nothing is ever downloaded), dependencies
 
 
-def test_catalogue_and_checked_download(tmp_path):
-    model = tmp_path / "source.safetensors"
-    model.write_bytes(b"model bytes")
-    import hashlib
-
-    digest = hashlib.sha256(b"model bytes").hexdigest()
+def test_catalogue_offers_only_shipped_models(tmp_path):
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "model.safetensors").write_bytes(b"model bytes")
+    (tmp_path / "sample.nrrd").write_bytes(b"image bytes")
     catalogue = tmp_path / "models.json"
     catalogue.write_text(json.dumps({"models": [
-        {"name": "Local", "file": "source.safetensors", "dimension": 2},
-        {"name": "Remote", "file": "remote.safetensors", "url": model.as_uri(), "sha256": digest},
+        {"name": "Shipped", "id": "ship", "file": "shipped/model.safetensors", "card": "shipped/MODEL_CARD.md",
+         "dimension": 2, "description": "a model", "sample": "sample.nrrd"},
+        {"name": "Absent", "file": "absent/model.safetensors", "url": "https://example.org/absent.safetensors",
+         "sha256": "0" * 64, "sample": "sample.nrrd"},
         {"description": "no name, no file: skipped"}]}))
     entries = readCatalogue(catalogue)
-    assert [e.name for e in entries] == ["Local", "Remote"]
-    assert entries[0].available and entries[0].dimension == 2 and not entries[1].available
-    downloaded = downloadModel(entries[1])
-    assert downloaded == tmp_path / "remote.safetensors" and downloaded.read_bytes() == b"model bytes"
-    bad = ModelEntry("Bad", tmp_path / "bad.safetensors", model.as_uri(), "0" * 64)
-    with pytest.raises(ModelFileError, match="corrupt"):
-        downloadModel(bad)
-    assert not (tmp_path / "bad.safetensors").exists()
-    with pytest.raises(Cancelled):
-        downloadModel(entries[1], tmp_path / "elsewhere", cancel=lambda: True)
+    assert [e.name for e in entries] == ["Shipped", "Absent"]
+    shipped, absent = entries
+    assert shipped.available and shipped.hasSample and shipped.unavailableReason == ""
+    assert (shipped.dimension, shipped.id, shipped.description) == (2, "ship", "a model")
+    assert shipped.card == (tmp_path / "shipped" / "MODEL_CARD.md").resolve()
+    assert absent.id == "absent" and absent.dimension is None and absent.card is None
+    assert not absent.available and not hasattr(absent, "url") and not hasattr(absent, "sha256")
+    assert "never downloaded" in absent.unavailableReason and "Load model file" in absent.unavailableReason
+    assert [e.name for e in catalogueModels([catalogue])] == ["Shipped", "Absent"]
+    assert [e.name for e in availableModels([catalogue])] == ["Shipped"]
+    assert sampleModel([catalogue]).name == "Shipped"
+    assert entryForModel(tmp_path / "shipped" / ".." / "shipped" / "model.safetensors", [catalogue]).name == "Shipped"
+    assert entryForModel(tmp_path / "mine.safetensors", [catalogue]) is None and entryForModel("", [catalogue]) is None
+    assert catalogueModels([tmp_path / "missing.json"]) == [] and sampleModel([tmp_path / "missing.json"]) is None
+    (tmp_path / "broken.json").write_text("{")
+    assert readCatalogue(tmp_path / "broken.json") == []
+
+
+def test_the_shipped_catalogue_and_the_module_download_nothing():
+    entries = SCNLandmarksLogic.catalogueModels()
+    assert entries, "Resources/Models/models.json lists no model"
+    for entry in entries:
+        assert entry.path.is_relative_to(REPO / "Resources" / "Models"), entry.path
+        assert entry.card is None or entry.card.is_file() or not entry.available, f"shipped without its card: {entry.card}"
+        assert entry.sample is None or entry.sample.is_file(), entry.sample
+    assert [e.name for e in SCNLandmarksLogic.availableModels()] == [e.name for e in entries if e.available]
+    raw = json.loads((REPO / "Resources" / "Models" / "models.json").read_text())
+    assert not any({"url", "sha256"} & set(item) for item in raw["models"])
+    assert not hasattr(SCNLandmarksLogic, "downloadModel")
+    for path in [MODULE_DIR / "SCNLandmarks.py", *(MODULE_DIR / "SCNLandmarksMRML").glob("*.py")]:
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("urllib", "http", "requests", "hashlib", "socket"), \
+                    f"{path.name} imports {name}"
+        for word in ("downloadModel", "(download)", "urlopen", "sha256", "Download the model"):
+            assert word not in source, f"{path.name} mentions {word}"
 
 
 def test_dependency_status_and_devices():

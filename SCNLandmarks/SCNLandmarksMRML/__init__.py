@@ -6,7 +6,7 @@ the Slicer application and on slicer-core without a GUI (where the tests run it)
 subpackage because Slicer loads every ``.py`` file of a module folder as a module.
 """
 
-from .catalogue import ModelEntry, availableModels, downloadModel
+from .catalogue import ModelEntry, availableModels, catalogueModels, entryForModel, sampleModel
 from .dependencies import DependencyStatus, DeviceChoice, dependencyStatus, deviceChoices
 from .headless import HeadlessScene, createHeadlessScene, loadMarkupsFile, loadVolumeFile
 from .logic import HEATMAP_KINDS, DetectionResult, SCNLandmarksLogic
@@ -18,6 +18,7 @@ __all__ = [
     "DETECTED", "HEATMAP_KINDS", "LOW_CONFIDENCE", "MISSING", "MOVED", "STATUSES",
     "DependencyStatus", "DetectionResult", "DeviceChoice", "HeadlessScene", "LandmarkRow", "ModelEntry",
     "RenderedSlice", "SCNLandmarksLogic", "VolumeImage",
-    "availableModels", "checkScalarVolume", "createHeadlessScene", "dependencyStatus", "deviceChoices",
-    "downloadModel", "imageFromVolumeNode", "loadMarkupsFile", "loadVolumeFile", "renderOverlayPng",
+    "availableModels", "catalogueModels", "checkScalarVolume", "createHeadlessScene", "dependencyStatus",
+    "deviceChoices", "entryForModel", "imageFromVolumeNode", "loadMarkupsFile", "loadVolumeFile",
+    "renderOverlayPng", "sampleModel",
 ]

@@ -1,29 +1,27 @@
-"""The model catalogue (`Resources/Models/models.json`) and model downloads.
+"""The model catalogue (`Resources/Models/models.json`): the models that ship with the extension.
 
-The catalogue is a JSON list of models (or ``{"models": [...]}``); each entry names a model file
-relative to the catalogue, or a download URL with its SHA-256::
+Nothing is ever downloaded: a model is either a file shipped beside the catalogue or a local file
+the user picks ("Load model file..."). The catalogue is a JSON list of models (or
+``{"models": [...]}``); each entry names its model file relative to the catalogue::
 
-    [{"name": "Hand X-ray (37 landmarks)", "file": "hand_xray.safetensors",
-      "url": "https://.../hand_xray.safetensors", "sha256": "...",
-      "dimension": 2, "description": "..."}]
+    {"models": [{"name": "Brain AFIDs (32 landmarks)", "id": "brain-afids-32",
+                 "file": "brain-afids-32/model.safetensors", "card": "brain-afids-32/MODEL_CARD.md",
+                 "dimension": 3, "description": "...", "sample": "../Samples/brain.nii.gz"}]}
 
-It is looked for in the module's Resources (installed extension) and in the source tree.
+Optional keys: ``card`` (model card), ``sample`` (an image to try the model on: README demo and
+module self-test), ``sample_landmarks`` (its true landmarks) and ``tolerance_mm`` (the largest
+median error the self-test accepts on the sample). An entry whose model file is absent (e.g. a
+build that left it out) is listed by `catalogueModels` but not by `availableModels`.
+
+The catalogue is looked for in the module's Resources (installed extension), then in the source tree.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-from SCNLandmarksLib.errors import Cancelled, ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -40,36 +38,51 @@ class ModelEntry:
 
     Attributes:
         name: shown in the model selector.
-        path: local model file (may not exist yet when a URL is given).
-        url: download address, or "".
-        sha256: expected checksum of the download, or "".
+        path: the model file (shipped beside the catalogue; may be absent from a given build).
         dimension: 2 or 3 when the catalogue says, else None.
         description: free text.
-        sample: an image to try the model on (self-test), or None.
+        sample: an image to try the model on (demo, self-test), or None.
         sampleLandmarks: its true landmarks (.mrk.json, .fcsv, .csv), or None.
         toleranceMm: the largest median error the self-test accepts on the sample, or None.
+        card: the model card (Markdown: data, training, accuracy, limits), or None.
+        id: short identifier (the catalogue's "id", else the model folder's name).
     """
 
     name: str
-    path: Path | None
-    url: str = ""
-    sha256: str = ""
+    path: Path
     dimension: int | None = None
     description: str = ""
     sample: Path | None = None
     sampleLandmarks: Path | None = None
     toleranceMm: float | None = None
+    card: Path | None = None
+    id: str = ""
 
     @property
     def available(self) -> bool:
-        return self.path is not None and self.path.is_file()
+        """True when the model file is there."""
+        return self.path.is_file()
+
+    @property
+    def hasSample(self) -> bool:
+        """True when the catalogue names a sample image and it is there."""
+        return self.sample is not None and self.sample.is_file()
+
+    @property
+    def unavailableReason(self) -> str:
+        """Why the model cannot be used ("" when it can), for tooltips and error messages."""
+        if self.available:
+            return ""
+        return (f"The model file {self.path} is not in this installation (models are never downloaded). "
+                "Use 'Load model file...' to pick a model file on this computer.")
 
 
-def readCatalogue(path: Path) -> list[ModelEntry]:
+def readCatalogue(path) -> list[ModelEntry]:
     """The entries of one catalogue file; unreadable entries are skipped with a warning."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         logger.warning("%s: cannot read the model catalogue (%s)", path, error)
         return []
     items = data.get("models", []) if isinstance(data, dict) else data
@@ -78,90 +91,57 @@ def readCatalogue(path: Path) -> list[ModelEntry]:
         if not isinstance(item, dict):
             continue
         fileName = item.get("file") or item.get("path")
-        url = str(item.get("url", ""))
-        if not fileName and url:
-            fileName = url.rstrip("/").rsplit("/", 1)[-1]
         name = str(item.get("name") or item.get("title") or fileName or "")
-        if not name or not fileName:
+        if not name or not fileName or not isinstance(fileName, str):
             logger.warning("%s: skipping a catalogue entry without name/file: %s", path, item)
             continue
-        filePath = Path(fileName)
-        if not filePath.is_absolute():
-            filePath = Path(path).parent / filePath
+
+        def local(value) -> Path | None:
+            if not value or not isinstance(value, str):
+                return None
+            return (Path(value) if Path(value).is_absolute() else path.parent / value).resolve()
+
         dimension = item.get("dimension")
-
-        def local(key: str) -> Path | None:
-            value = item.get(key)
-            return None if not value else (Path(value) if Path(value).is_absolute() else Path(path).parent / value)
-
         tolerance = item.get("tolerance_mm")
-        entries.append(ModelEntry(name, filePath, url, str(item.get("sha256", "")),
-                                  int(dimension) if dimension in (2, 3) else None,
-                                  str(item.get("description", "")), local("sample"), local("sample_landmarks"),
-                                  float(tolerance) if isinstance(tolerance, (int, float)) else None))
+        modelPath = local(fileName)
+        entries.append(ModelEntry(
+            name=name, path=modelPath,
+            dimension=int(dimension) if dimension in (2, 3) else None,
+            description=str(item.get("description", "")),
+            sample=local(item.get("sample")), sampleLandmarks=local(item.get("sample_landmarks")),
+            toleranceMm=float(tolerance) if isinstance(tolerance, (int, float)) else None,
+            card=local(item.get("card")),
+            id=str(item.get("id") or modelPath.parent.name)))
     return entries
 
 
-def availableModels(locations=CATALOGUE_LOCATIONS) -> list[ModelEntry]:
-    """Catalogue models, from the first catalogue file found (installed first, then source tree)."""
+def catalogueModels(locations=CATALOGUE_LOCATIONS) -> list[ModelEntry]:
+    """Every entry of the first catalogue file found (installed first, then source tree), present or not."""
     for location in locations:
         if Path(location).is_file():
             return readCatalogue(Path(location))
     return []
 
 
-def _safeName(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+def availableModels(locations=CATALOGUE_LOCATIONS) -> list[ModelEntry]:
+    """The catalogue models whose model file is there (the ones that can be offered)."""
+    return [entry for entry in catalogueModels(locations) if entry.available]
 
 
-def downloadModel(entry: ModelEntry, folder: Path | None = None,
-                  progress: Callable[[float, str], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> Path:
-    """Download a catalogue model (call only after the user agreed), checking its SHA-256.
+def sampleModel(locations=CATALOGUE_LOCATIONS) -> ModelEntry | None:
+    """The first catalogue entry with a sample image (the README demo's and self-test's model), or None.
 
-    Args:
-        entry: catalogue entry with a URL.
-        folder: where to save; default the entry's own path (falls back to the user's cache
-            folder when that is not writable).
-        progress: called with (fraction, message).
-        cancel: polled between chunks; True stops and removes the partial file.
-
-    Returns:
-        The downloaded model file.
-
-    Raises:
-        ModelFileError: no URL, download failure or checksum mismatch; Cancelled when cancelled.
+    The entry is returned even when its model file is absent, so callers can say what is missing.
     """
-    if not entry.url:
-        raise ModelFileError(f"'{entry.name}': no download address in the catalogue")
-    target = (Path(folder) / _safeName(entry.path.name if entry.path else entry.name)) if folder else entry.path
-    if target is None or not os.access(target.parent if target.parent.exists() else target.parent.parent, os.W_OK):
-        target = Path.home() / ".cache" / "SCNLandmarks" / _safeName(entry.path.name if entry.path else entry.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    return next((entry for entry in catalogueModels(locations) if entry.sample is not None), None)
+
+
+def entryForModel(modelPath, locations=CATALOGUE_LOCATIONS) -> ModelEntry | None:
+    """The catalogue entry of a model file, or None for a file the user loaded."""
+    if not modelPath:
+        return None
     try:
-        with os.fdopen(handle, "wb") as output, urllib.request.urlopen(entry.url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while True:
-                if cancel is not None and cancel():
-                    raise Cancelled(f"download of '{entry.name}' cancelled")
-                chunk = response.read(1 << 20)
-                if not chunk:
-                    break
-                output.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done / total if total else 0.0, f"downloading {entry.name}: {done >> 20} MB")
-        if entry.sha256 and digest.hexdigest().lower() != entry.sha256.lower():
-            raise ModelFileError(f"'{entry.name}': the download from {entry.url} is corrupt "
-                                 f"(SHA-256 {digest.hexdigest()}, expected {entry.sha256})")
-        os.replace(temporary, target)
-    except OSError as error:
-        raise ModelFileError(f"'{entry.name}': download from {entry.url} failed ({error})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return target
+        wanted = Path(modelPath).resolve()
+    except OSError:
+        return None
+    return next((entry for entry in catalogueModels(locations) if entry.path.resolve() == wanted), None)

@@ -126,8 +126,13 @@ class SCNLandmarksLogic:
 
     @staticmethod
     def availableModels() -> list[catalogue.ModelEntry]:
-        """Models of the catalogue `Resources/Models/models.json`."""
+        """Models of the catalogue `Resources/Models/models.json` whose file ships with this installation."""
         return catalogue.availableModels()
+
+    @staticmethod
+    def catalogueModels() -> list[catalogue.ModelEntry]:
+        """Every model of the catalogue, including any whose file is absent (`entry.available` False)."""
+        return catalogue.catalogueModels()
 
     @staticmethod
     def heatmapKinds() -> dict[str, str]:
@@ -153,12 +158,6 @@ class SCNLandmarksLogic:
         names = list(metadata["landmark_names"])
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         return f"{metadata['dimension']}D model, {len(names)} landmarks: {shown}"
-
-    @staticmethod
-    def downloadModel(entry: catalogue.ModelEntry, progress: Progress | None = None,
-                      cancel: Cancel | None = None) -> Path:
-        """Download a catalogue model (only after the user agreed); see `catalogue.downloadModel`."""
-        return catalogue.downloadModel(entry, progress=progress, cancel=cancel)
 
     def loadPredictor(self, modelPath, device: str = "auto"):
         """Load (once; cached by file, modification time and device) a model file as a Predictor.

@@ -43,6 +43,8 @@ STATUS_COLORS = {
     landmarkMarkups.MOVED: (0, 200, 255),
 }
 OUTLINE = (0, 0, 0)
+# Projections of points off the slice ("offSlicePoints"), RGB in [0, 1]: light cyan.
+PROJECTION_COLOR = (0.55, 0.85, 1.0)
 
 
 @dataclass
@@ -93,6 +95,35 @@ def _markupsPoints(markupsNode):
         color = STATUS_COLORS.get(row.status, defaultColor) if row is not None else defaultColor
         points.append((markupsNode.GetNthControlPointLabel(index), np.asarray(world), color))
     return points
+
+
+def _addOffSliceProjections(scene, markupsNode):
+    """A temporary, unlabelled copy of the placed points, drawn by Slicer's slice projection: every
+    point shows in the slice view as a small faded marker where it projects onto the slice, while
+    `markupsNode` itself draws (and labels) the points that lie in the slice."""
+    copy = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", OFFSCREEN_VIEW_NAME + "Projections")
+    copy.SetAndObserveTransformNodeID(markupsNode.GetTransformNodeID())
+    for index in range(markupsNode.GetNumberOfControlPoints()):
+        if markupsNode.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined:
+            copy.AddControlPoint(vtk.vtkVector3d(*markupsNode.GetNthControlPointPositionVector(index)), "")
+    copy.SetLocked(True)
+    copy.CreateDefaultDisplayNodes()
+    display = copy.GetDisplayNode()
+    source = markupsNode.GetDisplayNode()
+    display.SetPointLabelsVisibility(False)
+    display.SetPropertiesLabelVisibility(False)
+    display.SetSliceProjection(True)
+    display.SetSliceProjectionUseFiducialColor(False)
+    display.SetSliceProjectionOutlinedBehindSlicePlane(False)
+    display.SetSliceProjectionColor(*PROJECTION_COLOR)
+    display.SetSliceProjectionOpacity(0.9)
+    display.SetColor(*PROJECTION_COLOR)
+    display.SetSelectedColor(*PROJECTION_COLOR)
+    if source is not None:
+        display.SetGlyphScale(0.6 * source.GetGlyphScale())
+        display.SetGlyphSize(0.6 * source.GetGlyphSize())
+        display.SetUseGlyphScale(source.GetUseGlyphScale())
+    return copy
 
 
 def offscreenRenderingAvailable() -> bool:
@@ -155,7 +186,7 @@ def _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic
 def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None, opacity: float = 0.5,
                      orientation: str = "Axial", alignToVolume: bool = True, centerRas=None,
                      sizePx: int = 512, pointRadiusPx: float = 5.0, slabMm: float | None = None,
-                     method: str = "auto", applicationLogic=None) -> RenderedSlice:
+                     method: str = "auto", applicationLogic=None, offSlicePoints: bool = False) -> RenderedSlice:
     """Render one slice view offscreen - image, heatmap foreground, markups - to a PNG.
 
     Args:
@@ -176,6 +207,9 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
             rings (default: half the volume's largest voxel spacing).
         method: "auto", "vtk" or "numpy" (see the module docstring).
         applicationLogic: vtkMRMLApplicationLogic with the Markups module logic, needed by "vtk".
+        offSlicePoints: "vtk" method: also mark the points that are off the slice, unlabelled and
+            faded, where they project onto it (a slice view shows only the points in its slice; a
+            still picture may need them all). The "numpy" method always draws them, as rings.
 
     Returns:
         RenderedSlice with the path, the picture, where each point falls and the method used.
@@ -223,6 +257,8 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
 
         rgb = None
         if useVtk:
+            if offSlicePoints and markupsNode is not None:
+                _addOffSliceProjections(scene, markupsNode)
             try:
                 rgb = _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic, width, height,
                                                            markupsNode is not None)

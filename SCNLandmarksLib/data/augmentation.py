@@ -179,8 +179,9 @@ def swap_permutation(names: list[str], pairs: tuple[tuple[str, str], ...]) -> li
 def augmented_sample(prepared: PreparedImage, points_lps: np.ndarray, grid_size: tuple[int, ...],
                      grid_spacing: tuple[float, ...], config: AugmentationConfig, generator: torch.Generator,
                      flip_permutation: list[int] | None = None, augment: bool = True,
+                     center_lps: np.ndarray | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
-    """One training sample: the image on an axis-aligned grid centred on the image, randomly transformed.
+    """One training sample: the image on an axis-aligned grid, randomly transformed about its centre.
 
     Args:
         prepared: the normalised image.
@@ -188,13 +189,14 @@ def augmented_sample(prepared: PreparedImage, points_lps: np.ndarray, grid_size:
         grid_size, grid_spacing: the network grid (x, y[, z]).
         flip_permutation: landmark permutation applied when the transform mirrors.
         augment: False gives the plain centred resampling (validation).
+        center_lps: where the grid is centred (physical); default the image's centre.
     Returns:
         sample: (1, *grid) float32 input;
         landmark_index: (N, d) float64 continuous grid indices (x, y[, z]) of the landmarks, NaN if missing;
         grid: the output grid geometry.
     """
     device = prepared.array.device
-    center = image_center(prepared.geometry)
+    center = image_center(prepared.geometry) if center_lps is None else np.asarray(center_lps, dtype=np.float64)
     grid = axis_aligned_grid(center, grid_size, grid_spacing)
     d = grid.dimension
     if augment:

@@ -39,7 +39,7 @@ class TrainingProgress:
         done, total = info["iteration"], info["iterations"]
         width = 30
         filled = int(width * done / total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {info['loss']:.4f} "
+        line = (f"{info['stage']} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {info['loss']:.4f} "
                 f"sigma {info['mean_sigma']:.2f} ETA {_format_seconds(info['eta_s'])}")
         validation = info.get("validation")
         if validation:

@@ -262,7 +262,6 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     validation_items = load_split(spec, validation_entries) if validation_entries else []
     unit = spacing_unit(training_items[0].path)
     names = list(spec.landmark_names)
-    permutation = swap_permutation(names, config.augmentation.flip_pairs) if config.augmentation.flip_pairs else None
     output_dir = config.output_dir
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +301,8 @@ def train(config: Config, resume: bool = False, device: str = "auto",
             item.prepared = prepare_image(item.image, stage.grid.spacing, config.intensity, target)
         trainable, params = _new_trainable(stage, config.dimension, len(names))
         trained[stage.name] = (trainable.to(target), params)
+        pairs = stage.augmentation.flip_pairs
+        permutation = swap_permutation(names, pairs) if pairs else None
         # A refinement that never beats the coarse model's best validation score is not shipped.
         result = _run_stage(stage, trainable, training_items, permutation, config.dimension, target, rank,
                             distributed, output_dir, resume, progress, cancel, validate, export,

@@ -40,7 +40,7 @@ MODULE_DIR = HERE.parent                        # SCNLandmarks (the Slicer modul
 VIEWS_3D = ("Axial", "Coronal", "Sagittal")
 # RAS normal of each slice view (the picture's slice is then turned to the volume's nearest voxel plane).
 ANATOMICAL_NORMALS = {"Axial": (0, 0, 1), "Coronal": (0, 1, 0), "Sagittal": (1, 0, 0)}
-HEATMAP_OPACITY = 0.45
+HEATMAP_OPACITY = 0.35
 # In the pictures, heatmap values below this fraction of the maximum are transparent.
 HEATMAP_SHOWN_ABOVE = 0.15
 PICTURE_SIZE_PX = 600

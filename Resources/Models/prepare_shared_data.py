@@ -5,6 +5,7 @@
 Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) the library trains on:
   afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)
   ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), splits of 80/20
+  ceph-10-images/  the same validation split, but only the first 10 training images
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def prepare_afids(shared: Path, out: Path) -> Path:
     return spec
 
 
-def prepare_ceph(shared: Path, out: Path, validation: int = 20) -> Path:
-    """80/20 split by image number; 014 and 087 (the same radiograph) stay together in train."""
+def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int | None = None) -> Path:
+    """80/20 split by image number; 014 and 087 (the same radiograph) stay together in train.
+
+    `train_limit` keeps only the first that many training images (the reduced-data experiment);
+    the validation images stay the same.
+    """
     out.mkdir(parents=True, exist_ok=True)
     rows = list(csv.DictReader(open(shared / "landmarks_mean.csv")))
     names = []
@@ -56,6 +61,8 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20) -> Path:
              "csv_coordinates = \"index\"\n"]
     for number, path in enumerate(images):
         split = "validation" if number >= len(images) - validation else "train"
+        if split == "train" and train_limit is not None and number >= train_limit:
+            continue
         lines.append(f"[[images]]\nid = \"{path.stem}\"\nimage = \"{path.resolve()}\"\nsplit = \"{split}\"\n")
     spec = out / "dataset.toml"
     spec.write_text("\n".join(lines))
@@ -69,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     print(prepare_afids(args.shared / "afids", args.out / "afids"))
     print(prepare_ceph(args.shared / "ceph", args.out / "ceph"))
+    print(prepare_ceph(args.shared / "ceph", args.out / "ceph-10-images", train_limit=10))
 
 
 if __name__ == "__main__":

@@ -64,21 +64,28 @@ def test_loss_ignores_missing_landmarks():
     assert float(same) == float(base) and float(worse) > float(base)
 
 
+def validation_errors(predictor: Predictor, dataset: Path) -> tuple[np.ndarray, list[list[str]]]:
+    """Point errors (mm) of all validation landmarks of a synthetic dataset, and the statuses per image."""
+    spec = load_dataset_spec(dataset)
+    entries = spec.split("validation")
+    truth = spec.load_landmarks(entries)
+    errors, statuses = [], []
+    for entry in entries:
+        image = read_image(entry.image)
+        prediction = predictor.predict(image)
+        errors.append(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
+        statuses.append(prediction.status)
+    return np.concatenate(errors), statuses
+
+
 def test_short_training_reaches_sub_voxel_point_error(trained_2d, dataset_2d):
     """A tiny SCN on the 2 mm grid finds synthetic landmarks on held-out images within 0.5 mm."""
     config, result = trained_2d
     assert result.iterations == config.training.iterations
     assert result.best_validation_error < 0.5
     assert result.history[0]["mean_error"] >= result.best_validation_error
-    predictor = Predictor.from_file(result.model_path, "cpu")
-    spec = load_dataset_spec(dataset_2d)
-    entries = spec.split("validation")
-    truth = spec.load_landmarks(entries)
-    errors = []
-    for entry in entries:
-        prediction = predictor.predict(read_image(entry.image))
-        assert prediction.status == ["detected"] * 4
-        errors += list(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
+    errors, statuses = validation_errors(Predictor.from_file(result.model_path, "cpu"), dataset_2d)
+    assert all(status == ["detected"] * 4 for status in statuses)
     assert np.mean(errors) < 0.5
     assert (config.output_dir / "config.toml").is_file()
     assert load_config(config.output_dir / "config.toml").grid == config.grid
@@ -86,16 +93,9 @@ def test_short_training_reaches_sub_voxel_point_error(trained_2d, dataset_2d):
 
 def test_3d_model_detects_landmarks_on_oblique_anisotropic_flipped_volumes(trained_3d, dataset_3d):
     config, result = trained_3d
-    predictor = Predictor.from_file(result.model_path, "cpu")
-    spec = load_dataset_spec(dataset_3d)
-    entries = spec.split("validation")
-    truth = spec.load_landmarks(entries)
-    errors = []
-    for entry in entries:
-        image = read_image(entry.image)
-        assert image.GetDirection() != tuple(np.eye(3).ravel())
-        prediction = predictor.predict(image)
-        errors += list(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
+    entry = load_dataset_spec(dataset_3d).split("validation")[0]
+    assert read_image(entry.image).GetDirection() != tuple(np.eye(3).ravel())
+    errors, _ = validation_errors(Predictor.from_file(result.model_path, "cpu"), dataset_3d)
     assert np.mean(errors) < 1.25, f"mean error {np.mean(errors):.2f} mm on a 2.5 mm grid"
 
 
@@ -202,15 +202,7 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     result = train(config, device="cpu")
     predictor = Predictor.from_file(result.model_path, "cpu")
     assert predictor.refinement is not None and read_metadata(result.model_path)["refinement"]["patch_size"] == [24, 24]
-    spec = load_dataset_spec(dataset_2d)
-    entries = spec.split("validation")
-    truth = spec.load_landmarks(entries)
-
-    def mean_error(p: Predictor) -> float:
-        return float(np.mean([np.linalg.norm(p.predict(read_image(e.image)).landmarks.points_lps
-                                             - truth[e.id].points_lps, axis=1) for e in entries]))
-
-    refined = mean_error(predictor)
+    refined = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
     predictor.refinement = None  # the same file's coarse stage alone
-    coarse = mean_error(predictor)
+    coarse = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"

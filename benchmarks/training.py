@@ -38,9 +38,17 @@ CASES = {
 }
 
 
-def synchronize(device: torch.device) -> None:
+def per_second(function, count: int, device: torch.device) -> float:
+    """Calls per second of function(seed) over `count` seeds, after one warm-up call."""
+    function(0)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    started = time.perf_counter()
+    for seed in range(count):
+        function(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
 
 
 def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> dict:
@@ -58,13 +66,7 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
         return augmented_sample(prepared, points, case["grid_size"], case["grid_spacing"], case["augmentation"],
                                 generator)
 
-    sample(0)
-    synchronize(device)
-    started = time.perf_counter()
-    for seed in range(iterations):
-        sample(seed)
-    synchronize(device)
-    samples_per_s = iterations / (time.perf_counter() - started)
+    samples_per_s = per_second(sample, iterations, device)
 
     network = build_model("scn", d, 1, case["landmarks"], case["params"]).to(device)
     heatmap = HeatmapConfig(sigma_init=2.0 * case["grid_spacing"][0])
@@ -84,13 +86,7 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
         loss.backward()
         optimizer.step()
 
-    step(0)
-    synchronize(device)
-    started = time.perf_counter()
-    for seed in range(iterations):
-        step(seed)
-    synchronize(device)
-    iterations_per_s = iterations / (time.perf_counter() - started)
+    iterations_per_s = per_second(step, iterations, device)
     return {"case": name, "device": device.type, "threads": torch.get_num_threads(),
             "grid": list(case["grid_size"]), "landmarks": case["landmarks"],
             "augmentation_samples_per_s": round(samples_per_s, 2),

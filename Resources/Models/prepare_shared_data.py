@@ -4,7 +4,7 @@
 
 Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) the library trains on:
   afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)
-  ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), splits of 80/20
+  ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), 81 train / 19 validation
   ceph-10-images/  the same validation split, but only the first 10 training images
 """
 
@@ -20,6 +20,7 @@ from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_IMAGE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+SAME_RADIOGRAPH = ("014", "087")  # pixel-identical images, annotated independently (MANIFEST)
 
 
 def toml_list(values: list[str]) -> str:
@@ -40,7 +41,8 @@ def prepare_afids(shared: Path, out: Path) -> Path:
 
 
 def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int | None = None) -> Path:
-    """80/20 split by image number; 014 and 087 (the same radiograph) stay together in train.
+    """Split by image number: the last `validation` images validate, except that 014 and 087 (the
+    same radiograph) both train, so validation holds 19 distinct radiographs.
 
     `train_limit` keeps only the first that many training images (the reduced-data experiment);
     the validation images stay the same.
@@ -61,6 +63,8 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int
              "csv_coordinates = \"index\"\n"]
     for number, path in enumerate(images):
         split = "validation" if number >= len(images) - validation else "train"
+        if path.stem in SAME_RADIOGRAPH:
+            split = "train"  # its twin is a training image: never validate on it
         if split == "train" and train_limit is not None and number >= train_limit:
             continue
         lines.append(f"[[images]]\nid = \"{path.stem}\"\nimage = \"{path.resolve()}\"\nsplit = \"{split}\"\n")

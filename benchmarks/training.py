@@ -2,9 +2,9 @@
 
     python benchmarks/training.py [--device cpu|cuda] [--iterations 10]
 
-Cases mirror the shipped models' settings on synthetic images of the real data's sizes: a 2D
+Cases mirror the shipped models' coarse stages on synthetic images of the real data's sizes: a 2D
 cephalogram-sized image (1340 x 1671 px) on a 1/8-resolution grid, and a 1 mm brain-sized volume
-(193 x 229 x 193) on a 3 mm grid.
+(193 x 229 x 193) on the shipped 6 mm grid and on a 3 mm grid.
 """
 
 from __future__ import annotations
@@ -24,17 +24,21 @@ from SCNLandmarksLib.heatmaps import LearnableSigmas, gaussian_heatmaps
 from SCNLandmarksLib.losses import heatmap_loss
 from SCNLandmarksLib.models import build_model
 
+BRAIN_AUGMENTATION = AugmentationConfig(elastic_mm=4.0, elastic_control_spacing_mm=40.0, flip_axis=0,
+                                        flip_probability=0.5, gamma_log=0.3, noise_std=0.03, bias_field_log=0.2)
 CASES = {
     "2d-ceph": dict(image_size=(1340, 1671), image_spacing=(1.0, 1.0), grid_size=(176, 216), grid_spacing=(8.0, 8.0),
                     landmarks=19, params=dict(filters=64, levels=4, sc_downsample=8, sc_kernel=9, sc_filters=64),
                     augmentation=AugmentationConfig(elastic_mm=20.0, elastic_control_spacing_mm=300.0,
                                                     translation=100.0, gamma_log=0.3, noise_std=0.02)),
-    "3d-brain": dict(image_size=(193, 229, 193), image_spacing=(1.0, 1.0, 1.0), grid_size=(64, 80, 64),
-                     grid_spacing=(3.0, 3.0, 3.0), landmarks=32,
+    "3d-brain": dict(image_size=(193, 229, 193), image_spacing=(1.0, 1.0, 1.0), grid_size=(32, 40, 32),
+                     grid_spacing=(6.0, 6.0, 6.0), landmarks=32,
                      params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
-                     augmentation=AugmentationConfig(elastic_mm=4.0, elastic_control_spacing_mm=40.0, flip_axis=0,
-                                                     flip_probability=0.5, gamma_log=0.3, noise_std=0.03,
-                                                     bias_field_log=0.2)),
+                     augmentation=BRAIN_AUGMENTATION),
+    "3d-brain-3mm": dict(image_size=(193, 229, 193), image_spacing=(1.0, 1.0, 1.0), grid_size=(64, 80, 64),
+                         grid_spacing=(3.0, 3.0, 3.0), landmarks=32,
+                         params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
+                         augmentation=BRAIN_AUGMENTATION),
 }
 
 

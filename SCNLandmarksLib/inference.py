@@ -22,7 +22,7 @@ import torch
 
 from .bundle import LoadedModel, load_model
 from .config import IntensityConfig
-from .data.preparation import prepare_image, resample_to_grid
+from .data.preparation import normalize_image, prepare_normalized, resample_to_grid
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid
 from .heatmaps import peak_height, refine_peaks
@@ -168,7 +168,8 @@ class Predictor:
         start = time.perf_counter()
         step(0.0, "preparing image")
         image = as_scalar_image(image, self.dimension, source)
-        prepared = prepare_image(image, self.spacing, self.intensity, self.device)
+        normalized = normalize_image(image, self.intensity)
+        prepared = prepare_normalized(normalized, self.spacing, self.device)
         grid = covering_grid(prepared.geometry, self.spacing)
         sample = resample_to_grid(prepared, grid).unsqueeze(0)
         timings["resample"] = time.perf_counter() - start
@@ -194,7 +195,7 @@ class Predictor:
                 status.append("low confidence" if c < self.thresholds["low_confidence_below"] else "detected")
         if self.refinement is not None:
             step(0.95, "refining landmarks on fine patches")
-            points = self._refine(image, points)
+            points = self._refine(normalized, points)
         kept = {}
         if heatmaps:
             for kind in HEATMAP_KINDS:
@@ -207,7 +208,7 @@ class Predictor:
         return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept)
 
     @torch.inference_mode()
-    def _refine(self, image: sitk.Image, points: np.ndarray) -> np.ndarray:
+    def _refine(self, normalized: sitk.Image, points: np.ndarray) -> np.ndarray:
         """Coarse-to-fine: each found landmark's maximum on a fine patch centred on its coarse position.
 
         All patches go through the refinement network in one batch. A landmark whose refined peak is
@@ -219,7 +220,7 @@ class Predictor:
         found = np.flatnonzero(np.all(np.isfinite(points), axis=1))
         if len(found) == 0:
             return points
-        prepared = prepare_image(image, spacing, self.intensity, self.device)
+        prepared = prepare_normalized(normalized, spacing, self.device)
         grids = [axis_aligned_grid(points[k], size, spacing) for k in found]
         batch = torch.stack([resample_to_grid(prepared, grid) for grid in grids])
         final = self.refinement.network(batch).final

@@ -57,6 +57,33 @@ def shrink_factors(spacing: tuple[float, ...], grid_spacing: tuple[float, ...]) 
     return [max(1, int(math.floor(finest / s + 1e-6))) for s in spacing]
 
 
+def normalize_image(image: sitk.Image, intensity: IntensityConfig) -> sitk.Image:
+    """The image as float32 network intensities (see IntensityConfig), geometry unchanged."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError("prepare_image needs a scalar image; convert colour images to grayscale first")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    normalized = sitk.GetImageFromArray(normalize_intensities(sitk.GetArrayViewFromImage(image), intensity))
+    normalized.CopyInformation(image)
+    return normalized
+
+
+def prepare_normalized(normalized: sitk.Image, grid_spacing: tuple[float, ...],
+                       device: torch.device | str = "cpu") -> PreparedImage:
+    """Shrink (anti-aliased) a normalised image for a grid of `grid_spacing` and move it to `device`.
+
+    Coarse-to-fine inference prepares one normalised image for two grids, so the (whole-image)
+    normalisation is done once.
+    """
+    if normalized.GetDimension() != len(grid_spacing):
+        raise DataError(f"image is {normalized.GetDimension()}D but the grid is {len(grid_spacing)}D")
+    factors = shrink_factors(normalized.GetSpacing(), grid_spacing)
+    if any(f > 1 for f in factors):
+        normalized = sitk.BinShrink(normalized, factors)
+    array = torch.from_numpy(sitk.GetArrayFromImage(normalized)).to(device=device, dtype=torch.float32)
+    background = float(torch.quantile(array.flatten()[:: max(1, array.numel() // 100_000)], 0.005))
+    return PreparedImage(array.unsqueeze(0), ImageGeometry.of(normalized), background)
+
+
 def prepare_image(image: sitk.Image, grid_spacing: tuple[float, ...], intensity: IntensityConfig,
                   device: torch.device | str = "cpu") -> PreparedImage:
     """Normalise, shrink (anti-aliased) and move an image to `device`.
@@ -66,20 +93,7 @@ def prepare_image(image: sitk.Image, grid_spacing: tuple[float, ...], intensity:
         grid_spacing: spacing of the network grid it will be sampled on (mm per voxel).
         intensity: normalisation settings (stored in the model file).
     """
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError("prepare_image needs a scalar image; convert colour images to grayscale first")
-    if image.GetDimension() != len(grid_spacing):
-        raise DataError(f"image is {image.GetDimension()}D but the grid is {len(grid_spacing)}D")
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    raw = sitk.GetArrayViewFromImage(image)
-    normalized = sitk.GetImageFromArray(normalize_intensities(raw, intensity))
-    normalized.CopyInformation(image)
-    factors = shrink_factors(image.GetSpacing(), grid_spacing)
-    if any(f > 1 for f in factors):
-        normalized = sitk.BinShrink(normalized, factors)
-    array = torch.from_numpy(sitk.GetArrayFromImage(normalized)).to(device=device, dtype=torch.float32)
-    background = float(torch.quantile(array.flatten()[:: max(1, array.numel() // 100_000)], 0.005))
-    return PreparedImage(array.unsqueeze(0), ImageGeometry.of(normalized), background)
+    return prepare_normalized(normalize_image(image, intensity), grid_spacing, device)
 
 
 def grid_positions(grid: ImageGeometry, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
@@ -117,5 +131,6 @@ def resample_to_grid(prepared: PreparedImage, grid: ImageGeometry) -> torch.Tens
     return sample_at(prepared, grid_positions(grid, prepared.array.device))
 
 
-__all__ = ["PreparedImage", "normalize_intensities", "shrink_factors", "prepare_image", "grid_positions",
+__all__ = ["PreparedImage", "normalize_intensities", "normalize_image", "prepare_normalized", "shrink_factors",
+           "prepare_image", "grid_positions",
            "sample_at", "resample_to_grid"]

@@ -127,7 +127,8 @@ class Prediction:
 class Predictor:
     """A loaded model, ready to detect landmarks on images."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device):
+    def __init__(self, loaded: LoadedModel, device: torch.device, path: Path | None = None):
+        self.path = path  # the model file, when loaded from one
         self.device = device
         self.refinement = loaded.refinement
         self.network = loaded.network
@@ -144,7 +145,7 @@ class Predictor:
     def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
         """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda'."""
         device = resolve_device(device)
-        return cls(load_model(path, device), device)
+        return cls(load_model(path, device), device, Path(path))
 
     def predict(self, image: sitk.Image, heatmaps: bool = False, progress: Progress | None = None,
                 cancel: Cancel | None = None, source: str = "image") -> Prediction:

@@ -90,6 +90,11 @@ class ImageGeometry:
         corners = np.array(np.meshgrid(*[[0, s - 1] for s in self.size], indexing="ij")).reshape(d, -1).T
         return self.index_to_physical(corners)
 
+    def center_physical(self) -> np.ndarray:
+        """(d,) physical centre of the bounding box of the voxel centres."""
+        corners = self.corners_physical()
+        return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
+
     def contains(self, points: np.ndarray, margin_voxels: float = 0.5) -> np.ndarray:
         """(...,) bool: whether physical points fall inside the image (voxel extent plus margin)."""
         index = self.physical_to_index(points)
@@ -119,11 +124,4 @@ def covering_grid(geometry: ImageGeometry, spacing: tuple[float, ...], multiple_
     extent = corners.max(axis=0) - corners.min(axis=0)
     size = np.ceil(extent / np.asarray(spacing) - 1e-6).astype(int) + 1
     size = ((size + multiple_of - 1) // multiple_of) * multiple_of
-    center = (corners.max(axis=0) + corners.min(axis=0)) / 2.0
-    return axis_aligned_grid(center, tuple(int(s) for s in size), spacing)
-
-
-def index_to_grid_sample_coordinates(index: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """Continuous indices (..., d) -> coordinates in [-1, 1] for torch grid_sample(align_corners=True)."""
-    size = np.asarray(size, dtype=np.float64)
-    return np.asarray(index, dtype=np.float64) * (2.0 / np.maximum(size - 1.0, 1.0)) - 1.0
+    return axis_aligned_grid(geometry.center_physical(), tuple(int(s) for s in size), spacing)

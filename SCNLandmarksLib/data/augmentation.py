@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import AugmentationConfig
 from ..geometry import ImageGeometry, axis_aligned_grid
-from .preparation import PreparedImage, grid_positions, sample_at
+from .preparation import PreparedImage, grid_positions, grid_sample_coordinates, sample_at
 
 
 @dataclass
@@ -71,11 +71,7 @@ def displacement_at(displacement: torch.Tensor, grid: ImageGeometry, points: tor
     Points outside the grid take the nearest border value (the field is smooth there anyway).
     """
     d = grid.dimension
-    to_index = torch.as_tensor(np.linalg.inv(grid.index_to_physical_matrix), dtype=points.dtype,
-                               device=points.device)
-    index = points @ to_index[:d, :d].T + to_index[:d, d]
-    size = torch.as_tensor(grid.size, dtype=points.dtype, device=points.device)
-    coordinates = index * (2.0 / torch.clamp(size - 1.0, min=1.0)) - 1.0
+    coordinates = grid_sample_coordinates(grid, points)
     shape = (1,) * (d - 1) + (points.shape[0],)
     coordinates = coordinates.reshape(1, *shape, d).to(displacement.dtype)
     values = F.grid_sample(displacement.unsqueeze(0), coordinates, mode="bilinear", padding_mode="border",
@@ -162,11 +158,6 @@ def augment_intensities(sample: torch.Tensor, config: AugmentationConfig, grid: 
     return sample
 
 
-def image_center(geometry: ImageGeometry) -> np.ndarray:
-    corners = geometry.corners_physical()
-    return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
-
-
 def swap_permutation(names: list[str], pairs: tuple[tuple[str, str], ...]) -> list[int]:
     """Index permutation that swaps the named landmark pairs (for mirrored samples)."""
     permutation = list(range(len(names)))
@@ -196,7 +187,7 @@ def augmented_sample(prepared: PreparedImage, points_lps: np.ndarray, grid_size:
         grid: the output grid geometry.
     """
     device = prepared.array.device
-    center = image_center(prepared.geometry) if center_lps is None else np.asarray(center_lps, dtype=np.float64)
+    center = prepared.geometry.center_physical() if center_lps is None else np.asarray(center_lps, dtype=np.float64)
     grid = axis_aligned_grid(center, grid_size, grid_spacing)
     d = grid.dimension
     if augment:

@@ -106,6 +106,17 @@ def grid_positions(grid: ImageGeometry, device: torch.device | str, dtype=torch.
     return index_xyz @ matrix[:d, :d].T + matrix[:d, d]
 
 
+def grid_sample_coordinates(geometry: ImageGeometry, points_lps: torch.Tensor) -> torch.Tensor:
+    """Physical points (..., d) -> coordinates in [-1, 1] of `geometry`'s voxels for
+    torch grid_sample(align_corners=True), components (x, y[, z])."""
+    d = geometry.dimension
+    to_index = torch.as_tensor(np.linalg.inv(geometry.index_to_physical_matrix), device=points_lps.device,
+                               dtype=points_lps.dtype)
+    index = points_lps @ to_index[:d, :d].T + to_index[:d, d]
+    size = torch.as_tensor(geometry.size, device=index.device, dtype=index.dtype)
+    return index * (2.0 / torch.clamp(size - 1.0, min=1.0)) - 1.0
+
+
 def sample_at(prepared: PreparedImage, points_lps: torch.Tensor) -> torch.Tensor:
     """Linearly interpolate the prepared image at physical points.
 
@@ -114,12 +125,7 @@ def sample_at(prepared: PreparedImage, points_lps: torch.Tensor) -> torch.Tensor
     Returns:
         (1, ...) intensities; points outside the image get the image's background value.
     """
-    d = prepared.geometry.dimension
-    to_index = torch.as_tensor(np.linalg.inv(prepared.geometry.index_to_physical_matrix),
-                               device=points_lps.device, dtype=points_lps.dtype)
-    index = points_lps @ to_index[:d, :d].T + to_index[:d, d]
-    size = torch.as_tensor(prepared.geometry.size, device=index.device, dtype=index.dtype)
-    coordinates = index * (2.0 / torch.clamp(size - 1.0, min=1.0)) - 1.0
+    coordinates = grid_sample_coordinates(prepared.geometry, points_lps)
     image = (prepared.array - prepared.background).unsqueeze(0)
     sampled = F.grid_sample(image, coordinates.unsqueeze(0).to(image.dtype), mode="bilinear",
                             padding_mode="zeros", align_corners=True)
@@ -132,5 +138,5 @@ def resample_to_grid(prepared: PreparedImage, grid: ImageGeometry) -> torch.Tens
 
 
 __all__ = ["PreparedImage", "normalize_intensities", "normalize_image", "prepare_normalized", "shrink_factors",
-           "prepare_image", "grid_positions",
+           "prepare_image", "grid_positions", "grid_sample_coordinates",
            "sample_at", "resample_to_grid"]

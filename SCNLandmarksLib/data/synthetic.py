@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from ..geometry import ImageGeometry
+from .augmentation import rotation_matrix
 from ..io.landmarks import write_landmarks
 from ..landmark_set import LandmarkSet
 
@@ -28,21 +30,6 @@ def constellation(dimension: int, count: int, radius_mm: float) -> np.ndarray:
     if dimension == 3:
         points[:, 2] = 0.5 * radius_mm * np.sin(np.arange(count) * 1.3)
     return points
-
-
-def random_rotation(dimension: int, max_deg: float, rng: np.random.Generator) -> np.ndarray:
-    angles = np.radians(rng.uniform(-max_deg, max_deg, 1 if dimension == 2 else 3))
-    if dimension == 2:
-        c, s = math.cos(angles[0]), math.sin(angles[0])
-        return np.array([[c, -s], [s, c]])
-    matrix = np.eye(3)
-    for axis, angle in enumerate(angles):
-        i, j = [a for a in range(3) if a != axis]
-        rotation = np.eye(3)
-        rotation[i, i] = rotation[j, j] = math.cos(angle)
-        rotation[i, j], rotation[j, i] = -math.sin(angle), math.sin(angle)
-        matrix = rotation @ matrix
-    return matrix
 
 
 def render(geometry: ImageGeometry, points_lps: np.ndarray, blob_mm: np.ndarray, rng: np.random.Generator,
@@ -94,7 +81,9 @@ def make_dataset(folder: str | Path, dimension: int = 2, images: int = 12, landm
         geometry = ImageGeometry(tuple(size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
         centre = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
         shift = rng.uniform(-0.08, 0.08, dimension) * extent.min()
-        points = template @ random_rotation(dimension, max_rotation_deg, rng).T + centre + shift
+        angles = np.radians(rng.uniform(-max_rotation_deg, max_rotation_deg, 1 if dimension == 2 else 3))
+        rotation = rotation_matrix(torch.from_numpy(angles), dimension).numpy()
+        points = template @ rotation.T + centre + shift
         image = render(geometry, points, blob_mm, rng)
         image_id = f"case{number:03d}"
         sitk.WriteImage(image, str(folder / "images" / f"{image_id}{suffix}"))

@@ -82,26 +82,32 @@ def _train(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     from .inference import Predictor
-    from .io.images import read_image, write_image
+    from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
 
     predictor = Predictor.from_file(args.model, args.device)
+    images = image_inputs(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = LANDMARK_FORMATS[args.format]
-    for number, image_path in enumerate(args.images, start=1):
-        started = time.perf_counter()
-        image = read_image(image_path, predictor.dimension)
-        prediction = predictor.predict(image, heatmaps=args.heatmaps, source=str(image_path))
-        stem = Path(image_path).name.split(".")[0]
+    failed = 0
+    started = time.perf_counter()
+    results = predictor.predict_files(images, heatmaps=args.heatmaps)
+    for number, (image_path, prediction) in enumerate(results, start=1):
+        if isinstance(prediction, SCNLandmarksError):
+            failed += 1
+            print(f"[{number}/{len(images)}] error: {prediction}", file=sys.stderr)
+            continue
+        stem = image_path.name.split(".")[0]
         target = out / f"{stem}{suffix}"
         write_landmarks(prediction.landmarks, target, prediction.status)
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != "missing" for s in prediction.status)
-        print(f"[{number}/{len(args.images)}] {image_path}: {found}/{len(prediction.status)} landmarks -> "
-              f"{target} ({time.perf_counter() - started:.2f} s)", file=sys.stderr)
-    return 0
+        print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks -> {target}",
+              file=sys.stderr)
+    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = commands.add_parser("detect", help="detect landmarks on images")
     detect.add_argument("model", help="model file (.safetensors)")
-    detect.add_argument("images", nargs="+", help="image files (or DICOM series folders)")
+    detect.add_argument("images", nargs="+", help="image files or folders (of images, or one DICOM series)")
     detect.add_argument("--out", required=True, help="output folder (one landmark file per image)")
     detect.add_argument("--format", default="mrk.json", choices=tuple(LANDMARK_FORMATS))
     detect.add_argument("--heatmaps", action="store_true", help="also write heatmaps (.nrrd, input geometry)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,9 @@ class EvaluationResult:
     per_image: list[ImageRow]
     images_without_prediction: list[str] = field(default_factory=list)
     images_without_truth: list[str] = field(default_factory=list)
+    # Other ways of running the same model on the same images, e.g. coarse-to-fine against the coarse
+    # SCN alone: {"mode", "mean", "median", "max", "missed", "sdr", "seconds_per_image"} rows.
+    inference_modes: list[dict] = field(default_factory=list)
 
     def worst_images(self, n: int = WORST_IMAGES_SHOWN) -> list[ImageRow]:
         """The n worst images: most missed landmarks first, then highest mean error (no detections first)."""
@@ -132,6 +136,7 @@ class EvaluationResult:
             "per_image": [row.to_json() for row in self.per_image],
             "images_without_prediction": list(self.images_without_prediction),
             "images_without_truth": list(self.images_without_truth),
+            "inference_modes": list(self.inference_modes),
         })
 
     @classmethod
@@ -146,9 +151,17 @@ class EvaluationResult:
                 v = row["errors"].get(n)
                 errors[i, j] = np.nan if v is None else float(v)
                 missed[i, j] = n in row["missed"]
-        return _build(data["unit"], tuple(float(r) for r in data["radii"]), float(data["outlier_radius"]),
-                      names, [row["image"] for row in rows], errors, missed,
-                      list(data.get("images_without_prediction", [])), list(data.get("images_without_truth", [])))
+        result = _build(data["unit"], tuple(float(r) for r in data["radii"]), float(data["outlier_radius"]),
+                        names, [row["image"] for row in rows], errors, missed,
+                        list(data.get("images_without_prediction", [])), list(data.get("images_without_truth", [])))
+        result.inference_modes = list(data.get("inference_modes", []))
+        return result
+
+    def mode_row(self, mode: str, seconds_per_image: float) -> dict:
+        """This result's summary as an `inference_modes` row."""
+        o = self.overall
+        return {"mode": mode, "mean": o.mean, "median": o.median, "max": o.max, "missed": o.missed,
+                "sdr": {_radius_key(r): v for r, v in o.sdr.items()}, "seconds_per_image": seconds_per_image}
 
 
 def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet], unit: str = "mm",
@@ -385,6 +398,16 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     if result.images_without_truth:
         lines += [f"Predictions without ground truth (ignored): {', '.join(result.images_without_truth)}", ""]
 
+    if result.inference_modes:
+        lines += ["## Inference modes", "",
+                  "The same model on the same images, run with and without its refinement stage "
+                  "(time: detection per image, image already read).", ""]
+        rows = [[m["mode"], _fmt(m["mean"]), _fmt(m["median"]), _fmt(m["max"]), str(m["missed"])]
+                + [_pct(m["sdr"][_radius_key(r)]) for r in radii] + [_fmt(m["seconds_per_image"], 3)]
+                for m in result.inference_modes]
+        lines += _table(["Mode", f"mean ({u})", f"median ({u})", f"max ({u})", "missed"]
+                        + [f"SDR ≤ {r:g} {u}" for r in radii] + ["s / image"], rows)
+
     lines += ["## Per-landmark errors", ""]
     rows = []
     for n in result.landmark_names:
@@ -470,18 +493,30 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
     if list(spec.landmark_names) != names:
         raise DataError(f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's {names}")
     truths = spec.load_landmarks(entries)
-    images, predictions = {}, {}
+    modes = [True, False] if predictor.refinement is not None else [True]
+    images: dict[str, Any] = {}
+    predictions: dict[bool, dict[str, LandmarkSet]] = {refine: {} for refine in modes}
+    seconds: dict[bool, float] = {refine: 0.0 for refine in modes}
     for number, entry in enumerate(entries, start=1):
         images[entry.id] = read_image(entry.image, predictor.dimension)
-        predictions[entry.id] = predictor.predict(images[entry.id], source=str(entry.image)).landmarks
+        for refine in modes:
+            started = time.perf_counter()
+            prediction = predictor.predict(images[entry.id], source=str(entry.image), refine=refine)
+            seconds[refine] += time.perf_counter() - started
+            predictions[refine][entry.id] = prediction.landmarks
         if progress is not None:
             progress(number, len(entries), entry.id)
     unit = predictor.metadata.get("unit", "mm")
     radii = radii or (DEFAULT_RADII_PX if unit == "px" else DEFAULT_RADII_MM)
-    result = evaluate(predictions, truths, unit=unit, radii=radii)
+    result = evaluate(predictions[True], truths, unit=unit, radii=radii)
+    if predictor.refinement is not None:
+        single = evaluate(predictions[False], truths, unit=unit, radii=radii)
+        result.inference_modes = [result.mode_row("coarse-to-fine (shipped)", seconds[True] / len(entries)),
+                                  single.mode_row("single resolution (coarse SCN alone)",
+                                                  seconds[False] / len(entries))]
     out_dir = Path(out_dir)
     metrics = write_metrics(result, out_dir / "metrics.json")
-    worst = [(row.image_id, images[row.image_id], predictions[row.image_id], truths[row.image_id])
+    worst = [(row.image_id, images[row.image_id], predictions[True][row.image_id], truths[row.image_id])
              for row in result.worst_images()]
     write_report(result, out_dir, overlays=worst)
     return metrics

@@ -12,9 +12,11 @@ import itertools
 import logging
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,11 +24,11 @@ import torch
 
 from .bundle import LoadedModel, load_model
 from .config import IntensityConfig
-from .data.preparation import normalize_image, prepare_normalized, resample_to_grid
+from .data.preparation import normalize_image, prepare_normalized, resample_to_grid, resample_to_grids
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid
 from .heatmaps import peak_height, refine_peaks
-from .io.images import as_scalar_image
+from .io.images import as_scalar_image, read_image
 from .landmark_set import LandmarkSet
 from .models import HeatmapOutput
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 HEATMAP_KINDS = ("final", "local", "spatial")
+BATCH_IMAGES_IN_FLIGHT = 2  # images processed at once in batch mode
+CPU_REFINEMENT_CHUNK = 8  # refinement patches per forward pass on a CPU
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -148,7 +152,7 @@ class Predictor:
         return cls(load_model(path, device), device, Path(path))
 
     def predict(self, image: sitk.Image, heatmaps: bool = False, progress: Progress | None = None,
-                cancel: Cancel | None = None, source: str = "image") -> Prediction:
+                cancel: Cancel | None = None, source: str = "image", refine: bool = True) -> Prediction:
         """Detect the model's landmarks on one image.
 
         Args:
@@ -158,22 +162,61 @@ class Predictor:
             progress: called with (fraction done, message).
             cancel: polled between stages; returning True raises Cancelled.
             source: how to name the image in error messages (e.g. its file path).
+            refine: run the model's refinement stage, if it has one (False = single-resolution
+                result of the coarse SCN, for comparisons).
         """
+        start = time.perf_counter()
+        image = as_scalar_image(image, self.dimension, source)
+        normalized = normalize_image(image, self.intensity)
+        return self._detect(image, normalized, time.perf_counter() - start, heatmaps, progress, cancel, refine)
+
+    def predict_files(self, paths: Iterable[str | Path], heatmaps: bool = False,
+                      cancel: Cancel | None = None) -> Iterator[tuple[Path, Prediction | DataError]]:
+        """Detect landmarks on many image files (batch mode), yielding results in input order.
+
+        Two images are in flight at a time, each on half the torch threads: one image's reading and
+        normalisation (single-threaded) overlaps the other's network pass, which keeps every core busy.
+        A file that cannot be used yields its DataError instead of a prediction, so one bad file
+        does not stop the batch.
+        """
+        def detect(path: Path) -> Prediction | DataError:
+            try:
+                start = time.perf_counter()
+                image = as_scalar_image(read_image(path, self.dimension), self.dimension, str(path))
+                normalized = normalize_image(image, self.intensity)
+                return self._detect(image, normalized, time.perf_counter() - start, heatmaps, None, cancel, True)
+            except DataError as error:
+                return error
+
+        paths = [Path(p) for p in paths]
+        threads = torch.get_num_threads()
+        workers = min(BATCH_IMAGES_IN_FLIGHT, len(paths), threads) or 1
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scn-detect") as pool:
+                in_flight = deque(pool.submit(detect, p) for p in paths[:workers])
+                for number, path in enumerate(paths):
+                    result = in_flight.popleft().result()
+                    if number + workers < len(paths):
+                        in_flight.append(pool.submit(detect, paths[number + workers]))
+                    yield path, result
+        finally:
+            torch.set_num_threads(threads)
+
+    def _detect(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
+                progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
         def step(fraction: float, message: str) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("landmark detection cancelled")
             if progress is not None:
                 progress(fraction, message)
 
-        timings = {}
-        start = time.perf_counter()
         step(0.0, "preparing image")
-        image = as_scalar_image(image, self.dimension, source)
-        normalized = normalize_image(image, self.intensity)
+        start = time.perf_counter()
         prepared = prepare_normalized(normalized, self.spacing, self.device)
         grid = covering_grid(prepared.geometry, self.spacing)
         sample = resample_to_grid(prepared, grid).unsqueeze(0)
-        timings["resample"] = time.perf_counter() - start
+        timings = {"resample": prepare_s + time.perf_counter() - start}
 
         step(0.3, f"running the network on a {'x'.join(map(str, grid.size))} grid ({self.device.type})")
         start = time.perf_counter()
@@ -194,16 +237,18 @@ class Predictor:
                 status.append("missing")
             else:
                 status.append("low confidence" if c < self.thresholds["low_confidence_below"] else "detected")
-        if self.refinement is not None:
+        timings["peaks"] = time.perf_counter() - start
+        if self.refinement is not None and refine:
             step(0.95, "refining landmarks on fine patches")
+            start = time.perf_counter()
             points = self._refine(normalized, points)
+            timings["refinement"] = time.perf_counter() - start
         kept = {}
         if heatmaps:
             for kind in HEATMAP_KINDS:
                 tensor = getattr(output, kind)
                 if tensor is not None:
                     kept[kind] = tensor[0].float().cpu().numpy()
-        timings["peaks_and_refinement"] = time.perf_counter() - start
         step(1.0, "done")
         landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64))
         return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept)
@@ -223,8 +268,11 @@ class Predictor:
             return points
         prepared = prepare_normalized(normalized, spacing, self.device)
         grids = [axis_aligned_grid(points[k], size, spacing) for k in found]
-        batch = torch.stack([resample_to_grid(prepared, grid) for grid in grids])
-        final = self.refinement.network(batch).final
+        batch = resample_to_grids(prepared, grids)
+        # On CPUs a few patches per forward pass keep the activations in cache: 8 at a time ran
+        # 1.5x faster than all 32 brain patches at once. GPUs take the whole batch.
+        chunk = len(grids) if self.device.type == "cuda" else CPU_REFINEMENT_CHUNK
+        final = torch.cat([self.refinement.network(part).final for part in batch.split(chunk)])
         heatmaps = final[torch.arange(len(found)), torch.as_tensor(found)].float()
         index, value = refine_peaks(heatmaps)
         ideal = peak_height(self.refinement.sigmas[torch.as_tensor(found)], float(description["gamma"]), self.dimension)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,19 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
             found = read_landmarks(out / f"{entry.id}{suffix}", names=spec.landmark_names, dimension=2)
             assert np.linalg.norm(found.points_lps - truth[entry.id].points_lps, axis=1).mean() < 1.0
     assert (out / f"{entries[0].id}_heatmap_final.nrrd").is_file()
+
+    # Batch mode on a folder: a broken file is reported by name, the good images are still written.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for entry in entries:
+        shutil.copy(entry.image, folder / entry.image.name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image")
+    batch = cli("detect", str(model), str(folder), "--out", str(tmp_path / "batch"), "--device", "cpu")
+    assert batch.returncode == 2
+    assert f"error: {folder / 'broken.png'}: cannot read image" in batch.stderr
+    assert f"{len(entries)} of {len(entries) + 1} images" in batch.stderr
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == sorted(f"{e.id}.mrk.json" for e in entries)
 
     evaluated = cli("evaluate", str(model), "--dataset", str(dataset_2d), "--split", "validation",
                     "--out", str(tmp_path / "evaluation"), "--device", "cpu")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import oblique_direction
 from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
 from SCNLandmarksLib.data.augmentation import augmented_sample, random_transform, swap_permutation
-from SCNLandmarksLib.data.preparation import PreparedImage, prepare_image, resample_to_grid, shrink_factors
+from SCNLandmarksLib.data.preparation import (PreparedImage, prepare_image, resample_to_grid, resample_to_grids,
+                                              shrink_factors)
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.geometry import ImageGeometry, axis_aligned_grid, covering_grid, lps_to_ras, ras_to_lps
 from SCNLandmarksLib.heatmaps import refine_peaks
@@ -99,6 +100,21 @@ def value_at_index(sample: torch.Tensor, index: np.ndarray) -> float:
     coordinates = torch.as_tensor(index * 2.0 / (size - 1.0) - 1.0, dtype=torch.float32)
     shape = (1,) * (len(size) - 1) + (1, len(size))
     return float(F.grid_sample(sample[None], coordinates.reshape(1, *shape), align_corners=True).flatten()[0])
+
+
+@pytest.mark.parametrize("case", ["2d", "3d"])
+def test_patches_sampled_together_equal_patches_sampled_one_by_one(case):
+    """Batched patch sampling (coarse-to-fine inference) is the same interpolation, patch by patch."""
+    images, geometry = coordinate_images(case)
+    d = geometry.dimension
+    centres = geometry.index_to_physical(np.random.default_rng(3).uniform(0, 20, (5, d)))
+    grids = [axis_aligned_grid(c, (6, 7, 8)[:d], (0.7, 1.1, 0.9)[:d]) for c in centres]
+    batch = resample_to_grids(images[0], grids)
+    assert batch.shape == (5, 1, *reversed(grids[0].size))
+    for patch, grid in zip(batch, grids):
+        torch.testing.assert_close(patch, resample_to_grid(images[0], grid))
+    with pytest.raises(ValueError, match="one size"):
+        resample_to_grids(images[0], [grids[0], axis_aligned_grid(centres[0], (3,) * d, (1.0,) * d)])
 
 
 @pytest.mark.parametrize("case", ["2d", "3d"])

@@ -83,3 +83,23 @@ def test_progress_cancel_and_dimension_errors(tiny_model_2d, tiny_model_3d, case
         Predictor.from_file(tiny_model_3d, "cpu").predict(image, source="scan.png")
     with pytest.raises(ValueError, match="heatmaps=True"):
         predictor.predict(image).heatmap()
+
+
+def test_batch_mode_gives_the_single_image_results_in_order_and_survives_a_bad_file(tiny_model_2d, dataset_2d,
+                                                                                     tmp_path):
+    import torch
+
+    spec = load_dataset_spec(dataset_2d)
+    paths = [e.image for e in spec.entries[:4]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    threads = torch.get_num_threads()
+    results = list(predictor.predict_files([paths[0], broken, *paths[1:]]))
+    assert torch.get_num_threads() == threads
+    assert [path for path, _ in results] == [paths[0], broken, *paths[1:]]
+    assert isinstance(results[1][1], DataError) and str(broken) in str(results[1][1])
+    for path, prediction in results[:1] + results[2:]:
+        single = predictor.predict(read_image(path))
+        np.testing.assert_allclose(prediction.landmarks.points_lps, single.landmarks.points_lps, atol=1e-4)
+        assert prediction.status == single.status

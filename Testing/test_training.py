@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from SCNLandmarksLib.bundle import read_metadata
 from SCNLandmarksLib.config import HeatmapConfig, config_from_dict, config_to_dict, load_config, save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, TrainingError
+from SCNLandmarksLib.evaluation import evaluate_model
 from SCNLandmarksLib.heatmaps import gaussian_heatmaps, peak_height, refine_peaks
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
@@ -64,7 +66,7 @@ def test_loss_ignores_missing_landmarks():
     assert float(same) == float(base) and float(worse) > float(base)
 
 
-def validation_errors(predictor: Predictor, dataset: Path) -> tuple[np.ndarray, list[list[str]]]:
+def validation_errors(predictor: Predictor, dataset: Path, refine: bool = True) -> tuple[np.ndarray, list[list[str]]]:
     """Point errors (mm) of all validation landmarks of a synthetic dataset, and the statuses per image."""
     spec = load_dataset_spec(dataset)
     entries = spec.split("validation")
@@ -72,7 +74,7 @@ def validation_errors(predictor: Predictor, dataset: Path) -> tuple[np.ndarray, 
     errors, statuses = [], []
     for entry in entries:
         image = read_image(entry.image)
-        prediction = predictor.predict(image)
+        prediction = predictor.predict(image, refine=refine)
         errors.append(np.linalg.norm(prediction.landmarks.points_lps - truth[entry.id].points_lps, axis=1))
         statuses.append(prediction.status)
     return np.concatenate(errors), statuses
@@ -203,6 +205,13 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     predictor = Predictor.from_file(result.model_path, "cpu")
     assert predictor.refinement is not None and read_metadata(result.model_path)["refinement"]["patch_size"] == [24, 24]
     refined = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
-    predictor.refinement = None  # the same file's coarse stage alone
-    coarse = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
+    coarse = float(np.mean(validation_errors(predictor, dataset_2d, refine=False)[0]))
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"
+
+    # The evaluation report compares both ways of running the model on the same images.
+    metrics = json.loads(evaluate_model(result.model_path, dataset_2d, "validation", tmp_path / "eval", "cpu")
+                         .read_text())
+    shipped, single = metrics["inference_modes"]
+    assert shipped["mode"].startswith("coarse-to-fine") and single["mode"].startswith("single resolution")
+    assert shipped["mean"] == pytest.approx(refined, abs=1e-6) and single["mean"] == pytest.approx(coarse, abs=1e-6)
+    assert "## Inference modes" in (tmp_path / "eval" / "report.md").read_text()

@@ -137,6 +137,19 @@ def resample_to_grid(prepared: PreparedImage, grid: ImageGeometry) -> torch.Tens
     return sample_at(prepared, grid_positions(grid, prepared.array.device))
 
 
+def resample_to_grids(prepared: PreparedImage, grids: list[ImageGeometry]) -> torch.Tensor:
+    """The prepared image on several grids of one size (e.g. patches), shape (N, 1, [z,] y, x).
+
+    One interpolation call for all grids: the positions are stacked along the first spatial axis,
+    which costs one pass over the image instead of one per grid.
+    """
+    size = grids[0].size
+    if any(g.size != size for g in grids):
+        raise ValueError("resample_to_grids needs grids of one size")
+    positions = torch.cat([grid_positions(g, prepared.array.device) for g in grids], dim=0)
+    return sample_at(prepared, positions).reshape(len(grids), 1, *reversed(size))
+
+
 __all__ = ["PreparedImage", "normalize_intensities", "normalize_image", "prepare_normalized", "shrink_factors",
            "prepare_image", "grid_positions", "grid_sample_coordinates",
-           "sample_at", "resample_to_grid"]
+           "sample_at", "resample_to_grid", "resample_to_grids"]

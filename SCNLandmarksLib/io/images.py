@@ -25,6 +25,9 @@ PIXEL_UNIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # ITU-R BT.601 luma weights for R, G, B.
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
 
+# Single-file images a folder given to batch detection is searched for.
+IMAGE_SUFFIXES = PIXEL_UNIT_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
 # Formats whose header names a separate data file, so the written header cannot be renamed afterwards.
 _MULTI_FILE_SUFFIXES = (".mhd", ".hdr")
 
@@ -47,6 +50,27 @@ def spacing_unit(path: str | os.PathLike) -> str:
         "px" for formats that carry no physical spacing (PNG, JPEG, BMP, TIFF), else "mm".
     """
     return "px" if _full_suffix(Path(path)) in PIXEL_UNIT_SUFFIXES else "mm"
+
+
+def image_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """The images named by command-line arguments: files as they are; a folder is one DICOM series
+    when it holds one, otherwise the image files in it (sorted by name).
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no images.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        if not path.is_dir() or sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+            found.append(path)
+            continue
+        inside = sorted(p for p in path.iterdir() if p.is_file() and _full_suffix(p) in IMAGE_SUFFIXES)
+        if not inside:
+            raise DataError(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series")
+        found += inside
+    return found
 
 
 def _read_dicom_series(directory: Path) -> sitk.Image:

@@ -7,6 +7,7 @@ clear line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import signal
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model file's metadata")
     info.add_argument("model")
     info.set_defaults(run=_info)
+
+    # Installed front-ends (e.g. `serve` from the Slicer module's web app) add their own commands.
+    for entry in importlib.metadata.entry_points(group="scn_landmarks.commands"):
+        try:
+            entry.load()(commands)
+        except ImportError as error:
+            log.debug("command plugin %s not available: %s", entry.name, error)
     return parser
 
 

@@ -99,7 +99,7 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
     summary = json.loads(evaluated.stdout)
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert metrics["overall"]["count"] == 8 and metrics["overall"]["mean"] < 1.0
-    report = Path(summary["report"]).read_text()
+    report = Path(summary["report"]).read_text(encoding="utf-8")
     assert "Per-landmark" in report and (tmp_path / "evaluation" / "overlays").is_dir()
 
     info = cli("info", str(model))

@@ -107,6 +107,12 @@ def files(tmp_path_factory) -> dict:
     vectors = sitk.GetImageFromArray(rng.random((6, 7, 8, 5)).astype(np.float32), isVector=True)
     sitk.WriteImage(vectors, str(folder / "frames_as_vector.nrrd"))
     result["4d_vector"] = folder / "frames_as_vector.nrrd"
+    # Slicer's own 4D NRRD (a sequence): the frame axis first, of kind "list".
+    sitk.WriteImage(sitk.GetImageFromArray(rng.random((6, 7, 8, 3)).astype(np.float32), isVector=True),
+                    str(folder / "sequence.nrrd"), useCompression=False)
+    raw = (folder / "sequence.nrrd").read_bytes()
+    (folder / "sequence.nrrd").write_bytes(raw.replace(b"kinds: vector ", b"kinds: list ", 1))
+    result["sequence"] = folder / "sequence.nrrd"
     return result
 
 
@@ -528,7 +534,7 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
 
     # A 4D NRRD loaded as a sequence: its proxy volume is one frame.
     storage = slicer.vtkMRMLVolumeSequenceStorageNode()
-    storage.SetFileName(str(files["4d"]))
+    storage.SetFileName(str(files["sequence"]))
     scene.AddNode(storage)
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode")
     sequence.SetAndObserveStorageNodeID(storage.GetID())

@@ -214,4 +214,4 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     shipped, single = metrics["inference_modes"]
     assert shipped["mode"].startswith("coarse-to-fine") and single["mode"].startswith("single resolution")
     assert shipped["mean"] == pytest.approx(refined, abs=1e-6) and single["mean"] == pytest.approx(coarse, abs=1e-6)
-    assert "## Inference modes" in (tmp_path / "eval" / "report.md").read_text()
+    assert "## Inference modes" in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")

@@ -90,6 +90,17 @@ def _readWithStorageNode(scene, path: Path, nodeClass: str, name: str):
     return None
 
 
+def _imageDimension(path: Path) -> int:
+    """The image dimension in the file's header (0 when ITK cannot read the header)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return 0
+    return reader.GetDimension()
+
+
 def loadVolumeFile(scene, path, name: str | None = None):
     """Load an image file into a volume node, as Slicer's "Add data" does.
 
@@ -110,22 +121,16 @@ def loadVolumeFile(scene, path, name: str | None = None):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     name = name or path.name.split(".")[0]
+    if _imageDimension(path) == 4:
+        # Checked before reading: some slicer-core versions read a 4D NRRD as one vector volume.
+        raise DataError(f"{path}: a 4D image; Slicer loads it as a sequence (one volume per frame), "
+                        "not as one volume")
     volumeNode = _readWithStorageNode(scene, path, "vtkMRMLScalarVolumeNode", name)
     if volumeNode is None:
         volumeNode = _readWithStorageNode(scene, path, "vtkMRMLVectorVolumeNode", name)
     if volumeNode is not None:
         return volumeNode
     if path.suffix.lower() not in RASTER_SUFFIXES:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-            dimension = reader.GetDimension()
-        except RuntimeError:
-            dimension = 0
-        if dimension == 4:
-            raise DataError(f"{path}: a 4D image; Slicer loads it as a sequence (one volume per frame), "
-                            "not as one volume")
         raise DataError(f"{path}: Slicer cannot read this file as a volume")
     try:
         image = sitk.ReadImage(str(path))

@@ -81,6 +81,28 @@ class DetectionResult:
         return f"{text} in {self.seconds:.1f} s on {self.device}."
 
 
+@dataclass
+class DetectionJob:
+    """A detection between its steps (see `SCNLandmarksLogic.detectLandmarks`)."""
+
+    volumeNode: object
+    predictor: object
+    volumeImage: VolumeImage | None
+    progress: Progress
+    cancel: Cancel | None
+    keepHeatmaps: bool
+    started: float
+    modelPath: str = ""
+    prediction: object = None
+
+    def report(self, fraction: float, message: str) -> None:
+        self.progress(fraction, message)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("Landmark detection cancelled; nothing was changed.")
+
+
 def _scaled(progress: Progress | None, start: float, stop: float) -> Progress | None:
     if progress is None:
         return None
@@ -192,6 +214,9 @@ class SCNLandmarksLogic:
                         cancel: Cancel | None = None, markupsNode=None, keepHeatmaps: bool = True) -> DetectionResult:
         """Detect the model's landmarks on a volume node and put them in a markups point list.
 
+        The three steps (`prepareDetection`, `runDetection`, `finishDetection`) are public too, for
+        front-ends that run the model off the main thread.
+
         Args:
             volumeNode: scalar 2D (one slice) or 3D volume; its IJKToRAS geometry is honoured.
             model: model file path, or a loaded Predictor.
@@ -209,37 +234,56 @@ class SCNLandmarksLogic:
             ModelFileError: bad model file.
             Cancelled: `cancel()` returned True. In every case the scene is left unchanged.
         """
+        job = self.prepareDetection(volumeNode, model, device, progress, cancel, keepHeatmaps)
+        self.runDetection(job)
+        return self.finishDetection(job, markupsNode)
+
+    def prepareDetection(self, volumeNode, model, device: str = "auto", progress: Progress | None = None,
+                         cancel: Cancel | None = None, keepHeatmaps: bool = True) -> DetectionJob:
+        """Step 1 (main thread): check the volume, load the model, copy the volume's image.
+
+        Arguments and errors as `detectLandmarks`; the scene is not changed.
+        """
         start = time.perf_counter()
         if self.scene is None:
             raise DataError("No MRML scene to work in.")
         checkScalarVolume(volumeNode)
-        report = progress or (lambda fraction, message: None)
-
-        def check() -> None:
-            if cancel is not None and cancel():
-                raise Cancelled("Landmark detection cancelled; nothing was changed.")
-
-        report(0.0, "loading model")
-        check()
+        job = DetectionJob(volumeNode, None, None, progress or (lambda fraction, message: None), cancel,
+                           keepHeatmaps, start)
+        job.report(0.0, "loading model")
+        job.check()
         if isinstance(model, (str, Path)):
-            modelPath = str(model)
-            predictor = self.loadPredictor(model, device)
+            job.modelPath = str(model)
+            job.predictor = self.loadPredictor(model, device)
         else:
-            predictor = model
-            modelPath = str(getattr(model, "path", "") or "")
-        check()
-        report(0.05, "reading volume")
-        volumeImage = self.volumeImage(volumeNode, predictor)
+            job.predictor = model
+            job.modelPath = str(getattr(model, "path", "") or "")
+        job.check()
+        job.report(0.05, "reading volume")
+        job.volumeImage = self.volumeImage(volumeNode, job.predictor)
+        return job
+
+    @staticmethod
+    def runDetection(job: DetectionJob) -> None:
+        """Step 2 (any thread): run the model on the copied image. Touches no MRML node.
+
+        Raises:
+            Cancelled: the job's `cancel()` returned True.
+        """
         try:
-            prediction = predictor.predict(volumeImage.image, heatmaps=keepHeatmaps,
-                                           progress=_scaled(progress, 0.1, 0.95), cancel=cancel,
-                                           source=f"volume '{volumeNode.GetName()}'")
+            job.prediction = job.predictor.predict(job.volumeImage.image, heatmaps=job.keepHeatmaps,
+                                                   progress=_scaled(job.progress, 0.1, 0.95), cancel=job.cancel,
+                                                   source=f"volume '{job.volumeNode.GetName()}'")
         except Cancelled:
             raise Cancelled("Landmark detection cancelled; nothing was changed.") from None
-        check()
-        report(0.95, "creating landmarks")
+        job.check()
+
+    def finishDetection(self, job: DetectionJob, markupsNode=None) -> DetectionResult:
+        """Step 3 (main thread): put the predicted landmarks in a (new or given) point list."""
+        job.report(0.95, "creating landmarks")
+        volumeNode, prediction = job.volumeNode, job.prediction
         landmarks = prediction.landmarks
-        pointsRas = volumeImage.pointsToRas(landmarks.points_lps)
+        pointsRas = job.volumeImage.pointsToRas(landmarks.points_lps)
         confidences = (np.asarray(landmarks.confidences, dtype=np.float64) if landmarks.confidences is not None
                        else np.full(len(landmarks.names), np.nan))
         statuses = list(prediction.status)
@@ -247,15 +291,15 @@ class SCNLandmarksLogic:
         name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if markupsNode is None else None
         markupsNode = landmarkMarkups.createLandmarksNode(
             self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
-            volumeNode=volumeNode, modelPath=modelPath, markupsNode=markupsNode)
-        if keepHeatmaps:
-            self._predictions[markupsNode.GetID()] = (prediction, volumeImage)
+            volumeNode=volumeNode, modelPath=job.modelPath, markupsNode=markupsNode)
+        if job.keepHeatmaps:
+            self._predictions[markupsNode.GetID()] = (prediction, job.volumeImage)
         self._statusObserver.observe(markupsNode)
-        seconds = time.perf_counter() - start
-        device = dependencies.describeDevice(predictor.device)
-        report(1.0, "done")
+        seconds = time.perf_counter() - job.started
+        device = dependencies.describeDevice(job.predictor.device)
+        job.report(1.0, "done")
         result = DetectionResult(markupsNode, volumeNode, list(landmarks.names), pointsRas, confidences,
-                                 statuses, seconds, device, modelPath, prediction)
+                                 statuses, seconds, device, job.modelPath, prediction)
         logger.info("%s", result.summary)
         return result
 

@@ -1,0 +1,1 @@
+"""The browser face of the SCNLandmarks module: `scn-landmarks serve` (needs the `web` extra)."""

@@ -149,7 +149,12 @@ class RefinementConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything a training run needs. `dataset` and `output_dir` are relative to the TOML file."""
+    """Everything a training run needs. Paths are relative to the TOML file.
+
+    `initial_model`, when set, is a model file whose coarse network and sigmas start the coarse
+    stage (fine-tuning, e.g. a shipped model on your own images); it must have this config's
+    architecture, parameters and landmarks.
+    """
 
     dataset: Path
     output_dir: Path
@@ -163,6 +168,7 @@ class Config:
     refinement: RefinementConfig | None = None
     train_split: str = "train"
     validation_split: str = "validation"
+    initial_model: Path | None = None
 
     @property
     def dimension(self) -> int:
@@ -215,6 +221,8 @@ def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "confi
     top = {k: values.pop(k) for k in ("train_split", "validation_split") if k in values}
     dataset = (base_dir / values.pop("dataset")).resolve()
     output_dir = (base_dir / values.pop("output_dir")).resolve()
+    if "initial_model" in values:
+        top["initial_model"] = (base_dir / values.pop("initial_model")).resolve()
     if values:
         raise DataError(f"{where}: unknown setting(s) {sorted(values)}")
     config = Config(dataset=dataset, output_dir=output_dir, **sections, **top)

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
-from .bundle import LoadedModel, Stage, save_model
+from .bundle import LoadedModel, Stage, load_model, save_model
 from .config import (AugmentationConfig, Config, GridConfig, HeatmapConfig, ModelConfig, TrainingConfig,
                      config_to_dict, save_config)
 from .data.augmentation import augmented_sample, swap_permutation
 from .data.preparation import PreparedImage, prepare_image
 from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
-from .errors import Cancelled, DataError, TrainingError
+from .errors import Cancelled, DataError, ModelFileError, TrainingError
 from .geometry import ImageGeometry
 from .heatmaps import LearnableSigmas, gaussian_heatmaps
 from .inference import Predictor, resolve_device
@@ -142,6 +142,28 @@ def _new_trainable(stage: StageSettings, dimension: int, count: int) -> tuple[_T
     network = build_model(stage.model.architecture, dimension, 1, count, params)
     sigmas = LearnableSigmas(count, stage.heatmap.sigma_init, stage.heatmap.sigma_min, stage.heatmap.learnable_sigma)
     return _Trainable(network, sigmas), params
+
+
+def _start_from(trainable: _Trainable, params: dict, config: Config, names: list[str]) -> None:
+    """Copy a model file's coarse network and sigmas into a new trainable (fine-tuning).
+
+    Raises:
+        ModelFileError: the file is unreadable or was not made for this configuration.
+    """
+    path = config.initial_model
+    loaded = load_model(path, "cpu")
+    metadata = loaded.metadata
+    mismatches = [what for what, ours, theirs in (
+        ("landmark names", names, list(metadata["landmark_names"])),
+        ("architecture", config.model.architecture, metadata["architecture"]),
+        ("network parameters", params, metadata["params"])) if ours != theirs]
+    if mismatches:
+        raise ModelFileError(f"{path}: cannot start training from this model: its {', '.join(mismatches)} "
+                             "differ from the configuration's")
+    trainable.network.load_state_dict(loaded.network.state_dict())
+    with torch.no_grad():
+        trainable.sigmas.log_sigma.copy_(loaded.sigmas.to(trainable.sigmas.log_sigma).log())
+    log.info("starting from %s", path)
 
 
 def model_metadata(config: Config, spec: DatasetSpec, params: dict, sigmas: torch.Tensor, unit: str,
@@ -300,6 +322,8 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         for item in training_items:
             item.prepared = prepare_image(item.image, stage.grid.spacing, config.intensity, target)
         trainable, params = _new_trainable(stage, config.dimension, len(names))
+        if stage.name == "coarse" and config.initial_model is not None:
+            _start_from(trainable, params, config, names)  # a resumed checkpoint then overrides it
         trained[stage.name] = (trainable.to(target), params)
         pairs = stage.augmentation.flip_pairs
         permutation = swap_permutation(names, pairs) if pairs else None

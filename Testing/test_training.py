@@ -215,3 +215,26 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     assert shipped["mode"].startswith("coarse-to-fine") and single["mode"].startswith("single resolution")
     assert shipped["mean"] == pytest.approx(refined, abs=1e-6) and single["mean"] == pytest.approx(coarse, abs=1e-6)
     assert "## Inference modes" in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+
+
+def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dataset_2d, tmp_path):
+    from SCNLandmarksLib.errors import ModelFileError
+
+    config, result = trained_2d
+    base = config_to_dict(config)
+    # No learning at all: the run's model must be the starting model, landmark for landmark.
+    values = {**base, "output_dir": str(tmp_path / "tuned"), "initial_model": str(result.model_path)}
+    values["training"] = {**base["training"], "iterations": 2, "learning_rate": 0.0, "sigma_learning_rate": 0.0,
+                          "validate_every": 2, "checkpoint_every": 2}
+    tuned = train(config_from_dict(values, Path("/")), device="cpu")
+    start, after = Predictor.from_file(result.model_path, "cpu"), Predictor.from_file(tuned.model_path, "cpu")
+    torch.testing.assert_close(after.sigmas, start.sigmas)
+    for key, value in start.network.state_dict().items():
+        torch.testing.assert_close(after.network.state_dict()[key], value)
+    assert read_metadata(tuned.model_path)["provenance"]["config"]["initial_model"] == str(result.model_path)
+
+    other = {**values, "output_dir": str(tmp_path / "other"),
+             "model": {**base["model"], "params": {**base["model"]["params"], "filters": 4}}}
+    with pytest.raises(ModelFileError, match="network parameters differ") as failure:
+        train(config_from_dict(other, Path("/")), device="cpu")
+    assert str(result.model_path) in str(failure.value)

@@ -183,10 +183,14 @@ class Predictor:
             try:
                 start = time.perf_counter()
                 image = as_scalar_image(read_image(path, self.dimension), self.dimension, str(path))
+                read_s = time.perf_counter() - start
                 normalized = normalize_image(image, self.intensity)
-                return self._detect(image, normalized, time.perf_counter() - start, heatmaps, None, cancel, True)
+                prediction = self._detect(image, normalized, time.perf_counter() - start - read_s, heatmaps, None,
+                                          cancel, True)
             except DataError as error:
                 return error
+            prediction.timings["read"] = read_s
+            return prediction
 
         paths = [Path(p) for p in paths]
         threads = torch.get_num_threads()

@@ -511,7 +511,7 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
     result = evaluate(predictions[True], truths, unit=unit, radii=radii)
     if predictor.refinement is not None:
         single = evaluate(predictions[False], truths, unit=unit, radii=radii)
-        result.inference_modes = [result.mode_row("coarse-to-fine (shipped)", seconds[True] / len(entries)),
+        result.inference_modes = [result.mode_row("coarse-to-fine (as detect runs it)", seconds[True] / len(entries)),
                                   single.mode_row("single resolution (coarse SCN alone)",
                                                   seconds[False] / len(entries))]
     out_dir = Path(out_dir)

@@ -28,6 +28,7 @@ from trame_vuetify.widgets import vuetify3 as v
 
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
+from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import HEATMAP_KIND_LABELS, SCNLandmarksLogic
@@ -99,6 +100,7 @@ class LandmarkReviewApp(TrameApp):
         state.heatmap_landmark_items = [ALL_LANDMARKS]
         state.heatmap_opacity = 0.5
         state.cursor_lps = ""
+        state.position_unit = "LPS, mm"
         state.change("heatmap_visible", "heatmap_kind", "heatmap_landmark")(self._onHeatmapChoice)
         state.change("heatmap_opacity")(self._onHeatmapOpacity)
 
@@ -137,6 +139,8 @@ class LandmarkReviewApp(TrameApp):
         self.volumeNode = volumeNode
         self.slicerApp.display_manager.show_volume(volumeNode, do_reset_views=True)
         self.state.image_name = Path(path).name
+        # X-ray photos (PNG, JPEG...) carry no spacing: their positions are pixel columns and rows.
+        self.state.position_unit = "x, y in pixels" if spacing_unit(path) == "px" else "LPS, mm"
         self.state.export_name = f"{Path(path).name.split('.')[0] or 'landmarks'}.mrk.json"
         self.state.info = f"Opened {Path(path).name}."
 
@@ -331,7 +335,7 @@ class LandmarkReviewApp(TrameApp):
             with self.ui.toolbar:
                 v.VSpacer()
                 html.Div("{{ image_name }}", classes="text-body-2 mx-4", id="image-name")
-                html.Div("cursor (LPS, mm): {{ cursor_lps || '-' }}", classes="text-caption mx-4",
+                html.Div("cursor ({{ position_unit }}): {{ cursor_lps || '-' }}", classes="text-caption mx-4",
                          style="min-width: 260px;", id="cursor-lps")
             with self.ui.content:
                 with html.Div(classes="d-flex", style="height: calc(100vh - 88px);"):
@@ -378,8 +382,9 @@ class LandmarkReviewApp(TrameApp):
         with v.VTable(density="compact", fixed_header=True, height="320px", id="landmarks"):
             with html.Thead():
                 with html.Tr():
-                    for title in ("Landmark", "Confidence", "Status", "Position (LPS)"):
+                    for title in ("Landmark", "Confidence", "Status"):
                         html.Th(title)
+                    html.Th("Position ({{ position_unit }})")
             with html.Tbody():
                 with html.Tr(v_for="row in landmarks", key="row.index",
                              click=(f"trigger('{trigger(self.selectLandmark)}', [row.index])"),

@@ -182,7 +182,7 @@ class Predictor:
         def detect(path: Path) -> Prediction | DataError:
             try:
                 start = time.perf_counter()
-                image = as_scalar_image(read_image(path, self.dimension), self.dimension, str(path))
+                image = read_image(path, self.dimension)  # already scalar float32 of the model's dimension
                 read_s = time.perf_counter() - start
                 normalized = normalize_image(image, self.intensity)
                 prediction = self._detect(image, normalized, time.perf_counter() - start - read_s, heatmaps, None,

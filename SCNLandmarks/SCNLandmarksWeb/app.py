@@ -32,6 +32,7 @@ from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import HEATMAP_KIND_LABELS, SCNLandmarksLogic
+from SCNLandmarksMRML.volumes import matrixToArray
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +304,7 @@ class LandmarkReviewApp(TrameApp):
                                    self._showCursor(node, caller.GetEventPosition()), 1.0)
 
     def _showCursor(self, sliceNode, position) -> None:
-        xyToRas = np.array([[sliceNode.GetXYToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
-        ras = xyToRas @ np.array([position[0], position[1], 0.0, 1.0])
+        ras = matrixToArray(sliceNode.GetXYToRAS()) @ np.array([position[0], position[1], 0.0, 1.0])
         lps = ras_to_lps(ras[None, :3])[0]
         with self.state:
             self.state.cursor_lps = ", ".join(f"{c:.2f}" for c in lps)

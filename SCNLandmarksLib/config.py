@@ -153,7 +153,7 @@ class Config:
 
     `initial_model`, when set, is a model file whose coarse network and sigmas start the coarse
     stage (fine-tuning, e.g. a shipped model on your own images); it must have this config's
-    architecture, parameters and landmarks.
+    architecture, parameters and landmarks, except the training-only ones (dropout, initialisation).
     """
 
     dataset: Path

@@ -38,7 +38,7 @@ from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
-from .models import build_model, default_params
+from .models import TRAINING_ONLY_PARAMS, build_model, default_params
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,13 @@ def _start_from(trainable: _Trainable, params: dict, config: Config, names: list
     path = config.initial_model
     loaded = load_model(path, "cpu")
     metadata = loaded.metadata
+    def design(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
+
     mismatches = [what for what, ours, theirs in (
         ("landmark names", names, list(metadata["landmark_names"])),
         ("architecture", config.model.architecture, metadata["architecture"]),
-        ("network parameters", params, metadata["params"])) if ours != theirs]
+        ("network parameters", design(params), design(metadata["params"]))) if ours != theirs]
     if mismatches:
         raise ModelFileError(f"{path}: cannot start training from this model: its {', '.join(mismatches)} "
                              "differ from the configuration's")

@@ -233,6 +233,12 @@ def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dat
         torch.testing.assert_close(after.network.state_dict()[key], value)
     assert read_metadata(tuned.model_path)["provenance"]["config"]["initial_model"] == str(result.model_path)
 
+    # Dropout shapes only training (the trained model had none), so a fine-tuning run may change it.
+    more_dropout = {**values, "output_dir": str(tmp_path / "more-dropout"),
+                    "model": {**base["model"], "params": {**base["model"]["params"], "dropout": 0.2}}}
+    with_dropout = train(config_from_dict(more_dropout, Path("/")), device="cpu")
+    assert read_metadata(with_dropout.model_path)["params"]["dropout"] == 0.2
+
     other = {**values, "output_dir": str(tmp_path / "other"),
              "model": {**base["model"], "params": {**base["model"]["params"], "filters": 4}}}
     with pytest.raises(ModelFileError, match="network parameters differ") as failure:

@@ -17,11 +17,15 @@ from torch import nn
 from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
 from .scn import HeatmapOutput, SpatialConfigurationNet
 
-__all__ = ["ARCHITECTURES", "HeatmapOutput", "build_model", "default_params", "count_parameters"]
+__all__ = ["ARCHITECTURES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params", "count_parameters"]
 
 ARCHITECTURES = ("scn", "unet", "downsampling", "convonly")
 
 PAD_MODES = ("replicate", "zeros")
+
+# Parameters that shape only training or the initial weights, not what trained weights compute:
+# a fine-tuning run may change them.
+TRAINING_ONLY_PARAMS = ("dropout", "heatmap_init_std", "sc_init_bias")
 
 # Defaults per architecture and dimension.  SCN follows Payer et al. 2019 (MIA); the 3D variant
 # uses fewer filters, a smaller spatial-configuration kernel and less downsampling.  The baselines

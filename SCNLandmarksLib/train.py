@@ -153,6 +153,7 @@ def _start_from(trainable: _Trainable, params: dict, config: Config, names: list
     path = config.initial_model
     loaded = load_model(path, "cpu")
     metadata = loaded.metadata
+
     def design(values: dict) -> dict:
         return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
 
@@ -374,8 +375,8 @@ def _run_stage(stage: StageSettings, trainable: _Trainable, items: list[Training
     elif resume and stage.name == "coarse":
         raise DataError(f"{checkpoint_path}: no checkpoint to resume from")
 
-    model = (nn.parallel.DistributedDataParallel(trainable, device_ids=[target.index] if target.type == "cuda" else None)
-             if distributed else trainable)
+    device_ids = [target.index] if target.type == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids) if distributed else trainable
     gamma = stage.heatmap.resolved_gamma(dimension)
     autocast = target.type == "cuda" and training.mixed_precision
 

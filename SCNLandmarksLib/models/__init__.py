@@ -17,7 +17,8 @@ from torch import nn
 from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
 from .scn import HeatmapOutput, SpatialConfigurationNet
 
-__all__ = ["ARCHITECTURES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params", "count_parameters"]
+__all__ = ["ARCHITECTURES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params",
+           "count_parameters"]
 
 ARCHITECTURES = ("scn", "unet", "downsampling", "convonly")
 

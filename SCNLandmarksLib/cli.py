@@ -105,8 +105,9 @@ def _detect(args: argparse.Namespace) -> int:
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != "missing" for s in prediction.status)
-        print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks -> {target}",
-              file=sys.stderr)
+        mirrored = " (found on the mirror image)" if prediction.mirrored else ""
+        print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
+              f"-> {target}", file=sys.stderr)
     print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     return 2 if failed else 0
 

@@ -127,6 +127,10 @@ class InferenceConfig:
     missing_below: float = 0.1         # confidence under which a landmark is reported missing
     low_confidence_below: float = 0.5
     max_grid_voxels: int = 48_000_000  # larger grids are processed in overlapping tiles
+    # Physical axis along which images may arrive mirrored (0 = x: left- or right-facing X-rays,
+    # left or right hands): detection also runs on the mirror image and keeps the more confident
+    # result. None = never.
+    mirror_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,10 @@ def validate(config: Config, where: str = "config") -> None:
         if refinement.model.architecture == "scn":
             raise DataError(f"{where} [refinement.model]: the refinement works on small patches: use 'unet', "
                             "'downsampling' or 'convonly'")
-    flip = config.augmentation.flip_axis
-    if flip is not None and not 0 <= flip < config.dimension:
-        raise DataError(f"{where} [augmentation]: flip_axis {flip} outside 0..{config.dimension - 1}")
+    for key, axis in (("augmentation", config.augmentation.flip_axis), ("inference", config.inference.mirror_axis)):
+        if axis is not None and not 0 <= axis < config.dimension:
+            name = "flip_axis" if key == "augmentation" else "mirror_axis"
+            raise DataError(f"{where} [{key}]: {name} {axis} outside 0..{config.dimension - 1}")
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

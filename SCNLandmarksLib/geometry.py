@@ -95,11 +95,31 @@ class ImageGeometry:
         corners = self.corners_physical()
         return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
 
+    def mirrored(self, axis: int, center_lps: np.ndarray) -> "ImageGeometry":
+        """The same voxels reflected through the plane normal to physical `axis` at `center_lps`.
+
+        An image given this geometry shows its content as a mirror image, without resampling;
+        applying the same mirror twice gives this geometry back.
+        """
+        reflection = np.ones(self.dimension)
+        reflection[axis] = -1.0
+        origin = mirror_points(np.asarray(self.origin), axis, center_lps)
+        direction = reflection[:, None] * self.direction_matrix
+        return ImageGeometry(self.size, self.spacing, tuple(float(o) for o in origin),
+                             tuple(float(v) for v in direction.ravel()))
+
     def contains(self, points: np.ndarray, margin_voxels: float = 0.5) -> np.ndarray:
         """(...,) bool: whether physical points fall inside the image (voxel extent plus margin)."""
         index = self.physical_to_index(points)
         upper = np.asarray(self.size, dtype=np.float64) - 1.0 + margin_voxels
         return np.all((index >= -margin_voxels) & (index <= upper), axis=-1)
+
+
+def mirror_points(points: np.ndarray, axis: int, center_lps: np.ndarray) -> np.ndarray:
+    """Physical points (..., d) reflected through the plane normal to `axis` at `center_lps` (NaN stays NaN)."""
+    points = np.array(points, dtype=np.float64, copy=True)
+    points[..., axis] = 2.0 * float(center_lps[axis]) - points[..., axis]
+    return points
 
 
 def axis_aligned_grid(center_lps: np.ndarray, size: tuple[int, ...], spacing: tuple[float, ...]) -> ImageGeometry:

@@ -26,7 +26,7 @@ from .bundle import LoadedModel, load_model
 from .config import IntensityConfig
 from .data.preparation import normalize_image, prepare_normalized, resample_to_grid, resample_to_grids
 from .errors import Cancelled, DataError
-from .geometry import ImageGeometry, axis_aligned_grid, covering_grid
+from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_points
 from .heatmaps import peak_height, refine_peaks
 from .io.images import as_scalar_image, read_image
 from .landmark_set import LandmarkSet
@@ -95,6 +95,9 @@ class Prediction:
         landmarks: names, LPS positions (NaN rows = missing) and confidences in [0, 1].
         status: per landmark "detected", "low confidence" or "missing".
         timings: seconds per stage.
+        mirrored: the landmarks were found on the image's mirror image (models with a mirror axis,
+            e.g. a left-facing cephalogram for a right-facing model); positions and heatmaps are
+            in the image as given.
     """
 
     landmarks: LandmarkSet
@@ -103,6 +106,7 @@ class Prediction:
     _grid: ImageGeometry | None = None
     _reference: sitk.Image | None = None
     _heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    mirrored: bool = False
 
     @property
     def heatmap_kinds(self) -> list[str]:
@@ -209,6 +213,33 @@ class Predictor:
 
     def _detect(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
                 progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
+        """Detect on the image as given; for a model with a mirror axis also on its mirror image, keeping
+        the result with the higher mean confidence."""
+        given = self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
+        axis = self.thresholds.get("mirror_axis")
+        if axis is None:
+            return given
+        start = time.perf_counter()
+        center = ImageGeometry.of(image).center_physical()
+
+        def mirror(source: sitk.Image) -> sitk.Image:
+            return ImageGeometry.of(source).mirrored(axis, center).apply_to(sitk.Image(source))
+
+        mirror_progress = None if progress is None else (
+            lambda fraction, message: progress(fraction, f"mirror image: {message}"))
+        other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, mirror_progress, cancel, refine)
+        if other.landmarks.confidences.mean() <= given.landmarks.confidences.mean():
+            given.timings["mirror"] = time.perf_counter() - start
+            return given
+        landmarks = LandmarkSet(self.landmark_names, mirror_points(other.landmarks.points_lps, axis, center),
+                                other.landmarks.confidences)
+        grid = None if other._grid is None else other._grid.mirrored(axis, center)
+        timings = {**given.timings, "mirror": time.perf_counter() - start}
+        return Prediction(landmarks, other.status, timings, grid, image if heatmaps else None, other._heatmaps,
+                          mirrored=True)
+
+    def _detect_once(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
+                     progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
         def step(fraction: float, message: str) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("landmark detection cancelled")

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from SCNLandmarksLib.bundle import load_model, save_model
 from SCNLandmarksLib.config import config_from_dict
 from SCNLandmarksLib.data.synthetic import make_dataset
+from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
 from SCNLandmarksLib.train import train
 
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
@@ -26,6 +29,14 @@ def oblique_direction(dimension: int, degrees: float = 25.0, flip_axis: int = 1)
     flip = np.eye(dimension)
     flip[flip_axis, flip_axis] = -1.0
     return rotation @ flip
+
+
+def mirror_case(image: sitk.Image, points_lps: np.ndarray) -> tuple[sitk.Image, np.ndarray]:
+    """The same voxels reflected left-right in physical space (a left-facing X-ray for a right-facing
+    model), and where the landmarks now are."""
+    geometry = ImageGeometry.of(image)
+    center = geometry.center_physical()
+    return geometry.mirrored(0, center).apply_to(sitk.Image(image)), mirror_points(points_lps, 0, center)
 
 
 def tiny_config(spec: Path, output_dir: Path, dimension: int, **training) -> object:
@@ -76,3 +87,11 @@ def tiny_model_2d(trained_2d) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_3d(trained_3d) -> Path:
     return trained_3d[1].model_path
+
+
+@pytest.fixture(scope="session")
+def mirror_model_2d(tiny_model_2d, tmp_path_factory) -> Path:
+    """The tiny 2D model, its file saying that images may come mirrored left-right (mirror_axis 0)."""
+    loaded = load_model(tiny_model_2d)
+    metadata = {**loaded.metadata, "inference": {**loaded.metadata["inference"], "mirror_axis": 0}}
+    return save_model(tmp_path_factory.mktemp("mirror") / "model.safetensors", loaded.network, loaded.sigmas, metadata)

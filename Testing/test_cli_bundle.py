@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_config
+from conftest import mirror_case, tiny_config
 from SCNLandmarksLib.bundle import read_metadata
 from SCNLandmarksLib.config import save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import ModelFileError
 from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.io.images import read_image, write_image
 from SCNLandmarksLib.io.landmarks import read_landmarks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,19 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
 
     info = cli("info", str(model))
     assert info.returncode == 0 and json.loads(info.stdout)["landmark_names"] == ["L1", "L2", "L3", "L4"]
+
+
+def test_cli_detect_says_when_it_found_the_landmarks_on_the_mirror_image(mirror_model_2d, dataset_2d, tmp_path):
+    spec = load_dataset_spec(dataset_2d)
+    entry = spec.split("validation")[0]
+    image, truth = mirror_case(read_image(entry.image, 2), spec.load_landmarks([entry])[entry.id].points_lps)
+    path = tmp_path / "left_facing.mha"
+    write_image(image, path)
+    detected = cli("detect", str(mirror_model_2d), str(path), "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert detected.returncode == 0, detected.stderr[-2000:]
+    assert "4/4 landmarks (found on the mirror image)" in detected.stderr
+    found = read_landmarks(tmp_path / "out" / "left_facing.mrk.json", names=spec.landmark_names, dimension=2)
+    assert np.linalg.norm(found.points_lps - truth, axis=1).max() < 1.0
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):

@@ -14,7 +14,8 @@ from SCNLandmarksLib.data.augmentation import augmented_sample, random_transform
 from SCNLandmarksLib.data.preparation import (PreparedImage, prepare_image, resample_to_grid, resample_to_grids,
                                               shrink_factors)
 from SCNLandmarksLib.data.synthetic import render
-from SCNLandmarksLib.geometry import ImageGeometry, axis_aligned_grid, covering_grid, lps_to_ras, ras_to_lps
+from SCNLandmarksLib.geometry import (ImageGeometry, axis_aligned_grid, covering_grid, lps_to_ras, mirror_points,
+                                      ras_to_lps)
 from SCNLandmarksLib.heatmaps import refine_peaks
 
 CASES = {
@@ -49,6 +50,23 @@ def test_lps_ras_is_an_involution():
     points = np.array([[1.0, 2.0, 3.0], [-4.0, 5.5, 0.0]])
     np.testing.assert_array_equal(lps_to_ras(points), [[-1.0, -2.0, 3.0], [4.0, -5.5, 0.0]])
     np.testing.assert_array_equal(ras_to_lps(lps_to_ras(points)), points)
+
+
+def test_a_mirrored_geometry_puts_every_voxel_at_its_mirror_point():
+    geometry = ImageGeometry((30, 20, 10), (1.0, 1.5, 3.0), (5.0, -2.0, 7.0), tuple(oblique_direction(3).ravel()))
+    center = geometry.center_physical()
+    index = np.random.default_rng(2).uniform(0, 9, (12, 3))
+    for axis in range(3):
+        mirrored = geometry.mirrored(axis, center)
+        expected = geometry.index_to_physical(index)
+        expected[:, axis] = 2.0 * center[axis] - expected[:, axis]
+        np.testing.assert_allclose(mirrored.index_to_physical(index), expected, atol=1e-9)
+        np.testing.assert_allclose(mirrored.center_physical(), center, atol=1e-9)
+        back = mirrored.mirrored(axis, center)
+        np.testing.assert_allclose(back.index_to_physical_matrix, geometry.index_to_physical_matrix, atol=1e-12)
+    points = np.array([[1.0, 2.0, 3.0], [np.nan, np.nan, np.nan]])
+    np.testing.assert_array_equal(mirror_points(points, 0, np.array([10.0, 0.0, 0.0])),
+                                  [[19.0, 2.0, 3.0], [np.nan, np.nan, np.nan]])
 
 
 def test_covering_grid_contains_every_voxel_centre():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import mirror_case
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
@@ -52,6 +53,31 @@ def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d)
     assert np.isnan(prediction.landmarks.points_lps[0]).all()
     assert prediction.landmarks.confidences[0] < predictor.thresholds["missing_below"]
     assert all(s == "detected" for s in prediction.status[1:]) and min(prediction.landmarks.confidences[1:]) > 0.6
+
+
+def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(tiny_model_2d, mirror_model_2d,
+                                                                                 case_2d):
+    image, truth = case_2d
+    mirror_image, mirror_truth = mirror_case(image, truth.points_lps)
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    unaware = predictor.predict(mirror_image)
+    assert not unaware.mirrored and "mirror" not in unaware.timings
+
+    predictor = Predictor.from_file(mirror_model_2d, "cpu")
+    found = predictor.predict(mirror_image, heatmaps=True)
+    assert found.mirrored and found.status == ["detected"] * 4 and "mirror" in found.timings
+    assert found.landmarks.confidences.mean() > unaware.landmarks.confidences.mean()
+    assert np.linalg.norm(found.landmarks.points_lps - mirror_truth, axis=1).max() < 1.0
+    # Heatmaps come back in the image as given: each peak lies at its landmark.
+    for k in range(4):
+        heatmap = found.heatmap("final", k)
+        peak = np.unravel_index(np.argmax(sitk.GetArrayViewFromImage(heatmap)), heatmap.GetSize()[::-1])[::-1]
+        assert np.linalg.norm(ImageGeometry.of(mirror_image).index_to_physical(np.array(peak, dtype=float))
+                              - found.landmarks.points_lps[k]) < 2.0
+    # The image as given is more confident than its mirror image, so it is kept.
+    direct = predictor.predict(image)
+    assert not direct.mirrored and "mirror" in direct.timings
+    assert np.linalg.norm(direct.landmarks.points_lps - truth.points_lps, axis=1).max() < 1.0
 
 
 def test_colour_input_becomes_grayscale_and_heatmaps_share_the_input_geometry(tiny_model_2d, case_2d):

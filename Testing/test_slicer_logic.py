@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "SCNLandmarks"
 sys.path.insert(0, str(MODULE_DIR))
 
+from conftest import mirror_case  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
 from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
 from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
@@ -650,6 +651,21 @@ def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2
     volume3d = loadVolumeFile(mrml.scene, files["nrrd"])
     _assert_refused(mrml.scene, lambda: logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu"), DataError,
                     "model detects landmarks in 2D images, but 'oblique' is a 3D volume")
+
+
+def test_a_mirror_image_is_detected_and_the_summary_says_so(mrml, mirror_model_2d, dataset_2d, tmp_path):
+    from SCNLandmarksLib.data.spec import load_dataset_spec
+    from SCNLandmarksLib.io.images import read_image, write_image
+
+    spec = load_dataset_spec(dataset_2d)
+    entry = spec.split("validation")[0]
+    image, truth = mirror_case(read_image(entry.image, 2), spec.load_landmarks([entry])[entry.id].points_lps)
+    write_image(image, tmp_path / "left_facing.mha")
+    volume = loadVolumeFile(mrml.scene, tmp_path / "left_facing.mha")
+    result = SCNLandmarksLogic(mrml.scene).detectLandmarks(volume, mirror_model_2d, device="cpu")
+    assert "landmarks were found on its mirror image" in result.summary
+    expected = lps_to_ras(np.array([[*p, 0.0] for p in truth]))
+    assert np.linalg.norm(result.pointsRas - expected, axis=1).max() < 1.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,6 +93,15 @@ def test_short_training_reaches_sub_voxel_point_error(trained_2d, dataset_2d):
     assert load_config(config.output_dir / "config.toml").grid == config.grid
 
 
+def test_axes_named_in_a_configuration_must_exist_in_its_grid(trained_2d):
+    config, _ = trained_2d
+    values = config_to_dict(config)
+    assert config_from_dict({**values, "inference": {"mirror_axis": 0}}, Path("/")).inference.mirror_axis == 0
+    for section, key in (("inference", "mirror_axis"), ("augmentation", "flip_axis")):
+        with pytest.raises(DataError, match=rf"\[{section}\]: {key} 2 outside 0..1"):
+            config_from_dict({**values, section: {**values[section], key: 2}}, Path("/"), "ceph.toml")
+
+
 def test_3d_model_detects_landmarks_on_oblique_anisotropic_flipped_volumes(trained_3d, dataset_3d):
     config, result = trained_3d
     entry = load_dataset_spec(dataset_3d).split("validation")[0]

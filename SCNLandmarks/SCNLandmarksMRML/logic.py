@@ -78,7 +78,10 @@ class DetectionResult:
         details = [f"{counts[s]} {s}" for s in ("low confidence", "missing") if counts[s]]
         if details:
             text += f" ({', '.join(details)})"
-        return f"{text} in {self.seconds:.1f} s on {self.device}."
+        text = f"{text} in {self.seconds:.1f} s on {self.device}."
+        if getattr(self.prediction, "mirrored", False):
+            text += " The image is mirrored for this model: the landmarks were found on its mirror image."
+        return text
 
 
 @dataclass

@@ -215,19 +215,21 @@ class Predictor:
                 progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
         """Detect on the image as given; for a model with a mirror axis also on its mirror image, keeping
         the result with the higher mean confidence."""
-        given = self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
         axis = self.thresholds.get("mirror_axis")
         if axis is None:
-            return given
+            return self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
+        # Each pass takes half of the progress bar, so that it never runs backwards.
+        first_half = None if progress is None else (lambda fraction, message: progress(0.5 * fraction, message))
+        given = self._detect_once(image, normalized, prepare_s, heatmaps, first_half, cancel, refine)
         start = time.perf_counter()
         center = ImageGeometry.of(image).center_physical()
 
         def mirror(source: sitk.Image) -> sitk.Image:
             return ImageGeometry.of(source).mirrored(axis, center).apply_to(sitk.Image(source))
 
-        mirror_progress = None if progress is None else (
-            lambda fraction, message: progress(fraction, f"mirror image: {message}"))
-        other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, mirror_progress, cancel, refine)
+        second_half = None if progress is None else (
+            lambda fraction, message: progress(0.5 + 0.5 * fraction, f"mirror image: {message}"))
+        other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, second_half, cancel, refine)
         if other.landmarks.confidences.mean() <= given.landmarks.confidences.mean():
             given.timings["mirror"] = time.perf_counter() - start
             return given

@@ -64,7 +64,10 @@ def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
     assert not unaware.mirrored and "mirror" not in unaware.timings
 
     predictor = Predictor.from_file(mirror_model_2d, "cpu")
-    found = predictor.predict(mirror_image, heatmaps=True)
+    messages = []
+    found = predictor.predict(mirror_image, heatmaps=True, progress=lambda f, m: messages.append((f, m)))
+    assert messages[0][0] == 0.0 and messages[-1] == (1.0, "mirror image: done")
+    assert all(b[0] >= a[0] for a, b in zip(messages, messages[1:]))
     assert found.mirrored and found.status == ["detected"] * 4 and "mirror" in found.timings
     assert found.landmarks.confidences.mean() > unaware.landmarks.confidences.mean()
     assert np.linalg.norm(found.landmarks.points_lps - mirror_truth, axis=1).max() < 1.0

@@ -129,7 +129,8 @@ class InferenceConfig:
     max_grid_voxels: int = 48_000_000  # larger grids are processed in overlapping tiles
     # Physical axis along which images may arrive mirrored (0 = x: left- or right-facing X-rays,
     # left or right hands): detection also runs on the mirror image and keeps the more confident
-    # result. None = never.
+    # result. None = never. Not for models with left/right landmark pairs: on a near-symmetric image
+    # the mirror pass could win and swap the sides.
     mirror_axis: int | None = None
 
 
@@ -263,6 +264,9 @@ def validate(config: Config, where: str = "config") -> None:
         if axis is not None and not 0 <= axis < config.dimension:
             name = "flip_axis" if key == "augmentation" else "mirror_axis"
             raise DataError(f"{where} [{key}]: {name} {axis} outside 0..{config.dimension - 1}")
+    if config.inference.mirror_axis is not None and config.augmentation.flip_pairs:
+        raise DataError(f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
+                        "([augmentation] flip_pairs): the mirror pass could swap the sides")
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

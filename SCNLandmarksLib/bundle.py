@@ -97,6 +97,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise ModelFileError(f"{path}: model metadata lacks {missing}")
+    axis = metadata["inference"].get("mirror_axis")
+    if axis is not None and (not isinstance(axis, int) or not 0 <= axis < metadata["dimension"]):
+        raise ModelFileError(f"{path}: inference.mirror_axis {axis!r} is not an axis of "
+                             f"{metadata['dimension']}D images")
     return metadata
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import mirror_case, tiny_config
-from SCNLandmarksLib.bundle import read_metadata
+from SCNLandmarksLib.bundle import load_model, read_metadata, save_model
 from SCNLandmarksLib.config import save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import ModelFileError
@@ -56,6 +56,15 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
             Predictor.from_file(path, "cpu")
         assert str(path) in str(failure.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_model_file_with_an_impossible_mirror_axis_is_refused(tiny_model_2d, tmp_path):
+    loaded = load_model(tiny_model_2d)
+    path = save_model(tmp_path / "mirror.safetensors", loaded.network, loaded.sigmas,
+                      {**loaded.metadata, "inference": {**loaded.metadata["inference"], "mirror_axis": 2}})
+    with pytest.raises(ModelFileError, match="inference.mirror_axis 2 is not an axis of 2D images") as failure:
+        Predictor.from_file(path, "cpu")
+    assert str(path) in str(failure.value)
 
 
 def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):

@@ -260,10 +260,10 @@ def validate(config: Config, where: str = "config") -> None:
         if refinement.model.architecture == "scn":
             raise DataError(f"{where} [refinement.model]: the refinement works on small patches: use 'unet', "
                             "'downsampling' or 'convonly'")
-    for key, axis in (("augmentation", config.augmentation.flip_axis), ("inference", config.inference.mirror_axis)):
+    for section, name, axis in (("augmentation", "flip_axis", config.augmentation.flip_axis),
+                                ("inference", "mirror_axis", config.inference.mirror_axis)):
         if axis is not None and not 0 <= axis < config.dimension:
-            name = "flip_axis" if key == "augmentation" else "mirror_axis"
-            raise DataError(f"{where} [{key}]: {name} {axis} outside 0..{config.dimension - 1}")
+            raise DataError(f"{where} [{section}]: {name} {axis} outside 0..{config.dimension - 1}")
     if config.inference.mirror_axis is not None and config.augmentation.flip_pairs:
         raise DataError(f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
                         "([augmentation] flip_pairs): the mirror pass could swap the sides")

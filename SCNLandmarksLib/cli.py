@@ -82,24 +82,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .inference import Predictor
+    from .inference import HEATMAP_KINDS, Predictor
     from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
+    from .io.paths import output_stems, refuse_existing
 
     predictor = Predictor.from_file(args.model, args.device)
     images = image_inputs(args.images)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = LANDMARK_FORMATS[args.format]
+    stems = output_stems(images)
+    heatmap_kinds = HEATMAP_KINDS if args.heatmaps else ()
+    # Every file this run could write is checked before the first is: a clinician's corrected file in
+    # the output folder is never replaced unless asked.
+    refuse_existing([out / f"{stem}{name}" for stem in stems
+                     for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]], args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     failed = 0
     started = time.perf_counter()
     results = predictor.predict_files(images, heatmaps=args.heatmaps)
-    for number, (image_path, prediction) in enumerate(results, start=1):
+    for number, (stem, (image_path, prediction)) in enumerate(zip(stems, results), start=1):
         if isinstance(prediction, SCNLandmarksError):
             failed += 1
             print(f"[{number}/{len(images)}] error: {prediction}", file=sys.stderr)
             continue
-        stem = image_path.name.split(".")[0]
         target = out / f"{stem}{suffix}"
         write_landmarks(prediction.landmarks, target, prediction.status)
         for kind in prediction.heatmap_kinds:
@@ -114,6 +120,10 @@ def _detect(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_model
+    from .io.paths import refuse_existing
+
+    # The report's own files: an earlier evaluation in the same folder is kept unless asked.
+    refuse_existing([Path(args.out) / "metrics.json", Path(args.out) / "report.md"], args.overwrite)
 
     def progress(done: int, total: int, image_id: str) -> None:
         print(f"[{done}/{total}] {image_id}", file=sys.stderr)
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", required=True, help="output folder (one landmark file per image)")
     detect.add_argument("--format", default="mrk.json", choices=tuple(LANDMARK_FORMATS))
     detect.add_argument("--heatmaps", action="store_true", help="also write heatmaps (.nrrd, input geometry)")
+    detect.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     detect.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     detect.set_defaults(run=_detect)
 
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output folder for metrics.json and report.md")
     evaluate.add_argument("--radii", type=float, nargs="+", help="success-detection radii (model unit)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.set_defaults(run=_evaluate)
 
     info = commands.add_parser("info", help="print a model file's metadata")

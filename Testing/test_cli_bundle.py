@@ -18,10 +18,11 @@ from conftest import mirror_case, tiny_config
 from SCNLandmarksLib.bundle import load_model, read_metadata, save_model
 from SCNLandmarksLib.config import save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
-from SCNLandmarksLib.errors import ModelFileError
+from SCNLandmarksLib.errors import DataError, ModelFileError
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image, write_image
 from SCNLandmarksLib.io.landmarks import read_landmarks
+from SCNLandmarksLib.io.paths import image_stem, output_stems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +81,9 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
     entries = spec.split("validation")
     out = tmp_path / "detected"
     for form, suffix in (("mrk.json", ".mrk.json"), ("fcsv", ".fcsv"), ("csv", ".csv")):
+        # Each format run rewrites the heatmaps of the run before it, which it may only do when told to.
         detected = cli("detect", str(model), *[str(e.image) for e in entries], "--out", str(out), "--format", form,
-                       "--heatmaps", "--device", "cpu")
+                       "--heatmaps", "--device", "cpu", *(["--overwrite"] if form != "mrk.json" else []))
         assert detected.returncode == 0, detected.stderr[-2000:]
         assert f"[2/2] {entries[1].image}" in detected.stderr
         truth = spec.load_landmarks(entries)
@@ -155,3 +157,37 @@ def test_ctrl_c_during_training_leaves_a_resumable_checkpoint(dataset_2d, tmp_pa
     assert process.returncode == 130, stderr[-2000:]
     assert "cancelled: training cancelled at iteration" in stderr
     assert torch.load(config.output_dir / CHECKPOINT, weights_only=True)["iteration"] >= 1
+
+
+def test_each_input_gets_its_own_output_name():
+    assert image_stem("scan.v1.png") == "scan.v1" and image_stem("a/brain.nii.gz") == "brain"
+    assert image_stem("case.mrk.json") == "case" and image_stem("x.seg.nrrd") == "x"
+    assert output_stems(["d/scan.v1.png", "d/scan.v2.png"]) == ["scan.v1", "scan.v2"]
+    assert output_stems(["d/scan.png", "d/Scan.nii.gz", "d/other.png"]) == ["scan.png", "Scan.nii.gz", "other"]
+    assert output_stems(["a/x/scan.png", "b/x/scan.png"]) == ["a_x_scan.png", "b_x_scan.png"]
+    with pytest.raises(DataError, match="given more than once"):
+        output_stems(["d/scan.png", "d/./scan.png"])
+
+
+def test_detect_keeps_dotted_names_apart_and_never_replaces_a_file_unasked(tiny_model_2d, dataset_2d, tmp_path):
+    entry = load_dataset_spec(dataset_2d).split("validation")[0]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("scan.v1", "scan.v2"):
+        shutil.copy(entry.image, folder / f"scan{name[4:]}{entry.image.suffix}")
+    out = tmp_path / "out"
+    first = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json"]
+
+    corrected = out / "scan.v1.mrk.json"
+    corrected.write_text("the clinician's corrections")
+    again = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--device", "cpu", "--heatmaps")
+    assert again.returncode == 2
+    assert str(corrected) in again.stderr and "--overwrite" in again.stderr and "nothing was written" in again.stderr
+    assert corrected.read_text() == "the clinician's corrections"
+    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json"]
+
+    replaced = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--device", "cpu", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert read_landmarks(corrected).names == ["L1", "L2", "L3", "L4"]

@@ -154,7 +154,6 @@ def test_demo_refuses_bad_input_with_one_clear_line(tmp_path, tiny_model_2d, cap
     assert code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("demo.py:")]
     assert len(lines) == 1 and "model detects landmarks in 2D images" in lines[0] and "3D volume" in lines[0]
-    assert demo.imageStem(Path("a/case.01.nii.gz")) == "case.01" and demo.imageStem(Path("x.png")) == "x"
 
 
 @pytest.mark.skipif(not BUNDLED_MODEL.is_file(), reason="the bundled brain-afids-32 model is not in this checkout")

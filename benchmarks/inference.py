@@ -42,6 +42,7 @@ from SCNLandmarksLib.geometry import ImageGeometry, covering_grid
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import write_landmarks
+from SCNLandmarksLib.io.paths import image_stem
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -61,10 +62,6 @@ def cases(batch: int) -> list[tuple[str, Path, list[Path]]]:
     return found
 
 
-def stem(path: Path) -> str:
-    return path.name.split(".")[0]
-
-
 def run_once(predictor: Predictor, image_path: Path, out: Path) -> dict[str, float]:
     started = time.perf_counter()
     image = read_image(image_path, predictor.dimension)
@@ -73,7 +70,7 @@ def run_once(predictor: Predictor, image_path: Path, out: Path) -> dict[str, flo
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     written = time.perf_counter()
-    write_landmarks(prediction.landmarks, out / f"{stem(image_path)}.mrk.json", prediction.status)
+    write_landmarks(prediction.landmarks, out / f"{image_stem(image_path)}.mrk.json", prediction.status)
     write_s = time.perf_counter() - written
     return {"read_s": read_s, **{f"{k}_s": v for k, v in prediction.timings.items()}, "write_s": write_s,
             "total_s": time.perf_counter() - started}
@@ -86,13 +83,13 @@ def batch_figures(predictor: Predictor, paths: list[Path], out: Path) -> dict[st
     single = {}
     for path in paths:
         prediction = predictor.predict(read_image(path, predictor.dimension))
-        write_landmarks(prediction.landmarks, out / f"{stem(path)}.mrk.json", prediction.status)
+        write_landmarks(prediction.landmarks, out / f"{image_stem(path)}.mrk.json", prediction.status)
         single[path] = prediction.landmarks.points_lps
     single_s = time.perf_counter() - started
     started = time.perf_counter()
     shift = 0.0
     for path, prediction in predictor.predict_files(paths):
-        write_landmarks(prediction.landmarks, out / f"{stem(path)}.mrk.json", prediction.status)
+        write_landmarks(prediction.landmarks, out / f"{image_stem(path)}.mrk.json", prediction.status)
         shift = max(shift, float(np.nanmax(np.linalg.norm(prediction.landmarks.points_lps - single[path], axis=1))))
     batch_s = time.perf_counter() - started
     return {"loop_images_per_s": len(paths) / single_s, "batch_images_per_s": len(paths) / batch_s,

@@ -25,6 +25,7 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
+from SCNLandmarksLib.io.paths import image_stem
 
 ANNOTATORS = ("mollabashi", "farhadifar")
 
@@ -34,7 +35,7 @@ def annotations(path: Path) -> dict[str, dict[int, tuple[float, float]]]:
     table: dict[str, dict[int, tuple[float, float]]] = {}
     for row in csv.DictReader(open(path)):
         point = (float(row["x"]), float(row["y"]))
-        table.setdefault(row["image"].split(".")[0], {})[int(row["landmark_index"])] = point
+        table.setdefault(image_stem(row["image"]), {})[int(row["landmark_index"])] = point
     return table
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from SCNLandmarksLib.io.landmarks import write_landmarks
+from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_IMAGE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
@@ -57,7 +58,7 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int
         writer = csv.writer(stream)
         writer.writerow(["image", "landmark", "x", "y"])
         for r in rows:
-            writer.writerow([r["image"].split(".")[0], r["landmark_name"], r["x"], r["y"]])
+            writer.writerow([image_stem(r["image"]), r["landmark_name"], r["x"], r["y"]])
     images = sorted(p for p in (shared / "images").glob("*.png"))
     lines = [f"dimension = 2\nlandmarks = {toml_list(names)}\nlandmarks_csv = \"landmarks.csv\"\n"
              "csv_coordinates = \"index\"\n"]

@@ -86,15 +86,6 @@ def parseArguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def imageStem(path: Path) -> str:
-    """File name without its image suffix ("scan.nii.gz" -> "scan", "case.01.nrrd" -> "case.01")."""
-    name = path.name
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    stem = Path(name).stem
-    return stem or "image"
-
-
 def _checkFile(path: Path, what: str) -> Path:
     if not path.exists():
         raise InputError(f"{path}: {what} not found")
@@ -275,6 +266,7 @@ def run(arguments) -> dict:
     import numpy as np
 
     import SCNLandmarksMRML
+    from SCNLandmarksLib.io.paths import image_stem
     from SCNLandmarksMRML import rendering
 
     try:
@@ -305,7 +297,7 @@ def run(arguments) -> dict:
         result = logic.detectLandmarks(volume, model, arguments.device, progress=progress)
         print(result.summary, file=sys.stderr)
 
-        stem = imageStem(image)
+        stem = image_stem(image) or "image"
         exported = [logic.exportLandmarks(result.markupsNode, outDir / f"{stem}.{suffix}")
                     for suffix in ("mrk.json", "fcsv", "csv")]
 

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import slicer
 
 from SCNLandmarksLib.errors import DataError
+from SCNLandmarksLib.io.paths import image_stem
 
 from .volumes import volumeNodeFromImage
 
@@ -120,7 +121,7 @@ def loadVolumeFile(scene, path, name: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    name = name or path.name.split(".")[0]
+    name = name or image_stem(path)
     if _imageDimension(path) == 4:
         # Checked before reading: some slicer-core versions read a 4D NRRD as one vector volume.
         raise DataError(f"{path}: a 4D image; Slicer loads it as a sequence (one volume per frame), "
@@ -160,7 +161,7 @@ def loadMarkupsFile(scene, path, name: str | None = None):
                    else slicer.vtkMRMLMarkupsJsonStorageNode())
     storageNode.SetFileName(str(path))
     markupsNode = slicer.vtkMRMLMarkupsFiducialNode()
-    markupsNode.SetName(name or path.name.split(".")[0])
+    markupsNode.SetName(name or image_stem(path))
     scene.AddNode(storageNode)
     scene.AddNode(markupsNode)
     markupsNode.SetAndObserveStorageNodeID(storageNode.GetID())

@@ -29,6 +29,7 @@ from trame_vuetify.widgets import vuetify3 as v
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.images import spacing_unit
+from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import HEATMAP_KIND_LABELS, SCNLandmarksLogic
@@ -142,7 +143,7 @@ class LandmarkReviewApp(TrameApp):
         self.state.image_name = Path(path).name
         # X-ray photos (PNG, JPEG...) carry no spacing: their positions are pixel columns and rows.
         self.state.position_unit = "x, y in pixels" if spacing_unit(path) == "px" else "LPS, mm"
-        self.state.export_name = f"{Path(path).name.split('.')[0] or 'landmarks'}.mrk.json"
+        self.state.export_name = f"{image_stem(path) or 'landmarks'}.mrk.json"
         self.state.info = f"Opened {Path(path).name}."
 
     def openTypedPath(self, path: str) -> None:

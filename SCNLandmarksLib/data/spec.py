@@ -30,6 +30,7 @@ from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image
 from ..io.landmarks import read_landmarks, read_landmarks_csv
+from ..io.paths import image_stem
 from ..landmark_set import LandmarkSet
 
 
@@ -111,7 +112,7 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
     for number, item in enumerate(values.get("images", []), start=1):
         if "image" not in item:
             raise DataError(f"{path}: [[images]] entry {number} has no 'image'")
-        image_id = str(item.get("id", Path(item["image"]).name.split(".")[0]))
+        image_id = str(item.get("id", image_stem(item["image"])))
         image = base / item["image"]
         if not image.exists():
             raise DataError(f"{path}: image {image} (id '{image_id}') not found")

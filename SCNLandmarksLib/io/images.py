@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.io.atomic import atomic_output
+from SCNLandmarksLib.io.paths import format_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ IMAGE_SUFFIXES = PIXEL_UNIT_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".nhdr", ".m
 _MULTI_FILE_SUFFIXES = (".mhd", ".hdr")
 
 
-def _full_suffix(path: Path) -> str:
-    """Lower-case suffix including a compression suffix, e.g. '.nii.gz' or '.png'."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
-        return "".join(suffixes[-2:])
-    return suffixes[-1] if suffixes else ""
-
-
 def spacing_unit(path: str | os.PathLike) -> str:
     """Unit of physical coordinates of images read from `path`.
 
@@ -49,7 +42,7 @@ def spacing_unit(path: str | os.PathLike) -> str:
     Returns:
         "px" for formats that carry no physical spacing (PNG, JPEG, BMP, TIFF), else "mm".
     """
-    return "px" if _full_suffix(Path(path)) in PIXEL_UNIT_SUFFIXES else "mm"
+    return "px" if format_suffix(path) in PIXEL_UNIT_SUFFIXES else "mm"
 
 
 def image_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -66,7 +59,7 @@ def image_inputs(paths: list[str | os.PathLike]) -> list[Path]:
         if not path.is_dir() or sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
             found.append(path)
             continue
-        inside = sorted(p for p in path.iterdir() if p.is_file() and _full_suffix(p) in IMAGE_SUFFIXES)
+        inside = sorted(p for p in path.iterdir() if p.is_file() and format_suffix(p) in IMAGE_SUFFIXES)
         if not inside:
             raise DataError(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series")
         found += inside
@@ -195,8 +188,8 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
         DataError: the image cannot be written (names the path and the reason).
     """
     path = Path(path)
-    suffix = _full_suffix(path)
-    compress = suffix in (".nrrd", ".nii", ".nii.gz", ".mha")
+    suffix = format_suffix(path)
+    compress = suffix in (".nrrd", ".seg.nrrd", ".nii", ".nii.gz", ".mha")
     try:
         if suffix in _MULTI_FILE_SUFFIXES:
             sitk.WriteImage(image, str(path), compress)

@@ -136,6 +136,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_check(args: argparse.Namespace) -> int:
+    from .data.check import check_dataset
+
+    def progress(done: int, total: int, image_id: str) -> None:
+        if not args.json and (done == total or done % 25 == 0):
+            print(f"[{done}/{total}] read {image_id}", file=sys.stderr)
+
+    findings = check_dataset(args.spec, progress=progress)
+    if args.json:
+        print(json.dumps([finding.as_dict() for finding in findings], indent=2))
+    else:
+        for finding in findings:
+            print(f"{finding.kind}: {finding}")
+        print(f"{len(findings)} finding(s) in {args.spec}", file=sys.stderr)
+    return 1 if findings else 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .bundle import read_metadata
 
@@ -173,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.set_defaults(run=_evaluate)
+
+    dataset = commands.add_parser("dataset", help="build and check dataset specs")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dataset_commands.add_parser(
+        "check", help="find duplicate images, points outside images, misplaced or swapped labels, "
+                      "inconsistent spacing (exit status 1 when anything is found)")
+    check.add_argument("spec", help="dataset spec (.toml)")
+    check.add_argument("--json", action="store_true", help="print the findings as a JSON list")
+    check.set_defaults(run=_dataset_check)
 
     info = commands.add_parser("info", help="print a model file's metadata")
     info.add_argument("model")

@@ -1,4 +1,5 @@
-"""Command line: `scn-landmarks train | detect | evaluate | info | demo`.
+"""Command line: `scn-landmarks train | detect | evaluate | dataset | info`, plus `demo` and `serve`
+from the Slicer module's Qt-free packages when they are installed.
 
 Thin: parses arguments, calls the library, shows progress, turns user-facing errors into one
 clear line and exit status 2.
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in importlib.metadata.entry_points(group="scn_landmarks.commands"):
         try:
             entry.load()(commands)
-        except ImportError as error:
+        except (ImportError, AttributeError) as error:
             log.debug("command plugin %s not available: %s", entry.name, error)
     return parser
 

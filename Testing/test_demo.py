@@ -1,5 +1,5 @@
-"""The README's main job, `SCNLandmarks/SCNLandmarksMRML/demo.py`, run as a user runs it: a separate
-Python process started with the script's file path, from another folder.
+"""The README's main job, `scn-landmarks demo`, run as a user runs it: a separate process started
+from another folder.
 
 With the tiny models trained in the session (Testing/conftest.py) on synthetic images (3D NIfTI, 2D
 PNG), its landmark files must read back (library reader) to what its summary says, and its pictures
@@ -28,7 +28,6 @@ from SCNLandmarksLib.bundle import read_metadata  # noqa: E402
 from SCNLandmarksLib.io.landmarks import read_landmarks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "SCNLandmarks" / "SCNLandmarksMRML" / "demo.py"
 BUNDLED_MODEL = REPO / "Resources" / "Models" / "brain-afids-32" / "model.safetensors"
 BUNDLED_SAMPLE = REPO / "Resources" / "Samples" / "MNI152NLin2009cAsym_T1w_2mm.nii.gz"
 STATUSES = {"detected", "low confidence", "missing"}
@@ -37,7 +36,8 @@ STATUSES = {"detected", "low confidence", "missing"}
 def run_demo(*arguments, cwd: Path) -> subprocess.CompletedProcess:
     environment = dict(os.environ)
     environment.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, str(DEMO), *map(str, arguments)], cwd=cwd, env=environment, check=False,
+    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "demo", *map(str, arguments)], cwd=cwd,
+                          env=environment, check=False,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -138,21 +138,20 @@ def test_demo_2d_png_with_a_tiny_model(tmp_path, tiny_model_2d, dataset_2d):
 def test_demo_refuses_bad_input_with_one_clear_line(tmp_path, tiny_model_2d, capsys):
     completed = run_demo("--out", tmp_path / "out", "--image", tmp_path / "nothing.nii.gz", cwd=tmp_path)
     assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines() == [f"demo.py: error: {tmp_path / 'nothing.nii.gz'}: image file not found"]
+    assert completed.stderr.strip().splitlines() == [f"error: {tmp_path / 'nothing.nii.gz'}: image file not found"]
     completed = run_demo("--model", tmp_path / "nothing.safetensors", cwd=tmp_path)
     assert completed.returncode == 2 and "model file not found" in completed.stderr
 
     # A 2D model on a 3D volume: the logic's own message (in-process, to keep the suite quick).
     volume = tmp_path / "volume.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 7, 8), np.float32)), str(volume))
-    sys.path.insert(0, str(REPO / "SCNLandmarks"))
-    from SCNLandmarksMRML import demo
+    from SCNLandmarksLib.cli import main
 
     capsys.readouterr()
-    code = demo.main(["--out", str(tmp_path / "out"), "--model", str(tiny_model_2d), "--image", str(volume),
-                      "--device", "cpu"])
+    code = main(["demo", "--out", str(tmp_path / "out"), "--model", str(tiny_model_2d), "--image", str(volume),
+                 "--device", "cpu"])
     assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("demo.py:")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model detects landmarks in 2D images" in lines[0] and "3D volume" in lines[0]
 
 

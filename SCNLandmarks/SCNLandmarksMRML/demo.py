@@ -1,9 +1,9 @@
-"""The README's main job: detect landmarks on an image exactly as the Slicer module does, headless.
+"""`scn-landmarks demo`, the README's main job: detect landmarks on an image exactly as the Slicer
+module does, headless. Registered with the library's CLI through the `scn_landmarks.commands` entry
+point (as `serve` is), so the library itself never imports Slicer::
 
-Run from a clone (no Slicer application, no Qt; slicer-core provides MRML)::
-
-    .venv/bin/python SCNLandmarks/SCNLandmarksMRML/demo.py --out demo-output
-    .venv/bin/python SCNLandmarks/SCNLandmarksMRML/demo.py --out DIR --model MODEL.safetensors --image IMAGE
+    scn-landmarks demo --out demo-output
+    scn-landmarks demo --out DIR --model MODEL.safetensors --image IMAGE
 
 Defaults: the first model of the catalogue (`Resources/Models/models.json`) that names a sample image,
 on that sample (the bundled brain AFIDs model on the bundled MNI152NLin2009cAsym T1w template).
@@ -20,22 +20,19 @@ Writes into --out:
 * ``summary.json`` and ``summary.md``: per landmark name, RAS and LPS position, confidence and
   status; model, device and times.
 
-Exit status: 0 done, 2 bad input (a one-line message on stderr), 130 interrupted.
+Exit status: 0 done, 2 bad input (a one-line message on stderr), 130 interrupted (the CLI's own).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent          # SCNLandmarks/SCNLandmarksMRML
-MODULE_DIR = HERE.parent                        # SCNLandmarks (the Slicer module folder)
+from SCNLandmarksLib.errors import DataError
 
 VIEWS_3D = ("Axial", "Coronal", "Sagittal")
 # RAS normal of each slice view (the picture's slice is then turned to the volume's nearest voxel plane).
@@ -47,50 +44,24 @@ PICTURE_SIZE_PX = 600
 AC_PC = ("AC", "PC")
 
 
-class InputError(Exception):
-    """Bad input found by the demo itself (missing files, unusable output folder)."""
-
-
-def _setUpImportPath() -> None:
-    """Make `SCNLandmarksMRML` (and, in a source tree, `SCNLandmarksLib`) importable.
-
-    Run as a file, Python puts this folder first on sys.path, where its logic.py, markups.py, ...
-    would shadow any top-level module of those names: drop it and add the module folder instead.
-    """
-    def same(entry: str) -> bool:
-        try:
-            return Path(entry or ".").resolve() == HERE
-        except OSError:
-            return False
-
-    sys.path[:] = [entry for entry in sys.path if not same(entry)]
-    if str(MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(MODULE_DIR))
-    try:
-        import SCNLandmarksLib  # noqa: F401
-    except ImportError:
-        if (MODULE_DIR.parent / "SCNLandmarksLib").is_dir():
-            sys.path.insert(0, str(MODULE_DIR.parent))
-
-
-def parseArguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="demo.py",
-        description="Detect landmarks with the SCNLandmarks module logic (headless) and write the landmarks, "
-                    "overlay pictures and a summary. Default: the bundled model on the bundled sample.")
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
-    parser.add_argument("--model", type=Path, help="model file (.safetensors); default: the catalogue's sample model")
-    parser.add_argument("--image", type=Path, help="image or volume file; default: the catalogue model's sample")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the network runs (default: auto = CUDA GPU if there is one, else CPU)")
-    return parser.parse_args(argv)
+def register(commands) -> None:
+    """Add the `demo` subcommand to the CLI's subparsers."""
+    demo = commands.add_parser(
+        "demo", help="run a model on an image through the Slicer module's logic (headless) and write the "
+                     "landmarks, overlay pictures and a summary; default: the bundled model on the bundled sample")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
+    demo.add_argument("--model", type=Path, help="model file (.safetensors); default: the catalogue's sample model")
+    demo.add_argument("--image", type=Path, help="image or volume file; default: the catalogue model's sample")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the network runs (default: auto = CUDA GPU if there is one, else CPU)")
+    demo.set_defaults(run=_demo)
 
 
 def _checkFile(path: Path, what: str) -> Path:
     if not path.exists():
-        raise InputError(f"{path}: {what} not found")
+        raise DataError(f"{path}: {what} not found")
     if not path.is_file():
-        raise InputError(f"{path}: {what} is not a file")
+        raise DataError(f"{path}: {what} is not a file")
     return path
 
 
@@ -108,9 +79,9 @@ def resolveInputs(arguments) -> tuple[Path, Path, object]:
         entry = catalogue.entryForModel(model)
     else:
         if default is None:
-            raise InputError("the model catalogue names no model with a sample image; pass --model FILE")
+            raise DataError("the model catalogue names no model with a sample image; pass --model FILE")
         if not default.available:
-            raise InputError(f"the bundled model '{default.name}' is missing ({default.path}); "
+            raise DataError(f"the bundled model '{default.name}' is missing ({default.path}); "
                              "pass --model FILE to use another model file")
         model, entry = default.path, default
     if arguments.image is not None:
@@ -118,7 +89,7 @@ def resolveInputs(arguments) -> tuple[Path, Path, object]:
     else:
         sampleEntry = entry if entry is not None and entry.sample is not None else default
         if sampleEntry is None or sampleEntry.sample is None:
-            raise InputError("no sample image in the model catalogue; pass --image FILE")
+            raise DataError("no sample image in the model catalogue; pass --image FILE")
         image = _checkFile(sampleEntry.sample, "bundled sample image")
     return model, image, entry
 
@@ -256,11 +227,11 @@ def writeSummaries(outDir: Path, summary: dict) -> tuple[Path, Path]:
 
 
 def run(arguments) -> dict:
-    """The whole demo; returns the summary. Raises InputError / SCNLandmarksError on bad input."""
+    """The whole demo; returns the summary. Raises SCNLandmarksError (e.g. DataError) on bad input."""
     started = time.perf_counter()
     outDir = arguments.out
     if outDir.exists() and not outDir.is_dir():
-        raise InputError(f"{outDir}: the output folder is a file")
+        raise DataError(f"{outDir}: the output folder is a file")
     model, image, entry = resolveInputs(arguments)
 
     import numpy as np
@@ -272,7 +243,7 @@ def run(arguments) -> dict:
     try:
         outDir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"{outDir}: cannot create the output folder ({error.strerror})") from None
+        raise DataError(f"{outDir}: cannot create the output folder ({error.strerror})") from None
 
     import vtk
 
@@ -346,25 +317,8 @@ def run(arguments) -> dict:
         scene.Clear(1)
 
 
-def main(argv=None) -> int:
-    arguments = parseArguments(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    _setUpImportPath()
-    from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
-
-    try:
-        summary = run(arguments)
-    except (InputError, SCNLandmarksError) as error:
-        if isinstance(error, Cancelled):
-            print(f"demo.py: {error}", file=sys.stderr)
-            return 130
-        message = " ".join(str(error).split())
-        print(f"demo.py: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("demo.py: interrupted", file=sys.stderr)
-        return 130
-
+def _demo(arguments) -> int:
+    summary = run(arguments)
     out = arguments.out
     print(f"{summary['result']} Model: {summary['model']['name']}.")
     if summary["acPcDistanceMm"] is not None:
@@ -375,6 +329,3 @@ def main(argv=None) -> int:
             print(f"  {name}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

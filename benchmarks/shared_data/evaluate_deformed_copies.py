@@ -1,6 +1,6 @@
 """Accuracy on held-out deformed copies of a training image (for single-template models such as brain-afids-32).
 
-    python Resources/Models/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
+    python benchmarks/shared_data/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
         [--single-resolution]
 
 Each copy is the image pushed through a random rigid + scaling + smooth elastic transform (seeds the

@@ -1,6 +1,6 @@
 """Turn the project's shared training data (../shared/data, not redistributable here) into datasets.
 
-    python Resources/Models/prepare_shared_data.py [--shared ../shared/data] [--out runs/data]
+    python benchmarks/shared_data/prepare_shared_data.py [--shared ../shared/data] [--out runs/data]
 
 Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) the library trains on:
   afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)

@@ -1,6 +1,6 @@
 """A cephalogram model against each annotator, and on the same images mirrored (left-facing).
 
-    python Resources/Models/evaluate_cephalograms.py MODEL [--shared ../shared/data/ceph]
+    python benchmarks/shared_data/evaluate_cephalograms.py MODEL [--shared ../shared/data/ceph]
         [--dataset runs/data/ceph/dataset.toml] [--split validation]
 
 On the split's images (prepared by prepare_shared_data.py), over the points both annotators placed,

@@ -349,18 +349,18 @@ def _configuration_findings(cases: list[_Case], names: list[str],
     unit = cases[0].unit
     for i, case in enumerate(cases):
         handled: set[int] = set()
-        for j in np.flatnonzero(suspicious[i]):
+        for j in map(int, np.flatnonzero(suspicious[i])):
             if j in handled:
                 continue
-            partner = _swap_partner(fits, points, mean, spreads, residuals, present, i, int(j))
+            partner = _swap_partner(fits, points, mean, spreads, residuals, present, i, j)
             if partner is not None:
-                handled.update((int(j), partner))
-                first, second = sorted((int(j), partner))
+                handled.update((j, partner))
+                first, second = sorted((j, partner))
                 findings.append(Finding(case.entry.id, names[first], FindingKind.SWAPPED,
                                         f"'{names[first]}' and '{names[second]}' look swapped: exchanged, both fit "
                                         "where the rest of the set puts them"))
                 continue
-            handled.add(int(j))
+            handled.add(j)
             to_image = 1.0 / fits.scale[i, j]
             findings.append(Finding(case.entry.id, names[j], FindingKind.MISPLACED,
                                     f"the point is {distances[i, j] * to_image:.1f} {unit} from where its neighbouring "

@@ -55,9 +55,9 @@ def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
     Raises:
         DataError: the same file is given twice, so no name can tell its results apart.
     """
-    paths = [Path(p) for p in paths]
-    candidates = [_stem_candidates(path) for path in paths]
-    level = [0] * len(paths)
+    inputs = [Path(p) for p in paths]
+    candidates = [_stem_candidates(path) for path in inputs]
+    level = [0] * len(inputs)
     while True:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, names in enumerate(candidates):
@@ -68,8 +68,8 @@ def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
         for members in clashes:
             for i in members:
                 if level[i] + 1 == len(candidates[i]):
-                    others = [str(paths[j]) for j in members if j != i]
-                    raise DataError(f"{paths[i]}: given more than once (also as {', '.join(others)}); "
+                    others = [str(inputs[j]) for j in members if j != i]
+                    raise DataError(f"{inputs[i]}: given more than once (also as {', '.join(others)}); "
                                     "its results would overwrite each other")
                 level[i] += 1
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import Cancelled, SCNLandmarksError
+from .vocabulary import LandmarkStatus
 
 log = logging.getLogger("scn-landmarks")
 
@@ -104,7 +105,7 @@ def _detect(args: argparse.Namespace) -> int:
         write_landmarks(prediction.landmarks, target, prediction.status)
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
-        found = sum(s != "missing" for s in prediction.status)
+        found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
         mirrored = " (found on the mirror image)" if prediction.mirrored else ""
         print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
               f"-> {target}", file=sys.stderr)
@@ -127,9 +128,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .bundle import read_metadata
+    from .bundle import read_description
 
-    print(json.dumps(read_metadata(args.model), indent=2))
+    print(json.dumps(read_description(args.model).to_json(), indent=2))
     return 0
 
 

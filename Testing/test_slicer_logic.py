@@ -40,7 +40,7 @@ from SCNLandmarksLib.config import InferenceConfig, IntensityConfig  # noqa: E40
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
 from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
 from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
-from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus  # noqa: E402
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, HeatmapKind, LandmarkStatus  # noqa: E402
 from SCNLandmarksMRML import (  # noqa: E402
     SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
     loadMarkupsFile, loadVolumeFile)
@@ -133,7 +133,7 @@ class BlobPrediction:
 
     def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
         """Gaussians around the landmarks, computed on the input image's own grid (as the library does)."""
-        if kind not in ("final", "local", "spatial"):
+        if kind not in list(HeatmapKind):
             raise ValueError(f"no '{kind}' heatmap")
         size = self._image.GetSize()
         index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)

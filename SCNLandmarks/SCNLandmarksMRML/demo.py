@@ -279,6 +279,7 @@ def run(arguments) -> dict:
     import SCNLandmarksMRML
     from SCNLandmarksLib.vocabulary import LandmarkStatus
     from SCNLandmarksMRML import rendering
+    from SCNLandmarksMRML.volumes import volumeDimension
 
     try:
         outDir.mkdir(parents=True, exist_ok=True)

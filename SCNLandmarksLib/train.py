@@ -220,12 +220,15 @@ class StageTrainer:
     checkpoint and best validation score.
 
     Args:
+        initial_model: a model file whose coarse network and sigmas start this stage (fine-tuning).
         initial_best: the validation score to beat before exporting a best model (a refinement that
             never beats the coarse model's best score is not shipped).
+    Raises:
+        ModelFileError: `initial_model` is unreadable or was not made for this stage.
     """
 
     def __init__(self, settings: StageSettings, context: RunContext, dimension: int, names: list[str],
-                 initial_best: float = math.inf):
+                 initial_model: Path | None = None, initial_best: float = math.inf):
         self.settings = settings
         self.context = context
         self.dimension = dimension
@@ -240,15 +243,14 @@ class StageTrainer:
         self.best_validation: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self.iteration = 0
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if initial_model is not None:
+            self._start_from(initial_model, names)
+        self.trainable.to(context.device)
+        self.optimizer = _optimizer(self.trainable, settings.training)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _learning_rate_factor(settings.training))
 
-    def start_from(self, path: Path, names: list[str]) -> None:
-        """Copy a model file's coarse network and sigmas into this stage (fine-tuning).
-
-        Raises:
-            ModelFileError: the file is unreadable or was not made for this stage.
-        """
+    def _start_from(self, path: Path, names: list[str]) -> None:
+        """Copy a model file's coarse network and sigmas into this stage."""
         loaded = load_model(path, "cpu")
         description = loaded.description
 
@@ -267,13 +269,10 @@ class StageTrainer:
             self.trainable.sigmas.log_sigma.copy_(loaded.coarse.sigmas.to(self.trainable.sigmas.log_sigma).log())
         log.info("starting from %s", path)
 
-    def prepare(self, resume: bool) -> None:
-        """Move to the device and build the optimiser and schedule; with `resume`, restore the checkpoint."""
-        training = self.settings.training
-        self.trainable.to(self.context.device)
-        self.optimizer = _optimizer(self.trainable, training)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _learning_rate_factor(training))
-        if resume and self.checkpoint_path.is_file():
+    def resume(self) -> None:
+        """Continue from this stage's checkpoint, exactly where it stopped (a refinement stage that never
+        started has none: it starts afresh)."""
+        if self.checkpoint_path.is_file():
             state = torch.load(self.checkpoint_path, map_location=self.context.device, weights_only=True)
             self.trainable.load_state_dict(state["trainable"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -284,7 +283,7 @@ class StageTrainer:
             self.history = list(state.get("history", []))
             log.info("resuming the %s stage of %s at iteration %d", self.settings.name, self.context.output_dir,
                      self.iteration)
-        elif resume and self.settings.name == "coarse":
+        elif self.settings.name == "coarse":
             raise DataError(f"{self.checkpoint_path}: no checkpoint to resume from")
 
     def stage(self) -> Stage:
@@ -469,12 +468,12 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     for settings in stage_settings(config):
         for item in training_items:
             item.prepared = prepare_image(item.image, settings.grid.spacing, config.intensity, context.device)
-        stage = StageTrainer(settings, context, config.dimension, names,
+        initial_model = config.initial_model if settings.name == "coarse" else None
+        stage = StageTrainer(settings, context, config.dimension, names, initial_model,
                              initial_best=result.best_score if result is not None else math.inf)
-        if settings.name == "coarse" and config.initial_model is not None:
-            stage.start_from(config.initial_model, names)  # a resumed checkpoint then overrides it
+        if resume:
+            stage.resume()  # the checkpoint overrides the initial model
         run.stages[settings.name] = stage
-        stage.prepare(resume)
         pairs = settings.augmentation.flip_pairs
         permutation = swap_permutation(names, pairs) if pairs else None
         result = run.train_stage(stage, training_items, permutation, progress, cancel)

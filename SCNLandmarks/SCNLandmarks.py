@@ -9,7 +9,6 @@ node and calls the logic) and the self-test. All MRML work is in the `SCNLandmar
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 import tempfile
@@ -46,6 +45,8 @@ _addLibraryPath()
 
 import SCNLandmarksMRML  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError  # noqa: E402
+from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus  # noqa: E402
+from SCNLandmarksMRML.volumes import volumeDimension  # noqa: E402
 
 LOAD_MODEL_FILE = "__load_model_file__"
 
@@ -78,16 +79,6 @@ Analysis 54, 2019 (and MICCAI 2016).
 #
 # SCNLandmarksParameterNode
 #
-
-
-class HeatmapKind(enum.Enum):
-    FINAL = "final"
-    LOCAL = "local"
-    SPATIAL = "spatial"
-
-    def label(self) -> str:
-        return {"final": _("Final (SCN output)"), "local": _("Local appearance"),
-                "spatial": _("Spatial configuration")}[self.value]
 
 
 @parameterNodeWrapper
@@ -468,14 +459,14 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setRowCount(len(rows))
             for i, row in enumerate(rows):
                 confidence = "" if row.confidence != row.confidence else f"{row.confidence:.2f}"
-                colour = {SCNLandmarksMRML.LOW_CONFIDENCE: qt.QColor(255, 190, 130),
-                          SCNLandmarksMRML.MISSING: qt.QColor(225, 225, 225),
-                          SCNLandmarksMRML.MOVED: qt.QColor(170, 220, 255)}.get(row.status)
-                for column, text in enumerate((row.name, confidence, row.status)):
+                color = {LandmarkStatus.LOW_CONFIDENCE: qt.QColor(255, 190, 130),
+                          LandmarkStatus.MISSING: qt.QColor(225, 225, 225),
+                          LandmarkStatus.MOVED: qt.QColor(170, 220, 255)}.get(row.status)
+                for column, text in enumerate((row.name, confidence, str(row.status))):
                     item = table.item(i, column) or qt.QTableWidgetItem()
                     item.setText(text)
-                    item.setBackground(qt.QBrush(colour) if colour else qt.QBrush())
-                    item.setForeground(qt.QBrush(qt.QColor(0, 0, 0)) if colour else qt.QBrush())
+                    item.setBackground(qt.QBrush(color) if color else qt.QBrush())
+                    item.setForeground(qt.QBrush(qt.QColor(0, 0, 0)) if color else qt.QBrush())
                     table.setItem(i, column, item)
             if 0 <= selected < len(rows):
                 table.selectRow(selected)
@@ -659,7 +650,7 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         """Every landmark found, inside the volume; AC-PC distance plausible (when the model has both)."""
         import numpy as np
 
-        missing = [n for n, s in zip(result.landmarkNames, result.statuses) if s == SCNLandmarksMRML.MISSING]
+        missing = [n for n, s in zip(result.landmarkNames, result.statuses) if s == LandmarkStatus.MISSING]
         self.assertEqual(missing, [], f"landmarks not found on the sample: {missing}")
         rasToIjk = vtk.vtkMatrix4x4()
         volume.GetRASToIJKMatrix(rasToIjk)
@@ -695,7 +686,7 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         if fromCatalogue:
             self._checkAnatomy(volume, result)
 
-        dimension = 2 if volume.GetImageData().GetDimensions()[2] == 1 else 3
+        dimension = volumeDimension(volume)
         reference = Predictor.from_file(model, "cpu").predict(read_image(image, dimension))
         expected = reference.landmarks.points_lps
         if dimension == 2:
@@ -717,12 +708,12 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         first = next(i for i, row in enumerate(logic.landmarkRows(node)) if row.positionRas is not None)
         moved = np.array(node.GetNthControlPointPositionVector(first)) + np.array([2.0, -1.0, 0.0])
         node.SetNthControlPointPosition(first, *moved)
-        self.assertEqual(logic.landmarkRows(node)[first].status, SCNLandmarksMRML.MOVED)
+        self.assertEqual(logic.landmarkRows(node)[first].status, LandmarkStatus.MOVED)
         exported = logic.exportLandmarks(node, workDir / "corrected.mrk.json")
         loaded = slicer.util.loadMarkups(str(exported))
         np.testing.assert_allclose(loaded.GetNthControlPointPositionVector(first), moved, atol=1e-6)
         logic.resetPoint(node, first)
-        self.assertNotEqual(logic.landmarkRows(node)[first].status, SCNLandmarksMRML.MOVED)
+        self.assertNotEqual(logic.landmarkRows(node)[first].status, LandmarkStatus.MOVED)
 
         self.delayDisplay("Refusing a model of the other dimension")
         before = slicer.mrmlScene.GetNumberOfNodes()

@@ -1,13 +1,19 @@
 """The model file: one self-describing safetensors file (weights + JSON metadata).
 
-Loading reads tensors only (safetensors never unpickles), checks the metadata and rebuilds the
-network from it, so a model file is all a user or the Slicer module needs.
+Loading reads tensors only (safetensors never unpickles), parses the metadata once into a typed
+`ModelDescription` and rebuilds the networks from it, so a model file is all a user or the Slicer
+module needs.
+
+Format versions: 2 describes each network as a stage ("coarse", optional "refinement"); 1 (the
+shipped models) kept the coarse stage's fields at the top level and called the refinement's grid
+size "patch_size". Both are read; version 2 is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,66 +21,206 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import InferenceConfig, IntensityConfig
 from .errors import ModelFileError
 from .io.atomic import atomic_output
 from .models import build_model
 
 FORMAT = "scn-landmarks-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "scn_landmarks"
-REQUIRED_KEYS = ("architecture", "dimension", "in_channels", "landmark_names", "params", "grid_spacing",
-                 "unit", "intensity", "sigmas", "gamma", "inference")
-REFINEMENT_KEYS = ("architecture", "params", "patch_size", "grid_spacing", "sigmas", "gamma")
 # Tensor name prefixes of the two stages: the coarse network, and the optional refinement network.
 PREFIXES = {"coarse": "network.", "refinement": "refiner."}
 SIGMA_TENSORS = {"coarse": "heatmap.sigmas", "refinement": "refiner_heatmap.sigmas"}
+_MODEL_KEYS = ("dimension", "in_channels", "landmark_names", "unit", "intensity", "inference", "coarse")
+_STAGE_KEYS = ("architecture", "params", "grid_size", "grid_spacing", "sigmas", "gamma")
+# Version 1: the coarse stage's fields at the top level, the refinement's grid size as "patch_size".
+_V1_MODEL_KEYS = ("architecture", "dimension", "in_channels", "landmark_names", "params", "grid_spacing",
+                  "training_grid_size", "unit", "intensity", "sigmas", "gamma", "inference")
+_V1_REFINEMENT_KEYS = ("architecture", "params", "patch_size", "grid_spacing", "sigmas", "gamma")
+
+
+@dataclass(frozen=True)
+class StageDescription:
+    """One network of a model: the coarse SCN, run on the whole image, or the refinement network,
+    run on a patch centred on each coarse point.
+
+    Attributes:
+        architecture: see models.ARCHITECTURES.
+        params: the architecture's parameters (all of them, defaults included).
+        grid_size: voxels per axis of the coarse stage's training grid, or of the refinement patch.
+        grid_spacing: mm (px for images without spacing) per grid voxel.
+        sigmas: learned heatmap sigma per landmark, mm (the weights hold the same values as a tensor).
+        gamma: heatmap scale; with a sigma it gives the peak height of a confident landmark.
+    """
+
+    architecture: str
+    params: dict[str, Any]
+    grid_size: tuple[int, ...]
+    grid_spacing: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    gamma: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "params": self.params, "grid_size": list(self.grid_size),
+                "grid_spacing": list(self.grid_spacing), "sigmas": list(self.sigmas), "gamma": self.gamma}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> StageDescription:
+        return cls(str(values["architecture"]), dict(values["params"]), tuple(int(s) for s in values["grid_size"]),
+                   tuple(float(s) for s in values["grid_spacing"]), tuple(float(s) for s in values["sigmas"]),
+                   float(values["gamma"]))
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Everything a model file says about its model, parsed and checked when the file is read.
+
+    Attributes:
+        dimension: 2 or 3.
+        landmark_names: in model (channel) order.
+        unit: unit of the training images' spacing: "mm", or "px" for images without spacing.
+        intensity: how raw image values become network inputs.
+        inference: decoding settings (confidence thresholds, mirror axis, tiling).
+        coarse: the SCN on the whole image.
+        refinement: the optional coarse-to-fine stage.
+        in_channels: network input channels.
+        provenance: where the model came from (dataset, iterations, date, configuration).
+        validation: the validation scores of the saved model ({} without a validation split).
+    """
+
+    dimension: int
+    landmark_names: tuple[str, ...]
+    unit: str
+    intensity: IntensityConfig
+    inference: InferenceConfig
+    coarse: StageDescription
+    refinement: StageDescription | None = None
+    in_channels: int = 1
+    provenance: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_pixels(self) -> bool:
+        """True when positions are in pixels (the training images had no physical spacing)."""
+        return self.unit.lower() in ("px", "pixel", "pixels")
+
+    @property
+    def stages(self) -> dict[str, StageDescription]:
+        """The stages by name ("coarse", then "refinement" if present)."""
+        return {"coarse": self.coarse, **({} if self.refinement is None else {"refinement": self.refinement})}
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata written to a model file (the current format version)."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "dimension": self.dimension,
+                "in_channels": self.in_channels, "landmark_names": list(self.landmark_names), "unit": self.unit,
+                "intensity": dataclasses.asdict(self.intensity), "inference": dataclasses.asdict(self.inference),
+                **{name: stage.to_json() for name, stage in self.stages.items()},
+                "provenance": self.provenance, "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, header: dict[str, Any], source: str) -> ModelDescription:
+        """Parse model file metadata of any supported version.
+
+        Raises:
+            ModelFileError: naming `source`, when a field is missing, malformed or impossible.
+        """
+        if header.get("format") != FORMAT:
+            raise ModelFileError(f"{source}: unknown model format {header.get('format')!r}")
+        version = header.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ModelFileError(f"{source}: model format version {version} is newer than this software reads "
+                                 f"({FORMAT_VERSION}); update SCNLandmarks")
+        values = _from_version_1(header, source) if version <= 1 else header
+        _require(values, _MODEL_KEYS, source, "")
+        _require(values["coarse"], _STAGE_KEYS, source, "coarse.")
+        if values.get("refinement") is not None:
+            _require(values["refinement"], _STAGE_KEYS, source, "refinement.")
+        try:
+            description = cls(
+                dimension=int(values["dimension"]), landmark_names=tuple(str(n) for n in values["landmark_names"]),
+                unit=str(values["unit"]), intensity=IntensityConfig(**values["intensity"]),
+                inference=InferenceConfig(**values["inference"]),
+                coarse=StageDescription.from_json(values["coarse"]),
+                refinement=(None if values.get("refinement") is None
+                            else StageDescription.from_json(values["refinement"])),
+                in_channels=int(values["in_channels"]), provenance=dict(values.get("provenance") or {}),
+                validation=dict(values.get("validation") or {}))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ModelFileError(f"{source}: malformed model metadata ({error})") from None
+        axis = description.inference.mirror_axis
+        if axis is not None and (not isinstance(axis, int) or not 0 <= axis < description.dimension):
+            raise ModelFileError(f"{source}: inference.mirror_axis {axis!r} is not an axis of "
+                                 f"{description.dimension}D images")
+        return description
+
+
+def _require(values: Any, keys: tuple[str, ...], source: str, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ModelFileError(f"{source}: malformed model metadata ({prefix.rstrip('.') or 'top level'} "
+                             "is not a table)")
+    missing = [prefix + k for k in keys if k not in values]
+    if missing:
+        raise ModelFileError(f"{source}: model metadata lacks {missing}")
+
+
+def _from_version_1(header: dict[str, Any], source: str) -> dict[str, Any]:
+    """Version 1 metadata in the version 2 layout."""
+    _require(header, _V1_MODEL_KEYS, source, "")
+    values = {k: v for k, v in header.items() if k not in _V1_REFINEMENT_KEYS and k != "training_grid_size"}
+    values["coarse"] = {"architecture": header["architecture"], "params": header["params"],
+                        "grid_size": header["training_grid_size"], "grid_spacing": header["grid_spacing"],
+                        "sigmas": header["sigmas"], "gamma": header["gamma"]}
+    refinement = header.get("refinement")
+    if refinement is not None:
+        _require(refinement, _V1_REFINEMENT_KEYS, source, "refinement.")
+        values["refinement"] = {**{k: v for k, v in refinement.items() if k != "patch_size"},
+                                "grid_size": refinement["patch_size"]}
+    return values
 
 
 @dataclass
 class Stage:
+    """One stage's network with its learned sigmas."""
+
     network: torch.nn.Module
     sigmas: torch.Tensor          # (N,) learned Gaussian sigmas, mm
 
 
 @dataclass
 class LoadedModel:
-    network: torch.nn.Module
-    sigmas: torch.Tensor          # (N,) learned Gaussian sigmas, mm
-    metadata: dict[str, Any]
-    refinement: Stage | None = None   # described by metadata["refinement"]
+    description: ModelDescription
+    coarse: Stage
+    refinement: Stage | None = None   # described by description.refinement
 
 
-def _stage_tensors(stage: str, network: torch.nn.Module, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
-    tensors = {f"{PREFIXES[stage]}{k}": v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in network.state_dict().items()}
-    tensors[SIGMA_TENSORS[stage]] = sigmas.detach().to("cpu", torch.float32).contiguous()
+def _stage_tensors(name: str, stage: Stage) -> dict[str, torch.Tensor]:
+    tensors = {f"{PREFIXES[name]}{k}": v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in stage.network.state_dict().items()}
+    tensors[SIGMA_TENSORS[name]] = stage.sigmas.detach().to("cpu", torch.float32).contiguous()
     return tensors
 
 
-def save_model(path: str | Path, network: torch.nn.Module, sigmas: torch.Tensor, metadata: dict[str, Any],
+def save_model(path: str | Path, description: ModelDescription, coarse: Stage,
                refinement: Stage | None = None) -> Path:
     """Write weights + metadata atomically (a crash never leaves a half-written model file).
 
     Args:
-        refinement: the optional fine stage; metadata["refinement"] must then describe it.
+        refinement: the optional fine stage; `description.refinement` must then describe it.
     """
-    missing = [k for k in REQUIRED_KEYS if k not in metadata]
-    if refinement is not None:
-        missing += [f"refinement.{k}" for k in REFINEMENT_KEYS if k not in metadata.get("refinement", {})]
-    if missing:
-        raise ValueError(f"model metadata lacks {missing}")
+    if (refinement is None) != (description.refinement is None):
+        raise ValueError("the refinement stage and its description must be given together")
     path = Path(path)
-    tensors = _stage_tensors("coarse", network, sigmas)
+    tensors = _stage_tensors("coarse", coarse)
     if refinement is not None:
-        tensors.update(_stage_tensors("refinement", refinement.network, refinement.sigmas))
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+        tensors.update(_stage_tensors("refinement", refinement))
     with atomic_output(path) as temporary:
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(description.to_json())})
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a model file, checked; raises ModelFileError naming the file and the problem."""
+def read_description(path: str | Path) -> ModelDescription:
+    """The description of a model file, checked; raises ModelFileError naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
@@ -86,63 +232,48 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise ModelFileError(f"{path}: a safetensors file, but not an SCNLandmarks model (no '{METADATA_KEY}' metadata)")
     try:
-        metadata = json.loads(raw)
+        header = json.loads(raw)
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: the model metadata is not valid JSON") from None
-    if metadata.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: unknown model format {metadata.get('format')!r}")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format version {metadata.get('format_version')} is newer than this "
-                             f"software reads ({FORMAT_VERSION}); update SCNLandmarks")
-    missing = [k for k in REQUIRED_KEYS if k not in metadata]
-    if missing:
-        raise ModelFileError(f"{path}: model metadata lacks {missing}")
-    axis = metadata["inference"].get("mirror_axis")
-    if axis is not None and (not isinstance(axis, int) or not 0 <= axis < metadata["dimension"]):
-        raise ModelFileError(f"{path}: inference.mirror_axis {axis!r} is not an axis of "
-                             f"{metadata['dimension']}D images")
-    return metadata
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: the model metadata is not a JSON object")
+    return ModelDescription.from_json(header, str(path))
 
 
-def _build_stage(path: Path, stage: str, description: dict[str, Any], metadata: dict[str, Any],
-                 tensors: dict[str, torch.Tensor], device) -> Stage:
+def _build_stage(path: Path, name: str, stage: StageDescription, description: ModelDescription,
+                 tensors: dict[str, torch.Tensor], device: torch.device | str) -> Stage:
     """Rebuild one stage's network from its description and load its tensors strictly."""
-    count = len(metadata["landmark_names"])
+    count = len(description.landmark_names)
     try:
-        network = build_model(description["architecture"], metadata["dimension"], metadata["in_channels"], count,
-                              description["params"])
+        network = build_model(stage.architecture, description.dimension, description.in_channels, count,
+                              stage.params)
     except (ValueError, TypeError, KeyError) as error:
-        raise ModelFileError(f"{path}: cannot build the {stage} network it describes ({error})") from None
-    sigmas = tensors.get(SIGMA_TENSORS[stage])
+        raise ModelFileError(f"{path}: cannot build the {name} network it describes ({error})") from None
+    sigmas = tensors.get(SIGMA_TENSORS[name])
     if sigmas is None or sigmas.shape != (count,):
-        raise ModelFileError(f"{path}: {stage} sigma tensor missing or of the wrong size")
-    prefix = PREFIXES[stage]
+        raise ModelFileError(f"{path}: {name} sigma tensor missing or of the wrong size")
+    prefix = PREFIXES[name]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ModelFileError(f"{path}: {stage} weights do not match the described network: {error}") from None
+        raise ModelFileError(f"{path}: {name} weights do not match the described network: {error}") from None
     return Stage(network.eval().to(device), sigmas.to(device))
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the network(s) from a model file and load the weights (names and shapes checked)."""
     path = Path(path)
-    metadata = read_metadata(path)
+    description = read_description(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: weights cannot be read (truncated?): {error}") from None
-    coarse = _build_stage(path, "coarse", metadata, metadata, tensors, device)
-    refinement = None
-    if "refinement" in metadata:
-        missing = [k for k in REFINEMENT_KEYS if k not in metadata["refinement"]]
-        if missing:
-            raise ModelFileError(f"{path}: refinement metadata lacks {missing}")
-        refinement = _build_stage(path, "refinement", metadata["refinement"], metadata, tensors, device)
-    unexpected = [k for k in tensors if not any(k.startswith(p) for p in PREFIXES.values())
-                  and k not in SIGMA_TENSORS.values()]
+    stages = {name: _build_stage(path, name, stage, description, tensors, device)
+              for name, stage in description.stages.items()}
+    unexpected = [k for k in tensors if not any(k.startswith(PREFIXES[name]) or k == SIGMA_TENSORS[name]
+                                                for name in stages)]
     if unexpected:
         raise ModelFileError(f"{path}: unexpected tensors {unexpected[:5]}")
-    return LoadedModel(coarse.network, coarse.sigmas, metadata, refinement)
+    return LoadedModel(description, stages["coarse"], stages.get("refinement"))

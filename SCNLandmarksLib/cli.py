@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import Cancelled, SCNLandmarksError
+from .vocabulary import HeatmapKind, LandmarkStatus
 
 log = logging.getLogger("scn-landmarks")
 
@@ -83,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .inference import HEATMAP_KINDS, Predictor
+    from .inference import Predictor
     from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
     from .io.paths import output_stems, refuse_existing
@@ -93,7 +94,7 @@ def _detect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     suffix = LANDMARK_FORMATS[args.format]
     stems = output_stems(images)
-    heatmap_kinds = HEATMAP_KINDS if args.heatmaps else ()
+    heatmap_kinds = list(HeatmapKind) if args.heatmaps else []
     # Every file this run could write is checked before the first is: a clinician's corrected file in
     # the output folder is never replaced unless asked.
     refuse_existing([out / f"{stem}{name}" for stem in stems
@@ -111,7 +112,7 @@ def _detect(args: argparse.Namespace) -> int:
         write_landmarks(prediction.landmarks, target, prediction.status)
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
-        found = sum(s != "missing" for s in prediction.status)
+        found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
         mirrored = " (found on the mirror image)" if prediction.mirrored else ""
         print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
               f"-> {target}", file=sys.stderr)
@@ -155,9 +156,9 @@ def _dataset_check(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .bundle import read_metadata
+    from .bundle import read_description
 
-    print(json.dumps(read_metadata(args.model), indent=2))
+    print(json.dumps(read_description(args.model).to_json(), indent=2))
     return 0
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .io.toml import read_toml, write_toml
+from .vocabulary import LandmarkStatus
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ class InferenceConfig:
     # result. None = never. Not for models with left/right landmark pairs: on a near-symmetric image
     # the mirror pass could win and swap the sides.
     mirror_axis: int | None = None
+
+    def status(self, confidence: float) -> LandmarkStatus:
+        """The status of a landmark found with this confidence."""
+        if confidence < self.missing_below:
+            return LandmarkStatus.MISSING
+        return LandmarkStatus.LOW_CONFIDENCE if confidence < self.low_confidence_below else LandmarkStatus.DETECTED
 
 
 @dataclass(frozen=True)
@@ -269,17 +276,6 @@ def validate(config: Config, where: str = "config") -> None:
                         "([augmentation] flip_pairs): the mirror pass could swap the sides")
 
 
-def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """Parse a TOML file; a missing or malformed file is a DataError naming it (`what` says which kind)."""
-    try:
-        with open(path, "rb") as stream:
-            return tomllib.load(stream)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise DataError(f"{path}: not valid TOML ({error})") from None
-
-
 def load_config(path: str | Path) -> Config:
     """Read a training configuration TOML file (errors name the file)."""
     path = Path(path)
@@ -302,38 +298,5 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return plain(config)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
-                                                         ("inf" if value > 0 else "-inf"))
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def dumps_toml(values: dict[str, Any], prefix: str = "") -> str:
-    """Write nested dicts as TOML tables ([a], [a.b], ...); a dict whose values are all scalars or
-    lists is written inline only as a value of `params` (model parameters)."""
-    def is_table(key: str, value: Any) -> bool:
-        return isinstance(value, dict) and key != "params"
-
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not is_table(k, v)]
-    text = "\n".join(lines) + ("\n" if lines else "")
-    for name, table in values.items():
-        if is_table(name, table):
-            text += f"\n[{prefix}{name}]\n" + dumps_toml(table, f"{prefix}{name}.")
-    return text
-
-
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(dumps_toml(config_to_dict(config)))
+    write_toml(path, config_to_dict(config))

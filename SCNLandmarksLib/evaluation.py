@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import InferenceConfig
 from .errors import DataError
-from .io.atomic import write_text_atomically
+from .io.atomic import safe_filename, write_text_atomically
 from .landmark_set import LandmarkSet
 
 DEFAULT_RADII_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
@@ -297,10 +297,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def _safe_filename(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
-
-
 def write_plots(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
     """Box plot of errors per landmark and the cumulative error curve as PNGs.
 
@@ -360,7 +356,8 @@ def write_plots(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path,
-                 overlays: list[tuple[str, Any, LandmarkSet, LandmarkSet]] | None = None) -> Path:
+                 overlays: list[tuple[str, Any, LandmarkSet, LandmarkSet]] | None = None,
+                 inference: InferenceConfig = InferenceConfig()) -> Path:
     """Write out_dir/report.md (summary, per-landmark, SDR and worst-image tables), plus plots when
     matplotlib is available and overlays of the given cases.
 
@@ -368,6 +365,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
         overlays: (image id, SimpleITK image, prediction, truth) of the cases to draw, e.g. the
             images of `result.worst_images()`; each is rendered to overlays/<id>.png. A case that
             fails to render is noted in the report instead of aborting it.
+        inference: the model's confidence thresholds, which the overlay colors follow.
 
     Returns:
         The path of report.md.
@@ -446,17 +444,19 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
         from .overlay import render_landmarks_png
 
         lines += ["## Worst cases", "",
-                  "Predictions as filled discs (green: high, yellow: medium, red: low confidence, "
-                  "magenta: unknown), ground truth as cyan rings joined by a white line.", ""]
+                  f"Predictions as filled discs (green: detected, orange: low confidence, below "
+                  f"{inference.low_confidence_below:g}; red: below the missing threshold "
+                  f"{inference.missing_below:g}; magenta: unknown), ground truth as cyan rings joined by a "
+                  "white line.", ""]
         used: set[str] = set()
         for image_id, image, prediction, truth in overlays:
-            stem = _safe_filename(str(image_id))
+            stem = safe_filename(str(image_id), "image")
             while stem in used:
                 stem += "_"
             used.add(stem)
             rel = f"overlays/{stem}.png"
             try:
-                render_landmarks_png(image, out_dir / rel, prediction, truth)
+                render_landmarks_png(image, out_dir / rel, prediction, truth, inference=inference)
             except Exception as exc:  # a report with a noted failure beats no report
                 lines += [f"### {image_id}", "", f"Overlay failed: {type(exc).__name__}: {exc}", ""]
                 continue
@@ -506,8 +506,8 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
             predictions[refine][entry.id] = prediction.landmarks
         if progress is not None:
             progress(number, len(entries), entry.id)
-    unit = predictor.metadata.get("unit", "mm")
-    radii = radii or (DEFAULT_RADII_PX if unit == "px" else DEFAULT_RADII_MM)
+    unit = predictor.description.unit
+    radii = radii or (DEFAULT_RADII_PX if predictor.description.in_pixels else DEFAULT_RADII_MM)
     result = evaluate(predictions[True], truths, unit=unit, radii=radii)
     if predictor.refinement is not None:
         single = evaluate(predictions[False], truths, unit=unit, radii=radii)
@@ -518,5 +518,5 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
     metrics = write_metrics(result, out_dir / "metrics.json")
     worst = [(row.image_id, images[row.image_id], predictions[True][row.image_id], truths[row.image_id])
              for row in result.worst_images()]
-    write_report(result, out_dir, overlays=worst)
+    write_report(result, out_dir, overlays=worst, inference=predictor.inference)
     return metrics

@@ -16,14 +16,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from .bundle import LoadedModel, load_model
-from .config import IntensityConfig
 from .data.preparation import normalize_image, prepare_normalized, resample_to_grid, resample_to_grids
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_points
@@ -31,12 +30,10 @@ from .heatmaps import peak_height, refine_peaks
 from .io.images import as_scalar_image, read_image
 from .landmark_set import LandmarkSet
 from .models import HeatmapOutput
+from .vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
-HEATMAP_KINDS = ("final", "local", "spatial")
 BATCH_IMAGES_IN_FLIGHT = 2  # images processed at once in batch mode
 CPU_REFINEMENT_CHUNK = 8  # refinement patches per forward pass on a CPU
 
@@ -76,7 +73,7 @@ def run_network(network: torch.nn.Module, sample: torch.Tensor, max_voxels: int)
     for corner in itertools.product(*starts):
         window = tuple(slice(c, c + t) for c, t in zip(corner, tile))
         output = network(sample[(slice(None), slice(None), *window)])
-        for kind in HEATMAP_KINDS:
+        for kind in HeatmapKind:
             part = getattr(output, kind)
             if part is None:
                 continue
@@ -84,7 +81,7 @@ def run_network(network: torch.nn.Module, sample: torch.Tensor, max_voxels: int)
                 merged[kind] = torch.full((*part.shape[:2], *spatial), -math.inf, device=part.device)
             target = merged[kind][(slice(None), slice(None), *window)]
             torch.maximum(target, part, out=target)
-    return HeatmapOutput(merged["final"], merged["local"], merged.get("spatial"))
+    return HeatmapOutput(merged[HeatmapKind.FINAL], merged[HeatmapKind.LOCAL], merged.get(HeatmapKind.SPATIAL))
 
 
 @dataclass
@@ -93,7 +90,7 @@ class Prediction:
 
     Attributes:
         landmarks: names, LPS positions (NaN rows = missing) and confidences in [0, 1].
-        status: per landmark "detected", "low confidence" or "missing".
+        status: per landmark: detected, low confidence or missing.
         timings: seconds per stage.
         mirrored: the landmarks were found on the image's mirror image (models with a mirror axis,
             e.g. a left-facing cephalogram for a right-facing model); positions and heatmaps are
@@ -101,7 +98,7 @@ class Prediction:
     """
 
     landmarks: LandmarkSet
-    status: list[str]
+    status: list[LandmarkStatus]
     timings: dict[str, float] = field(default_factory=dict)
     _grid: ImageGeometry | None = None
     _reference: sitk.Image | None = None
@@ -113,7 +110,7 @@ class Prediction:
         """The heatmap kinds kept by predict(..., heatmaps=True) (empty otherwise)."""
         return list(self._heatmaps)
 
-    def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
+    def heatmap(self, kind: str = HeatmapKind.FINAL, landmark: int | None = None) -> sitk.Image:
         """One heatmap (or the maximum over all landmarks) resampled to the input image's geometry.
 
         Args:
@@ -138,16 +135,13 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, device: torch.device, path: Path | None = None):
         self.path = path  # the model file, when loaded from one
         self.device = device
+        self.description = loaded.description
+        self.coarse = loaded.coarse
         self.refinement = loaded.refinement
-        self.network = loaded.network
-        self.sigmas = loaded.sigmas
-        self.metadata = loaded.metadata
-        self.landmark_names: list[str] = list(self.metadata["landmark_names"])
-        self.dimension: int = int(self.metadata["dimension"])
-        self.spacing = tuple(float(s) for s in self.metadata["grid_spacing"])
-        self.intensity = IntensityConfig(**self.metadata["intensity"])
-        self.gamma = float(self.metadata["gamma"])
-        self.thresholds = self.metadata["inference"]
+        # The model file's decoding settings; replace (dataclasses.replace) to decode differently.
+        self.inference = loaded.description.inference
+        self.landmark_names: list[str] = list(self.description.landmark_names)
+        self.dimension: int = self.description.dimension
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
@@ -171,7 +165,7 @@ class Predictor:
         """
         start = time.perf_counter()
         image = as_scalar_image(image, self.dimension, source)
-        normalized = normalize_image(image, self.intensity)
+        normalized = normalize_image(image, self.description.intensity)
         return self._detect(image, normalized, time.perf_counter() - start, heatmaps, progress, cancel, refine)
 
     def predict_files(self, paths: Iterable[str | Path], heatmaps: bool = False,
@@ -188,7 +182,7 @@ class Predictor:
                 start = time.perf_counter()
                 image = read_image(path, self.dimension)  # already scalar float32 of the model's dimension
                 read_s = time.perf_counter() - start
-                normalized = normalize_image(image, self.intensity)
+                normalized = normalize_image(image, self.description.intensity)
                 prediction = self._detect(image, normalized, time.perf_counter() - start - read_s, heatmaps, None,
                                           cancel, True)
             except DataError as error:
@@ -215,7 +209,7 @@ class Predictor:
                 progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
         """Detect on the image as given; for a model with a mirror axis also on its mirror image, keeping
         the result with the higher mean confidence."""
-        axis = self.thresholds.get("mirror_axis")
+        axis = self.inference.mirror_axis
         if axis is None:
             return self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
         # Each pass takes half of the progress bar, so that it never runs backwards.
@@ -250,14 +244,15 @@ class Predictor:
 
         step(0.0, "preparing image")
         start = time.perf_counter()
-        prepared = prepare_normalized(normalized, self.spacing, self.device)
-        grid = covering_grid(prepared.geometry, self.spacing)
+        spacing = self.description.coarse.grid_spacing
+        prepared = prepare_normalized(normalized, spacing, self.device)
+        grid = covering_grid(prepared.geometry, spacing)
         sample = resample_to_grid(prepared, grid).unsqueeze(0)
         timings = {"resample": prepare_s + time.perf_counter() - start}
 
         step(0.3, f"running the network on a {'x'.join(map(str, grid.size))} grid ({self.device.type})")
         start = time.perf_counter()
-        output = run_network(self.network, sample, int(self.thresholds.get("max_grid_voxels", 48_000_000)))
+        output = run_network(self.coarse.network, sample, self.inference.max_grid_voxels)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         timings["network"] = time.perf_counter() - start
@@ -266,14 +261,10 @@ class Predictor:
         start = time.perf_counter()
         index, value = refine_peaks(output.final[0].float())
         points = grid.index_to_physical(index.cpu().numpy())
-        confidence = (value / peak_height(self.sigmas, self.gamma, self.dimension)).clamp(0.0, 1.0).cpu().numpy()
-        status = []
-        for i, c in enumerate(confidence):
-            if c < self.thresholds["missing_below"]:
-                points[i] = np.nan
-                status.append("missing")
-            else:
-                status.append("low confidence" if c < self.thresholds["low_confidence_below"] else "detected")
+        ideal = peak_height(self.coarse.sigmas, self.description.coarse.gamma, self.dimension)
+        confidence = (value / ideal).clamp(0.0, 1.0).cpu().numpy()
+        status = [self.inference.status(float(c)) for c in confidence]
+        points[np.array([s == LandmarkStatus.MISSING for s in status], dtype=bool)] = np.nan
         timings["peaks"] = time.perf_counter() - start
         if self.refinement is not None and refine:
             step(0.95, "refining landmarks on fine patches")
@@ -282,7 +273,7 @@ class Predictor:
             timings["refinement"] = time.perf_counter() - start
         kept = {}
         if heatmaps:
-            for kind in HEATMAP_KINDS:
+            for kind in HeatmapKind:
                 tensor = getattr(output, kind)
                 if tensor is not None:
                     kept[kind] = tensor[0].float().cpu().numpy()
@@ -297,9 +288,8 @@ class Predictor:
         All patches go through the refinement network in one batch. A landmark whose refined peak is
         below the missing threshold keeps its coarse position.
         """
-        description = self.metadata["refinement"]
-        spacing = tuple(float(s) for s in description["grid_spacing"])
-        size = tuple(int(s) for s in description["patch_size"])
+        description = self.description.refinement
+        spacing, size = description.grid_spacing, description.grid_size
         found = np.flatnonzero(np.all(np.isfinite(points), axis=1))
         if len(found) == 0:
             return points
@@ -312,8 +302,8 @@ class Predictor:
         final = torch.cat([self.refinement.network(part).final for part in batch.split(chunk)])
         heatmaps = final[torch.arange(len(found)), torch.as_tensor(found)].float()
         index, value = refine_peaks(heatmaps)
-        ideal = peak_height(self.refinement.sigmas[torch.as_tensor(found)], float(description["gamma"]), self.dimension)
-        confident = (value / ideal).cpu().numpy() >= self.thresholds["missing_below"]
+        ideal = peak_height(self.refinement.sigmas[torch.as_tensor(found)], description.gamma, self.dimension)
+        confident = (value / ideal).cpu().numpy() >= self.inference.missing_below
         refined = points.copy()
         for m, k in enumerate(found):
             if confident[m]:

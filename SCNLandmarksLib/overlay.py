@@ -9,7 +9,7 @@ radiologists expect:
   * coronal:  patient right on image left, superior up   (columns +L, rows -S)
   * sagittal: anterior on image left, superior up        (columns +P, rows -S)
 
-Predicted landmarks are filled discs coloured by confidence (see `confidence_colour`), ground
+Predicted landmarks are filled discs in the color of their status (see `confidence_color`), ground
 truth landmarks are cyan rings joined to their prediction by a white line.
 """
 
@@ -21,21 +21,18 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .config import InferenceConfig
 from .errors import DataError
 from .geometry import ImageGeometry
 from .landmark_set import LandmarkSet
+from .vocabulary import STATUS_COLORS
 
-GREEN = (0, 220, 0)
-YELLOW = (255, 220, 0)
-RED = (255, 40, 40)
 MAGENTA = (255, 0, 255)  # prediction without a known confidence
 CYAN = (0, 255, 255)  # ground truth
 WHITE = (255, 255, 255)  # prediction-to-truth line
 OUTLINE = (0, 0, 0)
-GAP_COLOUR = (48, 48, 48)
+GAP_COLOR = (48, 48, 48)
 
-HIGH_CONFIDENCE = 0.6
-LOW_CONFIDENCE = 0.3
 PANEL_GAP = 4  # pixels between the 3D panels
 _MAX_WINDOW_SAMPLES = 2_000_000
 
@@ -48,21 +45,19 @@ _PANEL_AXES = {
 PANEL_ORDER = ("axial", "coronal", "sagittal")
 
 
-def confidence_colour(confidence: float | None) -> tuple[int, int, int]:
-    """RGB colour of a predicted landmark: green >= 0.6, yellow >= 0.3, red below, magenta if unknown."""
+def confidence_color(confidence: float | None,
+                     inference: InferenceConfig = InferenceConfig()) -> tuple[int, int, int]:
+    """RGB color of a predicted landmark: the color of the status its confidence has under the model's
+    thresholds `inference` (`STATUS_COLORS`, as in the Slicer views), magenta if unknown."""
     if confidence is None or not np.isfinite(confidence):
         return MAGENTA
-    if confidence >= HIGH_CONFIDENCE:
-        return GREEN
-    if confidence >= LOW_CONFIDENCE:
-        return YELLOW
-    return RED
+    return STATUS_COLORS[inference.status(confidence)]
 
 
 def render_landmarks_png(image: sitk.Image, path: str | Path, landmarks: LandmarkSet,
                          truth: LandmarkSet | None = None, heatmap: sitk.Image | None = None,
                          max_size: int = 1024, center_lps: np.ndarray | None = None,
-                         slab_mm: float = 5.0) -> Path:
+                         slab_mm: float = 5.0, inference: InferenceConfig = InferenceConfig()) -> Path:
     """Draw predicted (and optionally true) landmarks on an image and write an RGB PNG.
 
     Args:
@@ -70,15 +65,16 @@ def render_landmarks_png(image: sitk.Image, path: str | Path, landmarks: Landmar
             windowed to the 1st-99th percentile.
         path: output file, written as PNG whatever its suffix; parent folders are created.
         landmarks: predicted landmarks in physical LPS space (NaN rows are not drawn); their
-            confidences pick the marker colour.
+            confidences pick the marker color (`confidence_color`).
         truth: optional ground truth, matched to `landmarks` by name.
         heatmap: optional scalar or multi-component heatmap (components are max-combined) in the
             same physical space as `image` (resampled onto it if its grid differs); it is scaled by
-            its maximum and blended in a heat colour map.
+            its maximum and blended in a heat color map.
         max_size: the longest side of the PNG, in pixels (images are downscaled, never upscaled).
         center_lps: 3D only: the point the three slices pass through; default the mean of the
-            present predicted landmarks (else of the truth, else the image centre).
+            present predicted landmarks (else of the truth, else the image center).
         slab_mm: 3D only: landmarks within this distance of a slice plane are drawn on it.
+        inference: the model's confidence thresholds, which the marker colors follow.
 
     Returns:
         The path written.
@@ -101,11 +97,11 @@ def render_landmarks_png(image: sitk.Image, path: str | Path, landmarks: Landmar
         heat_max = _finite_max(_as_scalar_array(sitk.GetArrayViewFromImage(heatmap), heatmap))
     if d == 2:
         geometry = _display_geometry_2d(ImageGeometry.of(image), max_size)
-        rgb = _render_panel(image, geometry, window, heatmap, heat_max, landmarks, truth, None)
+        rgb = _render_panel(image, geometry, window, heatmap, heat_max, landmarks, truth, None, inference)
     else:
         center = _default_center(image, landmarks, truth) if center_lps is None \
             else np.asarray(center_lps, dtype=np.float64).reshape(3)
-        panels = [_render_panel(image, g, window, heatmap, heat_max, landmarks, truth, slab_mm)
+        panels = [_render_panel(image, g, window, heatmap, heat_max, landmarks, truth, slab_mm, inference)
                   for g in display_geometries_3d(ImageGeometry.of(image), center, max_size)]
         rgb = _side_by_side(panels)
 
@@ -170,7 +166,7 @@ def display_geometries_3d(geometry: ImageGeometry, center_lps: np.ndarray,
         pitch *= 1.01
     out = []
     for (col_dir, row_dir, normal), n_col, n_row in zip(axes, cols, rows):
-        # In-plane: centred on the bounding box; through-plane: at the chosen point.
+        # In-plane: centered on the bounding box; through-plane: at the chosen point.
         panel_center = mid + normal * float(normal @ (center - mid))
         origin = (panel_center - col_dir * (n_col - 1) / 2.0 * pitch
                   - row_dir * (n_row - 1) / 2.0 * pitch)
@@ -236,7 +232,7 @@ def _resample(image: sitk.Image, geometry: ImageGeometry, default: float) -> np.
     return np.nan_to_num(array.astype(np.float64), nan=default)
 
 
-def _heat_colours(h: np.ndarray) -> np.ndarray:
+def _heat_colors(h: np.ndarray) -> np.ndarray:
     """Black-red-yellow-white map of values in [0, 1]; shape (..., 3) floats in [0, 255]."""
     return np.stack([np.clip(3.0 * h, 0, 1), np.clip(3.0 * h - 1, 0, 1), np.clip(3.0 * h - 2, 0, 1)],
                     axis=-1) * 255.0
@@ -244,7 +240,7 @@ def _heat_colours(h: np.ndarray) -> np.ndarray:
 
 def _render_panel(image: sitk.Image, geometry: ImageGeometry, window: tuple[float, float],
                   heatmap: sitk.Image | None, heat_max: float | None, landmarks: LandmarkSet,
-                  truth: LandmarkSet | None, slab_mm: float | None) -> np.ndarray:
+                  truth: LandmarkSet | None, slab_mm: float | None, inference: InferenceConfig) -> np.ndarray:
     lo, hi = window
     gray = np.clip((_resample(image, geometry, lo) - lo) / (hi - lo), 0.0, 1.0) * 255.0
     rgb = np.repeat(gray[..., None], 3, axis=-1)
@@ -257,9 +253,9 @@ def _render_panel(image: sitk.Image, geometry: ImageGeometry, window: tuple[floa
             h = _resample(heatmap, geometry, 0.0)
         h = np.clip(h / heat_max, 0.0, 1.0)
         alpha = (0.65 * h)[..., None]
-        rgb = rgb * (1.0 - alpha) + _heat_colours(h) * alpha
+        rgb = rgb * (1.0 - alpha) + _heat_colors(h) * alpha
     rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-    _draw_landmarks(rgb, geometry, landmarks, truth, slab_mm)
+    _draw_landmarks(rgb, geometry, landmarks, truth, slab_mm, inference)
     return rgb
 
 
@@ -273,7 +269,7 @@ def _side_by_side(panels: list[np.ndarray]) -> np.ndarray:
         canvas[top:top + p.shape[0], x:x + p.shape[1]] = p
         x += p.shape[1]
         if i < len(panels) - 1:
-            canvas[:, x:x + PANEL_GAP] = GAP_COLOUR
+            canvas[:, x:x + PANEL_GAP] = GAP_COLOR
             x += PANEL_GAP
     return canvas
 
@@ -294,7 +290,7 @@ def marker_radius(shape: tuple[int, ...]) -> int:
 
 
 def _draw_landmarks(rgb: np.ndarray, geometry: ImageGeometry, landmarks: LandmarkSet,
-                    truth: LandmarkSet | None, slab_mm: float | None) -> None:
+                    truth: LandmarkSet | None, slab_mm: float | None, inference: InferenceConfig) -> None:
     r = marker_radius(rgb.shape)
 
     def to_pixels(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -318,7 +314,7 @@ def _draw_landmarks(rgb: np.ndarray, geometry: ImageGeometry, landmarks: Landmar
     conf = landmarks.confidences
     for i in np.flatnonzero(pred_visible):
         _disc(rgb, pred_xy[i], r + 1, OUTLINE)
-        _disc(rgb, pred_xy[i], r, confidence_colour(None if conf is None else float(conf[i])))
+        _disc(rgb, pred_xy[i], r, confidence_color(None if conf is None else float(conf[i]), inference))
 
 
 def _box(rgb: np.ndarray, center: np.ndarray, radius: float):
@@ -328,27 +324,27 @@ def _box(rgb: np.ndarray, center: np.ndarray, radius: float):
     if x0 >= x1 or y0 >= y1:
         return None
     yy, xx = np.mgrid[y0:y1, x0:x1]
-    # Measure from the pixel the centre falls in, so the disc is centred on that pixel.
+    # Measure from the pixel the center falls in, so the disc is centered on that pixel.
     dist2 = (xx - round(cx)) ** 2 + (yy - round(cy)) ** 2
     return (slice(y0, y1), slice(x0, x1)), dist2
 
 
-def _disc(rgb: np.ndarray, center: np.ndarray, radius: float, colour) -> None:
+def _disc(rgb: np.ndarray, center: np.ndarray, radius: float, color) -> None:
     box = _box(rgb, center, radius + 1)
     if box is not None:
         region, dist2 = box
-        rgb[region][dist2 <= radius * radius + 0.5] = colour
+        rgb[region][dist2 <= radius * radius + 0.5] = color
 
 
-def _ring(rgb: np.ndarray, center: np.ndarray, radius: float, width: float, colour) -> None:
+def _ring(rgb: np.ndarray, center: np.ndarray, radius: float, width: float, color) -> None:
     box = _box(rgb, center, radius + 1)
     if box is not None:
         region, dist2 = box
         dist = np.sqrt(dist2)
-        rgb[region][(dist <= radius + 0.5) & (dist > radius - width + 0.5)] = colour
+        rgb[region][(dist <= radius + 0.5) & (dist > radius - width + 0.5)] = color
 
 
-def _line(rgb: np.ndarray, p0: np.ndarray, p1: np.ndarray, colour) -> None:
+def _line(rgb: np.ndarray, p0: np.ndarray, p1: np.ndarray, color) -> None:
     steps = int(math.ceil(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1])))) + 1
     if steps > 4 * (rgb.shape[0] + rgb.shape[1]):  # far off-panel: clip the sampling
         steps = 4 * (rgb.shape[0] + rgb.shape[1])
@@ -356,4 +352,4 @@ def _line(rgb: np.ndarray, p0: np.ndarray, p1: np.ndarray, colour) -> None:
     x = np.round(p0[0] + t * (p1[0] - p0[0])).astype(int)
     y = np.round(p0[1] + t * (p1[1] - p0[1])).astype(int)
     keep = (x >= 0) & (x < rgb.shape[1]) & (y >= 0) & (y < rgb.shape[0])
-    rgb[y[keep], x[keep]] = colour
+    rgb[y[keep], x[keep]] = color

@@ -8,7 +8,6 @@ DistributedDataParallel; rank 0 validates and writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import math
@@ -16,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
-from .bundle import LoadedModel, Stage, load_model, save_model
+from .bundle import LoadedModel, ModelDescription, Stage, StageDescription, load_model, save_model
 from .config import (AugmentationConfig, Config, GridConfig, HeatmapConfig, ModelConfig, TrainingConfig,
                      config_to_dict, save_config)
 from .data.augmentation import augmented_sample, swap_permutation
@@ -39,6 +38,7 @@ from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
 from .models import TRAINING_ONLY_PARAMS, build_model, default_params
+from .vocabulary import Cancel
 
 log = logging.getLogger(__name__)
 
@@ -136,75 +136,6 @@ def _optimizer(trainable: _Trainable, training: TrainingConfig) -> torch.optim.O
     return torch.optim.Adam(groups)
 
 
-def _new_trainable(stage: StageSettings, dimension: int, count: int) -> tuple[_Trainable, dict]:
-    params = {**default_params(stage.model.architecture, dimension), **stage.model.params}
-    torch.manual_seed(stage.training.seed)
-    network = build_model(stage.model.architecture, dimension, 1, count, params)
-    sigmas = LearnableSigmas(count, stage.heatmap.sigma_init, stage.heatmap.sigma_min, stage.heatmap.learnable_sigma)
-    return _Trainable(network, sigmas), params
-
-
-def _start_from(trainable: _Trainable, params: dict, config: Config, names: list[str]) -> None:
-    """Copy a model file's coarse network and sigmas into a new trainable (fine-tuning).
-
-    Raises:
-        ModelFileError: the file is unreadable or was not made for this configuration.
-    """
-    path = config.initial_model
-    loaded = load_model(path, "cpu")
-    metadata = loaded.metadata
-
-    def design(values: dict) -> dict:
-        return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
-
-    mismatches = [what for what, ours, theirs in (
-        ("landmark names", names, list(metadata["landmark_names"])),
-        ("architecture", config.model.architecture, metadata["architecture"]),
-        ("network parameters", design(params), design(metadata["params"]))) if ours != theirs]
-    if mismatches:
-        raise ModelFileError(f"{path}: cannot start training from this model: its {', '.join(mismatches)} "
-                             "differ from the configuration's")
-    trainable.network.load_state_dict(loaded.network.state_dict())
-    with torch.no_grad():
-        trainable.sigmas.log_sigma.copy_(loaded.sigmas.to(trainable.sigmas.log_sigma).log())
-    log.info("starting from %s", path)
-
-
-def model_metadata(config: Config, spec: DatasetSpec, params: dict, sigmas: torch.Tensor, unit: str,
-                   iteration: int, validation: dict | None, refinement: tuple[dict, torch.Tensor] | None = None,
-                   ) -> dict[str, Any]:
-    """Everything a model file needs to be used and traced back to its training.
-
-    Args:
-        refinement: (params, sigmas) of the trained refinement stage, if any.
-    """
-    metadata = {
-        "architecture": config.model.architecture,
-        "dimension": config.dimension,
-        "in_channels": 1,
-        "landmark_names": list(spec.landmark_names),
-        "params": params,
-        "grid_spacing": list(config.grid.spacing),
-        "training_grid_size": list(config.grid.size),
-        "unit": unit,
-        "intensity": dataclasses.asdict(config.intensity),
-        "sigmas": [float(s) for s in sigmas.detach().cpu()],
-        "gamma": config.heatmap.resolved_gamma(config.dimension),
-        "inference": dataclasses.asdict(config.inference),
-        "provenance": {"dataset": str(spec.path), "iterations": iteration, "library_version": __version__,
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "config": config_to_dict(config)},
-        "validation": validation or {},
-    }
-    if refinement is not None:
-        r = config.refinement
-        metadata["refinement"] = {"architecture": r.model.architecture, "params": refinement[0],
-                                  "patch_size": list(r.grid.size), "grid_spacing": list(r.grid.spacing),
-                                  "sigmas": [float(s) for s in refinement[1].detach().cpu()],
-                                  "gamma": r.heatmap.resolved_gamma(config.dimension)}
-    return metadata
-
-
 def validate_model(predictor: Predictor, items: list[TrainingImage], cap: float) -> dict[str, float]:
     """Point error of the predictor on validation images (the real inference path).
 
@@ -252,9 +183,261 @@ def _sample_batch(stage: StageSettings, items: list[TrainingImage], iteration: i
     return torch.stack(samples), index, torch.isfinite(index).all(dim=2)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where this process trains: its rank among the DDP processes, its device and the output folder.
+
+    Rank 0 (the only one without torchrun) validates and writes files.
+    """
+
+    rank: int
+    distributed: bool
+    device: torch.device
+    output_dir: Path
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device: str, output_dir: Path) -> RunContext:
+        """This process's context; under torchrun (WORLD_SIZE > 1) joins the process group first."""
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        rank = int(os.environ.get("RANK", "0"))
+        target = resolve_device(device)
+        if distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        if distributed and target.type == "cuda":
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(target)
+        if distributed and rank == 0:
+            log.info("distributed training on %d processes (%s)", dist.get_world_size(), dist.get_backend())
+        return cls(rank, distributed, target, output_dir)
+
+
+class StageTrainer:
+    """The training of one stage: its network and sigmas, optimiser, learning-rate schedule,
+    checkpoint and best validation score.
+
+    Args:
+        initial_model: a model file whose coarse network and sigmas start this stage (fine-tuning).
+        initial_best: the validation score to beat before exporting a best model (a refinement that
+            never beats the coarse model's best score is not shipped).
+    Raises:
+        ModelFileError: `initial_model` is unreadable or was not made for this stage.
+    """
+
+    def __init__(self, settings: StageSettings, context: RunContext, dimension: int, names: list[str],
+                 initial_model: Path | None = None, initial_best: float = math.inf):
+        self.settings = settings
+        self.context = context
+        self.dimension = dimension
+        self.params = {**default_params(settings.model.architecture, dimension), **settings.model.params}
+        torch.manual_seed(settings.training.seed)
+        network = build_model(settings.model.architecture, dimension, 1, len(names), self.params)
+        heatmap = settings.heatmap
+        sigmas = LearnableSigmas(len(names), heatmap.sigma_init, heatmap.sigma_min, heatmap.learnable_sigma)
+        self.trainable = _Trainable(network, sigmas)
+        self.checkpoint_path = context.output_dir / settings.checkpoint
+        self.best_score = initial_best
+        self.best_validation: dict[str, float] | None = None
+        self.history: list[dict[str, float]] = []
+        self.iteration = 0
+        if initial_model is not None:
+            self._start_from(initial_model, names)
+        self.trainable.to(context.device)
+        self.optimizer = _optimizer(self.trainable, settings.training)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _learning_rate_factor(settings.training))
+
+    def _start_from(self, path: Path, names: list[str]) -> None:
+        """Copy a model file's coarse network and sigmas into this stage."""
+        loaded = load_model(path, "cpu")
+        description = loaded.description
+
+        def design(values: dict) -> dict:
+            return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
+
+        mismatches = [what for what, ours, theirs in (
+            ("landmark names", names, list(description.landmark_names)),
+            ("architecture", self.settings.model.architecture, description.coarse.architecture),
+            ("network parameters", design(self.params), design(description.coarse.params))) if ours != theirs]
+        if mismatches:
+            raise ModelFileError(f"{path}: cannot start training from this model: its {', '.join(mismatches)} "
+                                 "differ from the configuration's")
+        self.trainable.network.load_state_dict(loaded.coarse.network.state_dict())
+        with torch.no_grad():
+            self.trainable.sigmas.log_sigma.copy_(loaded.coarse.sigmas.to(self.trainable.sigmas.log_sigma).log())
+        log.info("starting from %s", path)
+
+    def resume(self) -> None:
+        """Continue from this stage's checkpoint, exactly where it stopped (a refinement stage that never
+        started has none: it starts afresh)."""
+        if self.checkpoint_path.is_file():
+            state = torch.load(self.checkpoint_path, map_location=self.context.device, weights_only=True)
+            self.trainable.load_state_dict(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.iteration = int(state["iteration"])
+            self.best_score = float(state["best_score"])
+            self.best_validation = state.get("best_validation") or None
+            self.history = list(state.get("history", []))
+            log.info("resuming the %s stage of %s at iteration %d", self.settings.name, self.context.output_dir,
+                     self.iteration)
+        elif self.settings.name == "coarse":
+            raise DataError(f"{self.checkpoint_path}: no checkpoint to resume from")
+
+    def stage(self) -> Stage:
+        """The network and its current sigmas, as a model file holds them."""
+        return self.trainable.stage()
+
+    def description(self) -> StageDescription:
+        settings = self.settings
+        return StageDescription(settings.model.architecture, self.params, tuple(settings.grid.size),
+                                tuple(settings.grid.spacing),
+                                tuple(float(s) for s in self.trainable.sigmas().detach().cpu()),
+                                settings.heatmap.resolved_gamma(self.dimension))
+
+    def save_checkpoint(self) -> None:
+        if not self.context.main_process:
+            return
+        with atomic_output(self.checkpoint_path) as temporary:
+            torch.save({"iteration": self.iteration, "trainable": self.trainable.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "best_score": self.best_score, "best_validation": self.best_validation or {},
+                        "history": self.history}, temporary)
+
+    def _stopped(self, reason: str) -> TrainingError:
+        return TrainingError(
+            f"{reason} at iteration {self.iteration + 1} of the {self.settings.name} stage; training stopped. The "
+            f"last good checkpoint ({self.checkpoint_path}) is kept: lower training.learning_rate and resume "
+            "with --resume.")
+
+    def steps(self, items: list[TrainingImage], permutation: list[int] | None) -> Iterator[dict[str, Any]]:
+        """Optimise to the configured number of iterations, yielding each iteration's figures."""
+        context, settings, training = self.context, self.settings, self.settings.training
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        model = (nn.parallel.DistributedDataParallel(self.trainable, device_ids=device_ids)
+                 if context.distributed else self.trainable)
+        gamma = settings.heatmap.resolved_gamma(self.dimension)
+        autocast = context.device.type == "cuda" and training.mixed_precision
+        started, started_iteration = time.perf_counter(), self.iteration
+        self.trainable.train()
+        while self.iteration < training.iterations:
+            inputs, index, present = _sample_batch(settings, items, self.iteration, context.rank, permutation)
+            inputs, present = inputs.to(context.device), present.to(context.device)
+            torch.manual_seed(training.seed * 7919 + self.iteration * 31 + context.rank)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                output, sigma = model(inputs)
+            targets = gaussian_heatmaps(index, present, settings.grid.size, settings.grid.spacing, sigma, gamma)
+            loss, heatmap_term = heatmap_loss(output.final, targets, present, settings.grid.spacing, sigma,
+                                              settings.heatmap)
+            if not torch.isfinite(loss):
+                raise self._stopped(f"the loss became {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gradient_norm = nn.utils.clip_grad_norm_(self.trainable.parameters(), training.gradient_clip)
+            if not torch.isfinite(gradient_norm):
+                raise self._stopped("non-finite gradients")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.iteration += 1
+            elapsed = time.perf_counter() - started
+            yield {"stage": settings.name, "iteration": self.iteration, "iterations": training.iterations,
+                   "loss": loss.item(), "heatmap_loss": heatmap_term.item(), "mean_sigma": sigma.mean().item(),
+                   "learning_rate": self.optimizer.param_groups[0]["lr"],
+                   "eta_s": elapsed / (self.iteration - started_iteration) * (training.iterations - self.iteration)}
+
+    def record(self, validation: dict[str, float]) -> bool:
+        """Add a validation to the history; True when it is the best so far."""
+        self.history.append({"iteration": self.iteration, **validation})
+        if validation["score"] < self.best_score:
+            self.best_score, self.best_validation = validation["score"], {**validation, "iteration": self.iteration}
+            return True
+        return False
+
+    def result(self) -> TrainingResult:
+        return TrainingResult(self.iteration, self.best_validation["mean_error"] if self.best_validation else None,
+                              self.context.output_dir / BEST_MODEL, self.history, self.best_score)
+
+
+class TrainingRun:
+    """A training run: configuration, dataset, validation images and the stages trained so far,
+    which it validates and writes as model files."""
+
+    def __init__(self, config: Config, spec: DatasetSpec, context: RunContext, unit: str,
+                 validation_items: list[TrainingImage]):
+        self.config = config
+        self.spec = spec
+        self.context = context
+        self.unit = unit
+        self.validation_items = validation_items
+        self.stages: dict[str, StageTrainer] = {}
+
+    def description(self, iteration: int, validation: dict | None) -> ModelDescription:
+        """Everything a model file of the stages trained so far needs to be used and traced back."""
+        config = self.config
+        refinement = self.stages.get("refinement")
+        return ModelDescription(
+            dimension=config.dimension, landmark_names=tuple(self.spec.landmark_names), unit=self.unit,
+            intensity=config.intensity, inference=config.inference, coarse=self.stages["coarse"].description(),
+            refinement=None if refinement is None else refinement.description(), in_channels=1,
+            provenance={"dataset": str(self.spec.path), "iterations": iteration, "library_version": __version__,
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "config": config_to_dict(config)},
+            validation=validation or {})
+
+    def _loaded(self, iteration: int, validation: dict | None) -> LoadedModel:
+        refinement = self.stages.get("refinement")
+        return LoadedModel(self.description(iteration, validation), self.stages["coarse"].stage(),
+                           None if refinement is None else refinement.stage())
+
+    def export(self, path: Path, iteration: int, validation: dict | None) -> None:
+        loaded = self._loaded(iteration, validation)
+        save_model(path, loaded.description, loaded.coarse, loaded.refinement)
+
+    def validate(self, iteration: int) -> dict[str, float] | None:
+        """Scores of the model trained so far on the validation images (None without any)."""
+        if not self.validation_items:
+            return None
+        loaded = self._loaded(iteration, None)
+        for stage in self.stages.values():
+            stage.trainable.eval()
+        predictor = Predictor(loaded, self.context.device)
+        scores = validate_model(predictor, self.validation_items, cap=10.0 * self.config.heatmap.sigma_init)
+        for stage in self.stages.values():
+            stage.trainable.train()
+        return scores
+
+    def train_stage(self, stage: StageTrainer, items: list[TrainingImage], permutation: list[int] | None,
+                    progress: Callable[[dict[str, Any]], None] | None, cancel: Cancel | None) -> TrainingResult:
+        """Run one stage to its end, validating, exporting the best model and checkpointing on the way."""
+        training, main_process = stage.settings.training, self.context.main_process
+        best_model = self.context.output_dir / BEST_MODEL
+        for info in stage.steps(items, permutation):
+            iteration = stage.iteration
+            last = iteration == training.iterations
+            if main_process and (iteration % training.validate_every == 0 or last):
+                validation = self.validate(iteration)
+                if validation is not None:
+                    info["validation"] = validation
+                    if stage.record(validation):
+                        self.export(best_model, iteration, stage.best_validation)
+            if iteration % training.checkpoint_every == 0 or last:
+                stage.save_checkpoint()
+                if main_process and not self.validation_items:
+                    # Without validation there is no best model: keep the newest one usable at all times.
+                    self.export(best_model, iteration, None)
+            if progress is not None and main_process:
+                progress(info)
+            if cancel is not None and cancel():
+                stage.save_checkpoint()
+                raise Cancelled(f"training cancelled at iteration {iteration} of the {stage.settings.name} stage; "
+                                "resume with --resume")
+        return stage.result()
+
+
 def train(config: Config, resume: bool = False, device: str = "auto",
-          progress: Callable[[dict[str, Any]], None] | None = None,
-          cancel: Callable[[], bool] | None = None) -> TrainingResult:
+          progress: Callable[[dict[str, Any]], None] | None = None, cancel: Cancel | None = None) -> TrainingResult:
     """Train a model as `config` says: the coarse SCN, then the optional refinement stage.
 
     Writes config.toml, checkpoint.pt (checkpoint_refinement.pt), model.safetensors (best on
@@ -268,179 +451,35 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     Raises:
         TrainingError: the loss or gradients became non-finite (last good checkpoint kept).
     """
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = int(os.environ.get("RANK", "0"))
-    target = resolve_device(device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    if distributed and target.type == "cuda":
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(target)
-    main_process = rank == 0
-    if distributed and main_process:
-        log.info("distributed training on %d processes (%s)", dist.get_world_size(), dist.get_backend())
-
+    context = RunContext.start(device, config.output_dir)
     spec = load_dataset_spec(config.dataset)
     if spec.dimension != config.dimension:
         raise DataError(f"{spec.path}: dataset is {spec.dimension}D but the config's grid is {config.dimension}D")
     training_items = load_split(spec, spec.split(config.train_split))
     validation_entries = [e for e in spec.entries if e.split == config.validation_split]
     validation_items = load_split(spec, validation_entries) if validation_entries else []
-    unit = spacing_unit(training_items[0].path)
     names = list(spec.landmark_names)
-    output_dir = config.output_dir
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.toml")
-
-    trained: dict[str, tuple[_Trainable, dict]] = {}
-
-    def current_model(iteration: int, validation: dict | None) -> tuple[dict[str, Any], Stage | None]:
-        """Metadata and refinement stage of the model as trained so far."""
-        coarse, coarse_params = trained["coarse"]
-        refinement = trained.get("refinement")
-        metadata = model_metadata(config, spec, coarse_params, coarse.sigmas(), unit, iteration, validation,
-                                  None if refinement is None else (refinement[1], refinement[0].sigmas()))
-        return metadata, None if refinement is None else refinement[0].stage()
-
-    def export(path: Path, iteration: int, validation: dict | None) -> None:
-        metadata, refinement = current_model(iteration, validation)
-        coarse = trained["coarse"][0]
-        save_model(path, coarse.network, coarse.sigmas(), metadata, refinement)
-
-    def validate(iteration: int) -> dict[str, float] | None:
-        if not validation_items:
-            return None
-        metadata, refinement = current_model(iteration, None)
-        coarse = trained["coarse"][0]
-        for module, _ in trained.values():
-            module.eval()
-        predictor = Predictor(LoadedModel(coarse.network, coarse.sigmas().detach(), metadata, refinement), target)
-        scores = validate_model(predictor, validation_items, cap=10.0 * config.heatmap.sigma_init)
-        for module, _ in trained.values():
-            module.train()
-        return scores
+    if context.main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, config.output_dir / "config.toml")
+    run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items)
 
     result = None
-    for stage in stage_settings(config):
+    for settings in stage_settings(config):
         for item in training_items:
-            item.prepared = prepare_image(item.image, stage.grid.spacing, config.intensity, target)
-        trainable, params = _new_trainable(stage, config.dimension, len(names))
-        if stage.name == "coarse" and config.initial_model is not None:
-            _start_from(trainable, params, config, names)  # a resumed checkpoint then overrides it
-        trained[stage.name] = (trainable.to(target), params)
-        pairs = stage.augmentation.flip_pairs
+            item.prepared = prepare_image(item.image, settings.grid.spacing, config.intensity, context.device)
+        initial_model = config.initial_model if settings.name == "coarse" else None
+        stage = StageTrainer(settings, context, config.dimension, names, initial_model,
+                             initial_best=result.best_score if result is not None else math.inf)
+        if resume:
+            stage.resume()  # the checkpoint overrides the initial model
+        run.stages[settings.name] = stage
+        pairs = settings.augmentation.flip_pairs
         permutation = swap_permutation(names, pairs) if pairs else None
-        # A refinement that never beats the coarse model's best validation score is not shipped.
-        result = _run_stage(stage, trainable, training_items, permutation, config.dimension, target, rank,
-                            distributed, output_dir, resume, progress, cancel, validate, export,
-                            validating=bool(validation_items),
-                            initial_best=result.best_score if result is not None else math.inf)
-        trainable.eval()
-    if main_process:
-        export(output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)
-    if distributed:
+        result = run.train_stage(stage, training_items, permutation, progress, cancel)
+        stage.trainable.eval()
+    if context.main_process:
+        run.export(config.output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)
+    if context.distributed:
         dist.barrier()
     return result
-
-
-def _run_stage(stage: StageSettings, trainable: _Trainable, items: list[TrainingImage],
-               permutation: list[int] | None, dimension: int, target: torch.device, rank: int, distributed: bool,
-               output_dir: Path, resume: bool, progress, cancel,
-               validate: Callable[[int], dict | None], export: Callable[[Path, int, dict | None], None],
-               validating: bool, initial_best: float = math.inf) -> TrainingResult:
-    """The optimisation loop of one stage, with validation, best-model export, checkpoints and resume.
-
-    Args:
-        validating: whether `validate` measures anything (else the newest model is exported at each checkpoint).
-        initial_best: the validation score to beat before exporting a best model.
-    """
-    main_process = rank == 0
-    training = stage.training
-    optimizer = _optimizer(trainable, training)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(training))
-    checkpoint_path = output_dir / stage.checkpoint
-    start_iteration, best_score, history = 0, initial_best, []
-    best_validation: dict[str, float] | None = None
-    if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=target, weights_only=True)
-        trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_iteration = int(state["iteration"])
-        best_score = float(state["best_score"])
-        best_validation = state.get("best_validation") or None
-        history = list(state.get("history", []))
-        log.info("resuming the %s stage of %s at iteration %d", stage.name, output_dir, start_iteration)
-    elif resume and stage.name == "coarse":
-        raise DataError(f"{checkpoint_path}: no checkpoint to resume from")
-
-    device_ids = [target.index] if target.type == "cuda" else None
-    model = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids) if distributed else trainable
-    gamma = stage.heatmap.resolved_gamma(dimension)
-    autocast = target.type == "cuda" and training.mixed_precision
-
-    def save_checkpoint(iteration: int) -> None:
-        if not main_process:
-            return
-        with atomic_output(checkpoint_path) as temporary:
-            torch.save({"iteration": iteration, "trainable": trainable.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "best_score": best_score, "best_validation": best_validation or {},
-                        "history": history}, temporary)
-
-    def stopped(reason: str, iteration: int) -> TrainingError:
-        return TrainingError(
-            f"{reason} at iteration {iteration + 1} of the {stage.name} stage; training stopped. The last good "
-            f"checkpoint ({checkpoint_path}) is kept: lower training.learning_rate and resume with --resume.")
-
-    started, started_iteration = time.perf_counter(), start_iteration
-    trainable.train()
-    iteration = start_iteration
-    while iteration < training.iterations:
-        inputs, index, present = _sample_batch(stage, items, iteration, rank, permutation)
-        inputs, present = inputs.to(target), present.to(target)
-        torch.manual_seed(training.seed * 7919 + iteration * 31 + rank)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            output, sigma = model(inputs)
-        targets = gaussian_heatmaps(index, present, stage.grid.size, stage.grid.spacing, sigma, gamma)
-        loss, heatmap_term = heatmap_loss(output.final, targets, present, stage.grid.spacing, sigma, stage.heatmap)
-        if not torch.isfinite(loss):
-            raise stopped(f"the loss became {loss.item()}", iteration)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gradient_norm = nn.utils.clip_grad_norm_(trainable.parameters(), training.gradient_clip)
-        if not torch.isfinite(gradient_norm):
-            raise stopped("non-finite gradients", iteration)
-        optimizer.step()
-        scheduler.step()
-        iteration += 1
-
-        elapsed = time.perf_counter() - started
-        info: dict[str, Any] = {
-            "stage": stage.name, "iteration": iteration, "iterations": training.iterations, "loss": loss.item(),
-            "heatmap_loss": heatmap_term.item(), "mean_sigma": sigma.mean().item(),
-            "learning_rate": optimizer.param_groups[0]["lr"],
-            "eta_s": elapsed / (iteration - started_iteration) * (training.iterations - iteration)}
-        last = iteration == training.iterations
-        if main_process and (iteration % training.validate_every == 0 or last):
-            validation = validate(iteration)
-            if validation is not None:
-                info["validation"] = validation
-                history.append({"iteration": iteration, **validation})
-                if validation["score"] < best_score:
-                    best_score, best_validation = validation["score"], {**validation, "iteration": iteration}
-                    export(output_dir / BEST_MODEL, iteration, best_validation)
-        if iteration % training.checkpoint_every == 0 or last:
-            save_checkpoint(iteration)
-            if main_process and not validating:
-                # Without validation there is no best model: keep the newest one usable at all times.
-                export(output_dir / BEST_MODEL, iteration, None)
-        if progress is not None and main_process:
-            progress(info)
-        if cancel is not None and cancel():
-            save_checkpoint(iteration)
-            raise Cancelled(f"training cancelled at iteration {iteration} of the {stage.name} stage; "
-                            "resume with --resume")
-    return TrainingResult(iteration, best_validation["mean_error"] if best_validation else None,
-                          output_dir / BEST_MODEL, history, best_score)

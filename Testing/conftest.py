@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -93,5 +94,6 @@ def tiny_model_3d(trained_3d) -> Path:
 def mirror_model_2d(tiny_model_2d, tmp_path_factory) -> Path:
     """The tiny 2D model, its file saying that images may come mirrored left-right (mirror_axis 0)."""
     loaded = load_model(tiny_model_2d)
-    metadata = {**loaded.metadata, "inference": {**loaded.metadata["inference"], "mirror_axis": 0}}
-    return save_model(tmp_path_factory.mktemp("mirror") / "model.safetensors", loaded.network, loaded.sigmas, metadata)
+    description = loaded.description
+    description = dataclasses.replace(description, inference=dataclasses.replace(description.inference, mirror_axis=0))
+    return save_model(tmp_path_factory.mktemp("mirror") / "model.safetensors", description, loaded.coarse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import mirror_case, tiny_config
-from SCNLandmarksLib.bundle import load_model, read_metadata, save_model
+from SCNLandmarksLib.bundle import METADATA_KEY, load_model, read_description, save_model
 from SCNLandmarksLib.config import save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import DataError, ModelFileError
@@ -33,11 +35,56 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_model_file_is_self_describing(tiny_model_2d):
-    metadata = read_metadata(tiny_model_2d)
-    assert metadata["format"] == "scn-landmarks-model" and metadata["dimension"] == 2
-    assert metadata["landmark_names"] == ["L1", "L2", "L3", "L4"]
-    assert metadata["unit"] == "mm" and len(metadata["sigmas"]) == 4
-    assert metadata["provenance"]["iterations"] > 0 and metadata["validation"]["mean_error"] < 0.5
+    description = read_description(tiny_model_2d)
+    assert description.dimension == 2 and description.landmark_names == ("L1", "L2", "L3", "L4")
+    assert description.unit == "mm" and not description.in_pixels and len(description.coarse.sigmas) == 4
+    assert description.coarse.grid_size == (32, 32) and description.refinement is None
+    assert description.provenance["iterations"] > 0 and description.validation["mean_error"] < 0.5
+    with safe_open(str(tiny_model_2d), framework="pt") as handle:
+        header = json.loads(handle.metadata()[METADATA_KEY])
+    assert header["format"] == "scn-landmarks-model" and header["format_version"] == 2
+
+
+def _version_1_header(description) -> dict:
+    """The metadata as version 1 wrote it (the shipped models' format): the coarse stage's fields at
+    the top level, the refinement's patch size as "patch_size"."""
+    header = {"format": "scn-landmarks-model", "format_version": 1, "architecture": description.coarse.architecture,
+              "dimension": description.dimension, "in_channels": 1, "landmark_names": list(description.landmark_names),
+              "params": description.coarse.params, "grid_spacing": list(description.coarse.grid_spacing),
+              "training_grid_size": list(description.coarse.grid_size), "unit": description.unit,
+              "intensity": {"normalization": "percentile", "low": 1.0, "high": 99.0},
+              "sigmas": list(description.coarse.sigmas), "gamma": description.coarse.gamma,
+              "inference": {"missing_below": 0.1, "low_confidence_below": 0.5, "max_grid_voxels": 48000000},
+              "provenance": {"iterations": 7}, "validation": {}}
+    if description.refinement is not None:
+        r = description.refinement
+        header["refinement"] = {"architecture": r.architecture, "params": r.params, "patch_size": list(r.grid_size),
+                                "grid_spacing": list(r.grid_spacing), "sigmas": list(r.sigmas), "gamma": r.gamma}
+    return header
+
+
+def test_a_model_file_of_format_version_1_loads_and_detects_the_same(tiny_model_2d, dataset_2d, tmp_path):
+    with safe_open(str(tiny_model_2d), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    current = read_description(tiny_model_2d)
+    old = tmp_path / "version1.safetensors"
+    save_file(tensors, str(old), metadata={METADATA_KEY: json.dumps(_version_1_header(current))})
+    description = read_description(old)
+    assert description.coarse == current.coarse and description.landmark_names == current.landmark_names
+    assert description.inference == current.inference and description.provenance == {"iterations": 7}
+    entry = load_dataset_spec(dataset_2d).split("validation")[0]
+    image = read_image(entry.image, 2)
+    before = Predictor.from_file(tiny_model_2d, "cpu").predict(image)
+    after = Predictor.from_file(old, "cpu").predict(image)
+    np.testing.assert_array_equal(after.landmarks.points_lps, before.landmarks.points_lps)
+    assert after.status == before.status
+
+    broken = _version_1_header(current)
+    del broken["training_grid_size"]
+    save_file(tensors, str(old), metadata={METADATA_KEY: json.dumps(broken)})
+    with pytest.raises(ModelFileError, match=r"lacks \['training_grid_size'\]") as failure:
+        read_description(old)
+    assert str(old) in str(failure.value)
 
 
 def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_path):
@@ -61,8 +108,9 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
 
 def test_a_model_file_with_an_impossible_mirror_axis_is_refused(tiny_model_2d, tmp_path):
     loaded = load_model(tiny_model_2d)
-    path = save_model(tmp_path / "mirror.safetensors", loaded.network, loaded.sigmas,
-                      {**loaded.metadata, "inference": {**loaded.metadata["inference"], "mirror_axis": 2}})
+    inference = dataclasses.replace(loaded.description.inference, mirror_axis=2)
+    path = save_model(tmp_path / "mirror.safetensors", dataclasses.replace(loaded.description, inference=inference),
+                      loaded.coarse)
     with pytest.raises(ModelFileError, match="inference.mirror_axis 2 is not an axis of 2D images") as failure:
         Predictor.from_file(path, "cpu")
     assert str(path) in str(failure.value)

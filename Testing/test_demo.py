@@ -24,7 +24,7 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML) is not installed", allow_module_level=True)
 
-from SCNLandmarksLib.bundle import read_metadata  # noqa: E402
+from SCNLandmarksLib.bundle import read_description  # noqa: E402
 from SCNLandmarksLib.io.landmarks import read_landmarks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def check_outputs(completed, out: Path, stem: str, model: Path, dimension: int) 
     assert f"Wrote to {out.resolve()}" in completed.stdout
 
     summary = json.loads((out / "summary.json").read_text())
-    names = list(read_metadata(model)["landmark_names"])
+    names = list(read_description(model).landmark_names)
     rows = summary["landmarks"]
     assert [row["name"] for row in rows] == names
     assert summary["model"]["path"] == str(model.resolve()) and summary["model"]["dimension"] == dimension

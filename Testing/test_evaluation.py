@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SCNLandmarksLib.config import InferenceConfig
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.evaluation import EvaluationResult, evaluate, write_metrics, write_report
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.landmark_set import LandmarkSet
-from SCNLandmarksLib.overlay import (CYAN, GREEN, MAGENTA, PANEL_GAP, RED, YELLOW, confidence_colour,
-                                     display_geometries_3d, render_landmarks_png)
+from SCNLandmarksLib.overlay import (CYAN, MAGENTA, PANEL_GAP, confidence_color, display_geometries_3d,
+                                     render_landmarks_png)
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
+
+GREEN, ORANGE, RED = (STATUS_COLORS[s] for s in (LandmarkStatus.DETECTED, LandmarkStatus.LOW_CONFIDENCE,
+                                                  LandmarkStatus.MISSING))
 
 NAN = np.nan
 NAMES = ["a", "b", "c"]
@@ -192,10 +197,14 @@ def _read_png(path):
     return sitk.GetArrayFromImage(image)  # (rows, cols, 3)
 
 
-def test_confidence_colours():
-    assert confidence_colour(0.9) == GREEN and confidence_colour(0.4) == YELLOW
-    assert confidence_colour(0.1) == RED and confidence_colour(None) == MAGENTA
-    assert confidence_colour(float("nan")) == MAGENTA
+def test_markers_take_the_color_of_the_status_the_model_thresholds_give():
+    assert confidence_color(0.9) == STATUS_COLORS[LandmarkStatus.DETECTED]
+    assert confidence_color(0.4) == STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE]  # below 0.5: low confidence
+    assert confidence_color(0.05) == STATUS_COLORS[LandmarkStatus.MISSING]
+    strict = InferenceConfig(missing_below=0.2, low_confidence_below=0.95)
+    assert confidence_color(0.9, strict) == STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE]
+    assert confidence_color(0.1, strict) == STATUS_COLORS[LandmarkStatus.MISSING]
+    assert confidence_color(None) == MAGENTA and confidence_color(float("nan")) == MAGENTA
 
 
 @pytest.mark.parametrize("direction", [
@@ -209,12 +218,12 @@ def test_render_2d_markers_at_mapped_pixels(tmp_path, direction):
     geometry = ImageGeometry.of(image)
     pixels = np.array([[10, 12], [60, 40], [35, 25]], dtype=float)  # (x, y) indices
     points = geometry.index_to_physical(pixels + 0.2)  # slightly off-centre: rounding
-    pred = LandmarkSet(NAMES, points, confidences=[0.95, 0.1, 0.45])
+    pred = LandmarkSet(NAMES, points, confidences=[0.95, 0.05, 0.45])
     truth = LandmarkSet(NAMES, geometry.index_to_physical(pixels + [[0, 0], [0, 0], [12, 0]]))
     path = render_landmarks_png(image, tmp_path / "o.png", pred, truth)
     rgb = _read_png(path)
     assert rgb.shape == (60, 80, 3)  # no downscaling: index grid kept as is
-    for (x, y), colour in zip(pixels.astype(int), [GREEN, RED, YELLOW]):
+    for (x, y), colour in zip(pixels.astype(int), [GREEN, RED, ORANGE]):
         assert tuple(rgb[y, x]) == colour
     # The truth of c lies 12 pixels right of its prediction: a cyan ring around it, gray at centre.
     cx, cy = 35 + 12, 25
@@ -257,7 +266,7 @@ def test_render_3d_size_and_orientation(tmp_path):
     center = g.index_to_physical(np.array([30.0, 20.0, 10.25]))  # (30, 20, 20.5) mm
     pred = LandmarkSet(["c", "left", "ant", "sup", "far"],
                        [center, center + [15, 0, 0], center + [0, -10, 0], center + [0, 0, 12],
-                        center + [0, 0, 30]], confidences=[0.9, 0.9, 0.4, 0.1, 0.9])
+                        center + [0, 0, 30]], confidences=[0.9, 0.9, 0.4, 0.05, 0.9])
     rgb = _read_png(render_landmarks_png(image, tmp_path / "v.png", pred, center_lps=center))
     # Panels: axial 60 x 40, coronal 60 x 40, sagittal 40 x 40 at 1 mm pitch.
     assert rgb.shape == (40, 60 + 60 + 40 + 2 * PANEL_GAP, 3)
@@ -270,7 +279,7 @@ def test_render_3d_size_and_orientation(tmp_path):
     # Axial (col +L, row +P): centre at (30, 20); "left" is to the image right; "ant" is up.
     assert colour(20, ax0 + 30) == GREEN
     assert colour(20, ax0 + 45) == GREEN
-    assert colour(10, ax0 + 30) == YELLOW
+    assert colour(10, ax0 + 30) == ORANGE
     # "sup" is 12 mm off the axial plane (slab 5 mm): not drawn there.
     assert not (rgb[:, ax0:ax0 + 60] == RED).all(axis=-1).any()
     # Coronal (col +L, row -S; row = 38.5 - z): "sup" 12 mm up; "far" lies above the image.
@@ -279,7 +288,7 @@ def test_render_3d_size_and_orientation(tmp_path):
     assert colour(6, cor0 + 30) == RED
     # Sagittal (col +P, row -S): "ant" to the image left, "sup" up.
     assert colour(18, sag0 + 20) == GREEN
-    assert colour(18, sag0 + 10) == YELLOW
+    assert colour(18, sag0 + 10) == ORANGE
     assert colour(6, sag0 + 20) == RED
     # Gray ramp increases towards patient left (image right) in axial view.
     assert rgb[35, ax0 + 55, 0] > rgb[35, ax0 + 5, 0]

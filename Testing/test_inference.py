@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -33,7 +35,7 @@ def test_tiled_inference_finds_the_same_landmarks(tiny_model_2d, case_2d):
     image, truth = case_2d
     whole = Predictor.from_file(tiny_model_2d, "cpu")
     tiled = Predictor.from_file(tiny_model_2d, "cpu")
-    tiled.thresholds = {**tiled.thresholds, "max_grid_voxels": 600}  # forces 2 x 2 overlapping tiles
+    tiled.inference = dataclasses.replace(tiled.inference, max_grid_voxels=600)  # forces 2 x 2 overlapping tiles
     a, b = whole.predict(image), tiled.predict(image)
     assert b.status == ["detected"] * 4
     assert np.linalg.norm(a.landmarks.points_lps - b.landmarks.points_lps, axis=1).max() < 1.0
@@ -44,14 +46,14 @@ def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d)
     image, truth = case_2d
     geometry = ImageGeometry.of(image)
     predictor = Predictor.from_file(tiny_model_2d, "cpu")
-    predictor.thresholds = {**predictor.thresholds, "missing_below": 0.3}
+    predictor.inference = dataclasses.replace(predictor.inference, missing_below=0.3)
     extent = (np.asarray(geometry.size) - 1) * np.asarray(geometry.spacing)
     blob_mm = 0.035 * float(extent.min()) * (1.0 + 0.5 * np.arange(4) / 3)  # as make_dataset draws them
     without_first = render(geometry, truth.points_lps[1:], blob_mm[1:], np.random.default_rng(0))
     prediction = predictor.predict(without_first)
     assert prediction.status[0] == "missing", prediction.landmarks.confidences
     assert np.isnan(prediction.landmarks.points_lps[0]).all()
-    assert prediction.landmarks.confidences[0] < predictor.thresholds["missing_below"]
+    assert prediction.landmarks.confidences[0] < predictor.inference.missing_below
     assert all(s == "detected" for s in prediction.status[1:]) and min(prediction.landmarks.confidences[1:]) > 0.6
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SCNLandmarksLib.bundle import read_metadata
+from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
 
@@ -23,9 +23,9 @@ def test_catalogue_entry_is_complete(entry):
     model = MODELS / entry["file"]
     assert model.is_file() and model.stat().st_size < 30e6
     assert (MODELS / entry["card"]).is_file()
-    metadata = read_metadata(model)
-    assert metadata["dimension"] == entry["dimension"]
-    assert "config" in metadata["provenance"]
+    description = read_description(model)
+    assert description.dimension == entry["dimension"]
+    assert "config" in description.provenance
 
 
 def _brain() -> tuple[Predictor, sitk.Image]:

@@ -14,6 +14,7 @@ Two kinds of predictor are used:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import re
@@ -34,11 +35,14 @@ MODULE_DIR = REPO / "SCNLandmarks"
 sys.path.insert(0, str(MODULE_DIR))
 
 from conftest import mirror_case  # noqa: E402
+from SCNLandmarksLib.bundle import ModelDescription, StageDescription  # noqa: E402
+from SCNLandmarksLib.config import InferenceConfig, IntensityConfig  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
 from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
 from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, HeatmapKind, LandmarkStatus  # noqa: E402
 from SCNLandmarksMRML import (  # noqa: E402
-    DETECTED, LOW_CONFIDENCE, MISSING, MOVED, SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
+    SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
     loadMarkupsFile, loadVolumeFile)
 from SCNLandmarksMRML.catalogue import (  # noqa: E402
     availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel)
@@ -50,7 +54,7 @@ NAMES = ["Apex", "Base", "Left", "Right"]
 VOXELS_3D = [(5, 6, 4), (14, 9, 3), (9, 16, 7), None]
 VOXELS_2D = [(12, 8), (30, 20), (20, 33), None]
 CONFIDENCES = [0.95, 0.9, 0.2, 0.01]
-STATUS = [DETECTED, DETECTED, LOW_CONFIDENCE, MISSING]
+STATUS = [LandmarkStatus.DETECTED, LandmarkStatus.DETECTED, LandmarkStatus.LOW_CONFIDENCE, LandmarkStatus.MISSING]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ class BlobPrediction:
 
     def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
         """Gaussians around the landmarks, computed on the input image's own grid (as the library does)."""
-        if kind not in ("final", "local", "spatial"):
+        if kind not in list(HeatmapKind):
             raise ValueError(f"no '{kind}' heatmap")
         size = self._image.GetSize()
         index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
@@ -156,7 +160,9 @@ class BlobOracle:
         self.dimension = dimension
         self.landmark_names = list(names)
         self.device = "cpu"
-        self.metadata = {"unit": "mm", "dimension": dimension}
+        self.description = ModelDescription(
+            dimension, tuple(names), "mm", IntensityConfig(), InferenceConfig(),
+            StageDescription("scn", {}, (16,) * dimension, (1.0,) * dimension, (2.0,) * len(names), 1.0))
         self.confidences = confidences
         self.statuses = status
         self.calls = 0
@@ -174,7 +180,7 @@ class BlobOracle:
         levels = sorted({float(v) for v in np.unique(array) if v > 0.2 * top / len(self.landmark_names)})[-3:]
         points = []
         for k in range(len(self.landmark_names)):
-            if k >= len(levels) or self.statuses[k] == MISSING:
+            if k >= len(levels) or self.statuses[k] == LandmarkStatus.MISSING:
                 points.append([np.nan] * self.dimension)
                 continue
             where = np.argwhere(array == levels[k]).mean(axis=0)[::-1]  # (x, y[, z]) voxel centre
@@ -305,7 +311,7 @@ def test_pixel_unit_models_see_unit_spacing(mrml, files):
     volume = loadVolumeFile(mrml.scene, files["png"])
     volume.SetSpacing(0.1, 0.1, 1.0)
     oracle = BlobOracle(2)
-    oracle.metadata["unit"] = "px"
+    oracle.description = dataclasses.replace(oracle.description, unit="px")
     seen = []
     original = oracle.predict
     oracle.predict = lambda image, **kw: (seen.append(image.GetSpacing()), original(image, **kw))[1]
@@ -389,10 +395,10 @@ def test_moved_point_is_marked_exported_and_reloaded(mrml, files, tmp_path):
     predicted = _positions(node)
     moved = predicted[0] + np.array([3.0, -2.0, 1.5])
     node.SetNthControlPointPosition(0, *moved)  # as dragging in a view does
-    assert logic.landmarkRows(node)[0].status == MOVED
-    assert node.GetNthControlPointDescription(0).startswith(MOVED)  # updated by the observer
+    assert logic.landmarkRows(node)[0].status == LandmarkStatus.MOVED
+    assert node.GetNthControlPointDescription(0).startswith(LandmarkStatus.MOVED)  # updated by the observer
     node.SetNthControlPointPosition(3, 1.0, 2.0, 3.0)  # the user places the missing landmark
-    assert logic.landmarkRows(node)[3].status == MOVED
+    assert logic.landmarkRows(node)[3].status == LandmarkStatus.MOVED
 
     exported = logic.exportLandmarks(node, tmp_path / "corrected.mrk.json")
     data = json.loads(exported.read_text())
@@ -405,7 +411,7 @@ def test_moved_point_is_marked_exported_and_reloaded(mrml, files, tmp_path):
     current = _positions(node)
     np.testing.assert_allclose(_positions(loaded), current, atol=1e-6)
     np.testing.assert_allclose(current[0], moved)
-    assert loaded.GetNthControlPointDescription(0).startswith(MOVED)
+    assert loaded.GetNthControlPointDescription(0).startswith(LandmarkStatus.MOVED)
 
     from SCNLandmarksLib.io.landmarks import read_landmarks
 
@@ -415,10 +421,10 @@ def test_moved_point_is_marked_exported_and_reloaded(mrml, files, tmp_path):
         np.testing.assert_allclose(lps_to_ras(back.points_lps), current, atol=1e-4)
 
     row = logic.resetPoint(node, "Apex")
-    assert row.status == DETECTED
+    assert row.status == LandmarkStatus.DETECTED
     np.testing.assert_allclose(_positions(node)[0], predicted[0])
     logic.resetPoint(node, 3)
-    assert logic.landmarkRows(node)[3].status == MISSING
+    assert logic.landmarkRows(node)[3].status == LandmarkStatus.MISSING
     assert node.GetNthControlPointPositionStatus(3) == slicer.vtkMRMLMarkupsNode.PositionUndefined
     with pytest.raises(DataError, match="unknown landmark format"):
         logic.exportLandmarks(node, tmp_path / "points.txt")
@@ -590,7 +596,7 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     green = around.reshape(-1, 3).astype(int)
     assert np.any((green[:, 1] > green[:, 0] + 60) & (green[:, 1] > green[:, 2] + 60))
     if method == "numpy":
-        assert tuple(picture[int(round(row)), int(round(column))]) == (60, 230, 60)
+        assert tuple(picture[int(round(row)), int(round(column))]) == STATUS_COLORS[LandmarkStatus.DETECTED]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from SCNLandmarksLib.bundle import read_metadata
+from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.config import HeatmapConfig, config_from_dict, config_to_dict, load_config, save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, TrainingError
@@ -216,7 +216,7 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     config = config_from_dict(values, Path("/"))
     result = train(config, device="cpu")
     predictor = Predictor.from_file(result.model_path, "cpu")
-    assert predictor.refinement is not None and read_metadata(result.model_path)["refinement"]["patch_size"] == [24, 24]
+    assert predictor.refinement is not None and read_description(result.model_path).refinement.grid_size == (24, 24)
     refined = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
     coarse = float(np.mean(validation_errors(predictor, dataset_2d, refine=False)[0]))
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"
@@ -241,16 +241,16 @@ def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dat
                           "validate_every": 2, "checkpoint_every": 2}
     tuned = train(config_from_dict(values, Path("/")), device="cpu")
     start, after = Predictor.from_file(result.model_path, "cpu"), Predictor.from_file(tuned.model_path, "cpu")
-    torch.testing.assert_close(after.sigmas, start.sigmas)
-    for key, value in start.network.state_dict().items():
-        torch.testing.assert_close(after.network.state_dict()[key], value)
-    assert read_metadata(tuned.model_path)["provenance"]["config"]["initial_model"] == str(result.model_path)
+    torch.testing.assert_close(after.coarse.sigmas, start.coarse.sigmas)
+    for key, value in start.coarse.network.state_dict().items():
+        torch.testing.assert_close(after.coarse.network.state_dict()[key], value)
+    assert read_description(tuned.model_path).provenance["config"]["initial_model"] == str(result.model_path)
 
     # Dropout shapes only training (the trained model had none), so a fine-tuning run may change it.
     more_dropout = {**values, "output_dir": str(tmp_path / "more-dropout"),
                     "model": {**base["model"], "params": {**base["model"]["params"], "dropout": 0.2}}}
     with_dropout = train(config_from_dict(more_dropout, Path("/")), device="cpu")
-    assert read_metadata(with_dropout.model_path)["params"]["dropout"] == 0.2
+    assert read_description(with_dropout.model_path).coarse.params["dropout"] == 0.2
 
     other = {**values, "output_dir": str(tmp_path / "other"),
              "model": {**base["model"], "params": {**base["model"]["params"], "filters": 4}}}

@@ -137,8 +137,8 @@ def peer_forward_s(dimension: int, size: tuple[int, ...], landmarks: int, filter
 
 
 def finest_spacing(predictor: Predictor) -> tuple[float, ...]:
-    refinement = predictor.metadata.get("refinement")
-    return tuple(float(s) for s in (refinement["grid_spacing"] if refinement else predictor.spacing))
+    description = predictor.description
+    return (description.refinement or description.coarse).grid_spacing
 
 
 def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace) -> dict:
@@ -160,7 +160,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
             figures.update(cli_figures(model, paths, out, args.device))
         if not args.no_peer:
             landmarks = len(predictor.landmark_names)
-            filters = int(predictor.metadata["params"]["filters"])
+            filters = int(predictor.description.coarse.params["filters"])
             for label, grid in (("image_grid", geometry.size),
                                 ("finest_grid", covering_grid(geometry, finest_spacing(predictor)).size)):
                 seconds = peer_forward_s(predictor.dimension, grid, landmarks, filters, predictor.device,

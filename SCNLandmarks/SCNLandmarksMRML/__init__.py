@@ -9,13 +9,12 @@ subpackage because Slicer loads every ``.py`` file of a module folder as a modul
 from .catalogue import ModelEntry, availableModels, catalogueModels, entryForModel, sampleModel
 from .dependencies import DependencyStatus, DeviceChoice, dependencyStatus, deviceChoices
 from .headless import HeadlessScene, createHeadlessScene, loadMarkupsFile, loadVolumeFile
-from .logic import HEATMAP_KINDS, DetectionResult, SCNLandmarksLogic
-from .markups import DETECTED, LOW_CONFIDENCE, MISSING, MOVED, STATUSES, LandmarkRow
+from .logic import DetectionResult, SCNLandmarksLogic
+from .markups import LandmarkRow
 from .rendering import RenderedSlice, renderOverlayPng
 from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode
 
 __all__ = [
-    "DETECTED", "HEATMAP_KINDS", "LOW_CONFIDENCE", "MISSING", "MOVED", "STATUSES",
     "DependencyStatus", "DetectionResult", "DeviceChoice", "HeadlessScene", "LandmarkRow", "ModelEntry",
     "RenderedSlice", "SCNLandmarksLogic", "VolumeImage",
     "availableModels", "catalogueModels", "checkScalarVolume", "createHeadlessScene", "dependencyStatus",

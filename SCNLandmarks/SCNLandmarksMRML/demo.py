@@ -165,11 +165,13 @@ def renderPictures(logic, result, heatmapNode, outDir: Path, stem: str) -> list[
     """
     import numpy as np
 
+    from SCNLandmarksMRML.volumes import volumeDimension
+
     styleForPictures(heatmapNode)
     volume = result.volumeNode
     found = result.pointsRas[np.all(np.isfinite(result.pointsRas), axis=1)]
     centre = found.mean(axis=0) if len(found) else None
-    dimension = 2 if volume.GetImageData().GetDimensions()[2] == 1 else 3
+    dimension = volumeDimension(volume)
     pictures = []
     for view in VIEWS_3D if dimension == 3 else ("Axial",):
         through, landmark = (sliceThrough(volume, view, centre, result.landmarkNames, result.pointsRas)
@@ -238,7 +240,9 @@ def run(arguments) -> dict:
 
     import SCNLandmarksMRML
     from SCNLandmarksLib.io.paths import image_stem
+    from SCNLandmarksLib.vocabulary import LandmarkStatus
     from SCNLandmarksMRML import rendering
+    from SCNLandmarksMRML.volumes import volumeDimension
 
     try:
         outDir.mkdir(parents=True, exist_ok=True)
@@ -286,10 +290,9 @@ def run(arguments) -> dict:
             distance = float(np.linalg.norm(ac - pc))
             acPc = round(distance, 3) if math.isfinite(distance) else None
         imageData = volume.GetImageData()
-        dimension = 2 if imageData.GetDimensions()[2] == 1 else 3
+        dimension = volumeDimension(volume)
         summary = {
-            "model": {"name": entry.name if entry is not None else
-                      str(predictor.metadata.get("name") or Path(model).name),
+            "model": {"name": entry.name if entry is not None else Path(model).name,
                       "path": str(Path(model).resolve()),
                       "card": str(entry.card) if entry is not None and entry.card is not None else None,
                       "dimension": int(predictor.dimension), "landmarks": len(names)},
@@ -298,7 +301,7 @@ def run(arguments) -> dict:
                       "spacing": [round(float(s), 6) for s in volume.GetSpacing()[:dimension]]},
             "device": result.device,
             "result": result.summary,
-            "counts": {status: result.statuses.count(status) for status in SCNLandmarksMRML.STATUSES
+            "counts": {status: result.statuses.count(status) for status in LandmarkStatus
                        if result.statuses.count(status)},
             "detectionSeconds": round(result.seconds, 3),
             "totalSeconds": None,

@@ -13,12 +13,10 @@ module can start, and say what is missing, in a Slicer without PyTorch.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -26,19 +24,17 @@ import slicer
 
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
 from SCNLandmarksLib.geometry import ras_to_lps
+from SCNLandmarksLib.io.atomic import safe_filename
+from SCNLandmarksLib.io.toml import write_toml
 from SCNLandmarksLib.landmark_set import LandmarkSet
+from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
 
 from . import catalogue, dependencies, overlays, rendering
 from . import markups as landmarkMarkups
-from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode
+from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode, volumeDimension
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
-
-HEATMAP_KINDS = ("final", "local", "spatial")
-HEATMAP_KIND_LABELS = {"final": "final (SCN output)", "local": "local appearance", "spatial": "spatial configuration"}
 TRAINING_SPEC_NAME = "dataset.toml"
 
 
@@ -52,7 +48,7 @@ class DetectionResult:
         landmarkNames: model landmark names (markups order).
         pointsRas: (N, 3) predicted RAS positions in the volume's frame, NaN where missing.
         confidences: (N,) confidences in [0, 1].
-        statuses: N statuses: "detected", "low confidence" or "missing".
+        statuses: N statuses: detected, low confidence or missing.
         seconds: wall time of the whole run.
         device: the device used, e.g. "cpu" or "cuda:0 (NVIDIA ...)".
         modelPath: the model file.
@@ -64,7 +60,7 @@ class DetectionResult:
     landmarkNames: list[str]
     pointsRas: np.ndarray
     confidences: np.ndarray
-    statuses: list[str]
+    statuses: list[LandmarkStatus]
     seconds: float
     device: str
     modelPath: str
@@ -73,9 +69,10 @@ class DetectionResult:
     @property
     def summary(self) -> str:
         """One line for the status text: counts, time taken and device."""
-        counts = {s: self.statuses.count(s) for s in landmarkMarkups.STATUSES}
-        text = f"{counts['detected'] + counts['low confidence']} of {len(self.statuses)} landmarks found"
-        details = [f"{counts[s]} {s}" for s in ("low confidence", "missing") if counts[s]]
+        counts = {s: self.statuses.count(s) for s in LandmarkStatus}
+        found = counts[LandmarkStatus.DETECTED] + counts[LandmarkStatus.LOW_CONFIDENCE]
+        text = f"{found} of {len(self.statuses)} landmarks found"
+        details = [f"{counts[s]} {s}" for s in (LandmarkStatus.LOW_CONFIDENCE, LandmarkStatus.MISSING) if counts[s]]
         if details:
             text += f" ({', '.join(details)})"
         text = f"{text} in {self.seconds:.1f} s on {self.device}."
@@ -110,10 +107,6 @@ def _scaled(progress: Progress | None, start: float, stop: float) -> Progress | 
     if progress is None:
         return None
     return lambda fraction, message: progress(start + (stop - start) * float(fraction), message)
-
-
-def _safeName(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "case"
 
 
 class SCNLandmarksLogic:
@@ -162,7 +155,7 @@ class SCNLandmarksLogic:
     @staticmethod
     def heatmapKinds() -> dict[str, str]:
         """{kind: label} of the heatmaps a prediction offers."""
-        return dict(HEATMAP_KIND_LABELS)
+        return {kind: kind.label() for kind in HeatmapKind}
 
     # ------------------------------------------------------------------------------------------
     # models
@@ -173,16 +166,16 @@ class SCNLandmarksLogic:
         if not modelPath or not Path(modelPath).is_file():
             return "No model file selected." if not modelPath else f"{modelPath}: model file not found"
         try:
-            from SCNLandmarksLib.bundle import read_metadata
+            from SCNLandmarksLib.bundle import read_description
         except ImportError:
             return "PyTorch is needed to read model files; it will be installed when you detect."
         try:
-            metadata = read_metadata(modelPath)
+            description = read_description(modelPath)
         except ModelFileError as error:
             return str(error)
-        names = list(metadata["landmark_names"])
+        names = description.landmark_names
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        return f"{metadata['dimension']}D model, {len(names)} landmarks: {shown}"
+        return f"{description.dimension}D model, {len(names)} landmarks: {shown}"
 
     def loadPredictor(self, modelPath, device: str = "auto"):
         """Load (once; cached by file, modification time and device) a model file as a Predictor.
@@ -210,8 +203,7 @@ class SCNLandmarksLogic:
 
     def volumeImage(self, volumeNode, predictor) -> VolumeImage:
         """The volume as the predictor's SimpleITK image (checked: scalar, dimension of the model)."""
-        pixelUnits = str(predictor.metadata.get("unit", "mm")).lower() in ("px", "pixel", "pixels")
-        return imageFromVolumeNode(volumeNode, predictor.dimension, pixelUnits=pixelUnits)
+        return imageFromVolumeNode(volumeNode, predictor.dimension, pixelUnits=predictor.description.in_pixels)
 
     def detectLandmarks(self, volumeNode, model, device: str = "auto", progress: Progress | None = None,
                         cancel: Cancel | None = None, markupsNode=None, keepHeatmaps: bool = True) -> DetectionResult:
@@ -371,8 +363,8 @@ class SCNLandmarksLogic:
         Raises:
             DataError: no heatmaps in memory for this node, or an unknown kind/landmark.
         """
-        if kind not in HEATMAP_KINDS:
-            raise DataError(f"Unknown heatmap kind '{kind}'; choose one of {', '.join(HEATMAP_KINDS)}.")
+        if kind not in list(HeatmapKind):
+            raise DataError(f"Unknown heatmap kind '{kind}'; choose one of {', '.join(HeatmapKind)}.")
         if not self.hasHeatmaps(markupsNode):
             name = markupsNode.GetName() if markupsNode is not None else "(none)"
             raise DataError(f"No heatmaps for '{name}': heatmaps are kept in memory for detections made in "
@@ -419,7 +411,7 @@ class SCNLandmarksLogic:
     # ------------------------------------------------------------------------------------------
     # export
 
-    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[str]]:
+    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[LandmarkStatus]]:
         """Current (corrected) positions as a library LandmarkSet in LPS (3D), and the statuses."""
         rows = self.landmarkRows(markupsNode)
         if not rows:
@@ -504,8 +496,8 @@ class SCNLandmarksLogic:
             raise DataError(f"'{markupsNode.GetName()}' holds no landmarks.")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        caseId = _safeName(caseId or volumeNode.GetName() or "case")
-        dimension = 2 if volumeNode.GetImageData().GetDimensions()[2] == 1 else 3
+        caseId = safe_filename(caseId or volumeNode.GetName() or "case", "case")
+        dimension = volumeDimension(volumeNode)
         specPath = folder / TRAINING_SPEC_NAME
         spec = self._readTrainingSpec(specPath, dimension, names)
 
@@ -542,21 +534,10 @@ class SCNLandmarksLogic:
 
     @staticmethod
     def _writeTrainingSpec(specPath: Path, dimension: int, names: list[str], images: list[dict]) -> None:
-        def quoted(text) -> str:
-            return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-        lines = ["# Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).",
-                 f"dimension = {dimension}",
-                 f"landmarks = [{', '.join(quoted(n) for n in names)}]", ""]
-        for entry in images:
-            lines.append("[[images]]")
-            for key in ("id", "image", "landmarks", "split"):
-                if key in entry:
-                    lines.append(f"{key} = {quoted(entry[key])}")
-            lines.append("")
-        temporary = specPath.with_suffix(".toml.tmp")
-        temporary.write_text("\n".join(lines), encoding="utf-8")
-        temporary.replace(specPath)
+        cases = [{key: str(entry[key]) for key in ("id", "image", "landmarks", "split") if key in entry}
+                 for entry in images]
+        write_toml(specPath, {"dimension": dimension, "landmarks": list(names), "images": cases},
+                   comment="Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).")
 
     # ------------------------------------------------------------------------------------------
     # pictures

@@ -26,6 +26,8 @@ import vtk
 
 import slicer
 
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
+
 logger = logging.getLogger(__name__)
 
 PREDICTION_ATTRIBUTE = "SCNLandmarks.Prediction"
@@ -33,17 +35,12 @@ VOLUME_REFERENCE_ROLE = "SCNLandmarksInputVolume"
 HEATMAP_REFERENCE_ROLE = "SCNLandmarksHeatmap"
 CONFIDENCE_MEASUREMENT = "confidence"
 
-DETECTED = "detected"
-LOW_CONFIDENCE = "low confidence"
-MISSING = "missing"
-MOVED = "moved by user"
-STATUSES = (DETECTED, LOW_CONFIDENCE, MISSING, MOVED)
-
 # A control point further than this from its prediction (mm, in the node's frame) has been moved.
 MOVED_TOLERANCE_MM = 1e-3
 
-NORMAL_COLOR = (0.30, 0.90, 0.30)          # unselected points: detected / moved
-LOW_CONFIDENCE_COLOR = (1.00, 0.45, 0.00)  # selected points: low confidence
+# Display node colors, RGB in [0, 1]: low-confidence points are shown "selected" to stand out.
+NORMAL_COLOR = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.DETECTED])
+LOW_CONFIDENCE_COLOR = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE])
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class LandmarkRow:
         name: landmark name (the control point label at detection time).
         index: control point index in the markups node, or -1 if the user deleted the point.
         confidence: model confidence in [0, 1] (NaN if unknown).
-        status: "detected", "low confidence", "missing" or "moved by user".
+        status: detected, low confidence, missing or moved by user.
         positionRas: current (N=3,) RAS position in the node's frame, or None without a position.
         predictedRas: predicted (3,) RAS position, or None when the model found none.
     """
@@ -62,15 +59,15 @@ class LandmarkRow:
     name: str
     index: int
     confidence: float
-    status: str
+    status: LandmarkStatus
     positionRas: np.ndarray | None
     predictedRas: np.ndarray | None
 
 
-def describe(status: str, confidence: float) -> str:
+def describe(status: LandmarkStatus, confidence: float) -> str:
     """The control point description: status and confidence."""
     if confidence is None or not math.isfinite(confidence):
-        return status
+        return str(status)
     return f"{status}; confidence {confidence:.2f}"
 
 
@@ -101,7 +98,7 @@ def isLandmarksNode(node) -> bool:
 
 
 def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: np.ndarray,
-                        confidences: np.ndarray, statuses: list[str], volumeNode=None,
+                        confidences: np.ndarray, statuses: list[LandmarkStatus], volumeNode=None,
                         modelPath: str = "", markupsNode=None):
     """Make (or refill) a markups point list holding predicted landmarks.
 
@@ -112,7 +109,7 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
         pointsRas: (N, 3) RAS positions in the volume's frame; NaN rows = missing (the control point
             is kept, with an undefined position, so the user can place it).
         confidences: (N,) values in [0, 1].
-        statuses: N predicted statuses ("detected", "low confidence", "missing").
+        statuses: N predicted statuses (detected, low confidence or missing).
         volumeNode: the input volume; the node follows its parent transform and references it.
         modelPath: recorded in the prediction record.
         markupsNode: an existing node to refill instead of creating one.
@@ -198,19 +195,19 @@ def _record(info: dict, markupsNode, index: int) -> dict | None:
     return None
 
 
-def currentStatus(markupsNode, record: dict) -> tuple[str, int, np.ndarray | None]:
+def currentStatus(markupsNode, record: dict) -> tuple[LandmarkStatus, int, np.ndarray | None]:
     """(status, control point index or -1, current RAS position or None) of one recorded landmark."""
     index = markupsNode.GetNthControlPointIndexByID(record["id"])
     if index < 0:
-        return MISSING, -1, None
+        return LandmarkStatus.MISSING, -1, None
     defined = markupsNode.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined
     position = np.array(markupsNode.GetNthControlPointPositionVector(index)) if defined else None
     predicted = record["predictedRas"]
     if position is not None:
         if predicted is None or np.linalg.norm(position - np.asarray(predicted)) > MOVED_TOLERANCE_MM:
-            return MOVED, index, position
-        return record["status"], index, position
-    return MISSING, index, None
+            return LandmarkStatus.MOVED, index, position
+        return LandmarkStatus(record["status"]), index, position
+    return LandmarkStatus.MISSING, index, None
 
 
 def landmarkRows(markupsNode) -> list[LandmarkRow]:
@@ -238,7 +235,7 @@ def updatePointStatuses(markupsNode) -> list[LandmarkRow]:
             description = describe(row.status, row.confidence)
             if markupsNode.GetNthControlPointDescription(row.index) != description:
                 markupsNode.SetNthControlPointDescription(row.index, description)
-            selected = row.status == LOW_CONFIDENCE
+            selected = row.status == LandmarkStatus.LOW_CONFIDENCE
             if bool(markupsNode.GetNthControlPointSelected(row.index)) != selected:
                 markupsNode.SetNthControlPointSelected(row.index, selected)
     finally:

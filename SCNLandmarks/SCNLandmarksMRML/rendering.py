@@ -29,6 +29,8 @@ from vtk.util import numpy_support
 
 import slicer
 
+from SCNLandmarksLib.vocabulary import STATUS_COLORS
+
 from . import markups as landmarkMarkups
 from .overlays import worldFromLocal
 from .volumes import matrixToArray, volumeCornersRas
@@ -37,11 +39,6 @@ logger = logging.getLogger(__name__)
 
 OFFSCREEN_VIEW_NAME = "SCNLandmarksOffscreen"
 
-STATUS_COLORS = {
-    landmarkMarkups.DETECTED: (60, 230, 60),
-    landmarkMarkups.LOW_CONFIDENCE: (255, 115, 0),
-    landmarkMarkups.MOVED: (0, 200, 255),
-}
 OUTLINE = (0, 0, 0)
 # Projections of points off the slice ("offSlicePoints"), RGB in [0, 1]: light cyan.
 PROJECTION_COLOR = (0.55, 0.85, 1.0)

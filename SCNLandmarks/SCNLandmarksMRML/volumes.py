@@ -163,7 +163,7 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     name = _volumeName(volumeNode)
     imageData = volumeNode.GetImageData()
     nx, ny, nz = imageData.GetDimensions()
-    volumeDim = 2 if nz == 1 else 3
+    volumeDim = volumeDimension(volumeNode)
     if dimension is None:
         dimension = volumeDim
     if dimension == 3 and volumeDim == 2:

@@ -32,7 +32,7 @@ from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
-from SCNLandmarksMRML.logic import HEATMAP_KIND_LABELS, SCNLandmarksLogic
+from SCNLandmarksMRML.logic import SCNLandmarksLogic
 from SCNLandmarksMRML.volumes import matrixToArray
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class LandmarkReviewApp(TrameApp):
         state.selected_landmark = None
         state.heatmap_visible = False
         state.heatmap_kind = "final"
-        state.heatmap_kind_items = [{"title": label, "value": kind} for kind, label in HEATMAP_KIND_LABELS.items()]
+        state.heatmap_kind_items = [{"title": label, "value": kind}
+                                    for kind, label in SCNLandmarksLogic.heatmapKinds().items()]
         state.heatmap_landmark = ALL_LANDMARKS
         state.heatmap_landmark_items = [ALL_LANDMARKS]
         state.heatmap_opacity = 0.5

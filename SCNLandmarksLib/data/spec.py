@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import read_toml
+from ..io.toml import read_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image

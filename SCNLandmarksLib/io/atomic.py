@@ -1,8 +1,10 @@
-"""Atomic file replacement: a reader sees the old file or the new one, never half of one."""
+"""Writing files safely: atomic replacement (a reader sees the old file or the new one, never half of
+one), and file names made from free text."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +32,12 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def safe_filename(text: str, fallback: str) -> str:
+    """`text` as a portable file name stem: runs of other characters than letters, digits, '.', '_'
+    and '-' become '_'; `fallback` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or fallback
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -76,17 +76,22 @@ def read_names_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def _by_stem(folder: Path, paths: list[Path], what: str) -> dict[str, Path]:
+    """{stem: path}; two paths with one stem could not be paired, which is a DataError naming both."""
+    by_stem: dict[str, Path] = {}
+    for path in paths:
+        stem = image_stem(path)
+        if stem in by_stem:
+            raise DataError(f"{folder}: {what} {by_stem[stem].name} and {path.name} have the same stem '{stem}'; "
+                            "pairing by stem could not tell them apart")
+        by_stem[stem] = path
+    return by_stem
+
+
 def _images_by_stem(images_dir: Path) -> dict[str, Path]:
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: not a folder of images")
-    by_stem: dict[str, Path] = {}
-    for image in image_inputs([images_dir]):
-        stem = image_stem(image)
-        if stem in by_stem:
-            raise DataError(f"{images_dir}: images {by_stem[stem].name} and {image.name} have the same stem "
-                            f"'{stem}'; landmark files could not tell them apart")
-        by_stem[stem] = image
-    return by_stem
+    return _by_stem(images_dir, image_inputs([images_dir]), "images")
 
 
 def _landmark_files_by_stem(folder: Path, landmarks_format: str, image_paths: set[Path]) -> dict[str, Path]:
@@ -96,16 +101,9 @@ def _landmark_files_by_stem(folder: Path, landmarks_format: str, image_paths: se
                         f"table format (give the table file instead)")
     kinds = PER_IMAGE_FORMATS if landmarks_format == "auto" else (landmarks_format,)
     suffixes = tuple(suffix for kind in kinds for suffix in PER_IMAGE_SUFFIXES[kind])
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path in image_paths or not path.name.lower().endswith(suffixes):
-            continue
-        stem = image_stem(path)
-        if stem in found:
-            raise DataError(f"{folder}: landmark files {found[stem].name} and {path.name} are both for "
-                            f"images with stem '{stem}'")
-        found[stem] = path
-    return found
+    files = [path for path in sorted(folder.iterdir())
+             if path.is_file() and path not in image_paths and path.name.lower().endswith(suffixes)]
+    return _by_stem(folder, files, "landmark files")
 
 
 def _spec_path(path: Path, base: Path) -> str:

@@ -37,7 +37,8 @@ import numpy as np
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.io.landmarks import (_make_set, _parse_float, _read_text, json_key_line,
-                                          read_landmarks, read_landmarks_csv)
+                                          read_landmarks, read_landmarks_csv,
+                                          table_index_to_physical)
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -318,13 +319,7 @@ def read_wide_csv(path: str | os.PathLike, coordinates: str = "index",
             continue
         points[~np.all(np.isfinite(points), axis=1)] = np.nan
         if coordinates == "index":
-            geometry = (geometries or {}).get(image)
-            if geometry is None:
-                raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
-            if geometry.dimension != dimension:
-                raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
-                                f"{dimension}D")
-            points = geometry.index_to_physical(points)
+            points = table_index_to_physical(path, image, points, geometries)
         result[image] = LandmarkSet(labels, points)
     return result
 

@@ -508,6 +508,18 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
     return _make_set(path, labels, points, confidences, names, dimension)
 
 
+def table_index_to_physical(path: Path, image: str, index: np.ndarray,
+                            geometries: dict[str, ImageGeometry] | None) -> np.ndarray:
+    """(N, d) pixel indices of one image of a table -> physical LPS, by that image's geometry."""
+    geometry = (geometries or {}).get(image)
+    if geometry is None:
+        raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
+    if geometry.dimension != index.shape[1]:
+        raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
+                        f"{index.shape[1]}D")
+    return geometry.index_to_physical(index)
+
+
 def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
                        geometries: dict[str, ImageGeometry] | None = None,
                        names: list[str] | None = None,
@@ -549,13 +561,7 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
             continue
         landmarks = _table_set(names, entries, point_dimension, "confidence" in header)
         if coordinates == "index":
-            geometry = (geometries or {}).get(image)
-            if geometry is None:
-                raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
-            if geometry.dimension != point_dimension:
-                raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
-                                f"{point_dimension}D")
-            landmarks.points_lps = geometry.index_to_physical(landmarks.points_lps)
+            landmarks.points_lps = table_index_to_physical(path, image, landmarks.points_lps, geometries)
         result[image] = landmarks
     return result
 

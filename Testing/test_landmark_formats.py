@@ -392,8 +392,9 @@ def test_dataset_init_on_a_wide_table_with_names(tmp_path):
     images.mkdir()
     first = write_oblique_image(images / "0001.mha")
     write_oblique_image(images / "0002.mha")
+    write_oblique_image(images / "scan.v2.mha")
     table = tmp_path / "landmarks.csv"
-    table.write_text("0001,12,7,3,25\n0003,1,1,2,2\n")
+    table.write_text("0001,12,7,3,25\n0003,1,1,2,2\nscan.v2,1,1,2,2\n")
     names = tmp_path / "names.txt"
     names.write_text("thumb\nindex finger\n")
     out = tmp_path / "dataset.toml"
@@ -402,10 +403,11 @@ def test_dataset_init_on_a_wide_table_with_names(tmp_path):
                  "--out", str(out))
 
     assert result.returncode == 0, result.stderr
-    assert "paired: 1 (landmark format wide-csv, index coordinates)" in result.stdout
+    assert "paired: 2 (landmark format wide-csv, index coordinates)" in result.stdout
     assert "unpaired images: 1: 0002.mha" in result.stdout
     assert "unpaired table rows: 1: 0003" in result.stdout
     spec = load_dataset_spec(out)
+    assert [e.id for e in spec.entries] == ["0001", "scan.v2"]
     assert spec.landmarks_csv == table and spec.csv_coordinates == "index"
     landmarks = spec.load_landmarks(list(spec.entries))["0001"]
     np.testing.assert_allclose(landmarks.points_lps, [physical(first, (12.0, 7.0)), physical(first, (3.0, 25.0))],
@@ -421,3 +423,14 @@ def test_dataset_init_refuses_broken_files_and_writes_nothing(tmp_path):
     assert "a.txt, line 2: column 'y' holds the infinite value 'inf' for landmark '1'" in result.stderr
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mha", "a.txt"]
+
+
+def test_dataset_init_refuses_two_landmark_files_for_one_image(tmp_path):
+    write_oblique_image(tmp_path / "a.mha")
+    (tmp_path / "a.txt").write_text("1,2\n")
+    (tmp_path / "a.fcsv").write_text(FCSV_HEADER)
+    result = cli("dataset", "init", "--images", str(tmp_path), "--landmarks", str(tmp_path),
+                 "--out", str(tmp_path / "dataset.toml"))
+    assert result.returncode == 2
+    assert "landmark files a.fcsv and a.txt have the same stem 'a'" in result.stderr
+    assert not (tmp_path / "dataset.toml").exists()

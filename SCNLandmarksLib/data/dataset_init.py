@@ -181,7 +181,8 @@ def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: s
         # Keys and names only: physical reading needs no geometry.
         rows = read_landmark_table(table, kind, "physical", None, names, dimension)
         for key, landmark_set in rows.items():
-            image = by_stem.get(image_stem(key))
+            # A row names its image by stem ("scan.v1") or by file name ("scan.v1.png").
+            image = by_stem.get(key) or by_stem.get(image_stem(key))
             if image is None:
                 summary.unpaired_landmarks.append(key)
                 continue

@@ -375,7 +375,7 @@ def test_dataset_init_end_to_end_on_labelme_folder(tmp_path):
     before = out.read_text()
     refused = cli("dataset", "init", "--images", str(images), "--landmarks", str(annotations), "--out", str(out))
     assert refused.returncode == 2
-    assert f"{out}: already exists; pass --overwrite" in refused.stderr
+    assert f"would replace existing file(s) {out}; nothing was written (give --overwrite" in refused.stderr
     assert out.read_text() == before
 
     names = tmp_path / "names.txt"

@@ -17,8 +17,8 @@ from ..config import _toml_value
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import image_inputs, read_image
-from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PER_IMAGE_SUFFIXES, PIXEL_FORMATS, TABLE_FORMATS,
-                                   detect_format, read_landmark_file, read_landmark_table)
+from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PER_IMAGE_SUFFIXES, PIXEL_FORMATS,
+                                   TABLE_FORMATS, detect_format, read_landmark_file, read_landmark_table)
 from ..io.paths import image_stem, refuse_existing
 from ..landmark_set import LandmarkSet
 from .spec import load_dataset_spec

@@ -162,6 +162,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_init(args: argparse.Namespace) -> int:
+    from .data.dataset_init import init_dataset, read_names_file
+
+    names = read_names_file(args.names) if args.names else None
+    summary = init_dataset(args.images, args.landmarks, args.out, args.format, names, args.csv_coordinates,
+                           args.overwrite)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scn-landmarks", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -201,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("spec", help="dataset spec (.toml)")
     check.add_argument("--json", action="store_true", help="print the findings as a JSON list")
     check.set_defaults(run=_dataset_check)
+
+    init = dataset_commands.add_parser("init", help="write a dataset spec pairing images with landmark files by stem")
+    init.add_argument("--images", required=True, help="folder of images")
+    init.add_argument("--landmarks", required=True,
+                      help="folder of per-image landmark files, or one table (.csv) for all images")
+    # No argparse choices: the format names live with the readers, which are too heavy to import here.
+    init.add_argument("--format", default="auto",
+                      help="auto (from suffix and content), mrk.json, fcsv, csv, labelme, isbi or wide-csv")
+    init.add_argument("--names", help="text file of landmark names, one a line, in model order "
+                                      "(default: the names in the files)")
+    init.add_argument("--csv-coordinates", choices=("index", "physical"),
+                      help="a table's coordinates (default: index for wide-csv, physical for csv)")
+    init.add_argument("--out", required=True, help="dataset spec to write (.toml)")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    init.set_defaults(run=_dataset_init)
 
     info = commands.add_parser("info", help="print a model file's metadata")
     info.add_argument("model")

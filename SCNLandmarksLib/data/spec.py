@@ -4,20 +4,22 @@ Example::
 
     dimension = 2
     landmarks = ["Sella", "Nasion"]        # names in model order
-    landmarks_csv = "landmarks.csv"         # optional table image,landmark,x,y[,z]
+    landmarks_csv = "landmarks.csv"         # optional table image,landmark,x,y[,z] (or id,x_0,y_0,...)
     csv_coordinates = "index"               # "physical" (LPS mm) or "index" (continuous pixel index)
+    landmarks_format = "auto"               # or one of LANDMARK_INPUT_FORMATS for every landmark file
 
     [[images]]
     id = "001"
     image = "images/001.png"
-    landmarks = "001.mrk.json"              # optional per-image file (.mrk.json, .fcsv)
+    landmarks = "001.mrk.json"              # optional per-image file (.mrk.json, .fcsv, LabelMe, ISBI .txt)
     split = "train"                         # optional; or list ids under [splits]
 
     [splits]
     validation = ["002"]
 
 Paths are relative to the spec file. A landmark absent from an image's file is missing for that
-image: it is left out of the loss, never treated as zero.
+image: it is left out of the loss, never treated as zero. `landmarks_format` "auto" detects each file's
+format (see `SCNLandmarksLib.io.landmark_formats`); the table's rows name images by their id.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..io.toml import read_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image
-from ..io.landmarks import read_landmarks, read_landmarks_csv
+from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PIXEL_FORMATS, TABLE_FORMATS,
+                                   detect_format, read_landmark_file, read_landmark_table)
 from ..io.paths import image_stem
 from ..landmark_set import LandmarkSet
 
@@ -50,6 +53,7 @@ class DatasetSpec:
     entries: tuple[ImageEntry, ...]
     landmarks_csv: Path | None = None
     csv_coordinates: str = "physical"
+    landmarks_format: str = "auto"
 
     def split(self, name: str) -> list[ImageEntry]:
         """Entries of one split, in spec order; an empty split is an error naming the spec file."""
@@ -63,18 +67,28 @@ class DatasetSpec:
                        geometries: dict[str, ImageGeometry] | None = None) -> dict[str, LandmarkSet]:
         """Landmarks per entry id in `landmark_names` order (LPS), from per-image files and/or the CSV."""
         names = list(self.landmark_names)
+        geometries = dict(geometries or {})
+
+        def geometry(entry: ImageEntry) -> ImageGeometry:
+            if entry.id not in geometries:
+                geometries[entry.id] = ImageGeometry.of(read_image(entry.image, self.dimension))
+            return geometries[entry.id]
+
         table: dict[str, LandmarkSet] = {}
         if self.landmarks_csv is not None:
-            need_geometry = self.csv_coordinates == "index"
-            if need_geometry and geometries is None:
-                geometries = {e.id: ImageGeometry.of(read_image(e.image, self.dimension)) for e in entries}
-            table = read_landmarks_csv(self.landmarks_csv, coordinates=self.csv_coordinates,
-                                       geometries=geometries, names=names, dimension=self.dimension,
-                                       images=[e.id for e in entries])
+            if self.csv_coordinates == "index":
+                for entry in entries:
+                    geometry(entry)
+            table = read_landmark_table(self.landmarks_csv, self.landmarks_format, self.csv_coordinates,
+                                        geometries, names, self.dimension, images=[e.id for e in entries])
         result = {}
         for entry in entries:
             if entry.landmarks is not None:
-                result[entry.id] = read_landmarks(entry.landmarks, names=names, dimension=self.dimension)
+                kind = (detect_format(entry.landmarks) if self.landmarks_format == "auto"
+                        else self.landmarks_format)
+                result[entry.id] = read_landmark_file(
+                    entry.landmarks, kind, names, self.dimension,
+                    geometry(entry) if kind in PIXEL_FORMATS else None)
             elif entry.id in table:
                 result[entry.id] = table[entry.id]
             else:
@@ -103,6 +117,13 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
     csv_path = base / values["landmarks_csv"] if "landmarks_csv" in values else None
     if csv_path is not None and not csv_path.is_file():
         raise DataError(f"{path}: landmarks_csv {csv_path} not found")
+    landmarks_format = values.get("landmarks_format", "auto")
+    if landmarks_format not in ("auto", *LANDMARK_INPUT_FORMATS):
+        raise DataError(f"{path}: landmarks_format must be 'auto' or one of {list(LANDMARK_INPUT_FORMATS)}, "
+                        f"got {landmarks_format!r}")
+    if csv_path is not None and landmarks_format not in ("auto", *TABLE_FORMATS):
+        raise DataError(f"{path}: landmarks_csv is a table, but landmarks_format '{landmarks_format}' is a "
+                        f"format of one image's landmarks (tables: {list(TABLE_FORMATS)})")
 
     split_of = {}
     for split_name, ids in values.get("splits", {}).items():
@@ -119,6 +140,9 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
         landmarks = base / item["landmarks"] if "landmarks" in item else None
         if landmarks is not None and not landmarks.is_file():
             raise DataError(f"{path}: landmark file {landmarks} (id '{image_id}') not found")
+        if landmarks is not None and landmarks_format not in ("auto", *PER_IMAGE_FORMATS):
+            raise DataError(f"{path}: landmarks_format '{landmarks_format}' is a table format, but image "
+                            f"'{image_id}' has its own landmark file")
         entries.append(ImageEntry(image_id, image, landmarks, item.get("split", split_of.get(image_id))))
     if not entries:
         raise DataError(f"{path}: the dataset has no images ([[images]] entries)")
@@ -128,4 +152,4 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
     unknown = sorted(set(split_of) - set(ids))
     if unknown:
         raise DataError(f"{path}: [splits] name unknown image ids {unknown}")
-    return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates)
+    return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates, landmarks_format)

@@ -3,12 +3,19 @@
 Every reader returns physical LPS coordinates (ITK convention, mm or px); every writer stores LPS and
 says so in the file. Formats, chosen by the file suffix:
 
-* ``.mrk.json`` / ``.json``: Slicer markups JSON (schema markups-schema-v1.0.3); one control point per
-  landmark, ``label`` = landmark name, ``positionStatus`` "missing"/"undefined" = missing landmark.
+* ``.mrk.json`` / ``.json``: Slicer markups JSON (schemas markups-schema-v1.0.0 to v1.0.4; written as
+  v1.0.3); one control point per landmark, ``label`` = landmark name, ``positionStatus``
+  "missing"/"undefined" = missing landmark.
 * ``.fcsv``: Slicer markups fiducial CSV (version 4.x); missing landmarks are simply absent.
+
+In .mrk.json and .fcsv files, when the labels are not the expected landmark names but the descriptions
+are (AFIDs files label points 1..32 and name them in the description), the descriptions name the points.
 * ``.csv``: a table with a header row. One image: ``landmark,x,y[,z][,confidence]``; many images:
   ``image,landmark,x,y[,z][,confidence]`` (see `read_landmarks_csv`). Empty or ``nan`` coordinates,
   or no row at all, mean a missing landmark; other columns (e.g. ``status``) are ignored.
+
+An infinite coordinate is never a missing landmark but a broken file: a DataError names the file, the
+line and the landmark.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -81,15 +89,48 @@ def _write_text_atomically(path: Path, text: str) -> None:
         raise DataError(f"{path}: cannot write landmark file ({error})") from error
 
 
-def _parse_float(text: str, path: Path, line: int, column: str) -> float:
-    """A number from a table cell; empty or 'nan' means missing (NaN)."""
+def _parse_float(text: str, path: Path, line: int, column: str, landmark: str | None = None) -> float:
+    """A number from a table cell; empty or 'nan' means missing (NaN), an infinite value is an error."""
     text = text.strip()
     if text == "" or text.lower() == "nan":
         return math.nan
+    of_landmark = f" for landmark '{landmark}'" if landmark is not None else ""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DataError(f"{path}, line {line}: column '{column}' holds '{text}', not a number") from None
+        raise DataError(f"{path}, line {line}: column '{column}' holds '{text}'{of_landmark}, "
+                        "not a number") from None
+    if math.isinf(value):
+        raise DataError(f"{path}, line {line}: column '{column}' holds the infinite value '{text}'{of_landmark} "
+                        "(leave the cell empty or write nan for a missing landmark)")
+    return value
+
+
+def json_key_line(text: str, key: str, occurrence: int) -> int | None:
+    """1-based line of the `occurrence`-th (0-based) ``"key":`` in a JSON text, None if there is none.
+
+    JSON parsers give no positions; this finds the line to name in an error about a parsed value.
+    """
+    for number, match in enumerate(re.finditer(rf'"{re.escape(key)}"\s*:', text)):
+        if number == occurrence:
+            return text.count("\n", 0, match.start()) + 1
+    return None
+
+
+def labels_or_descriptions(path: Path, labels: list[str], descriptions: list[str],
+                           names: list[str] | None) -> list[str]:
+    """The point names to use: the labels, or the descriptions when only those are the expected names.
+
+    AFIDs .fcsv files and others label points 1..N and put the landmark name in the description.
+    """
+    if names is None or all(label in names for label in labels):
+        return labels
+    stripped = [d.strip() for d in descriptions]
+    if stripped and all(d in names for d in stripped) and len(set(stripped)) == len(stripped):
+        logger.info("%s: the labels (%s, ...) are not landmark names but the descriptions are; "
+                    "naming the points by their descriptions", path, labels[0])
+        return stripped
+    return labels
 
 
 def _check_labels(path: Path, labels: list[str]) -> None:
@@ -159,10 +200,15 @@ def _confidence_text(landmarks: LandmarkSet, i: int) -> str:
 # Slicer markups JSON
 
 
-def _read_markups_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Labels, (N, 3) LPS points (NaN rows = missing) and optional (N,) confidences."""
+def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None]:
+    """Labels, descriptions, (N, 3) LPS points (NaN rows = missing) and optional (N,) confidences.
+
+    Schema v1.0.0 has no coordinateUnits and no measurements (defaults: mm, no confidences); v1.0.4 may
+    give the units as a code triplet ["mm", "UCUM", "millimeter"].
+    """
+    text = _read_text(path)
     try:
-        document = json.loads(_read_text(path))
+        document = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
     markups = document.get("markups") if isinstance(document, dict) else None
@@ -176,6 +222,8 @@ def _read_markups_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | 
     if system not in ("LPS", "RAS"):
         raise DataError(f"{path}: unknown coordinateSystem '{system}' (expected LPS or RAS)")
     units = markup.get("coordinateUnits", "mm")
+    if isinstance(units, list) and units:
+        units = units[0]
     if units != "mm":
         # Slicer itself does not rescale either: the whole scene is then in these units.
         logger.warning("%s: coordinateUnits is '%s'; coordinates are used without rescaling", path, units)
@@ -184,11 +232,15 @@ def _read_markups_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | 
     if not isinstance(control_points, list):
         raise DataError(f"{path}: 'controlPoints' is not a list")
     labels: list[str] = []
+    descriptions: list[str] = []
     points = np.full((len(control_points), 3), np.nan)
+    positions_seen = 0
     for i, point in enumerate(control_points):
         if not isinstance(point, dict):
             raise DataError(f"{path}: control point {i + 1} is not an object")
         labels.append(str(point.get("label", "")))
+        descriptions.append(str(point.get("description", "")))
+        positions_seen += "position" in point
         point_status = point.get("positionStatus", "defined")
         if point_status not in POSITION_STATUSES:
             raise DataError(f"{path}: control point '{labels[-1]}' has unknown positionStatus "
@@ -201,9 +253,14 @@ def _read_markups_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | 
         except (TypeError, ValueError):
             raise DataError(f"{path}: control point '{labels[-1]}' has position {position!r}; "
                             "expected three numbers") from None
+        if np.isinf(points[i]).any():
+            line = json_key_line(text, "position", positions_seen - 1)
+            raise DataError(f"{path}{'' if line is None else f', line {line}'}: control point {i + 1} (landmark '{labels[-1]}') has the "
+                            f"infinite position {position} (a missing landmark has positionStatus "
+                            "\"missing\")")
     if system == "RAS":
         points = ras_to_lps(points)
-    return labels, points, _read_confidence_measurement(path, markup, len(labels))
+    return labels, descriptions, points, _read_confidence_measurement(path, markup, len(labels))
 
 
 def _read_confidence_measurement(path: Path, markup: dict, count: int) -> np.ndarray | None:
@@ -249,11 +306,12 @@ def _markups_json_text(landmarks: LandmarkSet, status: list[str]) -> str:
 # Slicer fcsv
 
 
-def _read_fcsv(path: Path) -> tuple[list[str], np.ndarray]:
-    """Labels and (N, 3) LPS points of a Slicer 4.x/5.x fiducial CSV."""
+def _read_fcsv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Labels, descriptions and (N, 3) LPS points of a Slicer 4.x/5.x fiducial CSV."""
     columns = list(FCSV_COLUMNS)
     system = None
     labels: list[str] = []
+    descriptions: list[str] = []
     rows: list[list[float]] = []
     for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
         if line.startswith("#"):
@@ -278,7 +336,8 @@ def _read_fcsv(path: Path) -> tuple[list[str], np.ndarray]:
             fields += [""] * (len(columns) - len(fields))
         record = dict(zip(columns, fields))
         labels.append(record["label"])
-        point = [_parse_float(record[axis], path, line_number, axis) for axis in ("x", "y", "z")]
+        descriptions.append(record.get("desc", ""))
+        point = [_parse_float(record[axis], path, line_number, axis, record["label"]) for axis in ("x", "y", "z")]
         status_code = fields[len(columns)].strip() if len(fields) > len(columns) else ""
         if status_code in _FCSV_NO_POSITION_CODES or not all(math.isfinite(v) for v in point):
             point = [math.nan] * 3
@@ -288,7 +347,7 @@ def _read_fcsv(path: Path) -> tuple[list[str], np.ndarray]:
         # Slicer >= 5 reads a file without the header line as LPS; do the same so both agree.
         logger.warning("%s: no CoordinateSystem header line; assuming LPS as Slicer does", path)
         system = "LPS"
-    return labels, ras_to_lps(points) if system == "RAS" else points
+    return labels, descriptions, ras_to_lps(points) if system == "RAS" else points
 
 
 def _fcsv_text(landmarks: LandmarkSet, status: list[str]) -> str:
@@ -358,10 +417,10 @@ def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, 
             raise DataError(f"{path}, line {line}: empty landmark name")
         if image_column and not image:
             raise DataError(f"{path}, line {line}: empty image name")
-        point = [_parse_float(row.get(axis) or "", path, line, axis) for axis in axes]
+        point = [_parse_float(row.get(axis) or "", path, line, axis, name) for axis in axes]
         if not all(math.isfinite(v) for v in point):
             point = [math.nan] * len(axes)
-        confidence = _parse_float(row.get("confidence") or "", path, line, "confidence") \
+        confidence = _parse_float(row.get("confidence") or "", path, line, "confidence", name) \
             if has_confidence else math.nan
         per_image = table.setdefault(image, {})
         if name in per_image:
@@ -424,7 +483,8 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
     Args:
         path: landmark file; RAS files are converted, the result is always LPS.
         names: the model's landmark names; the result follows this order, names absent from the
-            file become missing (NaN). None keeps the file's order.
+            file become missing (NaN). None keeps the file's order. When the labels of a .mrk.json or
+            .fcsv file are not these names but its descriptions are, the descriptions are used (logged).
         dimension: 2 drops z (Slicer stores 2D points with z = 0); 3 requires 3D points.
 
     Returns:
@@ -432,19 +492,32 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
         where the file has them, (N,) confidences.
 
     Raises:
-        DataError: missing/unreadable/malformed file, empty or duplicate labels, or a landmark that is
-            not in `names`; the message names the file.
+        DataError: missing/unreadable/malformed file, an infinite coordinate, empty or duplicate labels,
+            or a landmark that is not in `names`; the message names the file (and line and landmark).
     """
     path = Path(path)
     kind = _format(path)
     if kind == "csv":
         return _read_single_csv(path, names, dimension)
     if kind == "json":
-        labels, points, confidences = _read_markups_json(path)
+        labels, descriptions, points, confidences = _read_markups_json(path)
     else:
-        labels, points = _read_fcsv(path)
+        labels, descriptions, points = _read_fcsv(path)
         confidences = None
+    labels = labels_or_descriptions(path, labels, descriptions, names)
     return _make_set(path, labels, points, confidences, names, dimension)
+
+
+def table_index_to_physical(path: Path, image: str, index: np.ndarray,
+                            geometries: dict[str, ImageGeometry] | None) -> np.ndarray:
+    """(N, d) pixel indices of one image of a table -> physical LPS, by that image's geometry."""
+    geometry = (geometries or {}).get(image)
+    if geometry is None:
+        raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
+    if geometry.dimension != index.shape[1]:
+        raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
+                        f"{index.shape[1]}D")
+    return geometry.index_to_physical(index)
 
 
 def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
@@ -488,13 +561,7 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
             continue
         landmarks = _table_set(names, entries, point_dimension, "confidence" in header)
         if coordinates == "index":
-            geometry = (geometries or {}).get(image)
-            if geometry is None:
-                raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
-            if geometry.dimension != point_dimension:
-                raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
-                                f"{point_dimension}D")
-            landmarks.points_lps = geometry.index_to_physical(landmarks.points_lps)
+            landmarks.points_lps = table_index_to_physical(path, image, landmarks.points_lps, geometries)
         result[image] = landmarks
     return result
 

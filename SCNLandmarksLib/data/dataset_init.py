@@ -9,13 +9,14 @@ it is written; an existing spec is replaced only when asked.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
-from ..config import _toml_value
+from ..io.toml import dumps_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
+from ..io.atomic import atomic_output
 from ..io.images import image_inputs, read_image
 from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PER_IMAGE_SUFFIXES, PIXEL_FORMATS,
                                    TABLE_FORMATS, detect_format, read_landmark_file, read_landmark_table)
@@ -115,17 +116,13 @@ def _spec_path(path: Path, base: Path) -> str:
 def _spec_text(dimension: int, names: list[str], landmarks_format: str, base: Path,
                entries: list[tuple[str, Path, Path | None]], table: Path | None,
                csv_coordinates: str | None) -> str:
-    lines = ["# Written by scn-landmarks dataset init.", f"dimension = {dimension}",
-             f"landmarks = {_toml_value(names)}", f"landmarks_format = {_toml_value(landmarks_format)}"]
+    values: dict[str, Any] = {"dimension": dimension, "landmarks": names, "landmarks_format": landmarks_format}
     if table is not None:
-        lines += [f"landmarks_csv = {_toml_value(_spec_path(table, base))}",
-                  f"csv_coordinates = {_toml_value(csv_coordinates)}"]
-    for image_id, image, landmarks in entries:
-        lines += ["", "[[images]]", f"id = {_toml_value(image_id)}",
-                  f"image = {_toml_value(_spec_path(image, base))}"]
-        if landmarks is not None:
-            lines.append(f"landmarks = {_toml_value(_spec_path(landmarks, base))}")
-    return "\n".join(lines) + "\n"
+        values |= {"landmarks_csv": _spec_path(table, base), "csv_coordinates": csv_coordinates}
+    values["images"] = [{"id": image_id, "image": _spec_path(image, base),
+                         **({"landmarks": _spec_path(landmarks, base)} if landmarks is not None else {})}
+                        for image_id, image, landmarks in entries]
+    return "# Written by scn-landmarks dataset init.\n" + dumps_toml(values)
 
 
 def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: str | os.PathLike,
@@ -215,18 +212,11 @@ def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: s
 
     base = out.resolve().parent
     text = _spec_text(dimension, names, summary.landmarks_format, base, entries, table, summary.csv_coordinates)
-    base.mkdir(parents=True, exist_ok=True)
     # Check the spec with the loader training uses before it replaces anything.
-    descriptor, temporary = tempfile.mkstemp(dir=base, prefix=f".{out.name}.", suffix=".toml")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
+    with atomic_output(out, ".toml") as temporary:
+        temporary.write_text(text, encoding="utf-8")
         spec = load_dataset_spec(temporary)
         loaded = spec.load_landmarks(list(spec.entries), geometries)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     summary.paired = {image_id: (image, str(landmarks or table)) for image_id, image, landmarks in entries}
     summary.points_present = sum(int(s.present.sum()) for s in loaded.values())
     summary.points_missing = sum(int((~s.present).sum()) for s in loaded.values())

@@ -484,6 +484,16 @@ class SCNLandmarksLogic:
         return [Path(path) for path in paths if Path(path).exists()]
 
     @staticmethod
+    def overwriteQuestion(paths) -> str:
+        """The question to ask before writing `paths`, or "" when none of them exists yet."""
+        existing = SCNLandmarksLogic.existingFiles(paths)
+        if not existing:
+            return ""
+        listed = "\n".join(f"  {path}" for path in existing)
+        return f"{'This file exists' if len(existing) == 1 else 'These files exist'}:\n{listed}\n\nReplace " \
+               f"{'it' if len(existing) == 1 else 'them'}?"
+
+    @staticmethod
     def _refuseOverwrite(paths, overwrite: bool) -> None:
         existing = SCNLandmarksLogic.existingFiles(paths)
         if existing and not overwrite:

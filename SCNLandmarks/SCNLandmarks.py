@@ -325,8 +325,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = self.runner.running
         ready = bool(parameters and parameters.inputVolume and parameters.modelPath) and not busy
         self.ui.detectButton.enabled = ready
-        self.ui.detectButton.toolTip = _("A detection is running.") if busy else \
-            _("Detect the model's landmarks in the input volume.") if ready else _("Select an input volume and a model.")
+        if busy:
+            self.ui.detectButton.toolTip = _("A detection is running.")
+        else:
+            self.ui.detectButton.toolTip = _("Detect the model's landmarks in the input volume.") if ready else \
+                _("Select an input volume and a model.")
         hasLandmarks = bool(parameters and parameters.landmarks) and not busy
         self.ui.resetAllButton.enabled = hasLandmarks and bool(self.logic.landmarkRows(parameters.landmarks))
         self.ui.resetPointButton.enabled = self.ui.resetAllButton.enabled and bool(self.ui.resultsTable.selectedItems())

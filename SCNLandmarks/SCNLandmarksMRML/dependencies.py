@@ -110,28 +110,28 @@ def dependencyStatus(torchVersion: str | None = None, importedTorchVersion: str 
     """Check (without importing torch) what landmark detection still needs.
 
     The arguments are what this computer has; each defaults to what is found here (they are
-    parameters so that every situation can be checked): the installed torch version (None: no
-    torch), the version of the torch already imported in this session (None: not imported), whether
+    parameters so that every situation can be checked): the installed torch version ("": no
+    torch), the version of the torch already imported in this session ("": not imported), whether
     PyTorchUtils is there, and the missing pip requirements.
     """
-    if torchVersion is None and _importable("torch"):
+    if torchVersion is None:
         # An importable torch without package metadata (e.g. a source build) is taken as it is.
-        torchVersion = installedVersion("torch") or UNKNOWN_VERSION
+        torchVersion = (installedVersion("torch") or UNKNOWN_VERSION) if _importable("torch") else ""
     if importedTorchVersion is None and "torch" in sys.modules:
         importedTorchVersion = getattr(sys.modules["torch"], "__version__", None)
     if pytorchUtils is None:
         pytorchUtils = _importable("PyTorchUtils")
     if missing is None:
         missing = [requirement for module, requirement in PIP_REQUIREMENTS.items() if not _importable(module)]
-    unsupported = torchVersion not in (None, UNKNOWN_VERSION) and not satisfies(torchVersion, TORCH_REQUIREMENT)
-    restart = (importedTorchVersion is not None and torchVersion not in (None, UNKNOWN_VERSION)
+    unsupported = torchVersion not in ("", UNKNOWN_VERSION) and not satisfies(torchVersion, TORCH_REQUIREMENT)
+    restart = (bool(importedTorchVersion) and torchVersion not in ("", UNKNOWN_VERSION)
                and _release(importedTorchVersion) != _release(torchVersion))
     parts = []
     if restart:
         parts.append(f"PyTorch {torchVersion} was installed, but this session still runs PyTorch "
                      f"{importedTorchVersion}: restart Slicer to use it.")
-    elif torchVersion is None or unsupported:
-        found = "is not installed" if torchVersion is None else \
+    elif not torchVersion or unsupported:
+        found = "is not installed" if not torchVersion else \
             f"{torchVersion} is installed, but this module needs torch{TORCH_REQUIREMENT}"
         if pytorchUtils:
             parts.append(f"PyTorch {found}. The PyTorch extension can install a build that matches this "
@@ -141,8 +141,8 @@ def dependencyStatus(torchVersion: str | None = None, importedTorchVersion: str 
                          "Install 'PyTorch' from the Extensions Manager, restart Slicer, and detect again.")
     if missing:
         parts.append(f"Also needed: {', '.join(missing)} (installed with pip).")
-    return DependencyStatus(torchVersion is not None and not unsupported, pytorchUtils, list(missing),
-                            " ".join(parts), torchVersion or "", unsupported, restart)
+    return DependencyStatus(bool(torchVersion) and not unsupported, pytorchUtils, list(missing),
+                            " ".join(parts), torchVersion, unsupported, restart)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def test_the_version_check_names_what_is_needed_and_what_was_found():
 
 def _slicerLoadedFiles() -> list[Path]:
     """The module file, the MRML package the CMake installs, and the bundled library."""
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = [MODULE_DIR / item.replace("${MODULE_NAME}", "SCNLandmarks")
               for item in re.findall(r"^\s+(\S+\.py)\s*$", text, flags=re.MULTILINE)]
     return listed + sorted((REPO / "SCNLandmarksLib").rglob("*.py"))
@@ -80,7 +80,7 @@ def test_the_compatibility_check_imports_nothing_else_of_the_package():
 
 
 def test_the_torch_requirement_is_the_librarys():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     torch = next(d for d in project["dependencies"] if d.startswith("torch"))
     assert torch == "torch" + dependencies.TORCH_REQUIREMENT
 
@@ -159,7 +159,7 @@ def test_the_self_test_skips_with_a_reason_without_torch_and_runs_with_it():
     reason = dependencies.selfTestSkipReason(missing)
     assert reason.startswith("Skipped:") and "PyTorch is not installed" in reason and "never install" in reason
     assert dependencies.selfTestSkipReason() == ""  # this environment has torch: the real test runs
-    source = (MODULE_DIR / "SCNLandmarks.py").read_text()
+    source = (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
     test = source[source.index("class SCNLandmarksTest"):]
     assert "self.skipTest(reason)" in test and "DetectionRunner(logic)" in test and "pip_install" not in test
 
@@ -268,7 +268,7 @@ def test_the_table_is_updated_in_place():
 def test_the_training_folder_field_is_empty_by_default():
     assert panel.trainingFolderText("") == "" and panel.trainingFolderText(Path("")) == ""
     assert panel.trainingFolderText("/data/cases") == "/data/cases"
-    ui = (MODULE_DIR / "Resources" / "UI" / "SCNLandmarks.ui").read_text()
+    ui = (MODULE_DIR / "Resources" / "UI" / "SCNLandmarks.ui").read_text(encoding="utf-8")
     assert "<string>trainingFolder</string>" not in ui  # bound by hand: the Path binding showed "."
 
 
@@ -325,7 +325,7 @@ def test_writes_ask_before_replacing_and_refuse_without_consent(mrml, tmp_path, 
     from SCNLandmarksLib.errors import DataError
     from SCNLandmarksMRML import SCNLandmarksLogic, loadVolumeFile
 
-    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text())[0]
+    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text(encoding="utf-8"))[0]
     logic = SCNLandmarksLogic(mrml.scene)
     volume = loadVolumeFile(mrml.scene, image)
     node = logic.detectLandmarks(volume, tiny_model_2d, device="cpu").markupsNode
@@ -337,9 +337,9 @@ def test_writes_ask_before_replacing_and_refuse_without_consent(mrml, tmp_path, 
     assert question.startswith("This file exists") and str(target) in question and "other.fcsv" not in question
     with pytest.raises(DataError, match="Not replacing .*corrected.mrk.json"):
         logic.exportLandmarks(node, target, overwrite=False)
-    assert target.read_text() == "the clinician's corrected file"
+    assert target.read_text(encoding="utf-8") == "the clinician's corrected file"
     logic.exportLandmarks(node, target, overwrite=True)
-    assert json.loads(target.read_text())["markups"]
+    assert json.loads(target.read_text(encoding="utf-8"))["markups"]
 
     folder = tmp_path / "cases"
     imagePath, landmarksPath = logic.trainingPairPaths(volume, folder)
@@ -356,7 +356,7 @@ def test_heatmap_messages_and_foreign_measurements_survive_a_new_detection(mrml,
 
     logic = SCNLandmarksLogic(mrml.scene)
     assert "detect landmarks first" in logic.heatmapProblem(None)
-    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text())[0]
+    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text(encoding="utf-8"))[0]
     volume = loadVolumeFile(mrml.scene, image)
     node = logic.detectLandmarks(volume, tiny_model_2d, device="cpu", keepHeatmaps=False).markupsNode
     assert "this session only" in logic.heatmapProblem(node)
@@ -366,7 +366,7 @@ def test_heatmap_messages_and_foreign_measurements_survive_a_new_detection(mrml,
     logic.detectLandmarks(volume, tiny_model_2d, device="cpu", markupsNode=node)
     names = [node.GetNthMeasurement(i).GetName() for i in range(node.GetNumberOfMeasurements())]
     assert sorted(names) == ["confidence", "reviewer score"] and logic.heatmapProblem(node) == ""
-    source = "".join(p.read_text() for p in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"))
+    source = "".join(p.read_text(encoding="utf-8") for p in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"))
     assert ".RemoveAllMeasurements(" not in source
 
 
@@ -380,17 +380,17 @@ def test_the_bundled_sample_is_offered_to_sample_data_with_its_license():
     source = sources[0]
     assert source.uri.startswith("file://") and Path(source.uri[len("file://"):]).is_file()
     assert source.fileName == "MNI152NLin2009cAsym_T1w_2mm.nii.gz" and source.nodeName == "MNI152NLin2009cAsym_T1w_2mm"
-    assert source.licenseFile is not None and "Louis Collins" in source.licenseFile.read_text()
-    module = (MODULE_DIR / "SCNLandmarks.py").read_text()
+    assert source.licenseFile is not None and "Louis Collins" in source.licenseFile.read_text(encoding="utf-8")
+    module = (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
     assert "registerCustomSampleDataSource" in module and 'connect("startupCompleted()", registerSampleData)' in module
 
 
 def test_license_and_extension_metadata_point_at_files_this_repository_holds():
-    license = (REPO / "LICENSE").read_text()
+    license = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in license and "Version 2.0, January 2004" in license
     assert "END OF TERMS AND CONDITIONS" in license
-    assert re.search(r'license = \{ text = "Apache-2.0" \}', (REPO / "pyproject.toml").read_text())
-    top = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r'license = \{ text = "Apache-2.0" \}', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         url = re.search(rf'set\({key} "([^"]+)"\)', top).group(1)
         relative = url.split("/main/", 1)[1]
@@ -398,7 +398,7 @@ def test_license_and_extension_metadata_point_at_files_this_repository_holds():
     for key in ("EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_HOMEPAGE"):
         assert re.search(rf'set\({key} "[^"]+"\)', top), key
     assert 'set(SCNLandmarks_MINIMUM_SLICER_VERSION "5.10")' in top and "VERSION_LESS" in top
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     install = readme[readme.index("## Installing the module in 3D Slicer"):readme.index("## Performance")]
     assert "3D Slicer 5.10 or later" in install and "torch>=2.2,<2.14" in install
-    assert "Slicer 5.10" in (MODULE_DIR / "SCNLandmarks.py").read_text()
+    assert "Slicer 5.10" in (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")

@@ -32,7 +32,7 @@ def mrml():
 
 @pytest.fixture
 def volume(mrml, dataset_2d):
-    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text())[-1]
+    image = dataset_2d.parent / re.findall(r'image = "([^"]+)"', dataset_2d.read_text(encoding="utf-8"))[-1]
     return loadVolumeFile(mrml.scene, image)
 
 

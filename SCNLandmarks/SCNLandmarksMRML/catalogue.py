@@ -8,9 +8,11 @@ the user picks ("Load model file..."). The catalogue is a JSON list of models (o
                  "file": "brain-afids-32/model.safetensors", "card": "brain-afids-32/MODEL_CARD.md",
                  "dimension": 3, "description": "...", "sample": "../Samples/brain.nii.gz"}]}
 
-Optional keys: ``card`` (model card), ``sample`` (an image to try the model on: README demo and
-module self-test), ``sample_landmarks`` (its true landmarks) and ``tolerance_mm`` (the largest
-median error the self-test accepts on the sample). An entry whose model file is absent (e.g. a
+Optional keys: ``card`` (model card), ``sample`` (an image to try the model on: README demo,
+module self-test and Slicer's Sample Data module), ``sample_license`` (the sample's license file),
+``sample_landmarks`` (its true landmarks), ``tolerance_mm`` (the largest median error the self-test
+accepts on the sample) and ``short_names`` (landmark name -> established abbreviation, shown on the
+views on request; a model whose names are already short has none). An entry whose model file is absent (e.g. a
 build that left it out) is listed by `catalogueModels` but not by `availableModels`.
 
 The catalogue is looked for in the module's Resources (installed extension), then in the source tree.
@@ -46,6 +48,8 @@ class ModelEntry:
         toleranceMm: the largest median error the self-test accepts on the sample, or None.
         card: the model card (Markdown: data, training, accuracy, limits), or None.
         id: short identifier (the catalogue's "id", else the model folder's name).
+        sampleLicense: the sample's license file, or None.
+        shortNames: landmark name -> abbreviation (e.g. "Sella" -> "S"), or None.
     """
 
     name: str
@@ -57,6 +61,8 @@ class ModelEntry:
     toleranceMm: float | None = None
     card: Path | None = None
     id: str = ""
+    sampleLicense: Path | None = None
+    shortNames: dict[str, str] | None = None
 
     @property
     def available(self) -> bool:
@@ -102,6 +108,13 @@ def readCatalogue(path) -> list[ModelEntry]:
             return (Path(value) if Path(value).is_absolute() else path.parent / value).resolve()
 
         dimension = item.get("dimension")
+        shortNames = item.get("short_names")
+        if not (isinstance(shortNames, dict) and all(isinstance(k, str) and isinstance(v, str) and v
+                                                      for k, v in shortNames.items())):
+            if shortNames is not None:
+                logger.warning("%s: ignoring the short_names of '%s' (not a map of names to abbreviations)",
+                               path, name)
+            shortNames = None
         tolerance = item.get("tolerance_mm")
         modelPath = local(fileName)
         entries.append(ModelEntry(
@@ -111,7 +124,8 @@ def readCatalogue(path) -> list[ModelEntry]:
             sample=local(item.get("sample")), sampleLandmarks=local(item.get("sample_landmarks")),
             toleranceMm=float(tolerance) if isinstance(tolerance, (int, float)) else None,
             card=local(item.get("card")),
-            id=str(item.get("id") or modelPath.parent.name)))
+            id=str(item.get("id") or modelPath.parent.name),
+            sampleLicense=local(item.get("sample_license")), shortNames=shortNames))
     return entries
 
 
@@ -145,3 +159,37 @@ def entryForModel(modelPath, locations=CATALOGUE_LOCATIONS) -> ModelEntry | None
     except OSError:
         return None
     return next((entry for entry in catalogueModels(locations) if entry.path.resolve() == wanted), None)
+
+
+@dataclass(frozen=True)
+class SampleDataSource:
+    """A catalogue sample as Slicer's Sample Data module registers it (a local file: nothing is fetched).
+
+    Attributes:
+        sampleName: the button's name in the Sample Data module.
+        uri: ``file://`` URI of the bundled image.
+        fileName: the file name Slicer loads it under.
+        nodeName: the volume node's name.
+        licenseFile: the sample's license (shown in the log when it is loaded), or None.
+        modelName: the catalogue model it is the sample of.
+    """
+
+    sampleName: str
+    uri: str
+    fileName: str
+    nodeName: str
+    licenseFile: Path | None
+    modelName: str
+
+
+def sampleDataSources(locations=CATALOGUE_LOCATIONS) -> list[SampleDataSource]:
+    """The bundled samples of the catalogue whose image is there, for the Sample Data module."""
+    sources = []
+    for entry in catalogueModels(locations):
+        if not entry.hasSample:
+            continue
+        stem = entry.sample.name.split(".")[0]
+        sources.append(SampleDataSource(f"SCNLandmarks {stem}", entry.sample.as_uri(), entry.sample.name, stem,
+                                        entry.sampleLicense if entry.sampleLicense and entry.sampleLicense.is_file()
+                                        else None, entry.name))
+    return sources

@@ -25,6 +25,7 @@ import slicer
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
+from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksLib.io.toml import write_toml
 from SCNLandmarksLib.landmark_set import LandmarkSet
 from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
@@ -167,8 +168,8 @@ class SCNLandmarksLogic:
             return "No model file selected." if not modelPath else f"{modelPath}: model file not found"
         try:
             from SCNLandmarksLib.bundle import read_description
-        except ImportError:
-            return "PyTorch is needed to read model files; it will be installed when you detect."
+        except ImportError as error:
+            return dependencies.missingModuleMessage(error)
         try:
             description = read_description(modelPath)
         except ModelFileError as error:
@@ -177,6 +178,33 @@ class SCNLandmarksLogic:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         return f"{description.dimension}D model, {len(names)} landmarks: {shown}"
 
+    @staticmethod
+    def modelFile(modelPath) -> Path:
+        """The model file as a Path, checked to exist (nothing is read).
+
+        Raises:
+            ModelFileError: no model chosen, or no such file.
+        """
+        if not modelPath or not str(modelPath).strip():
+            raise ModelFileError("No model selected: choose a model from the list or load a model file.")
+        path = Path(modelPath)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        return path
+
+    def checkDetectionInputs(self, volumeNode, modelPath) -> None:
+        """The quick checks before a detection, without loading anything: a scene, a scalar volume,
+        a model file that exists.
+
+        Raises:
+            DataError: no scene, or a volume that cannot be used (see `checkScalarVolume`).
+            ModelFileError: no model file.
+        """
+        if self.scene is None:
+            raise DataError("No MRML scene to work in.")
+        checkScalarVolume(volumeNode)
+        self.modelFile(modelPath)
+
     def loadPredictor(self, modelPath, device: str = "auto"):
         """Load (once; cached by file, modification time and device) a model file as a Predictor.
 
@@ -184,11 +212,7 @@ class SCNLandmarksLogic:
             ModelFileError: missing, truncated or foreign model file.
             DataError: e.g. "cuda" requested without a GPU.
         """
-        path = Path(modelPath) if modelPath else None
-        if path is None or not str(modelPath).strip():
-            raise ModelFileError("No model selected: choose a model from the list or load a model file.")
-        if not path.is_file():
-            raise ModelFileError(f"{path}: model file not found")
+        path = self.modelFile(modelPath)
         from SCNLandmarksLib.inference import Predictor
 
         stat = path.stat()
@@ -318,6 +342,24 @@ class SCNLandmarksLogic:
         """Restore the predicted position of one landmark (index in model order, or name)."""
         return landmarkMarkups.resetPoint(markupsNode, landmark)
 
+    @staticmethod
+    def shortLandmarkNames(markupsNode) -> dict[str, str] | None:
+        """Landmark name -> abbreviation, as the detection's model provides them (its catalogue entry),
+        or None when it provides none (nothing is made up: the table and exports keep full names)."""
+        info = landmarkMarkups.readPredictionInfo(markupsNode)
+        entry = catalogue.entryForModel(info.get("model")) if info else None
+        return dict(entry.shortNames) if entry and entry.shortNames else None
+
+    def showShortLabels(self, markupsNode, short: bool) -> bool:
+        """Label the points on the views with the model's abbreviations (True) or full names (False).
+
+        Returns:
+            True when the labels are now short; False when the model provides no short names.
+        """
+        names = self.shortLandmarkNames(markupsNode) if short else None
+        landmarkMarkups.setPointLabels(markupsNode, names)
+        return names is not None
+
     def centreViewsOnLandmark(self, markupsNode, landmark: int | str) -> np.ndarray | None:
         """Centre all slice views on a landmark's current (else predicted) position.
 
@@ -342,6 +384,15 @@ class SCNLandmarksLogic:
         """True when heatmaps of this detection are in memory (detections of this session)."""
         return markupsNode is not None and markupsNode.GetID() in self._predictions
 
+    def heatmapProblem(self, markupsNode) -> str:
+        """Why no heatmap can be shown for this point list ("" when one can), for the user."""
+        if markupsNode is None:
+            return "No detection to show heatmaps of: detect landmarks first (Detection section)."
+        if not self.hasHeatmaps(markupsNode):
+            return (f"No heatmaps for '{markupsNode.GetName()}': heatmaps are kept in memory for detections made "
+                    "in this session only. Run the detection again to see them.")
+        return ""
+
     def heatmapNode(self, markupsNode):
         """The heatmap volume node of a detection, if one was shown."""
         return markupsNode.GetNodeReference(landmarkMarkups.HEATMAP_REFERENCE_ROLE) if markupsNode else None
@@ -365,10 +416,9 @@ class SCNLandmarksLogic:
         """
         if kind not in list(HeatmapKind):
             raise DataError(f"Unknown heatmap kind '{kind}'; choose one of {', '.join(HeatmapKind)}.")
-        if not self.hasHeatmaps(markupsNode):
-            name = markupsNode.GetName() if markupsNode is not None else "(none)"
-            raise DataError(f"No heatmaps for '{name}': heatmaps are kept in memory for detections made in "
-                            "this session only. Run the detection again to see them.")
+        problem = self.heatmapProblem(markupsNode)
+        if problem:
+            raise DataError(problem)
         prediction, volumeImage = self._predictions[markupsNode.GetID()]
         names = list(prediction.landmarks.names)
         index = landmark
@@ -421,7 +471,29 @@ class SCNLandmarksLogic:
                                 np.array([r.confidence for r in rows], dtype=np.float64))
         return landmarks, [r.status for r in rows]
 
-    def exportLandmarks(self, markupsNode, path) -> Path:
+    @staticmethod
+    def existingFiles(paths) -> list[Path]:
+        """Those of `paths` that exist already (the files a write would replace)."""
+        return [Path(path) for path in paths if Path(path).exists()]
+
+    @staticmethod
+    def overwriteQuestion(paths) -> str:
+        """The question to ask before writing `paths`, or "" when none of them exists yet."""
+        existing = SCNLandmarksLogic.existingFiles(paths)
+        if not existing:
+            return ""
+        listed = "\n".join(f"  {path}" for path in existing)
+        return f"{'This file exists' if len(existing) == 1 else 'These files exist'}:\n{listed}\n\nReplace " \
+               f"{'it' if len(existing) == 1 else 'them'}?"
+
+    @staticmethod
+    def _refuseOverwrite(paths, overwrite: bool) -> None:
+        existing = SCNLandmarksLogic.existingFiles(paths)
+        if existing and not overwrite:
+            raise DataError(f"Not replacing {', '.join(str(p) for p in existing)}: the file exists. Choose another "
+                            "name or folder, or agree to replace it.")
+
+    def exportLandmarks(self, markupsNode, path, overwrite: bool = True) -> Path:
         """Write the current (corrected) points of a point list.
 
         The suffix chooses the format: ``.mrk.json`` (Slicer markups JSON, written by Slicer's
@@ -429,16 +501,23 @@ class SCNLandmarksLogic:
         measurement), ``.fcsv`` (Slicer's legacy fiducial CSV) or ``.csv`` (the library's table
         ``landmark,x,y,z,confidence,status`` in LPS).
 
+        Points are written under their full landmark names, whatever labels the views show.
+
+        Args:
+            overwrite: False refuses to replace an existing file (the caller asks the user first).
+
         Returns:
             The written path.
 
         Raises:
-            DataError: unknown suffix, nothing to export, or the file cannot be written.
+            DataError: unknown suffix, nothing to export, an existing file with `overwrite` False, or
+                the file cannot be written.
         """
         if markupsNode is None:
             raise DataError("No landmarks to export: run a detection (or choose a point list) first.")
         path = Path(path)
         lower = path.name.lower()
+        self._refuseOverwrite([path], overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         if landmarkMarkups.isLandmarksNode(markupsNode):
             landmarkMarkups.updatePointStatuses(markupsNode)
@@ -455,12 +534,21 @@ class SCNLandmarksLogic:
         else:
             raise DataError(f"{path}: unknown landmark format; use .mrk.json, .fcsv or .csv")
         storageNode.SetFileName(str(path))
-        if not storageNode.WriteData(markupsNode):
+        with landmarkMarkups.fullNameLabels(markupsNode):
+            written = storageNode.WriteData(markupsNode)
+        if not written:
             raise DataError(f"{path}: Slicer could not write the landmarks")
         return path
 
+    @staticmethod
+    def trainingPairPaths(volumeNode, folder, caseId: str | None = None) -> tuple[Path, Path]:
+        """The (image, landmarks) files `saveTrainingPair` would write for this volume and folder."""
+        caseId = safe_filename(caseId or (volumeNode.GetName() if volumeNode is not None else "") or "case", "case")
+        folder = Path(folder)
+        return folder / f"{caseId}.nrrd", folder / f"{caseId}.mrk.json"
+
     def saveTrainingPair(self, volumeNode, markupsNode, folder, caseId: str | None = None,
-                         split: str | None = None) -> tuple[Path, Path]:
+                         split: str | None = None, overwrite: bool = True) -> tuple[Path, Path]:
         """Save a volume and its corrected landmarks as one more training case of a dataset folder.
 
         Writes ``<folder>/<caseId>.nrrd`` (Slicer's NRRD writer, geometry as in Slicer) and
@@ -476,13 +564,15 @@ class SCNLandmarksLogic:
             caseId: file stem and case id; default the volume name.
             split: the case's split ("train" or "validation"); default: keep the split of a case
                 being replaced, else "train".
+            overwrite: False refuses to replace the case's existing files (see `trainingPairPaths`).
 
         Returns:
             (image path, landmarks path).
 
         Raises:
             DataError: bad volume or landmarks, a dataset folder made for another dimension or other
-                landmark names, or files that cannot be written.
+                landmark names, existing case files with `overwrite` False, or files that cannot be
+                written.
         """
         checkScalarVolume(volumeNode)
         if markupsNode is None:
@@ -495,19 +585,20 @@ class SCNLandmarksLogic:
         if not names:
             raise DataError(f"'{markupsNode.GetName()}' holds no landmarks.")
         folder = Path(folder)
+        imagePath, landmarksPath = self.trainingPairPaths(volumeNode, folder, caseId)
+        self._refuseOverwrite([imagePath, landmarksPath], overwrite)
         folder.mkdir(parents=True, exist_ok=True)
-        caseId = safe_filename(caseId or volumeNode.GetName() or "case", "case")
+        caseId = image_stem(imagePath)
         dimension = volumeDimension(volumeNode)
         specPath = folder / TRAINING_SPEC_NAME
         spec = self._readTrainingSpec(specPath, dimension, names)
 
-        imagePath = folder / f"{caseId}.nrrd"
         storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storageNode.SetFileName(str(imagePath))
         storageNode.SetUseCompression(True)
         if not storageNode.WriteData(volumeNode):
             raise DataError(f"{imagePath}: Slicer could not write the volume")
-        landmarksPath = self.exportLandmarks(markupsNode, folder / f"{caseId}.mrk.json")
+        landmarksPath = self.exportLandmarks(markupsNode, landmarksPath)
 
         previous = [entry for entry in spec.get("images", []) if str(entry.get("id")) == caseId]
         split = split or (previous[0].get("split") if previous else None) or "train"

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import vtk
@@ -148,7 +150,11 @@ def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statu
     wasModifying = markupsNode.StartModify()
     try:
         markupsNode.RemoveAllControlPoints()
-        markupsNode.RemoveAllMeasurements()
+        # Only our own measurement: Slicer documents RemoveAllMeasurements as not to be called (the
+        # markups logic owns the others, e.g. a point list's length).
+        for index in reversed(range(markupsNode.GetNumberOfMeasurements())):
+            if markupsNode.GetNthMeasurement(index).GetName() == CONFIDENCE_MEASUREMENT:
+                markupsNode.RemoveNthMeasurement(index)
         markupsNode.SetLocked(False)
         records = []
         for landmarkName, ras, confidence, status in zip(landmarkNames, pointsRas, confidences, statuses):
@@ -320,3 +326,41 @@ def landmarkPositionsRas(markupsNode) -> tuple[list[str], np.ndarray, np.ndarray
                       dtype=np.float64).reshape(-1, 3)
     confidences = np.array([r.confidence for r in rows], dtype=np.float64)
     return names, points, confidences
+
+
+def setPointLabels(markupsNode, shortNames: dict[str, str] | None = None) -> None:
+    """Label each landmark's control point with its short name from `shortNames` (landmark name ->
+    short name; names without one keep their full name), or with its full name when None.
+
+    The full names stay the landmarks' names (prediction record, table, exports).
+    """
+    info = readPredictionInfo(markupsNode)
+    if info is None:
+        return
+    wasModifying = markupsNode.StartModify()
+    try:
+        for record in info["points"]:
+            index = markupsNode.GetNthControlPointIndexByID(record["id"])
+            label = (shortNames or {}).get(record["name"], record["name"])
+            if index >= 0 and markupsNode.GetNthControlPointLabel(index) != label:
+                markupsNode.SetNthControlPointLabel(index, label)
+    finally:
+        markupsNode.EndModify(wasModifying)
+
+
+@contextmanager
+def fullNameLabels(markupsNode) -> Iterator[None]:
+    """Within the block the control points carry the full landmark names (for writers that save
+    labels); afterwards the labels shown before come back."""
+    shown = [markupsNode.GetNthControlPointLabel(i) for i in range(markupsNode.GetNumberOfControlPoints())]
+    setPointLabels(markupsNode, None)
+    try:
+        yield
+    finally:
+        wasModifying = markupsNode.StartModify()
+        try:
+            for index, label in enumerate(shown[:markupsNode.GetNumberOfControlPoints()]):
+                if markupsNode.GetNthControlPointLabel(index) != label:
+                    markupsNode.SetNthControlPointLabel(index, label)
+        finally:
+            markupsNode.EndModify(wasModifying)

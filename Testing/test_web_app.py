@@ -215,8 +215,11 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     wait_for_status(first, "AC", "moved by user")
     assert np.linalg.norm(row_position(first, "AC") - dropped) < 1.0
 
-    # The heatmap overlay of the moved landmark: heat colours appear in the slice view.
+    # The heatmap overlay of the moved landmark (a click on its row shows its own heatmap).
     first.click("#heatmap-visible")
+    row(first, "AC").click()
+    first.wait_for_function("document.querySelector('.v-select#heatmap-landmark, #heatmap-landmark')"
+                            ".closest('.v-input').innerText.includes('AC')")
     first.wait_for_timeout(1500)
     shot = SCREENSHOTS / "web_review_after_drag.png"
     first.screenshot(path=str(shot))

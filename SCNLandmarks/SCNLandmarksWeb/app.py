@@ -589,14 +589,20 @@ class LandmarkReviewApp(TrameApp):
                 html.Div("cursor ({{ position_unit }}): {{ cursor_position || '-' }}", classes="text-caption mx-4",
                          style="min-width: 260px;", id="cursor-position")
                 v.VBtn(icon="mdi-help-circle-outline", variant="text", click="help_open = !help_open", id="help-button")
+            self.ui.footer.hide()
             with self.ui.content:
                 with html.Div(classes="d-flex", style="height: calc(100vh - 64px);"):
+                    # The table takes the height left; everything else keeps its size, so every
+                    # control stays on screen however many landmarks there are.
                     with html.Div(classes="d-flex flex-column pa-2",
                                   style="width: 400px; flex: none; height: 100%; overflow: hidden;"):
-                        self._openPanel()
-                        self._detectPanel()
-                        self._landmarkPanel()
-                        self._heatmapPanel()
+                        with html.Div(style="flex: none;"):
+                            self._openPanel()
+                            self._detectPanel()
+                        self._landmarkTable()
+                        with html.Div(style="flex: none;"):
+                            self._landmarkActions()
+                            self._heatmapPanel()
                     with html.Div(classes="flex-grow-1", style="min-width: 0; position: relative;", id="views"):
                         self.layoutManager.initialize_layout_grid(self.ui)
                         self._helpCard()
@@ -637,10 +643,10 @@ class LandmarkReviewApp(TrameApp):
         v.VAlert(text=("info",), v_show="info && !error", type="success", density="compact", classes="mt-2",
                  id="info")
 
-    def _landmarkPanel(self) -> None:
+    def _landmarkTable(self) -> None:
         trigger = self.server.controller.trigger_name
-        with v.VTable(density="compact", fixed_header=True, hover=True, classes="mt-2 flex-grow-1",
-                      style="min-height: 120px; overflow-y: auto;", id="landmarks"):
+        with v.VTable(density="compact", fixed_header=True, hover=True, classes="mt-2",
+                      style="flex: 1 1 0; min-height: 120px; overflow-y: auto;", id="landmarks"):
             with html.Thead():
                 with html.Tr():
                     for title in ("Landmark", "Confidence", "Status"):
@@ -656,6 +662,8 @@ class LandmarkReviewApp(TrameApp):
                     html.Td("{{ row.confidence }}")
                     html.Td("{{ row.status }}", classes="landmark-status",
                             style=(f"row.status === '{MOVED}' ? 'font-weight: bold' : ''",))
+
+    def _landmarkActions(self) -> None:
         with html.Div(v_show="landmarks.length", classes="mt-1"):
             with html.Div(classes="d-flex align-center"):
                 v.VBtn(icon=("details_open ? 'mdi-chevron-down' : 'mdi-chevron-right'",), size="x-small",

@@ -146,9 +146,11 @@ def wait_for_status(page, name: str, status: str) -> None:
         f"document.querySelector(\"#landmarks tr[data-name='{name}'] .landmark-status\").innerText === '{status}'")
 
 
-def drag_landmark(page, name: str, by: tuple[float, float], steps: int = 15) -> tuple[np.ndarray, np.ndarray]:
-    """Centre the axial view on a landmark, drag it by `by` page pixels like a user; (before, dropped)."""
-    row(page, name).click()
+def drag_landmark(page, name: str, by: tuple[float, float], steps: int = 15,
+                  centre_on: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Centre the views on a landmark (`centre_on`, default `name`: its row is clicked, so selected),
+    then drag `name` by `by` page pixels like a user; returns (position before, position dropped)."""
+    row(page, centre_on or name).click()
     page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
     box = view_box(page, "Red")
     x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -186,6 +188,18 @@ def has_colour(pixels: np.ndarray, box: dict, test) -> int:
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
+def test_access_rules():
+    from SCNLandmarksWeb import access
+
+    assert access.isLoopback("127.0.0.1") and access.isLoopback("::1") and access.isLoopback("localhost")
+    assert not access.isLoopback("0.0.0.0") and not access.isLoopback("reading-room.example")
+    assert access.resolveToken("127.0.0.1", None) is None or os.environ.get(access.TOKEN_ENVIRONMENT)
+    assert len(access.resolveToken("0.0.0.0", "auto")) >= 16
+    with pytest.raises(access.AccessError, match="short|16"):
+        access.resolveToken("0.0.0.0", "short")
+    assert access.matches(TOKEN, TOKEN) and not access.matches(TOKEN[:-1], TOKEN) and not access.matches(None, TOKEN)
+
+
 def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser, tmp_path):
     first, second = new_page(browser, server), new_page(browser, server)
     assert first.url != second.url, "two reviewers must get two sessions"
@@ -205,21 +219,28 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
         green = has_colour(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
         assert green > 30, f"no landmarks drawn in the {view} view"
 
-    # Drag the anterior commissure: dragging selects it, and Reset acts on it.
-    predicted, dropped = drag_landmark(first, "AC", (60, 40), steps=4)
-    assert first.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == "AC"
+    # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
+    # selects the dragged point, and Reset acts on it.
+    positions = {name: row_position(first, name) for name in first.eval_on_selector_all(
+        "#landmarks tbody tr", "rows => rows.map(r => r.dataset.name)")}
+    selected, name = min(((a, b) for a in positions for b in positions if a < b),
+                         key=lambda pair: abs(positions[pair[0]][2] - positions[pair[1]][2]))
+    assert abs(positions[name][2] - positions[selected][2]) < 1.0, "no two landmarks on one axial slice"
+    predicted, dropped = drag_landmark(first, name, (60, 40), steps=4, centre_on=selected)
+    assert first.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == name
     first.click("#reset-point")
-    wait_for_status(first, "AC", "detected")
-    assert np.linalg.norm(row_position(first, "AC") - predicted) < 0.1
+    wait_for_status(first, name, "detected")
+    assert np.linalg.norm(row_position(first, name) - predicted) < 0.1
+    assert "moved by user" not in first.locator("#landmarks").inner_text()
     first.click("#undo-move")  # undoes the reset: back where it was dropped
-    wait_for_status(first, "AC", "moved by user")
-    assert np.linalg.norm(row_position(first, "AC") - dropped) < 1.0
+    wait_for_status(first, name, "moved by user")
+    assert np.linalg.norm(row_position(first, name) - dropped) < 1.0
 
     # The heatmap overlay of the moved landmark (a click on its row shows its own heatmap).
     first.click("#heatmap-visible")
-    row(first, "AC").click()
-    first.wait_for_function("document.querySelector('.v-select#heatmap-landmark, #heatmap-landmark')"
-                            ".closest('.v-input').innerText.includes('AC')")
+    row(first, name).click()
+    first.wait_for_function(f"document.querySelector('#heatmap-landmark').closest('.v-input').innerText"
+                            f".includes('{name}')")
     first.wait_for_timeout(1500)
     shot = SCREENSHOTS / "web_review_after_drag.png"
     first.screenshot(path=str(shot))
@@ -230,17 +251,17 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
 
     points = export(first, tmp_path)
     assert len(points) == 32
-    assert np.linalg.norm(points["AC"] - dropped) < 1.0, (points["AC"], dropped)
-    assert np.linalg.norm(points["AC"] - predicted) > 5.0  # it really moved
-    assert np.linalg.norm(points["PC"] - row_position(first, "PC")) < 0.1  # the others did not
+    assert np.linalg.norm(points[name] - dropped) < 1.0, (points[name], dropped)
+    assert np.linalg.norm(points[name] - predicted) > 5.0  # it really moved
+    assert np.linalg.norm(points[selected] - positions[selected]) < 0.1  # the others did not
 
     # The second reviewer's session saw none of it, and exports its own points.
     second.wait_for_selector("#landmarks tbody tr:nth-child(32)")
     assert "moved by user" not in second.locator("#landmarks").inner_text()
     assert second.locator("#landmarks tr.bg-blue-lighten-4").count() == 0
     theirs = export(second, tmp_path)
-    assert np.linalg.norm(theirs["AC"] - predicted) < 0.1
-    assert np.linalg.norm(theirs["AC"] - points["AC"]) > 5.0
+    assert np.linalg.norm(theirs[name] - predicted) < 0.1
+    assert np.linalg.norm(theirs[name] - points[name]) > 5.0
 
 
 def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silently(server, browser, tmp_path):

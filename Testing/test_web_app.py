@@ -188,12 +188,15 @@ def has_colour(pixels: np.ndarray, box: dict, test) -> int:
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
-def test_access_rules():
+def test_access_rules(monkeypatch):
     from SCNLandmarksWeb import access
 
+    monkeypatch.delenv(access.TOKEN_ENVIRONMENT, raising=False)
     assert access.isLoopback("127.0.0.1") and access.isLoopback("::1") and access.isLoopback("localhost")
     assert not access.isLoopback("0.0.0.0") and not access.isLoopback("reading-room.example")
-    assert access.resolveToken("127.0.0.1", None) is None or os.environ.get(access.TOKEN_ENVIRONMENT)
+    assert access.resolveToken("127.0.0.1", None) is None
+    with pytest.raises(access.AccessError, match="access token"):
+        access.resolveToken("0.0.0.0", None)
     assert len(access.resolveToken("0.0.0.0", "auto")) >= 16
     with pytest.raises(access.AccessError, match="short|16"):
         access.resolveToken("0.0.0.0", "short")

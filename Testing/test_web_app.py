@@ -1,19 +1,26 @@
 """The web review station end to end: `scn-landmarks serve` driven by Playwright in Debian's chromium.
 
 The clinician's flow on the bundled brain sample: open it, detect, drag one landmark in Slicer's
-slice view, export, and check the downloaded `.mrk.json` against where the point was dropped. Where
-a point lies on screen and where it was dropped are read from the page's own cursor readout (the
-physical position under the mouse), not from the server's internals.
+slice view, reset and undo, export, and check the downloaded `.mrk.json` against where the point
+was dropped, while a second reviewer works in a second session of the same server. Where a point
+lies on screen and where it was dropped are read from the page's own cursor readout (the physical
+position under the mouse), not from the server's internals. Every wait is bounded (WAIT_MS) and
+every server started here is terminated.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +36,17 @@ SCREENSHOTS = REPO / "test-output"
 WAIT_MS = 60_000  # the longest any step may take (detection on a slow CI core included)
 SERVER_START_S = 120
 SETTLE_S = 0.4  # a cursor readout unchanged this long is the answer to the last mouse move
+BRAIN_MODEL = REPO / "Resources" / "Models" / "brain-afids-32" / "model.safetensors"
+SAMPLE = "MNI152NLin2009cAsym_T1w_2mm"
+TOKEN = "a-test-token-long-enough-0123456789"
 
 
-@pytest.fixture(scope="module")
-def server():
-    """A review server on a free port; stopped at the end (and it stops itself when left idle)."""
-    assert CHROMIUM.is_file(), "Debian's chromium is missing: the README's test command installs it"
-    process = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--port", "0",
-                                "--idle-timeout", "30", "--device", "cpu"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@contextmanager
+def review_server(*arguments: str, environment: dict[str, str] | None = None):
+    """`scn-landmarks serve` on a free port: yields (start URL, output lines); always terminated."""
+    process = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--port", "0", "--device", "cpu",
+                                *arguments], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(environment or {})})
     output: list[str] = []  # printed at the end: pytest shows it when a test fails
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     url, deadline = None, time.monotonic() + SERVER_START_S
@@ -45,48 +54,74 @@ def server():
         time.sleep(0.2)
         found = re.search(r"review station: (http://\S+)", "".join(output))
         url = found.group(1) if found else None
-    assert url, "the server did not start:\n" + "".join(output[-50:])
     try:
-        yield url
+        assert url, "the server did not start:\n" + "".join(output[-50:])
+        yield url, output
     finally:
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
         print("server output:\n" + "".join(output[-200:]))
 
 
-@pytest.fixture()
-def page(server):
+@pytest.fixture(scope="module")
+def server():
+    with review_server("--idle-timeout", "60") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
 
+    assert CHROMIUM.is_file(), "Debian's chromium is missing: the README's test command installs it"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1,
-                                          accept_downloads=True)
-            context.set_default_timeout(WAIT_MS)
-            page = context.new_page()
-            page.goto(server)
-            page.wait_for_selector("#detect")
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
-def cursor_lps(page, x: float, y: float) -> np.ndarray:
+def new_page(browser, url: str, width: int = 1600, height: int = 1000):
+    """A page in a fresh browser context (its own cookies: another reviewer), once the app is up."""
+    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
+                                  accept_downloads=True)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#detect")
+    return page
+
+
+def open_sample_and_detect(page) -> None:
+    page.click("#open-sample")
+    page.wait_for_function(f"document.querySelector('#image-name').innerText.includes('{SAMPLE}')")
+    page.click("#detect")
+    page.wait_for_selector("#landmarks tbody tr:nth-child(32)")
+
+
+def view_box(page, view: str = "Red") -> dict:
+    """The page rectangle of one slice view (Red: axial, Yellow: sagittal, Green: coronal)."""
+    return page.evaluate(f"""() => {{
+        const r = document.querySelector(".slice-view[data-view='{view}']").parentElement.getBoundingClientRect();
+        return {{x: r.x, y: r.y, width: r.width, height: r.height}}; }}""")
+
+
+def cursor_position(page, x: float, y: float) -> np.ndarray:
     """Hover at page pixel (x, y) and read the physical position the page reports there.
 
     The mouse first visits a nearby pixel, so that the readout changes even when (x, y) is where it
     already was; the reading is taken once the readout has changed and then stayed the same for
     a while (the server's answer to this move, not to an earlier one).
     """
-    readout = page.locator("#cursor-lps")
+    readout = page.locator("#cursor-position")
     for position in ((x + 7, y + 7), (x, y)):
         before = readout.inner_text()
         page.mouse.move(*position)
-        page.wait_for_function("previous => document.querySelector('#cursor-lps').innerText !== previous",
+        page.wait_for_function("previous => document.querySelector('#cursor-position').innerText !== previous",
                                arg=before)
         deadline, last, stable_since = time.monotonic() + WAIT_MS / 1000, readout.inner_text(), time.monotonic()
         while time.monotonic() - stable_since < SETTLE_S:
@@ -98,83 +133,201 @@ def cursor_lps(page, x: float, y: float) -> np.ndarray:
     return np.array([float(v) for v in readout.inner_text().split(":")[1].split(",")])
 
 
+def row(page, name: str):
+    return page.locator(f"#landmarks tr[data-name='{name}']")
+
+
 def row_position(page, name: str) -> np.ndarray:
-    text = page.locator(f"#landmarks tr[data-name='{name}'] .landmark-position").inner_text()
-    return np.array([float(v) for v in text.split(",")])
+    return np.array([float(v) for v in row(page, name).get_attribute("data-position").split(",")])
 
 
-def test_detect_drag_and_export_a_corrected_landmark(page, tmp_path):
-    page.click("#open-sample")
-    page.wait_for_function("document.querySelector('#image-name').innerText.includes('MNI152')")
-    page.click("#detect")
-    page.wait_for_selector("#landmarks tbody tr:nth-child(32)")
-    assert "32 of 32 landmarks found" in page.locator("#info").inner_text()
+def wait_for_status(page, name: str, status: str) -> None:
+    page.wait_for_function(
+        f"document.querySelector(\"#landmarks tr[data-name='{name}'] .landmark-status\").innerText === '{status}'")
 
-    # Centre the slice view on the anterior commissure, then find its pixel from the cursor readout.
-    page.click("#landmarks tr[data-name='AC']")
-    page.wait_for_timeout(1000)  # the slice view re-renders on the landmark's slice
-    box = page.locator("#views").bounding_box()
+
+def drag_landmark(page, name: str, by: tuple[float, float], steps: int = 15,
+                  centre_on: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Centre the views on a landmark (`centre_on`, default `name`: its row is clicked, so selected),
+    then drag `name` by `by` page pixels like a user; returns (position before, position dropped)."""
+    row(page, centre_on or name).click()
+    page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
+    box = view_box(page, "Red")
     x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    origin = cursor_lps(page, x0, y0)
-    along_x = cursor_lps(page, x0 + 100, y0) - origin
-    along_y = cursor_lps(page, x0, y0 + 100) - origin
+    origin = cursor_position(page, x0, y0)
+    along_x = cursor_position(page, x0 + 100, y0) - origin
+    along_y = cursor_position(page, x0, y0 + 100) - origin
     per_pixel = np.stack([along_x, along_y], axis=1) / 100.0  # LPS mm per page pixel (3 x 2)
-    predicted = row_position(page, "AC")
-    assert abs((predicted - origin)[2]) < 1.0, "the view should show the landmark's slice"
-    offset_px = np.linalg.lstsq(per_pixel, predicted - origin, rcond=None)[0]
+    before = row_position(page, name)
+    assert abs((before - origin)[2]) < 1.0, "the axial view should show the landmark's slice"
+    offset_px = np.linalg.lstsq(per_pixel, before - origin, rcond=None)[0]
     start = (x0 + offset_px[0], y0 + offset_px[1])
-
-    # Drag it like a user: hover (the point highlights), press, move in steps, release.
-    target = (start[0] + 60, start[1] + 40)
-    page.mouse.move(*start)
+    target = (start[0] + by[0], start[1] + by[1])
+    page.mouse.move(*start)  # hover first: the point highlights
     page.wait_for_timeout(500)
     page.mouse.down()
-    page.mouse.move(*target, steps=15)
+    page.mouse.move(*target, steps=steps)
     page.mouse.up()
-    page.wait_for_function(
-        "document.querySelector(\"#landmarks tr[data-name='AC'] .landmark-status\").innerText === 'moved by user'")
-    dropped = cursor_lps(page, *target)
+    wait_for_status(page, name, "moved by user")
+    return before, cursor_position(page, *target)
 
-    # The heatmap overlay of the moved landmark: heat colours appear in the slice view.
-    page.click("#heatmap-visible")
-    page.wait_for_timeout(1500)
-    SCREENSHOTS.mkdir(exist_ok=True)
-    shot = SCREENSHOTS / "web_review_after_drag.png"
-    page.screenshot(path=str(shot))
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
-    view = pixels[int(box["y"]):int(box["y"] + min(box["height"], 800)), int(box["x"]):]
-    hot = (view[..., 0] > 180) & (view[..., 0] - view[..., 2] > 100)
-    assert hot.sum() > 200, "no heatmap colours in the view"
-    assert page.locator("#error").is_hidden()
 
+def export(page, tmp_path: Path, click: str = "#export") -> dict[str, np.ndarray]:
     with page.expect_download() as download:
-        page.click("#export")
-    exported = tmp_path / download.value.suggested_filename
+        page.click(click)
+    exported = tmp_path / f"{time.monotonic_ns()}-{download.value.suggested_filename}"
     download.value.save_as(exported)
-    assert exported.name == "MNI152NLin2009cAsym_T1w_2mm.mrk.json"
-
+    assert exported.name.endswith(f"{SAMPLE}.mrk.json")
     markups = json.loads(exported.read_text(encoding="utf-8"))["markups"][0]
     assert markups["coordinateSystem"] == "LPS"
-    points = {p["label"]: np.array(p["position"]) for p in markups["controlPoints"]}
+    return {p["label"]: np.array(p["position"]) for p in markups["controlPoints"]}
+
+
+def has_colour(pixels: np.ndarray, box: dict, test) -> int:
+    region = pixels[int(box["y"]):int(box["y"] + box["height"]), int(box["x"]):int(box["x"] + box["width"])]
+    return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
+
+
+def test_access_rules(monkeypatch):
+    from SCNLandmarksWeb import access
+
+    monkeypatch.delenv(access.TOKEN_ENVIRONMENT, raising=False)
+    assert access.isLoopback("127.0.0.1") and access.isLoopback("::1") and access.isLoopback("localhost")
+    assert not access.isLoopback("0.0.0.0") and not access.isLoopback("reading-room.example")
+    assert access.resolveToken("127.0.0.1", None) is None
+    with pytest.raises(access.AccessError, match="access token"):
+        access.resolveToken("0.0.0.0", None)
+    assert len(access.resolveToken("0.0.0.0", "auto")) >= 16
+    with pytest.raises(access.AccessError, match="short|16"):
+        access.resolveToken("0.0.0.0", "short")
+    assert access.matches(TOKEN, TOKEN) and not access.matches(TOKEN[:-1], TOKEN) and not access.matches(None, TOKEN)
+
+
+def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser, tmp_path):
+    first, second = new_page(browser, server), new_page(browser, server)
+    assert first.url != second.url, "two reviewers must get two sessions"
+    second.click("#open-sample")
+    second.wait_for_function(f"document.querySelector('#image-name').innerText.includes('{SAMPLE}')")
+    second.click("#detect")  # runs while the first reviewer works
+    open_sample_and_detect(first)
+    assert "32 of 32 landmarks found" in first.locator("#info").inner_text()
+
+    # A 3D image gets Slicer's three orthogonal views, each showing landmarks (faded when off its slice).
+    SCREENSHOTS.mkdir(exist_ok=True)
+    first.wait_for_timeout(1500)
+    shot = SCREENSHOTS / "web_review_three_views.png"
+    first.screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    for view in ("Red", "Yellow", "Green"):
+        green = has_colour(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
+        assert green > 30, f"no landmarks drawn in the {view} view"
+
+    # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
+    # selects the dragged point, and Reset acts on it.
+    positions = {name: row_position(first, name) for name in first.eval_on_selector_all(
+        "#landmarks tbody tr", "rows => rows.map(r => r.dataset.name)")}
+    selected, name = min(((a, b) for a in positions for b in positions if a < b),
+                         key=lambda pair: abs(positions[pair[0]][2] - positions[pair[1]][2]))
+    assert abs(positions[name][2] - positions[selected][2]) < 1.0, "no two landmarks on one axial slice"
+    predicted, dropped = drag_landmark(first, name, (60, 40), steps=4, centre_on=selected)
+    assert first.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == name
+    first.click("#reset-point")
+    wait_for_status(first, name, "detected")
+    assert np.linalg.norm(row_position(first, name) - predicted) < 0.1
+    assert "moved by user" not in first.locator("#landmarks").inner_text()
+    first.click("#undo-move")  # undoes the reset: back where it was dropped
+    wait_for_status(first, name, "moved by user")
+    assert np.linalg.norm(row_position(first, name) - dropped) < 1.0
+
+    # The heatmap overlay of the moved landmark (a click on its row shows its own heatmap).
+    first.click("#heatmap-visible")
+    row(first, name).click()
+    first.wait_for_function(f"document.querySelector('#heatmap-landmark').closest('.v-input').innerText"
+                            f".includes('{name}')")
+    first.wait_for_timeout(1500)
+    shot = SCREENSHOTS / "web_review_after_drag.png"
+    first.screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    hot = has_colour(pixels, view_box(first, "Red"), lambda r, g, b: (r > 180) & (r - b > 100))
+    assert hot > 200, "no heatmap colours in the view"
+    assert first.locator("#error").is_hidden()
+
+    points = export(first, tmp_path)
     assert len(points) == 32
-    assert np.linalg.norm(points["AC"] - dropped) < 1.0, (points["AC"], dropped)
-    assert np.linalg.norm(points["AC"] - predicted) > 5.0  # it really moved
-    assert np.linalg.norm(points["PC"] - row_position(page, "PC")) < 0.1  # the others did not
+    assert np.linalg.norm(points[name] - dropped) < 1.0, (points[name], dropped)
+    assert np.linalg.norm(points[name] - predicted) > 5.0  # it really moved
+    assert np.linalg.norm(points[selected] - positions[selected]) < 0.1  # the others did not
+
+    # The second reviewer's session saw none of it, and exports its own points.
+    second.wait_for_selector("#landmarks tbody tr:nth-child(32)")
+    assert "moved by user" not in second.locator("#landmarks").inner_text()
+    assert second.locator("#landmarks tr.bg-blue-lighten-4").count() == 0
+    theirs = export(second, tmp_path)
+    assert np.linalg.norm(theirs[name] - predicted) < 0.1
+    assert np.linalg.norm(theirs[name] - points[name]) > 5.0
 
 
-def test_errors_appear_in_the_page_and_the_server_carries_on(page, tmp_path):
+def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silently(server, browser, tmp_path):
+    page = new_page(browser, server)
+    open_sample_and_detect(page)
+    _, dropped = drag_landmark(page, "PC", (-50, 30))
+    table = page.locator("#landmarks").inner_text()
+
+    # A model not loaded yet: the page says "loading model" while it loads. Cancel then changes nothing.
+    model_copy = tmp_path / "brain copy.safetensors"
+    shutil.copy(BRAIN_MODEL, model_copy)
+    page.fill("#model-path", str(model_copy))
+    page.evaluate("""() => { window.progressSeen = [];
+        new MutationObserver(() => window.progressSeen.push(document.querySelector('#progress-message').innerText))
+            .observe(document.querySelector('#progress-message'), {childList: true, subtree: true,
+                                                                   characterData: true}); }""")
+    page.click("#detect")
+    page.locator("#confirm-discard").wait_for()  # re-detecting would replace the corrections: asked first
+    page.click("#confirm-discard-button")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#info').innerText.includes('cancelled')")
+    page.wait_for_selector("#detect:not([disabled])")
+    assert "loading model" in page.evaluate("window.progressSeen")
+    assert page.locator("#landmarks").inner_text() == table
+    assert np.linalg.norm(row_position(page, "PC") - dropped) < 1.0
+    assert page.locator("#error").is_hidden()
+
+    # Opening another image with corrections not exported asks first: Cancel keeps everything...
+    page.click("#open-sample")
+    page.locator("#confirm-discard").wait_for()
+    page.click("#confirm-cancel")
+    page.locator("#confirm-discard").wait_for(state="hidden")
+    assert page.locator("#landmarks").inner_text() == table
+    # ...Export downloads them, then goes on.
+    page.click("#open-sample")
+    points = export(page, tmp_path, click="#confirm-export")
+    assert np.linalg.norm(points["PC"] - dropped) < 1.0
+    page.wait_for_function("!document.querySelector('#landmarks tbody tr')")
+    # Nothing unsaved now: the next open asks nothing.
+    page.click("#detect")
+    page.wait_for_selector("#landmarks tbody tr:nth-child(32)")
+    page.click("#open-sample")
+    page.wait_for_function("!document.querySelector('#landmarks tbody tr')")
+    assert page.locator("#confirm-discard").is_hidden()
+
+
+def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, browser, tmp_path):
+    page = new_page(browser, server)
     broken = tmp_path / "broken.nrrd"
     broken.write_text("not an image")
     page.set_input_files("#upload", str(broken))
     page.wait_for_selector("#error:visible")
-    assert "broken.nrrd" in page.locator("#error").inner_text()
+    message = page.locator("#error").inner_text()
+    assert message.startswith("broken.nrrd:"), message
+    assert "/tmp" not in message and str(tmp_path) not in message and "0x" not in message, message
+    assert page.locator("#upload").input_value() == "", "the rejected file's name stays in the field"
 
     page.fill("#image-path", str(tmp_path / "absent.nii.gz"))
     page.click("#open-path")
     page.wait_for_function("document.querySelector('#error').innerText.includes('absent.nii.gz: file not found')")
 
     page.click("#open-sample")
-    page.wait_for_function("document.querySelector('#image-name').innerText.includes('MNI152')")
+    page.wait_for_function(f"document.querySelector('#image-name').innerText.includes('{SAMPLE}')")
     not_a_model = tmp_path / "model.safetensors"
     not_a_model.write_bytes(b"\x80\x04not a model")
     page.fill("#model-path", str(not_a_model))
@@ -183,8 +336,7 @@ def test_errors_appear_in_the_page_and_the_server_carries_on(page, tmp_path):
     assert "not a readable model file" in page.locator("#error").inner_text()
 
     # A 2D model on the 3D sample.
-    cephalometric = REPO / "Resources" / "Models" / "cephalometric-19" / "model.safetensors"
-    page.fill("#model-path", str(cephalometric))
+    page.fill("#model-path", str(REPO / "Resources" / "Models" / "cephalometric-19" / "model.safetensors"))
     page.click("#detect")
     page.wait_for_function("document.querySelector('#error').innerText.includes('2D')")
 
@@ -193,3 +345,80 @@ def test_errors_appear_in_the_page_and_the_server_carries_on(page, tmp_path):
     page.click("#detect")
     page.wait_for_selector("#landmarks tbody tr:nth-child(32)")
     assert page.locator("#error").is_hidden()
+
+    # A 2D picture: one view, no slice slider, positions with two values.
+    picture = tmp_path / "xray.png"
+    Image.fromarray((np.random.default_rng(0).random((120, 160)) * 255).astype(np.uint8)).save(picture)
+    page.set_input_files("#upload", str(picture))
+    page.wait_for_function("document.querySelector('#image-name').innerText === 'xray.png'")
+    assert page.locator(".slice-view").count() == 1
+    assert page.locator(".slice-slider:visible").count() == 0
+    box = view_box(page)
+    assert len(cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)) == 2
+    assert "pixels" in page.locator("#cursor-position").inner_text()
+    duplicates = page.evaluate("""() => { const seen = {};
+        document.querySelectorAll('[id]').forEach(e => seen[e.id] = (seen[e.id] || 0) + 1);
+        return Object.keys(seen).filter(id => seen[id] > 1); }""")
+    assert duplicates == []
+
+
+def _status(url: str, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, headers=headers or {})
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        return opener.open(request, timeout=30).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_off_loopback_a_token_is_required_sessions_are_capped_and_end_when_idle(browser, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "SCN_LANDMARKS_TOKEN"})
+    assert refused.returncode == 2 and "access token" in refused.stderr
+
+    temporary = tmp_path / "server-tmp"
+    temporary.mkdir()
+    with review_server("--host", "0.0.0.0", "--max-sessions", "1", "--idle-timeout", "2",
+                       environment={"SCN_LANDMARKS_TOKEN": TOKEN, "TMPDIR": str(temporary)}) as (url, output):
+        port = int(re.search(r":(\d+)/", url).group(1))
+        base = f"http://127.0.0.1:{port}"
+        assert TOKEN not in "".join(output), "a token given by the user is never printed"
+        assert _status(f"{base}/") == 401
+        assert _status(f"{base}/?token=wrong-{TOKEN}") == 401
+        upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        assert _status(f"{base}/s/anything/ws", upgrade) == 401  # the websocket (uploads travel on it)
+        assert _status(f"{base}/?token={TOKEN}") == 303  # sets the cookie and drops the token from the address
+
+        page = new_page(browser, f"{base}/?token={TOKEN}")
+        assert "token" not in page.url
+        session_url = page.url
+        picture = tmp_path / "upload.png"
+        Image.fromarray(np.full((40, 50), 128, dtype=np.uint8)).save(picture)
+        page.set_input_files("#upload", str(picture))
+        page.wait_for_function("document.querySelector('#image-name').innerText === 'upload.png'")
+        uploads = list(temporary.glob("scn-landmarks-web-*/*/upload-*/upload.png"))
+        assert len(uploads) == 1, "the upload is kept in the session's own temporary folder"
+
+        # One session at most: a second one gets a page saying so.
+        other = page.context.new_page()
+        response = other.goto(base + "/")
+        assert response.status == 503 and "in use" in other.locator("#title").inner_text()
+        other.close()
+
+        # Closing the page ends the session after the idle time; its folder goes with it.
+        page.context.close()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while uploads[0].parent.parent.exists():
+            assert time.monotonic() < deadline, "the idle session did not end"
+            time.sleep(0.5)
+        ended = browser.new_context().new_page()
+        ended.goto(f"{session_url}?token={TOKEN}")
+        assert "ended" in ended.locator("#title").inner_text()
+        ended.context.close()

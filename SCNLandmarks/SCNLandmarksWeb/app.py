@@ -1,28 +1,39 @@
 """The landmark review station in a browser: trame-slicer views around the module's logic.
 
 The page is a second face on `SCNLandmarksLogic`: it opens an image into the MRML scene, runs the
-same detection (the model on a worker thread, so the page shows progress; MRML changes on the
-server's main thread), lists the landmarks with their confidences, shows the heatmaps as a slice
-overlay, lets the user drag points in Slicer's own slice view, and downloads the corrected
-`.mrk.json`. Every error is shown in the page; none stops the server.
+same detection, lists the landmarks with their confidences, shows the heatmaps as a slice
+overlay, lets the user drag points in Slicer's own slice views (one view for 2D images, the three
+orthogonal views for 3D), and downloads the corrected `.mrk.json`. One app is one review session
+(`session` runs each in its own process). The model loads and runs on a worker thread, so the page
+keeps answering (progress, Cancel); MRML changes happen on the server's main thread only. Every
+error is shown in the page in the user's terms (details in the server log); none stops the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import re
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import vtk
 from trame.app import TrameApp
+from trame.app.file_upload import ClientFile
 from trame.widgets import html
+from trame_slicer.app.ui import create_vertical_view_gutter_ui
+from trame_slicer.app.ui.slider import Slider
+from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
-from trame_slicer.utils import write_client_files_to_dir
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageLayout
 from trame_vuetify.widgets import vuetify3 as v
 
@@ -30,48 +41,96 @@ from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksLib.io.paths import image_stem
+from SCNLandmarksLib.vocabulary import LandmarkStatus
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import SCNLandmarksLogic
-from SCNLandmarksMRML.volumes import matrixToArray
+from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
 
 logger = logging.getLogger(__name__)
 
 ALL_LANDMARKS = "all landmarks (max)"
-LAYOUT = "Axial Only"
+LAYOUT_2D = "2D"
+LAYOUT_3D = "3D: three slices"
 TABLE_REFRESH_S = 0.2  # at most this often while a point is dragged
+ZOOM_FRACTION = 0.25   # "Zoom to" shows this fraction of the image's largest extent
+PROJECTION_OPACITY = 0.6  # landmarks off the shown slice appear as faded projections
+CANCELLED = "Detection cancelled; the previous result is unchanged."
+
+
+@contextlib.contextmanager
+def _quietVtk():
+    """VTK/ITK reader errors go to the server log as one line of ours, not as ~100 of theirs."""
+    previous = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(previous)
+
+
+def userMessage(error: BaseException, aliases: dict[str, str]) -> str:
+    """What the page says about an error: the user's file names, no server paths or internals.
+
+    Args:
+        error: the error raised.
+        aliases: server path -> what the user knows it as (an upload's own file name).
+    """
+    if not isinstance(error, SCNLandmarksError):
+        return "Something went wrong on the server (the details are in its log). Your work is unchanged."
+    message = str(error)
+    for path, name in aliases.items():
+        message = message.replace(path, name)
+    # Reader messages quoted from ITK/VTK carry class names and memory addresses: keep the file and the gist.
+    if re.search(r"0x[0-9a-fA-F]{6,}|itk::|vtk[A-Z]", message):
+        message = message.split(" (")[0].rstrip(":")
+    return message
 
 
 class LandmarkReviewApp(TrameApp):
-    """Open → detect → correct → export, on one MRML scene per server.
+    """Open → detect → correct → export: one review session on its own MRML scene.
 
     Args:
         server: a trame server (default: a new one).
         image: an image to open at start, or None.
         model: a catalogue model id or name, or a model file; default the first available model.
+            It is loaded in the background at start, so the first detection is as quick as the next.
         device: "auto", "cpu" or "cuda".
+        workdir: this session's temporary folder for uploads and exports (default: a new one).
+        maxUploadBytes: the largest upload accepted.
     """
 
     def __init__(self, server=None, image: str | Path | None = None, model: str | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", workdir: Path | None = None, maxUploadBytes: int = 512 * 1024 ** 2):
         super().__init__(server)
         self.device = device
+        self.maxUploadBytes = maxUploadBytes
+        self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
+        self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
         self.slicerApp = SlicerApp()
-        register_rca_factories(self.slicerApp.view_manager, self.server)
+        register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewGutter)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
-        self.layoutManager.register_layout_dict(LayoutManager.default_grid_configuration())
-        self.layoutManager.set_layout(LAYOUT)
+        self.layoutManager.register_layout_dict(self._layouts())
+        self.layoutManager.set_layout(LAYOUT_2D)
         self.logic = SCNLandmarksLogic(self.slicerApp.scene, self.slicerApp.app_logic)
-        self.uploads = tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
+        # One worker: model loads and detections run one after the other, never two models at once.
+        self.modelWorker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scn-landmarks-model")
+        self.modelLoads = 0
         self.volumeNode = None
         self.markupsNode = None
         self.markupsObservers: list[int] = []
         self.lastTableRefresh = 0.0
         self.cancelRequested = False
+        self.detection: asyncio.Task | None = None
+        self.pendingAction: Callable[[], None] | None = None
+        self.undoMoves: list[tuple[int, np.ndarray]] = []
+        self.dragStart: tuple[int, np.ndarray] | None = None
+        self.pathAliases: dict[str, str] = {}
         self.models = {entry.id: entry for entry in catalogue.availableModels()}
         self._initialState(model)
         self._buildUi()
-        self._observeCursor()
+        self._observeViews()
+        self.server.controller.on_server_ready.add(self._preloadModel)
         if image:
             self.openImage(image)
 
@@ -87,14 +146,23 @@ class LandmarkReviewApp(TrameApp):
         state.model_path = model if model and chosen is None else ""
         state.image_path = ""
         state.image_name = ""
+        state.upload_key = 0
+        state.max_upload_bytes = self.maxUploadBytes
         state.export_name = "landmarks.mrk.json"
+        state.is_2d = True
         state.busy = False
+        state.model_loading = False
         state.progress = 0
         state.progress_message = ""
         state.error = ""
         state.info = ""
         state.landmarks = []
         state.selected_landmark = None
+        state.can_undo = False
+        state.unsaved = False
+        state.confirm_discard = False
+        state.details_open = True
+        state.help_open = False
         state.heatmap_visible = False
         state.heatmap_kind = "final"
         state.heatmap_kind_items = [{"title": label, "value": kind}
@@ -102,7 +170,7 @@ class LandmarkReviewApp(TrameApp):
         state.heatmap_landmark = ALL_LANDMARKS
         state.heatmap_landmark_items = [ALL_LANDMARKS]
         state.heatmap_opacity = 0.5
-        state.cursor_lps = ""
+        state.cursor_position = ""
         state.position_unit = "LPS, mm"
         state.change("heatmap_visible", "heatmap_kind", "heatmap_landmark")(self._onHeatmapChoice)
         state.change("heatmap_opacity")(self._onHeatmapOpacity)
@@ -118,12 +186,59 @@ class LandmarkReviewApp(TrameApp):
         return str(entry.path) if entry else ""
 
     def _showError(self, error: BaseException) -> None:
-        message = str(error) if isinstance(error, (SCNLandmarksError, Cancelled)) else (
-            f"Unexpected error ({type(error).__name__}): {error}")
-        if not isinstance(error, (SCNLandmarksError, Cancelled)):
-            logger.exception("web app action failed", exc_info=error)
-        self.state.error = message
+        if isinstance(error, SCNLandmarksError):
+            logger.warning("%s", error)
+        else:
+            logger.error("web app action failed", exc_info=error)
+        self.state.error = userMessage(error, self.pathAliases)
         self.state.info = ""
+
+    def _unlessUnsaved(self, action: Callable[[], None]) -> None:
+        """Run `action`, or first ask (export / discard / cancel) when corrections are not exported."""
+        if self.state.unsaved and self.markupsNode is not None:
+            self.pendingAction = action
+            self.state.confirm_discard = True
+        else:
+            action()
+
+    def proceed(self) -> None:
+        """The user chose to go on (after exporting, or discarding the corrections)."""
+        action, self.pendingAction = self.pendingAction, None
+        self.state.confirm_discard = False
+        if action is not None:
+            action()  # it clears `unsaved` once it has really replaced the corrections (not if cancelled)
+
+    def keepWork(self) -> None:
+        self.pendingAction = None
+        self.state.confirm_discard = False
+
+    # ------------------------------------------------------------------------------------------
+    # the model, in the background
+
+    def _preloadModel(self, **_) -> None:
+        """Load the chosen model (and torch) now, so the first detection is as quick as the next."""
+        path = self._modelPath(self.state.model_id, self.state.model_path)
+        if path:
+            asyncio.get_event_loop().create_task(self._preload(path))
+
+    async def _preload(self, path: str) -> None:
+        try:
+            await self._loadModel(path)
+        except Exception as error:  # a detection with this model will say what is wrong
+            logger.warning("model %s not preloaded: %s", path, error)
+
+    async def _loadModel(self, path: str):
+        """The model as a Predictor, loaded on the model worker (cached: quick once loaded)."""
+        with self.state:
+            self.modelLoads += 1
+            self.state.model_loading = True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.modelWorker, self.logic.loadPredictor,
+                                                                    path, self.device)
+        finally:
+            with self.state:
+                self.modelLoads -= 1
+                self.state.model_loading = self.modelLoads > 0
 
     # ------------------------------------------------------------------------------------------
     # opening images
@@ -132,7 +247,8 @@ class LandmarkReviewApp(TrameApp):
         """Open an image file (any format the module reads) and show it; replaces the current one."""
         self.state.error = ""
         try:
-            volumeNode = loadVolumeFile(self.slicerApp.scene, path)
+            with _quietVtk():
+                volumeNode = loadVolumeFile(self.slicerApp.scene, path)
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
@@ -140,94 +256,146 @@ class LandmarkReviewApp(TrameApp):
         if self.volumeNode is not None:
             self.slicerApp.scene.RemoveNode(self.volumeNode)
         self.volumeNode = volumeNode
+        name = self.pathAliases.get(str(path), Path(path).name)
+        is2d = volumeDimension(volumeNode) == 2
+        self.state.is_2d = is2d
+        self.layoutManager.set_layout(LAYOUT_2D if is2d else LAYOUT_3D)
         self.slicerApp.display_manager.show_volume(volumeNode, do_reset_views=True)
-        self.state.image_name = Path(path).name
+        self.state.image_name = name
         # X-ray photos (PNG, JPEG...) carry no spacing: their positions are pixel columns and rows.
-        self.state.position_unit = "x, y in pixels" if spacing_unit(path) == "px" else "LPS, mm"
-        self.state.export_name = f"{image_stem(path) or 'landmarks'}.mrk.json"
-        self.state.info = f"Opened {Path(path).name}."
+        unit = "pixels" if spacing_unit(path) == "px" else "mm"
+        self.state.position_unit = f"x, y in {unit}" if is2d else f"LPS, {unit}"
+        self.state.cursor_position = ""  # the old readout belongs to the old image
+        self.state.export_name = f"{image_stem(name) or 'landmarks'}.mrk.json"
+        self.state.unsaved = False
+        self.state.info = f"Opened {name}."
 
     def openTypedPath(self, path: str) -> None:
-        self.openImage((path or "").strip())
+        self._unlessUnsaved(lambda: self.openImage((path or "").strip()))
 
     def openSample(self) -> None:
-        """Open the bundled sample image of the chosen catalogue model (or of any model with one)."""
-        entry = self.models.get(self.state.model_id)
-        if entry is None or entry.sample is None:
-            entry = catalogue.sampleModel()
+        self._unlessUnsaved(self._openSample)
+
+    def _openSample(self) -> None:
+        """Open the bundled sample of the chosen catalogue model; if it has none, another model's, and say so."""
+        chosen = self.models.get(self.state.model_id)
+        entry = chosen if chosen is not None and chosen.sample is not None else catalogue.sampleModel()
         if entry is None or entry.sample is None:
             self.state.error = "No bundled sample image in this installation."
             return
-        self.state.model_id = entry.id
         self.openImage(entry.sample)
+        if entry is not chosen and not self.state.error:
+            self.state.model_id = entry.id
+            self.state.model_path = ""
+            why = f"{chosen.name} has no sample image" if chosen is not None else "no model was chosen"
+            self.state.info = f"Opened the sample of {entry.name}; the model is now {entry.name} ({why})."
+            self._preloadModel()
 
-    def uploadImage(self, files: list[dict[str, Any]]) -> None:
+    def uploadImage(self, files: list[dict[str, Any]] | None) -> None:
+        """Open an uploaded image (stored in this session's temporary folder only)."""
+        self.state.upload_key += 1  # a fresh, empty file field: a rejected file's name does not linger
         if not files:
             return
-        folder = Path(tempfile.mkdtemp(dir=self.uploads.name))
-        paths = write_client_files_to_dir(files if isinstance(files, list) else [files], folder)
-        self.openImage(paths[0])
+        upload = ClientFile(files[0] if isinstance(files, list) else files)
+        name = Path(str(upload.name or "")).name or "upload"
+        if upload.is_empty:
+            self.state.error = f"{name}: the browser sent no content."
+            return
+        if len(upload.content) > self.maxUploadBytes:
+            self.state.error = (f"{name}: {len(upload.content) / 1024 ** 2:.0f} MB is more than this station accepts "
+                                f"({self.maxUploadBytes / 1024 ** 2:.0f} MB).")
+            return
+        path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="upload-")) / re.sub(r"[^\w.+-]", "_", name)
+        path.write_bytes(upload.content)
+        self.pathAliases[str(path)] = name
+        self._unlessUnsaved(lambda: self.openImage(path))
 
     # ------------------------------------------------------------------------------------------
     # detection
 
-    async def detect(self, modelId: str | None, modelPath: str) -> None:
-        """Run the chosen model on the open image, showing progress; errors appear in the page.
-
-        The page sends the model fields with the click, so the model used is the one shown.
-        """
-        state = self.state
-        if state.busy:
+    def detect(self, modelId: str | None, modelPath: str) -> None:
+        """Start detection with the model shown (the page sends it with the click); returns at once."""
+        if self.state.busy:
             return
+        self._unlessUnsaved(lambda: self._startDetection(self._modelPath(modelId, modelPath)))
+
+    def _startDetection(self, modelPath: str) -> None:
+        state = self.state
         state.error = ""
         if self.volumeNode is None:
             state.error = "Open an image first (file, path or sample)."
             return
+        self.cancelRequested = False
+        state.busy = True
+        state.progress, state.progress_message = 0, "loading model"
+        self.detection = asyncio.get_event_loop().create_task(self._detect(modelPath))
+
+    async def _detect(self, modelPath: str) -> None:
+        """Load (if needed) and run the model off the main thread; the scene changes only on success."""
         loop = asyncio.get_running_loop()
 
         def progress(fraction: float, message: str) -> None:
             loop.call_soon_threadsafe(self._showProgress, fraction, message)
 
-        self.cancelRequested = False
-        state.busy = True
-        self._showProgress(0.0, "starting")
+        def cancelled() -> bool:
+            return self.cancelRequested
+
         try:
-            job = self.logic.prepareDetection(self.volumeNode, self._modelPath(modelId, modelPath), self.device,
-                                              progress, lambda: self.cancelRequested)
-            await loop.run_in_executor(None, self.logic.runDetection, job)
+            predictor = await self._loadModel(modelPath)
+            if cancelled():
+                raise Cancelled(CANCELLED)
+            job = self.logic.prepareDetection(self.volumeNode, predictor, self.device, progress, cancelled)
+            await loop.run_in_executor(self.modelWorker, self.logic.runDetection, job)
+            if cancelled():
+                raise Cancelled(CANCELLED)
+            with self.state:
+                self._showResult(self.logic.finishDetection(job))
+        except Cancelled:
+            with self.state:
+                self.state.info = CANCELLED
         except Exception as error:  # the page shows it; the server carries on
-            with state:
+            with self.state:
                 self._showError(error)
-                state.busy = False
-            return
-        with state:
-            state.busy = False
-            try:
-                result = self.logic.finishDetection(job)
-            except Exception as error:  # the page shows it; the server carries on
-                self._showError(error)
-                return
-            self._clearDetection()  # the previous result goes only once the new one is there
-            self.markupsNode = result.markupsNode
-            self.markupsObservers = [
-                self.markupsNode.AddObserver(self.markupsNode.PointModifiedEvent, self._onPointMoving),
-                self.markupsNode.AddObserver(self.markupsNode.PointEndInteractionEvent, self._onPointDropped)]
-            state.heatmap_landmark_items = [ALL_LANDMARKS, *result.landmarkNames]
-            state.heatmap_landmark = ALL_LANDMARKS
-            state.info = result.summary
-            self._refreshTable()
-            self._onHeatmapChoice()
+        finally:
+            with self.state:
+                self.state.busy = False
+
+    def _showResult(self, result) -> None:
+        self._clearDetection()  # the previous result goes only once the new one is there
+        self.markupsNode = result.markupsNode
+        node = self.markupsNode
+        self.markupsObservers = [
+            node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed),
+            node.AddObserver(node.PointModifiedEvent, self._onPointMoving),
+            node.AddObserver(node.PointEndInteractionEvent, self._onPointDropped)]
+        display = node.GetDisplayNode()
+        if display is not None and not self.state.is_2d:
+            # Each of the three views shows every landmark: those off its slice as faded projections.
+            display.SetSliceProjection(True)
+            display.SetSliceProjectionUseFiducialColor(True)
+            display.SetSliceProjectionOpacity(PROJECTION_OPACITY)
+        self.state.heatmap_landmark_items = [ALL_LANDMARKS, *result.landmarkNames]
+        self.state.heatmap_landmark = ALL_LANDMARKS
+        self.state.info = result.summary
+        self.state.unsaved = False
+        self._refreshTable()
+        self._onHeatmapChoice()
 
     def cancel(self) -> None:
         self.cancelRequested = True
+        self.state.progress_message = "cancelling"
 
     def _showProgress(self, fraction: float, message: str) -> None:
+        if self.cancelRequested:
+            return
         with self.state:
             self.state.progress = round(100 * fraction)
             self.state.progress_message = message
 
     def _clearDetection(self) -> None:
         """Forget the previous detection: its point list and heatmap leave the scene."""
+        self.undoMoves.clear()
+        self.state.can_undo = False
         if self.markupsNode is None:
             return
         for tag in self.markupsObservers:
@@ -247,22 +415,58 @@ class LandmarkReviewApp(TrameApp):
 
     def _refreshTable(self) -> None:
         rows = []
+        dimensions = 2 if self.state.is_2d else 3
         for row in self.logic.updatePointStatuses(self.markupsNode):
             lps = None if row.positionRas is None else ras_to_lps(np.asarray(row.positionRas)[None])[0]
             rows.append({"index": len(rows), "name": row.name, "status": row.status,
                          "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
-                         "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps)})
+                         "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions])})
         self.state.landmarks = rows
         self.lastTableRefresh = time.monotonic()
+
+    def _positionOf(self, index: int) -> np.ndarray:
+        position = np.zeros(3)
+        self.markupsNode.GetNthControlPointPosition(index, position)
+        return position
+
+    def _onPointGrabbed(self, caller, event) -> None:
+        # The point under the mouse is the display node's active one: dragging a point selects it.
+        display = caller.GetDisplayNode()
+        index = display.GetActiveControlPoint() if display is not None else -1
+        if index < 0:
+            return
+        self.dragStart = (index, self._positionOf(index))
+        with self.state:
+            self.state.selected_landmark = index
 
     def _onPointMoving(self, caller, event) -> None:
         # Dragging fires many modified events: the table follows at a readable rate.
         if time.monotonic() - self.lastTableRefresh > TABLE_REFRESH_S:
-            self._onPointDropped(caller, event)
+            with self.state:
+                self._refreshTable()
 
     def _onPointDropped(self, caller, event) -> None:
+        if self.dragStart is not None:
+            self._rememberMove(*self.dragStart)
+            self.dragStart = None
         with self.state:
             self._refreshTable()
+
+    def _rememberMove(self, index: int, previous: np.ndarray) -> None:
+        self.undoMoves.append((index, previous))
+        with self.state:
+            self.state.can_undo = True
+            self.state.unsaved = True
+
+    def undoMove(self) -> None:
+        """Put the last moved (or reset) point back where it was before."""
+        if self.markupsNode is None or not self.undoMoves:
+            return
+        index, position = self.undoMoves.pop()
+        self.markupsNode.SetNthControlPointPosition(index, *position)
+        self.state.can_undo = bool(self.undoMoves)
+        self.state.selected_landmark = index
+        self._refreshTable()
 
     def selectLandmark(self, index: int) -> None:
         """Centre the views on a landmark and, with a heatmap shown, show that landmark's heatmap."""
@@ -273,10 +477,26 @@ class LandmarkReviewApp(TrameApp):
         if self.state.heatmap_visible:
             self.state.heatmap_landmark = self.state.landmarks[int(index)]["name"]
 
+    def zoomToSelected(self) -> None:
+        """Centre the views on the selected landmark and zoom in around it."""
+        if self.markupsNode is None or self.state.selected_landmark is None:
+            return
+        self.selectLandmark(int(self.state.selected_landmark))
+        imageData = self.volumeNode.GetImageData()
+        extent = np.abs(ijkToRasArray(self.volumeNode)[:3, :3] @ (np.array(imageData.GetDimensions()) - 1)).max()
+        width = max(ZOOM_FRACTION * float(extent), 1.0)
+        for sliceNode in self._sliceNodes():
+            fieldOfView = np.array(sliceNode.GetFieldOfView())
+            sliceNode.SetFieldOfView(width, width * fieldOfView[1] / fieldOfView[0], fieldOfView[2])
+
     def resetSelected(self) -> None:
         if self.markupsNode is None or self.state.selected_landmark is None:
             return
-        self.logic.resetPoint(self.markupsNode, int(self.state.selected_landmark))
+        index = int(self.state.selected_landmark)
+        before = self._positionOf(index)
+        self.logic.resetPoint(self.markupsNode, index)
+        if np.linalg.norm(self._positionOf(index) - before) > 0:
+            self._rememberMove(index, before)
         self._refreshTable()
 
     def _onHeatmapChoice(self, **_) -> None:
@@ -297,32 +517,64 @@ class LandmarkReviewApp(TrameApp):
         if self.markupsNode is not None and self.state.heatmap_visible:
             self.logic.setHeatmapOpacity(self.markupsNode, float(heatmap_opacity))
 
-    def _observeCursor(self) -> None:
-        """Show the physical (LPS) position under the mouse, as Slicer's data probe does."""
+    # ------------------------------------------------------------------------------------------
+    # views
+
+    @staticmethod
+    def _layouts() -> dict[str, Layout]:
+        """One view for 2D images; for 3D the three orthogonal slices, axial the largest (as Slicer's)."""
+        axial = ViewLayoutDefinition.axial_view()
+        sideViews = Layout(LayoutDirection.Vertical,
+                           [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()])
+        return {LAYOUT_2D: Layout(LayoutDirection.Vertical, [axial]),
+                LAYOUT_3D: Layout(LayoutDirection.Horizontal, [axial, sideViews], flex_sizes=["2", "1"])}
+
+    def _sliceViewGutter(self, server, viewId: str, view) -> None:
+        """Reset-view button, and the slice slider for 3D images only (a 2D image has one slice)."""
+        create_vertical_view_gutter_ui(server, viewId, view)
+        html.Div(classes="slice-view", __properties=[("data_view", "data-view")], data_view=view.get_singleton_tag(),
+                 style="display: none;")
+        with html.Div(v_show="!is_2d", style="position: absolute; bottom: 0; left: 0; width: 100%;"):
+            Slider(classes="slice-slider", typed_state=connect_slice_view_slider_to_state(server, view), theme="dark",
+                   dense=True)
+
+    def _sliceNodes(self) -> list:
+        return [view.get_view_node() for view in self.slicerApp.view_manager.get_slice_views()]
+
+    def _observeViews(self) -> None:
+        """Show the position under the mouse (as Slicer's data probe), and drop points where released."""
         for view in self.slicerApp.view_manager.get_slice_views():
             interactor = view.interactor()
             sliceNode = view.get_view_node()
             interactor.AddObserver("MouseMoveEvent", lambda caller, event, node=sliceNode:
                                    self._showCursor(node, caller.GetEventPosition()), 1.0)
+            # Mouse moves are throttled on their way from the browser; the release carries the final
+            # position, so a move there first puts a dragged point exactly where it was let go.
+            interactor.AddObserver("LeftButtonReleaseEvent",
+                                   lambda caller, event: caller.InvokeEvent("MouseMoveEvent"), 10.0)
 
     def _showCursor(self, sliceNode, position) -> None:
         ras = matrixToArray(sliceNode.GetXYToRAS()) @ np.array([position[0], position[1], 0.0, 1.0])
         lps = ras_to_lps(ras[None, :3])[0]
         with self.state:
-            self.state.cursor_lps = ", ".join(f"{c:.2f}" for c in lps)
+            self.state.cursor_position = ", ".join(f"{c:.2f}" for c in lps[:2 if self.state.is_2d else 3])
 
     # ------------------------------------------------------------------------------------------
     # export
 
     def exportMarkups(self):
-        """The current (corrected) points as a `.mrk.json` download."""
+        """The current (corrected) points as a `.mrk.json` download (None, with the error shown, if none)."""
         self.state.error = ""
         try:
             if self.markupsNode is None:
                 raise SCNLandmarksError("Nothing to export: detect landmarks first.")
-            path = Path(tempfile.mkdtemp(dir=self.uploads.name)) / "landmarks.mrk.json"
+            # A new folder each time: nothing on the server is ever replaced.
+            path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="export-")) / "landmarks.mrk.json"
             self.logic.exportLandmarks(self.markupsNode, path)
-            return self.server.protocol.addAttachment(path.read_bytes())
+            content = path.read_bytes()
+            path.unlink()
+            self.state.unsaved = False
+            return self.server.protocol.addAttachment(content)
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return None
@@ -331,88 +583,156 @@ class LandmarkReviewApp(TrameApp):
     # page
 
     def _buildUi(self) -> None:
-        trigger = self.server.controller.trigger_name
         with SinglePageLayout(self.server, full_height=True) as self.ui:
             self.ui.title.set_text("SCN Landmarks")
             with self.ui.toolbar:
                 v.VSpacer()
                 html.Div("{{ image_name }}", classes="text-body-2 mx-4", id="image-name")
-                html.Div("cursor ({{ position_unit }}): {{ cursor_lps || '-' }}", classes="text-caption mx-4",
-                         style="min-width: 260px;", id="cursor-lps")
+                html.Div("cursor ({{ position_unit }}): {{ cursor_position || '-' }}", classes="text-caption mx-4",
+                         style="min-width: 260px;", id="cursor-position")
+                v.VBtn(icon="mdi-help-circle-outline", variant="text", click="help_open = !help_open", id="help-button")
+            self.ui.footer.hide()
             with self.ui.content:
-                with html.Div(classes="d-flex", style="height: calc(100vh - 88px);"):
-                    with html.Div(classes="pa-3", style="width: 420px; overflow-y: auto; flex: none;"):
-                        self._openPanel(trigger)
-                        self._detectPanel()
-                        self._landmarkPanel()
-                        self._heatmapPanel()
+                with html.Div(classes="d-flex", style="height: calc(100vh - 64px);"):
+                    # The table takes the height left; everything else keeps its size, so every
+                    # control stays on screen however many landmarks there are.
+                    with html.Div(classes="d-flex flex-column pa-2",
+                                  style="width: 400px; flex: none; height: 100%; overflow: hidden;"):
+                        with html.Div(style="flex: none;"):
+                            self._openPanel()
+                            self._detectPanel()
+                        self._landmarkTable()
+                        with html.Div(style="flex: none;"):
+                            self._landmarkActions()
+                            self._heatmapPanel()
                     with html.Div(classes="flex-grow-1", style="min-width: 0; position: relative;", id="views"):
                         self.layoutManager.initialize_layout_grid(self.ui)
+                        self._helpCard()
+            self._confirmDialog()
 
-    def _openPanel(self, trigger) -> None:
-        html.Div("Image", classes="text-subtitle-2")
+    def _openPanel(self) -> None:
+        trigger = self.server.controller.trigger_name
+        limit_check = ("$event.target.files[0] && $event.target.files[0].size > max_upload_bytes ? "
+                       "(error = $event.target.files[0].name + ': larger than this station accepts ('"
+                       " + Math.round(max_upload_bytes / 1048576) + ' MB).', upload_key++) : ")
         v.VFileInput(label="Upload an image", density="compact", hide_details=True, id="upload",
-                     disabled=("busy",), change=f"trigger('{trigger(self.uploadImage)}', [$event.target.files])")
-        with html.Div(classes="d-flex align-center my-2"):
+                     key=("upload_key",), disabled=("busy",), prepend_icon="",
+                     change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])")
+        with html.Div(classes="d-flex align-center mt-2"):
             v.VTextField(v_model=("image_path",), label="or a file on the server", density="compact",
                          hide_details=True, id="image-path")
             v.VBtn("Open", click=f"trigger('{trigger(self.openTypedPath)}', [image_path])", classes="ml-2",
                    disabled=("busy",), id="open-path")
-        v.VBtn("Open the sample", click=self.openSample, block=True, variant="tonal", disabled=("busy",),
-               id="open-sample")
+            v.VBtn("Sample", click=self.openSample, variant="tonal", disabled=("busy",), classes="ml-2",
+                   id="open-sample")
 
     def _detectPanel(self) -> None:
         trigger = self.server.controller.trigger_name
-        html.Div("Model", classes="text-subtitle-2 mt-4")
-        v.VSelect(v_model=("model_id",), items=("model_items",), density="compact", hide_details=True,
-                  id="model")
-        v.VTextField(v_model=("model_path",), label="or a model file (.safetensors)", density="compact",
-                     hide_details=True, classes="mt-2", id="model-path")
+        with html.Div(classes="d-flex align-center mt-2"):
+            v.VSelect(v_model=("model_id",), items=("model_items",), label="Model", density="compact",
+                      hide_details=True, id="model")
+            v.VChip("loading model", v_show="model_loading", size="small", classes="ml-2", id="model-loading")
+        v.VTextField(v_model=("model_path",), label="or a model file on the server (.safetensors)",
+                     density="compact", hide_details=True, classes="mt-2", id="model-path")
         with html.Div(classes="d-flex mt-2"):
             v.VBtn("Detect landmarks", click=f"trigger('{trigger(self.detect)}', [model_id, model_path])",
                    color="primary", disabled=("busy",), classes="flex-grow-1", id="detect")
             v.VBtn("Cancel", click=self.cancel, v_show="busy", classes="ml-2", id="cancel")
-        v.VProgressLinear(v_show="busy", model_value=("progress",), height=6, classes="mt-2", id="progress")
-        html.Div("{{ progress_message }}", v_show="busy", classes="text-caption")
+        v.VProgressLinear(v_show="busy", model_value=("progress",), indeterminate=("progress_message === "
+                          "'loading model'",), height=6, classes="mt-2", id="progress")
+        html.Div("{{ progress_message }}", v_show="busy", classes="text-caption", id="progress-message")
         v.VAlert(text=("error",), v_show="error", type="error", density="compact", classes="mt-2", id="error")
         v.VAlert(text=("info",), v_show="info && !error", type="success", density="compact", classes="mt-2",
                  id="info")
 
-    def _landmarkPanel(self) -> None:
+    def _landmarkTable(self) -> None:
         trigger = self.server.controller.trigger_name
-        html.Div("Landmarks (click to centre; drag points in the view to correct)", classes="text-subtitle-2 mt-4")
-        with v.VTable(density="compact", fixed_header=True, height="320px", id="landmarks"):
+        with v.VTable(density="compact", fixed_header=True, hover=True, classes="mt-2",
+                      style="flex: 1 1 0; min-height: 120px; overflow-y: auto;", id="landmarks"):
             with html.Thead():
                 with html.Tr():
                     for title in ("Landmark", "Confidence", "Status"):
                         html.Th(title)
-                    html.Th("Position ({{ position_unit }})")
             with html.Tbody():
                 with html.Tr(v_for="row in landmarks", key="row.index",
-                             click=(f"trigger('{trigger(self.selectLandmark)}', [row.index])"),
+                             click=f"trigger('{trigger(self.selectLandmark)}', [row.index])",
                              classes=("{ 'bg-blue-lighten-4': row.index === selected_landmark }",),
-                             style="cursor: pointer;", __properties=[("data_name", "data-name")],
-                             data_name=("row.name",)):
+                             style="cursor: pointer;",
+                             __properties=[("data_name", "data-name"), ("data_position", "data-position")],
+                             data_name=("row.name",), data_position=("row.position",)):
                     html.Td("{{ row.name }}")
                     html.Td("{{ row.confidence }}")
-                    html.Td("{{ row.status }}", classes="landmark-status")
-                    html.Td("{{ row.position }}", classes="landmark-position")
-        with html.Div(classes="d-flex mt-2"):
+                    html.Td("{{ row.status }}", classes="landmark-status",
+                            style=(f"row.status === '{LandmarkStatus.MOVED}' ? 'font-weight: bold' : ''",))
+
+    def _landmarkActions(self) -> None:
+        with html.Div(v_show="landmarks.length", classes="mt-1"):
+            with html.Div(classes="d-flex align-center"):
+                v.VBtn(icon=("details_open ? 'mdi-chevron-down' : 'mdi-chevron-right'",), size="x-small",
+                       variant="text", click="details_open = !details_open", id="details-toggle")
+                html.Span("Selected landmark", classes="text-caption")
+            with html.Div(v_show="details_open", classes="text-caption pl-2", id="details"):
+                html.Div("{{ selected_landmark === null ? 'Click a row or drag a point.' : "
+                         "landmarks[selected_landmark].name + ' (' + landmarks[selected_landmark].status + '): ' + "
+                         "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
+                         id="details-text")
+        with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 4px;"):
             v.VBtn("Reset point", click=self.resetSelected, disabled=("selected_landmark === null",),
-                   variant="tonal", id="reset-point")
+                   size="small", variant="tonal", id="reset-point")
+            v.VBtn("Undo move", click=self.undoMove, disabled=("!can_undo",), size="small", variant="tonal",
+                   id="undo-move")
+            v.VBtn("Zoom to", click=self.zoomToSelected, disabled=("selected_landmark === null",), size="small",
+                   variant="tonal", id="zoom-to")
             v.VSpacer()
-            v.VBtn("Export .mrk.json", prepend_icon="mdi-download", disabled=("!landmarks.length",), id="export",
-                   click=(f"utils.download(export_name, trigger('{trigger(self.exportMarkups)}'), "
-                          "'application/json')"))
+            v.VBtn("Export .mrk.json", prepend_icon="mdi-download", disabled=("!landmarks.length",), size="small",
+                   color="primary", id="export", click=self._exportScript())
+
+    def _exportScript(self, then: str = "") -> str:
+        """Client code: fetch the export and download it; `then` runs only when it succeeded."""
+        trigger = self.server.controller.trigger_name(self.exportMarkups)
+        return (f"trigger('{trigger}').then(content => {{ if (content) {{ "
+                f"utils.download(export_name, content, 'application/json'); {then} }} }})")
 
     def _heatmapPanel(self) -> None:
-        html.Div("Heatmap overlay", classes="text-subtitle-2 mt-4")
-        v.VSwitch(v_model=("heatmap_visible",), label="Show heatmap", density="compact", hide_details=True,
-                  disabled=("!landmarks.length",), id="heatmap-visible")
-        v.VSelect(v_model=("heatmap_kind",), items=("heatmap_kind_items",), label="Heatmap", density="compact",
-                  hide_details=True, disabled=("!heatmap_visible",), id="heatmap-kind")
-        v.VSelect(v_model=("heatmap_landmark",), items=("heatmap_landmark_items",), label="Landmark",
-                  density="compact", hide_details=True, disabled=("!heatmap_visible",), classes="mt-2",
-                  id="heatmap-landmark")
-        v.VSlider(v_model=("heatmap_opacity",), min=0, max=1, step=0.05, label="Opacity", density="compact",
-                  hide_details=True, disabled=("!heatmap_visible",), id="heatmap-opacity")
+        with html.Div(classes="d-flex align-center mt-2"):
+            v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
+                      disabled=("!landmarks.length",), color="primary", id="heatmap-visible", style="flex: none;")
+            v.VSlider(v_model=("heatmap_opacity",), min=0, max=1, step=0.05, density="compact", hide_details=True,
+                      disabled=("!heatmap_visible",), classes="ml-4", id="heatmap-opacity", prepend_icon="mdi-opacity")
+        with html.Div(classes="d-flex", style="gap: 4px;"):
+            v.VSelect(v_model=("heatmap_kind",), items=("heatmap_kind_items",), label="Kind", density="compact",
+                      hide_details=True, disabled=("!heatmap_visible",), id="heatmap-kind")
+            v.VSelect(v_model=("heatmap_landmark",), items=("heatmap_landmark_items",), label="Landmark",
+                      density="compact", hide_details=True, disabled=("!heatmap_visible",), id="heatmap-landmark")
+
+    def _helpCard(self) -> None:
+        with v.VCard(v_show="help_open", id="help", width=360, elevation=8,
+                     style="position: absolute; top: 8px; right: 8px; z-index: 10;"):
+            v.VCardTitle("Using the views")
+            with v.VCardText():
+                with html.Ul(classes="pl-4"):
+                    for line in ("Drag a landmark to move it; Undo move puts it back, Reset point restores the "
+                                 "model's position.",
+                                 "Left-drag on the image: window/level (brightness, contrast).",
+                                 "Right-drag, or Ctrl + mouse wheel: zoom.",
+                                 "Middle-drag, or Shift + left-drag: pan.",
+                                 "Mouse wheel or the slider: move through the slices (3D images).",
+                                 "Click a row to centre the views on it; Zoom to zooms in on it.",
+                                 "Bold status: a point you moved. Faded points: landmarks off the shown slice."):
+                        html.Li(line)
+            with v.VCardActions():
+                v.VBtn("Close", click="help_open = false", id="help-close")
+
+    def _confirmDialog(self) -> None:
+        proceed = self.server.controller.trigger_name(self.proceed)
+        with v.VDialog(v_model=("confirm_discard",), persistent=True, max_width=460):
+            with v.VCard(id="confirm-discard"):
+                v.VCardTitle("Corrections not exported")
+                v.VCardText("You moved landmarks and have not exported them since. Export them first, discard "
+                            "them, or cancel and keep working?")
+                with v.VCardActions():
+                    v.VSpacer()
+                    v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
+                    v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
+                    v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary",
+                           id="confirm-export")

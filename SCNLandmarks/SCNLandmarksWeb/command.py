@@ -5,33 +5,43 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 
 
 def register(commands) -> None:
     """Add the `serve` subcommand to the CLI's subparsers."""
     serve = commands.add_parser("serve", help="review landmarks in a web browser (trame-slicer)")
-    serve.add_argument("image", nargs="?", help="an image to open at start")
+    serve.add_argument("image", nargs="?", help="an image every new session opens at start")
     serve.add_argument("--model", help="catalogue model id or name, or a model file (default: first available)")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: this machine only; the app has no login)")
+                       help="address to listen on (default: this machine only). Any other address needs an "
+                            "access token")
+    serve.add_argument("--token",
+                       help="access token every browser must bring (`auto`: generate one and print the link); "
+                            "default the environment variable SCN_LANDMARKS_TOKEN")
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    serve.add_argument("--idle-timeout", type=int, default=0,
-                       help="stop after this many seconds without a connected page (0: never)")
+    serve.add_argument("--max-sessions", type=int, default=4,
+                       help="review sessions (browser tabs) at once, each its own process (default 4)")
+    serve.add_argument("--idle-timeout", type=int, default=300,
+                       help="end a session this many seconds after its page was closed (default 300)")
+    serve.add_argument("--max-upload-mb", type=int, default=512, help="largest image upload (default 512 MB)")
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # trame reads sys.argv unless TRAME_ARGS is set; our own arguments are passed explicitly below.
-    os.environ["TRAME_ARGS"] = "--server"
-    for chatty in ("trame", "trame_client", "trame_server", "trame_rca", "trame_slicer", "wslink", "aiohttp"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    from .app import LandmarkReviewApp
+    from . import access
+    from .launcher import LauncherOptions, serve
 
-    app = LandmarkReviewApp(image=args.image, model=args.model, device=args.device)
-    app.server.controller.on_server_ready.add(lambda **_: print(
-        f"SCN Landmarks review station: http://{args.host}:{app.server.port}/", flush=True))
-    app.server.start(host=args.host, port=args.port, open_browser=False, timeout=args.idle_timeout,
-                     show_connection_info=False)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        token = access.resolveToken(args.host, args.token)
+    except access.AccessError as error:
+        print(f"scn-landmarks serve: {error}", file=sys.stderr)
+        return 2
+    serve(LauncherOptions(host=args.host, port=args.port, token=token, maxSessions=max(1, args.max_sessions),
+                          idleTimeout=max(1, args.idle_timeout), maxUploadMegabytes=max(1, args.max_upload_mb),
+                          image=args.image, model=args.model, device=args.device),
+          showToken=args.token == access.GENERATE)
     return 0

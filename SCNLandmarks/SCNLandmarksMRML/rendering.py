@@ -233,25 +233,9 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
         composite.SetForegroundVolumeID(heatmapNode.GetID() if heatmapNode is not None else None)
         composite.SetForegroundOpacity(float(np.clip(opacity, 0.0, 1.0)))
         composite.SetLabelVolumeID(None)
-        sliceNode.SetOrientation(orientation)
-        if alignToVolume:
-            sliceNode.RotateToVolumePlane(volumeNode)
-
-        corners = np.array([worldFromLocal(volumeNode, c) for c in volumeCornersRas(volumeNode)])
-        sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
-        extent = [np.ptp(corners @ sliceToRas[:3, axis]) for axis in (0, 1)]
-        spacing = np.asarray(volumeNode.GetSpacing())
-        extent = [e + float(spacing.min()) for e in extent]
-        longer = max(extent)
-        width = max(8, int(round(sizePx * extent[0] / longer)))
-        height = max(8, int(round(sizePx * extent[1] / longer)))
-        sliceNode.SetDimensions(width, height, 1)
-        sliceLogic.FitSliceToAll(width, height)
-        center = corners.mean(axis=0) if centerRas is None else np.asarray(centerRas, dtype=np.float64)
-        sliceNode.JumpSliceByOffsetting(*[float(v) for v in center])
+        width, height = _fitSlice(sliceLogic, sliceNode, volumeNode, orientation, alignToVolume, centerRas, sizePx)
         xyToRas = matrixToArray(sliceNode.GetXYToRAS())
         sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
-
         rgb = None
         if useVtk:
             if offSlicePoints and markupsNode is not None:
@@ -265,13 +249,7 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
                 logger.warning("offscreen VTK rendering failed (%s); drawing points with numpy", error)
                 useVtk = False
         if rgb is None:
-            connection = sliceLogic.GetImageDataConnection()
-            producer = connection.GetProducer()
-            producer.Update()
-            imageData = producer.GetOutputDataObject(connection.GetIndex())
-            columns, rows, _ = imageData.GetDimensions()
-            rgba = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(rows, columns, -1)
-            rgb = np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
+            rgb = _compositedLayers(sliceLogic)
     finally:
         sliceLogic.SetMRMLScene(None)
         for i in reversed(range(scene.GetNumberOfNodes())):
@@ -281,15 +259,53 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
 
     rendered = RenderedSlice(path, rgb, [], xyToRas, "vtk" if useVtk else "numpy")
     if markupsNode is not None:
-        if slabMm is None:
-            slabMm = 0.5 * float(np.max(volumeNode.GetSpacing()))
-        normal = sliceToRas[:3, 2] / np.linalg.norm(sliceToRas[:3, 2])
-        planePoint = sliceToRas[:3, 3]
-        for label, world, color in _markupsPoints(markupsNode):
-            column, row = rendered.pixelOf(world)
-            distance = float(np.dot(world - planePoint, normal))
-            if not useVtk:
-                _drawDisc(rgb, column, row, pointRadiusPx, color, filled=abs(distance) <= slabMm)
-            rendered.markers.append((label, (column, row), distance))
+        slab = 0.5 * float(np.max(volumeNode.GetSpacing())) if slabMm is None else slabMm
+        _placeMarkers(rendered, markupsNode, sliceToRas, slab, None if useVtk else pointRadiusPx)
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
     return rendered
+
+
+def _fitSlice(sliceLogic, sliceNode, volumeNode, orientation: str, alignToVolume: bool, centerRas,
+              sizePx: int) -> tuple[int, int]:
+    """Orient the slice, size the picture to the volume's extent in that plane (longer side `sizePx`)
+    and move the slice through `centerRas` (default the volume's center); returns (width, height)."""
+    sliceNode.SetOrientation(orientation)
+    if alignToVolume:
+        sliceNode.RotateToVolumePlane(volumeNode)
+    corners = np.array([worldFromLocal(volumeNode, c) for c in volumeCornersRas(volumeNode)])
+    sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
+    # One voxel more than the corner centers span, so the edge voxels are shown whole.
+    extent = [np.ptp(corners @ sliceToRas[:3, axis]) + float(np.min(volumeNode.GetSpacing())) for axis in (0, 1)]
+    longer = max(extent)
+    width = max(8, int(round(sizePx * extent[0] / longer)))
+    height = max(8, int(round(sizePx * extent[1] / longer)))
+    sliceNode.SetDimensions(width, height, 1)
+    sliceLogic.FitSliceToAll(width, height)
+    center = corners.mean(axis=0) if centerRas is None else np.asarray(centerRas, dtype=np.float64)
+    sliceNode.JumpSliceByOffsetting(*[float(v) for v in center])
+    return width, height
+
+
+def _compositedLayers(sliceLogic) -> np.ndarray:
+    """(rows, columns, 3) uint8: the slice logic's blend of background and foreground, top row first."""
+    connection = sliceLogic.GetImageDataConnection()
+    producer = connection.GetProducer()
+    producer.Update()
+    imageData = producer.GetOutputDataObject(connection.GetIndex())
+    columns, rows, _ = imageData.GetDimensions()
+    rgba = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(rows, columns, -1)
+    return np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
+
+
+def _placeMarkers(rendered: RenderedSlice, markupsNode, sliceToRas: np.ndarray, slabMm: float,
+                  drawRadiusPx: float | None) -> None:
+    """Record where each point falls in the picture and how far it is from the slice; with
+    `drawRadiusPx`, also draw it (filled within `slabMm` of the slice, a ring otherwise)."""
+    normal = sliceToRas[:3, 2] / np.linalg.norm(sliceToRas[:3, 2])
+    planePoint = sliceToRas[:3, 3]
+    for label, world, color in _markupsPoints(markupsNode):
+        column, row = rendered.pixelOf(world)
+        distance = float(np.dot(world - planePoint, normal))
+        if drawRadiusPx is not None:
+            _drawDisc(rendered.rgb, column, row, drawRadiusPx, color, filled=abs(distance) <= slabMm)
+        rendered.markers.append((label, (column, row), distance))

@@ -83,11 +83,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
+    from .calibration import image_review, write_review_summary
     from .inference import Predictor
     from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
 
     predictor = Predictor.from_file(args.model, args.device)
+    unit = predictor.description.unit
+    if predictor.calibration is None:
+        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    reviews = []
     images = image_inputs(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,14 +107,17 @@ def _detect(args: argparse.Namespace) -> int:
             continue
         stem = image_path.name.split(".")[0]
         target = out / f"{stem}{suffix}"
-        write_landmarks(prediction.landmarks, target, prediction.status)
+        write_landmarks(prediction.landmarks, target, prediction.status, unit)
+        reviews.append(image_review(image_path.name, prediction.landmarks, prediction.flagged))
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
         mirrored = " (found on the mirror image)" if prediction.mirrored else ""
         print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
               f"-> {target}", file=sys.stderr)
-    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    summary = write_review_summary(out / "summary.csv", reviews, unit)
+    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
+          f"review order in {summary}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -124,6 +132,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     overall = json.loads(metrics_path.read_text())["overall"]
     print(json.dumps({"metrics": str(metrics_path), "report": str(metrics_path.parent / "report.md"),
                       "overall": overall}))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .bundle import save_description
+    from .calibration import calibrate, dataset_cases, default_thresholds, measure
+    from .errors import DataError
+    from .inference import Predictor
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    predictor = Predictor.from_file(args.model, args.device)
+    total, cases = dataset_cases(predictor, args.dataset, args.split)
+    thresholds = default_thresholds(predictor.description.unit, args.flag_above)
+    measured = measure(predictor, cases, lambda done, image_id: print(f"[{done}/{total}] {image_id}", file=sys.stderr))
+    calibration, comparison = calibrate(predictor, measured, tuple(args.evidence), thresholds, args.folds,
+                                        f"{args.dataset} split {args.split}")
+    save_description(args.model, out, dataclasses.replace(predictor.description, calibration=calibration))
+    print(json.dumps({"model": str(out), "evidence": list(calibration.evidence), "weights": list(calibration.weights),
+                      "held_out": calibration.fitted_on["held_out"], "evidence_compared": comparison}, indent=1))
     return 0
 
 
@@ -162,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--radii", type=float, nargs="+", help="success-detection radii (model unit)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(run=_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="fit a model's expected error per landmark on a dataset split "
+                                    "and write the model with it")
+    calibrate.add_argument("model")
+    calibrate.add_argument("dataset", help="dataset spec (.toml)")
+    calibrate.add_argument("--split", default="validation")
+    calibrate.add_argument("--out", required=True, help="calibrated model file to write")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    calibrate.add_argument("--evidence", nargs="+", default=["peak", "width", "refinement_shift"],
+                           help="evidence measures to use: peak, width, refinement_shift, shift_spread (costs "
+                           "two more network passes per detection)")
+    calibrate.add_argument("--flag-above", type=float, nargs="+",
+                           help="error thresholds (model unit) whose flagging AUROC is reported; default 3 mm")
+    calibrate.add_argument("--folds", type=int, default=5, help="cross-validation folds (by image) for the "
+                           "held-out figures")
+    calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    calibrate.set_defaults(run=_calibrate)
 
     info = commands.add_parser("info", help="print a model file's metadata")
     info.add_argument("model")

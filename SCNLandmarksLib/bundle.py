@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .calibration import Calibration
 from .config import InferenceConfig, IntensityConfig
 from .errors import ModelFileError
 from .io.atomic import atomic_output
@@ -87,6 +88,8 @@ class ModelDescription:
         in_channels: network input channels.
         provenance: where the model came from (dataset, iterations, date, configuration).
         validation: the validation scores of the saved model ({} without a validation split).
+        calibration: how to turn the network's evidence into an expected error per landmark (None:
+            not calibrated; models trained before calibrations existed load so).
     """
 
     dimension: int
@@ -99,6 +102,7 @@ class ModelDescription:
     in_channels: int = 1
     provenance: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
     @property
     def in_pixels(self) -> bool:
@@ -116,7 +120,8 @@ class ModelDescription:
                 "in_channels": self.in_channels, "landmark_names": list(self.landmark_names), "unit": self.unit,
                 "intensity": dataclasses.asdict(self.intensity), "inference": dataclasses.asdict(self.inference),
                 **{name: stage.to_json() for name, stage in self.stages.items()},
-                "provenance": self.provenance, "validation": self.validation}
+                "provenance": self.provenance, "validation": self.validation,
+                **({} if self.calibration is None else {"calibration": self.calibration.to_json()})}
 
     @classmethod
     def from_json(cls, header: dict[str, Any], source: str) -> ModelDescription:
@@ -148,6 +153,9 @@ class ModelDescription:
                 validation=dict(values.get("validation") or {}))
         except (TypeError, ValueError, AttributeError) as error:
             raise ModelFileError(f"{source}: malformed model metadata ({error})") from None
+        if values.get("calibration") is not None:
+            description = dataclasses.replace(description, calibration=Calibration.from_json(
+                values["calibration"], description.landmark_names, source))
         axis = description.inference.mirror_axis
         if axis is not None and (not isinstance(axis, int) or not 0 <= axis < description.dimension):
             raise ModelFileError(f"{source}: inference.mirror_axis {axis!r} is not an axis of "
@@ -217,6 +225,21 @@ def save_model(path: str | Path, description: ModelDescription, coarse: Stage,
     with atomic_output(path) as temporary:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(description.to_json())})
     return path
+
+
+def save_description(source: str | Path, target: str | Path, description: ModelDescription) -> Path:
+    """Write a copy of a model file with new metadata and its tensors byte for byte (e.g. a calibration
+    added); atomic, so `target` may be `source`."""
+    source = Path(source)
+    read_description(source)  # names the file if it is not a model
+    try:
+        with safe_open(str(source), framework="pt", device="cpu") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"{source}: weights cannot be read (truncated?): {error}") from None
+    with atomic_output(Path(target)) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(description.to_json())})
+    return Path(target)
 
 
 def read_description(path: str | Path) -> ModelDescription:

@@ -22,6 +22,8 @@ from .vocabulary import HeatmapKind, LandmarkStatus
 log = logging.getLogger("scn-landmarks")
 
 LANDMARK_FORMATS = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv"}
+# Written by `detect` beside the landmark files: the images in the order to review them.
+REVIEW_SUMMARY = "summary.csv"
 
 
 def _format_seconds(seconds: float) -> str:
@@ -84,12 +86,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
+    from .calibration import image_review, write_review_summary
     from .inference import Predictor
     from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
+    from .errors import DataError
     from .io.paths import output_stems, refuse_existing
 
     predictor = Predictor.from_file(args.model, args.device)
+    unit = predictor.description.unit
+    if predictor.calibration is None:
+        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    reviews = []
     images = image_inputs(args.images)
     out = Path(args.out)
     suffix = LANDMARK_FORMATS[args.format]
@@ -97,8 +105,13 @@ def _detect(args: argparse.Namespace) -> int:
     heatmap_kinds = list(HeatmapKind) if args.heatmaps else []
     # Every file this run could write is checked before the first is: a clinician's corrected file in
     # the output folder is never replaced unless asked.
-    refuse_existing([out / f"{stem}{name}" for stem in stems
-                     for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]], args.overwrite)
+    targets = [out / f"{stem}{name}" for stem in stems
+               for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]]
+    review_summary = out / REVIEW_SUMMARY
+    if any(target.name.casefold() == REVIEW_SUMMARY for target in targets):
+        raise DataError(f"{review_summary}: an image's landmark file would take the name of the review summary; "
+                        "choose another --format or rename that image")
+    refuse_existing([*targets, review_summary], args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     started = time.perf_counter()
@@ -109,14 +122,17 @@ def _detect(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(images)}] error: {prediction}", file=sys.stderr)
             continue
         target = out / f"{stem}{suffix}"
-        write_landmarks(prediction.landmarks, target, prediction.status)
+        write_landmarks(prediction.landmarks, target, prediction.status, unit)
+        reviews.append(image_review(image_path.name, prediction.landmarks, prediction.flagged))
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
         mirrored = " (found on the mirror image)" if prediction.mirrored else ""
         print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
               f"-> {target}", file=sys.stderr)
-    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    summary = write_review_summary(review_summary, reviews, unit)
+    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
+          f"review order in {summary}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -153,6 +169,28 @@ def _dataset_check(args: argparse.Namespace) -> int:
             print(f"{finding.kind}: {finding}")
         print(f"{len(findings)} finding(s) in {args.spec}", file=sys.stderr)
     return 1 if findings else 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .bundle import save_description
+    from .calibration import calibrate, dataset_cases, default_thresholds, measure
+    from .inference import Predictor
+    from .io.paths import refuse_existing
+
+    out = Path(args.out)
+    refuse_existing([out], args.overwrite)
+    predictor = Predictor.from_file(args.model, args.device)
+    total, cases = dataset_cases(predictor, args.dataset, args.split)
+    thresholds = default_thresholds(predictor.description.unit, args.flag_above)
+    measured = measure(predictor, cases, lambda done, image_id: print(f"[{done}/{total}] {image_id}", file=sys.stderr))
+    calibration, comparison = calibrate(predictor, measured, tuple(args.evidence), thresholds, args.folds,
+                                        f"{args.dataset} split {args.split}")
+    save_description(args.model, out, dataclasses.replace(predictor.description, calibration=calibration))
+    print(json.dumps({"model": str(out), "evidence": list(calibration.evidence), "weights": list(calibration.weights),
+                      "held_out": calibration.fitted_on["held_out"], "evidence_compared": comparison}, indent=1))
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -226,6 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="dataset spec to write (.toml)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     init.set_defaults(run=_dataset_init)
+
+    calibrate = commands.add_parser("calibrate", help="fit a model's expected error per landmark on a dataset split "
+                                    "and write the model with it")
+    calibrate.add_argument("model")
+    calibrate.add_argument("dataset", help="dataset spec (.toml)")
+    calibrate.add_argument("--split", default="validation")
+    calibrate.add_argument("--out", required=True, help="calibrated model file to write")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    calibrate.add_argument("--evidence", nargs="+", default=["peak", "width", "refinement_shift"],
+                           help="evidence measures to use: peak, width, refinement_shift, shift_spread (costs "
+                           "two more network passes per detection)")
+    calibrate.add_argument("--flag-above", type=float, nargs="+",
+                           help="error thresholds (model unit) whose flagging AUROC is reported; default 3 mm")
+    calibrate.add_argument("--folds", type=int, default=5, help="cross-validation folds (by image) for the "
+                           "held-out figures")
+    calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    calibrate.set_defaults(run=_calibrate)
 
     info = commands.add_parser("info", help="print a model file's metadata")
     info.add_argument("model")

@@ -116,6 +116,9 @@ class EvaluationResult:
     # Other ways of running the same model on the same images, e.g. coarse-to-fine against the coarse
     # SCN alone: {"mode", "mean", "median", "max", "missed", "sdr", "seconds_per_image"} rows.
     inference_modes: list[dict] = field(default_factory=list)
+    # A calibrated model's expected errors against the measured ones (calibration.flagging_scores,
+    # with "per_landmark" means and the (images, N) "expected" matrix); {} when not calibrated.
+    expected_error: dict = field(default_factory=dict)
 
     def worst_images(self, n: int = WORST_IMAGES_SHOWN) -> list[ImageRow]:
         """The n worst images: most missed landmarks first, then highest mean error (no detections first)."""
@@ -137,6 +140,7 @@ class EvaluationResult:
             "images_without_prediction": list(self.images_without_prediction),
             "images_without_truth": list(self.images_without_truth),
             "inference_modes": list(self.inference_modes),
+            "expected_error": self.expected_error,
         })
 
     @classmethod
@@ -155,6 +159,7 @@ class EvaluationResult:
                         names, [row["image"] for row in rows], errors, missed,
                         list(data.get("images_without_prediction", [])), list(data.get("images_without_truth", [])))
         result.inference_modes = list(data.get("inference_modes", []))
+        result.expected_error = dict(data.get("expected_error") or {})
         return result
 
     def mode_row(self, mode: str, seconds_per_image: float) -> dict:
@@ -406,6 +411,9 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
         lines += _table(["Mode", f"mean ({u})", f"median ({u})", f"max ({u})", "missed"]
                         + [f"SDR ≤ {r:g} {u}" for r in radii] + ["s / image"], rows)
 
+    if result.expected_error:
+        lines += _expected_error_section(result, out_dir)
+
     lines += ["## Per-landmark errors", ""]
     rows = []
     for n in result.landmark_names:
@@ -467,6 +475,54 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     return path
 
 
+def _expected_error_section(result: EvaluationResult, out_dir: Path) -> list[str]:
+    """Report lines: how well the calibrated expected errors flag bad points, and the calibration plot."""
+    u, scores = result.unit, result.expected_error
+    lines = ["## Expected error", "",
+             "How well ranking points by the model's expected error flags those whose measured error exceeds "
+             f"a threshold (AUROC; 0.5 = chance), and mean expected against mean measured error ({scores['points']} "
+             "points).", ""]
+    lines += _table(["Flag points", "points beyond", "AUROC"],
+                    [[label, str(v["points_beyond"]), _fmt(v["auroc"], 3)] for label, v in scores["auroc"].items()])
+    rows = [[n, _fmt(v["expected"]), _fmt(v["measured"])] for n, v in scores["per_landmark"].items()]
+    rows.append(["**all**", _fmt(scores["mean_expected"]), _fmt(scores["mean_measured"])])
+    lines += _table(["Landmark", f"mean expected ({u})", f"mean measured ({u})"], rows)
+    plot = _calibration_plot(np.asarray(scores["expected"], dtype=np.float64), result.errors, u, out_dir)
+    lines += [f"![calibration]({plot.name})", ""] if plot else ["matplotlib is not available; plot skipped.", ""]
+    return lines
+
+
+def _calibration_plot(expected: np.ndarray, errors: np.ndarray, unit: str, out_dir: Path) -> Path | None:
+    """Measured against expected error: every point, and the mean measured error per expected-error decile."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    both = np.isfinite(expected) & np.isfinite(errors)
+    x, y = expected[both], errors[both]
+    fig = Figure(figsize=(5.5, 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    ax.scatter(x, y, s=8, alpha=0.4, label="points")
+    if x.size:
+        bins = np.array_split(np.argsort(x), min(10, x.size))
+        ax.plot([x[b].mean() for b in bins], [y[b].mean() for b in bins], "o-", color="C3",
+                label="mean per expected-error decile")
+        upper = float(max(x.max(), np.percentile(y, 99))) * 1.05
+        ax.plot([0, upper], [0, upper], color="0.5", ls="--", lw=0.8, label="expected = measured")
+        ax.set_xlim(0, upper)
+        ax.set_ylim(0, upper)
+    ax.set_xlabel(f"expected error ({unit})")
+    ax.set_ylabel(f"measured error ({unit})")
+    ax.set_title("Calibration of the expected error")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "calibration.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
 DEFAULT_RADII_PX: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
 
 
@@ -514,6 +570,17 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
         result.inference_modes = [result.mode_row("coarse-to-fine (as detect runs it)", seconds[True] / len(entries)),
                                   single.mode_row("single resolution (coarse SCN alone)",
                                                   seconds[False] / len(entries))]
+    calibration = predictor.calibration
+    if calibration is not None:
+        from .calibration import calibrated_means, default_thresholds, flagging_scores
+
+        thresholds = calibration.fitted_on.get("thresholds") or default_thresholds(
+            unit, None if unit == "mm" else [radii[-1]])
+        expected = np.array([predictions[True][i].reordered(result.landmark_names).expected_errors
+                             if i in predictions[True] else np.full(len(names), np.nan) for i in result.image_ids])
+        result.expected_error = {**flagging_scores(expected, result.errors, thresholds),
+                                 "per_landmark": calibrated_means(result.landmark_names, expected, result.errors),
+                                 "expected": expected.tolist()}
     out_dir = Path(out_dir)
     metrics = write_metrics(result, out_dir / "metrics.json")
     worst = [(row.image_id, images[row.image_id], predictions[True][row.image_id], truths[row.image_id])

@@ -8,6 +8,7 @@ refined below the voxel and mapped through the grid's exact index-to-physical tr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -23,7 +24,9 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import LoadedModel, load_model
-from .data.preparation import normalize_image, prepare_normalized, resample_to_grid, resample_to_grids
+from .calibration import distance_evidence, peak_evidence
+from .data.preparation import (PreparedImage, normalize_image, prepare_normalized, resample_to_grid,
+                               resample_to_grids)
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_points
 from .heatmaps import peak_height, refine_peaks
@@ -95,6 +98,9 @@ class Prediction:
         mirrored: the landmarks were found on the image's mirror image (models with a mirror axis,
             e.g. a left-facing cephalogram for a right-facing model); positions and heatmaps are
             in the image as given.
+        evidence: per evidence measure the calibration uses (see calibration.EVIDENCE), (N,) values.
+        flagged: (N,) True for points expected to be worse than their landmark usually is; None
+            when the model is not calibrated (then `landmarks.expected_errors` is None too).
     """
 
     landmarks: LandmarkSet
@@ -104,6 +110,8 @@ class Prediction:
     _reference: sitk.Image | None = None
     _heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     mirrored: bool = False
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)
+    flagged: np.ndarray | None = None
 
     @property
     def heatmap_kinds(self) -> list[str]:
@@ -140,6 +148,10 @@ class Predictor:
         self.refinement = loaded.refinement
         # The model file's decoding settings; replace (dataclasses.replace) to decode differently.
         self.inference = loaded.description.inference
+        # None: not calibrated (no expected errors). `evidence_measures` are computed on every
+        # detection; calibrating sets them all.
+        self.calibration = loaded.description.calibration
+        self.evidence_measures: tuple[str, ...] = () if self.calibration is None else self.calibration.evidence
         self.landmark_names: list[str] = list(self.description.landmark_names)
         self.dimension: int = self.description.dimension
 
@@ -228,11 +240,11 @@ class Predictor:
             given.timings["mirror"] = time.perf_counter() - start
             return given
         landmarks = LandmarkSet(self.landmark_names, mirror_points(other.landmarks.points_lps, axis, center),
-                                other.landmarks.confidences)
+                                other.landmarks.confidences, other.landmarks.expected_errors)
         grid = None if other._grid is None else other._grid.mirrored(axis, center)
         timings = {**given.timings, "mirror": time.perf_counter() - start}
         return Prediction(landmarks, other.status, timings, grid, image if heatmaps else None, other._heatmaps,
-                          mirrored=True)
+                          mirrored=True, evidence=other.evidence, flagged=other.flagged)
 
     def _detect_once(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
                      progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
@@ -266,11 +278,21 @@ class Predictor:
         status = [self.inference.status(float(c)) for c in confidence]
         points[np.array([s == LandmarkStatus.MISSING for s in status], dtype=bool)] = np.nan
         timings["peaks"] = time.perf_counter() - start
+        evidence: dict[str, np.ndarray] = {}
+        if self.evidence_measures:
+            start = time.perf_counter()
+            evidence = peak_evidence(output.final[0].float(), index, value, ideal, self.coarse.sigmas, spacing)
+            if "shift_spread" in self.evidence_measures:
+                evidence["shift_spread"] = self._shift_spread(prepared, grid, points)
+            timings["evidence"] = time.perf_counter() - start
+        coarse_points = points
         if self.refinement is not None and refine:
             step(0.95, "refining landmarks on fine patches")
             start = time.perf_counter()
             points = self._refine(normalized, points)
             timings["refinement"] = time.perf_counter() - start
+        if self.evidence_measures:
+            evidence["refinement_shift"] = distance_evidence(coarse_points, [points], float(np.mean(spacing)))
         kept = {}
         if heatmaps:
             for kind in HeatmapKind:
@@ -278,8 +300,26 @@ class Predictor:
                 if tensor is not None:
                     kept[kind] = tensor[0].float().cpu().numpy()
         step(1.0, "done")
-        landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64))
-        return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept)
+        expected, flagged = None, None
+        if self.calibration is not None:
+            expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
+            flagged = self.calibration.flagged(expected)
+        landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64), expected)
+        return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept,
+                          evidence=evidence, flagged=flagged)
+
+    def _shift_spread(self, prepared: PreparedImage, grid: ImageGeometry, points: np.ndarray) -> np.ndarray:
+        """The "shift_spread" evidence: how far the points move when the coarse grid is shifted by
+        half a cell along every axis, one way and the other."""
+        cell = np.asarray(grid.spacing)
+        others = []
+        for sign in (-0.5, 0.5):
+            shifted = dataclasses.replace(grid, origin=tuple(np.asarray(grid.origin) + sign * cell))
+            output = run_network(self.coarse.network, resample_to_grid(prepared, shifted).unsqueeze(0),
+                                 self.inference.max_grid_voxels)
+            index, _ = refine_peaks(output.final[0].float())
+            others.append(shifted.index_to_physical(index.cpu().numpy()))
+        return distance_evidence(points, others, float(np.mean(cell)))
 
     @torch.inference_mode()
     def _refine(self, normalized: sitk.Image, points: np.ndarray) -> np.ndarray:

@@ -16,11 +16,14 @@ class LandmarkSet:
         points_lps: (N, d) float64 physical positions in mm (ITK/LPS convention, d = 2 or 3);
             a row of NaN marks a missing landmark.
         confidences: optional (N,) values in [0, 1] (prediction confidence); NaN where unknown.
+        expected_errors: optional (N,) expected point error in the points' unit (from a calibrated
+            model); NaN where unknown.
     """
 
     names: list[str]
     points_lps: np.ndarray
     confidences: np.ndarray | None = field(default=None)
+    expected_errors: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -35,6 +38,8 @@ class LandmarkSet:
             raise ValueError(f"landmark names must be unique: {self.names}")
         if self.confidences is not None:
             self.confidences = np.asarray(self.confidences, dtype=np.float64).reshape(len(self.names))
+        if self.expected_errors is not None:
+            self.expected_errors = np.asarray(self.expected_errors, dtype=np.float64).reshape(len(self.names))
 
     @property
     def dimension(self) -> int:
@@ -56,10 +61,12 @@ class LandmarkSet:
             raise ValueError(f"unknown landmark names {unknown}; expected names from {names}")
         index = {n: i for i, n in enumerate(self.names)}
         points = np.full((len(names), self.dimension), np.nan)
-        conf = None if self.confidences is None else np.full(len(names), np.nan)
+        per_point = {"confidences": self.confidences, "expected_errors": self.expected_errors}
+        reordered = {key: None if values is None else np.full(len(names), np.nan) for key, values in per_point.items()}
         for j, n in enumerate(names):
             if n in index:
                 points[j] = self.points_lps[index[n]]
-                if conf is not None:
-                    conf[j] = self.confidences[index[n]]
-        return LandmarkSet(names, points, conf)
+                for key, values in per_point.items():
+                    if values is not None:
+                        reordered[key][j] = values[index[n]]
+        return LandmarkSet(names, points, **reordered)

@@ -151,7 +151,8 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
     assert batch.returncode == 2
     assert f"error: {folder / 'broken.png'}: cannot read image" in batch.stderr
     assert f"{len(entries)} of {len(entries) + 1} images" in batch.stderr
-    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == sorted(f"{e.id}.mrk.json" for e in entries)
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == sorted(
+        [f"{e.id}.mrk.json" for e in entries] + ["summary.csv"])
 
     evaluated = cli("evaluate", str(model), "--dataset", str(dataset_2d), "--split", "validation",
                     "--out", str(tmp_path / "evaluation"), "--device", "cpu")

@@ -10,8 +10,8 @@ says so in the file. Formats, chosen by the file suffix:
 
 In .mrk.json and .fcsv files, when the labels are not the expected landmark names but the descriptions
 are (AFIDs files label points 1..32 and name them in the description), the descriptions name the points.
-* ``.csv``: a table with a header row. One image: ``landmark,x,y[,z][,confidence]``; many images:
-  ``image,landmark,x,y[,z][,confidence]`` (see `read_landmarks_csv`). Empty or ``nan`` coordinates,
+* ``.csv``: a table with a header row. One image: ``landmark,x,y[,z][,confidence][,expected_error]``;
+  many images: ``image,landmark,x,y[,z][,confidence]`` (see `read_landmarks_csv`). Empty or ``nan`` coordinates,
   or no row at all, mean a missing landmark; other columns (e.g. ``status``) are ignored.
 
 An infinite coordinate is never a missing landmark but a broken file: a DataError names the file, the
@@ -47,6 +47,8 @@ MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Module
 POSITION_STATUSES = ("defined", "preview", "missing", "undefined")
 NO_POSITION_STATUSES = ("missing", "undefined")
 CONFIDENCE_MEASUREMENT = "confidence"
+EXPECTED_ERROR_MEASUREMENT = "expected error"  # also the CSV column, with "_" for the space
+EXPECTED_ERROR_COLUMN = "expected_error"
 
 FCSV_VERSION = "4.11"
 FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
@@ -158,10 +160,10 @@ def _apply_dimension(path: Path, points: np.ndarray, dimension: int | None) -> n
 
 
 def _make_set(path: Path, labels: list[str], points: np.ndarray, confidences: np.ndarray | None,
-              names: list[str] | None, dimension: int | None) -> LandmarkSet:
+              expected_errors: np.ndarray | None, names: list[str] | None, dimension: int | None) -> LandmarkSet:
     """Validate labels, apply `dimension` and the name order of `names`."""
     _check_labels(path, labels)
-    landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), confidences)
+    landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), confidences, expected_errors)
     return landmarks if names is None else landmarks.reordered(_check_names(path, labels, names))
 
 
@@ -190,18 +192,20 @@ def _status_texts(landmarks: LandmarkSet, status: list[str] | None) -> list[str]
     return status
 
 
-def _confidence_text(landmarks: LandmarkSet, i: int) -> str:
-    if landmarks.confidences is None or not np.isfinite(landmarks.confidences[i]):
+def _value_text(values: np.ndarray | None, i: int) -> str:
+    if values is None or not np.isfinite(values[i]):
         return ""
-    return _number_text(landmarks.confidences[i])
+    return _number_text(values[i])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Slicer markups JSON
 
 
-def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None]:
-    """Labels, descriptions, (N, 3) LPS points (NaN rows = missing) and optional (N,) confidences.
+def _read_markups_json(path: Path
+                        ) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Labels, descriptions, (N, 3) LPS points (NaN rows = missing), optional (N,) confidences and
+    expected errors.
 
     Schema v1.0.0 has no coordinateUnits and no measurements (defaults: mm, no confidences); v1.0.4 may
     give the units as a code triplet ["mm", "UCUM", "millimeter"].
@@ -260,26 +264,28 @@ def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np
                             "\"missing\")")
     if system == "RAS":
         points = ras_to_lps(points)
-    return labels, descriptions, points, _read_confidence_measurement(path, markup, len(labels))
+    return (labels, descriptions, points,
+            _read_point_measurement(path, markup, len(labels), CONFIDENCE_MEASUREMENT),
+            _read_point_measurement(path, markup, len(labels), EXPECTED_ERROR_MEASUREMENT))
 
 
-def _read_confidence_measurement(path: Path, markup: dict, count: int) -> np.ndarray | None:
-    """(count,) values of the "confidence" measurement (NaN = unknown), or None without one."""
+def _read_point_measurement(path: Path, markup: dict, count: int, name: str) -> np.ndarray | None:
+    """(count,) values of the measurement `name` (NaN = unknown), or None without one."""
     for measurement in markup.get("measurements", []):
-        if isinstance(measurement, dict) and measurement.get("name") == CONFIDENCE_MEASUREMENT:
+        if isinstance(measurement, dict) and measurement.get("name") == name:
             values = measurement.get("controlPointValues")
             if not isinstance(values, list) or len(values) != count:
                 # A confidence is only meaningful per control point; a node-level value is not one.
-                logger.warning("%s: ignoring the confidence measurement (no value per control point)", path)
+                logger.warning("%s: ignoring the %s measurement (no value per control point)", path, name)
                 return None
             try:
                 return np.asarray(values, dtype=np.float64)
             except (TypeError, ValueError):
-                raise DataError(f"{path}: the confidence measurement holds non-numeric values") from None
+                raise DataError(f"{path}: the {name} measurement holds non-numeric values") from None
     return None
 
 
-def _markups_json_text(landmarks: LandmarkSet, status: list[str]) -> str:
+def _markups_json_text(landmarks: LandmarkSet, status: list[str], unit: str) -> str:
     points = landmarks.points_lps
     if landmarks.dimension == 2:
         points = np.concatenate([points, np.zeros((len(points), 1))], axis=1)
@@ -294,11 +300,17 @@ def _markups_json_text(landmarks: LandmarkSet, status: list[str]) -> str:
         })
     markup: dict = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
                     "controlPoints": control_points}
+    # Unknown values are written as NaN: not strict JSON, but exactly what Slicer itself writes and
+    # reads for measurement values (it rejects null there).
+    measurements = []
     if landmarks.confidences is not None:
-        # Unknown confidences are written as NaN: not strict JSON, but exactly what Slicer itself writes
-        # and reads for measurement values (it rejects null there).
-        markup["measurements"] = [{"name": CONFIDENCE_MEASUREMENT, "enabled": True,
-                                   "controlPointValues": [float(c) for c in landmarks.confidences]}]
+        measurements.append({"name": CONFIDENCE_MEASUREMENT, "enabled": True,
+                             "controlPointValues": [float(c) for c in landmarks.confidences]})
+    if landmarks.expected_errors is not None:
+        measurements.append({"name": EXPECTED_ERROR_MEASUREMENT, "enabled": True, "units": unit,
+                             "controlPointValues": [float(e) for e in landmarks.expected_errors]})
+    if measurements:
+        markup["measurements"] = measurements
     return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [markup]}, indent=2) + "\n"
 
 
@@ -403,13 +415,12 @@ def _landmark_column(path: Path, header: list[str]) -> str:
 
 def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, str]]],
                  dimension: int | None, image_column: str | None
-                 ) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float]]]]:
-    """Landmark names in first-seen order and {image: {landmark: (point, confidence)}}."""
+                 ) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float, float]]]]:
+    """Landmark names in first-seen order and {image: {landmark: (point, confidence, expected error)}}."""
     axes = _table_axes(path, header, dimension)
     landmark_column = _landmark_column(path, header)
-    has_confidence = "confidence" in header
     names: list[str] = []
-    table: dict[str, dict[str, tuple[list[float], float]]] = {}
+    table: dict[str, dict[str, tuple[list[float], float, float]]] = {}
     for line, row in rows:
         image = (row.get(image_column) or "").strip() if image_column else ""
         name = (row.get(landmark_column) or "").strip()
@@ -420,28 +431,31 @@ def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, 
         point = [_parse_float(row.get(axis) or "", path, line, axis, name) for axis in axes]
         if not all(math.isfinite(v) for v in point):
             point = [math.nan] * len(axes)
-        confidence = _parse_float(row.get("confidence") or "", path, line, "confidence", name) \
-            if has_confidence else math.nan
+        confidence, expected_error = (_parse_float(row.get(column) or "", path, line, column, name)
+                                      if column in header else math.nan
+                                      for column in ("confidence", EXPECTED_ERROR_COLUMN))
         per_image = table.setdefault(image, {})
         if name in per_image:
             where = f" for image '{image}'" if image_column else ""
             raise DataError(f"{path}, line {line}: landmark '{name}' occurs more than once{where}")
-        per_image[name] = (point, confidence)
+        per_image[name] = (point, confidence, expected_error)
         if name not in names:
             names.append(name)
     return names, table
 
 
-def _table_set(names: list[str], entries: dict[str, tuple[list[float], float]],
-               dimension: int, has_confidence: bool) -> LandmarkSet:
+def _table_set(names: list[str], entries: dict[str, tuple[list[float], float, float]],
+               dimension: int, header: list[str]) -> LandmarkSet:
     points = np.full((len(names), dimension), np.nan)
-    confidences = np.full(len(names), np.nan) if has_confidence else None
+    per_point = [np.full(len(names), np.nan) if column in header else None
+                 for column in ("confidence", EXPECTED_ERROR_COLUMN)]
     for i, name in enumerate(names):
         if name in entries:
-            points[i], confidence = entries[name]
-            if confidences is not None:
-                confidences[i] = confidence
-    return LandmarkSet(names, points, confidences)
+            points[i], *values = entries[name]
+            for column, value in zip(per_point, values):
+                if column is not None:
+                    column[i] = value
+    return LandmarkSet(names, points, *per_point)
 
 
 def _read_single_csv(path: Path, names: list[str] | None, dimension: int | None) -> LandmarkSet:
@@ -453,15 +467,14 @@ def _read_single_csv(path: Path, names: list[str] | None, dimension: int | None)
                         "read it with read_landmarks_csv")
     entries = next(iter(table.values()), {})
     point_dimension = len(_table_axes(path, header, dimension))
-    return _table_set(_check_names(path, found, names), entries, point_dimension,
-                      "confidence" in header)
+    return _table_set(_check_names(path, found, names), entries, point_dimension, header)
 
 
 def _table_rows(landmarks: LandmarkSet) -> Iterable[list[str]]:
     """[landmark, x, y[, z], confidence] cells; blank coordinates for missing landmarks."""
     for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
         coordinates = [_number_text(v) if present else "" for v in landmarks.points_lps[i]]
-        yield [name, *coordinates, _confidence_text(landmarks, i)]
+        yield [name, *coordinates, _value_text(landmarks.confidences, i)]
 
 
 def _csv_text(header: list[str], rows: Iterable[list[str]]) -> str:
@@ -500,12 +513,12 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
     if kind == "csv":
         return _read_single_csv(path, names, dimension)
     if kind == "json":
-        labels, descriptions, points, confidences = _read_markups_json(path)
+        labels, descriptions, points, confidences, expected_errors = _read_markups_json(path)
     else:
         labels, descriptions, points = _read_fcsv(path)
-        confidences = None
+        confidences, expected_errors = None, None
     labels = labels_or_descriptions(path, labels, descriptions, names)
-    return _make_set(path, labels, points, confidences, names, dimension)
+    return _make_set(path, labels, points, confidences, expected_errors, names, dimension)
 
 
 def table_index_to_physical(path: Path, image: str, index: np.ndarray,
@@ -559,7 +572,7 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
     for image, entries in table.items():
         if wanted is not None and image not in wanted:
             continue
-        landmarks = _table_set(names, entries, point_dimension, "confidence" in header)
+        landmarks = _table_set(names, entries, point_dimension, header)
         if coordinates == "index":
             landmarks.points_lps = table_index_to_physical(path, image, landmarks.points_lps, geometries)
         result[image] = landmarks
@@ -567,14 +580,15 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
 
 
 def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
-                    status: list[str] | None = None) -> None:
+                    status: list[str] | None = None, unit: str = "mm") -> None:
     """Write one image's landmarks as .mrk.json/.json, .fcsv or .csv (LPS), replacing atomically.
 
     .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, units mm), one control point per
     landmark (label = name, id "1".."N"; 2D points get z = 0; NaN rows get positionStatus "missing");
-    confidences as a markup measurement "confidence" with one value per control point. .fcsv:
-    version 4.11, LPS, missing landmarks left out. .csv: ``landmark,x,y[,z],confidence[,status]``
-    with blank cells for missing values.
+    confidences as a markup measurement "confidence" with one value per control point, expected
+    errors (when known) as a measurement "expected error" in `unit`. .fcsv: version 4.11, LPS,
+    missing landmarks left out (no confidences). .csv:
+    ``landmark,x,y[,z],confidence[,expected_error][,status]`` with blank cells for missing values.
 
     Args:
         landmarks: the landmarks, points_lps (N, 2|3).
@@ -591,13 +605,16 @@ def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
     kind = _format(path)
     texts = _status_texts(landmarks, status)
     if kind == "json":
-        text = _markups_json_text(landmarks, texts)
+        text = _markups_json_text(landmarks, texts, unit)
     elif kind == "fcsv":
         text = _fcsv_text(landmarks, texts)
     else:
         axes = ["x", "y", "z"][:landmarks.dimension]
         header = ["landmark", *axes, "confidence"]
         rows = list(_table_rows(landmarks))
+        if landmarks.expected_errors is not None:
+            header.append(EXPECTED_ERROR_COLUMN)
+            rows = [[*row, _value_text(landmarks.expected_errors, i)] for i, row in enumerate(rows)]
         if status is not None:
             header.append("status")
             rows = [[*row, note] for row, note in zip(rows, texts)]

@@ -1,17 +1,23 @@
 """Accuracy on held-out deformed copies of a training image (for single-template models such as brain-afids-32).
 
     python benchmarks/shared_data/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
-        [--single-resolution]
+        [--single-resolution] [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000]]
 
 Each copy is the image pushed through a random rigid + scaling + smooth elastic transform (seeds the
 training never drew) on a 1 mm grid, with its landmarks mapped through the exact inverse; a copy
 with its whole header rigidly moved (rotation and translation of origin/direction) is added too.
 Prints one JSON line per copy and a summary line (mean/median error in mm).
+
+With --calibrate, the expected-error calibration is first fitted on other deformed copies (seeds
+from --calibration-seed; its held-out figures cross-validated by copy) and written with the model to
+OUT; the evaluation copies then also score it (AUROC of flagging points beyond 3 mm, mean expected
+against mean measured error): copies neither the network nor the calibration saw.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -20,6 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from SCNLandmarksLib.bundle import save_description
+from SCNLandmarksLib.calibration import CHEAP_EVIDENCE, calibrate, calibrated_means, flagging_scores, measure
 from SCNLandmarksLib.config import AugmentationConfig
 from SCNLandmarksLib.data.augmentation import augmented_sample, rotation_matrix
 from SCNLandmarksLib.data.preparation import PreparedImage
@@ -27,6 +35,7 @@ from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import read_landmarks
+from SCNLandmarksLib.landmark_set import LandmarkSet
 
 DEFORMATION = AugmentationConfig(translation=15.0, rotation_deg=15.0, scale=0.1, scale_per_axis=0.05,
                                  elastic_mm=4.0, elastic_control_spacing_mm=40.0,
@@ -54,10 +63,28 @@ def moved_header(image: sitk.Image, points: np.ndarray, degrees: tuple[float, fl
     return moved, points @ rotation.T + np.asarray(translation)
 
 
-def errors_of(predictor: Predictor, image: sitk.Image, truth: np.ndarray, refine: bool) -> tuple[np.ndarray, float]:
+def errors_of(predictor: Predictor, image: sitk.Image, truth: np.ndarray, refine: bool
+              ) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Point errors, expected errors (None: model not calibrated) and detection seconds."""
     started = time.perf_counter()
     prediction = predictor.predict(image, refine=refine)
-    return np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1), time.perf_counter() - started
+    return (np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1), prediction.landmarks.expected_errors,
+            time.perf_counter() - started)
+
+
+def calibrate_on_copies(predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int,
+                        out: str) -> Predictor:
+    """Fit the expected-error calibration on deformed copies and write the calibrated model to `out`."""
+    names = predictor.landmark_names
+    cases = ((f"seed {seed + n}", *deformed_copy(image, truth, seed + n)) for n in range(copies))
+    measured = measure(predictor, ((i, copy, LandmarkSet(names, points)) for i, copy, points in cases),
+                       lambda done, case: print(f"calibration copy {done}/{copies} ({case})", flush=True))
+    calibration, comparison = calibrate(predictor, measured, CHEAP_EVIDENCE, {"> 3 mm": 3.0}, 5,
+                                        f"{copies} deformed copies of the template, seeds {seed}-{seed + copies - 1}")
+    save_description(predictor.path, out, dataclasses.replace(predictor.description, calibration=calibration))
+    print(json.dumps({"calibrated model": out, "evidence": calibration.evidence, "weights": calibration.weights,
+                      "held_out": calibration.fitted_on["held_out"], "evidence_compared": comparison}))
+    return Predictor.from_file(out, predictor.device)
 
 
 def main() -> None:
@@ -70,20 +97,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--single-resolution", action="store_true",
                         help="skip a coarse-to-fine model's refinement (the coarse SCN alone), for comparison")
+    parser.add_argument("--calibrate", metavar="OUT", help="fit the expected-error calibration first, write the "
+                        "calibrated model here")
+    parser.add_argument("--calibration-copies", type=int, default=30)
+    parser.add_argument("--calibration-seed", type=int, default=2000)
     args = parser.parse_args()
     predictor = Predictor.from_file(args.model, args.device)
     image = read_image(args.image, predictor.dimension)
     truth = read_landmarks(args.landmarks, names=predictor.landmark_names, dimension=predictor.dimension).points_lps
+    if args.calibrate:
+        predictor = calibrate_on_copies(predictor, image, truth, args.calibration_copies, args.calibration_seed,
+                                        args.calibrate)
     cases = {"original": (image, truth),
              "moved header (12, -8, 10 deg; 25, -40, 30 mm)": moved_header(image, truth, (12.0, -8.0, 10.0),
                                                                          (25.0, -40.0, 30.0))}
     for number in range(args.copies):
         cases[f"deformed copy seed {args.seed + number}"] = deformed_copy(image, truth, args.seed + number)
-    deformed = []
+    deformed, expected = [], []
     for name, (case_image, case_truth) in cases.items():
-        errors, seconds = errors_of(predictor, case_image, case_truth, refine=not args.single_resolution)
+        errors, expected_errors, seconds = errors_of(predictor, case_image, case_truth, refine=not args.single_resolution)
         if name.startswith("deformed"):
             deformed.append(errors)
+            expected.append(expected_errors)
         print(json.dumps({"case": name, "mean_mm": round(float(np.nanmean(errors)), 2),
                           "median_mm": round(float(np.nanmedian(errors)), 2),
                           "max_mm": round(float(np.nanmax(errors)), 2), "missed": int(np.isnan(errors).sum()),
@@ -94,6 +129,11 @@ def main() -> None:
         print(json.dumps({"case": f"all {len(deformed)} deformed copies", "mean_mm": round(float(np.nanmean(errors)), 2),
                           "median_mm": round(float(np.nanmedian(errors)), 2),
                           "max_mm": round(float(np.nanmax(errors)), 2), "missed": int(np.isnan(errors).sum())}))
+        if predictor.calibration is not None:
+            measured, predicted = np.array(deformed), np.array(expected)
+            print(json.dumps({"case": f"expected error on the {len(deformed)} deformed copies",
+                              **flagging_scores(predicted, measured, {"> 3 mm": 3.0}),
+                              "per_landmark": calibrated_means(predictor.landmark_names, predicted, measured)}))
 
 
 if __name__ == "__main__":

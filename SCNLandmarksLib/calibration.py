@@ -1,0 +1,427 @@
+"""Expected error per landmark: how a model's point error grows as the network's evidence weakens.
+
+A `Calibration`, fitted on validation images whose landmarks are known and stored in the model
+file, turns the evidence behind each detected point into an expected error in the model's unit:
+
+    expected error = base error of the landmark * exp(sum_k weight_k * evidence_k)
+
+Every evidence measure is 0 for a textbook detection and grows as the evidence weakens, and every
+weight is >= 0, so the expected error never falls as the evidence weakens. The fit is least squares
+on the logarithm of the measured error (robust to the few gross errors that dominate a mean), with
+one base per landmark (Sella is easier than Gonion) shrunk towards the pooled base, then scaled so
+that the mean expected error of each landmark equals its mean measured error on the fitting images.
+
+Evidence measures (`EVIDENCE`; all dimensionless):
+  peak: -log of the heatmap peak over the ideal peak of the landmark's learned Gaussian.
+  width: log of the heatmap's spread around its peak (RMS radius within two sigmas) over the sigma.
+  refinement_shift: log(1 + distance between the coarse and the refined point in coarse grid cells),
+      for coarse-to-fine models.
+  shift_spread: log(1 + RMS distance of the points found on the coarse grid shifted by half a cell,
+      in cells); costs two more coarse network passes, so it is computed only when a calibration uses it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import DataError, ModelFileError
+from .io.atomic import write_text_atomically
+from .landmark_set import LandmarkSet
+
+EVIDENCE = ("peak", "width", "refinement_shift", "shift_spread")
+CHEAP_EVIDENCE = ("peak", "width", "refinement_shift")  # from the passes detection runs anyway
+# The heatmap spread is measured within this many sigmas of the peak (beyond it lie other landmarks).
+WIDTH_WINDOW_SIGMAS = 2.0
+# Errors below this fraction of a landmark's median error are raised to it before the logarithm:
+# the truth's own noise makes smaller errors meaningless, and log(0) is not a number.
+ERROR_FLOOR = 0.1
+# Weight of the pooled base against a landmark's own errors, in images: few images pull a landmark's
+# base towards the pooled one.
+BASE_PRIOR_IMAGES = 3.0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A model's expected-error calibration (see the module docstring).
+
+    Attributes:
+        landmark_names: the model's landmarks, in model order.
+        base_errors: expected error of each landmark when every evidence measure is 0 (model unit).
+        evidence: the evidence measures used, a subset of EVIDENCE.
+        weights: one weight >= 0 per evidence measure.
+        usual_errors: mean measured error of each landmark on the fitting images; a point whose
+            expected error exceeds it is flagged for review.
+        fitted_on: how it was fitted and what it scored held out (dataset, split, images, figures).
+    """
+
+    landmark_names: tuple[str, ...]
+    base_errors: tuple[float, ...]
+    evidence: tuple[str, ...]
+    weights: tuple[float, ...]
+    usual_errors: tuple[float, ...]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def expected_errors(self, evidence: dict[str, np.ndarray]) -> np.ndarray:
+        """(N,) expected error per landmark from its evidence (NaN where a measure is NaN)."""
+        score = np.zeros(len(self.landmark_names))
+        for name, weight in zip(self.evidence, self.weights):
+            score = score + weight * np.asarray(evidence[name], dtype=np.float64)
+        return np.asarray(self.base_errors) * np.exp(score)
+
+    def flagged(self, expected_errors: np.ndarray) -> np.ndarray:
+        """(N,) bool: the points expected to be worse than their landmark usually is."""
+        with np.errstate(invalid="ignore"):
+            return np.asarray(expected_errors) > np.asarray(self.usual_errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"landmark_names": list(self.landmark_names), "base_errors": list(self.base_errors),
+                "evidence": list(self.evidence), "weights": list(self.weights),
+                "usual_errors": list(self.usual_errors), "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_json(cls, values: Any, landmark_names: tuple[str, ...], source: str) -> Calibration:
+        """Parse and check a model file's calibration section.
+
+        Raises:
+            ModelFileError: naming `source`, when the section is malformed or its landmarks are not
+                the model's.
+        """
+        try:
+            calibration = cls(tuple(str(n) for n in values["landmark_names"]),
+                              tuple(float(v) for v in values["base_errors"]),
+                              tuple(str(e) for e in values["evidence"]), tuple(float(w) for w in values["weights"]),
+                              tuple(float(v) for v in values["usual_errors"]), dict(values.get("fitted_on") or {}))
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise ModelFileError(f"{source}: malformed calibration section ({error!r})") from None
+        if calibration.landmark_names != tuple(landmark_names):
+            raise ModelFileError(f"{source}: the calibration is for landmarks {list(calibration.landmark_names)}, "
+                                 f"not the model's {list(landmark_names)}")
+        count = len(landmark_names)
+        if len(calibration.base_errors) != count or len(calibration.usual_errors) != count:
+            raise ModelFileError(f"{source}: the calibration needs one base and one usual error per landmark")
+        unknown = [e for e in calibration.evidence if e not in EVIDENCE]
+        if unknown or len(calibration.weights) != len(calibration.evidence):
+            raise ModelFileError(f"{source}: calibration evidence {list(calibration.evidence)} with weights "
+                                 f"{list(calibration.weights)}: expected one weight per measure of {list(EVIDENCE)}")
+        values_ok = [*calibration.base_errors, *calibration.usual_errors]
+        if not all(math.isfinite(v) and v > 0 for v in values_ok) or min(calibration.weights, default=0.0) < 0:
+            raise ModelFileError(f"{source}: calibration errors must be positive and weights non-negative")
+        return calibration
+
+
+# ----------------------------------------------------------------------------------------------------
+# evidence from heatmaps
+
+
+def peak_evidence(heatmaps: torch.Tensor, index: torch.Tensor, value: torch.Tensor, ideal: torch.Tensor,
+                  sigmas: torch.Tensor, spacing: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """The "peak" and "width" evidence of each landmark's heatmap.
+
+    Args:
+        heatmaps: (N, [z,] y, x) on a grid of `spacing`.
+        index: (N, d) refined peak indices (x, y[, z]); value: (N,) peak values; ideal: (N,) the
+            peak of a perfect target; sigmas: (N,) learned sigmas, in the unit of `spacing`.
+    """
+    ratio = (value / ideal).double().cpu().numpy()
+    peak = -np.log(np.clip(ratio, 1e-3, None))
+    d = heatmaps.dim() - 1
+    spacing_zyx = torch.tensor(spacing[::-1], dtype=torch.float64)
+    width = np.empty(len(ratio))
+    for k in range(len(ratio)):
+        sigma = float(sigmas[k])
+        centre_zyx = index[k].flip(0).double().cpu()
+        half = [max(1, math.ceil(WIDTH_WINDOW_SIGMAS * sigma / s)) for s in spacing[::-1]]
+        low = [max(0, int(round(float(c))) - h) for c, h in zip(centre_zyx, half)]
+        high = [min(size, int(round(float(c))) + h + 1) for c, size, h in zip(centre_zyx, heatmaps.shape[1:], half)]
+        window = heatmaps[(k, *(slice(a, b) for a, b in zip(low, high)))].double().cpu().clamp(min=0.0)
+        axes = torch.meshgrid(*(torch.arange(a, b, dtype=torch.float64) for a, b in zip(low, high)), indexing="ij")
+        squared = sum(((axis - c) * s) ** 2 for axis, c, s in zip(axes, centre_zyx, spacing_zyx))
+        total = float(window.sum())
+        spread = math.sqrt(float((window * squared).sum()) / total / d) if total > 0 else WIDTH_WINDOW_SIGMAS * sigma
+        width[k] = math.log(max(spread, 1e-3 * sigma) / sigma)
+    return {"peak": peak, "width": width}
+
+
+def distance_evidence(points: np.ndarray, others: list[np.ndarray], cell: float) -> np.ndarray:
+    """log(1 + RMS distance from `points` to the `others`, in grid cells of size `cell`)."""
+    squared = np.mean([np.sum((other - points) ** 2, axis=1) for other in others], axis=0)
+    return np.log1p(np.sqrt(squared) / cell)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fitting and scoring
+
+
+def _floored_log_errors(errors: np.ndarray) -> np.ndarray:
+    """log(error), each landmark's errors floored at ERROR_FLOOR times its median error."""
+    floor = ERROR_FLOOR * np.nanmedian(errors, axis=0, keepdims=True)
+    return np.log(np.maximum(errors, np.maximum(floor, 1e-9)))
+
+
+def fit_calibration(landmark_names: list[str], errors: np.ndarray, evidence: dict[str, np.ndarray],
+                    measures: tuple[str, ...], fitted_on: dict[str, Any] | None = None) -> Calibration:
+    """Fit a calibration to measured errors.
+
+    Args:
+        errors: (images, N) measured point errors (NaN: landmark missed or without truth: ignored).
+        evidence: measure -> (images, N) evidence of the same points.
+        measures: the evidence measures to use; one whose least-squares weight comes out negative
+            (stronger evidence, larger error) is dropped and the fit repeated, so the model stays monotone.
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    usable = np.isfinite(errors) & np.all([np.isfinite(evidence[m]) for m in measures] or [True], axis=0)
+    if usable.sum(axis=0).min() < 2:
+        raise ValueError("every landmark needs at least two detected points with known truth to calibrate")
+    target = _floored_log_errors(np.where(usable, errors, np.nan))
+    used = list(measures)
+    while True:
+        offsets, weights = _least_squares(target, {m: evidence[m] for m in used}, usable)
+        negative = [m for m, w in zip(used, weights) if w < 0]
+        if not negative:
+            break
+        used.remove(min(negative, key=lambda m: weights[used.index(m)]))
+    score = sum((w * np.where(usable, evidence[m], 0.0) for m, w in zip(used, weights)), np.zeros_like(errors))
+    relative = np.where(usable, np.exp(offsets[None, :] + score), np.nan)
+    measured_mean = np.nanmean(np.where(usable, errors, np.nan), axis=0)
+    # Scale each landmark so that its mean expected error is its mean measured error.
+    base = np.exp(offsets) * measured_mean / np.nanmean(relative, axis=0)
+    return Calibration(tuple(landmark_names), tuple(float(b) for b in base), tuple(used),
+                       tuple(float(w) for w in weights), tuple(float(v) for v in measured_mean), fitted_on or {})
+
+
+def _least_squares(target: np.ndarray, evidence: dict[str, np.ndarray], usable: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-landmark offsets (shrunk towards their mean) and shared weights minimising the squared
+    residual of the log errors."""
+    rows, cols = np.nonzero(usable)
+    count = target.shape[1]
+    design = np.zeros((len(rows), count + len(evidence)))
+    design[np.arange(len(rows)), cols] = 1.0
+    for k, values in enumerate(evidence.values()):
+        design[:, count + k] = values[rows, cols]
+    y = target[rows, cols]
+    # Shrinkage: BASE_PRIOR_IMAGES pseudo-observations pull each offset towards the pooled offset.
+    pooled = float(np.mean(y))
+    prior = np.zeros((count, design.shape[1]))
+    prior[np.arange(count), np.arange(count)] = math.sqrt(BASE_PRIOR_IMAGES)
+    solution, *_ = np.linalg.lstsq(np.vstack([design, prior]),
+                                   np.concatenate([y, np.full(count, math.sqrt(BASE_PRIOR_IMAGES) * pooled)]),
+                                   rcond=None)
+    return solution[:count], solution[count:]
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for telling `positive` points (NaN scores ignored);
+    NaN when one class is empty. Ties count one half (Mann-Whitney)."""
+    scores, positive = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positive, dtype=bool).ravel()
+    keep = np.isfinite(scores)
+    scores, positive = scores[keep], positive[keep]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def flagging_scores(expected: np.ndarray, errors: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+    """How well expected errors flag bad points: AUROC per threshold, and the means they compare.
+
+    Args:
+        expected, errors: (images, N) expected and measured errors (NaN = not detected / no truth).
+        thresholds: label -> error threshold in the model unit (points beyond it should be flagged).
+    """
+    both = np.isfinite(expected) & np.isfinite(errors)
+    result: dict[str, Any] = {"points": int(both.sum()),
+                              "mean_expected": float(np.mean(expected[both])) if both.any() else math.nan,
+                              "mean_measured": float(np.mean(errors[both])) if both.any() else math.nan,
+                              "auroc": {}}
+    for label, threshold in thresholds.items():
+        result["auroc"][label] = {"threshold": float(threshold), "points_beyond": int((errors[both] > threshold).sum()),
+                                  "auroc": auroc(expected[both], errors[both] > threshold)}
+    return result
+
+
+def cross_validated_expected(landmark_names: list[str], errors: np.ndarray, evidence: dict[str, np.ndarray],
+                             measures: tuple[str, ...], folds: int) -> np.ndarray:
+    """(images, N) expected errors, each image's from a calibration fitted without it (images in
+    `folds` interleaved groups): held-out figures from the validation images alone."""
+    expected = np.full(errors.shape, np.nan)
+    for fold in range(folds):
+        held_out = np.arange(len(errors)) % folds == fold
+        calibration = fit_calibration(landmark_names, errors[~held_out],
+                                      {m: v[~held_out] for m, v in evidence.items()}, measures)
+        for i in np.flatnonzero(held_out):
+            expected[i] = calibration.expected_errors({m: v[i] for m, v in evidence.items()})
+    return expected
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring a model on images with known landmarks
+
+
+@dataclass
+class Measurements:
+    """A model's errors and evidence on images whose landmarks are known.
+
+    Attributes:
+        image_ids: one per row.
+        errors: (images, N) point errors in the model unit (NaN: missed, or no truth).
+        evidence: measure -> (images, N) values, every measure of EVIDENCE.
+        expected: (images, N) expected errors of the model's own calibration (None: not calibrated).
+    """
+
+    image_ids: list[str]
+    errors: np.ndarray
+    evidence: dict[str, np.ndarray]
+    expected: np.ndarray | None = None
+
+
+def measure(predictor: Any, cases: Iterable[tuple[str, sitk.Image, LandmarkSet]],
+            progress: Callable[[int, str], None] | None = None) -> Measurements:
+    """Detect on each (id, image, truth) case with every evidence measure on; truths in model order."""
+    kept = predictor.evidence_measures
+    predictor.evidence_measures = EVIDENCE
+    ids, errors, expected = [], [], []
+    evidence: dict[str, list[np.ndarray]] = {m: [] for m in EVIDENCE}
+    try:
+        for number, (image_id, image, truth) in enumerate(cases, start=1):
+            prediction = predictor.predict(image, source=str(image_id))
+            ids.append(str(image_id))
+            errors.append(np.linalg.norm(prediction.landmarks.points_lps - truth.points_lps, axis=1))
+            for m in EVIDENCE:
+                evidence[m].append(prediction.evidence[m])
+            expected.append(prediction.landmarks.expected_errors)
+            if progress is not None:
+                progress(number, str(image_id))
+    finally:
+        predictor.evidence_measures = kept
+    return Measurements(ids, np.array(errors), {m: np.array(v) for m, v in evidence.items()},
+                        None if predictor.calibration is None else np.array(expected))
+
+
+def compare_evidence(names: list[str], measured: Measurements, thresholds: dict[str, float], folds: int
+                     ) -> dict[str, dict[str, Any]]:
+    """Held-out flagging scores (cross-validated by image) of calibrations using no evidence (a base
+    per landmark only), each measure alone, the cheap measures and all of them."""
+    candidates = {"landmark base only": (), **{m: (m,) for m in EVIDENCE},
+                  "cheap (" + " + ".join(CHEAP_EVIDENCE) + ")": CHEAP_EVIDENCE, "all": EVIDENCE}
+    return {label: flagging_scores(cross_validated_expected(names, measured.errors, measured.evidence, measures,
+                                                            folds), measured.errors, thresholds)
+            for label, measures in candidates.items()}
+
+
+def calibrated_means(names: list[str], expected: np.ndarray, errors: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per landmark: mean expected and mean measured error over the points that have both."""
+    result = {}
+    for j, name in enumerate(names):
+        both = np.isfinite(expected[:, j]) & np.isfinite(errors[:, j])
+        result[name] = {"expected": float(np.mean(expected[both, j])) if both.any() else math.nan,
+                        "measured": float(np.mean(errors[both, j])) if both.any() else math.nan}
+    return result
+
+
+def calibrate(predictor: Any, measured: Measurements, measures: tuple[str, ...], thresholds: dict[str, float],
+              folds: int, source: str) -> tuple[Calibration, dict[str, Any]]:
+    """Fit the calibration on all measured images, after scoring it held out (cross-validated by image).
+
+    Returns:
+        The calibration (its `fitted_on` holds the held-out figures) and the comparison of evidence
+        measures (`compare_evidence`).
+    """
+    unknown = [m for m in measures if m not in EVIDENCE]
+    if unknown:
+        raise DataError(f"unknown evidence measure(s) {unknown}; choose from {list(EVIDENCE)}")
+    names = predictor.landmark_names
+    held_out_expected = cross_validated_expected(names, measured.errors, measured.evidence, measures, folds)
+    held_out = flagging_scores(held_out_expected, measured.errors, thresholds)
+    held_out["per_landmark"] = calibrated_means(names, held_out_expected, measured.errors)
+    fitted_on = {"source": source, "images": len(measured.image_ids), "folds": folds,
+                 "thresholds": thresholds, "held_out": held_out}
+    calibration = fit_calibration(names, measured.errors, measured.evidence, measures, fitted_on)
+    return calibration, compare_evidence(names, measured, thresholds, folds)
+
+
+def dataset_cases(predictor: Any, dataset: str | Path, split: str
+                  ) -> tuple[int, Iterator[tuple[str, sitk.Image, LandmarkSet]]]:
+    """The number of images of a dataset split and its (id, image, truth) cases, read one at a time."""
+    from .data.spec import load_dataset_spec
+    from .io.images import read_image
+
+    spec = load_dataset_spec(dataset)
+    if list(spec.landmark_names) != predictor.landmark_names:
+        raise DataError(f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's "
+                        f"{predictor.landmark_names}")
+    entries = spec.split(split)
+    truths = spec.load_landmarks(entries)
+    return len(entries), ((e.id, read_image(e.image, predictor.dimension), truths[e.id]) for e in entries)
+
+
+def default_thresholds(unit: str, values: list[float] | None) -> dict[str, float]:
+    """Flagging thresholds by label ("> 3 mm"): the given values, or 3 mm for mm models.
+
+    Raises:
+        DataError: a pixel model without values (no error in pixels means the same on every image source).
+    """
+    if not values:
+        if unit != "mm":
+            raise DataError("give the error thresholds to flag points above (--flag-above, in px), e.g. twice and "
+                            "once the annotators' median disagreement")
+        values = [3.0]
+    return {f"> {v:g} {unit}": float(v) for v in values}
+
+
+# ----------------------------------------------------------------------------------------------------
+# review first, across images
+
+
+@dataclass(frozen=True)
+class ImageReview:
+    """One image's line of a batch's review summary."""
+
+    image: str
+    flagged: int | None          # points expected to be worse than usual (None: model not calibrated)
+    largest_expected_error: float  # NaN when not calibrated or nothing was found
+
+
+def review_summary(rows: Iterable[ImageReview]) -> list[ImageReview]:
+    """Images to look at first come first: the largest expected error, then the most flagged points,
+    then the image name; images without expected errors last."""
+    def key(row: ImageReview) -> tuple:
+        known = math.isfinite(row.largest_expected_error)
+        return (not known, -row.largest_expected_error if known else 0.0, -(row.flagged or 0), row.image)
+    return sorted(rows, key=key)
+
+
+def image_review(image: str, landmarks: LandmarkSet, flagged: np.ndarray | None) -> ImageReview:
+    """The review summary line of one image's prediction."""
+    expected = landmarks.expected_errors
+    finite = expected[np.isfinite(expected)] if expected is not None else np.empty(0)
+    return ImageReview(image, None if flagged is None else int(np.sum(flagged)),
+                       float(finite.max()) if finite.size else math.nan)
+
+
+def write_review_summary(path: str | Path, rows: Iterable[ImageReview], unit: str) -> Path:
+    """Write summary.csv: image, flagged points, largest expected error, review-first order."""
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}"])
+    for row in review_summary(rows):
+        writer.writerow([row.image, "" if row.flagged is None else row.flagged,
+                         f"{row.largest_expected_error:.2f}" if math.isfinite(row.largest_expected_error) else ""])
+    write_text_atomically(Path(path), stream.getvalue())
+    return Path(path)

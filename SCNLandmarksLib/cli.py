@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in importlib.metadata.entry_points(group="scn_landmarks.commands"):
         try:
             entry.load()(commands)
-        except ImportError as error:
+        except (ImportError, AttributeError) as error:  # a plugin of another installed version
             log.debug("command plugin %s not available: %s", entry.name, error)
     return parser
 

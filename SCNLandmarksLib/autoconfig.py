@@ -8,7 +8,6 @@ new model from the images' sizes and spacings and the time budget.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -171,10 +170,3 @@ def _training(iterations: int, batch_size: int, learning_rate: float) -> dict[st
     return {"iterations": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
             "validate_every": max(1, iterations // 10), "checkpoint_every": max(1, min(200, iterations // 10))}
 
-
-def with_training(config: Config, **changes: Any) -> Config:
-    """`config` with the given [training] settings changed in every stage."""
-    refinement = config.refinement
-    if refinement is not None:
-        refinement = dataclasses.replace(refinement, training=dataclasses.replace(refinement.training, **changes))
-    return dataclasses.replace(config, training=dataclasses.replace(config.training, **changes), refinement=refinement)

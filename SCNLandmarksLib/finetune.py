@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .autoconfig import (HELD_ASIDE_SPLIT, SPEC_NAME, TRAIN_SPLIT, default_augmentation, held_aside_ids,
-                         resolve_dataset, write_split_spec)
+from .autoconfig import (HELD_ASIDE_SPLIT, SPEC_NAME, default_augmentation, held_aside_ids, resolve_dataset,
+                         write_split_spec)
 from .bundle import ModelDescription, load_model, read_description, save_model
 from .config import Config, config_from_dict
 from .data.spec import load_dataset_spec

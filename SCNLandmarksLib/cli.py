@@ -1,5 +1,5 @@
-"""Command line: `scn-landmarks train | detect | evaluate | dataset | info`, plus `demo` and `serve`
-from the Slicer module's Qt-free packages when they are installed.
+"""Command line: `scn-landmarks train | finetune | detect | evaluate | calibrate | dataset | info`, plus
+`demo` and `serve` from the Slicer module's Qt-free packages when they are installed.
 
 Thin: parses arguments, calls the library, shows progress, turns user-facing errors into one
 clear line and exit status 2.
@@ -14,12 +14,18 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Cancelled, SCNLandmarksError
 from .vocabulary import HeatmapKind, LandmarkStatus
 
 log = logging.getLogger("scn-landmarks")
+
+class UsageError(Exception):
+    """Command-line arguments that do not go together."""
+
 
 LANDMARK_FORMATS = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv"}
 # Written by `detect` beside the landmark files: the images in the order to review them.
@@ -60,15 +66,13 @@ class TrainingProgress:
             self.last = now
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import train
-
-    config = load_config(args.config)
+@contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """A cancel callback for training: the first Ctrl-C finishes the iteration, checkpoints and
+    stops (resumable); a second one aborts."""
     interrupted = []
 
     def on_interrupt(signum, frame) -> None:
-        # First Ctrl-C: finish the iteration, checkpoint, stop (resumable). A second one aborts.
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(signum)
@@ -76,12 +80,60 @@ def _train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress(),
-                       cancel=lambda: bool(interrupted))
+        yield lambda: bool(interrupted)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _minutes_to_seconds(minutes: float | None) -> float | None:
+    return None if minutes is None else minutes * 60.0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    if (args.config is None) == (args.dataset is None):
+        raise UsageError("give either a configuration file or --dataset SPEC --out DIR")
+    if args.config is not None:
+        config = load_config(args.config)
+    else:
+        from .autoconfig import config_for_dataset
+        from .inference import resolve_device
+
+        if args.out is None:
+            raise UsageError("--dataset needs --out DIR")
+        config = config_for_dataset(args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda")
+        print(f"configuration derived from the dataset: {Path(config.output_dir) / 'config.toml'} "
+              "(edit it and rerun with `scn-landmarks train` on it)", file=sys.stderr)
+    with _interruptible() as cancel:
+        result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress(), cancel=cancel,
+                       time_budget_s=_minutes_to_seconds(args.minutes))
     print(json.dumps({"model": str(result.model_path), "iterations": result.iterations,
                       "best_validation_mean_error": result.best_validation_error}))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    with _interruptible() as cancel:
+        result = finetune(args.base_model, args.dataset, args.out, minutes=args.minutes, iterations=args.iterations,
+                          device=args.device, progress=TrainingProgress(), cancel=cancel, overwrite=args.overwrite)
+    unit = result.unit
+    if result.outcome == "kept base":
+        print(f"the new model is not better on the {len(result.held_aside)} held-aside cases "
+              f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
+              f"keeping the base model as {result.model_path}", file=sys.stderr)
+    elif result.outcome == "improved":
+        print(f"the new model is better on the {len(result.held_aside)} held-aside cases "
+              f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
+              f"{result.model_path}", file=sys.stderr)
+    elif result.outcome == "not validated":
+        print(f"not validated: fewer than 5 cases, all used for training: {result.model_path}", file=sys.stderr)
+    else:
+        print(f"new landmarks: the base cannot be compared on them: {result.model_path}", file=sys.stderr)
+    print(json.dumps(result.summary()))
     return 0
 
 
@@ -215,11 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model from a configuration TOML")
-    train.add_argument("config", help="training configuration (.toml)")
+    train = commands.add_parser("train", help="train a model from a configuration TOML, or from a dataset alone")
+    train.add_argument("config", nargs="?", help="training configuration (.toml)")
+    train.add_argument("--dataset", help="instead of a configuration: a dataset spec or training folder; the "
+                       "configuration is derived from its images and written to DIR/config.toml")
+    train.add_argument("--out", help="output folder (with --dataset)")
+    train.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model so far")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.set_defaults(run=_train)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a model on corrected cases (nothing to configure)")
+    finetune.add_argument("base_model", help="the model to start from (.safetensors)")
+    finetune.add_argument("dataset", help="dataset spec (.toml) or a training folder ('Save as training pair')")
+    finetune.add_argument("--out", required=True, help="output folder: model.safetensors, MODEL_CARD.md, training/")
+    finetune.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model")
+    finetune.add_argument("--iterations", type=int, help="iterations per stage (default: derived from the base)")
+    finetune.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    finetune.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    finetune.set_defaults(run=_finetune)
 
     detect = commands.add_parser("detect", help="detect landmarks on images")
     detect.add_argument("model", help="model file (.safetensors)")
@@ -290,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in importlib.metadata.entry_points(group="scn_landmarks.commands"):
         try:
             entry.load()(commands)
-        except (ImportError, AttributeError) as error:
+        except (ImportError, AttributeError) as error:  # a plugin of another installed version
             log.debug("command plugin %s not available: %s", entry.name, error)
     return parser
 
@@ -303,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as cancelled:
         print(f"cancelled: {cancelled}", file=sys.stderr)
         return 130
-    except SCNLandmarksError as error:
+    except (SCNLandmarksError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -164,8 +164,10 @@ class Config:
     """Everything a training run needs. Paths are relative to the TOML file.
 
     `initial_model`, when set, is a model file whose coarse network and sigmas start the coarse
-    stage (fine-tuning, e.g. a shipped model on your own images); it must have this config's
-    architecture, parameters and landmarks, except the training-only ones (dropout, initialisation).
+    stage, and its refinement network the refinement stage when it has one (fine-tuning, e.g. a
+    shipped model on your own images); it must have this config's architecture and parameters,
+    except the training-only ones (dropout, initialisation). With other landmark names only its
+    local-appearance body is reused and the landmark heads start anew.
     """
 
     dataset: Path

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
-from .bundle import LoadedModel, ModelDescription, Stage, StageDescription, load_model, save_model
+from .bundle import (LoadedModel, ModelDescription, Stage, StageDescription, load_model, read_description,
+                     save_model)
 from .config import (AugmentationConfig, Config, GridConfig, HeatmapConfig, ModelConfig, TrainingConfig,
                      config_to_dict, save_config)
 from .data.augmentation import augmented_sample, swap_permutation
@@ -37,7 +38,7 @@ from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
-from .models import TRAINING_ONLY_PARAMS, build_model, default_params
+from .models import HEAD_PREFIXES, TRAINING_ONLY_PARAMS, build_model, default_params
 from .vocabulary import Cancel
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class StageTrainer:
     checkpoint and best validation score.
 
     Args:
-        initial_model: a model file whose coarse network and sigmas start this stage (fine-tuning).
+        initial_model: a model file whose network and sigmas of this stage start it (fine-tuning).
         initial_best: the validation score to beat before exporting a best model (a refinement that
             never beats the coarse model's best score is not shipped).
     Raises:
@@ -250,24 +251,48 @@ class StageTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _learning_rate_factor(settings.training))
 
     def _start_from(self, path: Path, names: list[str]) -> None:
-        """Copy a model file's coarse network and sigmas into this stage."""
+        """Copy a model file's network and sigmas of this stage (coarse or refinement) into it (fine-tuning).
+
+        When the file's landmark names differ from `names`, only the landmark-independent weights
+        (the local-appearance body) are copied and the heads start anew; the sigmas of landmarks
+        present in both are kept.
+
+        Raises:
+            ModelFileError: the file is unreadable or was not made for this stage.
+        """
         loaded = load_model(path, "cpu")
         description = loaded.description
+        name = self.settings.name
+        theirs = description.stages.get(name)
+        if theirs is None:
+            raise ModelFileError(f"{path}: cannot start the {name} stage from this model: it has no {name} stage")
 
         def design(values: dict) -> dict:
             return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
 
-        mismatches = [what for what, ours, theirs in (
-            ("landmark names", names, list(description.landmark_names)),
-            ("architecture", self.settings.model.architecture, description.coarse.architecture),
-            ("network parameters", design(self.params), design(description.coarse.params))) if ours != theirs]
+        mismatches = [what for what, ours, base in (
+            ("architecture", self.settings.model.architecture, theirs.architecture),
+            ("network parameters", design(self.params), design(theirs.params))) if ours != base]
         if mismatches:
-            raise ModelFileError(f"{path}: cannot start training from this model: its {', '.join(mismatches)} "
-                                 "differ from the configuration's")
-        self.trainable.network.load_state_dict(loaded.coarse.network.state_dict())
+            raise ModelFileError(f"{path}: cannot start training from this model: its {name} stage's "
+                                 f"{', '.join(mismatches)} differ from the configuration's")
+        source = loaded.coarse if name == "coarse" else loaded.refinement
+        base_names = list(description.landmark_names)
+        if base_names == names:
+            self.trainable.network.load_state_dict(source.network.state_dict())
+            sigmas = source.sigmas.clone()
+            log.info("starting the %s stage from %s", name, path)
+        else:
+            body = {k: v for k, v in source.network.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+            self.trainable.network.load_state_dict(body, strict=False)
+            sigmas = self.trainable.sigmas().detach().cpu()
+            for i, landmark in enumerate(names):
+                if landmark in base_names:
+                    sigmas[i] = source.sigmas[base_names.index(landmark)]
+            log.info("starting the %s stage from the local-appearance weights of %s (other landmarks: new heads)",
+                     name, path)
         with torch.no_grad():
-            self.trainable.sigmas.log_sigma.copy_(loaded.coarse.sigmas.to(self.trainable.sigmas.log_sigma).log())
-        log.info("starting from %s", path)
+            self.trainable.sigmas.log_sigma.copy_(sigmas.to(self.trainable.sigmas.log_sigma).log())
 
     def resume(self) -> None:
         """Continue from this stage's checkpoint, exactly where it stopped (a refinement stage that never
@@ -409,13 +434,20 @@ class TrainingRun:
         return scores
 
     def train_stage(self, stage: StageTrainer, items: list[TrainingImage], permutation: list[int] | None,
-                    progress: Callable[[dict[str, Any]], None] | None, cancel: Cancel | None) -> TrainingResult:
-        """Run one stage to its end, validating, exporting the best model and checkpointing on the way."""
+                    progress: Callable[[dict[str, Any]], None] | None, cancel: Cancel | None,
+                    deadline: float | None = None) -> TrainingResult:
+        """Run one stage to its end, validating, exporting the best model and checkpointing on the way.
+
+        Args:
+            deadline: time.monotonic() at which the stage ends early, as if its last iteration were
+                reached (validated, best model exported, checkpointed; --resume continues it).
+        """
         training, main_process = stage.settings.training, self.context.main_process
         best_model = self.context.output_dir / BEST_MODEL
         for info in stage.steps(items, permutation):
             iteration = stage.iteration
-            last = iteration == training.iterations
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            last = iteration == training.iterations or out_of_time
             if main_process and (iteration % training.validate_every == 0 or last):
                 validation = self.validate(iteration)
                 if validation is not None:
@@ -433,11 +465,20 @@ class TrainingRun:
                 stage.save_checkpoint()
                 raise Cancelled(f"training cancelled at iteration {iteration} of the {stage.settings.name} stage; "
                                 "resume with --resume")
+            if out_of_time:
+                log.info("time budget spent: the %s stage ends at iteration %d of %d", stage.settings.name,
+                         iteration, training.iterations)
+                break
         return stage.result()
 
 
+def _has_refinement(path: Path) -> bool:
+    return read_description(path).refinement is not None
+
+
 def train(config: Config, resume: bool = False, device: str = "auto",
-          progress: Callable[[dict[str, Any]], None] | None = None, cancel: Cancel | None = None) -> TrainingResult:
+          progress: Callable[[dict[str, Any]], None] | None = None, cancel: Cancel | None = None,
+          time_budget_s: float | None = None) -> TrainingResult:
     """Train a model as `config` says: the coarse SCN, then the optional refinement stage.
 
     Writes config.toml, checkpoint.pt (checkpoint_refinement.pt), model.safetensors (best on
@@ -448,6 +489,8 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         device: 'auto', 'cpu' or 'cuda' (under torchrun: each rank uses its LOCAL_RANK GPU).
         progress: called every iteration with a dict (stage, iteration, iterations, loss, mean_sigma, eta_s, ...).
         cancel: polled every iteration; True saves a checkpoint and raises Cancelled.
+        time_budget_s: wall-clock budget; the stages share it in proportion to their iterations and
+            each ends cleanly (validated, best model kept, checkpointed) when its share is spent.
     Raises:
         TrainingError: the loss or gradients became non-finite (last good checkpoint kept).
     """
@@ -465,10 +508,19 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items)
 
     result = None
-    for settings in stage_settings(config):
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    stages = stage_settings(config)
+    for number, settings in enumerate(stages):
+        stage_deadline = None
+        if deadline is not None:
+            now = time.monotonic()
+            share = settings.training.iterations / sum(s.training.iterations for s in stages[number:])
+            stage_deadline = now + max(deadline - now, 0.0) * share
         for item in training_items:
             item.prepared = prepare_image(item.image, settings.grid.spacing, config.intensity, context.device)
-        initial_model = config.initial_model if settings.name == "coarse" else None
+        starts_from_file = config.initial_model is not None and (
+            settings.name == "coarse" or _has_refinement(config.initial_model))
+        initial_model = config.initial_model if starts_from_file else None
         stage = StageTrainer(settings, context, config.dimension, names, initial_model,
                              initial_best=result.best_score if result is not None else math.inf)
         if resume:
@@ -476,7 +528,7 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         run.stages[settings.name] = stage
         pairs = settings.augmentation.flip_pairs
         permutation = swap_permutation(names, pairs) if pairs else None
-        result = run.train_stage(stage, training_items, permutation, progress, cancel)
+        result = run.train_stage(stage, training_items, permutation, progress, cancel, stage_deadline)
         stage.trainable.eval()
     if context.main_process:
         run.export(config.output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)

@@ -17,7 +17,7 @@ from torch import nn
 from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
 from .scn import HeatmapOutput, SpatialConfigurationNet
 
-__all__ = ["ARCHITECTURES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params",
+__all__ = ["ARCHITECTURES", "HEAD_PREFIXES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params",
            "count_parameters"]
 
 ARCHITECTURES = ("scn", "unet", "downsampling", "convonly")
@@ -27,6 +27,10 @@ PAD_MODES = ("replicate", "zeros")
 # Parameters that shape only training or the initial weights, not what trained weights compute:
 # a fine-tuning run may change them.
 TRAINING_ONLY_PARAMS = ("dropout", "heatmap_init_std", "sc_init_bias")
+
+# Tensor name prefixes of the landmark-specific layers (heatmap heads, spatial configuration); the
+# rest is the local-appearance body, which a model for other landmarks can start from.
+HEAD_PREFIXES = ("local_heatmaps.", "spatial_net.", "heatmaps.")
 
 # Defaults per architecture and dimension.  SCN follows Payer et al. 2019 (MIA); the 3D variant
 # uses fewer filters, a smaller spatial-configuration kernel and less downsampling.  The baselines

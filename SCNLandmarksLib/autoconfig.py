@@ -1,0 +1,172 @@
+"""Training configurations derived from a dataset, so that a user sets nothing.
+
+`scn-landmarks train --dataset SPEC` and `scn-landmarks finetune` both use this module: it finds the
+dataset spec (a spec file, or a folder written by the Slicer module's "Save as training pair"),
+chooses the held-aside cases, and derives the grids, stages, augmentation and training length of a
+new model from the images' sizes and spacings and the time budget.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import Config, config_from_dict
+from .data.spec import DatasetSpec, load_dataset_spec
+from .errors import DataError
+from .io.toml import write_toml
+
+SPEC_NAME = "dataset.toml"   # the spec of a training folder (the Slicer module writes it there)
+TRAIN_SPLIT = "train"
+HELD_ASIDE_SPLIT = "validation"
+MIN_CASES_TO_VALIDATE = 5
+HELD_ASIDE_EVERY = 5
+
+# Coarse grid: voxels along the longest physical side of the largest image.
+COARSE_SIDE = {2: 128, 3: 48}
+# A refinement stage is added when the coarse grid is this many times coarser than the images.
+REFINE_WHEN_COARSER = 4.0
+REFINEMENT_PATCH = {2: 32, 3: 24}
+# Networks small enough to train on a CPU within minutes (the shipped cephalogram model's 2D design).
+COARSE_PARAMS = {2: {"filters": 64, "levels": 4, "dropout": 0.3, "sc_downsample": 8, "sc_kernel": 9, "sc_filters": 64},
+                 3: {"filters": 32, "levels": 4, "dropout": 0.3, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 32}}
+REFINEMENT_PARAMS = {2: {"filters": 32, "levels": 3, "dropout": 0.0}, 3: {"filters": 16, "levels": 3, "dropout": 0.0}}
+# Training throughput used to turn a time budget into iterations: grid voxels x iterations per
+# second, batch size 1 (benchmarks/training.py: a 176 x 216 grid at ~5 iterations/s on 2 CPU
+# threads); a GPU is taken as 20 times faster. The budget still ends training if this is optimistic.
+CPU_VOXEL_ITERATIONS_PER_S = 190_000.0
+GPU_SPEEDUP = 20.0
+DEFAULT_MINUTES = 30.0
+
+
+def resolve_dataset(path: str | Path) -> Path:
+    """The dataset spec file of `path`: the file itself, or a training folder's dataset.toml.
+
+    Raises:
+        DataError: naming the folder, when it holds no dataset spec.
+    """
+    path = Path(path)
+    if path.is_dir():
+        spec = path / SPEC_NAME
+        if not spec.is_file():
+            raise DataError(f"{path}: not a training folder (no {SPEC_NAME}); save training pairs into it first, "
+                            "or give a dataset spec file")
+        return spec
+    return path
+
+
+def held_aside_ids(ids: list[str]) -> list[str]:
+    """The cases kept out of training to compare models: every fifth case in sorted id order
+    (the same cases on every run), none below five cases."""
+    if len(ids) < MIN_CASES_TO_VALIDATE:
+        return []
+    return [case for number, case in enumerate(sorted(ids)) if number % HELD_ASIDE_EVERY == HELD_ASIDE_EVERY - 1]
+
+
+def write_split_spec(spec: DatasetSpec, path: Path, held_aside: list[str],
+                     landmark_names: tuple[str, ...] | None = None) -> Path:
+    """Write a copy of `spec` (absolute paths) whose held-aside cases form the validation split and
+    all others the training split; `landmark_names` reorders the landmarks (same set)."""
+    images = []
+    for entry in spec.entries:
+        item: dict[str, Any] = {"id": entry.id, "image": str(entry.image),
+                                "split": HELD_ASIDE_SPLIT if entry.id in held_aside else TRAIN_SPLIT}
+        if entry.landmarks is not None:
+            item["landmarks"] = str(entry.landmarks)
+        images.append(item)
+    values: dict[str, Any] = {"dimension": spec.dimension, "landmarks": list(landmark_names or spec.landmark_names)}
+    if spec.landmarks_csv is not None:
+        values.update(landmarks_csv=str(spec.landmarks_csv), csv_coordinates=spec.csv_coordinates)
+    values["images"] = images
+    write_toml(path, values, comment=f"The cases of {spec.path}, with the held-aside cases as the validation split.")
+    return path
+
+
+def default_augmentation(dimension: int, extent: float) -> dict[str, Any]:
+    """Augmentation for images whose longest physical side is `extent`: X-rays (2D) vary more in
+    pose and contrast than volumes (3D), which are usually acquired in a standard orientation."""
+    if dimension == 2:
+        return {"translation": 0.05 * extent, "rotation_deg": 15.0, "scale": 0.1, "scale_per_axis": 0.05,
+                "elastic_mm": 0.01 * extent, "elastic_control_spacing_mm": 0.25 * extent,
+                "intensity_shift": 0.1, "intensity_scale": 0.2, "gamma_log": 0.3, "noise_std": 0.02}
+    return {"translation": 0.05 * extent, "rotation_deg": 10.0, "scale": 0.1, "scale_per_axis": 0.05,
+            "elastic_mm": 0.01 * extent, "elastic_control_spacing_mm": 0.25 * extent,
+            "intensity_shift": 0.1, "intensity_scale": 0.15, "gamma_log": 0.2, "noise_std": 0.02,
+            "bias_field_log": 0.1}
+
+
+def iterations_for_budget(grid_size: tuple[int, ...], batch_size: int, minutes: float, gpu: bool) -> int:
+    """How many iterations of this grid and batch fit in `minutes` (see CPU_VOXEL_ITERATIONS_PER_S)."""
+    rate = CPU_VOXEL_ITERATIONS_PER_S * (GPU_SPEEDUP if gpu else 1.0) / (math.prod(grid_size) * batch_size)
+    return max(20, int(rate * minutes * 60.0))
+
+
+def _rounded_up(value: float, multiple: int) -> int:
+    return max(multiple, int(math.ceil(value / multiple)) * multiple)
+
+
+def config_for_dataset(dataset: str | Path, output_dir: str | Path, minutes: float | None = None,
+                       gpu: bool = False) -> Config:
+    """A complete training configuration for a dataset, derived from its images.
+
+    The coarse grid covers the largest image with COARSE_SIDE voxels along its longest side; a
+    refinement stage is added when that grid is much coarser than the images; the training length
+    fills the time budget. Without a training split in the spec, the held-aside cases (see
+    held_aside_ids) become the validation split of a spec written to `output_dir`.
+    """
+    output_dir = Path(output_dir).resolve()
+    spec_path = resolve_dataset(dataset)
+    spec = load_dataset_spec(spec_path)
+    dimension = spec.dimension
+    if not any(entry.split == TRAIN_SPLIT for entry in spec.entries):
+        spec_path = write_split_spec(spec, output_dir / SPEC_NAME, held_aside_ids([e.id for e in spec.entries]))
+    extents, spacings = [], []
+    for entry in spec.entries:
+        reader = sitk.ImageFileReader()
+        try:
+            reader.SetFileName(str(entry.image))
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise DataError(f"{entry.image}: cannot read the image (case '{entry.id}'): {error}") from None
+        size = np.asarray(reader.GetSize()[:dimension], dtype=float)
+        spacing = np.asarray(reader.GetSpacing()[:dimension], dtype=float)
+        extents.append(size * spacing)
+        spacings.append(spacing)
+    extent = np.max(extents, axis=0)
+    finest = float(np.median([s.min() for s in spacings]))
+    coarse_spacing = max(float(extent.max()) / COARSE_SIDE[dimension], finest)
+    grid_size = [_rounded_up(e / coarse_spacing, 8) for e in extent]
+    minutes = DEFAULT_MINUTES if minutes is None else minutes
+    batch_size = 2 if dimension == 2 else 1
+    refine = coarse_spacing >= REFINE_WHEN_COARSER * finest
+    coarse_minutes = minutes * (0.7 if refine else 1.0)
+    iterations = iterations_for_budget(tuple(grid_size), batch_size, coarse_minutes, gpu)
+    sigma = 2.5 * coarse_spacing
+    values: dict[str, Any] = {
+        "dataset": str(spec_path), "output_dir": str(output_dir),
+        "grid": {"size": grid_size, "spacing": [coarse_spacing] * dimension},
+        "augmentation": default_augmentation(dimension, float(extent.max())),
+        "heatmap": {"sigma_init": sigma, "sigma_min": 0.5 * coarse_spacing},
+        "model": {"architecture": "scn", "params": COARSE_PARAMS[dimension]},
+        "training": _training(iterations, batch_size, 5e-4),
+    }
+    if refine:
+        fine_spacing = max(finest, coarse_spacing / 4.0)
+        patch = [REFINEMENT_PATCH[dimension]] * dimension
+        values["refinement"] = {
+            "grid": {"size": patch, "spacing": [fine_spacing] * dimension}, "offset_mm": 1.5 * coarse_spacing,
+            "heatmap": {"sigma_init": 2.5 * fine_spacing, "sigma_min": 0.5 * fine_spacing},
+            "model": {"architecture": "unet", "params": REFINEMENT_PARAMS[dimension]},
+            "training": _training(iterations_for_budget(tuple(patch), 4, minutes - coarse_minutes, gpu), 4, 5e-4),
+            "augmentation": {**default_augmentation(dimension, float(extent.max())), "translation": 0.0}}
+    return config_from_dict(values, output_dir, where=f"configuration derived from {spec_path}")
+
+
+def _training(iterations: int, batch_size: int, learning_rate: float) -> dict[str, Any]:
+    return {"iterations": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
+            "validate_every": max(1, iterations // 10), "checkpoint_every": max(1, min(200, iterations // 10))}
+

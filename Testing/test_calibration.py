@@ -161,7 +161,7 @@ def test_cli_calibrate_evaluate_and_detect_summary(tiny_model_2d, dataset_2d, ca
     assert read_description(out).calibration.fitted_on["thresholds"] == {"> 1 mm": 1.0, "> 0.5 mm": 0.5}
     again = cli("calibrate", str(tiny_model_2d), str(dataset_2d), "--split", "train", "--out", str(out),
                 "--device", "cpu")
-    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    assert again.returncode == 2 and "would replace existing file" in again.stderr and "--overwrite" in again.stderr
 
     evaluated = cli("evaluate", str(out), "--dataset", str(dataset_2d), "--split", "validation",
                     "--out", str(tmp_path / "evaluation"), "--device", "cpu")

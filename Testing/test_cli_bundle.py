@@ -227,7 +227,7 @@ def test_detect_keeps_dotted_names_apart_and_never_replaces_a_file_unasked(tiny_
     out = tmp_path / "out"
     first = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--device", "cpu")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json", "summary.csv"]
 
     corrected = out / "scan.v1.mrk.json"
     corrected.write_text("the clinician's corrections")
@@ -235,7 +235,7 @@ def test_detect_keeps_dotted_names_apart_and_never_replaces_a_file_unasked(tiny_
     assert again.returncode == 2
     assert str(corrected) in again.stderr and "--overwrite" in again.stderr and "nothing was written" in again.stderr
     assert corrected.read_text() == "the clinician's corrections"
-    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["scan.v1.mrk.json", "scan.v2.mrk.json", "summary.csv"]
 
     replaced = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--device", "cpu", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-2000:]

@@ -133,6 +133,10 @@ class InferenceConfig:
     # result. None = never. Not for models with left/right landmark pairs: on a near-symmetric image
     # the mirror pass could win and swap the sides.
     mirror_axis: int | None = None
+    # The mirror pass runs only when the first pass's mean confidence is below this (1.0: always). A
+    # model whose confidence separates the two facings (measured on its data) can skip it for
+    # images that face its way.
+    mirror_pass_below: float = 1.0
 
     def status(self, confidence: float) -> LandmarkStatus:
         """The status of a landmark found with this confidence."""
@@ -273,6 +277,9 @@ def validate(config: Config, where: str = "config") -> None:
                                 ("inference", "mirror_axis", config.inference.mirror_axis)):
         if axis is not None and not 0 <= axis < config.dimension:
             raise DataError(f"{where} [{section}]: {name} {axis} outside 0..{config.dimension - 1}")
+    if not 0.0 <= config.inference.mirror_pass_below <= 1.0:
+        raise DataError(f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
+                        "outside 0..1 (it is a mean confidence)")
     if config.inference.mirror_axis is not None and config.augmentation.flip_pairs:
         raise DataError(f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
                         "([augmentation] flip_pairs): the mirror pass could swap the sides")

@@ -435,7 +435,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     rows = []
     for row in result.worst_images():
         finite = {n: e for n, e in row.errors.items() if np.isfinite(e)}
-        worst = max(finite, key=finite.get) if finite else ""
+        worst = max(finite, key=lambda name: finite[name]) if finite else ""
         rows.append([row.image_id, _fmt(row.mean), _fmt(row.max), worst, str(row.count),
                      ", ".join(row.missed) or "-"])
     lines += _table(["Image", f"mean ({u})", f"max ({u})", "worst landmark", "detected", "missed"], rows)

@@ -219,14 +219,19 @@ class Predictor:
 
     def _detect(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
                 progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
-        """Detect on the image as given; for a model with a mirror axis also on its mirror image, keeping
-        the result with the higher mean confidence."""
+        """Detect on the image as given; for a model with a mirror axis, unless that result's mean
+        confidence reaches the model's `mirror_pass_below`, also on its mirror image, keeping the result
+        with the higher mean confidence."""
         axis = self.inference.mirror_axis
         if axis is None:
             return self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
         # Each pass takes half of the progress bar, so that it never runs backwards.
         first_half = None if progress is None else (lambda fraction, message: progress(0.5 * fraction, message))
         given = self._detect_once(image, normalized, prepare_s, heatmaps, first_half, cancel, refine)
+        if given.landmarks.confidences.mean() >= self.inference.mirror_pass_below:
+            if progress is not None:
+                progress(1.0, "done")
+            return given
         start = time.perf_counter()
         center = ImageGeometry.of(image).center_physical()
 

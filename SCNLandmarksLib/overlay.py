@@ -312,7 +312,7 @@ def _draw_landmarks(rgb: np.ndarray, geometry: ImageGeometry, landmarks: Landmar
         for i in np.flatnonzero(true_visible):
             _ring(rgb, true_xy[i], ring, 1.2, CYAN)
     conf = landmarks.confidences
-    for i in np.flatnonzero(pred_visible):
+    for i in map(int, np.flatnonzero(pred_visible)):
         _disc(rgb, pred_xy[i], r + 1, OUTLINE)
         _disc(rgb, pred_xy[i], r, confidence_color(None if conf is None else float(conf[i]), inference))
 

@@ -84,6 +84,15 @@ def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
     assert not direct.mirrored and "mirror" in direct.timings
     assert np.linalg.norm(direct.landmarks.points_lps - truth.points_lps, axis=1).max() < 1.0
 
+    # A model whose confidence tells the facings apart skips the mirror pass for images facing its way.
+    predictor.inference = dataclasses.replace(predictor.inference, mirror_pass_below=0.6)
+    messages.clear()
+    direct = predictor.predict(image, progress=lambda f, m: messages.append((f, m)))
+    assert direct.landmarks.confidences.mean() >= 0.6
+    assert not direct.mirrored and "mirror" not in direct.timings and messages[-1] == (1.0, "done")
+    assert not any("mirror image" in message for _, message in messages)
+    assert np.linalg.norm(direct.landmarks.points_lps - truth.points_lps, axis=1).max() < 1.0
+
 
 def test_colour_input_becomes_grayscale_and_heatmaps_share_the_input_geometry(tiny_model_2d, case_2d):
     image, truth = case_2d

@@ -18,7 +18,7 @@ from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
 from .scn import HeatmapOutput, SpatialConfigurationNet
 
 __all__ = ["ARCHITECTURES", "HEAD_PREFIXES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params",
-           "count_parameters"]
+           "resolve_params"]
 
 ARCHITECTURES = ("scn", "unet", "downsampling", "convonly")
 
@@ -147,11 +147,8 @@ def resolve_params(architecture: str, dimension: int, params: dict | None = None
 
 def build_model(architecture: str, dimension: int, in_channels: int, num_landmarks: int,
                 params: dict | None = None) -> nn.Module:
-    """Build a heatmap network; ``params`` is a partial dict merged over :func:`default_params`.
-
-    The returned module carries ``architecture``, ``dimension``, ``in_channels``,
-    ``num_landmarks`` and ``params`` (the full, resolved dict) as attributes.
-    """
+    """Build a heatmap network; ``params`` is a partial dict merged over :func:`default_params`
+    (the model file describes the network, see `bundle.StageDescription`)."""
     _check_architecture(architecture, dimension)
     in_channels = _positive_int("in_channels", in_channels)
     num_landmarks = _positive_int("num_landmarks", num_landmarks)
@@ -164,13 +161,4 @@ def build_model(architecture: str, dimension: int, in_channels: int, num_landmar
         model = DownsamplingNet(dimension, in_channels, num_landmarks, **p)
     else:
         model = ConvOnlyNet(dimension, in_channels, num_landmarks, **p)
-    model.architecture = architecture
-    model.in_channels = in_channels
-    model.num_landmarks = num_landmarks
-    model.params = copy.deepcopy(p)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -59,7 +59,7 @@ def _check_dimension(dimension: int) -> int:
     return dimension
 
 
-def conv_layer(dimension: int, in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
+def conv_layer(dimension: int, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d | nn.Conv3d:
     """A stride-1 'same' convolution (zero padding, odd kernel) for 2D or 3D."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel size must be a positive odd number, not {kernel_size}")
@@ -109,14 +109,14 @@ def crop_to(x: torch.Tensor, slices: tuple[slice, ...]) -> torch.Tensor:
     return x[(slice(None), slice(None)) + tuple(slices)]
 
 
-def init_he(conv: nn.Module, negative_slope: float) -> None:
+def init_he(conv: nn.Conv2d | nn.Conv3d, negative_slope: float) -> None:
     """He (Kaiming) normal initialisation for a conv followed by a (leaky) ReLU; zero bias."""
     nn.init.kaiming_normal_(conv.weight, a=negative_slope, mode="fan_in", nonlinearity="leaky_relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
 
 
-def init_heatmap(conv: nn.Module, std: float) -> None:
+def init_heatmap(conv: nn.Conv2d | nn.Conv3d, std: float) -> None:
     """Near-zero initialisation of a heatmap output layer (truncated normal, +-2 std); zero bias."""
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
     if conv.bias is not None:
@@ -139,7 +139,7 @@ class LocalAppearanceNet(nn.Module):
         self.levels = levels
         self.size_multiple = 2 ** (levels - 1)
 
-        def conv(cin: int) -> nn.Module:
+        def conv(cin: int) -> nn.Conv2d | nn.Conv3d:
             c = conv_layer(dimension, cin, filters, kernel_size)
             init_he(c, negative_slope)
             return c

@@ -1,6 +1,6 @@
 """End-to-end detection speed, batch throughput and the peer reference: one JSON line per case.
 
-    python benchmarks/inference.py [--device cpu|cuda] [--repeat 3] [--batch 8] [--no-cli] [--no-peer]
+    python benchmarks/inference.py [--device cpu|cuda] [--repeat 3] [--batch 9] [--no-cli] [--no-peer]
 
 Cases use the shipped models: brain-afids-32 on the 1 mm MNI template from the shared data (or the
 bundled 2 mm sample when the shared data is absent), and cephalometric-19 on full-resolution
@@ -12,6 +12,8 @@ Each line holds:
 - batch mode on --batch images: images/s of a loop of single-image calls against
   `Predictor.predict_files`, and of one `scn-landmarks detect` process per image against one
   process for the whole folder (what a user running the CLI sees, start-up and model load included);
+- the CLI side by side with `python -c "import torch"`: one image, and the cost of each extra image
+  in one call (see `cli_figures`);
 - the peer: the forward pass alone of the `landmarker` package's OriginalSpatialConfigurationNet
   (Payer et al.'s architecture as that package implements it) with the same landmark count and our
   model's filter count, other settings its defaults, on two grids: the input image's own grid (a
@@ -96,22 +98,39 @@ def batch_figures(predictor: Predictor, paths: list[Path], out: Path) -> dict[st
             "batch_speedup_in_process": single_s / batch_s, "batch_vs_single_max_shift": shift}
 
 
-def cli_figures(model: Path, paths: list[Path], out: Path, device: str) -> dict[str, float]:
-    """Images/s of one `scn-landmarks detect` process per image against one for the whole folder."""
+def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: int) -> dict[str, float]:
+    """What a user of `scn-landmarks detect` sees, start-up and model load included.
+
+    Side by side, `repeat` times each (medians): `python -c "import torch"`, one `detect` on one image,
+    and one `detect` on the folder of all images (the cost of an extra image is the difference of the
+    last two over the extra images). Then one `detect` process per image against one for the folder.
+    """
     folder = out / "folder"
     folder.mkdir()
     for number, path in enumerate(paths):
         (folder / f"{number:03d}_{path.name}").symlink_to(path.resolve())
     command = [sys.executable, "-m", "SCNLandmarksLib.cli", "detect", str(model), "--device", device]
+
+    def seconds(arguments: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(arguments, check=True, capture_output=True)
+        return time.perf_counter() - started
+
+    torch_s, single_s, folder_s = [], [], []
+    for run in range(repeat):
+        torch_s.append(seconds([sys.executable, "-c", "import torch"]))
+        single_s.append(seconds([*command, str(min(folder.iterdir())), "--out", str(out / f"single{run}")]))
+        folder_s.append(seconds([*command, str(folder), "--out", str(out / f"folder{run}")]))
     started = time.perf_counter()
     for image in sorted(folder.iterdir()):
         subprocess.run([*command, str(image), "--out", str(out / "one-by-one")], check=True, capture_output=True)
-    single_s = time.perf_counter() - started
-    started = time.perf_counter()
-    subprocess.run([*command, str(folder), "--out", str(out / "batch")], check=True, capture_output=True)
-    batch_s = time.perf_counter() - started
-    return {"cli_per_image_images_per_s": len(paths) / single_s, "cli_folder_images_per_s": len(paths) / batch_s,
-            "batch_speedup_cli": single_s / batch_s}
+    one_by_one_s = time.perf_counter() - started
+    batch_s = statistics.median(folder_s)
+    return {"import_torch_s": statistics.median(torch_s), "cli_single_image_s": statistics.median(single_s),
+            "cli_single_minus_import_torch_s": statistics.median(s - t for s, t in zip(single_s, torch_s)),
+            "cli_per_extra_image_s": (batch_s - statistics.median(single_s)) / max(len(paths) - 1, 1),
+            "cli_per_image_images_per_s": len(paths) / one_by_one_s, "cli_folder_images_per_s": len(paths) / batch_s,
+            "batch_speedup_cli": one_by_one_s / batch_s}
 
 
 def peer_forward_s(dimension: int, size: tuple[int, ...], landmarks: int, filters: int, device: torch.device,
@@ -157,7 +176,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
                    "model_load_s": load_s, **single, "peak_rss_mb": rss_mb,
                    **batch_figures(predictor, paths, out), "batch_images": len(paths)}
         if not args.no_cli:
-            figures.update(cli_figures(model, paths, out, args.device))
+            figures.update(cli_figures(model, paths, out, args.device, args.repeat))
         if not args.no_peer:
             landmarks = len(predictor.landmark_names)
             filters = int(predictor.description.coarse.params["filters"])
@@ -176,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8, help="images in the batch-mode comparison")
+    parser.add_argument("--batch", type=int, default=9, help="images in the batch-mode comparisons")
     parser.add_argument("--no-cli", action="store_true", help="skip the one-process-per-image comparison")
     parser.add_argument("--no-peer", action="store_true", help="skip the peer's forward passes")
     parser.add_argument("--case", help="measure only this case, in this process")

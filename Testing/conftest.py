@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from SCNLandmarksLib.bundle import load_model, save_model
 from SCNLandmarksLib.config import config_from_dict
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
-from SCNLandmarksLib.train import train
+from SCNLandmarksLib.train import TrainingResult, train
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
 
 
@@ -67,17 +72,44 @@ def dataset_3d(tmp_path_factory) -> Path:
                         size=(32, 30, 24), spacing=(1.5, 1.6, 2.0), direction=oblique_direction(3))
 
 
-@pytest.fixture(scope="session")
-def trained_2d(dataset_2d, tmp_path_factory):
-    """(config, TrainingResult) of a tiny 2D SCN trained in the session."""
-    config = tiny_config(dataset_2d, tmp_path_factory.mktemp("run2d"), 2)
-    return config, train(config, device="cpu")
+def _source_key() -> str:
+    """A hash of everything a fixture's training depends on: the library, this file, torch."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted([*(REPO / "SCNLandmarksLib").rglob("*.py"), Path(__file__)]):
+        digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _trained(request, spec: Path, output_dir: Path, dimension: int):
+    """(config, TrainingResult) of a tiny SCN trained for real, or the same run's files from pytest's
+    cache when neither the library nor this file changed since (the synthetic data is seeded), so
+    that rerunning one test takes seconds. A clean checkout (CI) always trains."""
+    config = tiny_config(spec, output_dir, dimension)
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cached = None if cache is None else cache.mkdir(f"scn-tiny-{dimension}d-{_source_key()}")
+    summary = None if cached is None else cached / "result.json"
+    if summary is not None and summary.is_file():
+        shutil.copytree(cached, output_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("result.json"))
+        values = json.loads(summary.read_text(encoding="utf-8"))
+        return config, TrainingResult(**{**values, "model_path": output_dir / values["model_path"]})
+    result = train(config, device="cpu")
+    if cached is not None:
+        shutil.copytree(output_dir, cached, dirs_exist_ok=True)
+        values = {**dataclasses.asdict(result), "model_path": result.model_path.name}
+        (cached / "result.json").write_text(json.dumps(values), encoding="utf-8")
+    return config, result
 
 
 @pytest.fixture(scope="session")
-def trained_3d(dataset_3d, tmp_path_factory):
-    config = tiny_config(dataset_3d, tmp_path_factory.mktemp("run3d"), 3)
-    return config, train(config, device="cpu")
+def trained_2d(request, dataset_2d, tmp_path_factory):
+    """(config, TrainingResult) of a tiny 2D SCN."""
+    return _trained(request, dataset_2d, tmp_path_factory.mktemp("run2d"), 2)
+
+
+@pytest.fixture(scope="session")
+def trained_3d(request, dataset_3d, tmp_path_factory):
+    """(config, TrainingResult) of a tiny 3D SCN."""
+    return _trained(request, dataset_3d, tmp_path_factory.mktemp("run3d"), 3)
 
 
 @pytest.fixture(scope="session")

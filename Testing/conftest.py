@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,15 @@ from SCNLandmarksLib.config import config_from_dict
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
 from SCNLandmarksLib.train import train
+
+@pytest.fixture(scope="session", autouse=True)
+def user_models_folder(tmp_path_factory) -> Path:
+    """The user models folder of the whole session (and of the processes it starts): never the
+    real user's."""
+    folder = tmp_path_factory.mktemp("user-models")
+    os.environ["SCN_LANDMARKS_USER_MODELS"] = str(folder)
+    return folder
+
 
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
 

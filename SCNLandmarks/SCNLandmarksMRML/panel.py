@@ -39,7 +39,8 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
     """The selector's entries and the index to show, so that it always shows the model that will run.
 
     Args:
-        entries: catalogue models (absent ones are listed disabled, saying why).
+        entries: catalogue models, shipped and the user's own (`catalogue.allModels`; absent ones are
+            listed disabled, saying why; the user's are marked as theirs).
         currentPath: the parameter node's model path ("" = none chosen yet).
         loadedPaths: model files the user loaded in this session.
 
@@ -52,6 +53,8 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
     choices = []
     for entry in entries:
         label = entry.name if entry.available else f"{entry.name} (not installed)"
+        if entry.userModel:
+            label += " (your model)"
         tooltip = (entry.description or str(entry.path)) if entry.available else entry.unavailableReason
         choices.append(ModelChoice(label, str(entry.path), entry.available, tooltip))
     for path in loadedPaths:

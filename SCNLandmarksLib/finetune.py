@@ -274,7 +274,8 @@ def model_card(result: FinetuneResult, base_path: Path, base: ModelDescription, 
         f"{', '.join(result.held_aside) or 'none'}",
         f"- Settings (derived from the base model): {settings}; time budget "
         f"{'none' if minutes is None else f'{minutes:g} min'}"
-        f"{'; cancelled by the user, the best model up to then kept' if result.cancelled else ''}; the full configuration is "
+        f"{'; cancelled by the user, the best model up to then kept' if result.cancelled else ''}; "
+        "the full configuration is "
         f"`{TRAINING_FOLDER}/config.toml` (`scn-landmarks train {TRAINING_FOLDER}/config.toml` reruns it)",
         "", "## Held-aside cases", "",
         "| model | error |", "|---|---|",

@@ -107,3 +107,16 @@ def mirror_model_2d(tiny_model_2d, tmp_path_factory) -> Path:
     description = loaded.description
     description = dataclasses.replace(description, inference=dataclasses.replace(description.inference, mirror_axis=0))
     return save_model(tmp_path_factory.mktemp("mirror") / "model.safetensors", description, loaded.coarse)
+
+
+def with_stored_training(path: Path, target: Path, **training) -> Path:
+    """A copy of a model file whose stored training configuration says `training` (weights unchanged)."""
+    loaded = load_model(path)
+    description = loaded.description
+    config = description.provenance["config"]
+    stored = {**config, "training": {**config["training"], **training}}
+    if "refinement" in config:
+        stored["refinement"] = {**config["refinement"],
+                                "training": {**config["refinement"]["training"], **training}}
+    description = dataclasses.replace(description, provenance={**description.provenance, "config": stored})
+    return save_model(target, description, loaded.coarse, loaded.refinement)

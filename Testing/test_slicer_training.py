@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SCNLandmarks"))
 
+from conftest import with_stored_training  # noqa: E402
 from SCNLandmarksLib.cli import main  # noqa: E402
 from SCNLandmarksLib.data.synthetic import make_dataset  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
@@ -181,12 +182,17 @@ def _run(job: TrainingJob, until=None) -> list:
     return seen
 
 
-def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model(user_folder, tiny_model_2d,
-                                                                                  tmp_path):
-    # Four cases: all train, nothing is held aside, so the new model is always the one kept.
+@pytest.fixture
+def four_cases(tmp_path) -> Path:
+    """Four corrected cases: all train and none is held aside, so a fine-tune always keeps its model."""
     folder = tmp_path / "corrections"
     make_dataset(folder, images=4, landmarks=4, size=(64, 48), spacing=(1.0, 1.3), validation=0)
-    job = TrainingJob(inspectTrainingFolder(folder), base=tiny_model_2d, name="Corrected", minutes=5,
+    return folder
+
+
+def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model(user_folder, tiny_model_2d,
+                                                                                  four_cases):
+    job = TrainingJob(inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Corrected", minutes=5,
                       device="cpu", iterations=12)
     seen = _run(job)
     outcome = job.poll()
@@ -198,24 +204,52 @@ def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model
     assert entry.userModel and entry.name == "Corrected" and "not validated (fewer than 5 cases)" in entry.description
     assert "# Fine-tuned from model.safetensors" in entry.card.read_text(encoding="utf-8")
     assert (entry.path.parent / "training" / "config.toml").is_file()  # the run stays with its model
-    assert not (entry.path.parent / "stop-requested").exists()
     assert [e.path for e in catalogue.userModels()] == [entry.path]  # listed, as files: after a restart too
     assert not list(user_folder.glob(".*"))  # no staging folder left
 
 
-def test_cancel_keeps_the_best_model_so_far_and_registers_it(user_folder, dataset_2d):
-    job = TrainingJob(inspectTrainingFolder(dataset_2d.parent), base=None, name="New set", minutes=3, device="cpu")
-    # Cancel once a held-aside error was measured (a best model exists from then on).
-    seen = _run(job, until=lambda progress: progress.heldAsideError is not None)
+def test_cancel_keeps_the_best_model_so_far_and_registers_it(user_folder, tiny_model_2d, four_cases):
+    # 400 iterations: without held-aside cases the newest model is kept every 40 (checkpoints).
+    job = TrainingJob(inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Stopped", minutes=5,
+                      device="cpu", iterations=400)
+    seen = _run(job, until=lambda progress: progress.iteration > 40)
+    outcome = job.poll()
+    assert outcome.cancelled and outcome.result["cancelled"] and 40 < outcome.result["iterations"]["coarse"] < 400
+    assert seen[-1].iteration < 400
+    entry = outcome.entry
+    assert entry is not None and "Stopped early (cancelled): the best model up to then" in entry.description
+    assert "cancelled by the user" in entry.card.read_text(encoding="utf-8")
+    assert [e.path for e in catalogue.userModels()] == [entry.path]
+    assert not (entry.path.parent / "stop-requested").exists()
+
+
+def test_a_base_that_stays_better_is_kept_and_nothing_is_added(user_folder, tiny_model_2d, dataset_2d, tmp_path):
+    # A base whose stored learning rates are 0: the new model is the base again, never better.
+    base = with_stored_training(tiny_model_2d, tmp_path / "base.safetensors", learning_rate=0.0,
+                                sigma_learning_rate=0.0)
+    job = TrainingJob(inspectTrainingFolder(dataset_2d.parent), base=base, minutes=5, device="cpu", iterations=6)
+    seen = _run(job)
     outcome = job.poll()
     measured = [p for p in seen if p.heldAsideError is not None]
-    assert measured and measured[0].heldAsideError > 0 and measured[0].unit == "mm"
-    assert "held-aside error" in measured[0].text
-    assert outcome.cancelled and seen[-1].iteration < seen[-1].iterations
+    assert measured and measured[-1].heldAsideError > 0 and measured[-1].unit == "mm"
+    assert "; held-aside error " in measured[-1].text and measured[-1].text.endswith(" mm")
+    assert outcome.entry is None and outcome.result["outcome"] == "kept base"
+    assert "not better than base.safetensors on the 2 held-aside cases" in outcome.message
+    assert catalogue.userModels() == [] and _tree(user_folder) == []
+
+
+def test_a_new_landmark_set_is_trained_from_scratch_and_registered(user_folder, tmp_path):
+    folder = tmp_path / "new set"
+    make_dataset(folder, images=6, landmarks=3, size=(48, 40))
+    job = TrainingJob(inspectTrainingFolder(folder), base=None, name="Three points", minutes=0.15, device="cpu")
+    seen = _run(job)
+    outcome = job.poll()
+    assert job.command()[3:5] == ["train", "--dataset"]
+    assert seen and seen[-1].heldAsideError is not None and not outcome.cancelled
     entry = outcome.entry
-    assert entry is not None and entry.userModel and "Stopped early (cancelled)" in entry.description
-    assert "New landmark set trained on 12 cases" in entry.description and "mm mean error" in entry.description
-    assert "- 2D, 4 landmarks: L1, L2, L3, L4" in entry.card.read_text(encoding="utf-8")
+    assert "New landmark set trained on 6 cases" in entry.description and "mm mean error on the held-aside" in \
+        entry.description
+    assert "- 2D, 3 landmarks: L1, L2, L3" in entry.card.read_text(encoding="utf-8")
     assert (entry.path.parent / "config.toml").is_file()
 
 
@@ -230,8 +264,8 @@ def test_the_library_finetune_honours_cancel_with_the_best_model_so_far(tiny_mod
         finetune(tiny_model_2d, dataset_2d, tmp_path / "early", iterations=40, device="cpu", cancel=lambda: True)
 
 
-def test_a_killed_training_adds_nothing_and_says_so(user_folder, dataset_2d):
-    job = TrainingJob(inspectTrainingFolder(dataset_2d.parent), base=None, name="Killed", minutes=3, device="cpu")
+def test_a_killed_training_adds_nothing_and_says_so(user_folder, tiny_model_2d, four_cases):
+    job = TrainingJob(inspectTrainingFolder(four_cases), base=tiny_model_2d, minutes=5, device="cpu", iterations=400)
 
     def kill(progress) -> bool:
         os.kill(job._process.pid, signal.SIGKILL)  # what the system does on a full disk or out of memory

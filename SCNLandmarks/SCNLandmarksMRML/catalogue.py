@@ -1,4 +1,5 @@
-"""The model catalogue (`Resources/Models/models.json`): the models that ship with the extension.
+"""The model catalogue (`Resources/Models/models.json`): the models that ship with the extension,
+and the user's own models (trained with the module or the web app) kept in a per-user folder.
 
 Nothing is ever downloaded: a model is either a file shipped beside the catalogue or a local file
 the user picks ("Load model file..."). The catalogue is a JSON list of models (or
@@ -16,6 +17,10 @@ views on request; a model whose names are already short has none). An entry whos
 build that left it out) is listed by `catalogueModels` but not by `availableModels`.
 
 The catalogue is looked for in the module's Resources (installed extension), then in the source tree.
+
+The user's own models (`userModels`, `registerUserModel`, `publishStagedModel`, `removeUserModel`)
+live outside it, in `userModelsFolder()`; `allModels` and `availableModels` list both, shipped first.
+Shipped models are never replaced or removed.
 """
 
 from __future__ import annotations
@@ -343,8 +348,8 @@ def _generatedCard(name: str, model) -> str:
     provenance, validation = model.provenance, model.validation or {}
     lines = [f"# {name}", "",
              f"- {model.dimension}D, {len(model.landmark_names)} landmarks: {', '.join(model.landmark_names)}",
-             f"- Trained on: `{provenance.get('dataset', 'unknown')}`, {provenance.get('iterations', '?')} iterations, "
-             f"{provenance.get('date', 'date unknown')}",
+             (f"- Trained on: `{provenance.get('dataset', 'unknown')}`, {provenance.get('iterations', '?')} "
+              f"iterations, {provenance.get('date', 'date unknown')}"),
              f"- Refinement stage: {'yes' if model.refinement is not None else 'no'}"]
     if "mean_error" in validation:
         lines.append(f"- Validation: {validation['mean_error']:.2f} {model.unit} mean error")

@@ -399,7 +399,8 @@ class TrainingJob:
             error = read_description(model).validation.get("mean_error")
             measured = f"{error:.2f} {unit} mean error on the held-aside cases" if error is not None else \
                 "not validated (no held-aside cases)"
-            return f"New landmark set trained on {len(self.data.cases)} cases of {self.data.folder}; {measured}.{stopped}"
+            return (f"New landmark set trained on {len(self.data.cases)} cases of {self.data.folder}; "
+                    f"{measured}.{stopped}")
         outcome = result.get("outcome", "")
         if outcome == "improved":
             measured = (f"{result['new_mean_error']:.2f} {unit} on the held-aside cases, the base "
@@ -408,7 +409,8 @@ class TrainingJob:
             measured = "not validated (fewer than 5 cases)"
         else:
             measured = "new landmarks, not comparable with the base"
-        return f"Fine-tuned from {self.base.name} on {len(self.data.cases)} cases of {self.data.folder}; {measured}.{stopped}"
+        return (f"Fine-tuned from {self.base.name} on {len(self.data.cases)} cases of {self.data.folder}; "
+                f"{measured}.{stopped}")
 
     def _discardStaging(self) -> None:
         if self.staging is not None and self.staging.exists():

@@ -73,6 +73,7 @@ def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as
     names = ["Tip", "Base", "Left", "Right"]
     node = annotate.createAnnotationNode(mrml.scene, names, volume)
     assert [node.GetNthControlPointLabel(i) for i in range(4)] == names
+    assert node.GetNodeReference("SCNLandmarksInputVolume") is volume
     assert _statuses(node) == [slicer.vtkMRMLMarkupsNode.PositionUndefined] * 4
     assert node.GetControlPointPlacementStartIndex() == 0 and annotate.annotationStatus(node).text == \
         "Next: Tip (1 of 4)."

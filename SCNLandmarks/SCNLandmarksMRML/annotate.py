@@ -21,6 +21,8 @@ import slicer
 
 from SCNLandmarksLib.errors import DataError
 
+from .markups import VOLUME_REFERENCE_ROLE
+
 ANNOTATION_ATTRIBUTE = "SCNLandmarks.Annotation"
 TEXT_SUFFIXES = (".txt", ".text", "")
 
@@ -85,6 +87,7 @@ def createAnnotationNode(scene, names: list[str], volumeNode=None, name: str | N
             node.UnsetNthControlPointPosition(index)
         node.SetAttribute(ANNOTATION_ATTRIBUTE, "1")
         if volumeNode is not None:
+            node.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())  # the image it is saved with
             node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         node.GetDisplayNode().SetPointLabelsVisibility(True)
     finally:

@@ -26,6 +26,16 @@ def user_models_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def mrml():
+    """A headless MRML scene (slicer-core), cleared afterwards; for the module's tests."""
+    from SCNLandmarksMRML import createHeadlessScene
+
+    headless = createHeadlessScene()
+    yield headless
+    headless.scene.Clear(1)
+
+
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
 
 

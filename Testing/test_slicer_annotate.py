@@ -23,18 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SCNLandmarks"))
 from SCNLandmarksLib.errors import DataError  # noqa: E402
 from SCNLandmarksLib.io.landmarks import read_landmarks  # noqa: E402
 from SCNLandmarksLib.vocabulary import LandmarkStatus  # noqa: E402
-from SCNLandmarksMRML import SCNLandmarksLogic, createHeadlessScene, loadVolumeFile, panel  # noqa: E402
+from SCNLandmarksMRML import SCNLandmarksLogic, loadVolumeFile, panel  # noqa: E402
 from SCNLandmarksMRML import annotate  # noqa: E402
 from SCNLandmarksMRML.catalogue import sampleModel  # noqa: E402
 from SCNLandmarksMRML.markups import createLandmarksNode, predictionUnit  # noqa: E402
 from SCNLandmarksMRML.training import inspectTrainingFolder  # noqa: E402
-
-
-@pytest.fixture
-def mrml():
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
 
 
 def _volume(scene, tmp_path: Path, dimension: int):

@@ -193,13 +193,6 @@ class BlobOracle:
 # helpers
 
 
-@pytest.fixture
-def mrml():
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
-
-
 def _ids(scene) -> list[str]:
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 

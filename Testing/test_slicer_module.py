@@ -289,15 +289,6 @@ def test_the_training_folder_field_is_empty_by_default():
 slicer = pytest.importorskip("slicer")
 
 
-@pytest.fixture
-def mrml():
-    from SCNLandmarksMRML import createHeadlessScene
-
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
-
-
 def _cephalogramVolume(scene, tmp_path: Path):
     from SCNLandmarksMRML import loadVolumeFile
 

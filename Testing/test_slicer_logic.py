@@ -129,6 +129,7 @@ class BlobPrediction:
     def __init__(self, image: sitk.Image, landmarks: LandmarkSet, status: list[str]):
         self.landmarks = landmarks
         self.status = status
+        self.flagged = None  # an uncalibrated model's
         self._image = image
 
     def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:

@@ -10,6 +10,7 @@ node and calls the logic) and the self-test. All MRML work is in the `SCNLandmar
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +56,8 @@ else:
     import SCNLandmarksMRML
     from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
     from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus
-    from SCNLandmarksMRML import dependencies, panel
+    from SCNLandmarksMRML import annotate, catalogue, dependencies, panel, training
+    from SCNLandmarksMRML.markups import predictionUnit
     from SCNLandmarksMRML.volumes import volumeDimension
     from SCNLandmarksMRML.runner import DetectionRunner
 
@@ -66,6 +68,10 @@ TABLE_REFRESH_MS = 100
 # How often the running detection is polled, and how long each poll lets the worker thread run.
 POLL_INTERVAL_MS = 100
 POLL_WAIT_S = 0.05
+# How often a training's progress is read (it runs in another process).
+TRAINING_POLL_MS = 500
+# The Train section's "Start from" choices.
+BASE_SELECTED, BASE_FILE, BASE_NEW = "selected", "file", "new"
 
 
 #
@@ -162,6 +168,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadedModelPaths: list[str] = []
         self._modelListKey = None
         self._tableColors: dict = {}
+        self.trainingJob = None
+        self._trainingData = None
+        self._annotationNode = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -183,6 +192,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.setVisible(False)
         self.ui.resultsTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
         self._populateDevices()
+        self._setupTrainSection()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -207,6 +217,14 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resetAllButton.clicked.connect(self.onResetAll)
         self.ui.exportButton.clicked.connect(self.onExport)
         self.ui.saveTrainingPairButton.clicked.connect(self.onSaveTrainingPair)
+        self.ui.nextToReviewButton.clicked.connect(self.onNextToReview)
+        self.ui.readNamesButton.clicked.connect(self.onReadLandmarkNames)
+        self.ui.startAnnotationButton.clicked.connect(self.onStartAnnotation)
+        self.ui.skipLandmarkButton.clicked.connect(self.onSkipLandmark)
+        self.ui.trainBaseComboBox.currentIndexChanged.connect(self.onTrainBaseChanged)
+        self.ui.startTrainingButton.clicked.connect(self.onStartTraining)
+        self.ui.cancelTrainingButton.clicked.connect(self.onCancelTraining)
+        self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
         self.ui.reinstallTorchButton.clicked.connect(self.onReinstallTorch)
         self.ui.advancedCollapsibleButton.contentsCollapsed.connect(lambda collapsed: self._updateEnvironment())
 
@@ -215,6 +233,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.runner is not None and self.runner.running:
             self.runner.cancel()
+        if self.trainingJob is not None and self.trainingJob.running:
+            self.trainingJob.cancel()  # it stops at its next iteration; nothing is registered without us
         self.removeObservers()
 
     def enter(self) -> None:
@@ -294,6 +314,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.trainingFolderPathLineEdit.currentPath != folder:
             with SignalBlocker(self.ui.trainingFolderPathLineEdit):
                 self.ui.trainingFolderPathLineEdit.currentPath = folder
+            self._updateTrainingData()
         path = self._parameterNode.modelPath
         if path and path not in self._modelInfo:
             self._modelInfo[path] = (self.logic.modelInfo(path), self._modelDetails(path))
@@ -326,7 +347,15 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resetPointButton.enabled = self.ui.resetAllButton.enabled and bool(self.ui.resultsTable.selectedItems())
         self.ui.exportButton.enabled = hasLandmarks
         self.ui.saveTrainingPairButton.enabled = hasLandmarks and bool(self._landmarksVolume())
+        self.ui.nextToReviewButton.enabled = self.ui.resetAllButton.enabled
         self.ui.reinstallTorchButton.enabled = not busy
+        training = self.trainingJob is not None and self.trainingJob.running
+        self.ui.startTrainingButton.enabled = self._trainingData is not None and not training
+        self.ui.cancelTrainingButton.enabled = training and not self.trainingJob.cancelRequested
+        entry = SCNLandmarksMRML.entryForModel(parameters.modelPath) if parameters else None
+        self.ui.removeModelButton.enabled = bool(entry and entry.userModel) and not training
+        self.ui.skipLandmarkButton.enabled = self._annotationNode is not None and \
+            annotate.nextToPlace(self._annotationNode) is not None
 
     def _updateEnvironment(self) -> None:
         """The Advanced section: versions, devices, the model in use and its card."""
@@ -351,7 +380,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         key = (current, tuple(self._loadedModelPaths))
         if key == self._modelListKey:
             return
-        choices, index = panel.modelChoices(self.logic.catalogueModels(), current, self._loadedModelPaths)
+        choices, index = panel.modelChoices(catalogue.allModels(), current, self._loadedModelPaths)
         combo = self.ui.modelComboBox
         with SignalBlocker(combo):
             combo.clear()
@@ -398,6 +427,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrainingFolderChanged(self, path: str) -> None:
         if self._parameterNode and not self._updatingGui:
             self._parameterNode.trainingFolder = panel.trainingFolderText(path)
+        self._updateTrainingData()
 
     # --------------------------------------------------------------------------------------------
     # dependencies
@@ -590,9 +620,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateResultsTable(self) -> None:
         node = self._parameterNode.landmarks if self._parameterNode else None
-        rows = panel.tableRows(self.logic.landmarkRows(node) if node else [])
+        landmarkRows = self.logic.landmarkRows(node) if node else []
+        rows = panel.tableRows(landmarkRows, predictionUnit(node) if node else "")
         table = self.ui.resultsTable
         with SignalBlocker(table):
+            table.setHorizontalHeaderLabels(list(panel.tableHeaders(landmarkRows)))
             panel.updateTable(QtTable(table), rows, qt.QTableWidgetItem, _setItemColor, self._tableColors)
 
     def _updateShortLabels(self) -> None:
@@ -706,6 +738,213 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             imagePath, landmarksPath = self.logic.saveTrainingPair(volume, self._parameterNode.landmarks, folder,
                                                                    overwrite=True)
             self.ui.statusLabel.text = _("Saved {image} and {landmarks}.").format(image=imagePath, landmarks=landmarksPath)
+        self._updateTrainingData()  # one more case to train on
+
+
+    # --------------------------------------------------------------------------------------------
+    # review first
+
+    def onNextToReview(self) -> None:
+        node = self._parameterNode.landmarks if self._parameterNode else None
+        if node is None:
+            return
+        index = self.logic.nextToReview(node, self._selectedLandmark())
+        if index is None:
+            self.ui.statusLabel.text = _("Nothing left to review (moved and missing points are skipped).")
+            self.ui.resultsTable.clearSelection()
+            return
+        self.ui.resultsTable.selectRow(index)  # selecting the row centres the views on the point
+        self.ui.resultsTable.scrollToItem(self.ui.resultsTable.item(index, 0))
+
+    # --------------------------------------------------------------------------------------------
+    # annotate a new landmark set (see SCNLandmarksMRML.annotate)
+
+    def onReadLandmarkNames(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Landmark names"), "",
+            _("Landmark or name files (*.mrk.json *.json *.fcsv *.csv *.txt);;All files (*)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot read the landmark names."), waitCursor=True):
+            self.ui.landmarkNamesEdit.plainText = "\n".join(annotate.readLandmarkNames(path))
+
+    def onStartAnnotation(self) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is None:
+            slicer.util.errorDisplay(_("Select the input volume to annotate (Detection section)."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot start annotating."), waitCursor=True):
+            names = annotate.parseLandmarkNames(self.ui.landmarkNamesEdit.plainText)
+            self._observeAnnotation(annotate.createAnnotationNode(slicer.mrmlScene, names, volume))
+            self._parameterNode.landmarks = self._annotationNode  # "Save as training pair" saves it
+            markupsLogic = slicer.modules.markups.logic()
+            markupsLogic.SetActiveList(self._annotationNode)
+            markupsLogic.StartPlaceMode(True)  # persistent: one click per landmark
+            self._onAnnotationChanged()
+
+    def _observeAnnotation(self, node) -> None:
+        if self._annotationNode is not None:
+            self.removeObserver(self._annotationNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                self._onAnnotationChanged)
+        self._annotationNode = node
+        if node is not None:
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onAnnotationChanged)
+
+    def _onAnnotationChanged(self, caller=None, event=None) -> None:
+        node = self._annotationNode
+        if node is None:
+            return
+        if annotate.updatePlacement(node) is None:
+            # Every landmark placed or skipped: a further click would add an unnamed point.
+            slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+        self.ui.annotationStatusLabel.text = annotate.annotationStatus(node).text
+        self._updateButtons()
+
+    def onSkipLandmark(self) -> None:
+        if self._annotationNode is not None:
+            annotate.skipNext(self._annotationNode)
+            self._onAnnotationChanged()
+
+    # --------------------------------------------------------------------------------------------
+    # train (in a separate process; see SCNLandmarksMRML.training)
+
+    def _setupTrainSection(self) -> None:
+        base = self.ui.trainBaseComboBox
+        for label, key in ((_("Selected model (fine-tune)"), BASE_SELECTED), (_("Model file..."), BASE_FILE),
+                           (_("New landmark set (from scratch)"), BASE_NEW)):
+            base.addItem(label, key)
+        for key, minutes in training.TIME_BUDGETS.items():
+            self.ui.trainBudgetComboBox.addItem(_("{budget} ({minutes:g} min)").format(
+                budget=_("Quick") if key == "quick" else _("Longer"), minutes=minutes), key)
+        for choice in self.logic.deviceChoices():
+            self.ui.trainDeviceComboBox.addItem(choice.label, choice.key)
+            if not choice.available:
+                self.ui.trainDeviceComboBox.model().item(self.ui.trainDeviceComboBox.count - 1).setEnabled(False)
+        self.ui.trainingProgressBar.setVisible(False)
+        self._trainTimer = qt.QTimer()
+        self._trainTimer.setInterval(TRAINING_POLL_MS)
+        self._trainTimer.timeout.connect(self._onPollTraining)
+        self._trainBaseFile = ""
+
+    def _updateTrainingData(self) -> None:
+        """The Train section's data line: the folder's cases and landmarks, or why it cannot train."""
+        folder = panel.trainingFolderText(self._parameterNode.trainingFolder) if self._parameterNode else ""
+        self._trainingData = None
+        if not folder:
+            self.ui.trainingDataLabel.text = _("Choose the training folder (Export section).")
+        else:
+            try:
+                self._trainingData = training.inspectTrainingFolder(folder)
+                self.ui.trainingDataLabel.text = self._trainingData.summary
+            except SCNLandmarksError as error:
+                self.ui.trainingDataLabel.text = str(error)
+        self._updateTrainingBase()
+
+    def _trainingBasePath(self) -> str | None:
+        """The model to start from ("" when none is chosen yet), or None for a new landmark set."""
+        key = self.ui.trainBaseComboBox.itemData(self.ui.trainBaseComboBox.currentIndex)
+        if key == BASE_NEW:
+            return None
+        if key == BASE_FILE:
+            return self._trainBaseFile
+        return self._parameterNode.modelPath if self._parameterNode else ""
+
+    def onTrainBaseChanged(self, index: int) -> None:
+        if self.ui.trainBaseComboBox.itemData(index) == BASE_FILE:
+            self._trainBaseFile = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("Model to start from"), "",
+                _("SCN landmark models (*.safetensors);;All files (*)")) or ""
+        self._updateTrainingBase()
+
+    def _updateTrainingBase(self) -> None:
+        """The line under "Start from": what training from that base does with these cases."""
+        base = self._trainingBasePath()
+        if self._trainingData is None:
+            text = ""
+        elif base is None:
+            text = _("A new model is trained from scratch for these landmarks.")
+        elif not base:
+            text = _("Choose the model to start from.")
+        else:
+            try:
+                text = training.checkBase(base, self._trainingData)
+            except SCNLandmarksError as error:
+                text = str(error)
+        self.ui.trainBaseLabel.text = text
+        self._updateButtons()
+
+    def onStartTraining(self) -> None:
+        if self._trainingData is None or not self._ensureDependencies():
+            return
+        base = self._trainingBasePath()
+        if base == "":
+            slicer.util.errorDisplay(_("Choose the model to start from."))
+            return
+        try:
+            if base is not None:
+                training.checkBase(base, self._trainingData)
+            self.trainingJob = training.TrainingJob(
+                self._trainingData, base, self.ui.trainNameLineEdit.text.strip(),
+                training.TIME_BUDGETS[self.ui.trainBudgetComboBox.itemData(self.ui.trainBudgetComboBox.currentIndex)],
+                self.ui.trainDeviceComboBox.itemData(self.ui.trainDeviceComboBox.currentIndex) or "auto",
+                python=shutil.which("PythonSlicer") or sys.executable)
+            self.trainingJob.start()
+        except SCNLandmarksError as error:
+            self.trainingJob = None
+            self.ui.trainingStatusLabel.text = str(error)
+            slicer.util.errorDisplay(str(error))
+            return
+        self.ui.trainingStatusLabel.text = _("Training '{name}' in a separate process...").format(
+            name=self.trainingJob.name)
+        self.ui.trainingProgressBar.value = 0
+        self.ui.trainingProgressBar.setVisible(True)
+        self._trainTimer.start()
+        self._updateButtons()
+
+    def _onPollTraining(self) -> None:
+        job = self.trainingJob
+        try:
+            outcome = job.poll()
+        except SCNLandmarksError as error:
+            self._trainingEnded(str(error))
+            slicer.util.errorDisplay(str(error))
+            return
+        progress = job.progress
+        if progress is not None:
+            self.ui.trainingProgressBar.value = round(100 * progress.fraction)
+            self.ui.trainingStatusLabel.text = progress.text + (
+                _(" (cancelling: the best model so far is kept)") if job.cancelRequested else "")
+        if outcome is None:
+            return
+        self._trainingEnded(outcome.message)
+        if outcome.entry is not None:
+            self._modelListKey = None
+            self._parameterNode.modelPath = str(outcome.entry.path)  # listed and selected at once
+
+    def _trainingEnded(self, message: str) -> None:
+        self._trainTimer.stop()
+        self.ui.trainingProgressBar.setVisible(False)
+        self.ui.trainingStatusLabel.text = message
+        self._updateButtons()
+
+    def onCancelTraining(self) -> None:
+        if self.trainingJob is not None:
+            self.trainingJob.cancel()
+            self._updateButtons()
+
+    def onRemoveModel(self) -> None:
+        entry = SCNLandmarksMRML.entryForModel(self._parameterNode.modelPath)
+        if entry is None or not entry.userModel:
+            return
+        if not slicer.util.confirmYesNoDisplay(
+                _("Remove '{name}' from your models? Its folder {folder} is deleted.").format(
+                    name=entry.name, folder=entry.path.parent), windowTitle=_("Remove model")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot remove the model."), waitCursor=True):
+            catalogue.removeUserModel(entry)
+            self._modelListKey = None
+            self._parameterNode.modelPath = ""  # the first shipped model is selected again
+            self.ui.trainingStatusLabel.text = _("'{name}' was removed.").format(name=entry.name)
 
 
 class QtTable:

@@ -119,7 +119,7 @@ def config_for_dataset(dataset: str | Path, output_dir: str | Path, minutes: flo
     held_aside_ids) become the validation split of a spec written to `output_dir`.
     """
     output_dir = Path(output_dir).resolve()
-    spec_path = resolve_dataset(dataset)
+    spec_path = resolve_dataset(dataset).resolve()  # the configuration is read from output_dir
     spec = load_dataset_spec(spec_path)
     dimension = spec.dimension
     if not any(entry.split == TRAIN_SPLIT for entry in spec.entries):

@@ -11,6 +11,8 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import math
+import os
 import signal
 import sys
 import time
@@ -66,10 +68,42 @@ class TrainingProgress:
             self.last = now
 
 
+class JsonProgress:
+    """Training progress as JSON lines on stdout (`--progress-json`), for programs that run training
+    in another process (the Slicer module, the web app): ``{"event": "progress", "stage", "iteration",
+    "iterations", "loss", "eta_s", ...}``, with ``"validation"`` (held-aside errors) when measured;
+    at most one line per `every_s` otherwise. The command's last line is ``{"event": "result", ...}``."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.last = -math.inf
+
+    def __call__(self, info: dict) -> None:
+        now = time.monotonic()
+        if info.get("validation") or info["iteration"] in (1, info["iterations"]) or now - self.last >= self.every_s:
+            _print_json({"event": "progress", **info})
+            self.last = now
+
+
+def _print_json(values: dict) -> None:
+    sys.stdout.write(json.dumps(values) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(args: argparse.Namespace) -> Callable[[dict], None]:
+    return JsonProgress() if args.progress_json else TrainingProgress()
+
+
+def _result(args: argparse.Namespace, values: dict) -> None:
+    """The command's last line: its result as JSON (tagged as an event with --progress-json)."""
+    _print_json({"event": "result", **values} if args.progress_json else values)
+
+
 @contextmanager
-def _interruptible() -> Iterator[Callable[[], bool]]:
-    """A cancel callback for training: the first Ctrl-C finishes the iteration, checkpoints and
-    stops (resumable); a second one aborts."""
+def _interruptible(stop_file: str | None = None) -> Iterator[Callable[[], bool]]:
+    """A cancel callback for training: the first Ctrl-C, or `stop_file` appearing (how a program that
+    started the command asks it to stop, on any platform and without a console), finishes the
+    iteration, checkpoints and stops (resumable); a second Ctrl-C aborts."""
     interrupted = []
 
     def on_interrupt(signum, frame) -> None:
@@ -80,7 +114,7 @@ def _interruptible() -> Iterator[Callable[[], bool]]:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        yield lambda: bool(interrupted)
+        yield lambda: bool(interrupted) or (stop_file is not None and os.path.exists(stop_file))
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -106,21 +140,23 @@ def _train(args: argparse.Namespace) -> int:
         config = config_for_dataset(args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda")
         print(f"configuration derived from the dataset: {Path(config.output_dir) / 'config.toml'} "
               "(edit it and rerun with `scn-landmarks train` on it)", file=sys.stderr)
-    with _interruptible() as cancel:
-        result = train(config, resume=args.resume, device=args.device, progress=TrainingProgress(), cancel=cancel,
+    with _interruptible(args.stop_file) as cancel:
+        result = train(config, resume=args.resume, device=args.device, progress=_progress(args), cancel=cancel,
                        time_budget_s=_minutes_to_seconds(args.minutes))
-    print(json.dumps({"model": str(result.model_path), "iterations": result.iterations,
-                      "best_validation_mean_error": result.best_validation_error}))
+    _result(args, {"model": str(result.model_path), "iterations": result.iterations,
+                   "best_validation_mean_error": result.best_validation_error})
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
-    with _interruptible() as cancel:
+    with _interruptible(args.stop_file) as cancel:
         result = finetune(args.base_model, args.dataset, args.out, minutes=args.minutes, iterations=args.iterations,
-                          device=args.device, progress=TrainingProgress(), cancel=cancel, overwrite=args.overwrite)
+                          device=args.device, progress=_progress(args), cancel=cancel, overwrite=args.overwrite)
     unit = result.unit
+    if result.cancelled:
+        print("cancelled: the best model up to then is compared with the base", file=sys.stderr)
     if result.outcome == "kept base":
         print(f"the new model is not better on the {len(result.held_aside)} held-aside cases "
               f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
@@ -133,7 +169,7 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"not validated: fewer than 5 cases, all used for training: {result.model_path}", file=sys.stderr)
     else:
         print(f"new landmarks: the base cannot be compared on them: {result.model_path}", file=sys.stderr)
-    print(json.dumps(result.summary()))
+    _result(args, result.summary())
     return 0
 
 
@@ -262,6 +298,13 @@ def _dataset_init(args: argparse.Namespace) -> int:
     return 0
 
 
+PROGRESS_JSON_HELP = ("print progress as JSON lines on stdout ({\"event\": \"progress\", ...}; the last line "
+                      "{\"event\": \"result\", ...}), for programs that run training")
+
+
+STOP_FILE_HELP = "stop cleanly, as on Ctrl-C, when this file appears (for programs that run training)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scn-landmarks", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -275,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model so far")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--progress-json", action="store_true", help=PROGRESS_JSON_HELP)
+    train.add_argument("--stop-file", help=STOP_FILE_HELP)
     train.set_defaults(run=_train)
 
     finetune = commands.add_parser("finetune", help="fine-tune a model on corrected cases (nothing to configure)")
@@ -285,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--iterations", type=int, help="iterations per stage (default: derived from the base)")
     finetune.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     finetune.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    finetune.add_argument("--progress-json", action="store_true", help=PROGRESS_JSON_HELP)
+    finetune.add_argument("--stop-file", help=STOP_FILE_HELP)
     finetune.set_defaults(run=_finetune)
 
     detect = commands.add_parser("detect", help="detect landmarks on images")

@@ -21,7 +21,7 @@ from .autoconfig import (HELD_ASIDE_SPLIT, SPEC_NAME, default_augmentation, held
 from .bundle import ModelDescription, load_model, read_description, save_model
 from .config import Config, config_from_dict
 from .data.spec import load_dataset_spec
-from .errors import DataError
+from .errors import Cancelled, DataError
 from .inference import Predictor, resolve_device
 from .io.atomic import atomic_output, write_text_atomically
 from .io.images import spacing_unit
@@ -67,6 +67,7 @@ class FinetuneResult:
         new: the new model's errors there (None when not validated).
         iterations: the iterations each stage ran.
         landmark_names: the new model's landmarks.
+        cancelled: training was cancelled; the best model up to then was compared and kept.
     """
 
     model_path: Path
@@ -79,6 +80,7 @@ class FinetuneResult:
     unit: str
     iterations: dict[str, int]
     landmark_names: tuple[str, ...]
+    cancelled: bool = False
 
     def summary(self) -> dict[str, Any]:
         """One JSON-ready line: the outcome and both models' held-aside errors side by side."""
@@ -86,7 +88,7 @@ class FinetuneResult:
                 "training_cases": len(self.training_cases), "held_aside": len(self.held_aside),
                 "base_mean_error": None if self.base is None else self.base.mean_error,
                 "new_mean_error": None if self.new is None else self.new.mean_error,
-                "iterations": self.iterations}
+                "iterations": self.iterations, "cancelled": self.cancelled}
 
 
 def finetune_config(base_path: Path, base: ModelDescription, dataset: Path, output_dir: Path,
@@ -163,7 +165,9 @@ def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minute
         out: output folder: model.safetensors, MODEL_CARD.md, and training/ (the run itself).
         minutes: wall-clock budget of the training; it then ends with the best model so far.
         iterations: training iterations per stage (default: derived from the base's).
-        progress, cancel: as for train.train.
+        progress: as for train.train.
+        cancel: polled every iteration; True ends training as the time budget does (the best model so
+            far is compared with the base and kept; Cancelled only when there is none yet).
         overwrite: replace a model and card already in `out` (refused otherwise, before any work).
 
     Raises:
@@ -190,8 +194,16 @@ def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minute
             progress(info)
 
     budget = None if minutes is None else max(0.0, minutes * 60.0 - (time.monotonic() - started))
-    train(config, device=device, progress=track, cancel=cancel, time_budget_s=budget)
     new_path = run_dir / BEST_MODEL
+    new_path.unlink(missing_ok=True)  # an earlier run's best model must not pass for this run's
+    stopped_early = False
+    try:
+        train(config, device=device, progress=track, cancel=cancel, time_budget_s=budget)
+    except Cancelled:
+        # Cancel ends training like the time budget does: the best model so far is compared and kept.
+        if not new_path.is_file():
+            raise
+        stopped_early = True
 
     base_scores = new_scores = None
     same_names = names == tuple(base.landmark_names)
@@ -210,7 +222,7 @@ def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minute
     else:
         outcome = "improved" if new_scores.score < base_scores.score else "kept base"
     result = FinetuneResult(out / MODEL, out / CARD, outcome, training_cases, held_aside, base_scores, new_scores,
-                            base.unit, reached, names)
+                            base.unit, reached, names, stopped_early)
     if outcome == "kept base":
         with atomic_output(result.model_path) as temporary:
             shutil.copyfile(base_path, temporary)
@@ -261,7 +273,9 @@ def model_card(result: FinetuneResult, base_path: Path, base: ModelDescription, 
         f"- Held-aside cases ({len(result.held_aside)}, every fifth by case id): "
         f"{', '.join(result.held_aside) or 'none'}",
         f"- Settings (derived from the base model): {settings}; time budget "
-        f"{'none' if minutes is None else f'{minutes:g} min'}; the full configuration is "
+        f"{'none' if minutes is None else f'{minutes:g} min'}"
+        f"{'; cancelled by the user, the best model up to then kept' if result.cancelled else ''}; "
+        "the full configuration is "
         f"`{TRAINING_FOLDER}/config.toml` (`scn-landmarks train {TRAINING_FOLDER}/config.toml` reruns it)",
         "", "## Held-aside cases", "",
         "| model | error |", "|---|---|",

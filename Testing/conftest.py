@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,25 @@ from SCNLandmarksLib.config import config_from_dict
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
 from SCNLandmarksLib.train import TrainingResult, train
+
+@pytest.fixture(scope="session", autouse=True)
+def user_models_folder(tmp_path_factory) -> Path:
+    """The user models folder of the whole session (and of the processes it starts): never the
+    real user's."""
+    folder = tmp_path_factory.mktemp("user-models")
+    os.environ["SCN_LANDMARKS_USER_MODELS"] = str(folder)
+    return folder
+
+
+@pytest.fixture
+def mrml():
+    """A headless MRML scene (slicer-core), cleared afterwards; for the module's tests."""
+    from SCNLandmarksMRML import createHeadlessScene
+
+    headless = createHeadlessScene()
+    yield headless
+    headless.scene.Clear(1)
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
@@ -129,3 +149,16 @@ def mirror_model_2d(tiny_model_2d, tmp_path_factory) -> Path:
     description = loaded.description
     description = dataclasses.replace(description, inference=dataclasses.replace(description.inference, mirror_axis=0))
     return save_model(tmp_path_factory.mktemp("mirror") / "model.safetensors", description, loaded.coarse)
+
+
+def with_stored_training(path: Path, target: Path, **training) -> Path:
+    """A copy of a model file whose stored training configuration says `training` (weights unchanged)."""
+    loaded = load_model(path)
+    description = loaded.description
+    config = description.provenance["config"]
+    stored = {**config, "training": {**config["training"], **training}}
+    if "refinement" in config:
+        stored["refinement"] = {**config["refinement"],
+                                "training": {**config["refinement"]["training"], **training}}
+    description = dataclasses.replace(description, provenance={**description.provenance, "config": stored})
+    return save_model(target, description, loaded.coarse, loaded.refinement)

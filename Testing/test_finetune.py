@@ -3,16 +3,15 @@ tiny synthetic datasets and tiny models trained in the session."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, with_stored_training
 from SCNLandmarksLib.autoconfig import held_aside_ids
-from SCNLandmarksLib.bundle import load_model, read_description, save_model
+from SCNLandmarksLib.bundle import load_model, read_description
 from SCNLandmarksLib.cli import main
 from SCNLandmarksLib.config import config_from_dict, config_to_dict, load_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
@@ -24,19 +23,6 @@ from SCNLandmarksLib.train import train
 
 def _last_json_line(captured: str) -> dict:
     return json.loads(captured.strip().splitlines()[-1])
-
-
-def _with_stored_training(path: Path, target: Path, **training) -> Path:
-    """A copy of a model file whose stored training configuration says `training` (weights unchanged)."""
-    loaded = load_model(path)
-    description = loaded.description
-    config = description.provenance["config"]
-    stored = {**config, "training": {**config["training"], **training}}
-    if "refinement" in config:
-        stored["refinement"] = {**config["refinement"],
-                                "training": {**config["refinement"]["training"], **training}}
-    description = dataclasses.replace(description, provenance={**description.provenance, "config": stored})
-    return save_model(target, description, loaded.coarse, loaded.refinement)
 
 
 def test_held_aside_cases_are_every_fifth_and_stable():
@@ -101,7 +87,7 @@ def test_finetune_keeps_the_base_when_the_new_model_is_not_better(dataset_2d, tm
                             "training": {"iterations": 20, "batch_size": 4, "validate_every": 20}}
     trained = train(config_from_dict(values, Path("/")), device="cpu")
     # last.safetensors holds both stages (model.safetensors only a refinement that beat the coarse SCN).
-    base = _with_stored_training(trained.model_path.parent / "last.safetensors", tmp_path / "base.safetensors",
+    base = with_stored_training(trained.model_path.parent / "last.safetensors", tmp_path / "base.safetensors",
                                  learning_rate=0.0,
                                  sigma_learning_rate=0.0)
     assert read_description(base).refinement is not None

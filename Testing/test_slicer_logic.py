@@ -130,6 +130,7 @@ class BlobPrediction:
     def __init__(self, image: sitk.Image, landmarks: LandmarkSet, status: list[str]):
         self.landmarks = landmarks
         self.status = status
+        self.flagged = None  # an uncalibrated model's
         self._image = image
 
     def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
@@ -192,13 +193,6 @@ class BlobOracle:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture
-def mrml():
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
 
 
 def _ids(scene) -> list[str]:

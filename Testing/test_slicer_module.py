@@ -265,6 +265,17 @@ def test_the_table_is_updated_in_place():
     assert table.rowCount() == 1 and set(colors) == {(0, 0), (0, 1), (0, 2)} and table.setItemCalls == 9
 
 
+def test_every_widget_the_module_uses_is_in_its_ui_file():
+    """The widget cannot run here (no Qt); at least every `self.ui.<name>` it touches must exist."""
+    import xml.etree.ElementTree as ElementTree
+
+    ui = ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "SCNLandmarks.ui")
+    defined = {widget.get("name") for widget in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")))
+    assert {"trainBaseComboBox", "startTrainingButton", "nextToReviewButton", "skipLandmarkButton"} <= used
+    assert used - defined == set()
+
+
 def test_the_training_folder_field_is_empty_by_default():
     assert panel.trainingFolderText("") == "" and panel.trainingFolderText(Path("")) == ""
     assert panel.trainingFolderText("/data/cases") == "/data/cases"
@@ -276,15 +287,6 @@ def test_the_training_folder_field_is_empty_by_default():
 # on real MRML: short labels, replacing files, heatmap messages, measurements
 
 slicer = pytest.importorskip("slicer")
-
-
-@pytest.fixture
-def mrml():
-    from SCNLandmarksMRML import createHeadlessScene
-
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
 
 
 def _cephalogramVolume(scene, tmp_path: Path):

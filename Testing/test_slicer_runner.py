@@ -19,15 +19,8 @@ if not hasattr(slicer, "vtkMRMLScene"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SCNLandmarks"))
 
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
-from SCNLandmarksMRML import SCNLandmarksLogic, createHeadlessScene, loadVolumeFile  # noqa: E402
+from SCNLandmarksMRML import SCNLandmarksLogic, loadVolumeFile  # noqa: E402
 from SCNLandmarksMRML.runner import DETECTING, DetectionBusy, DetectionRunner  # noqa: E402
-
-
-@pytest.fixture
-def mrml():
-    headless = createHeadlessScene()
-    yield headless
-    headless.scene.Clear(1)
 
 
 @pytest.fixture

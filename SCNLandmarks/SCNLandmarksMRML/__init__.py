@@ -12,13 +12,15 @@ can be imported, and say what is wrong, in a Slicer whose Python is too old for 
 import importlib
 
 _EXPORTS = {
-    "catalogue": ("ModelEntry", "availableModels", "catalogueModels", "entryForModel", "sampleModel"),
+    "catalogue": ("ModelEntry", "allModels", "availableModels", "catalogueModels", "entryForModel", "sampleModel",
+                  "userModels"),
     "dependencies": ("DependencyStatus", "DeviceChoice", "dependencyStatus", "deviceChoices"),
     "headless": ("HeadlessScene", "createHeadlessScene", "loadMarkupsFile", "loadVolumeFile"),
     "logic": ("DetectionResult", "SCNLandmarksLogic"),
     "markups": ("LandmarkRow",),
     "rendering": ("RenderedSlice", "renderOverlayPng"),
     "runner": ("DetectionRunner",),
+    "training": ("TrainingJob", "inspectTrainingFolder"),
     "volumes": ("VolumeImage", "checkScalarVolume", "imageFromVolumeNode"),
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -30,7 +30,7 @@ from SCNLandmarksLib.io.toml import write_toml
 from SCNLandmarksLib.landmark_set import LandmarkSet
 from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
 
-from . import catalogue, dependencies, overlays, rendering
+from . import annotate, catalogue, dependencies, overlays, rendering, review
 from . import markups as landmarkMarkups
 from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode, volumeDimension
 
@@ -310,7 +310,9 @@ class SCNLandmarksLogic:
         name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if markupsNode is None else None
         markupsNode = landmarkMarkups.createLandmarksNode(
             self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
-            volumeNode=volumeNode, modelPath=job.modelPath, markupsNode=markupsNode)
+            volumeNode=volumeNode, modelPath=job.modelPath, markupsNode=markupsNode,
+            expectedErrors=landmarks.expected_errors, flagged=prediction.flagged,
+            unit=job.predictor.description.unit)
         if job.keepHeatmaps:
             self._predictions[markupsNode.GetID()] = (prediction, job.volumeImage)
         self._statusObserver.observe(markupsNode)
@@ -341,6 +343,15 @@ class SCNLandmarksLogic:
     def resetPoint(self, markupsNode, landmark: int | str) -> landmarkMarkups.LandmarkRow:
         """Restore the predicted position of one landmark (index in model order, or name)."""
         return landmarkMarkups.resetPoint(markupsNode, landmark)
+
+    def nextToReview(self, markupsNode, current: int | None = None) -> int | None:
+        """The landmark to review after `current` (None: the first): largest expected error first
+        (landmark order for an uncalibrated model); moved and missing points are left out. None
+        when there is none left."""
+        rows = self.landmarkRows(markupsNode)
+        errors = [row.expectedError for row in rows]
+        calibrated = any(np.isfinite(errors))
+        return review.next_to_review(errors if calibrated else None, [row.status for row in rows], current)
 
     @staticmethod
     def shortLandmarkNames(markupsNode) -> dict[str, str] | None:
@@ -558,8 +569,9 @@ class SCNLandmarksLogic:
 
         Args:
             volumeNode: the image (scalar 2D or 3D volume).
-            markupsNode: its corrected landmarks (a detection's point list, or any point list whose
-                labels are the landmark names).
+            markupsNode: its corrected landmarks (a detection's point list, an annotation, see
+                `annotate`, whose landmarks must all be placed or skipped, or any point list whose
+                labels are the landmark names). Skipped points are saved as missing.
             folder: the dataset folder (created).
             caseId: file stem and case id; default the volume name.
             split: the case's split ("train" or "validation"); default: keep the split of a case
@@ -577,6 +589,8 @@ class SCNLandmarksLogic:
         checkScalarVolume(volumeNode)
         if markupsNode is None:
             raise DataError("No landmarks to save: run a detection (or choose a point list) first.")
+        if annotate.isAnnotationNode(markupsNode):
+            annotate.checkComplete(markupsNode)
         rows = self.landmarkRows(markupsNode)
         if rows:
             names = [r.name for r in rows]

@@ -4,7 +4,9 @@ Each control point is labelled with the landmark name. What the model said is ke
 itself, so it survives scene saving:
 
 * node attribute ``SCNLandmarks.Prediction`` (JSON): per control point ID the landmark name, the
-  predicted RAS position (null when missing), the confidence and the predicted status;
+  predicted RAS position (null when missing), the confidence, the predicted status and, for a
+  calibrated model, the expected error and whether it is above the landmark's usual error; the
+  model's unit;
 * a static measurement ``confidence`` with one value per control point (written to .mrk.json as
   ``controlPointValues``, which the library reads back);
 * the control point description: the current status and confidence, for people.
@@ -56,6 +58,9 @@ class LandmarkRow:
         status: detected, low confidence, missing or moved by user.
         positionRas: current (N=3,) RAS position in the node's frame, or None without a position.
         predictedRas: predicted (3,) RAS position, or None when the model found none.
+        expectedError: the calibrated model's expected error of the prediction (the model's unit),
+            NaN when unknown (an uncalibrated model, a missing point).
+        flagged: the expected error is above this landmark's usual error (review it first).
     """
 
     name: str
@@ -64,6 +69,8 @@ class LandmarkRow:
     status: LandmarkStatus
     positionRas: np.ndarray | None
     predictedRas: np.ndarray | None
+    expectedError: float = math.nan
+    flagged: bool = False
 
 
 def describe(status: LandmarkStatus, confidence: float) -> str:
@@ -94,6 +101,12 @@ def _writePredictionInfo(markupsNode, info: dict) -> None:
     markupsNode.SetAttribute(PREDICTION_ATTRIBUTE, json.dumps(info))
 
 
+def predictionUnit(markupsNode) -> str:
+    """The unit of the detection's model ("mm", "px"; "" when not recorded)."""
+    info = readPredictionInfo(markupsNode)
+    return str(info.get("unit", "")) if info else ""
+
+
 def isLandmarksNode(node) -> bool:
     """True for markups nodes made by this module (they carry a prediction record)."""
     return node is not None and node.IsA("vtkMRMLMarkupsFiducialNode") and readPredictionInfo(node) is not None
@@ -101,7 +114,8 @@ def isLandmarksNode(node) -> bool:
 
 def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: np.ndarray,
                         confidences: np.ndarray, statuses: list[LandmarkStatus], volumeNode=None,
-                        modelPath: str = "", markupsNode=None):
+                        modelPath: str = "", markupsNode=None, expectedErrors: np.ndarray | None = None,
+                        flagged: np.ndarray | None = None, unit: str = ""):
     """Make (or refill) a markups point list holding predicted landmarks.
 
     Args:
@@ -115,6 +129,8 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
         volumeNode: the input volume; the node follows its parent transform and references it.
         modelPath: recorded in the prediction record.
         markupsNode: an existing node to refill instead of creating one.
+        expectedErrors, flagged: (N,) from a calibrated model (None otherwise).
+        unit: the model's unit ("mm" or "px"), shown with expected errors.
 
     Returns:
         The vtkMRMLMarkupsFiducialNode.
@@ -124,7 +140,8 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
     if created:
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     try:
-        _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath)
+        _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath,
+                           expectedErrors, flagged, unit)
     except Exception:
         if created:
             removeNode(scene, markupsNode)
@@ -144,7 +161,8 @@ def removeNode(scene, node) -> None:
     scene.RemoveNode(node)
 
 
-def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath) -> None:
+def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath,
+                       expectedErrors, flagged, unit) -> None:
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
     wasModifying = markupsNode.StartModify()
@@ -157,7 +175,11 @@ def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statu
                 markupsNode.RemoveNthMeasurement(index)
         markupsNode.SetLocked(False)
         records = []
-        for landmarkName, ras, confidence, status in zip(landmarkNames, pointsRas, confidences, statuses):
+        count = len(landmarkNames)
+        expectedErrors = np.full(count, np.nan) if expectedErrors is None else expectedErrors
+        flagged = np.zeros(count, dtype=bool) if flagged is None else flagged
+        for landmarkName, ras, confidence, status, expected, isFlagged in zip(
+                landmarkNames, pointsRas, confidences, statuses, expectedErrors, flagged):
             present = bool(np.all(np.isfinite(ras)))
             index = markupsNode.AddControlPoint(vtk.vtkVector3d(*(ras if present else (0.0, 0.0, 0.0))), landmarkName)
             if not present:
@@ -169,6 +191,8 @@ def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statu
                 "predictedRas": [float(v) for v in ras] if present else None,
                 "confidence": None if math.isnan(_finite(confidence)) else _finite(confidence),
                 "status": status,
+                "expectedError": None if math.isnan(_finite(expected)) else _finite(expected),
+                "flagged": bool(isFlagged),
             })
         values = vtk.vtkDoubleArray()
         values.SetName(CONFIDENCE_MEASUREMENT)
@@ -180,7 +204,7 @@ def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statu
         measurement.SetPrintFormat("%4.2f")
         measurement.SetControlPointValues(values)
         markupsNode.AddMeasurement(measurement)
-        _writePredictionInfo(markupsNode, {"model": str(modelPath), "points": records})
+        _writePredictionInfo(markupsNode, {"model": str(modelPath), "unit": unit, "points": records})
         if volumeNode is not None:
             markupsNode.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
             markupsNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
@@ -226,7 +250,8 @@ def landmarkRows(markupsNode) -> list[LandmarkRow]:
         status, index, position = currentStatus(markupsNode, record)
         predicted = record["predictedRas"]
         rows.append(LandmarkRow(record["name"], index, _finite(record["confidence"]), status, position,
-                                None if predicted is None else np.asarray(predicted, dtype=np.float64)))
+                                None if predicted is None else np.asarray(predicted, dtype=np.float64),
+                                _finite(record.get("expectedError")), bool(record.get("flagged", False))))
     return rows
 
 

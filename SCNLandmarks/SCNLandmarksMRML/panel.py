@@ -39,7 +39,8 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
     """The selector's entries and the index to show, so that it always shows the model that will run.
 
     Args:
-        entries: catalogue models (absent ones are listed disabled, saying why).
+        entries: catalogue models, shipped and the user's own (`catalogue.allModels`; absent ones are
+            listed disabled, saying why; the user's are marked as theirs).
         currentPath: the parameter node's model path ("" = none chosen yet).
         loadedPaths: model files the user loaded in this session.
 
@@ -52,6 +53,8 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
     choices = []
     for entry in entries:
         label = entry.name if entry.available else f"{entry.name} (not installed)"
+        if entry.userModel:
+            label += " (your model)"
         tooltip = (entry.description or str(entry.path)) if entry.available else entry.unavailableReason
         choices.append(ModelChoice(label, str(entry.path), entry.available, tooltip))
     for path in loadedPaths:
@@ -78,6 +81,9 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
 
 STATUS_COLORS = {LandmarkStatus.LOW_CONFIDENCE: (255, 190, 130), LandmarkStatus.MISSING: (225, 225, 225),
                   LandmarkStatus.MOVED: (170, 220, 255)}
+# A point whose expected error is above its landmark's usual error, not corrected yet: review it first.
+FLAGGED_COLOR = (255, 150, 150)
+FLAGGED_MARK = "! "
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,31 @@ class TableRow:
     color: tuple[int, int, int] | None
 
 
-def tableRows(rows: list[LandmarkRow]) -> list[TableRow]:
-    """Name, confidence and status of each landmark, and the row's color by status."""
-    return [TableRow((row.name, "" if math.isnan(row.confidence) else f"{row.confidence:.2f}", row.status),
-                     STATUS_COLORS.get(row.status)) for row in rows]
+def isCalibrated(rows: list[LandmarkRow]) -> bool:
+    """True when the detection's model gave expected errors (a calibrated model)."""
+    return any(math.isfinite(row.expectedError) for row in rows)
+
+
+def tableHeaders(rows: list[LandmarkRow]) -> tuple[str, str, str]:
+    """Column titles: the second column is the expected error for a calibrated model, else the confidence."""
+    return ("Landmark", "Expected error" if isCalibrated(rows) else "Confidence", "Status")
+
+
+def tableRows(rows: list[LandmarkRow], unit: str = "") -> list[TableRow]:
+    """Name, expected error (calibrated model; in `unit`) or confidence, and status of each landmark,
+    and the row's color by status. Points above their landmark's usual error and not corrected yet
+    are marked ("! ") and colored."""
+    calibrated = isCalibrated(rows)
+    table = []
+    for row in rows:
+        flagged = row.flagged and row.status != LandmarkStatus.MOVED
+        if calibrated:
+            value = "" if math.isnan(row.expectedError) else f"{row.expectedError:.2f} {unit}".rstrip()
+            value = FLAGGED_MARK + value if flagged else value
+        else:
+            value = "" if math.isnan(row.confidence) else f"{row.confidence:.2f}"
+        table.append(TableRow((row.name, value, row.status), FLAGGED_COLOR if flagged else STATUS_COLORS.get(row.status)))
+    return table
 
 
 class TableItem(Protocol):

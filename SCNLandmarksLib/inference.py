@@ -264,6 +264,8 @@ class Predictor:
                         with_scale=self.description.in_pixels, mirrored=first.mirrored)
         first.pose = pose
         if pose is None or detected_in.inverse().after(pose).is_canonical():
+            if progress is not None:
+                progress(1.0, "done")
             return first
         # The network's points lean towards its canonical pose, so a first pass underestimates a
         # large rotation (by 3-4 degrees at 30 on the brain); a pass in the fitted pose corrects most
@@ -284,6 +286,8 @@ class Predictor:
             if refitted is None or pose.inverse().after(refitted).is_canonical():
                 break
             pose = refitted
+        if progress is not None:
+            progress(1.0, "done")
         return found
 
     @staticmethod

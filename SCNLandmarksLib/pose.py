@@ -30,8 +30,8 @@ from .landmark_set import LandmarkSet
 
 # A first pass whose fitted pose is within these of the canonical one is kept as it is: the second
 # pass would cost as much again and move the points by less than the network's own jitter.
-CANONICAL_ROTATION_DEG = 2.0
-CANONICAL_SCALE = 0.03  # relative
+CANONICAL_ROTATION_DEG = 1.0
+CANONICAL_SCALE = 0.01  # relative
 # Trial scales of the first pass of a model in pixels, as factors of 2**(1/2): neighbours are 1.41x
 # apart, and the cephalometric network keeps its points within a few pixels at 0.8x-1.25x.
 TRIAL_SCALE_STEPS = (-2, -1, 0, 1, 2)

@@ -509,6 +509,11 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         save_config(config, config.output_dir / "config.toml")
     mean = mean_configuration([item.landmarks for item in training_items],
                               f"mean of the annotated landmarks of the {len(training_items)} training images")
+    if config.initial_model is not None:
+        # Fine-tuning keeps the base's canonical pose: the network was trained in it.
+        base = read_description(config.initial_model)
+        if base.mean_configuration is not None and base.landmark_names == tuple(names):
+            mean = base.mean_configuration
     run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items, mean)
 
     result = None

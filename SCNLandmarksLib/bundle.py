@@ -26,6 +26,7 @@ from .config import InferenceConfig, IntensityConfig
 from .errors import ModelFileError
 from .io.atomic import atomic_output
 from .models import build_model
+from .pose import MeanConfiguration
 
 FORMAT = "scn-landmarks-model"
 FORMAT_VERSION = 2
@@ -90,6 +91,9 @@ class ModelDescription:
         validation: the validation scores of the saved model ({} without a validation split).
         calibration: how to turn the network's evidence into an expected error per landmark (None:
             not calibrated; models trained before calibrations existed load so).
+        mean_configuration: where the landmarks lie on average in the training images, the canonical
+            pose that detection brings images into (None: detection in the image's own pose only;
+            models trained before pose normalisation existed load so).
     """
 
     dimension: int
@@ -103,6 +107,7 @@ class ModelDescription:
     provenance: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
+    mean_configuration: MeanConfiguration | None = None
 
     @property
     def in_pixels(self) -> bool:
@@ -121,7 +126,9 @@ class ModelDescription:
                 "intensity": dataclasses.asdict(self.intensity), "inference": dataclasses.asdict(self.inference),
                 **{name: stage.to_json() for name, stage in self.stages.items()},
                 "provenance": self.provenance, "validation": self.validation,
-                **({} if self.calibration is None else {"calibration": self.calibration.to_json()})}
+                **({} if self.calibration is None else {"calibration": self.calibration.to_json()}),
+                **({} if self.mean_configuration is None
+                   else {"mean_configuration": self.mean_configuration.to_json()})}
 
     @classmethod
     def from_json(cls, header: dict[str, Any], source: str) -> ModelDescription:
@@ -156,6 +163,9 @@ class ModelDescription:
         if values.get("calibration") is not None:
             description = dataclasses.replace(description, calibration=Calibration.from_json(
                 values["calibration"], description.landmark_names, source))
+        if values.get("mean_configuration") is not None:
+            description = dataclasses.replace(description, mean_configuration=MeanConfiguration.from_json(
+                values["mean_configuration"], description.landmark_names, description.dimension, source))
         axis = description.inference.mirror_axis
         if axis is not None and (not isinstance(axis, int) or not 0 <= axis < description.dimension):
             raise ModelFileError(f"{source}: inference.mirror_axis {axis!r} is not an axis of "

@@ -38,6 +38,7 @@ from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
+from .pose import MeanConfiguration, mean_configuration
 from .models import HEAD_PREFIXES, TRAINING_ONLY_PARAMS, build_model, default_params
 from .vocabulary import Cancel
 
@@ -390,8 +391,9 @@ class TrainingRun:
     which it validates and writes as model files."""
 
     def __init__(self, config: Config, spec: DatasetSpec, context: RunContext, unit: str,
-                 validation_items: list[TrainingImage]):
+                 validation_items: list[TrainingImage], mean: MeanConfiguration):
         self.config = config
+        self.mean = mean  # the canonical pose detection brings images into
         self.spec = spec
         self.context = context
         self.unit = unit
@@ -409,7 +411,7 @@ class TrainingRun:
             provenance={"dataset": str(self.spec.path), "iterations": iteration, "library_version": __version__,
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "config": config_to_dict(config)},
-            validation=validation or {})
+            validation=validation or {}, mean_configuration=self.mean)
 
     def _loaded(self, iteration: int, validation: dict | None) -> LoadedModel:
         refinement = self.stages.get("refinement")
@@ -505,7 +507,14 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     if context.main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, config.output_dir / "config.toml")
-    run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items)
+    mean = mean_configuration([item.landmarks for item in training_items],
+                              f"mean of the annotated landmarks of the {len(training_items)} training images")
+    if config.initial_model is not None:
+        # Fine-tuning keeps the base's canonical pose: the network was trained in it.
+        base = read_description(config.initial_model)
+        if base.mean_configuration is not None and base.landmark_names == tuple(names):
+            mean = base.mean_configuration
+    run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items, mean)
 
     result = None
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s

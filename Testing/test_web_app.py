@@ -195,9 +195,10 @@ def has_colour(pixels: np.ndarray, box: dict, test) -> int:
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
-def is_ring(r, g, b):
-    """The cyan ring of a moved point (STATUS_COLORS' "moved by user")."""
-    return (r < 90) & (g > 150) & (b > 200)
+def is_halo(r, g, b):
+    """The translucent cyan halo of a moved point (STATUS_COLORS' "moved by user") over the image:
+    blue and green well above red (unlike gray, the green points and the heatmap's colours)."""
+    return (b - r > 60) & (g - r > 40)
 
 
 def screenshot(page, name: str) -> np.ndarray:
@@ -239,7 +240,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     for view in ("Red", "Yellow", "Green"):
         green = has_colour(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
         assert green > 30, f"no landmarks drawn in the {view} view"
-    assert has_colour(pixels, view_box(first, "Red"), is_ring) < 5, "a ring before anything was moved"
+    assert has_colour(pixels, view_box(first, "Red"), is_halo) < 5, "a halo before anything was moved"
 
     # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
     # selects the dragged point, and Reset acts on it.
@@ -269,7 +270,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     hot = has_colour(pixels, view_box(first, "Red"), lambda r, g, b: (r > 180) & (r - b > 100))
     assert hot > 200, "no heatmap colours in the view"
-    assert has_colour(pixels, view_box(first, "Red"), is_ring) > 30, "the moved point is not ringed on the view"
+    assert has_colour(pixels, view_box(first, "Red"), is_halo) > 30, "the moved point is not marked on the view"
     assert first.locator("#error").is_hidden()
 
     points = export(first, tmp_path)
@@ -288,7 +289,22 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
 
 
 def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server, browser, training_folder):
+    from wslink.chunking import HEADER_LENGTH
+    from wslink.protocol import MAX_MSG_SIZE
+
+    from SCNLandmarksWeb.launcher import UPLOAD_ENVELOPE_BYTES
+
     page = new_page(browser, server)
+    # The hard upload cap, on a second connection to this session: a message announcing more than the
+    # limit is refused at its first frame (the rest never needs to come)...
+    socket = page.url.replace("http://", "ws://").rstrip("/") + "/ws"
+    too_big = 512 * 1024 ** 2 + UPLOAD_ENVELOPE_BYTES + 1  # the server's default --max-upload-mb, and one byte
+    header = (7).to_bytes(4, "little") + (0).to_bytes(4, "little") + too_big.to_bytes(4, "little")
+    assert len(header) == HEADER_LENGTH
+    assert websocket_close_code(socket, header + b"\0" * 1024) == 1009
+    # ...and one frame larger than a wslink chunk from its frame header, while its bytes still come.
+    assert websocket_close_code(socket, b"\0" * (MAX_MSG_SIZE + 1)) in (1009, CUT_WHILE_SENDING)
+    # The page's own connection is untouched: the rest of this test runs on it.
     open_sample_and_detect(page)
 
     # A calibrated model: the expected error of every point, in mm, next to the confidence.
@@ -360,6 +376,65 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     page.locator("#confirm-discard").wait_for(state="hidden")  # the corrections were saved: nothing to ask
     page.wait_for_function("document.querySelector('#info').innerText.includes('32 of 32 landmarks found')")
     assert page.locator("#error").is_hidden()
+
+
+def run_coroutine(coroutine):
+    """Run a coroutine to its end on a thread of its own (Playwright's sync API holds this thread's loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
+CUT_WHILE_SENDING = "cut while sending"
+
+
+def websocket_close_code(url: str, frame: bytes) -> int | str | None:
+    """Send one binary frame on a session's websocket; the code the server closes it with,
+    CUT_WHILE_SENDING when it closed the connection before the frame was through, None when it stayed open."""
+    import aiohttp
+
+    async def attempt() -> int | str | None:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(url, max_msg_size=0) as socket:
+                try:
+                    await socket.send_bytes(frame)
+                except ConnectionError:
+                    return CUT_WHILE_SENDING
+                try:
+                    message = await socket.receive(timeout=WAIT_MS / 1000)
+                except TimeoutError:
+                    return None
+                return socket.close_code if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                                              aiohttp.WSMsgType.CLOSING) else None
+
+    return run_coroutine(attempt())
+
+
+def test_finetune_job_reports_progress_is_cancelled_and_names_a_bad_base(tiny_model_2d, dataset_2d, tmp_path):
+    from SCNLandmarksLib.errors import Cancelled, TrainingError
+    from SCNLandmarksWeb.training import FinetuneJob
+
+    job = FinetuneJob(tiny_model_2d, dataset_2d, tmp_path / "cancelled", minutes=30, device="cpu",
+                      iterations=100_000)
+    seen: list[str] = []
+
+    def progress(fraction: float, message: str) -> None:
+        seen.append(message)
+        if "iteration" in message:
+            job.cancel()
+
+    with pytest.raises(Cancelled, match="cancelled"):
+        run_coroutine(job.run(progress))
+    assert job.process.returncode == 130 and any("iteration" in m for m in seen)
+    assert not (tmp_path / "cancelled" / "model.safetensors").exists()
+
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("not a model")
+    with pytest.raises(TrainingError, match="notes.safetensors"):
+        run_coroutine(FinetuneJob(not_a_model, dataset_2d, tmp_path / "bad", minutes=1, device="cpu").run(
+            lambda fraction, message: None))
 
 
 def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silently(server, browser, tmp_path):

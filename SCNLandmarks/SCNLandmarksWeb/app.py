@@ -4,7 +4,7 @@ The page is a second face on `SCNLandmarksLogic`: it opens an image into the MRM
 same detection, lists the landmarks with their expected errors (calibrated models) and confidences,
 walks the points to review from the largest expected error down, shows the heatmaps as a slice
 overlay, lets the user drag points in Slicer's own slice views (one view for 2D images, the three
-orthogonal views for 3D; moved points are ringed), downloads the corrected `.mrk.json`, saves
+orthogonal views for 3D; moved points have a halo), downloads the corrected `.mrk.json`, saves
 corrected cases as training pairs and fine-tunes the model on them (`training`). One app is one
 review session (`session` runs each in its own process). The model loads and runs on a worker
 thread and fine-tuning in a process of its own, so the page keeps answering (progress, Cancel);
@@ -70,7 +70,8 @@ CANCELLED = "Detection cancelled; the previous result is unchanged."
 # The all-landmarks heatmap (each landmark scaled to its peak) shows each landmark above this
 # fraction of its peak: wide heatmaps (a brain's) then stay apart instead of merging into one blob.
 ALL_LANDMARKS_FLOOR = 0.5
-MOVED_RING_SCALE = 2.0  # a moved point's ring, relative to the point's own glyph
+MOVED_HALO_SCALE = 2.2  # a moved point's halo, relative to the point's own glyph
+MOVED_HALO_OPACITY = 0.45
 FINETUNED_FOLDER = "fine-tuned"  # inside the training folder: the models trained on it
 DEFAULT_FINETUNE_MINUTES = 10.0
 MAX_FINETUNE_MINUTES = 24 * 60.0
@@ -494,11 +495,11 @@ class LandmarkReviewApp(TrameApp):
                          "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions])})
         self.state.landmarks = rows
         self.lastTableRefresh = time.monotonic()
-        self._ringMovedPoints(landmarkRows)
+        self._markMovedPoints(landmarkRows)
 
-    def _ringMovedPoints(self, landmarkRows) -> None:
-        """Ring the points the user moved, on the views themselves: a second, locked point list of
-        rings (a point list has one glyph and two colours, both taken by the landmarks)."""
+    def _markMovedPoints(self, landmarkRows) -> None:
+        """Mark the points the user moved on the views themselves, with a cyan halo: a second, locked
+        point list (a point list has one glyph and two colours, both taken by the landmarks)."""
         moved = [row.positionRas for row in landmarkRows
                  if row.status == LandmarkStatus.MOVED and row.positionRas is not None]
         if self.movedMarkersNode is None:
@@ -518,14 +519,15 @@ class LandmarkReviewApp(TrameApp):
         scene = self.slicerApp.scene
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName("moved by user"))
         node.CreateDefaultDisplayNodes()
-        node.SetLocked(True)  # the rings never take the mouse: the point under them is dragged
+        node.SetLocked(True)  # the halos never take the mouse: the point under them is dragged
         node.SetAndObserveTransformNodeID(self.markupsNode.GetTransformNodeID())
         display = node.GetDisplayNode()
         colour = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
         display.SetColor(*colour)
         display.SetSelectedColor(*colour)
-        display.SetGlyphTypeFromString("Circle2D")
-        display.SetGlyphScale(MOVED_RING_SCALE * self.markupsNode.GetDisplayNode().GetGlyphScale())
+        display.SetGlyphTypeFromString("Circle2D")  # a disk in slice views: translucent, a halo round the point
+        display.SetGlyphScale(MOVED_HALO_SCALE * self.markupsNode.GetDisplayNode().GetGlyphScale())
+        display.SetOpacity(MOVED_HALO_OPACITY)
         display.SetPointLabelsVisibility(False)
         display.SetPropertiesLabelVisibility(False)
         return node
@@ -989,7 +991,7 @@ class LandmarkReviewApp(TrameApp):
                                  "Click a row to centre the views on it; Zoom to zooms in on it.",
                                  "Next to review: the points most likely wrong first (largest expected error); "
                                  "an orange expected error is above that landmark's usual error.",
-                                 "Ringed point, bold status: a point you moved. Faded points: landmarks off the "
+                                 "Cyan halo, bold status: a point you moved. Faded points: landmarks off the "
                                  "shown slice."):
                         html.Li(line)
             with v.VCardActions():

@@ -74,11 +74,15 @@ class FinetuneJob:
         out: the new model's folder (must not hold a model yet: the command refuses to replace one).
         minutes: wall-clock budget of the training.
         device: "auto", "cpu" or "cuda".
+        iterations: iterations per stage (default: derived from the base).
     """
 
-    def __init__(self, baseModel: Path, dataset: Path, out: Path, minutes: float, device: str = "auto"):
+    def __init__(self, baseModel: Path, dataset: Path, out: Path, minutes: float, device: str = "auto",
+                 iterations: int | None = None):
         self.command = [sys.executable, "-m", "SCNLandmarksLib.cli", "finetune", str(baseModel), str(dataset),
                         "--out", str(out), "--minutes", f"{minutes:g}", "--device", device]
+        if iterations is not None:
+            self.command += ["--iterations", str(iterations)]
         self.out = out
         self.process: asyncio.subprocess.Process | None = None
         self.cancelled = False
@@ -99,7 +103,7 @@ class FinetuneJob:
         stdout, _ = await asyncio.gather(self.process.stdout.read(),
                                          self._follow(self.process.stderr, progress, lastLines))
         status = await self.process.wait()
-        if self.cancelled:
+        if self.cancelled and status != 0:  # (a Cancel that came as it finished changes nothing)
             raise Cancelled(CANCELLED)
         if status != 0:
             logger.warning("fine-tuning ended with exit status %s:\n%s", status, "\n".join(lastLines))

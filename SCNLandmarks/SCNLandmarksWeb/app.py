@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -82,11 +82,19 @@ def _folderLock(folder: Path):
     """Sessions are processes of their own: one at a time adds a case to a shared training folder."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".scn-landmarks.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # (retries for 10 s, then raises OSError)
+            try:
+                yield
+            finally:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -811,7 +819,7 @@ class LandmarkReviewApp(TrameApp):
     def _addFinetunedModel(self, path: Path, baseEntry: catalogue.ModelEntry | None, base: Path) -> None:
         """The new model joins this session's model list, chosen (its base's sample stays its sample)."""
         modelId = f"{FINETUNED_FOLDER}/{path.parent.name}"
-        name = f"{baseEntry.name if baseEntry else base.name}, fine-tuned {time.strftime('%H:%M')}"
+        name = f"Fine-tuned {time.strftime('%H:%M')} from {baseEntry.name if baseEntry else base.name}"
         card = path.parent / "MODEL_CARD.md"
         self.models[modelId] = catalogue.ModelEntry(
             name=name, path=path, dimension=baseEntry.dimension if baseEntry else None,

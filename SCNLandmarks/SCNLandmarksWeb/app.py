@@ -177,7 +177,7 @@ class LandmarkReviewApp(TrameApp):
         self.dragStart: tuple[int, np.ndarray] | None = None
         self.pathAliases: dict[str, str] = {}
         if not trainingFolder:
-            self.pathAliases[str(self.trainingFolder)] = "this session's training folder"
+            self.pathAliases[str(self.trainingFolder)] = "the session's training folder"
         self.models = {entry.id: entry for entry in catalogue.availableModels()}
         self._initialState(model)
         self._buildUi()
@@ -227,8 +227,8 @@ class LandmarkReviewApp(TrameApp):
         state.cursor_position = ""
         state.position_unit = "LPS, mm"
         state.training_open = False
-        state.training_folder = (str(self.trainingFolder) if self.trainingFolder.parent != self.workdir else
-                                 "this session's own (removed when the session ends)")
+        state.training_folder = self.pathAliases.get(str(self.trainingFolder), str(self.trainingFolder))
+        state.training_folder_kept = str(self.trainingFolder) not in self.pathAliases
         state.training_cases = ""
         state.case_id = ""
         state.confirm_replace_case = False
@@ -1019,6 +1019,9 @@ class LandmarkReviewApp(TrameApp):
             with v.VCardText():
                 html.Div("Training folder: {{ training_folder }}, {{ training_cases }}.", classes="text-caption",
                          id="training-folder")
+                html.Div("It is removed when this session ends: start the station with --training-folder to keep "
+                         "the cases and the models trained on them.", v_if="!training_folder_kept",
+                         classes="text-caption")
                 with html.Div(classes="d-flex align-center mt-2"):
                     v.VTextField(v_model=("case_id",), label="Case name", density="compact", hide_details=True,
                                  id="case-id")
@@ -1049,29 +1052,31 @@ class LandmarkReviewApp(TrameApp):
             with v.VCardActions():
                 v.VBtn("Close", click="training_open = false", id="training-close")
 
-    def _replaceCaseDialog(self) -> None:
-        replace = self.server.controller.trigger_name(self.saveTrainingPair)
-        with v.VDialog(v_model=("confirm_replace_case",), persistent=True, max_width=460):
-            with v.VCard(id="confirm-replace-case"):
-                v.VCardTitle("This case is already saved")
-                v.VCardText("The training folder already holds a case named {{ case_id }}. Replace it with this "
-                            "image and these points, or cancel (and give the case another name)?")
+    @staticmethod
+    @contextlib.contextmanager
+    def _question(shownBy: str, cardId: str, title: str, text: str):
+        """A dialog asking `text`, shown while the state variable `shownBy` is true; the caller adds the answers."""
+        with v.VDialog(v_model=(shownBy,), persistent=True, max_width=460):
+            with v.VCard(id=cardId):
+                v.VCardTitle(title)
+                v.VCardText(text)
                 with v.VCardActions():
                     v.VSpacer()
-                    v.VBtn("Cancel", click="confirm_replace_case = false", id="replace-case-cancel")
-                    v.VBtn("Replace", click=f"trigger('{replace}', [case_id, true])", color="error",
-                           id="replace-case-button")
+                    yield
+
+    def _replaceCaseDialog(self) -> None:
+        replace = self.server.controller.trigger_name(self.saveTrainingPair)
+        with self._question("confirm_replace_case", "confirm-replace-case", "This case is already saved",
+                            "The training folder already holds a case named {{ case_id }}. Replace it with this "
+                            "image and these points, or cancel (and give the case another name)?"):
+            v.VBtn("Cancel", click="confirm_replace_case = false", id="replace-case-cancel")
+            v.VBtn("Replace", click=f"trigger('{replace}', [case_id, true])", color="error", id="replace-case-button")
 
     def _confirmDialog(self) -> None:
         proceed = self.server.controller.trigger_name(self.proceed)
-        with v.VDialog(v_model=("confirm_discard",), persistent=True, max_width=460):
-            with v.VCard(id="confirm-discard"):
-                v.VCardTitle("Corrections not exported")
-                v.VCardText("You moved landmarks and have not exported them since. Export them first, discard "
-                            "them, or cancel and keep working?")
-                with v.VCardActions():
-                    v.VSpacer()
-                    v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
-                    v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
-                    v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary",
-                           id="confirm-export")
+        with self._question("confirm_discard", "confirm-discard", "Corrections not exported",
+                            "You moved landmarks and have not exported them since. Export them first, discard "
+                            "them, or cancel and keep working?"):
+            v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
+            v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
+            v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary", id="confirm-export")

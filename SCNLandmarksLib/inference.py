@@ -126,12 +126,16 @@ class Prediction:
         """The heatmap kinds kept by predict(..., heatmaps=True) (empty otherwise)."""
         return list(self._heatmaps)
 
-    def heatmap(self, kind: str = HeatmapKind.FINAL, landmark: int | None = None) -> sitk.Image:
+    def heatmap(self, kind: str = HeatmapKind.FINAL, landmark: int | None = None,
+                scaled_per_landmark: bool = False) -> sitk.Image:
         """One heatmap (or the maximum over all landmarks) resampled to the input image's geometry.
 
         Args:
             kind: "final" (H_app * H_sc), "local" (H_app) or "spatial" (H_sc).
             landmark: landmark index, or None for the maximum over landmarks.
+            scaled_per_landmark: with `landmark` None, divide each landmark's heatmap by its own
+                maximum first, so every landmark shows, however weak its peak (a brain's 32 overlapping
+                heatmaps otherwise read as one blob of the strongest ones).
         Returns:
             float32 sitk.Image with the input image's size, spacing, origin and direction.
         """
@@ -140,7 +144,13 @@ class Prediction:
         if kind not in self._heatmaps:
             raise ValueError(f"no '{kind}' heatmap for this model; available: {sorted(self._heatmaps)}")
         values = self._heatmaps[kind]
-        array = values.max(axis=0) if landmark is None else values[landmark]
+        if landmark is not None:
+            array = values[landmark]
+        elif scaled_per_landmark:
+            peaks = values.reshape(len(values), -1).max(axis=1).reshape((-1,) + (1,) * (values.ndim - 1))
+            array = (values / np.where(peaks > 0, peaks, 1.0)).max(axis=0)
+        else:
+            array = values.max(axis=0)
         on_grid = self._grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32)))
         return sitk.Resample(on_grid, self._reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 

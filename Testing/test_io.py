@@ -503,6 +503,16 @@ def test_markups_json_content(tmp_path):
         write_landmarks(example_set(2), path, status=status[:3])
 
 
+def test_pixel_positions_are_not_labelled_mm(tmp_path, caplog):
+    path = tmp_path / "picture.mrk.json"
+    write_landmarks(example_set(2), path, unit="px")
+    assert json.loads(path.read_text())["markups"][0]["coordinateUnits"] == "px"
+    with caplog.at_level("WARNING"):
+        read_back = read_landmarks(path, names=NAMES)
+    np.testing.assert_allclose(read_back.points_lps[:, :2], example_set(2).points_lps)
+    assert "coordinateUnits" not in caplog.text  # our own pixel files read back without a complaint
+
+
 def test_csv_with_status_column_reads_back(tmp_path):
     path = tmp_path / "out.csv"
     status = ["detected", "low confidence", "missing", "detected"]

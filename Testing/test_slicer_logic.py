@@ -133,7 +133,7 @@ class BlobPrediction:
         self.flagged = None  # an uncalibrated model's
         self._image = image
 
-    def heatmap(self, kind: str = "final", landmark: int | None = None) -> sitk.Image:
+    def heatmap(self, kind: str = "final", landmark: int | None = None, scaled_per_landmark: bool = False) -> sitk.Image:
         """Gaussians around the landmarks, computed on the input image's own grid (as the library does)."""
         if kind not in list(HeatmapKind):
             raise ValueError(f"no '{kind}' heatmap")
@@ -145,11 +145,12 @@ class BlobPrediction:
         physical = index @ matrix.T + origin
         sigma = 2.0 * max(self._image.GetSpacing())
         chosen = range(len(self.landmarks.names)) if landmark is None else [landmark]
+        peak = 1.0 if scaled_per_landmark and landmark is None else {"final": 1.0, "local": 0.8, "spatial": 0.6}[kind]
         values = np.zeros(len(physical))
         for k in chosen:
             if np.all(np.isfinite(self.landmarks.points_lps[k])):
                 d2 = np.sum((physical - self.landmarks.points_lps[k]) ** 2, axis=1)
-                values = np.maximum(values, np.exp(-d2 / (2 * sigma ** 2)) * {"final": 1.0, "local": 0.8, "spatial": 0.6}[kind])
+                values = np.maximum(values, np.exp(-d2 / (2 * sigma ** 2)) * peak)
         heatmap = sitk.GetImageFromArray(values.reshape(tuple(reversed(size))).astype(np.float32))
         heatmap.CopyInformation(self._image)
         return heatmap
@@ -363,6 +364,11 @@ def test_heatmap_volume_shares_the_input_geometry(mrml, files, suffix):
     everything = slicer.util.arrayFromVolume(heatmap)
     assert everything.max() == pytest.approx(1.0, rel=1e-3)
     assert "final" in heatmap.GetName() and "all landmarks" in heatmap.GetName()
+    logic.showHeatmap(result.markupsNode, "spatial", None)
+    assert slicer.util.arrayFromVolume(heatmap).max() == pytest.approx(0.6, rel=1e-3)
+    logic.showHeatmap(result.markupsNode, "spatial", None, scaledPerLandmark=True)
+    assert "each scaled to its peak" in heatmap.GetName()
+    assert slicer.util.arrayFromVolume(heatmap).max() == pytest.approx(1.0, rel=1e-3)
     logic.hideHeatmap(result.markupsNode)
     assert all(c.GetForegroundVolumeID() is None for c in composites)
 

@@ -37,6 +37,7 @@ WAIT_MS = 60_000  # the longest any step may take (detection on a slow CI core i
 SERVER_START_S = 120
 SETTLE_S = 0.4  # a cursor readout unchanged this long is the answer to the last mouse move
 BRAIN_MODEL = REPO / "Resources" / "Models" / "brain-afids-32" / "model.safetensors"
+CEPH_MODEL = REPO / "Resources" / "Models" / "cephalometric-19" / "model.safetensors"
 SAMPLE = "MNI152NLin2009cAsym_T1w_2mm"
 TOKEN = "a-test-token-long-enough-0123456789"
 
@@ -67,8 +68,14 @@ def review_server(*arguments: str, environment: dict[str, str] | None = None):
 
 
 @pytest.fixture(scope="module")
-def server():
-    with review_server("--idle-timeout", "60") as (url, _):
+def training_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("training-folder")
+
+
+@pytest.fixture(scope="module")
+def server(training_folder):
+    with review_server("--idle-timeout", "60", "--max-sessions", "6", "--training-folder",
+                       str(training_folder)) as (url, _):
         yield url
 
 
@@ -188,6 +195,18 @@ def has_colour(pixels: np.ndarray, box: dict, test) -> int:
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
+def is_halo(r, g, b):
+    """The translucent cyan halo of a moved point (STATUS_COLORS' "moved by user") over the image:
+    blue and green well above red (unlike gray, the green points and the heatmap's colours)."""
+    return (b - r > 60) & (g - r > 40)
+
+
+def screenshot(page, name: str) -> np.ndarray:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / name))
+    return np.asarray(Image.open(SCREENSHOTS / name).convert("RGB"), dtype=int)
+
+
 def test_access_rules(monkeypatch):
     from SCNLandmarksWeb import access
 
@@ -221,6 +240,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     for view in ("Red", "Yellow", "Green"):
         green = has_colour(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
         assert green > 30, f"no landmarks drawn in the {view} view"
+    assert has_colour(pixels, view_box(first, "Red"), is_halo) < 5, "a halo before anything was moved"
 
     # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
     # selects the dragged point, and Reset acts on it.
@@ -250,6 +270,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     hot = has_colour(pixels, view_box(first, "Red"), lambda r, g, b: (r > 180) & (r - b > 100))
     assert hot > 200, "no heatmap colours in the view"
+    assert has_colour(pixels, view_box(first, "Red"), is_halo) > 30, "the moved point is not marked on the view"
     assert first.locator("#error").is_hidden()
 
     points = export(first, tmp_path)
@@ -265,6 +286,160 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     theirs = export(second, tmp_path)
     assert np.linalg.norm(theirs[name] - predicted) < 0.1
     assert np.linalg.norm(theirs[name] - points[name]) > 5.0
+
+
+def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server, browser, training_folder):
+    from wslink.chunking import HEADER_LENGTH
+    from wslink.protocol import MAX_MSG_SIZE
+
+    from SCNLandmarksWeb.launcher import UPLOAD_ENVELOPE_BYTES
+
+    page = new_page(browser, server)
+    # The hard upload cap, on a second connection to this session: a message announcing more than the
+    # limit is refused at its first frame (the rest never needs to come)...
+    socket = page.url.replace("http://", "ws://").rstrip("/") + "/ws"
+    too_big = 512 * 1024 ** 2 + UPLOAD_ENVELOPE_BYTES + 1  # the server's default --max-upload-mb, and one byte
+    header = (7).to_bytes(4, "little") + (0).to_bytes(4, "little") + too_big.to_bytes(4, "little")
+    assert len(header) == HEADER_LENGTH
+    assert websocket_close_code(socket, header + b"\0" * 1024) == 1009
+    # ...and one frame larger than a wslink chunk from its frame header, while its bytes still come.
+    assert websocket_close_code(socket, b"\0" * (MAX_MSG_SIZE + 1)) in (1009, CUT_WHILE_SENDING)
+    # The page's own connection is untouched: the rest of this test runs on it.
+    open_sample_and_detect(page)
+
+    # A calibrated model: the expected error of every point, in mm, next to the confidence.
+    assert "Exp. error (mm)" in page.locator("#landmarks thead").inner_text()
+    table = page.eval_on_selector_all("#landmarks tbody tr", """rows => rows.map(r => ({name: r.dataset.name,
+        error: parseFloat(r.querySelector('.expected-error').innerText), flagged: r.dataset.flagged === 'true',
+        marked: !!r.querySelector('.expected-error .mdi-alert')}))""")
+    errors = {entry["name"]: entry["error"] for entry in table}
+    assert all(np.isfinite(e) and e > 0 for e in errors.values()), errors
+    assert all(entry["flagged"] == entry["marked"] for entry in table), "flagged points carry the mark"
+
+    # Next to review walks the points from the largest expected error down, centring the views on each.
+    walked = []
+    for _ in range(4):
+        previous = walked[-1] if walked else None
+        page.click("#next-to-review")
+        page.wait_for_function("previous => { const r = document.querySelector('#landmarks tr.bg-blue-lighten-4');"
+                               " return r && r.dataset.name !== previous; }", arg=previous)
+        walked.append(page.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name"))
+    expected_order = sorted(errors, key=lambda name: -errors[name])
+    assert walked == expected_order[:4], (walked, expected_order)
+    page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
+    box = view_box(page, "Red")
+    centre = cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert np.linalg.norm(centre - row_position(page, walked[-1])) < 2.0, "the views are not centred on it"
+
+    # The all-landmarks heatmap, each landmark scaled to its own peak: heat in all three views.
+    page.click("#heatmap-visible")
+    chosen = page.locator("#heatmap-landmark").evaluate("e => e.closest('.v-input').innerText")
+    assert "each scaled to its peak" in chosen
+    page.wait_for_timeout(1500)
+    pixels = screenshot(page, "web_review_heatmap_all_landmarks.png")
+    for view in ("Red", "Yellow", "Green"):
+        hot = has_colour(pixels, view_box(page, view), lambda r, g, b: (r > 180) & (r - b > 100))
+        assert hot > 100, f"no heatmap in the {view} view"
+
+    # Save as training pair: the case joins the server's training folder; saving it again asks first.
+    page.click("#training-button")
+    case = page.locator("#case-id").input_value()
+    assert case == SAMPLE
+    page.click("#save-training-pair")
+    page.wait_for_function("document.querySelector('#info').innerText.includes('Saved case')")
+    saved = {path.name: path.stat().st_mtime_ns for path in training_folder.iterdir() if path.is_file()}
+    assert {f"{case}.nrrd", f"{case}.mrk.json", "dataset.toml"} <= set(saved)
+    assert "1 case" in page.locator("#training-folder").inner_text()
+    page.click("#save-training-pair")
+    page.locator("#confirm-replace-case").wait_for()
+    page.click("#replace-case-cancel")
+    page.locator("#confirm-replace-case").wait_for(state="hidden")
+    assert {path.name: path.stat().st_mtime_ns for path in training_folder.iterdir() if path.is_file()} == saved
+
+    # Fine-tune the chosen model on it, with progress; the new model becomes the session's choice.
+    page.fill("#finetune-minutes", "0.05")
+    page.evaluate("""() => { window.trainingSeen = [];
+        new MutationObserver(() => window.trainingSeen.push(document.querySelector('#finetune-message').innerText))
+            .observe(document.querySelector('#finetune-message'), {childList: true, subtree: true,
+                                                                    characterData: true}); }""")
+    page.click("#start-finetune")
+    page.wait_for_selector("#cancel-finetune:visible")
+    page.wait_for_selector("#finetune-result:visible", timeout=3 * WAIT_MS)
+    result = page.locator("#finetune-result").inner_text()
+    assert "Not validated" in result and "Fine-tuned" in result, result
+    assert any("iteration" in message for message in page.evaluate("window.trainingSeen")), "no training progress"
+    models = list((training_folder / "fine-tuned").glob("*/model.safetensors"))
+    assert len(models) == 1 and (models[0].parent / "MODEL_CARD.md").is_file()
+    assert "Fine-tuned" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
+    page.click("#training-close")
+    page.click("#detect")
+    page.locator("#confirm-discard").wait_for(state="hidden")  # the corrections were saved: nothing to ask
+    page.wait_for_function("document.querySelector('#info').innerText.includes('32 of 32 landmarks found')")
+    assert page.locator("#error").is_hidden()
+
+
+def run_coroutine(coroutine):
+    """Run a coroutine to its end on a thread of its own (Playwright's sync API holds this thread's loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
+CUT_WHILE_SENDING = "cut while sending"
+
+
+def websocket_close_code(url: str, frame: bytes) -> int | str | None:
+    """Send one binary frame on a session's websocket; the code the server closes it with,
+    CUT_WHILE_SENDING when it closed the connection before the frame was through, None when it stayed open."""
+    import aiohttp
+
+    async def attempt() -> int | str | None:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(url, max_msg_size=0) as socket:
+                try:
+                    await socket.send_bytes(frame)
+                except ConnectionError:
+                    return CUT_WHILE_SENDING
+                try:
+                    message = await socket.receive(timeout=WAIT_MS / 1000)
+                except TimeoutError:
+                    return None
+                return socket.close_code if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                                              aiohttp.WSMsgType.CLOSING) else None
+
+    return run_coroutine(attempt())
+
+
+def test_finetune_job_reports_progress_is_cancelled_and_names_a_bad_base(tiny_model_2d, dataset_2d, tmp_path):
+    import asyncio
+
+    from SCNLandmarksLib.errors import Cancelled, TrainingError
+    from SCNLandmarksWeb.training import FinetuneJob
+
+    job = FinetuneJob(tiny_model_2d, dataset_2d, tmp_path / "cancelled", minutes=30, device="cpu",
+                      iterations=100_000)
+    seen: list[str] = []
+
+    def progress(fraction: float, message: str) -> None:
+        seen.append(message)
+        if "iteration" in message:
+            job.cancel()
+
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("not a model")
+    bad = FinetuneJob(not_a_model, dataset_2d, tmp_path / "bad", minutes=1, device="cpu")
+
+    async def both() -> list:  # two processes at once: the test takes as long as the longer one
+        return await asyncio.gather(job.run(progress), bad.run(lambda fraction, message: None),
+                                    return_exceptions=True)
+
+    cancelled, failed = run_coroutine(both())
+    assert isinstance(cancelled, Cancelled) and "cancelled" in str(cancelled), cancelled
+    assert job.process.returncode == 130 and any("iteration" in m for m in seen)
+    assert not (tmp_path / "cancelled" / "model.safetensors").exists()
+    assert isinstance(failed, TrainingError) and "notes.safetensors" in str(failed), failed
 
 
 def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silently(server, browser, tmp_path):
@@ -336,7 +511,7 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     assert "not a readable model file" in page.locator("#error").inner_text()
 
     # A 2D model on the 3D sample.
-    page.fill("#model-path", str(REPO / "Resources" / "Models" / "cephalometric-19" / "model.safetensors"))
+    page.fill("#model-path", str(CEPH_MODEL))
     page.click("#detect")
     page.wait_for_function("document.querySelector('#error').innerText.includes('2D')")
 
@@ -348,7 +523,7 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
 
     # A 2D picture: one view, no slice slider, positions with two values.
     picture = tmp_path / "xray.png"
-    Image.fromarray((np.random.default_rng(0).random((120, 160)) * 255).astype(np.uint8)).save(picture)
+    sagittal_picture(picture)
     page.set_input_files("#upload", str(picture))
     page.wait_for_function("document.querySelector('#image-name').innerText === 'xray.png'")
     assert page.locator(".slice-view").count() == 1
@@ -356,10 +531,48 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     box = view_box(page)
     assert len(cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)) == 2
     assert "pixels" in page.locator("#cursor-position").inner_text()
+
+    # A 2D model on it: expected errors in px, points above their landmark's usual error marked, and
+    # the export as `scn-landmarks detect` writes it, positions labelled px, not mm.
+    page.fill("#model-path", str(CEPH_MODEL))
+    page.click("#detect")
+    page.wait_for_selector("#landmarks tbody tr:nth-child(19)")
+    assert "Exp. error (px)" in page.locator("#landmarks thead").inner_text()
+    marks = page.eval_on_selector_all("#landmarks tbody tr", """rows => rows.map(r =>
+        [r.dataset.flagged === 'true', !!r.querySelector('.expected-error .mdi-alert')])""")
+    assert all(flagged == marked for flagged, marked in marks)
+    assert any(flagged for flagged, _ in marks), "a brain slice is no cephalogram: some points must be flagged"
+    with page.expect_download() as download:
+        page.click("#export")
+    web = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["markups"][0]
+    from SCNLandmarksLib.cli import main as command_line
+
+    assert command_line(["detect", str(CEPH_MODEL), str(picture), "--out", str(tmp_path / "cli"),
+                         "--device", "cpu"]) == 0
+    cli = json.loads((tmp_path / "cli" / "xray.mrk.json").read_text(encoding="utf-8"))["markups"][0]
+    assert web["coordinateUnits"] == cli["coordinateUnits"] == "px"
+    assert [p["label"] for p in web["controlPoints"]] == [p["label"] for p in cli["controlPoints"]]
+    np.testing.assert_allclose([p["position"] for p in web["controlPoints"]],
+                               [p["position"] for p in cli["controlPoints"]], atol=1e-3)
+    described = [[(m["name"], m.get("units")) for m in markup["measurements"]] for markup in (web, cli)]
+    assert described[0] == described[1] == [("confidence", None), ("expected error", "px")]
+    for ours, theirs in zip(web["measurements"], cli["measurements"]):
+        np.testing.assert_allclose(ours["controlPointValues"], theirs["controlPointValues"], atol=1e-3)
     duplicates = page.evaluate("""() => { const seen = {};
         document.querySelectorAll('[id]').forEach(e => seen[e.id] = (seen[e.id] || 0) + 1);
         return Object.keys(seen).filter(id => seen[id] > 1); }""")
     assert duplicates == []
+
+
+def sagittal_picture(path: Path) -> None:
+    """A PNG (no spacing) of the sample's mid-sagittal slice at about a cephalogram's size: the
+    cephalometric model finds some points there, and flags some."""
+    import SimpleITK as sitk
+
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(REPO / "Resources" / "Samples" / f"{SAMPLE}.nii.gz")))
+    middle = volume[::-1, :, volume.shape[2] // 2].astype(float)
+    middle = (255 * (middle - middle.min()) / (middle.max() - middle.min())).astype(np.uint8)
+    Image.fromarray(middle).resize((middle.shape[1] * 16, middle.shape[0] * 16)).save(path)
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:

@@ -409,7 +409,7 @@ class SCNLandmarksLogic:
         return markupsNode.GetNodeReference(landmarkMarkups.HEATMAP_REFERENCE_ROLE) if markupsNode else None
 
     def showHeatmap(self, markupsNode, kind: str = "final", landmark: int | str | None = None,
-                    opacity: float = 0.5):
+                    opacity: float = 0.5, scaledPerLandmark: bool = False):
         """Show a heatmap of a detection as the foreground of every slice view.
 
         Args:
@@ -417,6 +417,8 @@ class SCNLandmarksLogic:
             kind: "final", "local" (local appearance) or "spatial" (spatial configuration).
             landmark: landmark index or name; None shows the maximum over all landmarks.
             opacity: foreground opacity in [0, 1].
+            scaledPerLandmark: with `landmark` None, each landmark's heatmap scaled to its own
+                maximum before the maximum over landmarks (every landmark visible).
 
         Returns:
             The heatmap vtkMRMLScalarVolumeNode: the input volume's exact grid and IJKToRAS, heat
@@ -440,12 +442,14 @@ class SCNLandmarksLogic:
         if index is not None and not 0 <= int(index) < len(names):
             raise DataError(f"Landmark index {index} is out of range (0..{len(names) - 1}).")
         try:
-            heatmap = prediction.heatmap(kind, None if index is None else int(index))
+            heatmap = prediction.heatmap(kind, None if index is None else int(index),
+                                         scaled_per_landmark=scaledPerLandmark)
         except ValueError as error:
             raise DataError(str(error)) from None
         array = volumeImage.volumeArray(heatmap)
         volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
-        what = "all landmarks (max)" if index is None else names[int(index)]
+        what = names[int(index)] if index is not None else (
+            "all landmarks (each scaled to its peak)" if scaledPerLandmark else "all landmarks (max)")
         name = f"{markupsNode.GetName()} heatmap: {kind}, {what}"
         heatmapNode = overlays.updateHeatmapNode(self.scene, self.heatmapNode(markupsNode), array, volumeNode, name)
         heatmapNode.SetAttribute(overlays.HEATMAP_KIND_ATTRIBUTE, kind)

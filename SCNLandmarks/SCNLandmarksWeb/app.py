@@ -1,23 +1,29 @@
 """The landmark review station in a browser: trame-slicer views around the module's logic.
 
 The page is a second face on `SCNLandmarksLogic`: it opens an image into the MRML scene, runs the
-same detection, lists the landmarks with their confidences, shows the heatmaps as a slice
+same detection, lists the landmarks with their expected errors (calibrated models) and confidences,
+walks the points to review from the largest expected error down, shows the heatmaps as a slice
 overlay, lets the user drag points in Slicer's own slice views (one view for 2D images, the three
-orthogonal views for 3D), and downloads the corrected `.mrk.json`. One app is one review session
-(`session` runs each in its own process). The model loads and runs on a worker thread, so the page
-keeps answering (progress, Cancel); MRML changes happen on the server's main thread only. Every
-error is shown in the page in the user's terms (details in the server log); none stops the server.
+orthogonal views for 3D; moved points have a halo), downloads the corrected `.mrk.json`, saves
+corrected cases as training pairs and fine-tunes the model on them (`training`). One app is one
+review session (`session` runs each in its own process). The model loads and runs on a worker
+thread and fine-tuning in a process of its own, so the page keeps answering (progress, Cancel);
+MRML changes happen on the server's main thread only. Every error is shown in the page in the
+user's terms (details in the server log); none stops the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import re
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,23 +45,56 @@ from trame_vuetify.widgets import vuetify3 as v
 
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
+from SCNLandmarksLib.io.atomic import safe_filename
 from SCNLandmarksLib.io.images import spacing_unit
+from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
-from SCNLandmarksLib.vocabulary import LandmarkStatus
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
-from SCNLandmarksMRML.logic import SCNLandmarksLogic
+from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
+from SCNLandmarksMRML.review import next_to_review
 from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
+
+from .training import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
-ALL_LANDMARKS = "all landmarks (max)"
+ALL_LANDMARKS = "all landmarks (each scaled to its peak)"
 LAYOUT_2D = "2D"
 LAYOUT_3D = "3D: three slices"
 TABLE_REFRESH_S = 0.2  # at most this often while a point is dragged
 ZOOM_FRACTION = 0.25   # "Zoom to" shows this fraction of the image's largest extent
 PROJECTION_OPACITY = 0.6  # landmarks off the shown slice appear as faded projections
 CANCELLED = "Detection cancelled; the previous result is unchanged."
+# The all-landmarks heatmap (each landmark scaled to its peak) shows each landmark above this
+# fraction of its peak: wide heatmaps (a brain's) then stay apart instead of merging into one blob.
+ALL_LANDMARKS_FLOOR = 0.5
+MOVED_HALO_SCALE = 2.2  # a moved point's halo, relative to the point's own glyph
+MOVED_HALO_OPACITY = 0.45
+FINETUNED_FOLDER = "fine-tuned"  # inside the training folder: the models trained on it
+DEFAULT_FINETUNE_MINUTES = 10.0
+MAX_FINETUNE_MINUTES = 24 * 60.0
+
+
+@contextlib.contextmanager
+def _folderLock(folder: Path):
+    """Sessions are processes of their own: one at a time adds a case to a shared training folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".scn-landmarks.lock", "w") as lock:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # (retries for 10 s, then raises OSError)
+            try:
+                yield
+            finally:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
 
 @contextlib.contextmanager
@@ -98,15 +137,21 @@ class LandmarkReviewApp(TrameApp):
         device: "auto", "cpu" or "cuda".
         workdir: this session's temporary folder for uploads and exports (default: a new one).
         maxUploadBytes: the largest upload accepted.
+        trainingFolder: where "Save as training pair" adds cases and fine-tuned models are kept (a
+            dataset folder shared by the station's sessions); default a folder of this session's own,
+            removed with it.
     """
 
     def __init__(self, server=None, image: str | Path | None = None, model: str | None = None,
-                 device: str = "auto", workdir: Path | None = None, maxUploadBytes: int = 512 * 1024 ** 2):
+                 device: str = "auto", workdir: Path | None = None, maxUploadBytes: int = 512 * 1024 ** 2,
+                 trainingFolder: Path | None = None):
         super().__init__(server)
         self.device = device
         self.maxUploadBytes = maxUploadBytes
         self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
         self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
+        self.trainingFolder = Path(trainingFolder) if trainingFolder else self.workdir / "training-pairs"
+        self.finetuneJob: FinetuneJob | None = None
         self.slicerApp = SlicerApp()
         register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewGutter)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
@@ -117,7 +162,12 @@ class LandmarkReviewApp(TrameApp):
         self.modelWorker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scn-landmarks-model")
         self.modelLoads = 0
         self.volumeNode = None
+        self.imageUnit = "mm"
         self.markupsNode = None
+        self.movedMarkersNode = None
+        # Of the current detection, from a calibrated model (None otherwise): per point.
+        self.expectedErrors: np.ndarray | None = None
+        self.flagged: np.ndarray | None = None
         self.markupsObservers: list[int] = []
         self.lastTableRefresh = 0.0
         self.cancelRequested = False
@@ -126,6 +176,8 @@ class LandmarkReviewApp(TrameApp):
         self.undoMoves: list[tuple[int, np.ndarray]] = []
         self.dragStart: tuple[int, np.ndarray] | None = None
         self.pathAliases: dict[str, str] = {}
+        if not trainingFolder:
+            self.pathAliases[str(self.trainingFolder)] = "the session's training folder"
         self.models = {entry.id: entry for entry in catalogue.availableModels()}
         self._initialState(model)
         self._buildUi()
@@ -157,6 +209,8 @@ class LandmarkReviewApp(TrameApp):
         state.error = ""
         state.info = ""
         state.landmarks = []
+        state.calibrated = False
+        state.error_unit = "mm"
         state.selected_landmark = None
         state.can_undo = False
         state.unsaved = False
@@ -172,6 +226,19 @@ class LandmarkReviewApp(TrameApp):
         state.heatmap_opacity = 0.5
         state.cursor_position = ""
         state.position_unit = "LPS, mm"
+        state.training_open = False
+        state.training_folder = self.pathAliases.get(str(self.trainingFolder), str(self.trainingFolder))
+        state.training_folder_kept = str(self.trainingFolder) not in self.pathAliases
+        state.training_cases = ""
+        state.case_id = ""
+        state.confirm_replace_case = False
+        state.finetune_minutes = DEFAULT_FINETUNE_MINUTES
+        state.finetuning = False
+        state.finetune_progress = 0
+        state.finetune_message = ""
+        state.finetune_result = ""
+        state.finetune_error = ""
+        self._describeTrainingFolder()
         state.change("heatmap_visible", "heatmap_kind", "heatmap_landmark")(self._onHeatmapChoice)
         state.change("heatmap_opacity")(self._onHeatmapOpacity)
 
@@ -263,10 +330,12 @@ class LandmarkReviewApp(TrameApp):
         self.slicerApp.display_manager.show_volume(volumeNode, do_reset_views=True)
         self.state.image_name = name
         # X-ray photos (PNG, JPEG...) carry no spacing: their positions are pixel columns and rows.
-        unit = "pixels" if spacing_unit(path) == "px" else "mm"
+        self.imageUnit = spacing_unit(path)
+        unit = "pixels" if self.imageUnit == "px" else "mm"
         self.state.position_unit = f"x, y in {unit}" if is2d else f"LPS, {unit}"
         self.state.cursor_position = ""  # the old readout belongs to the old image
         self.state.export_name = f"{image_stem(name) or 'landmarks'}.mrk.json"
+        self.state.case_id = safe_filename(image_stem(name), "case")
         self.state.unsaved = False
         self.state.info = f"Opened {name}."
 
@@ -349,6 +418,7 @@ class LandmarkReviewApp(TrameApp):
             if cancelled():
                 raise Cancelled(CANCELLED)
             with self.state:
+                self.state.error_unit = predictor.description.unit
                 self._showResult(self.logic.finishDetection(job))
         except Cancelled:
             with self.state:
@@ -363,6 +433,9 @@ class LandmarkReviewApp(TrameApp):
     def _showResult(self, result) -> None:
         self._clearDetection()  # the previous result goes only once the new one is there
         self.markupsNode = result.markupsNode
+        self.expectedErrors = result.prediction.landmarks.expected_errors
+        self.flagged = result.prediction.flagged
+        self.state.calibrated = self.expectedErrors is not None
         node = self.markupsNode
         self.markupsObservers = [
             node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed),
@@ -402,10 +475,11 @@ class LandmarkReviewApp(TrameApp):
             self.markupsNode.RemoveObserver(tag)
         heatmapNode = self.logic.heatmapNode(self.markupsNode)
         self.logic.forgetDetection(self.markupsNode)
-        for node in (heatmapNode, self.markupsNode):
+        for node in (heatmapNode, self.markupsNode, self.movedMarkersNode):
             if node is not None:
                 self.slicerApp.scene.RemoveNode(node)
-        self.markupsNode = None
+        self.markupsNode = self.movedMarkersNode = None
+        self.expectedErrors = self.flagged = None
         self.state.landmarks = []
         self.state.selected_landmark = None
         self.state.heatmap_visible = False
@@ -416,13 +490,55 @@ class LandmarkReviewApp(TrameApp):
     def _refreshTable(self) -> None:
         rows = []
         dimensions = 2 if self.state.is_2d else 3
-        for row in self.logic.updatePointStatuses(self.markupsNode):
+        landmarkRows = self.logic.updatePointStatuses(self.markupsNode)
+        for index, row in enumerate(landmarkRows):
             lps = None if row.positionRas is None else ras_to_lps(np.asarray(row.positionRas)[None])[0]
-            rows.append({"index": len(rows), "name": row.name, "status": row.status,
+            expected = math.nan if self.expectedErrors is None else float(self.expectedErrors[index])
+            rows.append({"index": index, "name": row.name, "status": row.status,
                          "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
+                         "expected_error": f"{expected:.1f}" if math.isfinite(expected) else "",
+                         # A point the user placed is no longer the model's guess: no longer flagged.
+                         "flagged": bool(self.flagged is not None and self.flagged[index]
+                                         and row.status != LandmarkStatus.MOVED),
                          "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions])})
         self.state.landmarks = rows
         self.lastTableRefresh = time.monotonic()
+        self._markMovedPoints(landmarkRows)
+
+    def _markMovedPoints(self, landmarkRows) -> None:
+        """Mark the points the user moved on the views themselves, with a cyan halo: a second, locked
+        point list (a point list has one glyph and two colours, both taken by the landmarks)."""
+        moved = [row.positionRas for row in landmarkRows
+                 if row.status == LandmarkStatus.MOVED and row.positionRas is not None]
+        if self.movedMarkersNode is None:
+            if not moved:
+                return
+            self.movedMarkersNode = self._movedMarkersNode()
+        node = self.movedMarkersNode
+        wasModifying = node.StartModify()
+        try:
+            node.RemoveAllControlPoints()
+            for position in moved:
+                node.AddControlPoint(vtk.vtkVector3d(*position), "")
+        finally:
+            node.EndModify(wasModifying)
+
+    def _movedMarkersNode(self):
+        scene = self.slicerApp.scene
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName("moved by user"))
+        node.CreateDefaultDisplayNodes()
+        node.SetLocked(True)  # the halos never take the mouse: the point under them is dragged
+        node.SetAndObserveTransformNodeID(self.markupsNode.GetTransformNodeID())
+        display = node.GetDisplayNode()
+        colour = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
+        display.SetColor(*colour)
+        display.SetSelectedColor(*colour)
+        display.SetGlyphTypeFromString("Circle2D")  # a disk in slice views: translucent, a halo round the point
+        display.SetGlyphScale(MOVED_HALO_SCALE * self.markupsNode.GetDisplayNode().GetGlyphScale())
+        display.SetOpacity(MOVED_HALO_OPACITY)
+        display.SetPointLabelsVisibility(False)
+        display.SetPropertiesLabelVisibility(False)
+        return node
 
     def _positionOf(self, index: int) -> np.ndarray:
         position = np.zeros(3)
@@ -477,6 +593,19 @@ class LandmarkReviewApp(TrameApp):
         if self.state.heatmap_visible:
             self.state.heatmap_landmark = self.state.landmarks[int(index)]["name"]
 
+    def nextToReview(self) -> None:
+        """Centre the views on the next point to check: largest expected error first (landmark order for
+        a model without calibration), after the selected one; points the user moved count as checked."""
+        if self.markupsNode is None:
+            return
+        statuses = [row["status"] for row in self.state.landmarks]
+        index = next_to_review(self.expectedErrors, statuses, self.state.selected_landmark)
+        if index is None:
+            self.state.selected_landmark = None  # the next click starts from the top again
+            self.state.info = "Every point has been shown once; Next to review starts again from the first."
+            return
+        self.selectLandmark(index)
+
     def zoomToSelected(self) -> None:
         """Centre the views on the selected landmark and zoom in around it."""
         if self.markupsNode is None or self.state.selected_landmark is None:
@@ -505,9 +634,15 @@ class LandmarkReviewApp(TrameApp):
         try:
             if self.state.heatmap_visible:
                 landmark = self.state.heatmap_landmark
-                self.logic.showHeatmap(self.markupsNode, self.state.heatmap_kind,
-                                       None if landmark == ALL_LANDMARKS else landmark,
-                                       float(self.state.heatmap_opacity))
+                everyLandmark = landmark == ALL_LANDMARKS
+                heatmapNode = self.logic.showHeatmap(self.markupsNode, self.state.heatmap_kind,
+                                                     None if everyLandmark else landmark,
+                                                     float(self.state.heatmap_opacity), scaledPerLandmark=everyLandmark)
+                if everyLandmark:
+                    # Each landmark at its own peak 1: only the top of each shows, so neighbours stay apart.
+                    display = heatmapNode.GetDisplayNode()
+                    display.SetWindowLevelMinMax(ALL_LANDMARKS_FLOOR, 1.0)
+                    display.SetLowerThreshold(ALL_LANDMARKS_FLOOR)
             else:
                 self.logic.hideHeatmap(self.markupsNode)
         except Exception as error:  # the page shows it; the server carries on
@@ -570,7 +705,7 @@ class LandmarkReviewApp(TrameApp):
                 raise SCNLandmarksError("Nothing to export: detect landmarks first.")
             # A new folder each time: nothing on the server is ever replaced.
             path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="export-")) / "landmarks.mrk.json"
-            self.logic.exportLandmarks(self.markupsNode, path)
+            self._writeLandmarks(path)
             content = path.read_bytes()
             path.unlink()
             self.state.unsaved = False
@@ -578,6 +713,131 @@ class LandmarkReviewApp(TrameApp):
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return None
+
+    def _writeLandmarks(self, path: Path) -> None:
+        """The corrected points as `scn-landmarks detect` writes them for this image: 2D points for a 2D
+        image, expected errors when known, positions labelled px for pictures without spacing."""
+        landmarks, statuses = self.logic.landmarkSet(self.markupsNode)
+        if self.state.is_2d:
+            landmarks = dataclasses.replace(landmarks, points_lps=landmarks.points_lps[:, :2])
+        landmarks = dataclasses.replace(landmarks, expected_errors=self.expectedErrors)
+        write_landmarks(landmarks, path, [str(status) for status in statuses], self.imageUnit)
+
+    # ------------------------------------------------------------------------------------------
+    # learning from corrections
+
+    def _describeTrainingFolder(self) -> None:
+        """How many cases the training folder holds (other sessions may add to a shared one)."""
+        spec = self.trainingFolder / TRAINING_SPEC_NAME
+        try:
+            cases = len(tomllib.loads(spec.read_text(encoding="utf-8")).get("images", [])) if spec.is_file() else 0
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            logger.warning("%s: %s", spec, error)
+            self.state.training_cases = "its dataset.toml cannot be read (details in the server log)"
+            return
+        self.state.training_cases = f"{cases} case{'s' if cases != 1 else ''}"
+
+    def saveTrainingPair(self, caseId: str, replace: bool = False) -> None:
+        """Add the image and its corrected points to the training folder as case `caseId`.
+
+        An existing case of that name is never replaced silently: the page asks first (`replace`).
+        """
+        self.state.error = ""
+        self.state.confirm_replace_case = False
+        try:
+            if self.markupsNode is None:
+                raise SCNLandmarksError("Nothing to save: detect landmarks (and correct them) first.")
+            caseId = safe_filename((caseId or "").strip() or self.state.case_id, "case")
+            self.state.case_id = caseId
+            paths = self.logic.trainingPairPaths(self.volumeNode, self.trainingFolder, caseId)
+            if not replace and self.logic.existingFiles(paths):
+                self.state.confirm_replace_case = True
+                return
+            with _folderLock(self.trainingFolder):
+                self.logic.saveTrainingPair(self.volumeNode, self.markupsNode, self.trainingFolder, caseId,
+                                            overwrite=replace)
+        except Exception as error:  # the page shows it; the server carries on
+            self._showError(error)
+            return
+        self.state.unsaved = False  # the corrections are kept, on the server
+        self._describeTrainingFolder()
+        self.state.info = f"Saved case {caseId} to the training folder ({self.state.training_cases})."
+
+    def startFinetune(self, modelId: str | None, modelPath: str, minutes) -> None:
+        """Fine-tune the chosen model on the training folder's cases, in a process of its own; returns at once."""
+        state = self.state
+        state.finetune_error = state.finetune_result = ""
+        if state.finetuning:
+            return
+        try:
+            minutes = float(minutes)
+        except (TypeError, ValueError):
+            minutes = math.nan
+        base = self._modelPath(modelId, modelPath)
+        if not 0 < minutes <= MAX_FINETUNE_MINUTES:
+            state.finetune_error = f"Give the training time in minutes (more than 0, at most {MAX_FINETUNE_MINUTES:g})."
+        elif not base or not Path(base).is_file():
+            state.finetune_error = "Choose the model to start from (the Model list or a model file)."
+        elif not (self.trainingFolder / TRAINING_SPEC_NAME).is_file():
+            state.finetune_error = "The training folder holds no cases yet: save a training pair first."
+        if state.finetune_error:
+            return
+        entry = self.models.get(modelId) if not (modelPath or "").strip() else None
+        stem = safe_filename(entry.id if entry else Path(base).parent.name or Path(base).stem, "model")
+        out = self.trainingFolder / FINETUNED_FOLDER / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while out.exists():  # never into another run's folder
+            out = out.with_name(out.name + "-1")
+        self.finetuneJob = FinetuneJob(Path(base), self.trainingFolder, out, minutes, self.device)
+        state.finetuning = True
+        state.finetune_progress = 0
+        asyncio.get_event_loop().create_task(self._finetune(self.finetuneJob, entry, Path(base)))
+
+    async def _finetune(self, job: FinetuneJob, baseEntry: catalogue.ModelEntry | None, base: Path) -> None:
+        def progress(fraction: float, message: str) -> None:
+            with self.state:
+                self.state.finetune_progress = round(100 * fraction)
+                self.state.finetune_message = message
+
+        try:
+            outcome = await job.run(progress)
+            with self.state:
+                self._addFinetunedModel(outcome.modelPath, baseEntry, base)
+                chosen = self.state.model_items[-1]["title"]
+                self.state.finetune_result = f"{outcome.sentence} The model list now has it, chosen: {chosen}."
+        except Exception as error:  # Cancelled included: the page says what happened, the server carries on
+            with self.state:
+                if isinstance(error, SCNLandmarksError):
+                    logger.warning("%s", error)
+                else:
+                    logger.error("fine-tuning failed", exc_info=error)
+                self.state.finetune_error = userMessage(error, self.pathAliases)
+        finally:
+            with self.state:
+                self.state.finetuning = False
+                self.finetuneJob = None
+
+    def _addFinetunedModel(self, path: Path, baseEntry: catalogue.ModelEntry | None, base: Path) -> None:
+        """The new model joins this session's model list, chosen (its base's sample stays its sample)."""
+        modelId = f"{FINETUNED_FOLDER}/{path.parent.name}"
+        name = f"Fine-tuned {time.strftime('%H:%M')} from {baseEntry.name if baseEntry else base.name}"
+        card = path.parent / "MODEL_CARD.md"
+        self.models[modelId] = catalogue.ModelEntry(
+            name=name, path=path, dimension=baseEntry.dimension if baseEntry else None,
+            sample=baseEntry.sample if baseEntry else None, card=card if card.is_file() else None, id=modelId)
+        self.state.model_items = [*self.state.model_items, {"title": name, "value": modelId}]
+        self.state.model_id = modelId
+        self.state.model_path = ""
+        self._preloadModel()
+
+    def cancelFinetune(self) -> None:
+        if self.finetuneJob is not None:
+            self.finetuneJob.cancel()
+            self.state.finetune_message = "cancelling: the current iteration ends first"
+
+    def shutdown(self) -> None:
+        """The session is ending: no training outlives it."""
+        if self.finetuneJob is not None:
+            self.finetuneJob.stop()
 
     # ------------------------------------------------------------------------------------------
     # page
@@ -590,7 +850,10 @@ class LandmarkReviewApp(TrameApp):
                 html.Div("{{ image_name }}", classes="text-body-2 mx-4", id="image-name")
                 html.Div("cursor ({{ position_unit }}): {{ cursor_position || '-' }}", classes="text-caption mx-4",
                          style="min-width: 260px;", id="cursor-position")
-                v.VBtn(icon="mdi-help-circle-outline", variant="text", click="help_open = !help_open", id="help-button")
+                v.VBtn("Training", prepend_icon="mdi-school-outline", variant="text", click=self.toggleTraining,
+                       id="training-button")
+                v.VBtn(icon="mdi-help-circle-outline", variant="text", id="help-button",
+                       click="help_open = !help_open; training_open = false")
             self.ui.footer.hide()
             with self.ui.content:
                 with html.Div(classes="d-flex", style="height: calc(100vh - 64px);"):
@@ -608,7 +871,9 @@ class LandmarkReviewApp(TrameApp):
                     with html.Div(classes="flex-grow-1", style="min-width: 0; position: relative;", id="views"):
                         self.layoutManager.initialize_layout_grid(self.ui)
                         self._helpCard()
+                        self._trainingCard()
             self._confirmDialog()
+            self._replaceCaseDialog()
 
     def _openPanel(self) -> None:
         trigger = self.server.controller.trigger_name
@@ -651,16 +916,26 @@ class LandmarkReviewApp(TrameApp):
                       style="flex: 1 1 0; min-height: 120px; overflow-y: auto;", id="landmarks"):
             with html.Thead():
                 with html.Tr():
-                    for title in ("Landmark", "Confidence", "Status"):
-                        html.Th(title)
+                    html.Th("Landmark")
+                    html.Th("Exp. error ({{ error_unit }})", v_if="calibrated",
+                            title="The error this point is expected to have (from the model's calibration)")
+                    html.Th("Conf.", title="The model's confidence in [0, 1]")
+                    html.Th("Status")
             with html.Tbody():
                 with html.Tr(v_for="row in landmarks", key="row.index",
                              click=f"trigger('{trigger(self.selectLandmark)}', [row.index])",
                              classes=("{ 'bg-blue-lighten-4': row.index === selected_landmark }",),
                              style="cursor: pointer;",
-                             __properties=[("data_name", "data-name"), ("data_position", "data-position")],
-                             data_name=("row.name",), data_position=("row.position",)):
+                             __properties=[("data_name", "data-name"), ("data_position", "data-position"),
+                                           ("data_flagged", "data-flagged")],
+                             data_name=("row.name",), data_position=("row.position",),
+                             data_flagged=("row.flagged",)):
                     html.Td("{{ row.name }}")
+                    with html.Td(v_if="calibrated", classes="expected-error",
+                                 style=("row.flagged ? 'color: #e65100; font-weight: bold' : ''",)):
+                        html.Span("{{ row.expected_error }}")
+                        v.VIcon("mdi-alert", v_if="row.flagged", size="x-small", classes="ml-1",
+                                color="orange-darken-3", title="Above this landmark's usual error: check it")
                     html.Td("{{ row.confidence }}")
                     html.Td("{{ row.status }}", classes="landmark-status",
                             style=(f"row.status === '{LandmarkStatus.MOVED}' ? 'font-weight: bold' : ''",))
@@ -677,6 +952,10 @@ class LandmarkReviewApp(TrameApp):
                          "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
                          id="details-text")
         with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 4px;"):
+            v.VBtn("Next to review", prepend_icon="mdi-arrow-right-bold", click=self.nextToReview,
+                   disabled=("!landmarks.length",), size="small", color="orange-darken-3", variant="tonal",
+                   id="next-to-review",
+                   title="Centre the views on the next point to check, largest expected error first")
             v.VBtn("Reset point", click=self.resetSelected, disabled=("selected_landmark === null",),
                    size="small", variant="tonal", id="reset-point")
             v.VBtn("Undo move", click=self.undoMove, disabled=("!can_undo",), size="small", variant="tonal",
@@ -718,21 +997,86 @@ class LandmarkReviewApp(TrameApp):
                                  "Middle-drag, or Shift + left-drag: pan.",
                                  "Mouse wheel or the slider: move through the slices (3D images).",
                                  "Click a row to centre the views on it; Zoom to zooms in on it.",
-                                 "Bold status: a point you moved. Faded points: landmarks off the shown slice."):
+                                 "Next to review: the points most likely wrong first (largest expected error); "
+                                 "an orange expected error is above that landmark's usual error.",
+                                 "Cyan halo, bold status: a point you moved. Faded points: landmarks off the "
+                                 "shown slice."):
                         html.Li(line)
             with v.VCardActions():
                 v.VBtn("Close", click="help_open = false", id="help-close")
 
-    def _confirmDialog(self) -> None:
-        proceed = self.server.controller.trigger_name(self.proceed)
-        with v.VDialog(v_model=("confirm_discard",), persistent=True, max_width=460):
-            with v.VCard(id="confirm-discard"):
-                v.VCardTitle("Corrections not exported")
-                v.VCardText("You moved landmarks and have not exported them since. Export them first, discard "
-                            "them, or cancel and keep working?")
+    def toggleTraining(self) -> None:
+        self.state.training_open = not self.state.training_open
+        if self.state.training_open:
+            self.state.help_open = False
+            self._describeTrainingFolder()  # other sessions may have added cases
+
+    def _trainingCard(self) -> None:
+        trigger = self.server.controller.trigger_name
+        with v.VCard(v_show="training_open", id="training", width=420, elevation=8,
+                     style="position: absolute; top: 8px; right: 8px; z-index: 10;"):
+            v.VCardTitle("Learn from corrections")
+            with v.VCardText():
+                html.Div("Training folder: {{ training_folder }}, {{ training_cases }}.", classes="text-caption",
+                         id="training-folder")
+                html.Div("It is removed when this session ends: start the station with --training-folder to keep "
+                         "the cases and the models trained on them.", v_if="!training_folder_kept",
+                         classes="text-caption")
+                with html.Div(classes="d-flex align-center mt-2"):
+                    v.VTextField(v_model=("case_id",), label="Case name", density="compact", hide_details=True,
+                                 id="case-id")
+                    v.VBtn("Save as training pair", click=f"trigger('{trigger(self.saveTrainingPair)}', [case_id])",
+                           disabled=("!landmarks.length || busy",), classes="ml-2", variant="tonal",
+                           id="save-training-pair")
+                html.Div("Saves the image and its corrected points as one more case.", classes="text-caption mt-1")
+                v.VDivider(classes="my-3")
+                html.Div("Fine-tune the chosen model on the folder's cases (it is replaced only if the new "
+                         "model is better on the cases held aside, with 5 cases or more).", classes="text-caption")
+                with html.Div(classes="d-flex align-center mt-2"):
+                    v.VTextField(v_model=("finetune_minutes",), label="Minutes", type="number", min=0.1, step=1,
+                                 density="compact", hide_details=True, style="max-width: 110px;",
+                                 disabled=("finetuning",), id="finetune-minutes")
+                    v.VBtn("Start fine-tuning", color="primary", classes="ml-2", disabled=("finetuning",),
+                           click=f"trigger('{trigger(self.startFinetune)}', [model_id, model_path, finetune_minutes])",
+                           id="start-finetune")
+                    v.VBtn("Cancel", v_show="finetuning", click=self.cancelFinetune, classes="ml-2",
+                           id="cancel-finetune")
+                v.VProgressLinear(v_show="finetuning", model_value=("finetune_progress",), height=6, classes="mt-2",
+                                  id="finetune-progress")
+                html.Div("{{ finetune_message }}", v_show="finetuning", classes="text-caption",
+                         id="finetune-message")
+                v.VAlert(text=("finetune_error",), v_show="finetune_error", type="error", density="compact",
+                         classes="mt-2", id="finetune-error")
+                v.VAlert(text=("finetune_result",), v_show="finetune_result && !finetune_error", type="success",
+                         density="compact", classes="mt-2", id="finetune-result")
+            with v.VCardActions():
+                v.VBtn("Close", click="training_open = false", id="training-close")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _question(shownBy: str, cardId: str, title: str, text: str):
+        """A dialog asking `text`, shown while the state variable `shownBy` is true; the caller adds the answers."""
+        with v.VDialog(v_model=(shownBy,), persistent=True, max_width=460):
+            with v.VCard(id=cardId):
+                v.VCardTitle(title)
+                v.VCardText(text)
                 with v.VCardActions():
                     v.VSpacer()
-                    v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
-                    v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
-                    v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary",
-                           id="confirm-export")
+                    yield
+
+    def _replaceCaseDialog(self) -> None:
+        replace = self.server.controller.trigger_name(self.saveTrainingPair)
+        with self._question("confirm_replace_case", "confirm-replace-case", "This case is already saved",
+                            "The training folder already holds a case named {{ case_id }}. Replace it with this "
+                            "image and these points, or cancel (and give the case another name)?"):
+            v.VBtn("Cancel", click="confirm_replace_case = false", id="replace-case-cancel")
+            v.VBtn("Replace", click=f"trigger('{replace}', [case_id, true])", color="error", id="replace-case-button")
+
+    def _confirmDialog(self) -> None:
+        proceed = self.server.controller.trigger_name(self.proceed)
+        with self._question("confirm_discard", "confirm-discard", "Corrections not exported",
+                            "You moved landmarks and have not exported them since. Export them first, discard "
+                            "them, or cancel and keep working?"):
+            v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
+            v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
+            v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary", id="confirm-export")

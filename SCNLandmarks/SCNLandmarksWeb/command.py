@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def register(commands) -> None:
@@ -26,6 +27,9 @@ def register(commands) -> None:
     serve.add_argument("--idle-timeout", type=int, default=300,
                        help="end a session this many seconds after its page was closed (default 300)")
     serve.add_argument("--max-upload-mb", type=int, default=512, help="largest image upload (default 512 MB)")
+    serve.add_argument("--training-folder",
+                       help="where \"Save as training pair\" adds cases and fine-tuned models are kept, shared by "
+                            "all sessions (default: each session its own, removed when it ends)")
     serve.set_defaults(run=_serve)
 
 
@@ -40,8 +44,18 @@ def _serve(args: argparse.Namespace) -> int:
     except access.AccessError as error:
         print(f"scn-landmarks serve: {error}", file=sys.stderr)
         return 2
+    trainingFolder = None
+    if args.training_folder:
+        trainingFolder = Path(args.training_folder).expanduser().resolve()
+        try:
+            trainingFolder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"scn-landmarks serve: {trainingFolder}: cannot use it as the training folder ({error.strerror})",
+                  file=sys.stderr)
+            return 2
     serve(LauncherOptions(host=args.host, port=args.port, token=token, maxSessions=max(1, args.max_sessions),
                           idleTimeout=max(1, args.idle_timeout), maxUploadMegabytes=max(1, args.max_upload_mb),
-                          image=args.image, model=args.model, device=args.device),
+                          image=args.image, model=args.model, device=args.device,
+                          trainingFolder=str(trainingFolder) if trainingFolder else None),
           showToken=args.token == access.GENERATE)
     return 0

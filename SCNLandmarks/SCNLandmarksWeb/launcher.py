@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from wslink.chunking import MESSAGE_SIZE_LENGTH, MESSAGE_SIZE_LOCATION
+from wslink.protocol import MAX_MSG_SIZE as WSLINK_CHUNK_BYTES
 
 from . import access
 
@@ -40,6 +42,15 @@ START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 10
 # Response headers of a session's static files that travel back to the browser.
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "Last-Modified", "ETag", "Content-Encoding")
+# An upload travels as one wslink message: the file plus its name, type and the call around it.
+UPLOAD_ENVELOPE_BYTES = 1024 ** 2
+
+
+def announcedSize(frame: bytes) -> int:
+    """The size of the whole wslink message a browser frame belongs to, from the frame's chunk header
+    (wslink splits every message into frames of at most WSLINK_CHUNK_BYTES, each headed by the
+    message's id, the frame's offset and the message's total size)."""
+    return int.from_bytes(frame[MESSAGE_SIZE_LOCATION:MESSAGE_SIZE_LOCATION + MESSAGE_SIZE_LENGTH], "little")
 
 
 @dataclass
@@ -55,6 +66,7 @@ class LauncherOptions:
     image: str | None = None
     model: str | None = None
     device: str = "auto"
+    trainingFolder: str | None = None
 
 
 @dataclass
@@ -148,6 +160,8 @@ class ReviewLauncher:
             command += ["--model", options.model]
         if options.image:
             command += ["--image", options.image]
+        if options.trainingFolder:
+            command += ["--training-folder", options.trainingFolder]
         environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key}
         environment.pop(access.TOKEN_ENVIRONMENT, None)
         try:
@@ -226,20 +240,31 @@ class ReviewLauncher:
             logger.warning("refused a websocket from origin %s", origin)
             return web.Response(status=403, text="cross-site websocket refused")
         url = f"http://127.0.0.1:{session.port}/ws"
+        limit = self.options.maxUploadMegabytes * 1024 ** 2 + UPLOAD_ENVELOPE_BYTES
         async with self.client.ws_connect(url, headers={SESSION_KEY_HEADER: session.key}, max_msg_size=0) as server:
-            browser = web.WebSocketResponse(max_msg_size=0)
+            # A browser frame larger than a wslink chunk is refused from its header, before its bytes come.
+            browser = web.WebSocketResponse(max_msg_size=WSLINK_CHUNK_BYTES)
             await browser.prepare(request)
 
-            async def forward(source, target) -> None:
+            async def forward(source, target, fromBrowser: bool) -> None:
                 async for message in source:
                     if message.type == aiohttp.WSMsgType.BINARY:
+                        # The page checks an upload's size before sending it; this is the hard cap, applied
+                        # at a message's first frame, which announces the whole message's size.
+                        if fromBrowser and announcedSize(message.data) > limit:
+                            logger.warning("session %s: refused a %d-byte message (uploads are limited to %d MB); "
+                                           "connection closed", session.id[:6], announcedSize(message.data),
+                                           self.options.maxUploadMegabytes)
+                            await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG, message=b"upload too large")
+                            break
                         await target.send_bytes(message.data)
                     elif message.type == aiohttp.WSMsgType.TEXT:
                         await target.send_str(message.data)
                     else:
                         break
 
-            tasks = [asyncio.ensure_future(forward(browser, server)), asyncio.ensure_future(forward(server, browser))]
+            tasks = [asyncio.ensure_future(forward(browser, server, True)),
+                     asyncio.ensure_future(forward(server, browser, False))]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 task.cancel()

@@ -34,6 +34,7 @@ def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--idle-timeout", type=int, default=300)
     parser.add_argument("--max-upload-mb", type=int, default=512)
+    parser.add_argument("--training-folder", help="the station's training folder (default: one of this session's own)")
     return parser.parse_args(argv)
 
 
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRAME_ARGS"] = "--server"
     from .app import LandmarkReviewApp
 
+    app = None
     try:
         app = LandmarkReviewApp(image=arguments.image, model=arguments.model, device=arguments.device,
-                                workdir=workdir, maxUploadBytes=arguments.max_upload_mb * 1024 ** 2)
+                                workdir=workdir, maxUploadBytes=arguments.max_upload_mb * 1024 ** 2,
+                                trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None)
         app.server.controller.on_server_bind.add(
             lambda server: server.app.middlewares.append(requireSessionKey(key)))
         app.server.controller.on_server_ready.add(lambda **_: print(f"{READY_LINE} {app.server.port}", flush=True))
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         app.server.start(host="127.0.0.1", port=0, open_browser=False, timeout=arguments.idle_timeout,
                          show_connection_info=False)
     finally:
+        if app is not None:
+            app.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

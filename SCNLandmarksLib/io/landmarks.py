@@ -228,8 +228,9 @@ def _read_markups_json(path: Path
     units = markup.get("coordinateUnits", "mm")
     if isinstance(units, list) and units:
         units = units[0]
-    if units != "mm":
-        # Slicer itself does not rescale either: the whole scene is then in these units.
+    if units not in ("mm", "px"):
+        # Slicer itself does not rescale either: the whole scene is then in these units. "px" is what
+        # this library writes for images without spacing (their pixel grid is the physical one).
         logger.warning("%s: coordinateUnits is '%s'; coordinates are used without rescaling", path, units)
 
     control_points = markup.get("controlPoints", [])
@@ -298,7 +299,7 @@ def _markups_json_text(landmarks: LandmarkSet, status: list[str], unit: str) -> 
             "position": [float(v) for v in points[i]] if present else [0.0, 0.0, 0.0],
             "positionStatus": "defined" if present else "missing",
         })
-    markup: dict = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+    markup: dict = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": unit,
                     "controlPoints": control_points}
     # Unknown values are written as NaN: not strict JSON, but exactly what Slicer itself writes and
     # reads for measurement values (it rejects null there).
@@ -583,7 +584,7 @@ def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
                     status: list[str] | None = None, unit: str = "mm") -> None:
     """Write one image's landmarks as .mrk.json/.json, .fcsv or .csv (LPS), replacing atomically.
 
-    .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, units mm), one control point per
+    .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, coordinateUnits `unit`), one control point per
     landmark (label = name, id "1".."N"; 2D points get z = 0; NaN rows get positionStatus "missing");
     confidences as a markup measurement "confidence" with one value per control point, expected
     errors (when known) as a measurement "expected error" in `unit`. .fcsv: version 4.11, LPS,
@@ -596,6 +597,8 @@ def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
         status: optional (N,) detection status text per landmark (e.g. "detected", "low confidence",
             "missing"), stored as the control point description (.mrk.json, .fcsv) or a "status"
             column (.csv) so a Slicer user sees it next to each point.
+        unit: the unit of the positions and expected errors: "mm", or "px" for images without
+            spacing (PNG, JPEG...), where a position is a pixel position and must not read as mm.
 
     Raises:
         DataError: the file cannot be written or has an unsupported suffix.

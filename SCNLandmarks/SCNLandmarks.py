@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Annotated
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -58,8 +57,8 @@ else:
     from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus
     from SCNLandmarksMRML import annotate, catalogue, dependencies, panel, training
     from SCNLandmarksMRML.markups import predictionUnit
-    from SCNLandmarksMRML.volumes import volumeDimension
     from SCNLandmarksMRML.runner import DetectionRunner
+    from SCNLandmarksMRML.volumes import volumeDimension
 
     _MRMLLogic = SCNLandmarksMRML.SCNLandmarksLogic
 
@@ -111,11 +110,21 @@ def registerSampleData() -> None:
     icon = Path(__file__).parent / "Resources" / "Icons" / "SCNLandmarks.png"
     for source in SCNLandmarksMRML.catalogue.sampleDataSources():
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category="SCN Landmarks", sampleName=source.sampleName, thumbnailFileName=str(icon),
-            uris=source.uri, fileNames=source.fileName, nodeNames=source.nodeName, loadFileType="VolumeFile")
+            category="SCN Landmarks",
+            sampleName=source.sampleName,
+            thumbnailFileName=str(icon),
+            uris=source.uri,
+            fileNames=source.fileName,
+            nodeNames=source.nodeName,
+            loadFileType="VolumeFile",
+        )
         if source.licenseFile is not None:
-            logging.info("SCN Landmarks sample '%s' (for %s): license in %s", source.sampleName, source.modelName,
-                         source.licenseFile)
+            logging.info(
+                "SCN Landmarks sample '%s' (for %s): license in %s",
+                source.sampleName,
+                source.modelName,
+                source.licenseFile,
+            )
 
 
 #
@@ -304,8 +313,10 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Widgets the parameter node wrapper cannot bind (their items are found at run time)."""
         if not self._parameterNode:
             return
-        for combo, value in ((self.ui.deviceComboBox, self._parameterNode.device),
-                             (self.ui.heatmapLandmarkComboBox, self._parameterNode.heatmapLandmark)):
+        for combo, value in (
+            (self.ui.deviceComboBox, self._parameterNode.device),
+            (self.ui.heatmapLandmarkComboBox, self._parameterNode.heatmapLandmark),
+        ):
             index = combo.findData(value)
             if index >= 0 and index != combo.currentIndex:
                 with SignalBlocker(combo):
@@ -340,8 +351,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if busy:
             self.ui.detectButton.toolTip = _("A detection is running.")
         else:
-            self.ui.detectButton.toolTip = _("Detect the model's landmarks in the input volume.") if ready else \
-                _("Select an input volume and a model.")
+            self.ui.detectButton.toolTip = (
+                _("Detect the model's landmarks in the input volume.")
+                if ready
+                else _("Select an input volume and a model.")
+            )
         hasLandmarks = bool(parameters and parameters.landmarks) and not busy
         self.ui.resetAllButton.enabled = hasLandmarks and bool(self.logic.landmarkRows(parameters.landmarks))
         self.ui.resetPointButton.enabled = self.ui.resetAllButton.enabled and bool(self.ui.resultsTable.selectedItems())
@@ -354,8 +368,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelTrainingButton.enabled = training and not self.trainingJob.cancelRequested
         entry = SCNLandmarksMRML.entryForModel(parameters.modelPath) if parameters else None
         self.ui.removeModelButton.enabled = bool(entry and entry.userModel) and not training
-        self.ui.skipLandmarkButton.enabled = self._annotationNode is not None and \
-            annotate.nextToPlace(self._annotationNode) is not None
+        self.ui.skipLandmarkButton.enabled = (
+            self._annotationNode is not None and annotate.nextToPlace(self._annotationNode) is not None
+        )
 
     def _updateEnvironment(self) -> None:
         """The Advanced section: versions, devices, the model in use and its card."""
@@ -410,8 +425,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         data = self.ui.modelComboBox.itemData(index)
         if data == panel.LOAD_MODEL_FILE:
             path = qt.QFileDialog.getOpenFileName(
-                slicer.util.mainWindow(), _("Load SCN landmark model"), "",
-                _("SCN landmark models (*.safetensors);;All files (*)"))
+                slicer.util.mainWindow(),
+                _("Load SCN landmark model"),
+                "",
+                _("SCN landmark models (*.safetensors);;All files (*)"),
+            )
             if not path:
                 self._modelListKey = None  # cancelled: show the model that will run again
                 self._updateModelList()
@@ -453,8 +471,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(status.message or _("Install the 'PyTorch' extension first."))
             return False
         replacesTorch = bool(status.torchVersion) and any(package.name == "torch" for package in plan)
-        if not slicer.util.confirmOkCancelDisplay(dependencies.consentMessage(plan, replacesTorch),
-                                                  windowTitle=_("Install Python packages")):
+        if not slicer.util.confirmOkCancelDisplay(
+            dependencies.consentMessage(plan, replacesTorch), windowTitle=_("Install Python packages")
+        ):
             return False
         self.ui.advancedCollapsibleButton.collapsed = False
         self.ui.installLog.clear()
@@ -467,16 +486,21 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 torchLogic = PyTorchUtils.PyTorchUtilsLogic()
                 if status.torchVersion:
                     torchLogic.uninstallTorch()
-                if torchLogic.installTorch(askConfirmation=False,
-                                           torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
+                if (
+                    torchLogic.installTorch(
+                        askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT
+                    )
+                    is None
+                ):
                     return False
             requirements = [package.requirement for package in plan if package.installer == "pip"]
             if requirements:
                 slicer.util.pip_install(requirements)
         except Exception as error:  # pip and PyTorchUtils raise various errors; the log has the details
             logging.exception("SCNLandmarks: installation failed")
-            slicer.util.errorDisplay(_("Installation failed: {error}\n\nSee the installation log (Advanced).")
-                                     .format(error=error))
+            slicer.util.errorDisplay(
+                _("Installation failed: {error}\n\nSee the installation log (Advanced).").format(error=error)
+            )
             return False
         finally:
             logging.getLogger().removeHandler(handler)
@@ -492,15 +516,20 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _offerRestart(self, message: str) -> None:
         self.ui.statusLabel.text = message
-        if slicer.util.confirmYesNoDisplay(message + "\n\n" + _("Restart Slicer now? Save your work first."),
-                                           windowTitle=_("Restart Slicer")):
+        if slicer.util.confirmYesNoDisplay(
+            message + "\n\n" + _("Restart Slicer now? Save your work first."), windowTitle=_("Restart Slicer")
+        ):
             slicer.util.restart()
 
     def onReinstallTorch(self) -> None:
         status = self.logic.dependencyStatus()
         if not status.pytorchUtilsAvailable:
-            slicer.util.errorDisplay(_("The 'PyTorch' extension is not installed: install it from the Extensions "
-                                       "Manager and restart Slicer."))
+            slicer.util.errorDisplay(
+                _(
+                    "The 'PyTorch' extension is not installed: install it from the Extensions "
+                    "Manager and restart Slicer."
+                )
+            )
             return
         self._install(status, forceTorch=True)
 
@@ -513,8 +542,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path and Path(path).is_file():
             return True
         entry = SCNLandmarksMRML.entryForModel(path)
-        message = entry.unavailableReason if entry else \
-            _("The model file {path} is not there. Choose a model, or 'Load model file...'.").format(path=path)
+        message = (
+            entry.unavailableReason
+            if entry
+            else _("The model file {path} is not there. Choose a model, or 'Load model file...'.").format(path=path)
+        )
         self.ui.statusLabel.text = message
         slicer.util.errorDisplay(message)
         return False
@@ -584,13 +616,18 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _observeLandmarks(self, node) -> None:
         if node is self._observedLandmarks:
             return
-        events = (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        events = (
+            slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+        )
         if self._observedLandmarks is not None:
             for event in events:
                 self.removeObserver(self._observedLandmarks, event, self._onLandmarksModified)
-            self.removeObserver(self._observedLandmarks, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,
-                                self._onLandmarksDropped)
+            self.removeObserver(
+                self._observedLandmarks, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onLandmarksDropped
+            )
         self._observedLandmarks = node
         if node is not None:
             self.logic.observeCorrections(node)
@@ -631,10 +668,14 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode.landmarks if self._parameterNode else None
         available = node is not None and self.logic.shortLandmarkNames(node) is not None
         self.ui.shortLabelsCheckBox.enabled = available
-        self.ui.shortLabelsCheckBox.toolTip = _(
-            "Label the points in the views with the abbreviations the model provides; the table and exported "
-            "files keep the full names.") if available else _(
-            "This model provides no short names (its landmark names are what the views show).")
+        self.ui.shortLabelsCheckBox.toolTip = (
+            _(
+                "Label the points in the views with the abbreviations the model provides; the table and exported "
+                "files keep the full names."
+            )
+            if available
+            else _("This model provides no short names (its landmark names are what the views show).")
+        )
         if node is not None:
             self.logic.showShortLabels(node, bool(self._parameterNode.shortLabels) and available)
 
@@ -649,8 +690,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index is None or node is None:
             return
         if self.logic.centreViewsOnLandmark(node, index) is None:
-            self.ui.statusLabel.text = _("'{name}' has no position: place it in a view (Markups module, place mode) "
-                                         "or reset it.").format(name=self.logic.landmarkRows(node)[index].name)
+            self.ui.statusLabel.text = _(
+                "'{name}' has no position: place it in a view (Markups module, place mode) or reset it."
+            ).format(name=self.logic.landmarkRows(node)[index].name)
 
     def onResetPoint(self) -> None:
         index = self._selectedLandmark()
@@ -692,8 +734,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = problem
             return
         try:
-            self.logic.showHeatmap(node, parameters.heatmapKind.value, parameters.heatmapLandmark or None,
-                                   parameters.heatmapOpacity)
+            self.logic.showHeatmap(
+                node, parameters.heatmapKind.value, parameters.heatmapLandmark or None, parameters.heatmapOpacity
+            )
         except SCNLandmarksError as error:
             self.ui.statusLabel.text = str(error)
 
@@ -711,8 +754,12 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         node = self._parameterNode.landmarks
-        dialog = qt.QFileDialog(slicer.util.mainWindow(), _("Export landmarks"), f"{node.GetName()}.mrk.json",
-                                _("Slicer markups (*.mrk.json);;Slicer fiducial list (*.fcsv);;CSV table (*.csv)"))
+        dialog = qt.QFileDialog(
+            slicer.util.mainWindow(),
+            _("Export landmarks"),
+            f"{node.GetName()}.mrk.json",
+            _("Slicer markups (*.mrk.json);;Slicer fiducial list (*.fcsv);;CSV table (*.csv)"),
+        )
         dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
         dialog.setOption(qt.QFileDialog.DontConfirmOverwrite, True)  # asked below, by the logic's rule
         if not dialog.exec_() or not dialog.selectedFiles():
@@ -735,11 +782,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._mayWrite(self.logic.trainingPairPaths(volume, folder)):
             return
         with slicer.util.tryWithErrorDisplay(_("Saving the training pair failed."), waitCursor=True):
-            imagePath, landmarksPath = self.logic.saveTrainingPair(volume, self._parameterNode.landmarks, folder,
-                                                                   overwrite=True)
-            self.ui.statusLabel.text = _("Saved {image} and {landmarks}.").format(image=imagePath, landmarks=landmarksPath)
+            imagePath, landmarksPath = self.logic.saveTrainingPair(
+                volume, self._parameterNode.landmarks, folder, overwrite=True
+            )
+            self.ui.statusLabel.text = _("Saved {image} and {landmarks}.").format(
+                image=imagePath, landmarks=landmarksPath
+            )
         self._updateTrainingData()  # one more case to train on
-
 
     # --------------------------------------------------------------------------------------------
     # review first
@@ -761,8 +810,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReadLandmarkNames(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            slicer.util.mainWindow(), _("Landmark names"), "",
-            _("Landmark or name files (*.mrk.json *.json *.fcsv *.csv *.txt);;All files (*)"))
+            slicer.util.mainWindow(),
+            _("Landmark names"),
+            "",
+            _("Landmark or name files (*.mrk.json *.json *.fcsv *.csv *.txt);;All files (*)"),
+        )
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot read the landmark names."), waitCursor=True):
@@ -784,8 +836,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _observeAnnotation(self, node) -> None:
         if self._annotationNode is not None:
-            self.removeObserver(self._annotationNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                                self._onAnnotationChanged)
+            self.removeObserver(
+                self._annotationNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onAnnotationChanged
+            )
         self._annotationNode = node
         if node is not None:
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onAnnotationChanged)
@@ -810,12 +863,19 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setupTrainSection(self) -> None:
         base = self.ui.trainBaseComboBox
-        for label, key in ((_("Selected model (fine-tune)"), BASE_SELECTED), (_("Model file..."), BASE_FILE),
-                           (_("New landmark set (from scratch)"), BASE_NEW)):
+        for label, key in (
+            (_("Selected model (fine-tune)"), BASE_SELECTED),
+            (_("Model file..."), BASE_FILE),
+            (_("New landmark set (from scratch)"), BASE_NEW),
+        ):
             base.addItem(label, key)
         for key, minutes in training.TIME_BUDGETS.items():
-            self.ui.trainBudgetComboBox.addItem(_("{budget} ({minutes:g} min)").format(
-                budget=_("Quick") if key == "quick" else _("Longer"), minutes=minutes), key)
+            self.ui.trainBudgetComboBox.addItem(
+                _("{budget} ({minutes:g} min)").format(
+                    budget=_("Quick") if key == "quick" else _("Longer"), minutes=minutes
+                ),
+                key,
+            )
         for choice in self.logic.deviceChoices():
             self.ui.trainDeviceComboBox.addItem(choice.label, choice.key)
             if not choice.available:
@@ -851,9 +911,15 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainBaseChanged(self, index: int) -> None:
         if self.ui.trainBaseComboBox.itemData(index) == BASE_FILE:
-            self._trainBaseFile = qt.QFileDialog.getOpenFileName(
-                slicer.util.mainWindow(), _("Model to start from"), "",
-                _("SCN landmark models (*.safetensors);;All files (*)")) or ""
+            self._trainBaseFile = (
+                qt.QFileDialog.getOpenFileName(
+                    slicer.util.mainWindow(),
+                    _("Model to start from"),
+                    "",
+                    _("SCN landmark models (*.safetensors);;All files (*)"),
+                )
+                or ""
+            )
         self._updateTrainingBase()
 
     def _updateTrainingBase(self) -> None:
@@ -884,10 +950,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if base is not None:
                 training.checkBase(base, self._trainingData)
             self.trainingJob = training.TrainingJob(
-                self._trainingData, base, self.ui.trainNameLineEdit.text.strip(),
+                self._trainingData,
+                base,
+                self.ui.trainNameLineEdit.text.strip(),
                 training.TIME_BUDGETS[self.ui.trainBudgetComboBox.itemData(self.ui.trainBudgetComboBox.currentIndex)],
                 self.ui.trainDeviceComboBox.itemData(self.ui.trainDeviceComboBox.currentIndex) or "auto",
-                python=shutil.which("PythonSlicer") or sys.executable)
+                python=shutil.which("PythonSlicer") or sys.executable,
+            )
             self.trainingJob.start()
         except SCNLandmarksError as error:
             self.trainingJob = None
@@ -895,7 +964,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(error))
             return
         self.ui.trainingStatusLabel.text = _("Training '{name}' in a separate process...").format(
-            name=self.trainingJob.name)
+            name=self.trainingJob.name
+        )
         self.ui.trainingProgressBar.value = 0
         self.ui.trainingProgressBar.setVisible(True)
         self._trainTimer.start()
@@ -913,7 +983,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if progress is not None:
             self.ui.trainingProgressBar.value = round(100 * progress.fraction)
             self.ui.trainingStatusLabel.text = progress.text + (
-                _(" (cancelling: the best model so far is kept)") if job.cancelRequested else "")
+                _(" (cancelling: the best model so far is kept)") if job.cancelRequested else ""
+            )
         if outcome is None:
             return
         self._trainingEnded(outcome.message)
@@ -937,8 +1008,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if entry is None or not entry.userModel:
             return
         if not slicer.util.confirmYesNoDisplay(
-                _("Remove '{name}' from your models? Its folder {folder} is deleted.").format(
-                    name=entry.name, folder=entry.path.parent), windowTitle=_("Remove model")):
+            _("Remove '{name}' from your models? Its folder {folder} is deleted.").format(
+                name=entry.name, folder=entry.path.parent
+            ),
+            windowTitle=_("Remove model"),
+        ):
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot remove the model."), waitCursor=True):
             catalogue.removeUserModel(entry)
@@ -1061,19 +1135,42 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         from SCNLandmarksLib.data.synthetic import make_dataset
         from SCNLandmarksLib.train import train
 
-        why = "no catalogue entry has a sample" if entry is None else \
-            (entry.unavailableReason or f"the sample {entry.sample} is missing")
+        why = (
+            "no catalogue entry has a sample"
+            if entry is None
+            else (entry.unavailableReason or f"the sample {entry.sample} is missing")
+        )
         self.delayDisplay(f"No catalogue sample model ({why}): training a tiny model on synthetic images")
-        spec = make_dataset(workDir / "dataset", dimension=2, images=8, landmarks=4, size=(64, 48),
-                            spacing=(1.0, 1.3), validation=1)
-        config = config_from_dict({
-            "dataset": str(spec), "output_dir": str(workDir / "run"),
-            "grid": {"size": [32, 32], "spacing": [2.0, 2.0]}, "heatmap": {"sigma_init": 3.0},
-            "model": {"params": {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4,
-                                 "sc_kernel": 5, "sc_filters": 16}},
-            # Few iterations: the test compares the module with the library, not accuracy.
-            "training": {"iterations": 80, "batch_size": 4, "learning_rate": 1e-3,
-                         "validate_every": 40, "checkpoint_every": 40}}, Path("/"))
+        spec = make_dataset(
+            workDir / "dataset", dimension=2, images=8, landmarks=4, size=(64, 48), spacing=(1.0, 1.3), validation=1
+        )
+        config = config_from_dict(
+            {
+                "dataset": str(spec),
+                "output_dir": str(workDir / "run"),
+                "grid": {"size": [32, 32], "spacing": [2.0, 2.0]},
+                "heatmap": {"sigma_init": 3.0},
+                "model": {
+                    "params": {
+                        "filters": 16,
+                        "levels": 3,
+                        "dropout": 0.0,
+                        "sc_downsample": 4,
+                        "sc_kernel": 5,
+                        "sc_filters": 16,
+                    }
+                },
+                # Few iterations: the test compares the module with the library, not accuracy.
+                "training": {
+                    "iterations": 80,
+                    "batch_size": 4,
+                    "learning_rate": 1e-3,
+                    "validate_every": 40,
+                    "checkpoint_every": 40,
+                },
+            },
+            Path("/"),
+        )
         model = train(config, device="cpu").model_path
         image = spec.parent / "images" / "case007.mha"
         return image, model, spec.parent / "images" / "case007.mrk.json", None, False
@@ -1089,8 +1186,11 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         rasToIjk = slicer.util.arrayFromVTKMatrix(rasToIjk)
         size = np.array(volume.GetImageData().GetDimensions(), dtype=float)
         ijk = np.c_[result.pointsRas, np.ones(len(result.pointsRas))] @ rasToIjk.T
-        outside = [n for n, v in zip(result.landmarkNames, ijk[:, :3])
-                   if not (np.all(np.isfinite(v)) and np.all(v >= -0.5) and np.all(v <= size - 0.5))]
+        outside = [
+            n
+            for n, v in zip(result.landmarkNames, ijk[:, :3])
+            if not (np.all(np.isfinite(v)) and np.all(v >= -0.5) and np.all(v <= size - 0.5))
+        ]
         self.assertEqual(outside, [], f"landmarks outside the volume: {outside}")
         if "AC" in result.landmarkNames and "PC" in result.landmarkNames:
             ac, pc = (result.pointsRas[result.landmarkNames.index(n)] for n in ("AC", "PC"))
@@ -1140,8 +1240,9 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Heatmap overlay")
         heatmap = logic.showHeatmap(result.markupsNode, "final", None, 0.5)
         self.assertEqual(heatmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(_ijkToRas(heatmap)),
-                                   slicer.util.arrayFromVTKMatrix(_ijkToRas(volume)))
+        np.testing.assert_allclose(
+            slicer.util.arrayFromVTKMatrix(_ijkToRas(heatmap)), slicer.util.arrayFromVTKMatrix(_ijkToRas(volume))
+        )
 
         self.delayDisplay("Correcting and exporting")
         node = result.markupsNode

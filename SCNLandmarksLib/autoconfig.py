@@ -20,7 +20,7 @@ from .data.spec import DatasetSpec, load_dataset_spec
 from .errors import DataError
 from .io.toml import write_toml
 
-SPEC_NAME = "dataset.toml"   # the spec of a training folder (the Slicer module writes it there)
+SPEC_NAME = "dataset.toml"  # the spec of a training folder (the Slicer module writes it there)
 TRAIN_SPLIT = "train"
 HELD_ASIDE_SPLIT = "validation"
 MIN_CASES_TO_VALIDATE = 5
@@ -32,8 +32,10 @@ COARSE_SIDE = {2: 128, 3: 48}
 REFINE_WHEN_COARSER = 4.0
 REFINEMENT_PATCH = {2: 32, 3: 24}
 # Networks small enough to train on a CPU within minutes (the shipped cephalogram model's 2D design).
-COARSE_PARAMS = {2: {"filters": 64, "levels": 4, "dropout": 0.3, "sc_downsample": 8, "sc_kernel": 9, "sc_filters": 64},
-                 3: {"filters": 32, "levels": 4, "dropout": 0.3, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 32}}
+COARSE_PARAMS = {
+    2: {"filters": 64, "levels": 4, "dropout": 0.3, "sc_downsample": 8, "sc_kernel": 9, "sc_filters": 64},
+    3: {"filters": 32, "levels": 4, "dropout": 0.3, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 32},
+}
 REFINEMENT_PARAMS = {2: {"filters": 32, "levels": 3, "dropout": 0.0}, 3: {"filters": 16, "levels": 3, "dropout": 0.0}}
 # Training throughput used to turn a time budget into iterations: grid voxels x iterations per
 # second, batch size 1 (benchmarks/training.py: a 176 x 216 grid at ~5 iterations/s on 2 CPU
@@ -53,8 +55,10 @@ def resolve_dataset(path: str | Path) -> Path:
     if path.is_dir():
         spec = path / SPEC_NAME
         if not spec.is_file():
-            raise DataError(f"{path}: not a training folder (no {SPEC_NAME}); save training pairs into it first, "
-                            "or give a dataset spec file")
+            raise DataError(
+                f"{path}: not a training folder (no {SPEC_NAME}); save training pairs into it first, "
+                "or give a dataset spec file"
+            )
         return spec
     return path
 
@@ -67,14 +71,18 @@ def held_aside_ids(ids: list[str]) -> list[str]:
     return [case for number, case in enumerate(sorted(ids)) if number % HELD_ASIDE_EVERY == HELD_ASIDE_EVERY - 1]
 
 
-def write_split_spec(spec: DatasetSpec, path: Path, held_aside: list[str],
-                     landmark_names: tuple[str, ...] | None = None) -> Path:
+def write_split_spec(
+    spec: DatasetSpec, path: Path, held_aside: list[str], landmark_names: tuple[str, ...] | None = None
+) -> Path:
     """Write a copy of `spec` (absolute paths) whose held-aside cases form the validation split and
     all others the training split; `landmark_names` reorders the landmarks (same set)."""
     images = []
     for entry in spec.entries:
-        item: dict[str, Any] = {"id": entry.id, "image": str(entry.image),
-                                "split": HELD_ASIDE_SPLIT if entry.id in held_aside else TRAIN_SPLIT}
+        item: dict[str, Any] = {
+            "id": entry.id,
+            "image": str(entry.image),
+            "split": HELD_ASIDE_SPLIT if entry.id in held_aside else TRAIN_SPLIT,
+        }
         if entry.landmarks is not None:
             item["landmarks"] = str(entry.landmarks)
         images.append(item)
@@ -90,13 +98,31 @@ def default_augmentation(dimension: int, extent: float) -> dict[str, Any]:
     """Augmentation for images whose longest physical side is `extent`: X-rays (2D) vary more in
     pose and contrast than volumes (3D), which are usually acquired in a standard orientation."""
     if dimension == 2:
-        return {"translation": 0.05 * extent, "rotation_deg": 15.0, "scale": 0.1, "scale_per_axis": 0.05,
-                "elastic_mm": 0.01 * extent, "elastic_control_spacing_mm": 0.25 * extent,
-                "intensity_shift": 0.1, "intensity_scale": 0.2, "gamma_log": 0.3, "noise_std": 0.02}
-    return {"translation": 0.05 * extent, "rotation_deg": 10.0, "scale": 0.1, "scale_per_axis": 0.05,
-            "elastic_mm": 0.01 * extent, "elastic_control_spacing_mm": 0.25 * extent,
-            "intensity_shift": 0.1, "intensity_scale": 0.15, "gamma_log": 0.2, "noise_std": 0.02,
-            "bias_field_log": 0.1}
+        return {
+            "translation": 0.05 * extent,
+            "rotation_deg": 15.0,
+            "scale": 0.1,
+            "scale_per_axis": 0.05,
+            "elastic_mm": 0.01 * extent,
+            "elastic_control_spacing_mm": 0.25 * extent,
+            "intensity_shift": 0.1,
+            "intensity_scale": 0.2,
+            "gamma_log": 0.3,
+            "noise_std": 0.02,
+        }
+    return {
+        "translation": 0.05 * extent,
+        "rotation_deg": 10.0,
+        "scale": 0.1,
+        "scale_per_axis": 0.05,
+        "elastic_mm": 0.01 * extent,
+        "elastic_control_spacing_mm": 0.25 * extent,
+        "intensity_shift": 0.1,
+        "intensity_scale": 0.15,
+        "gamma_log": 0.2,
+        "noise_std": 0.02,
+        "bias_field_log": 0.1,
+    }
 
 
 def iterations_for_budget(grid_size: tuple[int, ...], batch_size: int, minutes: float, gpu: bool) -> int:
@@ -109,8 +135,9 @@ def _rounded_up(value: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(value / multiple)) * multiple)
 
 
-def config_for_dataset(dataset: str | Path, output_dir: str | Path, minutes: float | None = None,
-                       gpu: bool = False) -> Config:
+def config_for_dataset(
+    dataset: str | Path, output_dir: str | Path, minutes: float | None = None, gpu: bool = False
+) -> Config:
     """A complete training configuration for a dataset, derived from its images.
 
     The coarse grid covers the largest image with COARSE_SIDE voxels along its longest side; a
@@ -147,7 +174,8 @@ def config_for_dataset(dataset: str | Path, output_dir: str | Path, minutes: flo
     iterations = iterations_for_budget(tuple(grid_size), batch_size, coarse_minutes, gpu)
     sigma = 2.5 * coarse_spacing
     values: dict[str, Any] = {
-        "dataset": str(spec_path), "output_dir": str(output_dir),
+        "dataset": str(spec_path),
+        "output_dir": str(output_dir),
         "grid": {"size": grid_size, "spacing": [coarse_spacing] * dimension},
         "augmentation": default_augmentation(dimension, float(extent.max())),
         "heatmap": {"sigma_init": sigma, "sigma_min": 0.5 * coarse_spacing},
@@ -158,15 +186,21 @@ def config_for_dataset(dataset: str | Path, output_dir: str | Path, minutes: flo
         fine_spacing = max(finest, coarse_spacing / 4.0)
         patch = [REFINEMENT_PATCH[dimension]] * dimension
         values["refinement"] = {
-            "grid": {"size": patch, "spacing": [fine_spacing] * dimension}, "offset_mm": 1.5 * coarse_spacing,
+            "grid": {"size": patch, "spacing": [fine_spacing] * dimension},
+            "offset_mm": 1.5 * coarse_spacing,
             "heatmap": {"sigma_init": 2.5 * fine_spacing, "sigma_min": 0.5 * fine_spacing},
             "model": {"architecture": "unet", "params": REFINEMENT_PARAMS[dimension]},
             "training": _training(iterations_for_budget(tuple(patch), 4, minutes - coarse_minutes, gpu), 4, 5e-4),
-            "augmentation": {**default_augmentation(dimension, float(extent.max())), "translation": 0.0}}
+            "augmentation": {**default_augmentation(dimension, float(extent.max())), "translation": 0.0},
+        }
     return config_from_dict(values, output_dir, where=f"configuration derived from {spec_path}")
 
 
 def _training(iterations: int, batch_size: int, learning_rate: float) -> dict[str, Any]:
-    return {"iterations": iterations, "batch_size": batch_size, "learning_rate": learning_rate,
-            "validate_every": max(1, iterations // 10), "checkpoint_every": max(1, min(200, iterations // 10))}
-
+    return {
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "validate_every": max(1, iterations // 10),
+        "checkpoint_every": max(1, min(200, iterations // 10)),
+    }

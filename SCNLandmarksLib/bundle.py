@@ -37,8 +37,20 @@ SIGMA_TENSORS = {"coarse": "heatmap.sigmas", "refinement": "refiner_heatmap.sigm
 _MODEL_KEYS = ("dimension", "in_channels", "landmark_names", "unit", "intensity", "inference", "coarse")
 _STAGE_KEYS = ("architecture", "params", "grid_size", "grid_spacing", "sigmas", "gamma")
 # Version 1: the coarse stage's fields at the top level, the refinement's grid size as "patch_size".
-_V1_MODEL_KEYS = ("architecture", "dimension", "in_channels", "landmark_names", "params", "grid_spacing",
-                  "training_grid_size", "unit", "intensity", "sigmas", "gamma", "inference")
+_V1_MODEL_KEYS = (
+    "architecture",
+    "dimension",
+    "in_channels",
+    "landmark_names",
+    "params",
+    "grid_spacing",
+    "training_grid_size",
+    "unit",
+    "intensity",
+    "sigmas",
+    "gamma",
+    "inference",
+)
 _V1_REFINEMENT_KEYS = ("architecture", "params", "patch_size", "grid_spacing", "sigmas", "gamma")
 
 
@@ -64,14 +76,25 @@ class StageDescription:
     gamma: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "params": self.params, "grid_size": list(self.grid_size),
-                "grid_spacing": list(self.grid_spacing), "sigmas": list(self.sigmas), "gamma": self.gamma}
+        return {
+            "architecture": self.architecture,
+            "params": self.params,
+            "grid_size": list(self.grid_size),
+            "grid_spacing": list(self.grid_spacing),
+            "sigmas": list(self.sigmas),
+            "gamma": self.gamma,
+        }
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> StageDescription:
-        return cls(str(values["architecture"]), dict(values["params"]), tuple(int(s) for s in values["grid_size"]),
-                   tuple(float(s) for s in values["grid_spacing"]), tuple(float(s) for s in values["sigmas"]),
-                   float(values["gamma"]))
+        return cls(
+            str(values["architecture"]),
+            dict(values["params"]),
+            tuple(int(s) for s in values["grid_size"]),
+            tuple(float(s) for s in values["grid_spacing"]),
+            tuple(float(s) for s in values["sigmas"]),
+            float(values["gamma"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -121,14 +144,21 @@ class ModelDescription:
 
     def to_json(self) -> dict[str, Any]:
         """The metadata written to a model file (the current format version)."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "dimension": self.dimension,
-                "in_channels": self.in_channels, "landmark_names": list(self.landmark_names), "unit": self.unit,
-                "intensity": dataclasses.asdict(self.intensity), "inference": dataclasses.asdict(self.inference),
-                **{name: stage.to_json() for name, stage in self.stages.items()},
-                "provenance": self.provenance, "validation": self.validation,
-                **({} if self.calibration is None else {"calibration": self.calibration.to_json()}),
-                **({} if self.mean_configuration is None
-                   else {"mean_configuration": self.mean_configuration.to_json()})}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dimension": self.dimension,
+            "in_channels": self.in_channels,
+            "landmark_names": list(self.landmark_names),
+            "unit": self.unit,
+            "intensity": dataclasses.asdict(self.intensity),
+            "inference": dataclasses.asdict(self.inference),
+            **{name: stage.to_json() for name, stage in self.stages.items()},
+            "provenance": self.provenance,
+            "validation": self.validation,
+            **({} if self.calibration is None else {"calibration": self.calibration.to_json()}),
+            **({} if self.mean_configuration is None else {"mean_configuration": self.mean_configuration.to_json()}),
+        }
 
     @classmethod
     def from_json(cls, header: dict[str, Any], source: str) -> ModelDescription:
@@ -141,8 +171,10 @@ class ModelDescription:
             raise ModelFileError(f"{source}: unknown model format {header.get('format')!r}")
         version = header.get("format_version", 0)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ModelFileError(f"{source}: model format version {version} is newer than this software reads "
-                                 f"({FORMAT_VERSION}); update SCNLandmarks")
+            raise ModelFileError(
+                f"{source}: model format version {version} is newer than this software reads "
+                f"({FORMAT_VERSION}); update SCNLandmarks"
+            )
         values = _from_version_1(header, source) if version <= 1 else header
         _require(values, _MODEL_KEYS, source, "")
         _require(values["coarse"], _STAGE_KEYS, source, "coarse.")
@@ -150,33 +182,44 @@ class ModelDescription:
             _require(values["refinement"], _STAGE_KEYS, source, "refinement.")
         try:
             description = cls(
-                dimension=int(values["dimension"]), landmark_names=tuple(str(n) for n in values["landmark_names"]),
-                unit=str(values["unit"]), intensity=IntensityConfig(**values["intensity"]),
+                dimension=int(values["dimension"]),
+                landmark_names=tuple(str(n) for n in values["landmark_names"]),
+                unit=str(values["unit"]),
+                intensity=IntensityConfig(**values["intensity"]),
                 inference=InferenceConfig(**values["inference"]),
                 coarse=StageDescription.from_json(values["coarse"]),
-                refinement=(None if values.get("refinement") is None
-                            else StageDescription.from_json(values["refinement"])),
-                in_channels=int(values["in_channels"]), provenance=dict(values.get("provenance") or {}),
-                validation=dict(values.get("validation") or {}))
+                refinement=(
+                    None if values.get("refinement") is None else StageDescription.from_json(values["refinement"])
+                ),
+                in_channels=int(values["in_channels"]),
+                provenance=dict(values.get("provenance") or {}),
+                validation=dict(values.get("validation") or {}),
+            )
         except (TypeError, ValueError, AttributeError) as error:
             raise ModelFileError(f"{source}: malformed model metadata ({error})") from None
         if values.get("calibration") is not None:
-            description = dataclasses.replace(description, calibration=Calibration.from_json(
-                values["calibration"], description.landmark_names, source))
+            description = dataclasses.replace(
+                description,
+                calibration=Calibration.from_json(values["calibration"], description.landmark_names, source),
+            )
         if values.get("mean_configuration") is not None:
-            description = dataclasses.replace(description, mean_configuration=MeanConfiguration.from_json(
-                values["mean_configuration"], description.landmark_names, description.dimension, source))
+            description = dataclasses.replace(
+                description,
+                mean_configuration=MeanConfiguration.from_json(
+                    values["mean_configuration"], description.landmark_names, description.dimension, source
+                ),
+            )
         axis = description.inference.mirror_axis
         if axis is not None and (not isinstance(axis, int) or not 0 <= axis < description.dimension):
-            raise ModelFileError(f"{source}: inference.mirror_axis {axis!r} is not an axis of "
-                                 f"{description.dimension}D images")
+            raise ModelFileError(
+                f"{source}: inference.mirror_axis {axis!r} is not an axis of {description.dimension}D images"
+            )
         return description
 
 
 def _require(values: Any, keys: tuple[str, ...], source: str, prefix: str) -> None:
     if not isinstance(values, dict):
-        raise ModelFileError(f"{source}: malformed model metadata ({prefix.rstrip('.') or 'top level'} "
-                             "is not a table)")
+        raise ModelFileError(f"{source}: malformed model metadata ({prefix.rstrip('.') or 'top level'} is not a table)")
     missing = [prefix + k for k in keys if k not in values]
     if missing:
         raise ModelFileError(f"{source}: model metadata lacks {missing}")
@@ -186,14 +229,21 @@ def _from_version_1(header: dict[str, Any], source: str) -> dict[str, Any]:
     """Version 1 metadata in the version 2 layout."""
     _require(header, _V1_MODEL_KEYS, source, "")
     values = {k: v for k, v in header.items() if k not in _V1_REFINEMENT_KEYS and k != "training_grid_size"}
-    values["coarse"] = {"architecture": header["architecture"], "params": header["params"],
-                        "grid_size": header["training_grid_size"], "grid_spacing": header["grid_spacing"],
-                        "sigmas": header["sigmas"], "gamma": header["gamma"]}
+    values["coarse"] = {
+        "architecture": header["architecture"],
+        "params": header["params"],
+        "grid_size": header["training_grid_size"],
+        "grid_spacing": header["grid_spacing"],
+        "sigmas": header["sigmas"],
+        "gamma": header["gamma"],
+    }
     refinement = header.get("refinement")
     if refinement is not None:
         _require(refinement, _V1_REFINEMENT_KEYS, source, "refinement.")
-        values["refinement"] = {**{k: v for k, v in refinement.items() if k != "patch_size"},
-                                "grid_size": refinement["patch_size"]}
+        values["refinement"] = {
+            **{k: v for k, v in refinement.items() if k != "patch_size"},
+            "grid_size": refinement["patch_size"],
+        }
     return values
 
 
@@ -202,25 +252,26 @@ class Stage:
     """One stage's network with its learned sigmas."""
 
     network: torch.nn.Module
-    sigmas: torch.Tensor          # (N,) learned Gaussian sigmas, mm
+    sigmas: torch.Tensor  # (N,) learned Gaussian sigmas, mm
 
 
 @dataclass
 class LoadedModel:
     description: ModelDescription
     coarse: Stage
-    refinement: Stage | None = None   # described by description.refinement
+    refinement: Stage | None = None  # described by description.refinement
 
 
 def _stage_tensors(name: str, stage: Stage) -> dict[str, torch.Tensor]:
-    tensors = {f"{PREFIXES[name]}{k}": v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in stage.network.state_dict().items()}
+    tensors = {
+        f"{PREFIXES[name]}{k}": v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in stage.network.state_dict().items()
+    }
     tensors[SIGMA_TENSORS[name]] = stage.sigmas.detach().to("cpu", torch.float32).contiguous()
     return tensors
 
 
-def save_model(path: str | Path, description: ModelDescription, coarse: Stage,
-               refinement: Stage | None = None) -> Path:
+def save_model(path: str | Path, description: ModelDescription, coarse: Stage, refinement: Stage | None = None) -> Path:
     """Write weights + metadata atomically (a crash never leaves a half-written model file).
 
     Args:
@@ -263,7 +314,9 @@ def read_description(path: str | Path) -> ModelDescription:
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: not a readable model file (truncated or not safetensors: {error})") from None
     if raw is None:
-        raise ModelFileError(f"{path}: a safetensors file, but not an SCNLandmarks model (no '{METADATA_KEY}' metadata)")
+        raise ModelFileError(
+            f"{path}: a safetensors file, but not an SCNLandmarks model (no '{METADATA_KEY}' metadata)"
+        )
     try:
         header = json.loads(raw)
     except json.JSONDecodeError:
@@ -273,20 +326,25 @@ def read_description(path: str | Path) -> ModelDescription:
     return ModelDescription.from_json(header, str(path))
 
 
-def _build_stage(path: Path, name: str, stage: StageDescription, description: ModelDescription,
-                 tensors: dict[str, torch.Tensor], device: torch.device | str) -> Stage:
+def _build_stage(
+    path: Path,
+    name: str,
+    stage: StageDescription,
+    description: ModelDescription,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device | str,
+) -> Stage:
     """Rebuild one stage's network from its description and load its tensors strictly."""
     count = len(description.landmark_names)
     try:
-        network = build_model(stage.architecture, description.dimension, description.in_channels, count,
-                              stage.params)
+        network = build_model(stage.architecture, description.dimension, description.in_channels, count, stage.params)
     except (ValueError, TypeError, KeyError) as error:
         raise ModelFileError(f"{path}: cannot build the {name} network it describes ({error})") from None
     sigmas = tensors.get(SIGMA_TENSORS[name])
     if sigmas is None or sigmas.shape != (count,):
         raise ModelFileError(f"{path}: {name} sigma tensor missing or of the wrong size")
     prefix = PREFIXES[name]
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -303,10 +361,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: weights cannot be read (truncated?): {error}") from None
-    stages = {name: _build_stage(path, name, stage, description, tensors, device)
-              for name, stage in description.stages.items()}
-    unexpected = [k for k in tensors if not any(k.startswith(PREFIXES[name]) or k == SIGMA_TENSORS[name]
-                                                for name in stages)]
+    stages = {
+        name: _build_stage(path, name, stage, description, tensors, device)
+        for name, stage in description.stages.items()
+    }
+    unexpected = [
+        k for k in tensors if not any(k.startswith(PREFIXES[name]) or k == SIGMA_TENSORS[name] for name in stages)
+    ]
     if unexpected:
         raise ModelFileError(f"{path}: unexpected tensors {unexpected[:5]}")
     return LoadedModel(description, stages["coarse"], stages.get("refinement"))

@@ -84,9 +84,14 @@ class Calibration:
             return np.asarray(expected_errors) > np.asarray(self.usual_errors)
 
     def to_json(self) -> dict[str, Any]:
-        return {"landmark_names": list(self.landmark_names), "base_errors": list(self.base_errors),
-                "evidence": list(self.evidence), "weights": list(self.weights),
-                "usual_errors": list(self.usual_errors), "fitted_on": self.fitted_on}
+        return {
+            "landmark_names": list(self.landmark_names),
+            "base_errors": list(self.base_errors),
+            "evidence": list(self.evidence),
+            "weights": list(self.weights),
+            "usual_errors": list(self.usual_errors),
+            "fitted_on": self.fitted_on,
+        }
 
     @classmethod
     def from_json(cls, values: Any, landmark_names: tuple[str, ...], source: str) -> Calibration:
@@ -97,22 +102,30 @@ class Calibration:
                 the model's.
         """
         try:
-            calibration = cls(tuple(str(n) for n in values["landmark_names"]),
-                              tuple(float(v) for v in values["base_errors"]),
-                              tuple(str(e) for e in values["evidence"]), tuple(float(w) for w in values["weights"]),
-                              tuple(float(v) for v in values["usual_errors"]), dict(values.get("fitted_on") or {}))
+            calibration = cls(
+                tuple(str(n) for n in values["landmark_names"]),
+                tuple(float(v) for v in values["base_errors"]),
+                tuple(str(e) for e in values["evidence"]),
+                tuple(float(w) for w in values["weights"]),
+                tuple(float(v) for v in values["usual_errors"]),
+                dict(values.get("fitted_on") or {}),
+            )
         except (TypeError, ValueError, KeyError, AttributeError) as error:
             raise ModelFileError(f"{source}: malformed calibration section ({error!r})") from None
         if calibration.landmark_names != tuple(landmark_names):
-            raise ModelFileError(f"{source}: the calibration is for landmarks {list(calibration.landmark_names)}, "
-                                 f"not the model's {list(landmark_names)}")
+            raise ModelFileError(
+                f"{source}: the calibration is for landmarks {list(calibration.landmark_names)}, "
+                f"not the model's {list(landmark_names)}"
+            )
         count = len(landmark_names)
         if len(calibration.base_errors) != count or len(calibration.usual_errors) != count:
             raise ModelFileError(f"{source}: the calibration needs one base and one usual error per landmark")
         unknown = [e for e in calibration.evidence if e not in EVIDENCE]
         if unknown or len(calibration.weights) != len(calibration.evidence):
-            raise ModelFileError(f"{source}: calibration evidence {list(calibration.evidence)} with weights "
-                                 f"{list(calibration.weights)}: expected one weight per measure of {list(EVIDENCE)}")
+            raise ModelFileError(
+                f"{source}: calibration evidence {list(calibration.evidence)} with weights "
+                f"{list(calibration.weights)}: expected one weight per measure of {list(EVIDENCE)}"
+            )
         values_ok = [*calibration.base_errors, *calibration.usual_errors]
         if not all(math.isfinite(v) and v > 0 for v in values_ok) or min(calibration.weights, default=0.0) < 0:
             raise ModelFileError(f"{source}: calibration errors must be positive and weights non-negative")
@@ -123,8 +136,14 @@ class Calibration:
 # evidence from heatmaps
 
 
-def peak_evidence(heatmaps: torch.Tensor, index: torch.Tensor, value: torch.Tensor, ideal: torch.Tensor,
-                  sigmas: torch.Tensor, spacing: tuple[float, ...]) -> dict[str, np.ndarray]:
+def peak_evidence(
+    heatmaps: torch.Tensor,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    ideal: torch.Tensor,
+    sigmas: torch.Tensor,
+    spacing: tuple[float, ...],
+) -> dict[str, np.ndarray]:
     """The "peak" and "width" evidence of each landmark's heatmap.
 
     Args:
@@ -168,8 +187,13 @@ def _floored_log_errors(errors: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(errors, np.maximum(floor, 1e-9)))
 
 
-def fit_calibration(landmark_names: list[str], errors: np.ndarray, evidence: dict[str, np.ndarray],
-                    measures: tuple[str, ...], fitted_on: dict[str, Any] | None = None) -> Calibration:
+def fit_calibration(
+    landmark_names: list[str],
+    errors: np.ndarray,
+    evidence: dict[str, np.ndarray],
+    measures: tuple[str, ...],
+    fitted_on: dict[str, Any] | None = None,
+) -> Calibration:
     """Fit a calibration to measured errors.
 
     Args:
@@ -195,12 +219,19 @@ def fit_calibration(landmark_names: list[str], errors: np.ndarray, evidence: dic
     measured_mean = np.nanmean(np.where(usable, errors, np.nan), axis=0)
     # Scale each landmark so that its mean expected error is its mean measured error.
     base = np.exp(offsets) * measured_mean / np.nanmean(relative, axis=0)
-    return Calibration(tuple(landmark_names), tuple(float(b) for b in base), tuple(used),
-                       tuple(float(w) for w in weights), tuple(float(v) for v in measured_mean), fitted_on or {})
+    return Calibration(
+        tuple(landmark_names),
+        tuple(float(b) for b in base),
+        tuple(used),
+        tuple(float(w) for w in weights),
+        tuple(float(v) for v in measured_mean),
+        fitted_on or {},
+    )
 
 
-def _least_squares(target: np.ndarray, evidence: dict[str, np.ndarray], usable: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _least_squares(
+    target: np.ndarray, evidence: dict[str, np.ndarray], usable: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-landmark offsets (shrunk towards their mean) and shared weights minimising the squared
     residual of the log errors."""
     rows, cols = np.nonzero(usable)
@@ -214,9 +245,11 @@ def _least_squares(target: np.ndarray, evidence: dict[str, np.ndarray], usable: 
     pooled = float(np.mean(y))
     prior = np.zeros((count, design.shape[1]))
     prior[np.arange(count), np.arange(count)] = math.sqrt(BASE_PRIOR_IMAGES)
-    solution, *_ = np.linalg.lstsq(np.vstack([design, prior]),
-                                   np.concatenate([y, np.full(count, math.sqrt(BASE_PRIOR_IMAGES) * pooled)]),
-                                   rcond=None)
+    solution, *_ = np.linalg.lstsq(
+        np.vstack([design, prior]),
+        np.concatenate([y, np.full(count, math.sqrt(BASE_PRIOR_IMAGES) * pooled)]),
+        rcond=None,
+    )
     return solution[:count], solution[count:]
 
 
@@ -246,25 +279,36 @@ def flagging_scores(expected: np.ndarray, errors: np.ndarray, thresholds: dict[s
         thresholds: label -> error threshold in the model unit (points beyond it should be flagged).
     """
     both = np.isfinite(expected) & np.isfinite(errors)
-    result: dict[str, Any] = {"points": int(both.sum()),
-                              "mean_expected": float(np.mean(expected[both])) if both.any() else math.nan,
-                              "mean_measured": float(np.mean(errors[both])) if both.any() else math.nan,
-                              "auroc": {}}
+    result: dict[str, Any] = {
+        "points": int(both.sum()),
+        "mean_expected": float(np.mean(expected[both])) if both.any() else math.nan,
+        "mean_measured": float(np.mean(errors[both])) if both.any() else math.nan,
+        "auroc": {},
+    }
     for label, threshold in thresholds.items():
-        result["auroc"][label] = {"threshold": float(threshold), "points_beyond": int((errors[both] > threshold).sum()),
-                                  "auroc": auroc(expected[both], errors[both] > threshold)}
+        result["auroc"][label] = {
+            "threshold": float(threshold),
+            "points_beyond": int((errors[both] > threshold).sum()),
+            "auroc": auroc(expected[both], errors[both] > threshold),
+        }
     return result
 
 
-def cross_validated_expected(landmark_names: list[str], errors: np.ndarray, evidence: dict[str, np.ndarray],
-                             measures: tuple[str, ...], folds: int) -> np.ndarray:
+def cross_validated_expected(
+    landmark_names: list[str],
+    errors: np.ndarray,
+    evidence: dict[str, np.ndarray],
+    measures: tuple[str, ...],
+    folds: int,
+) -> np.ndarray:
     """(images, N) expected errors, each image's from a calibration fitted without it (images in
     `folds` interleaved groups): held-out figures from the validation images alone."""
     expected = np.full(errors.shape, np.nan)
     for fold in range(folds):
         held_out = np.arange(len(errors)) % folds == fold
-        calibration = fit_calibration(landmark_names, errors[~held_out],
-                                      {m: v[~held_out] for m, v in evidence.items()}, measures)
+        calibration = fit_calibration(
+            landmark_names, errors[~held_out], {m: v[~held_out] for m, v in evidence.items()}, measures
+        )
         for i in np.flatnonzero(held_out):
             expected[i] = calibration.expected_errors({m: v[i] for m, v in evidence.items()})
     return expected
@@ -291,8 +335,11 @@ class Measurements:
     expected: np.ndarray | None = None
 
 
-def measure(predictor: Any, cases: Iterable[tuple[str, sitk.Image, LandmarkSet]],
-            progress: Callable[[int, str], None] | None = None) -> Measurements:
+def measure(
+    predictor: Any,
+    cases: Iterable[tuple[str, sitk.Image, LandmarkSet]],
+    progress: Callable[[int, str], None] | None = None,
+) -> Measurements:
     """Detect on each (id, image, truth) case with every evidence measure on; truths in model order."""
     kept = predictor.evidence_measures
     predictor.evidence_measures = EVIDENCE
@@ -310,19 +357,33 @@ def measure(predictor: Any, cases: Iterable[tuple[str, sitk.Image, LandmarkSet]]
                 progress(number, str(image_id))
     finally:
         predictor.evidence_measures = kept
-    return Measurements(ids, np.array(errors), {m: np.array(v) for m, v in evidence.items()},
-                        None if predictor.calibration is None else np.array(expected))
+    return Measurements(
+        ids,
+        np.array(errors),
+        {m: np.array(v) for m, v in evidence.items()},
+        None if predictor.calibration is None else np.array(expected),
+    )
 
 
-def compare_evidence(names: list[str], measured: Measurements, thresholds: dict[str, float], folds: int
-                     ) -> dict[str, dict[str, Any]]:
+def compare_evidence(
+    names: list[str], measured: Measurements, thresholds: dict[str, float], folds: int
+) -> dict[str, dict[str, Any]]:
     """Held-out flagging scores (cross-validated by image) of calibrations using no evidence (a base
     per landmark only), each measure alone, the cheap measures and all of them."""
-    candidates = {"landmark base only": (), **{m: (m,) for m in EVIDENCE},
-                  "cheap (" + " + ".join(CHEAP_EVIDENCE) + ")": CHEAP_EVIDENCE, "all": EVIDENCE}
-    return {label: flagging_scores(cross_validated_expected(names, measured.errors, measured.evidence, measures,
-                                                            folds), measured.errors, thresholds)
-            for label, measures in candidates.items()}
+    candidates = {
+        "landmark base only": (),
+        **{m: (m,) for m in EVIDENCE},
+        "cheap (" + " + ".join(CHEAP_EVIDENCE) + ")": CHEAP_EVIDENCE,
+        "all": EVIDENCE,
+    }
+    return {
+        label: flagging_scores(
+            cross_validated_expected(names, measured.errors, measured.evidence, measures, folds),
+            measured.errors,
+            thresholds,
+        )
+        for label, measures in candidates.items()
+    }
 
 
 def calibrated_means(names: list[str], expected: np.ndarray, errors: np.ndarray) -> dict[str, dict[str, float]]:
@@ -330,13 +391,21 @@ def calibrated_means(names: list[str], expected: np.ndarray, errors: np.ndarray)
     result = {}
     for j, name in enumerate(names):
         both = np.isfinite(expected[:, j]) & np.isfinite(errors[:, j])
-        result[name] = {"expected": float(np.mean(expected[both, j])) if both.any() else math.nan,
-                        "measured": float(np.mean(errors[both, j])) if both.any() else math.nan}
+        result[name] = {
+            "expected": float(np.mean(expected[both, j])) if both.any() else math.nan,
+            "measured": float(np.mean(errors[both, j])) if both.any() else math.nan,
+        }
     return result
 
 
-def calibrate(predictor: Any, measured: Measurements, measures: tuple[str, ...], thresholds: dict[str, float],
-              folds: int, source: str) -> tuple[Calibration, dict[str, Any]]:
+def calibrate(
+    predictor: Any,
+    measured: Measurements,
+    measures: tuple[str, ...],
+    thresholds: dict[str, float],
+    folds: int,
+    source: str,
+) -> tuple[Calibration, dict[str, Any]]:
     """Fit the calibration on all measured images, after scoring it held out (cross-validated by image).
 
     Returns:
@@ -350,22 +419,30 @@ def calibrate(predictor: Any, measured: Measurements, measures: tuple[str, ...],
     held_out_expected = cross_validated_expected(names, measured.errors, measured.evidence, measures, folds)
     held_out = flagging_scores(held_out_expected, measured.errors, thresholds)
     held_out["per_landmark"] = calibrated_means(names, held_out_expected, measured.errors)
-    fitted_on = {"source": source, "images": len(measured.image_ids), "folds": folds,
-                 "thresholds": thresholds, "held_out": held_out}
+    fitted_on = {
+        "source": source,
+        "images": len(measured.image_ids),
+        "folds": folds,
+        "thresholds": thresholds,
+        "held_out": held_out,
+    }
     calibration = fit_calibration(names, measured.errors, measured.evidence, measures, fitted_on)
     return calibration, compare_evidence(names, measured, thresholds, folds)
 
 
-def dataset_cases(predictor: Any, dataset: str | Path, split: str
-                  ) -> tuple[int, Iterator[tuple[str, sitk.Image, LandmarkSet]]]:
+def dataset_cases(
+    predictor: Any, dataset: str | Path, split: str
+) -> tuple[int, Iterator[tuple[str, sitk.Image, LandmarkSet]]]:
     """The number of images of a dataset split and its (id, image, truth) cases, read one at a time."""
     from .data.spec import load_dataset_spec
     from .io.images import read_image
 
     spec = load_dataset_spec(dataset)
     if list(spec.landmark_names) != predictor.landmark_names:
-        raise DataError(f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's "
-                        f"{predictor.landmark_names}")
+        raise DataError(
+            f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's "
+            f"{predictor.landmark_names}"
+        )
     entries = spec.split(split)
     truths = spec.load_landmarks(entries)
     return len(entries), ((e.id, read_image(e.image, predictor.dimension), truths[e.id]) for e in entries)
@@ -379,8 +456,10 @@ def default_thresholds(unit: str, values: list[float] | None) -> dict[str, float
     """
     if not values:
         if unit != "mm":
-            raise DataError("give the error thresholds to flag points above (--flag-above, in px), e.g. twice and "
-                            "once the annotators' median disagreement")
+            raise DataError(
+                "give the error thresholds to flag points above (--flag-above, in px), e.g. twice and "
+                "once the annotators' median disagreement"
+            )
         values = [3.0]
     return {f"> {v:g} {unit}": float(v) for v in values}
 
@@ -394,16 +473,18 @@ class ImageReview:
     """One image's line of a batch's review summary."""
 
     image: str
-    flagged: int | None          # points expected to be worse than usual (None: model not calibrated)
+    flagged: int | None  # points expected to be worse than usual (None: model not calibrated)
     largest_expected_error: float  # NaN when not calibrated or nothing was found
 
 
 def review_summary(rows: Iterable[ImageReview]) -> list[ImageReview]:
     """Images to look at first come first: the largest expected error, then the most flagged points,
     then the image name; images without expected errors last."""
+
     def key(row: ImageReview) -> tuple:
         known = math.isfinite(row.largest_expected_error)
         return (not known, -row.largest_expected_error if known else 0.0, -(row.flagged or 0), row.image)
+
     return sorted(rows, key=key)
 
 
@@ -411,8 +492,9 @@ def image_review(image: str, landmarks: LandmarkSet, flagged: np.ndarray | None)
     """The review summary line of one image's prediction."""
     expected = landmarks.expected_errors
     finite = expected[np.isfinite(expected)] if expected is not None else np.empty(0)
-    return ImageReview(image, None if flagged is None else int(np.sum(flagged)),
-                       float(finite.max()) if finite.size else math.nan)
+    return ImageReview(
+        image, None if flagged is None else int(np.sum(flagged)), float(finite.max()) if finite.size else math.nan
+    )
 
 
 def write_review_summary(path: str | Path, rows: Iterable[ImageReview], unit: str) -> Path:
@@ -421,7 +503,12 @@ def write_review_summary(path: str | Path, rows: Iterable[ImageReview], unit: st
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}"])
     for row in review_summary(rows):
-        writer.writerow([row.image, "" if row.flagged is None else row.flagged,
-                         f"{row.largest_expected_error:.2f}" if math.isfinite(row.largest_expected_error) else ""])
+        writer.writerow(
+            [
+                row.image,
+                "" if row.flagged is None else row.flagged,
+                f"{row.largest_expected_error:.2f}" if math.isfinite(row.largest_expected_error) else "",
+            ]
+        )
     write_text_atomically(Path(path), stream.getvalue())
     return Path(path)

@@ -25,6 +25,7 @@ from .vocabulary import HeatmapKind, LandmarkStatus
 
 log = logging.getLogger("scn-landmarks")
 
+
 class UsageError(Exception):
     """Command-line arguments that do not go together."""
 
@@ -52,12 +53,16 @@ class TrainingProgress:
         done, total = info["iteration"], info["iterations"]
         width = 30
         filled = int(width * done / total)
-        line = (f"{info['stage']} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {info['loss']:.4f} "
-                f"sigma {info['mean_sigma']:.2f} ETA {_format_seconds(info['eta_s'])}")
+        line = (
+            f"{info['stage']} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {info['loss']:.4f} "
+            f"sigma {info['mean_sigma']:.2f} ETA {_format_seconds(info['eta_s'])}"
+        )
         validation = info.get("validation")
         if validation:
-            line += (f" | validation mean {validation['mean_error']:.2f} median {validation['median_error']:.2f}"
-                     f" missed {int(validation['missed'])}")
+            line += (
+                f" | validation mean {validation['mean_error']:.2f} median {validation['median_error']:.2f}"
+                f" missed {int(validation['missed'])}"
+            )
         now = time.monotonic()
         if self.interactive:
             self.stream.write("\r" + line + ("\n" if validation or done == total else ""))
@@ -138,13 +143,28 @@ def _train(args: argparse.Namespace) -> int:
         if args.out is None:
             raise UsageError("--dataset needs --out DIR")
         config = config_for_dataset(args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda")
-        print(f"configuration derived from the dataset: {Path(config.output_dir) / 'config.toml'} "
-              "(edit it and rerun with `scn-landmarks train` on it)", file=sys.stderr)
+        print(
+            f"configuration derived from the dataset: {Path(config.output_dir) / 'config.toml'} "
+            "(edit it and rerun with `scn-landmarks train` on it)",
+            file=sys.stderr,
+        )
     with _interruptible(args.stop_file) as cancel:
-        result = train(config, resume=args.resume, device=args.device, progress=_progress(args), cancel=cancel,
-                       time_budget_s=_minutes_to_seconds(args.minutes))
-    _result(args, {"model": str(result.model_path), "iterations": result.iterations,
-                   "best_validation_mean_error": result.best_validation_error})
+        result = train(
+            config,
+            resume=args.resume,
+            device=args.device,
+            progress=_progress(args),
+            cancel=cancel,
+            time_budget_s=_minutes_to_seconds(args.minutes),
+        )
+    _result(
+        args,
+        {
+            "model": str(result.model_path),
+            "iterations": result.iterations,
+            "best_validation_mean_error": result.best_validation_error,
+        },
+    )
     return 0
 
 
@@ -152,19 +172,34 @@ def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     with _interruptible(args.stop_file) as cancel:
-        result = finetune(args.base_model, args.dataset, args.out, minutes=args.minutes, iterations=args.iterations,
-                          device=args.device, progress=_progress(args), cancel=cancel, overwrite=args.overwrite)
+        result = finetune(
+            args.base_model,
+            args.dataset,
+            args.out,
+            minutes=args.minutes,
+            iterations=args.iterations,
+            device=args.device,
+            progress=_progress(args),
+            cancel=cancel,
+            overwrite=args.overwrite,
+        )
     unit = result.unit
     if result.cancelled:
         print("cancelled: the best model up to then is compared with the base", file=sys.stderr)
     if result.outcome == "kept base":
-        print(f"the new model is not better on the {len(result.held_aside)} held-aside cases "
-              f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
-              f"keeping the base model as {result.model_path}", file=sys.stderr)
+        print(
+            f"the new model is not better on the {len(result.held_aside)} held-aside cases "
+            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
+            f"keeping the base model as {result.model_path}",
+            file=sys.stderr,
+        )
     elif result.outcome == "improved":
-        print(f"the new model is better on the {len(result.held_aside)} held-aside cases "
-              f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
-              f"{result.model_path}", file=sys.stderr)
+        print(
+            f"the new model is better on the {len(result.held_aside)} held-aside cases "
+            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
+            f"{result.model_path}",
+            file=sys.stderr,
+        )
     elif result.outcome == "not validated":
         print(f"not validated: fewer than 5 cases, all used for training: {result.model_path}", file=sys.stderr)
     else:
@@ -175,10 +210,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     from .calibration import image_review, write_review_summary
+    from .errors import DataError
     from .inference import Predictor
     from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
-    from .errors import DataError
     from .io.paths import output_stems, refuse_existing
 
     predictor = Predictor.from_file(args.model, args.device)
@@ -193,12 +228,17 @@ def _detect(args: argparse.Namespace) -> int:
     heatmap_kinds = list(HeatmapKind) if args.heatmaps else []
     # Every file this run could write is checked before the first is: a clinician's corrected file in
     # the output folder is never replaced unless asked.
-    targets = [out / f"{stem}{name}" for stem in stems
-               for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]]
+    targets = [
+        out / f"{stem}{name}"
+        for stem in stems
+        for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]
+    ]
     review_summary = out / REVIEW_SUMMARY
     if any(target.name.casefold() == REVIEW_SUMMARY for target in targets):
-        raise DataError(f"{review_summary}: an image's landmark file would take the name of the review summary; "
-                        "choose another --format or rename that image")
+        raise DataError(
+            f"{review_summary}: an image's landmark file would take the name of the review summary; "
+            "choose another --format or rename that image"
+        )
     refuse_existing([*targets, review_summary], args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -216,11 +256,16 @@ def _detect(args: argparse.Namespace) -> int:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
         found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
         mirrored = " (found on the mirror image)" if prediction.mirrored else ""
-        print(f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} "
-              f"-> {target}", file=sys.stderr)
+        print(
+            f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} -> {target}",
+            file=sys.stderr,
+        )
     summary = write_review_summary(review_summary, reviews, unit)
-    print(f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
-          f"review order in {summary}", file=sys.stderr)
+    print(
+        f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
+        f"review order in {summary}",
+        file=sys.stderr,
+    )
     return 2 if failed else 0
 
 
@@ -234,11 +279,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, image_id: str) -> None:
         print(f"[{done}/{total}] {image_id}", file=sys.stderr)
 
-    metrics_path = evaluate_model(args.model, args.dataset, args.split, Path(args.out), device=args.device,
-                                  radii=tuple(args.radii) if args.radii else None, progress=progress)
+    metrics_path = evaluate_model(
+        args.model,
+        args.dataset,
+        args.split,
+        Path(args.out),
+        device=args.device,
+        radii=tuple(args.radii) if args.radii else None,
+        progress=progress,
+    )
     overall = json.loads(metrics_path.read_text())["overall"]
-    print(json.dumps({"metrics": str(metrics_path), "report": str(metrics_path.parent / "report.md"),
-                      "overall": overall}))
+    print(
+        json.dumps({"metrics": str(metrics_path), "report": str(metrics_path.parent / "report.md"), "overall": overall})
+    )
     return 0
 
 
@@ -273,11 +326,22 @@ def _calibrate(args: argparse.Namespace) -> int:
     total, cases = dataset_cases(predictor, args.dataset, args.split)
     thresholds = default_thresholds(predictor.description.unit, args.flag_above)
     measured = measure(predictor, cases, lambda done, image_id: print(f"[{done}/{total}] {image_id}", file=sys.stderr))
-    calibration, comparison = calibrate(predictor, measured, tuple(args.evidence), thresholds, args.folds,
-                                        f"{args.dataset} split {args.split}")
+    calibration, comparison = calibrate(
+        predictor, measured, tuple(args.evidence), thresholds, args.folds, f"{args.dataset} split {args.split}"
+    )
     save_description(args.model, out, dataclasses.replace(predictor.description, calibration=calibration))
-    print(json.dumps({"model": str(out), "evidence": list(calibration.evidence), "weights": list(calibration.weights),
-                      "held_out": calibration.fitted_on["held_out"], "evidence_compared": comparison}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": str(out),
+                "evidence": list(calibration.evidence),
+                "weights": list(calibration.weights),
+                "held_out": calibration.fitted_on["held_out"],
+                "evidence_compared": comparison,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -292,14 +356,17 @@ def _dataset_init(args: argparse.Namespace) -> int:
     from .data.dataset_init import init_dataset, read_names_file
 
     names = read_names_file(args.names) if args.names else None
-    summary = init_dataset(args.images, args.landmarks, args.out, args.format, names, args.csv_coordinates,
-                           args.overwrite)
+    summary = init_dataset(
+        args.images, args.landmarks, args.out, args.format, names, args.csv_coordinates, args.overwrite
+    )
     print("\n".join(summary.lines()))
     return 0
 
 
-PROGRESS_JSON_HELP = ("print progress as JSON lines on stdout ({\"event\": \"progress\", ...}; the last line "
-                      "{\"event\": \"result\", ...}), for programs that run training")
+PROGRESS_JSON_HELP = (
+    'print progress as JSON lines on stdout ({"event": "progress", ...}; the last line '
+    '{"event": "result", ...}), for programs that run training'
+)
 
 
 STOP_FILE_HELP = "stop cleanly, as on Ctrl-C, when this file appears (for programs that run training)"
@@ -312,8 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a configuration TOML, or from a dataset alone")
     train.add_argument("config", nargs="?", help="training configuration (.toml)")
-    train.add_argument("--dataset", help="instead of a configuration: a dataset spec or training folder; the "
-                       "configuration is derived from its images and written to DIR/config.toml")
+    train.add_argument(
+        "--dataset",
+        help="instead of a configuration: a dataset spec or training folder; the "
+        "configuration is derived from its images and written to DIR/config.toml",
+    )
     train.add_argument("--out", help="output folder (with --dataset)")
     train.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model so far")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
@@ -357,41 +427,61 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = commands.add_parser("dataset", help="build and check dataset specs")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
     check = dataset_commands.add_parser(
-        "check", help="find duplicate images, points outside images, misplaced or swapped labels, "
-                      "inconsistent spacing (exit status 1 when anything is found)")
+        "check",
+        help="find duplicate images, points outside images, misplaced or swapped labels, "
+        "inconsistent spacing (exit status 1 when anything is found)",
+    )
     check.add_argument("spec", help="dataset spec (.toml)")
     check.add_argument("--json", action="store_true", help="print the findings as a JSON list")
     check.set_defaults(run=_dataset_check)
 
     init = dataset_commands.add_parser("init", help="write a dataset spec pairing images with landmark files by stem")
     init.add_argument("--images", required=True, help="folder of images")
-    init.add_argument("--landmarks", required=True,
-                      help="folder of per-image landmark files, or one table (.csv) for all images")
+    init.add_argument(
+        "--landmarks", required=True, help="folder of per-image landmark files, or one table (.csv) for all images"
+    )
     # No argparse choices: the format names live with the readers, which are too heavy to import here.
-    init.add_argument("--format", default="auto",
-                      help="auto (from suffix and content), mrk.json, fcsv, csv, labelme, isbi or wide-csv")
-    init.add_argument("--names", help="text file of landmark names, one a line, in model order "
-                                      "(default: the names in the files)")
-    init.add_argument("--csv-coordinates", choices=("index", "physical"),
-                      help="a table's coordinates (default: index for wide-csv, physical for csv)")
+    init.add_argument(
+        "--format",
+        default="auto",
+        help="auto (from suffix and content), mrk.json, fcsv, csv, labelme, isbi or wide-csv",
+    )
+    init.add_argument(
+        "--names", help="text file of landmark names, one a line, in model order (default: the names in the files)"
+    )
+    init.add_argument(
+        "--csv-coordinates",
+        choices=("index", "physical"),
+        help="a table's coordinates (default: index for wide-csv, physical for csv)",
+    )
     init.add_argument("--out", required=True, help="dataset spec to write (.toml)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     init.set_defaults(run=_dataset_init)
 
-    calibrate = commands.add_parser("calibrate", help="fit a model's expected error per landmark on a dataset split "
-                                    "and write the model with it")
+    calibrate = commands.add_parser(
+        "calibrate", help="fit a model's expected error per landmark on a dataset split and write the model with it"
+    )
     calibrate.add_argument("model")
     calibrate.add_argument("dataset", help="dataset spec (.toml)")
     calibrate.add_argument("--split", default="validation")
     calibrate.add_argument("--out", required=True, help="calibrated model file to write")
     calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    calibrate.add_argument("--evidence", nargs="+", default=["peak", "width", "refinement_shift"],
-                           help="evidence measures to use: peak, width, refinement_shift, shift_spread (costs "
-                           "two more network passes per detection)")
-    calibrate.add_argument("--flag-above", type=float, nargs="+",
-                           help="error thresholds (model unit) whose flagging AUROC is reported; default 3 mm")
-    calibrate.add_argument("--folds", type=int, default=5, help="cross-validation folds (by image) for the "
-                           "held-out figures")
+    calibrate.add_argument(
+        "--evidence",
+        nargs="+",
+        default=["peak", "width", "refinement_shift"],
+        help="evidence measures to use: peak, width, refinement_shift, shift_spread (costs "
+        "two more network passes per detection)",
+    )
+    calibrate.add_argument(
+        "--flag-above",
+        type=float,
+        nargs="+",
+        help="error thresholds (model unit) whose flagging AUROC is reported; default 3 mm",
+    )
+    calibrate.add_argument(
+        "--folds", type=int, default=5, help="cross-validation folds (by image) for the held-out figures"
+    )
     calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     calibrate.set_defaults(run=_calibrate)
 

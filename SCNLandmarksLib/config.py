@@ -34,20 +34,20 @@ class GridConfig:
 class AugmentationConfig:
     """Random physical transform and intensity changes applied to each training sample (MIA 2019, Sec. 3)."""
 
-    translation: float = 20.0          # uniform +- per axis, mm
-    rotation_deg: float = 15.0         # uniform +- (2D: in plane; 3D: about each axis)
-    scale: float = 0.15                # uniform +- relative isotropic scaling
-    scale_per_axis: float = 0.05       # uniform +- extra relative scaling per axis
-    flip_axis: int | None = None       # physical axis to mirror (0 = x, left/right), None = never
+    translation: float = 20.0  # uniform +- per axis, mm
+    rotation_deg: float = 15.0  # uniform +- (2D: in plane; 3D: about each axis)
+    scale: float = 0.15  # uniform +- relative isotropic scaling
+    scale_per_axis: float = 0.05  # uniform +- extra relative scaling per axis
+    flip_axis: int | None = None  # physical axis to mirror (0 = x, left/right), None = never
     flip_probability: float = 0.0
     flip_pairs: tuple[tuple[str, str], ...] = ()  # landmark names swapped by the mirror (e.g. left/right)
-    elastic_mm: float = 0.0            # std of the smooth random displacement, mm
+    elastic_mm: float = 0.0  # std of the smooth random displacement, mm
     elastic_control_spacing_mm: float = 50.0
-    intensity_shift: float = 0.1       # +- added to normalised intensities
-    intensity_scale: float = 0.15      # +- relative contrast change
-    gamma_log: float = 0.0             # gamma = exp(U(-g, g)) on [0, 1]-mapped intensities
-    noise_std: float = 0.0             # Gaussian noise in normalised units
-    bias_field_log: float = 0.0        # std of a smooth multiplicative log-field (MR bias), 0 = off
+    intensity_shift: float = 0.1  # +- added to normalised intensities
+    intensity_scale: float = 0.15  # +- relative contrast change
+    gamma_log: float = 0.0  # gamma = exp(U(-g, g)) on [0, 1]-mapped intensities
+    noise_std: float = 0.0  # Gaussian noise in normalised units
+    bias_field_log: float = 0.0  # std of a smooth multiplicative log-field (MR bias), 0 = off
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class HeatmapConfig:
     def resolved_gamma(self, dimension: int) -> float:
         if self.gamma is not None:
             return self.gamma
-        return (2.0 * math.pi) ** (dimension / 2.0) * self.sigma_init ** dimension
+        return (2.0 * math.pi) ** (dimension / 2.0) * self.sigma_init**dimension
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,17 @@ class TrainingConfig:
 
     iterations: int = 20000
     batch_size: int = 1
-    optimizer: str = "adam"            # adam | adamw | sgd (Nesterov)
+    optimizer: str = "adam"  # adam | adamw | sgd (Nesterov)
     learning_rate: float = 1e-4
     sigma_learning_rate: float = 1e-3  # on log(sigma); faster sigmas grow before the net learns anything
     momentum: float = 0.99
     weight_decay: float = 0.0
-    schedule: str = "cosine"           # cosine | step | constant
-    step_every: int = 10000            # for schedule = step: lr *= 0.1 every this many iterations
+    schedule: str = "cosine"  # cosine | step | constant
+    step_every: int = 10000  # for schedule = step: lr *= 0.1 every this many iterations
     validate_every: int = 1000
     checkpoint_every: int = 200
     seed: int = 0
-    mixed_precision: bool = True       # bfloat16 autocast, on CUDA only
+    mixed_precision: bool = True  # bfloat16 autocast, on CUDA only
     gradient_clip: float = 100.0
 
 
@@ -125,7 +125,7 @@ class TrainingConfig:
 class InferenceConfig:
     """Decoding settings stored in the model file."""
 
-    missing_below: float = 0.1         # confidence under which a landmark is reported missing
+    missing_below: float = 0.1  # confidence under which a landmark is reported missing
     low_confidence_below: float = 0.5
     max_grid_voxels: int = 48_000_000  # larger grids are processed in overlapping tiles
     # Physical axis along which images may arrive mirrored (0 = x: left- or right-facing X-rays,
@@ -194,8 +194,13 @@ class Config:
 
 
 _SECTIONS = {
-    "grid": GridConfig, "augmentation": AugmentationConfig, "intensity": IntensityConfig,
-    "heatmap": HeatmapConfig, "model": ModelConfig, "training": TrainingConfig, "inference": InferenceConfig,
+    "grid": GridConfig,
+    "augmentation": AugmentationConfig,
+    "intensity": IntensityConfig,
+    "heatmap": HeatmapConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "inference": InferenceConfig,
 }
 
 
@@ -218,8 +223,11 @@ def _build(cls, values: dict[str, Any], where: str):
 def _refinement(values: dict[str, Any], where: str) -> RefinementConfig:
     if "grid" not in values:
         raise DataError(f"{where}: missing required section [refinement.grid] (patch size and spacing)")
-    nested = {name: _build(_SECTIONS[name], values.pop(name), f"{where[:-1]}.{name}]")
-              for name in ("grid", "heatmap", "model", "training", "augmentation") if name in values}
+    nested = {
+        name: _build(_SECTIONS[name], values.pop(name), f"{where[:-1]}.{name}]")
+        for name in ("grid", "heatmap", "model", "training", "augmentation")
+        if name in values
+    }
     if "model" not in nested:
         nested["model"] = ModelConfig(architecture="unet")
     return _build(RefinementConfig, {**values, **nested}, where)
@@ -252,13 +260,17 @@ def validate(config: Config, where: str = "config") -> None:
     """Raise DataError for settings that cannot work."""
     grid = config.grid
     if len(grid.size) not in (2, 3) or len(grid.spacing) != len(grid.size):
-        raise DataError(f"{where} [grid]: size and spacing need 2 or 3 matching entries, "
-                        f"got size {grid.size}, spacing {grid.spacing}")
+        raise DataError(
+            f"{where} [grid]: size and spacing need 2 or 3 matching entries, "
+            f"got size {grid.size}, spacing {grid.spacing}"
+        )
     if min(grid.size) < 4 or min(grid.spacing) <= 0:
         raise DataError(f"{where} [grid]: size must be >= 4 and spacing > 0")
-    choices = {"training.optimizer": (config.training.optimizer, ("adam", "adamw", "sgd")),
-               "training.schedule": (config.training.schedule, ("cosine", "step", "constant")),
-               "intensity.normalization": (config.intensity.normalization, ("percentile", "zscore", "window"))}
+    choices = {
+        "training.optimizer": (config.training.optimizer, ("adam", "adamw", "sgd")),
+        "training.schedule": (config.training.schedule, ("cosine", "step", "constant")),
+        "intensity.normalization": (config.intensity.normalization, ("percentile", "zscore", "window")),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DataError(f"{where}: {key} = {value!r}; choose one of {allowed}")
@@ -271,18 +283,26 @@ def validate(config: Config, where: str = "config") -> None:
         if len(refinement.grid.size) != config.dimension or len(refinement.grid.spacing) != config.dimension:
             raise DataError(f"{where} [refinement.grid]: size and spacing need {config.dimension} entries")
         if refinement.model.architecture == "scn":
-            raise DataError(f"{where} [refinement.model]: the refinement works on small patches: use 'unet', "
-                            "'downsampling' or 'convonly'")
-    for section, name, axis in (("augmentation", "flip_axis", config.augmentation.flip_axis),
-                                ("inference", "mirror_axis", config.inference.mirror_axis)):
+            raise DataError(
+                f"{where} [refinement.model]: the refinement works on small patches: use 'unet', "
+                "'downsampling' or 'convonly'"
+            )
+    for section, name, axis in (
+        ("augmentation", "flip_axis", config.augmentation.flip_axis),
+        ("inference", "mirror_axis", config.inference.mirror_axis),
+    ):
         if axis is not None and not 0 <= axis < config.dimension:
             raise DataError(f"{where} [{section}]: {name} {axis} outside 0..{config.dimension - 1}")
     if not 0.0 <= config.inference.mirror_pass_below <= 1.0:
-        raise DataError(f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
-                        "outside 0..1 (it is a mean confidence)")
+        raise DataError(
+            f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
+            "outside 0..1 (it is a mean confidence)"
+        )
     if config.inference.mirror_axis is not None and config.augmentation.flip_pairs:
-        raise DataError(f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
-                        "([augmentation] flip_pairs): the mirror pass could swap the sides")
+        raise DataError(
+            f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
+            "([augmentation] flip_pairs): the mirror pass could swap the sides"
+        )
 
 
 def load_config(path: str | Path) -> Config:
@@ -293,10 +313,14 @@ def load_config(path: str | Path) -> Config:
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """Plain dict (TOML/JSON-ready; None values dropped, paths as strings)."""
+
     def plain(value):
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                    if getattr(value, f.name) is not None}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None
+            }
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
@@ -304,6 +328,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         if isinstance(value, Path):
             return str(value)
         return value
+
     return plain(config)
 
 

@@ -56,13 +56,14 @@ class Statistics:
         return self.count + self.missed
 
     @classmethod
-    def of(cls, errors: np.ndarray, missed: int, radii: tuple[float, ...], outlier_radius: float) -> "Statistics":
+    def of(cls, errors: np.ndarray, missed: int, radii: tuple[float, ...], outlier_radius: float) -> Statistics:
         e = np.asarray(errors, dtype=np.float64).ravel()
         e = e[np.isfinite(e)]
         total = e.size + int(missed)
         nan = float("nan")
         return cls(
-            count=int(e.size), missed=int(missed),
+            count=int(e.size),
+            missed=int(missed),
             mean=float(e.mean()) if e.size else nan,
             sd=float(e.std()) if e.size else nan,
             median=float(np.median(e)) if e.size else nan,
@@ -72,9 +73,16 @@ class Statistics:
         )
 
     def to_json(self) -> dict:
-        return {"count": self.count, "missed": self.missed, "mean": self.mean, "sd": self.sd,
-                "median": self.median, "max": self.max,
-                "sdr": {_radius_key(r): v for r, v in self.sdr.items()}, "outliers": self.outliers}
+        return {
+            "count": self.count,
+            "missed": self.missed,
+            "mean": self.mean,
+            "sd": self.sd,
+            "median": self.median,
+            "max": self.max,
+            "sdr": {_radius_key(r): v for r, v in self.sdr.items()},
+            "outliers": self.outliers,
+        }
 
 
 @dataclass
@@ -89,8 +97,14 @@ class ImageRow:
     errors: dict[str, float]
 
     def to_json(self) -> dict:
-        return {"image": self.image_id, "count": self.count, "missed": list(self.missed),
-                "mean": self.mean, "max": self.max, "errors": dict(self.errors)}
+        return {
+            "image": self.image_id,
+            "count": self.count,
+            "missed": list(self.missed),
+            "mean": self.mean,
+            "max": self.max,
+            "errors": dict(self.errors),
+        }
 
 
 @dataclass
@@ -122,29 +136,33 @@ class EvaluationResult:
 
     def worst_images(self, n: int = WORST_IMAGES_SHOWN) -> list[ImageRow]:
         """The n worst images: most missed landmarks first, then highest mean error (no detections first)."""
+
         def key(row: ImageRow):
             mean = math.inf if not np.isfinite(row.mean) else row.mean
             return (-len(row.missed), -mean)
+
         return sorted(self.per_image, key=key)[:n]
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict; NaN values become None (null)."""
-        return _nan_to_none({
-            "unit": self.unit,
-            "radii": list(self.radii),
-            "outlier_radius": self.outlier_radius,
-            "landmark_names": list(self.landmark_names),
-            "overall": self.overall.to_json(),
-            "per_landmark": {n: self.per_landmark[n].to_json() for n in self.landmark_names},
-            "per_image": [row.to_json() for row in self.per_image],
-            "images_without_prediction": list(self.images_without_prediction),
-            "images_without_truth": list(self.images_without_truth),
-            "inference_modes": list(self.inference_modes),
-            "expected_error": self.expected_error,
-        })
+        return _nan_to_none(
+            {
+                "unit": self.unit,
+                "radii": list(self.radii),
+                "outlier_radius": self.outlier_radius,
+                "landmark_names": list(self.landmark_names),
+                "overall": self.overall.to_json(),
+                "per_landmark": {n: self.per_landmark[n].to_json() for n in self.landmark_names},
+                "per_image": [row.to_json() for row in self.per_image],
+                "images_without_prediction": list(self.images_without_prediction),
+                "images_without_truth": list(self.images_without_truth),
+                "inference_modes": list(self.inference_modes),
+                "expected_error": self.expected_error,
+            }
+        )
 
     @classmethod
-    def from_json(cls, data: dict) -> "EvaluationResult":
+    def from_json(cls, data: dict) -> EvaluationResult:
         """Rebuild a result from `to_json()` output (statistics are recomputed from the errors)."""
         names = list(data["landmark_names"])
         rows = data["per_image"]
@@ -155,9 +173,17 @@ class EvaluationResult:
                 v = row["errors"].get(n)
                 errors[i, j] = np.nan if v is None else float(v)
                 missed[i, j] = n in row["missed"]
-        result = _build(data["unit"], tuple(float(r) for r in data["radii"]), float(data["outlier_radius"]),
-                        names, [row["image"] for row in rows], errors, missed,
-                        list(data.get("images_without_prediction", [])), list(data.get("images_without_truth", [])))
+        result = _build(
+            data["unit"],
+            tuple(float(r) for r in data["radii"]),
+            float(data["outlier_radius"]),
+            names,
+            [row["image"] for row in rows],
+            errors,
+            missed,
+            list(data.get("images_without_prediction", [])),
+            list(data.get("images_without_truth", [])),
+        )
         result.inference_modes = list(data.get("inference_modes", []))
         result.expected_error = dict(data.get("expected_error") or {})
         return result
@@ -165,12 +191,24 @@ class EvaluationResult:
     def mode_row(self, mode: str, seconds_per_image: float) -> dict:
         """This result's summary as an `inference_modes` row."""
         o = self.overall
-        return {"mode": mode, "mean": o.mean, "median": o.median, "max": o.max, "missed": o.missed,
-                "sdr": {_radius_key(r): v for r, v in o.sdr.items()}, "seconds_per_image": seconds_per_image}
+        return {
+            "mode": mode,
+            "mean": o.mean,
+            "median": o.median,
+            "max": o.max,
+            "missed": o.missed,
+            "sdr": {_radius_key(r): v for r, v in o.sdr.items()},
+            "seconds_per_image": seconds_per_image,
+        }
 
 
-def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet], unit: str = "mm",
-             radii: tuple[float, ...] | None = None, outlier_radius: float | None = None) -> EvaluationResult:
+def evaluate(
+    predictions: dict[str, LandmarkSet],
+    truths: dict[str, LandmarkSet],
+    unit: str = "mm",
+    radii: tuple[float, ...] | None = None,
+    outlier_radius: float | None = None,
+) -> EvaluationResult:
     """Compare predicted with true landmarks, image by image and name by name.
 
     Args:
@@ -201,8 +239,9 @@ def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet]
     if not truths:
         raise DataError("no ground truth to evaluate against")
     if predictions and not set(predictions) & set(truths):
-        raise DataError(f"no image id is common to predictions ({sorted(predictions)[:5]}...) "
-                        f"and truths ({sorted(truths)[:5]}...)")
+        raise DataError(
+            f"no image id is common to predictions ({sorted(predictions)[:5]}...) and truths ({sorted(truths)[:5]}...)"
+        )
 
     names: list[str] = []
     for t in truths.values():
@@ -219,8 +258,9 @@ def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet]
         if image_id in predictions:
             unknown = [n for n in predictions[image_id].names if n not in names]
             if unknown:
-                raise DataError(f"image {image_id!r}: predicted landmarks {unknown} are not in the "
-                                f"ground truth names {names}")
+                raise DataError(
+                    f"image {image_id!r}: predicted landmarks {unknown} are not in the ground truth names {names}"
+                )
             pred = predictions[image_id].reordered(names)
         else:
             pred = LandmarkSet(names, np.full_like(truth.points_lps, np.nan))
@@ -228,26 +268,53 @@ def evaluate(predictions: dict[str, LandmarkSet], truths: dict[str, LandmarkSet]
         detected = evaluated & pred.present
         errors[i, detected] = np.linalg.norm(pred.points_lps[detected] - truth.points_lps[detected], axis=1)
         missed[i] = evaluated & ~pred.present
-    return _build(unit, radii, outlier_radius, names, image_ids, errors, missed,
-                  [str(k) for k in truths if k not in predictions],
-                  [str(k) for k in predictions if k not in truths])
+    return _build(
+        unit,
+        radii,
+        outlier_radius,
+        names,
+        image_ids,
+        errors,
+        missed,
+        [str(k) for k in truths if k not in predictions],
+        [str(k) for k in predictions if k not in truths],
+    )
 
 
-def _build(unit, radii, outlier_radius, names, image_ids, errors, missed,
-           without_prediction, without_truth) -> EvaluationResult:
-    per_landmark = {n: Statistics.of(errors[:, j], int(missed[:, j].sum()), radii, outlier_radius)
-                    for j, n in enumerate(names)}
+def _build(
+    unit, radii, outlier_radius, names, image_ids, errors, missed, without_prediction, without_truth
+) -> EvaluationResult:
+    per_landmark = {
+        n: Statistics.of(errors[:, j], int(missed[:, j].sum()), radii, outlier_radius) for j, n in enumerate(names)
+    }
     overall = Statistics.of(errors, int(missed.sum()), radii, outlier_radius)
     rows = []
     for i, image_id in enumerate(image_ids):
         e = errors[i][np.isfinite(errors[i])]
-        rows.append(ImageRow(image_id, int(e.size), [n for j, n in enumerate(names) if missed[i, j]],
-                             float(e.mean()) if e.size else float("nan"),
-                             float(e.max()) if e.size else float("nan"),
-                             {n: float(errors[i, j]) for j, n in enumerate(names)}))
-    return EvaluationResult(unit, tuple(radii), float(outlier_radius), list(names), list(image_ids),
-                            errors, missed, overall, per_landmark, rows,
-                            list(without_prediction), list(without_truth))
+        rows.append(
+            ImageRow(
+                image_id,
+                int(e.size),
+                [n for j, n in enumerate(names) if missed[i, j]],
+                float(e.mean()) if e.size else float("nan"),
+                float(e.max()) if e.size else float("nan"),
+                {n: float(errors[i, j]) for j, n in enumerate(names)},
+            )
+        )
+    return EvaluationResult(
+        unit,
+        tuple(radii),
+        float(outlier_radius),
+        list(names),
+        list(image_ids),
+        errors,
+        missed,
+        overall,
+        per_landmark,
+        rows,
+        list(without_prediction),
+        list(without_truth),
+    )
 
 
 # --- JSON --------------------------------------------------------------------------------------
@@ -296,8 +363,7 @@ def _cell(text: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines + [""]
 
@@ -360,9 +426,12 @@ def write_plots(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def write_report(result: EvaluationResult, out_dir: str | Path,
-                 overlays: list[tuple[str, Any, LandmarkSet, LandmarkSet]] | None = None,
-                 inference: InferenceConfig = InferenceConfig()) -> Path:
+def write_report(
+    result: EvaluationResult,
+    out_dir: str | Path,
+    overlays: list[tuple[str, Any, LandmarkSet, LandmarkSet]] | None = None,
+    inference: InferenceConfig = InferenceConfig(),
+) -> Path:
     """Write out_dir/report.md (summary, per-landmark, SDR and worst-image tables), plus plots when
     matplotlib is available and overlays of the given cases.
 
@@ -396,20 +465,33 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     ] + [[f"SDR ≤ {r:g} {u}", _pct(o.sdr[r])] for r in radii]
     lines += _table(["Metric", "Value"], summary)
     if result.images_without_prediction:
-        lines += [f"Images without prediction (all landmarks missed): "
-                  f"{', '.join(result.images_without_prediction)}", ""]
+        lines += [
+            f"Images without prediction (all landmarks missed): {', '.join(result.images_without_prediction)}",
+            "",
+        ]
     if result.images_without_truth:
         lines += [f"Predictions without ground truth (ignored): {', '.join(result.images_without_truth)}", ""]
 
     if result.inference_modes:
-        lines += ["## Inference modes", "",
-                  "The same model on the same images, run with and without its refinement stage "
-                  "(time: detection per image, image already read).", ""]
-        rows = [[m["mode"], _fmt(m["mean"]), _fmt(m["median"]), _fmt(m["max"]), str(m["missed"])]
-                + [_pct(m["sdr"][_radius_key(r)]) for r in radii] + [_fmt(m["seconds_per_image"], 3)]
-                for m in result.inference_modes]
-        lines += _table(["Mode", f"mean ({u})", f"median ({u})", f"max ({u})", "missed"]
-                        + [f"SDR ≤ {r:g} {u}" for r in radii] + ["s / image"], rows)
+        lines += [
+            "## Inference modes",
+            "",
+            "The same model on the same images, run with and without its refinement stage "
+            "(time: detection per image, image already read).",
+            "",
+        ]
+        rows = [
+            [m["mode"], _fmt(m["mean"]), _fmt(m["median"]), _fmt(m["max"]), str(m["missed"])]
+            + [_pct(m["sdr"][_radius_key(r)]) for r in radii]
+            + [_fmt(m["seconds_per_image"], 3)]
+            for m in result.inference_modes
+        ]
+        lines += _table(
+            ["Mode", f"mean ({u})", f"median ({u})", f"max ({u})", "missed"]
+            + [f"SDR ≤ {r:g} {u}" for r in radii]
+            + ["s / image"],
+            rows,
+        )
 
     if result.expected_error:
         lines += _expected_error_section(result, out_dir)
@@ -418,15 +500,32 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     rows = []
     for n in result.landmark_names:
         s = result.per_landmark[n]
-        rows.append([n, str(s.count), str(s.missed), _fmt(s.mean), _fmt(s.sd), _fmt(s.median),
-                     _fmt(s.max), str(s.outliers)])
-    rows.append(["**all**", str(o.count), str(o.missed), _fmt(o.mean), _fmt(o.sd), _fmt(o.median),
-                 _fmt(o.max), str(o.outliers)])
-    lines += _table(["Landmark", "n", "missed", f"mean ({u})", f"sd ({u})", f"median ({u})",
-                     f"max ({u})", f"outliers > {result.outlier_radius:g}"], rows)
+        rows.append(
+            [n, str(s.count), str(s.missed), _fmt(s.mean), _fmt(s.sd), _fmt(s.median), _fmt(s.max), str(s.outliers)]
+        )
+    rows.append(
+        ["**all**", str(o.count), str(o.missed), _fmt(o.mean), _fmt(o.sd), _fmt(o.median), _fmt(o.max), str(o.outliers)]
+    )
+    lines += _table(
+        [
+            "Landmark",
+            "n",
+            "missed",
+            f"mean ({u})",
+            f"sd ({u})",
+            f"median ({u})",
+            f"max ({u})",
+            f"outliers > {result.outlier_radius:g}",
+        ],
+        rows,
+    )
 
-    lines += ["## Success detection rates", "",
-              "Fraction of the evaluated landmarks (missed ones count as failures) within each radius.", ""]
+    lines += [
+        "## Success detection rates",
+        "",
+        "Fraction of the evaluated landmarks (missed ones count as failures) within each radius.",
+        "",
+    ]
     rows = [[n] + [_pct(result.per_landmark[n].sdr[r]) for r in radii] for n in result.landmark_names]
     rows.append(["**all**"] + [_pct(o.sdr[r]) for r in radii])
     lines += _table(["Landmark"] + [f"≤ {r:g} {u}" for r in radii], rows)
@@ -436,8 +535,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     for row in result.worst_images():
         finite = {n: e for n, e in row.errors.items() if np.isfinite(e)}
         worst = max(finite, key=lambda name: finite[name]) if finite else ""
-        rows.append([row.image_id, _fmt(row.mean), _fmt(row.max), worst, str(row.count),
-                     ", ".join(row.missed) or "-"])
+        rows.append([row.image_id, _fmt(row.mean), _fmt(row.max), worst, str(row.count), ", ".join(row.missed) or "-"])
     lines += _table(["Image", f"mean ({u})", f"max ({u})", "worst landmark", "detected", "missed"], rows)
 
     lines += ["## Plots", ""]
@@ -451,11 +549,15 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
     if overlays:
         from .overlay import render_landmarks_png
 
-        lines += ["## Worst cases", "",
-                  f"Predictions as filled discs (green: detected, orange: low confidence, below "
-                  f"{inference.low_confidence_below:g}; red: below the missing threshold "
-                  f"{inference.missing_below:g}; magenta: unknown), ground truth as cyan rings joined by a "
-                  "white line.", ""]
+        lines += [
+            "## Worst cases",
+            "",
+            f"Predictions as filled discs (green: detected, orange: low confidence, below "
+            f"{inference.low_confidence_below:g}; red: below the missing threshold "
+            f"{inference.missing_below:g}; magenta: unknown), ground truth as cyan rings joined by a "
+            "white line.",
+            "",
+        ]
         used: set[str] = set()
         for image_id, image, prediction, truth in overlays:
             stem = safe_filename(str(image_id), "image")
@@ -478,12 +580,18 @@ def write_report(result: EvaluationResult, out_dir: str | Path,
 def _expected_error_section(result: EvaluationResult, out_dir: Path) -> list[str]:
     """Report lines: how well the calibrated expected errors flag bad points, and the calibration plot."""
     u, scores = result.unit, result.expected_error
-    lines = ["## Expected error", "",
-             "How well ranking points by the model's expected error flags those whose measured error exceeds "
-             f"a threshold (AUROC; 0.5 = chance), and mean expected against mean measured error ({scores['points']} "
-             "points).", ""]
-    lines += _table(["Flag points", "points beyond", "AUROC"],
-                    [[label, str(v["points_beyond"]), _fmt(v["auroc"], 3)] for label, v in scores["auroc"].items()])
+    lines = [
+        "## Expected error",
+        "",
+        "How well ranking points by the model's expected error flags those whose measured error exceeds "
+        f"a threshold (AUROC; 0.5 = chance), and mean expected against mean measured error ({scores['points']} "
+        "points).",
+        "",
+    ]
+    lines += _table(
+        ["Flag points", "points beyond", "AUROC"],
+        [[label, str(v["points_beyond"]), _fmt(v["auroc"], 3)] for label, v in scores["auroc"].items()],
+    )
     rows = [[n, _fmt(v["expected"]), _fmt(v["measured"])] for n, v in scores["per_landmark"].items()]
     rows.append(["**all**", _fmt(scores["mean_expected"]), _fmt(scores["mean_measured"])])
     lines += _table(["Landmark", f"mean expected ({u})", f"mean measured ({u})"], rows)
@@ -507,8 +615,13 @@ def _calibration_plot(expected: np.ndarray, errors: np.ndarray, unit: str, out_d
     ax.scatter(x, y, s=8, alpha=0.4, label="points")
     if x.size:
         bins = np.array_split(np.argsort(x), min(10, x.size))
-        ax.plot([x[b].mean() for b in bins], [y[b].mean() for b in bins], "o-", color="C3",
-                label="mean per expected-error decile")
+        ax.plot(
+            [x[b].mean() for b in bins],
+            [y[b].mean() for b in bins],
+            "o-",
+            color="C3",
+            label="mean per expected-error decile",
+        )
         upper = float(max(x.max(), np.percentile(y, 99))) * 1.05
         ax.plot([0, upper], [0, upper], color="0.5", ls="--", lw=0.8, label="expected = measured")
         ax.set_xlim(0, upper)
@@ -526,9 +639,15 @@ def _calibration_plot(expected: np.ndarray, errors: np.ndarray, unit: str, out_d
 DEFAULT_RADII_PX: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
 
 
-def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_dir: str | Path,
-                   device: str = "auto", radii: tuple[float, ...] | None = None,
-                   progress: Any = None) -> Path:
+def evaluate_model(
+    model_path: str | Path,
+    dataset: str | Path,
+    split: str,
+    out_dir: str | Path,
+    device: str = "auto",
+    radii: tuple[float, ...] | None = None,
+    progress: Any = None,
+) -> Path:
     """Run a model on one split of a dataset spec and write metrics.json, report.md, plots, overlays.
 
     Args:
@@ -567,23 +686,35 @@ def evaluate_model(model_path: str | Path, dataset: str | Path, split: str, out_
     result = evaluate(predictions[True], truths, unit=unit, radii=radii)
     if predictor.refinement is not None:
         single = evaluate(predictions[False], truths, unit=unit, radii=radii)
-        result.inference_modes = [result.mode_row("coarse-to-fine (as detect runs it)", seconds[True] / len(entries)),
-                                  single.mode_row("single resolution (coarse SCN alone)",
-                                                  seconds[False] / len(entries))]
+        result.inference_modes = [
+            result.mode_row("coarse-to-fine (as detect runs it)", seconds[True] / len(entries)),
+            single.mode_row("single resolution (coarse SCN alone)", seconds[False] / len(entries)),
+        ]
     calibration = predictor.calibration
     if calibration is not None:
         from .calibration import calibrated_means, default_thresholds, flagging_scores
 
         thresholds = calibration.fitted_on.get("thresholds") or default_thresholds(
-            unit, None if unit == "mm" else [radii[-1]])
-        expected = np.array([predictions[True][i].reordered(result.landmark_names).expected_errors
-                             if i in predictions[True] else np.full(len(names), np.nan) for i in result.image_ids])
-        result.expected_error = {**flagging_scores(expected, result.errors, thresholds),
-                                 "per_landmark": calibrated_means(result.landmark_names, expected, result.errors),
-                                 "expected": expected.tolist()}
+            unit, None if unit == "mm" else [radii[-1]]
+        )
+        expected = np.array(
+            [
+                predictions[True][i].reordered(result.landmark_names).expected_errors
+                if i in predictions[True]
+                else np.full(len(names), np.nan)
+                for i in result.image_ids
+            ]
+        )
+        result.expected_error = {
+            **flagging_scores(expected, result.errors, thresholds),
+            "per_landmark": calibrated_means(result.landmark_names, expected, result.errors),
+            "expected": expected.tolist(),
+        }
     out_dir = Path(out_dir)
     metrics = write_metrics(result, out_dir / "metrics.json")
-    worst = [(row.image_id, images[row.image_id], predictions[True][row.image_id], truths[row.image_id])
-             for row in result.worst_images()]
+    worst = [
+        (row.image_id, images[row.image_id], predictions[True][row.image_id], truths[row.image_id])
+        for row in result.worst_images()
+    ]
     write_report(result, out_dir, overlays=worst, inference=predictor.inference)
     return metrics

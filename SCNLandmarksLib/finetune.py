@@ -12,12 +12,19 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .autoconfig import (HELD_ASIDE_SPLIT, SPEC_NAME, default_augmentation, held_aside_ids, resolve_dataset,
-                         write_split_spec)
+from .autoconfig import (
+    HELD_ASIDE_SPLIT,
+    SPEC_NAME,
+    default_augmentation,
+    held_aside_ids,
+    resolve_dataset,
+    write_split_spec,
+)
 from .bundle import ModelDescription, load_model, read_description, save_model
 from .config import Config, config_from_dict
 from .data.spec import load_dataset_spec
@@ -32,10 +39,10 @@ from .vocabulary import Cancel
 MODEL = "model.safetensors"
 CARD = "MODEL_CARD.md"
 TRAINING_FOLDER = "training"
-LEARNING_RATE_FACTOR = 0.2      # of the base's own learning rate: adapt, do not forget
-ITERATIONS_FACTOR = 0.2         # of the base's own iterations, within these bounds
+LEARNING_RATE_FACTOR = 0.2  # of the base's own learning rate: adapt, do not forget
+ITERATIONS_FACTOR = 0.2  # of the base's own iterations, within these bounds
 MIN_ITERATIONS, MAX_ITERATIONS = 100, 2000
-VALIDATIONS = 10                # validations (held-aside errors) per stage
+VALIDATIONS = 10  # validations (held-aside errors) per stage
 
 
 @dataclass(frozen=True)
@@ -84,15 +91,27 @@ class FinetuneResult:
 
     def summary(self) -> dict[str, Any]:
         """One JSON-ready line: the outcome and both models' held-aside errors side by side."""
-        return {"model": str(self.model_path), "outcome": self.outcome, "unit": self.unit,
-                "training_cases": len(self.training_cases), "held_aside": len(self.held_aside),
-                "base_mean_error": None if self.base is None else self.base.mean_error,
-                "new_mean_error": None if self.new is None else self.new.mean_error,
-                "iterations": self.iterations, "cancelled": self.cancelled}
+        return {
+            "model": str(self.model_path),
+            "outcome": self.outcome,
+            "unit": self.unit,
+            "training_cases": len(self.training_cases),
+            "held_aside": len(self.held_aside),
+            "base_mean_error": None if self.base is None else self.base.mean_error,
+            "new_mean_error": None if self.new is None else self.new.mean_error,
+            "iterations": self.iterations,
+            "cancelled": self.cancelled,
+        }
 
 
-def finetune_config(base_path: Path, base: ModelDescription, dataset: Path, output_dir: Path,
-                    landmark_names: tuple[str, ...], iterations: int | None = None) -> Config:
+def finetune_config(
+    base_path: Path,
+    base: ModelDescription,
+    dataset: Path,
+    output_dir: Path,
+    landmark_names: tuple[str, ...],
+    iterations: int | None = None,
+) -> Config:
     """The training configuration of a fine-tuning run, derived from the base model file.
 
     Grid, networks, intensity and decoding settings come from the model's description; heatmap,
@@ -112,27 +131,43 @@ def finetune_config(base_path: Path, base: ModelDescription, dataset: Path, outp
     def training(values: dict[str, Any] | None) -> dict[str, Any]:
         values = dict(values or {})
         base_rate = float(values.get("learning_rate", 1e-4))
-        count = iterations or min(MAX_ITERATIONS, max(MIN_ITERATIONS,
-                                                      int(ITERATIONS_FACTOR * int(values.get("iterations", 1000)))))
+        count = iterations or min(
+            MAX_ITERATIONS, max(MIN_ITERATIONS, int(ITERATIONS_FACTOR * int(values.get("iterations", 1000))))
+        )
         every = max(1, count // VALIDATIONS)
-        return {**values, "iterations": count, "learning_rate": LEARNING_RATE_FACTOR * base_rate,
-                "schedule": "cosine", "validate_every": every, "checkpoint_every": every}
+        return {
+            **values,
+            "iterations": count,
+            "learning_rate": LEARNING_RATE_FACTOR * base_rate,
+            "schedule": "cosine",
+            "validate_every": every,
+            "checkpoint_every": every,
+        }
 
     def stage(description, values: dict[str, Any]) -> dict[str, Any]:
         heatmap = dict(values.get("heatmap") or {"sigma_init": sum(description.sigmas) / len(description.sigmas)})
-        return {"grid": {"size": list(description.grid_size), "spacing": list(description.grid_spacing)},
-                "heatmap": {**heatmap, "gamma": description.gamma},
-                "model": {"architecture": description.architecture, "params": dict(description.params)},
-                "training": training(values.get("training")),
-                "augmentation": augmentation(values.get("augmentation"))}
+        return {
+            "grid": {"size": list(description.grid_size), "spacing": list(description.grid_spacing)},
+            "heatmap": {**heatmap, "gamma": description.gamma},
+            "model": {"architecture": description.architecture, "params": dict(description.params)},
+            "training": training(values.get("training")),
+            "augmentation": augmentation(values.get("augmentation")),
+        }
 
-    values: dict[str, Any] = {"dataset": str(dataset), "output_dir": str(output_dir), "initial_model": str(base_path),
-                              "intensity": dataclasses.asdict(base.intensity),
-                              "inference": dataclasses.asdict(base.inference), **stage(base.coarse, stored)}
+    values: dict[str, Any] = {
+        "dataset": str(dataset),
+        "output_dir": str(output_dir),
+        "initial_model": str(base_path),
+        "intensity": dataclasses.asdict(base.intensity),
+        "inference": dataclasses.asdict(base.inference),
+        **stage(base.coarse, stored),
+    }
     if base.refinement is not None:
         stored_refinement = stored.get("refinement") or {}
-        values["refinement"] = {**stage(base.refinement, stored_refinement),
-                                "offset_mm": stored_refinement.get("offset_mm", 2.0 * max(base.coarse.grid_spacing))}
+        values["refinement"] = {
+            **stage(base.refinement, stored_refinement),
+            "offset_mm": stored_refinement.get("offset_mm", 2.0 * max(base.coarse.grid_spacing)),
+        }
     return config_from_dict(values, output_dir, where=f"fine-tuning configuration derived from {base_path}")
 
 
@@ -144,21 +179,30 @@ def _check_dataset(base_path: Path, base: ModelDescription, spec_path: Path) -> 
     """
     spec = load_dataset_spec(spec_path)
     if spec.dimension != base.dimension:
-        raise DataError(f"{spec_path}: the cases are {spec.dimension}D, the base model {base_path} is "
-                        f"{base.dimension}D")
+        raise DataError(
+            f"{spec_path}: the cases are {spec.dimension}D, the base model {base_path} is {base.dimension}D"
+        )
     unit = spacing_unit(spec.entries[0].image)
     if unit != base.unit and not (base.in_pixels and unit == "px"):
-        raise DataError(f"{spec.entries[0].image}: image positions are in {unit}, the base model {base_path} "
-                        f"works in {base.unit}")
+        raise DataError(
+            f"{spec.entries[0].image}: image positions are in {unit}, the base model {base_path} works in {base.unit}"
+        )
     if set(spec.landmark_names) == set(base.landmark_names):
         return tuple(base.landmark_names)
     return tuple(spec.landmark_names)
 
 
-def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minutes: float | None = None,
-             iterations: int | None = None, device: str = "auto",
-             progress: Callable[[dict[str, Any]], None] | None = None, cancel: Cancel | None = None,
-             overwrite: bool = False) -> FinetuneResult:
+def finetune(
+    base_path: str | Path,
+    dataset: str | Path,
+    out: str | Path,
+    minutes: float | None = None,
+    iterations: int | None = None,
+    device: str = "auto",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cancel: Cancel | None = None,
+    overwrite: bool = False,
+) -> FinetuneResult:
     """Fine-tune `base_path` on the cases of `dataset` (a spec file or a training folder).
 
     Args:
@@ -221,16 +265,34 @@ def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minute
         outcome = "new landmarks"
     else:
         outcome = "improved" if new_scores.score < base_scores.score else "kept base"
-    result = FinetuneResult(out / MODEL, out / CARD, outcome, training_cases, held_aside, base_scores, new_scores,
-                            base.unit, reached, names, stopped_early)
+    result = FinetuneResult(
+        out / MODEL,
+        out / CARD,
+        outcome,
+        training_cases,
+        held_aside,
+        base_scores,
+        new_scores,
+        base.unit,
+        reached,
+        names,
+        stopped_early,
+    )
     if outcome == "kept base":
         with atomic_output(result.model_path) as temporary:
             shutil.copyfile(base_path, temporary)
     else:
         loaded = load_model(new_path)
-        description = dataclasses.replace(loaded.description, provenance={
-            **loaded.description.provenance, "base_model": str(base_path), "training_cases": training_cases,
-            "held_aside": held_aside, "outcome": outcome})
+        description = dataclasses.replace(
+            loaded.description,
+            provenance={
+                **loaded.description.provenance,
+                "base_model": str(base_path),
+                "training_cases": training_cases,
+                "held_aside": held_aside,
+                "outcome": outcome,
+            },
+        )
         save_model(result.model_path, description, loaded.coarse, loaded.refinement)
     write_text_atomically(result.card_path, model_card(result, base_path, base, source_spec.path, config, minutes))
     return result
@@ -239,32 +301,57 @@ def finetune(base_path: str | Path, dataset: str | Path, out: str | Path, minute
 def _errors(comparison: Comparison | None, unit: str) -> str:
     if comparison is None:
         return "-"
-    return (f"{comparison.mean_error:.2f} {unit} mean, {comparison.median_error:.2f} {unit} median, "
-            f"{comparison.missed} missed")
+    return (
+        f"{comparison.mean_error:.2f} {unit} mean, {comparison.median_error:.2f} {unit} median, "
+        f"{comparison.missed} missed"
+    )
 
 
-def model_card(result: FinetuneResult, base_path: Path, base: ModelDescription, dataset: Path, config: Config,
-               minutes: float | None) -> str:
+def model_card(
+    result: FinetuneResult,
+    base_path: Path,
+    base: ModelDescription,
+    dataset: Path,
+    config: Config,
+    minutes: float | None,
+) -> str:
     """MODEL_CARD.md of a fine-tuned model: base, cases, settings, held-aside figures, outcome."""
     verdicts = {
-        "improved": "The new model is better than the base on the held-aside cases: model.safetensors is the new model.",
-        "kept base": ("The new model is **not** better than the base on the held-aside cases: model.safetensors is "
-                      f"the base model, unchanged; the new one is kept for inspection in {TRAINING_FOLDER}/{BEST_MODEL}."),
-        "not validated": ("**Not validated**: fewer than 5 cases, so all trained and none was held aside. "
-                          "model.safetensors is the new model; check it on new cases before relying on it."),
-        "new landmarks": ("The base model finds other landmarks, so it cannot be compared on these cases: "
-                          "model.safetensors is the new model."),
+        "improved": (
+            "The new model is better than the base on the held-aside cases: model.safetensors is the new model."
+        ),
+        "kept base": (
+            "The new model is **not** better than the base on the held-aside cases: model.safetensors is "
+            f"the base model, unchanged; the new one is kept for inspection in {TRAINING_FOLDER}/{BEST_MODEL}."
+        ),
+        "not validated": (
+            "**Not validated**: fewer than 5 cases, so all trained and none was held aside. "
+            "model.safetensors is the new model; check it on new cases before relying on it."
+        ),
+        "new landmarks": (
+            "The base model finds other landmarks, so it cannot be compared on these cases: "
+            "model.safetensors is the new model."
+        ),
     }
-    landmarks = ("the base's" if result.landmark_names == tuple(base.landmark_names) else
-                 "**new landmarks**: the base's local-appearance weights were reused and new landmark heads "
-                 f"trained from scratch ({', '.join(result.landmark_names)})")
-    stages = [("coarse", config.training)] + ([("refinement", config.refinement.training)]
-                                              if config.refinement is not None else [])
-    settings = "; ".join(f"{name}: {result.iterations.get(name, 0)} of {training.iterations} iterations, learning "
-                         f"rate {training.learning_rate:g} ({training.schedule})" for name, training in stages)
+    landmarks = (
+        "the base's"
+        if result.landmark_names == tuple(base.landmark_names)
+        else "**new landmarks**: the base's local-appearance weights were reused and new landmark heads "
+        f"trained from scratch ({', '.join(result.landmark_names)})"
+    )
+    stages = [("coarse", config.training)] + (
+        [("refinement", config.refinement.training)] if config.refinement is not None else []
+    )
+    settings = "; ".join(
+        f"{name}: {result.iterations.get(name, 0)} of {training.iterations} iterations, learning "
+        f"rate {training.learning_rate:g} ({training.schedule})"
+        for name, training in stages
+    )
     lines = [
-        f"# Fine-tuned from {base_path.name}", "",
-        verdicts[result.outcome], "",
+        f"# Fine-tuned from {base_path.name}",
+        "",
+        verdicts[result.outcome],
+        "",
         f"- Base model: `{base_path}` ({base.dimension}D, {len(base.landmark_names)} landmarks, "
         f"{'with' if base.refinement else 'without'} a refinement stage)",
         f"- Landmarks: {landmarks}",
@@ -277,10 +364,14 @@ def model_card(result: FinetuneResult, base_path: Path, base: ModelDescription, 
         f"{'; cancelled by the user, the best model up to then kept' if result.cancelled else ''}; "
         "the full configuration is "
         f"`{TRAINING_FOLDER}/config.toml` (`scn-landmarks train {TRAINING_FOLDER}/config.toml` reruns it)",
-        "", "## Held-aside cases", "",
-        "| model | error |", "|---|---|",
+        "",
+        "## Held-aside cases",
+        "",
+        "| model | error |",
+        "|---|---|",
         f"| base | {_errors(result.base, result.unit)} |",
-        f"| new | {_errors(result.new, result.unit)} |", "",
+        f"| new | {_errors(result.new, result.unit)} |",
+        "",
         "The held-aside cases also chose the best iteration of the new model, so its figure is slightly optimistic.",
         "",
     ]

@@ -63,9 +63,13 @@ class ImageGeometry:
         return m
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "ImageGeometry":
-        return cls(tuple(int(s) for s in image.GetSize()), tuple(image.GetSpacing()),
-                   tuple(image.GetOrigin()), tuple(image.GetDirection()))
+    def of(cls, image: sitk.Image) -> ImageGeometry:
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(image.GetSpacing()),
+            tuple(image.GetOrigin()),
+            tuple(image.GetDirection()),
+        )
 
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         """Stamp this geometry's spacing, origin and direction on `image` (same size) and return it."""
@@ -99,7 +103,7 @@ class ImageGeometry:
         corners = self.corners_physical()
         return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
 
-    def mirrored(self, axis: int, center_lps: np.ndarray) -> "ImageGeometry":
+    def mirrored(self, axis: int, center_lps: np.ndarray) -> ImageGeometry:
         """The same voxels reflected through the plane normal to physical `axis` at `center_lps`.
 
         An image given this geometry shows its content as a mirror image, without resampling;
@@ -109,10 +113,11 @@ class ImageGeometry:
         reflection[axis] = -1.0
         origin = mirror_points(np.asarray(self.origin), axis, center_lps)
         direction = reflection[:, None] * self.direction_matrix
-        return ImageGeometry(self.size, self.spacing, tuple(float(o) for o in origin),
-                             tuple(float(v) for v in direction.ravel()))
+        return ImageGeometry(
+            self.size, self.spacing, tuple(float(o) for o in origin), tuple(float(v) for v in direction.ravel())
+        )
 
-    def nearest_axis_aligned(self) -> "ImageGeometry | None":
+    def nearest_axis_aligned(self) -> ImageGeometry | None:
         """This geometry turned about its centre onto the nearest axes (direction a signed permutation),
         or None when that takes a turn of more than NEARLY_ALIGNED_DEG (or of nothing)."""
         direction = self.direction_matrix
@@ -127,8 +132,9 @@ class ImageGeometry:
             return None
         center = self.center_physical()
         origin = center + turn @ (np.asarray(self.origin) - center)
-        return ImageGeometry(self.size, self.spacing, tuple(float(o) for o in origin),
-                             tuple(float(v) for v in nearest.ravel()))
+        return ImageGeometry(
+            self.size, self.spacing, tuple(float(o) for o in origin), tuple(float(v) for v in nearest.ravel())
+        )
 
     def contains(self, points: np.ndarray, margin_voxels: float = 0.5) -> np.ndarray:
         """(...,) bool: whether physical points fall inside the image (voxel extent plus margin)."""
@@ -153,8 +159,12 @@ def axis_aligned_grid(center_lps: np.ndarray, size: tuple[int, ...], spacing: tu
     d = len(size)
     half_extent = (np.asarray(size, dtype=np.float64) - 1.0) / 2.0 * np.asarray(spacing, dtype=np.float64)
     origin = np.asarray(center_lps, dtype=np.float64) - half_extent
-    return ImageGeometry(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
-                         tuple(float(o) for o in origin), tuple(np.eye(d).ravel().tolist()))
+    return ImageGeometry(
+        tuple(int(s) for s in size),
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in origin),
+        tuple(np.eye(d).ravel().tolist()),
+    )
 
 
 def covering_grid(geometry: ImageGeometry, spacing: tuple[float, ...], multiple_of: int = 1) -> ImageGeometry:

@@ -23,8 +23,14 @@ class LearnableSigmas(nn.Module):
         return torch.clamp(self.log_sigma.exp(), min=self.sigma_min)
 
 
-def gaussian_heatmaps(landmark_index: torch.Tensor, present: torch.Tensor, grid_size: tuple[int, ...],
-                      spacing: tuple[float, ...], sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+def gaussian_heatmaps(
+    landmark_index: torch.Tensor,
+    present: torch.Tensor,
+    grid_size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    sigma: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
     """Target heatmaps gamma / ((2 pi)^(d/2) sigma^d) exp(-r^2 / (2 sigma^2)), r in mm.
 
     Args:
@@ -37,13 +43,13 @@ def gaussian_heatmaps(landmark_index: torch.Tensor, present: torch.Tensor, grid_
     """
     d = len(grid_size)
     index = torch.nan_to_num(landmark_index.to(sigma.device, torch.float32))
-    norm = gamma / ((2.0 * math.pi) ** (d / 2.0) * sigma ** d)
+    norm = gamma / ((2.0 * math.pi) ** (d / 2.0) * sigma**d)
     heatmap = (norm[None, :] * present.to(sigma.device, torch.float32)).reshape(*index.shape[:2], *([1] * d))
     # The Gaussian is separable: a product of one 1D profile per axis, far cheaper than a dense r^2.
     for axis in range(d):
         coordinates = torch.arange(grid_size[axis], device=sigma.device, dtype=torch.float32)
-        delta_mm = (coordinates[None, None, :] - index[..., axis:axis + 1]) * spacing[axis]
-        profile = torch.exp(-delta_mm ** 2 / (2.0 * sigma[None, :, None] ** 2))
+        delta_mm = (coordinates[None, None, :] - index[..., axis : axis + 1]) * spacing[axis]
+        profile = torch.exp(-(delta_mm**2) / (2.0 * sigma[None, :, None] ** 2))
         shape = [*index.shape[:2]] + [1] * d
         shape[2 + (d - 1 - axis)] = grid_size[axis]
         heatmap = heatmap * profile.reshape(shape)
@@ -52,7 +58,7 @@ def gaussian_heatmaps(landmark_index: torch.Tensor, present: torch.Tensor, grid_
 
 def peak_height(sigma: torch.Tensor, gamma: float, dimension: int) -> torch.Tensor:
     """Height of a perfect target's peak for each sigma: what a fully confident prediction reaches."""
-    return gamma / ((2.0 * math.pi) ** (dimension / 2.0) * sigma ** dimension)
+    return gamma / ((2.0 * math.pi) ** (dimension / 2.0) * sigma**dimension)
 
 
 def refine_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +93,10 @@ def refine_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lower, upper, centre = (torch.where(positive, torch.log(v.clamp(min=1e-30)), v) for v in (lower, upper, centre))
         curvature = lower - 2.0 * centre + upper
         inside = (index_zyx[:, axis] > 0) & (index_zyx[:, axis] < size - 1) & (curvature < 0)
-        offset = torch.where(inside, 0.5 * (lower - upper) / torch.where(inside, curvature, torch.ones_like(curvature)),
-                             torch.zeros_like(centre))
+        offset = torch.where(
+            inside,
+            0.5 * (lower - upper) / torch.where(inside, curvature, torch.ones_like(curvature)),
+            torch.zeros_like(centre),
+        )
         refined[:, axis] += offset.clamp(-0.5, 0.5)
     return refined.flip(1), value

@@ -14,10 +14,10 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,8 +25,7 @@ import torch
 
 from .bundle import LoadedModel, load_model
 from .calibration import distance_evidence, peak_evidence
-from .data.preparation import (PreparedImage, normalize_image, prepare_normalized, resample_to_grid,
-                               resample_to_grids)
+from .data.preparation import PreparedImage, normalize_image, prepare_normalized, resample_to_grid, resample_to_grids
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_points
 from .heatmaps import peak_height, refine_peaks
@@ -126,8 +125,9 @@ class Prediction:
         """The heatmap kinds kept by predict(..., heatmaps=True) (empty otherwise)."""
         return list(self._heatmaps)
 
-    def heatmap(self, kind: str = HeatmapKind.FINAL, landmark: int | None = None,
-                scaled_per_landmark: bool = False) -> sitk.Image:
+    def heatmap(
+        self, kind: str = HeatmapKind.FINAL, landmark: int | None = None, scaled_per_landmark: bool = False
+    ) -> sitk.Image:
         """One heatmap (or the maximum over all landmarks) resampled to the input image's geometry.
 
         Args:
@@ -176,13 +176,20 @@ class Predictor:
         self.mean_configuration = loaded.description.mean_configuration
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
+    def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> Predictor:
         """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda'."""
         device = resolve_device(device)
         return cls(load_model(path, device), device, Path(path))
 
-    def predict(self, image: sitk.Image, heatmaps: bool = False, progress: Progress | None = None,
-                cancel: Cancel | None = None, source: str = "image", refine: bool = True) -> Prediction:
+    def predict(
+        self,
+        image: sitk.Image,
+        heatmaps: bool = False,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+        source: str = "image",
+        refine: bool = True,
+    ) -> Prediction:
         """Detect the model's landmarks on one image.
 
         Args:
@@ -198,11 +205,13 @@ class Predictor:
         start = time.perf_counter()
         image = as_scalar_image(image, self.dimension, source)
         normalized = normalize_image(image, self.description.intensity)
-        return self._detect_in_canonical_pose(image, normalized, time.perf_counter() - start, heatmaps, progress,
-                                              cancel, refine)
+        return self._detect_in_canonical_pose(
+            image, normalized, time.perf_counter() - start, heatmaps, progress, cancel, refine
+        )
 
-    def predict_files(self, paths: Iterable[str | Path], heatmaps: bool = False,
-                      cancel: Cancel | None = None) -> Iterator[tuple[Path, Prediction | DataError]]:
+    def predict_files(
+        self, paths: Iterable[str | Path], heatmaps: bool = False, cancel: Cancel | None = None
+    ) -> Iterator[tuple[Path, Prediction | DataError]]:
         """Detect landmarks on many image files (batch mode), yielding results in input order.
 
         Two images are in flight at a time, each on half the torch threads: one image's reading and
@@ -210,14 +219,16 @@ class Predictor:
         A file that cannot be used yields its DataError instead of a prediction, so one bad file
         does not stop the batch.
         """
+
         def detect(path: Path) -> Prediction | DataError:
             try:
                 start = time.perf_counter()
                 image = read_image(path, self.dimension)  # already scalar float32 of the model's dimension
                 read_s = time.perf_counter() - start
                 normalized = normalize_image(image, self.description.intensity)
-                prediction = self._detect_in_canonical_pose(image, normalized, time.perf_counter() - start - read_s,
-                                                            heatmaps, None, cancel, True)
+                prediction = self._detect_in_canonical_pose(
+                    image, normalized, time.perf_counter() - start - read_s, heatmaps, None, cancel, True
+                )
             except DataError as error:
                 return error
             prediction.timings["read"] = read_s
@@ -238,8 +249,16 @@ class Predictor:
         finally:
             torch.set_num_threads(threads)
 
-    def _detect_in_canonical_pose(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
-                                  progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
+    def _detect_in_canonical_pose(
+        self,
+        image: sitk.Image,
+        normalized: sitk.Image,
+        prepare_s: float,
+        heatmaps: bool,
+        progress: Progress | None,
+        cancel: Cancel | None,
+        refine: bool,
+    ) -> Prediction:
         """Detect in the image's own pose (models in pixels: at trial scales), fit the model's mean
         configuration to the points, and unless that pose is canonical already, detect again in the
         canonical pose (see pose.py); positions, heatmaps and expected errors in the image as given."""
@@ -249,29 +268,48 @@ class Predictor:
         if self.description.in_pixels:
             coarse = self.description.coarse
             extent = np.ptp(geometry.corners_physical(), axis=0)
-            trials = [Pose.scaling_about(geometry.center_physical(), s)
-                      for s in trial_scales(extent, np.multiply(coarse.grid_size, coarse.grid_spacing))]
+            trials = [
+                Pose.scaling_about(geometry.center_physical(), s)
+                for s in trial_scales(extent, np.multiply(coarse.grid_size, coarse.grid_spacing))
+            ]
         else:
             trials = [Pose.identity(self.dimension)]
         start = time.perf_counter()
         first, trial = None, trials[0]
         for number, candidate in enumerate(trials):
-            part = None if progress is None else (
-                lambda fraction, message, n=number: progress(0.5 * (n + fraction) / len(trials), message))
-            found = self._detect(candidate.canonical_image(image), candidate.canonical_image(normalized),
-                                 prepare_s if number == 0 else 0.0, heatmaps, part, cancel, refine)
+            part = (
+                None
+                if progress is None
+                else (lambda fraction, message, n=number: progress(0.5 * (n + fraction) / len(trials), message))
+            )
+            found = self._detect(
+                candidate.canonical_image(image),
+                candidate.canonical_image(normalized),
+                prepare_s if number == 0 else 0.0,
+                heatmaps,
+                part,
+                cancel,
+                refine,
+            )
             if first is None or found.landmarks.confidences.mean() > first.landmarks.confidences.mean():
                 first, trial = found, candidate
             if first.landmarks.confidences.mean() >= self.inference.low_confidence_below:
                 break
         # The frame the first pass detected in: the trial's, reflected for a mirror-image result.
-        detected_in = trial.after(Pose.mirror(self.inference.mirror_axis,
-                                              trial.canonical_geometry(geometry).center_physical())
-                                  if first.mirrored else Pose.identity(self.dimension))
+        detected_in = trial.after(
+            Pose.mirror(self.inference.mirror_axis, trial.canonical_geometry(geometry).center_physical())
+            if first.mirrored
+            else Pose.identity(self.dimension)
+        )
         first = self._in_image_frame(first, trial, image if heatmaps else None)
         first.timings["first pass"] = time.perf_counter() - start
-        pose = fit_pose(self.mean_configuration.array, first.landmarks.points_lps, first.landmarks.confidences,
-                        with_scale=self.description.in_pixels, mirrored=first.mirrored)
+        pose = fit_pose(
+            self.mean_configuration.array,
+            first.landmarks.points_lps,
+            first.landmarks.confidences,
+            with_scale=self.description.in_pixels,
+            mirrored=first.mirrored,
+        )
         first.pose = pose
         if pose is None or detected_in.inverse().after(pose).is_canonical():
             if progress is not None:
@@ -282,17 +320,28 @@ class Predictor:
         # of that, and one more, if the pose fitted to its points still differs, the rest.
         start = time.perf_counter()
         for number in range(CANONICAL_PASSES):
-            part = None if progress is None else (
-                lambda fraction, message, n=number: progress(0.5 + 0.5 * (n + fraction) / CANONICAL_PASSES,
-                                                             f"canonical pose: {message}"))
-            found = self._detect_once(pose.canonical_image(image), pose.canonical_image(normalized), 0.0, heatmaps,
-                                      part, cancel, refine)
+            part = (
+                None
+                if progress is None
+                else (
+                    lambda fraction, message, n=number: progress(
+                        0.5 + 0.5 * (n + fraction) / CANONICAL_PASSES, f"canonical pose: {message}"
+                    )
+                )
+            )
+            found = self._detect_once(
+                pose.canonical_image(image), pose.canonical_image(normalized), 0.0, heatmaps, part, cancel, refine
+            )
             found = self._in_image_frame(found, pose, image if heatmaps else None)
             found.timings = {**first.timings, "canonical passes": time.perf_counter() - start}
             found.pose, found.canonical_pass, found.mirrored = pose, True, first.mirrored
-            refitted = fit_pose(self.mean_configuration.array, found.landmarks.points_lps,
-                                found.landmarks.confidences, with_scale=self.description.in_pixels,
-                                mirrored=first.mirrored)
+            refitted = fit_pose(
+                self.mean_configuration.array,
+                found.landmarks.points_lps,
+                found.landmarks.confidences,
+                with_scale=self.description.in_pixels,
+                mirrored=first.mirrored,
+            )
             if refitted is None or pose.inverse().after(refitted).is_canonical():
                 break
             pose = refitted
@@ -305,14 +354,23 @@ class Predictor:
         """A prediction made on an image given a pose's canonical frame, in the image as given."""
         landmarks = prediction.landmarks
         expected = None if landmarks.expected_errors is None else landmarks.expected_errors * pose.scale
-        prediction.landmarks = LandmarkSet(landmarks.names, pose.to_image(landmarks.points_lps), landmarks.confidences,
-                                           expected)
+        prediction.landmarks = LandmarkSet(
+            landmarks.names, pose.to_image(landmarks.points_lps), landmarks.confidences, expected
+        )
         prediction._grid = None if prediction._grid is None else pose.moved(prediction._grid)
         prediction._reference = reference
         return prediction
 
-    def _detect(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
-                progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
+    def _detect(
+        self,
+        image: sitk.Image,
+        normalized: sitk.Image,
+        prepare_s: float,
+        heatmaps: bool,
+        progress: Progress | None,
+        cancel: Cancel | None,
+        refine: bool,
+    ) -> Prediction:
         """Detect on the image as given; for a model with a mirror axis, unless that result's mean
         confidence reaches the model's `mirror_pass_below`, also on its mirror image, keeping the result
         with the higher mean confidence."""
@@ -332,21 +390,45 @@ class Predictor:
         def mirror(source: sitk.Image) -> sitk.Image:
             return ImageGeometry.of(source).mirrored(axis, center).apply_to(sitk.Image(source))
 
-        second_half = None if progress is None else (
-            lambda fraction, message: progress(0.5 + 0.5 * fraction, f"mirror image: {message}"))
+        second_half = (
+            None
+            if progress is None
+            else (lambda fraction, message: progress(0.5 + 0.5 * fraction, f"mirror image: {message}"))
+        )
         other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, second_half, cancel, refine)
         if other.landmarks.confidences.mean() <= given.landmarks.confidences.mean():
             given.timings["mirror"] = time.perf_counter() - start
             return given
-        landmarks = LandmarkSet(self.landmark_names, mirror_points(other.landmarks.points_lps, axis, center),
-                                other.landmarks.confidences, other.landmarks.expected_errors)
+        landmarks = LandmarkSet(
+            self.landmark_names,
+            mirror_points(other.landmarks.points_lps, axis, center),
+            other.landmarks.confidences,
+            other.landmarks.expected_errors,
+        )
         grid = None if other._grid is None else other._grid.mirrored(axis, center)
         timings = {**given.timings, "mirror": time.perf_counter() - start}
-        return Prediction(landmarks, other.status, timings, grid, image if heatmaps else None, other._heatmaps,
-                          mirrored=True, evidence=other.evidence, flagged=other.flagged)
+        return Prediction(
+            landmarks,
+            other.status,
+            timings,
+            grid,
+            image if heatmaps else None,
+            other._heatmaps,
+            mirrored=True,
+            evidence=other.evidence,
+            flagged=other.flagged,
+        )
 
-    def _detect_once(self, image: sitk.Image, normalized: sitk.Image, prepare_s: float, heatmaps: bool,
-                     progress: Progress | None, cancel: Cancel | None, refine: bool) -> Prediction:
+    def _detect_once(
+        self,
+        image: sitk.Image,
+        normalized: sitk.Image,
+        prepare_s: float,
+        heatmaps: bool,
+        progress: Progress | None,
+        cancel: Cancel | None,
+        refine: bool,
+    ) -> Prediction:
         def step(fraction: float, message: str) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("landmark detection cancelled")
@@ -404,8 +486,16 @@ class Predictor:
             expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
             flagged = self.calibration.flagged(expected)
         landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64), expected)
-        return Prediction(landmarks, status, timings, grid if heatmaps else None, image if heatmaps else None, kept,
-                          evidence=evidence, flagged=flagged)
+        return Prediction(
+            landmarks,
+            status,
+            timings,
+            grid if heatmaps else None,
+            image if heatmaps else None,
+            kept,
+            evidence=evidence,
+            flagged=flagged,
+        )
 
     def _shift_spread(self, prepared: PreparedImage, grid: ImageGeometry, points: np.ndarray) -> np.ndarray:
         """The "shift_spread" evidence: how far the points move when the coarse grid is shifted by
@@ -414,8 +504,9 @@ class Predictor:
         others = []
         for sign in (-0.5, 0.5):
             shifted = dataclasses.replace(grid, origin=tuple(np.asarray(grid.origin) + sign * cell))
-            output = run_network(self.coarse.network, resample_to_grid(prepared, shifted).unsqueeze(0),
-                                 self.inference.max_grid_voxels)
+            output = run_network(
+                self.coarse.network, resample_to_grid(prepared, shifted).unsqueeze(0), self.inference.max_grid_voxels
+            )
             index, _ = refine_peaks(output.final[0].float())
             others.append(shifted.index_to_physical(index.cpu().numpy()))
         return distance_evidence(points, others, float(np.mean(cell)))

@@ -30,8 +30,8 @@ class LandmarkSet:
         self.points_lps = np.asarray(self.points_lps, dtype=np.float64)
         if self.points_lps.ndim != 2 or self.points_lps.shape[0] != len(self.names):
             raise ValueError(
-                f"points_lps must have shape (N, d) with N = {len(self.names)} names, "
-                f"got {self.points_lps.shape}")
+                f"points_lps must have shape (N, d) with N = {len(self.names)} names, got {self.points_lps.shape}"
+            )
         if self.points_lps.shape[1] not in (2, 3):
             raise ValueError(f"landmarks must be 2D or 3D, got dimension {self.points_lps.shape[1]}")
         if len(set(self.names)) != len(self.names):
@@ -50,7 +50,7 @@ class LandmarkSet:
         """(N,) bool: True where the landmark has a position."""
         return np.all(np.isfinite(self.points_lps), axis=1)
 
-    def reordered(self, names: list[str]) -> "LandmarkSet":
+    def reordered(self, names: list[str]) -> LandmarkSet:
         """Return the set in the order of `names`; names absent here become missing (NaN).
 
         Raises:

@@ -7,9 +7,14 @@ import torch
 from .config import HeatmapConfig
 
 
-def heatmap_loss(prediction: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
-                 spacing: tuple[float, ...], sigma: torch.Tensor, config: HeatmapConfig,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def heatmap_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    spacing: tuple[float, ...],
+    sigma: torch.Tensor,
+    config: HeatmapConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one batch.
 
     The squared error is integrated over physical space (sum x voxel volume) and divided by
@@ -28,7 +33,7 @@ def heatmap_loss(prediction: torch.Tensor, target: torch.Tensor, present: torch.
     voxel_volume = 1.0
     for s in spacing:
         voxel_volume *= s
-    squared = (prediction.float() - target).pow(2).flatten(2).sum(dim=2) * (voxel_volume / config.sigma_init ** d)
+    squared = (prediction.float() - target).pow(2).flatten(2).sum(dim=2) * (voxel_volume / config.sigma_init**d)
     weight = present.to(squared.dtype)
     heatmap_term = (squared * weight).sum() / weight.sum().clamp(min=1.0)
     sigma_term = config.alpha * (sigma / config.sigma_init).pow(2).mean()

@@ -45,8 +45,7 @@ _PANEL_AXES = {
 PANEL_ORDER = ("axial", "coronal", "sagittal")
 
 
-def confidence_color(confidence: float | None,
-                     inference: InferenceConfig = InferenceConfig()) -> tuple[int, int, int]:
+def confidence_color(confidence: float | None, inference: InferenceConfig = InferenceConfig()) -> tuple[int, int, int]:
     """RGB color of a predicted landmark: the color of the status its confidence has under the model's
     thresholds `inference` (`STATUS_COLORS`, as in the Slicer views), magenta if unknown."""
     if confidence is None or not np.isfinite(confidence):
@@ -54,10 +53,17 @@ def confidence_color(confidence: float | None,
     return STATUS_COLORS[inference.status(confidence)]
 
 
-def render_landmarks_png(image: sitk.Image, path: str | Path, landmarks: LandmarkSet,
-                         truth: LandmarkSet | None = None, heatmap: sitk.Image | None = None,
-                         max_size: int = 1024, center_lps: np.ndarray | None = None,
-                         slab_mm: float = 5.0, inference: InferenceConfig = InferenceConfig()) -> Path:
+def render_landmarks_png(
+    image: sitk.Image,
+    path: str | Path,
+    landmarks: LandmarkSet,
+    truth: LandmarkSet | None = None,
+    heatmap: sitk.Image | None = None,
+    max_size: int = 1024,
+    center_lps: np.ndarray | None = None,
+    slab_mm: float = 5.0,
+    inference: InferenceConfig = InferenceConfig(),
+) -> Path:
     """Draw predicted (and optionally true) landmarks on an image and write an RGB PNG.
 
     Args:
@@ -99,10 +105,15 @@ def render_landmarks_png(image: sitk.Image, path: str | Path, landmarks: Landmar
         geometry = _display_geometry_2d(ImageGeometry.of(image), max_size)
         rgb = _render_panel(image, geometry, window, heatmap, heat_max, landmarks, truth, None, inference)
     else:
-        center = _default_center(image, landmarks, truth) if center_lps is None \
+        center = (
+            _default_center(image, landmarks, truth)
+            if center_lps is None
             else np.asarray(center_lps, dtype=np.float64).reshape(3)
-        panels = [_render_panel(image, g, window, heatmap, heat_max, landmarks, truth, slab_mm, inference)
-                  for g in display_geometries_3d(ImageGeometry.of(image), center, max_size)]
+        )
+        panels = [
+            _render_panel(image, g, window, heatmap, heat_max, landmarks, truth, slab_mm, inference)
+            for g in display_geometries_3d(ImageGeometry.of(image), center, max_size)
+        ]
         rgb = _side_by_side(panels)
 
     path = Path(path)
@@ -129,8 +140,12 @@ def _display_geometry_2d(geometry: ImageGeometry, max_size: int) -> ImageGeometr
     # Keep the outer pixel edges of the input and output grids together.
     first_index = -0.5 + 0.5 * out_spacing / spacing
     origin = geometry.index_to_physical(first_index)
-    return ImageGeometry(tuple(int(s) for s in out_size), tuple(float(s) for s in out_spacing),
-                         tuple(float(o) for o in origin), geometry.direction)
+    return ImageGeometry(
+        tuple(int(s) for s in out_size),
+        tuple(float(s) for s in out_spacing),
+        tuple(float(o) for o in origin),
+        geometry.direction,
+    )
 
 
 def _bounding_box(geometry: ImageGeometry) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +156,7 @@ def _bounding_box(geometry: ImageGeometry) -> tuple[np.ndarray, np.ndarray]:
     return corners.min(axis=0), corners.max(axis=0)
 
 
-def display_geometries_3d(geometry: ImageGeometry, center_lps: np.ndarray,
-                          max_size: int = 1024) -> list[ImageGeometry]:
+def display_geometries_3d(geometry: ImageGeometry, center_lps: np.ndarray, max_size: int = 1024) -> list[ImageGeometry]:
     """The axial, coronal and sagittal display grids (each of size (w, h, 1)) through `center_lps`.
 
     All three share one isotropic pixel pitch (the finest image spacing, or coarser so that the
@@ -168,11 +182,16 @@ def display_geometries_3d(geometry: ImageGeometry, center_lps: np.ndarray,
     for (col_dir, row_dir, normal), n_col, n_row in zip(axes, cols, rows):
         # In-plane: centered on the bounding box; through-plane: at the chosen point.
         panel_center = mid + normal * float(normal @ (center - mid))
-        origin = (panel_center - col_dir * (n_col - 1) / 2.0 * pitch
-                  - row_dir * (n_row - 1) / 2.0 * pitch)
+        origin = panel_center - col_dir * (n_col - 1) / 2.0 * pitch - row_dir * (n_row - 1) / 2.0 * pitch
         direction = np.column_stack([col_dir, row_dir, normal])
-        out.append(ImageGeometry((n_col, n_row, 1), (pitch, pitch, pitch),
-                                 tuple(float(o) for o in origin), tuple(direction.ravel().tolist())))
+        out.append(
+            ImageGeometry(
+                (n_col, n_row, 1),
+                (pitch, pitch, pitch),
+                tuple(float(o) for o in origin),
+                tuple(direction.ravel().tolist()),
+            )
+        )
     return out
 
 
@@ -223,8 +242,14 @@ def _reference(geometry: ImageGeometry) -> sitk.Image:
 def _resample(image: sitk.Image, geometry: ImageGeometry, default: float) -> np.ndarray:
     """Linear resampling onto the display grid; returns a (rows, cols) float array."""
     vector = image.GetNumberOfComponentsPerPixel() > 1
-    resampled = sitk.Resample(image, _reference(geometry), sitk.Transform(), sitk.sitkLinear, default,
-                              sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        image,
+        _reference(geometry),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        default,
+        sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32,
+    )
     array = sitk.GetArrayFromImage(resampled)
     if vector:
         array = array.mean(axis=-1)
@@ -234,20 +259,29 @@ def _resample(image: sitk.Image, geometry: ImageGeometry, default: float) -> np.
 
 def _heat_colors(h: np.ndarray) -> np.ndarray:
     """Black-red-yellow-white map of values in [0, 1]; shape (..., 3) floats in [0, 255]."""
-    return np.stack([np.clip(3.0 * h, 0, 1), np.clip(3.0 * h - 1, 0, 1), np.clip(3.0 * h - 2, 0, 1)],
-                    axis=-1) * 255.0
+    return np.stack([np.clip(3.0 * h, 0, 1), np.clip(3.0 * h - 1, 0, 1), np.clip(3.0 * h - 2, 0, 1)], axis=-1) * 255.0
 
 
-def _render_panel(image: sitk.Image, geometry: ImageGeometry, window: tuple[float, float],
-                  heatmap: sitk.Image | None, heat_max: float | None, landmarks: LandmarkSet,
-                  truth: LandmarkSet | None, slab_mm: float | None, inference: InferenceConfig) -> np.ndarray:
+def _render_panel(
+    image: sitk.Image,
+    geometry: ImageGeometry,
+    window: tuple[float, float],
+    heatmap: sitk.Image | None,
+    heat_max: float | None,
+    landmarks: LandmarkSet,
+    truth: LandmarkSet | None,
+    slab_mm: float | None,
+    inference: InferenceConfig,
+) -> np.ndarray:
     lo, hi = window
     gray = np.clip((_resample(image, geometry, lo) - lo) / (hi - lo), 0.0, 1.0) * 255.0
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     if heatmap is not None and heat_max is not None and heat_max > 0:
         if heatmap.GetNumberOfComponentsPerPixel() > 1:
-            components = [sitk.VectorIndexSelectionCast(heatmap, i, sitk.sitkFloat32)
-                          for i in range(heatmap.GetNumberOfComponentsPerPixel())]
+            components = [
+                sitk.VectorIndexSelectionCast(heatmap, i, sitk.sitkFloat32)
+                for i in range(heatmap.GetNumberOfComponentsPerPixel())
+            ]
             h = np.max([_resample(c, geometry, 0.0) for c in components], axis=0)
         else:
             h = _resample(heatmap, geometry, 0.0)
@@ -266,10 +300,10 @@ def _side_by_side(panels: list[np.ndarray]) -> np.ndarray:
     x = 0
     for i, p in enumerate(panels):
         top = (height - p.shape[0]) // 2
-        canvas[top:top + p.shape[0], x:x + p.shape[1]] = p
+        canvas[top : top + p.shape[0], x : x + p.shape[1]] = p
         x += p.shape[1]
         if i < len(panels) - 1:
-            canvas[:, x:x + PANEL_GAP] = GAP_COLOR
+            canvas[:, x : x + PANEL_GAP] = GAP_COLOR
             x += PANEL_GAP
     return canvas
 
@@ -289,8 +323,14 @@ def marker_radius(shape: tuple[int, ...]) -> int:
     return max(2, int(round(max(shape[:2]) / 150.0)))
 
 
-def _draw_landmarks(rgb: np.ndarray, geometry: ImageGeometry, landmarks: LandmarkSet,
-                    truth: LandmarkSet | None, slab_mm: float | None, inference: InferenceConfig) -> None:
+def _draw_landmarks(
+    rgb: np.ndarray,
+    geometry: ImageGeometry,
+    landmarks: LandmarkSet,
+    truth: LandmarkSet | None,
+    slab_mm: float | None,
+    inference: InferenceConfig,
+) -> None:
     r = marker_radius(rgb.shape)
 
     def to_pixels(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

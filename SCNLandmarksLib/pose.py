@@ -58,8 +58,7 @@ class MeanConfiguration:
         return np.asarray(self.points, dtype=np.float64)
 
     def to_json(self) -> dict[str, Any]:
-        return {"points": [[None if math.isnan(v) else v for v in row] for row in self.points],
-                "source": self.source}
+        return {"points": [[None if math.isnan(v) else v for v in row] for row in self.points], "source": self.source}
 
     @classmethod
     def from_json(cls, values: Any, names: tuple[str, ...], dimension: int, source: str) -> MeanConfiguration:
@@ -75,11 +74,17 @@ class MeanConfiguration:
         except (TypeError, ValueError, KeyError, AttributeError) as error:
             raise ModelFileError(f"{source}: malformed mean_configuration ({error})") from None
         if len(rows) != len(names) or any(len(row) != dimension for row in rows):
-            raise ModelFileError(f"{source}: mean_configuration must have {len(names)} points of {dimension} "
-                                 f"coordinates (one per landmark), got {len(rows)} points")
-        if any(math.isinf(v) for row in rows for v in row) or sum(not any(map(math.isnan, r)) for r in rows) <= dimension:
-            raise ModelFileError(f"{source}: mean_configuration needs more than {dimension} finite points "
-                                 "and no infinite coordinate")
+            raise ModelFileError(
+                f"{source}: mean_configuration must have {len(names)} points of {dimension} "
+                f"coordinates (one per landmark), got {len(rows)} points"
+            )
+        if (
+            any(math.isinf(v) for row in rows for v in row)
+            or sum(not any(map(math.isnan, r)) for r in rows) <= dimension
+        ):
+            raise ModelFileError(
+                f"{source}: mean_configuration needs more than {dimension} finite points and no infinite coordinate"
+            )
         return cls(tuple(tuple(row) for row in rows), text)
 
 
@@ -156,14 +161,20 @@ class Pose:
 
     def after(self, other: Pose) -> Pose:
         """The pose x = self(other(y))."""
-        return Pose(self.rotation @ other.rotation, self.scale * other.scale,
-                    self.scale * self.rotation @ other.translation + self.translation)
+        return Pose(
+            self.rotation @ other.rotation,
+            self.scale * other.scale,
+            self.scale * self.rotation @ other.translation + self.translation,
+        )
 
     def is_canonical(self) -> bool:
         """Close enough to the identity that a second pass would not pay (translation aside: the
         network grid follows the image, so a shift alone changes nothing)."""
-        return (not self.mirrored and self.rotation_deg <= CANONICAL_ROTATION_DEG
-                and abs(math.log(self.scale)) <= math.log1p(CANONICAL_SCALE))
+        return (
+            not self.mirrored
+            and self.rotation_deg <= CANONICAL_ROTATION_DEG
+            and abs(math.log(self.scale)) <= math.log1p(CANONICAL_SCALE)
+        )
 
     def canonical_geometry(self, geometry: ImageGeometry) -> ImageGeometry:
         """The geometry that shows an image's voxels in the canonical frame (same voxels, header only)."""
@@ -172,17 +183,21 @@ class Pose:
     def moved(self, geometry: ImageGeometry) -> ImageGeometry:
         """A canonical-frame geometry (e.g. a network grid) placed in the image frame."""
         direction = self.rotation @ geometry.direction_matrix
-        return ImageGeometry(geometry.size, tuple(float(s) * self.scale for s in geometry.spacing),
-                             tuple(float(v) for v in self.to_image(np.asarray(geometry.origin))),
-                             tuple(float(v) for v in direction.ravel()))
+        return ImageGeometry(
+            geometry.size,
+            tuple(float(s) * self.scale for s in geometry.spacing),
+            tuple(float(v) for v in self.to_image(np.asarray(geometry.origin))),
+            tuple(float(v) for v in direction.ravel()),
+        )
 
     def canonical_image(self, image: sitk.Image) -> sitk.Image:
         """The image in the canonical frame: a copy sharing its voxels, with a new header."""
         return self.canonical_geometry(ImageGeometry.of(image)).apply_to(sitk.Image(image))
 
 
-def fit_pose(reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool,
-             mirrored: bool = False) -> Pose | None:
+def fit_pose(
+    reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool, mirrored: bool = False
+) -> Pose | None:
     """The rigid (or similarity, `with_scale`) pose taking `reference` points onto `points`.
 
     Weighted least squares (Umeyama 1991) on the points finite in both, with weights (e.g. the
@@ -213,8 +228,9 @@ def fit_pose(reference: np.ndarray, points: np.ndarray, weights: np.ndarray, wit
     return pose
 
 
-def _weighted_fit(reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool,
-                  mirrored: bool) -> Pose:
+def _weighted_fit(
+    reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool, mirrored: bool
+) -> Pose:
     w = weights / weights.sum()
     mean_reference, mean_points = w @ reference, w @ points
     a, b = reference - mean_reference, points - mean_points
@@ -241,5 +257,12 @@ def trial_scales(image_extent: np.ndarray, model_extent: np.ndarray) -> list[flo
     return [2.0 ** (k / 2.0) for k in steps]
 
 
-__all__ = ["MeanConfiguration", "mean_configuration", "Pose", "fit_pose", "trial_scales",
-           "CANONICAL_ROTATION_DEG", "CANONICAL_SCALE"]
+__all__ = [
+    "MeanConfiguration",
+    "mean_configuration",
+    "Pose",
+    "fit_pose",
+    "trial_scales",
+    "CANONICAL_ROTATION_DEG",
+    "CANONICAL_SCALE",
+]

@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,10 +24,17 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
-from .bundle import (LoadedModel, ModelDescription, Stage, StageDescription, load_model, read_description,
-                     save_model)
-from .config import (AugmentationConfig, Config, GridConfig, HeatmapConfig, ModelConfig, TrainingConfig,
-                     config_to_dict, save_config)
+from .bundle import LoadedModel, ModelDescription, Stage, StageDescription, load_model, read_description, save_model
+from .config import (
+    AugmentationConfig,
+    Config,
+    GridConfig,
+    HeatmapConfig,
+    ModelConfig,
+    TrainingConfig,
+    config_to_dict,
+    save_config,
+)
 from .data.augmentation import augmented_sample, swap_permutation
 from .data.preparation import PreparedImage, prepare_image
 from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
@@ -38,8 +46,8 @@ from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
-from .pose import MeanConfiguration, mean_configuration
 from .models import HEAD_PREFIXES, TRAINING_ONLY_PARAMS, build_model, default_params
+from .pose import MeanConfiguration, mean_configuration
 from .vocabulary import Cancel
 
 log = logging.getLogger(__name__)
@@ -54,9 +62,9 @@ LAST_MODEL = "last.safetensors"
 class TrainingImage:
     id: str
     path: Path
-    image: Any                   # the scalar sitk.Image (kept for validation through the predictor)
+    image: Any  # the scalar sitk.Image (kept for validation through the predictor)
     landmarks: LandmarkSet
-    prepared: PreparedImage | None = None   # normalised for the stage being trained
+    prepared: PreparedImage | None = None  # normalised for the stage being trained
 
 
 @dataclass
@@ -65,14 +73,14 @@ class TrainingResult:
     best_validation_error: float | None
     model_path: Path
     history: list[dict[str, float]]
-    best_score: float = math.inf     # validation selection score of the exported best model
+    best_score: float = math.inf  # validation selection score of the exported best model
 
 
 @dataclass(frozen=True)
 class StageSettings:
     """What one training stage needs: the coarse SCN on whole images, or the refiner on patches."""
 
-    name: str                      # "coarse" | "refinement"
+    name: str  # "coarse" | "refinement"
     grid: GridConfig
     heatmap: HeatmapConfig
     model: ModelConfig
@@ -83,12 +91,18 @@ class StageSettings:
 
 
 def stage_settings(config: Config) -> list[StageSettings]:
-    stages = [StageSettings("coarse", config.grid, config.heatmap, config.model, config.training,
-                            config.augmentation, None, CHECKPOINT)]
+    stages = [
+        StageSettings(
+            "coarse", config.grid, config.heatmap, config.model, config.training, config.augmentation, None, CHECKPOINT
+        )
+    ]
     r = config.refinement
     if r is not None:
-        stages.append(StageSettings("refinement", r.grid, r.heatmap, r.model, r.training, r.augmentation,
-                                    r.offset_mm, REFINEMENT_CHECKPOINT))
+        stages.append(
+            StageSettings(
+                "refinement", r.grid, r.heatmap, r.model, r.training, r.augmentation, r.offset_mm, REFINEMENT_CHECKPOINT
+            )
+        )
     return stages
 
 
@@ -128,9 +142,14 @@ def _learning_rate_factor(training: TrainingConfig) -> Callable[[int], float]:
 
 
 def _optimizer(trainable: _Trainable, training: TrainingConfig) -> torch.optim.Optimizer:
-    groups = [{"params": list(trainable.network.parameters()), "lr": training.learning_rate,
-               "weight_decay": training.weight_decay},
-              {"params": list(trainable.sigmas.parameters()), "lr": training.sigma_learning_rate, "weight_decay": 0.0}]
+    groups = [
+        {
+            "params": list(trainable.network.parameters()),
+            "lr": training.learning_rate,
+            "weight_decay": training.weight_decay,
+        },
+        {"params": list(trainable.sigmas.parameters()), "lr": training.sigma_learning_rate, "weight_decay": 0.0},
+    ]
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=training.momentum, nesterov=True)
     if training.optimizer == "adamw":
@@ -157,18 +176,23 @@ def validate_model(predictor: Predictor, items: list[TrainingImage], cap: float)
             else:
                 missed += 1
                 scores.append(cap)
-    return {"mean_error": float(np.mean(errors)) if errors else float("nan"),
-            "median_error": float(np.median(errors)) if errors else float("nan"),
-            "missed": float(missed), "score": float(np.mean(scores))}
+    return {
+        "mean_error": float(np.mean(errors)) if errors else float("nan"),
+        "median_error": float(np.median(errors)) if errors else float("nan"),
+        "missed": float(missed),
+        "score": float(np.mean(scores)),
+    }
 
 
-def _sample_batch(stage: StageSettings, items: list[TrainingImage], iteration: int, rank: int,
-                  permutation: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sample_batch(
+    stage: StageSettings, items: list[TrainingImage], iteration: int, rank: int, permutation: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch, a pure function of (seed, iteration, rank): (inputs, landmark grid indices, present)."""
     samples, indices = [], []
     for slot in range(stage.training.batch_size):
         generator = torch.Generator().manual_seed(
-            ((stage.training.seed * 1_000_003 + iteration) * 64 + rank) * 1024 + slot)
+            ((stage.training.seed * 1_000_003 + iteration) * 64 + rank) * 1024 + slot
+        )
         item = items[int(torch.randint(len(items), (), generator=generator))]
         points = item.landmarks.points_lps
         center = None
@@ -177,8 +201,16 @@ def _sample_batch(stage: StageSettings, items: list[TrainingImage], iteration: i
             chosen = points[present[int(torch.randint(len(present), (), generator=generator))]]
             offset = (torch.rand(len(chosen), generator=generator, dtype=torch.float64) * 2.0 - 1.0).numpy()
             center = chosen + offset * stage.patch_offset_mm
-        sample, index, _ = augmented_sample(item.prepared, points, stage.grid.size, stage.grid.spacing,
-                                            stage.augmentation, generator, permutation, center_lps=center)
+        sample, index, _ = augmented_sample(
+            item.prepared,
+            points,
+            stage.grid.size,
+            stage.grid.spacing,
+            stage.augmentation,
+            generator,
+            permutation,
+            center_lps=center,
+        )
         samples.append(sample)
         indices.append(index)
     index = torch.stack(indices)
@@ -229,8 +261,15 @@ class StageTrainer:
         ModelFileError: `initial_model` is unreadable or was not made for this stage.
     """
 
-    def __init__(self, settings: StageSettings, context: RunContext, dimension: int, names: list[str],
-                 initial_model: Path | None = None, initial_best: float = math.inf):
+    def __init__(
+        self,
+        settings: StageSettings,
+        context: RunContext,
+        dimension: int,
+        names: list[str],
+        initial_model: Path | None = None,
+        initial_best: float = math.inf,
+    ):
         self.settings = settings
         self.context = context
         self.dimension = dimension
@@ -271,12 +310,19 @@ class StageTrainer:
         def design(values: dict) -> dict:
             return {k: v for k, v in values.items() if k not in TRAINING_ONLY_PARAMS}
 
-        mismatches = [what for what, ours, base in (
-            ("architecture", self.settings.model.architecture, theirs.architecture),
-            ("network parameters", design(self.params), design(theirs.params))) if ours != base]
+        mismatches = [
+            what
+            for what, ours, base in (
+                ("architecture", self.settings.model.architecture, theirs.architecture),
+                ("network parameters", design(self.params), design(theirs.params)),
+            )
+            if ours != base
+        ]
         if mismatches:
-            raise ModelFileError(f"{path}: cannot start training from this model: its {name} stage's "
-                                 f"{', '.join(mismatches)} differ from the configuration's")
+            raise ModelFileError(
+                f"{path}: cannot start training from this model: its {name} stage's "
+                f"{', '.join(mismatches)} differ from the configuration's"
+            )
         source = loaded.coarse if name == "coarse" else loaded.refinement
         base_names = list(description.landmark_names)
         if base_names == names:
@@ -290,8 +336,9 @@ class StageTrainer:
             for i, landmark in enumerate(names):
                 if landmark in base_names:
                     sigmas[i] = source.sigmas[base_names.index(landmark)]
-            log.info("starting the %s stage from the local-appearance weights of %s (other landmarks: new heads)",
-                     name, path)
+            log.info(
+                "starting the %s stage from the local-appearance weights of %s (other landmarks: new heads)", name, path
+            )
         with torch.no_grad():
             self.trainable.sigmas.log_sigma.copy_(sigmas.to(self.trainable.sigmas.log_sigma).log())
 
@@ -307,8 +354,12 @@ class StageTrainer:
             self.best_score = float(state["best_score"])
             self.best_validation = state.get("best_validation") or None
             self.history = list(state.get("history", []))
-            log.info("resuming the %s stage of %s at iteration %d", self.settings.name, self.context.output_dir,
-                     self.iteration)
+            log.info(
+                "resuming the %s stage of %s at iteration %d",
+                self.settings.name,
+                self.context.output_dir,
+                self.iteration,
+            )
         elif self.settings.name == "coarse":
             raise DataError(f"{self.checkpoint_path}: no checkpoint to resume from")
 
@@ -318,32 +369,48 @@ class StageTrainer:
 
     def description(self) -> StageDescription:
         settings = self.settings
-        return StageDescription(settings.model.architecture, self.params, tuple(settings.grid.size),
-                                tuple(settings.grid.spacing),
-                                tuple(float(s) for s in self.trainable.sigmas().detach().cpu()),
-                                settings.heatmap.resolved_gamma(self.dimension))
+        return StageDescription(
+            settings.model.architecture,
+            self.params,
+            tuple(settings.grid.size),
+            tuple(settings.grid.spacing),
+            tuple(float(s) for s in self.trainable.sigmas().detach().cpu()),
+            settings.heatmap.resolved_gamma(self.dimension),
+        )
 
     def save_checkpoint(self) -> None:
         if not self.context.main_process:
             return
         with atomic_output(self.checkpoint_path) as temporary:
-            torch.save({"iteration": self.iteration, "trainable": self.trainable.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "best_score": self.best_score, "best_validation": self.best_validation or {},
-                        "history": self.history}, temporary)
+            torch.save(
+                {
+                    "iteration": self.iteration,
+                    "trainable": self.trainable.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "best_score": self.best_score,
+                    "best_validation": self.best_validation or {},
+                    "history": self.history,
+                },
+                temporary,
+            )
 
     def _stopped(self, reason: str) -> TrainingError:
         return TrainingError(
             f"{reason} at iteration {self.iteration + 1} of the {self.settings.name} stage; training stopped. The "
             f"last good checkpoint ({self.checkpoint_path}) is kept: lower training.learning_rate and resume "
-            "with --resume.")
+            "with --resume."
+        )
 
     def steps(self, items: list[TrainingImage], permutation: list[int] | None) -> Iterator[dict[str, Any]]:
         """Optimise to the configured number of iterations, yielding each iteration's figures."""
         context, settings, training = self.context, self.settings, self.settings.training
         device_ids = [context.device.index] if context.device.type == "cuda" else None
-        model = (nn.parallel.DistributedDataParallel(self.trainable, device_ids=device_ids)
-                 if context.distributed else self.trainable)
+        model = (
+            nn.parallel.DistributedDataParallel(self.trainable, device_ids=device_ids)
+            if context.distributed
+            else self.trainable
+        )
         gamma = settings.heatmap.resolved_gamma(self.dimension)
         autocast = context.device.type == "cuda" and training.mixed_precision
         started, started_iteration = time.perf_counter(), self.iteration
@@ -355,8 +422,9 @@ class StageTrainer:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 output, sigma = model(inputs)
             targets = gaussian_heatmaps(index, present, settings.grid.size, settings.grid.spacing, sigma, gamma)
-            loss, heatmap_term = heatmap_loss(output.final, targets, present, settings.grid.spacing, sigma,
-                                              settings.heatmap)
+            loss, heatmap_term = heatmap_loss(
+                output.final, targets, present, settings.grid.spacing, sigma, settings.heatmap
+            )
             if not torch.isfinite(loss):
                 raise self._stopped(f"the loss became {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -368,10 +436,16 @@ class StageTrainer:
             self.scheduler.step()
             self.iteration += 1
             elapsed = time.perf_counter() - started
-            yield {"stage": settings.name, "iteration": self.iteration, "iterations": training.iterations,
-                   "loss": loss.item(), "heatmap_loss": heatmap_term.item(), "mean_sigma": sigma.mean().item(),
-                   "learning_rate": self.optimizer.param_groups[0]["lr"],
-                   "eta_s": elapsed / (self.iteration - started_iteration) * (training.iterations - self.iteration)}
+            yield {
+                "stage": settings.name,
+                "iteration": self.iteration,
+                "iterations": training.iterations,
+                "loss": loss.item(),
+                "heatmap_loss": heatmap_term.item(),
+                "mean_sigma": sigma.mean().item(),
+                "learning_rate": self.optimizer.param_groups[0]["lr"],
+                "eta_s": elapsed / (self.iteration - started_iteration) * (training.iterations - self.iteration),
+            }
 
     def record(self, validation: dict[str, float]) -> bool:
         """Add a validation to the history; True when it is the best so far."""
@@ -382,16 +456,28 @@ class StageTrainer:
         return False
 
     def result(self) -> TrainingResult:
-        return TrainingResult(self.iteration, self.best_validation["mean_error"] if self.best_validation else None,
-                              self.context.output_dir / BEST_MODEL, self.history, self.best_score)
+        return TrainingResult(
+            self.iteration,
+            self.best_validation["mean_error"] if self.best_validation else None,
+            self.context.output_dir / BEST_MODEL,
+            self.history,
+            self.best_score,
+        )
 
 
 class TrainingRun:
     """A training run: configuration, dataset, validation images and the stages trained so far,
     which it validates and writes as model files."""
 
-    def __init__(self, config: Config, spec: DatasetSpec, context: RunContext, unit: str,
-                 validation_items: list[TrainingImage], mean: MeanConfiguration):
+    def __init__(
+        self,
+        config: Config,
+        spec: DatasetSpec,
+        context: RunContext,
+        unit: str,
+        validation_items: list[TrainingImage],
+        mean: MeanConfiguration,
+    ):
         self.config = config
         self.mean = mean  # the canonical pose detection brings images into
         self.spec = spec
@@ -405,18 +491,32 @@ class TrainingRun:
         config = self.config
         refinement = self.stages.get("refinement")
         return ModelDescription(
-            dimension=config.dimension, landmark_names=tuple(self.spec.landmark_names), unit=self.unit,
-            intensity=config.intensity, inference=config.inference, coarse=self.stages["coarse"].description(),
-            refinement=None if refinement is None else refinement.description(), in_channels=1,
-            provenance={"dataset": str(self.spec.path), "iterations": iteration, "library_version": __version__,
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "config": config_to_dict(config)},
-            validation=validation or {}, mean_configuration=self.mean)
+            dimension=config.dimension,
+            landmark_names=tuple(self.spec.landmark_names),
+            unit=self.unit,
+            intensity=config.intensity,
+            inference=config.inference,
+            coarse=self.stages["coarse"].description(),
+            refinement=None if refinement is None else refinement.description(),
+            in_channels=1,
+            provenance={
+                "dataset": str(self.spec.path),
+                "iterations": iteration,
+                "library_version": __version__,
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "config": config_to_dict(config),
+            },
+            validation=validation or {},
+            mean_configuration=self.mean,
+        )
 
     def _loaded(self, iteration: int, validation: dict | None) -> LoadedModel:
         refinement = self.stages.get("refinement")
-        return LoadedModel(self.description(iteration, validation), self.stages["coarse"].stage(),
-                           None if refinement is None else refinement.stage())
+        return LoadedModel(
+            self.description(iteration, validation),
+            self.stages["coarse"].stage(),
+            None if refinement is None else refinement.stage(),
+        )
 
     def export(self, path: Path, iteration: int, validation: dict | None) -> None:
         loaded = self._loaded(iteration, validation)
@@ -435,9 +535,15 @@ class TrainingRun:
             stage.trainable.train()
         return scores
 
-    def train_stage(self, stage: StageTrainer, items: list[TrainingImage], permutation: list[int] | None,
-                    progress: Callable[[dict[str, Any]], None] | None, cancel: Cancel | None,
-                    deadline: float | None = None) -> TrainingResult:
+    def train_stage(
+        self,
+        stage: StageTrainer,
+        items: list[TrainingImage],
+        permutation: list[int] | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        cancel: Cancel | None,
+        deadline: float | None = None,
+    ) -> TrainingResult:
         """Run one stage to its end, validating, exporting the best model and checkpointing on the way.
 
         Args:
@@ -465,11 +571,17 @@ class TrainingRun:
                 progress(info)
             if cancel is not None and cancel():
                 stage.save_checkpoint()
-                raise Cancelled(f"training cancelled at iteration {iteration} of the {stage.settings.name} stage; "
-                                "resume with --resume")
+                raise Cancelled(
+                    f"training cancelled at iteration {iteration} of the {stage.settings.name} stage; "
+                    "resume with --resume"
+                )
             if out_of_time:
-                log.info("time budget spent: the %s stage ends at iteration %d of %d", stage.settings.name,
-                         iteration, training.iterations)
+                log.info(
+                    "time budget spent: the %s stage ends at iteration %d of %d",
+                    stage.settings.name,
+                    iteration,
+                    training.iterations,
+                )
                 break
         return stage.result()
 
@@ -478,9 +590,14 @@ def _has_refinement(path: Path) -> bool:
     return read_description(path).refinement is not None
 
 
-def train(config: Config, resume: bool = False, device: str = "auto",
-          progress: Callable[[dict[str, Any]], None] | None = None, cancel: Cancel | None = None,
-          time_budget_s: float | None = None) -> TrainingResult:
+def train(
+    config: Config,
+    resume: bool = False,
+    device: str = "auto",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cancel: Cancel | None = None,
+    time_budget_s: float | None = None,
+) -> TrainingResult:
     """Train a model as `config` says: the coarse SCN, then the optional refinement stage.
 
     Writes config.toml, checkpoint.pt (checkpoint_refinement.pt), model.safetensors (best on
@@ -507,8 +624,10 @@ def train(config: Config, resume: bool = False, device: str = "auto",
     if context.main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, config.output_dir / "config.toml")
-    mean = mean_configuration([item.landmarks for item in training_items],
-                              f"mean of the annotated landmarks of the {len(training_items)} training images")
+    mean = mean_configuration(
+        [item.landmarks for item in training_items],
+        f"mean of the annotated landmarks of the {len(training_items)} training images",
+    )
     if config.initial_model is not None:
         # Fine-tuning keeps the base's canonical pose: the network was trained in it.
         base = read_description(config.initial_model)
@@ -528,10 +647,17 @@ def train(config: Config, resume: bool = False, device: str = "auto",
         for item in training_items:
             item.prepared = prepare_image(item.image, settings.grid.spacing, config.intensity, context.device)
         starts_from_file = config.initial_model is not None and (
-            settings.name == "coarse" or _has_refinement(config.initial_model))
+            settings.name == "coarse" or _has_refinement(config.initial_model)
+        )
         initial_model = config.initial_model if starts_from_file else None
-        stage = StageTrainer(settings, context, config.dimension, names, initial_model,
-                             initial_best=result.best_score if result is not None else math.inf)
+        stage = StageTrainer(
+            settings,
+            context,
+            config.dimension,
+            names,
+            initial_model,
+            initial_best=result.best_score if result is not None else math.inf,
+        )
         if resume:
             stage.resume()  # the checkpoint overrides the initial model
         run.stages[settings.name] = stage

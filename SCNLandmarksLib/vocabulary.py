@@ -41,5 +41,6 @@ class HeatmapKind(StrEnum):
 
     def label(self) -> str:
         """What to call this kind in a list (Slicer's parameter-node combo boxes call `label()`)."""
-        return {"final": "final (SCN output)", "local": "local appearance",
-                "spatial": "spatial configuration"}[self.value]
+        return {"final": "final (SCN output)", "local": "local appearance", "spatial": "spatial configuration"}[
+            self.value
+        ]

@@ -21,6 +21,7 @@ from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
 from SCNLandmarksLib.train import TrainingResult, train
 
+
 @pytest.fixture(scope="session", autouse=True)
 def user_models_folder(tmp_path_factory) -> Path:
     """The user models folder of the whole session (and of the processes it starts): never the
@@ -51,7 +52,8 @@ def oblique_direction(dimension: int, degrees: float = 25.0, flip_axis: int = 1)
         rotation = np.array([[c, -s], [s, c]])
     else:
         rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array(
-            [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+            [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]
+        )
     flip = np.eye(dimension)
     flip[flip_axis, flip_axis] = -1.0
     return rotation @ flip
@@ -67,29 +69,56 @@ def mirror_case(image: sitk.Image, points_lps: np.ndarray) -> tuple[sitk.Image, 
 
 def tiny_config(spec: Path, output_dir: Path, dimension: int, **training) -> object:
     """A small but real SCN configuration for the synthetic datasets."""
-    grid = {"size": [32, 32], "spacing": [2.0, 2.0]} if dimension == 2 else \
-        {"size": [24, 24, 24], "spacing": [2.5, 2.5, 2.5]}
-    values = {"dataset": str(spec), "output_dir": str(output_dir), "grid": grid,
-              "heatmap": {"sigma_init": 3.0 if dimension == 2 else 4.0},
-              "augmentation": {"translation": 4.0, "rotation_deg": 10.0},
-              "model": {"params": TINY_SCN},
-              "training": {"iterations": 400 if dimension == 2 else 250, "batch_size": 4 if dimension == 2 else 2,
-                           "learning_rate": 1e-3, "validate_every": 100, "checkpoint_every": 100, **training}}
+    grid = (
+        {"size": [32, 32], "spacing": [2.0, 2.0]}
+        if dimension == 2
+        else {"size": [24, 24, 24], "spacing": [2.5, 2.5, 2.5]}
+    )
+    values = {
+        "dataset": str(spec),
+        "output_dir": str(output_dir),
+        "grid": grid,
+        "heatmap": {"sigma_init": 3.0 if dimension == 2 else 4.0},
+        "augmentation": {"translation": 4.0, "rotation_deg": 10.0},
+        "model": {"params": TINY_SCN},
+        "training": {
+            "iterations": 400 if dimension == 2 else 250,
+            "batch_size": 4 if dimension == 2 else 2,
+            "learning_rate": 1e-3,
+            "validate_every": 100,
+            "checkpoint_every": 100,
+            **training,
+        },
+    }
     return config_from_dict(values, Path("/"))
 
 
 @pytest.fixture(scope="session")
 def dataset_2d(tmp_path_factory) -> Path:
     """2D synthetic dataset: anisotropic spacing, oblique flipped direction."""
-    return make_dataset(tmp_path_factory.mktemp("dataset2d"), dimension=2, images=12, landmarks=4,
-                        size=(64, 48), spacing=(1.0, 1.3), direction=oblique_direction(2))
+    return make_dataset(
+        tmp_path_factory.mktemp("dataset2d"),
+        dimension=2,
+        images=12,
+        landmarks=4,
+        size=(64, 48),
+        spacing=(1.0, 1.3),
+        direction=oblique_direction(2),
+    )
 
 
 @pytest.fixture(scope="session")
 def dataset_3d(tmp_path_factory) -> Path:
     """3D synthetic dataset: anisotropic spacing, oblique flipped direction."""
-    return make_dataset(tmp_path_factory.mktemp("dataset3d"), dimension=3, images=8, landmarks=4,
-                        size=(32, 30, 24), spacing=(1.5, 1.6, 2.0), direction=oblique_direction(3))
+    return make_dataset(
+        tmp_path_factory.mktemp("dataset3d"),
+        dimension=3,
+        images=8,
+        landmarks=4,
+        size=(32, 30, 24),
+        spacing=(1.5, 1.6, 2.0),
+        direction=oblique_direction(3),
+    )
 
 
 def _source_key() -> str:
@@ -158,7 +187,6 @@ def with_stored_training(path: Path, target: Path, **training) -> Path:
     config = description.provenance["config"]
     stored = {**config, "training": {**config["training"], **training}}
     if "refinement" in config:
-        stored["refinement"] = {**config["refinement"],
-                                "training": {**config["refinement"]["training"], **training}}
+        stored["refinement"] = {**config["refinement"], "training": {**config["refinement"]["training"], **training}}
     description = dataclasses.replace(description, provenance={**description.provenance, "config": stored})
     return save_model(target, description, loaded.coarse, loaded.refinement)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SCNLandmarksMRML.review import next_to_review, review_order
 from SCNLandmarksLib.bundle import read_description, save_description
-from SCNLandmarksLib.calibration import (ImageReview, auroc, fit_calibration, measure, review_summary)
+from SCNLandmarksLib.calibration import ImageReview, auroc, fit_calibration, measure, review_summary
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import ModelFileError
 from SCNLandmarksLib.geometry import ImageGeometry
@@ -24,13 +23,15 @@ from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image, write_image
 from SCNLandmarksLib.io.landmarks import read_landmarks, write_landmarks
 from SCNLandmarksLib.vocabulary import LandmarkStatus
+from SCNLandmarksMRML.review import next_to_review, review_order
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
 
 
 def occluded(image: sitk.Image, point: np.ndarray, radius_mm: float, seed: int) -> sitk.Image:
@@ -68,15 +69,15 @@ def calibrated_2d(tiny_model_2d, cases_2d, tmp_path_factory):
     """The tiny 2D model with a calibration fitted on its training images (plain and occluded)."""
     predictor = Predictor.from_file(tiny_model_2d, "cpu")
     measured = measure(predictor, cases_2d)
-    calibration = fit_calibration(predictor.landmark_names, measured.errors, measured.evidence, ("peak", "width"),
-                                  {"source": "test"})
+    calibration = fit_calibration(
+        predictor.landmark_names, measured.errors, measured.evidence, ("peak", "width"), {"source": "test"}
+    )
     path = tmp_path_factory.mktemp("calibrated") / "model.safetensors"
     save_description(tiny_model_2d, path, dataclasses.replace(predictor.description, calibration=calibration))
     return path, calibration
 
 
-def test_calibration_is_stored_read_back_and_weights_stay_untouched(tiny_model_2d, calibrated_2d, dataset_2d,
-                                                                     tmp_path):
+def test_calibration_is_stored_read_back_and_weights_stay_untouched(tiny_model_2d, calibrated_2d, dataset_2d, tmp_path):
     path, calibration = calibrated_2d
     assert read_description(path).calibration == calibration
     assert any(w > 0 for w in calibration.weights)
@@ -126,8 +127,9 @@ def test_a_calibration_for_other_landmarks_is_refused_naming_the_file(calibrated
     path, calibration = calibrated_2d
     description = read_description(path)
     other = dataclasses.replace(calibration, landmark_names=tuple(reversed(calibration.landmark_names)))
-    target = save_description(path, tmp_path / "mismatched.safetensors",
-                              dataclasses.replace(description, calibration=other))
+    target = save_description(
+        path, tmp_path / "mismatched.safetensors", dataclasses.replace(description, calibration=other)
+    )
     with pytest.raises(ModelFileError, match=r"mismatched\.safetensors: the calibration is for landmarks"):
         read_description(target)
     with pytest.raises(ModelFileError, match=r"mismatched\.safetensors"):
@@ -137,34 +139,68 @@ def test_a_calibration_for_other_landmarks_is_refused_naming_the_file(calibrated
 def test_auroc_and_review_orders():
     assert auroc(np.array([1.0, 2.0, 3.0, 4.0]), np.array([False, False, True, True])) == 1.0
     assert auroc(np.array([1.0, 1.0]), np.array([False, True])) == 0.5
-    statuses = [LandmarkStatus.DETECTED, LandmarkStatus.MOVED, LandmarkStatus.LOW_CONFIDENCE,
-                LandmarkStatus.DETECTED, LandmarkStatus.MISSING]
+    statuses = [
+        LandmarkStatus.DETECTED,
+        LandmarkStatus.MOVED,
+        LandmarkStatus.LOW_CONFIDENCE,
+        LandmarkStatus.DETECTED,
+        LandmarkStatus.MISSING,
+    ]
     expected = [2.0, 9.0, 5.0, np.nan, np.nan]
     assert review_order(expected, statuses) == [2, 0, 3]  # moved and missing points need no review
     assert next_to_review(expected, statuses, None) == 2
     assert next_to_review(expected, statuses, 2) == 0
     assert next_to_review(expected, statuses, 3) is None
     assert review_order(None, statuses) == [0, 2, 3]  # not calibrated: landmark order
-    rows = [ImageReview("a.png", 1, 4.0), ImageReview("b.png", 3, 9.0), ImageReview("c.png", None, float("nan")),
-            ImageReview("d.png", 5, 9.0)]
+    rows = [
+        ImageReview("a.png", 1, 4.0),
+        ImageReview("b.png", 3, 9.0),
+        ImageReview("c.png", None, float("nan")),
+        ImageReview("d.png", 5, 9.0),
+    ]
     assert [r.image for r in review_summary(rows)] == ["d.png", "b.png", "a.png", "c.png"]
 
 
 def test_cli_calibrate_evaluate_and_detect_summary(tiny_model_2d, dataset_2d, calibrated_2d, tmp_path):
     out = tmp_path / "calibrated.safetensors"
-    fitted = cli("calibrate", str(tiny_model_2d), str(dataset_2d), "--split", "train", "--out", str(out),
-                 "--flag-above", "1.0", "0.5", "--folds", "2", "--device", "cpu")
+    fitted = cli(
+        "calibrate",
+        str(tiny_model_2d),
+        str(dataset_2d),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--flag-above",
+        "1.0",
+        "0.5",
+        "--folds",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert fitted.returncode == 0, fitted.stderr[-2000:]
     report = json.loads(fitted.stdout)
     assert set(report["held_out"]["auroc"]) == {"> 1 mm", "> 0.5 mm"}
     assert "landmark base only" in report["evidence_compared"]
     assert read_description(out).calibration.fitted_on["thresholds"] == {"> 1 mm": 1.0, "> 0.5 mm": 0.5}
-    again = cli("calibrate", str(tiny_model_2d), str(dataset_2d), "--split", "train", "--out", str(out),
-                "--device", "cpu")
+    again = cli(
+        "calibrate", str(tiny_model_2d), str(dataset_2d), "--split", "train", "--out", str(out), "--device", "cpu"
+    )
     assert again.returncode == 2 and "would replace existing file" in again.stderr and "--overwrite" in again.stderr
 
-    evaluated = cli("evaluate", str(out), "--dataset", str(dataset_2d), "--split", "validation",
-                    "--out", str(tmp_path / "evaluation"), "--device", "cpu")
+    evaluated = cli(
+        "evaluate",
+        str(out),
+        "--dataset",
+        str(dataset_2d),
+        "--split",
+        "validation",
+        "--out",
+        str(tmp_path / "evaluation"),
+        "--device",
+        "cpu",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert set(metrics["expected_error"]["auroc"]) == {"> 1 mm", "> 0.5 mm"}
@@ -177,8 +213,18 @@ def test_cli_calibrate_evaluate_and_detect_summary(tiny_model_2d, dataset_2d, ca
     truth = spec.load_landmarks(entries)[entries[1].id]
     hidden = tmp_path / "hidden.mha"
     write_image(occluded(read_image(entries[1].image, 2), truth.points_lps[2], 6.0, 7), hidden)
-    detected = cli("detect", str(calibrated_2d[0]), *[str(e.image) for e in entries], str(hidden),
-                   "--out", str(tmp_path / "detected"), "--format", "csv", "--device", "cpu")
+    detected = cli(
+        "detect",
+        str(calibrated_2d[0]),
+        *[str(e.image) for e in entries],
+        str(hidden),
+        "--out",
+        str(tmp_path / "detected"),
+        "--format",
+        "csv",
+        "--device",
+        "cpu",
+    )
     assert detected.returncode == 0, detected.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "detected" / "summary.csv")))
     assert rows[0]["image"] == "hidden.mha" and len(rows) == 3

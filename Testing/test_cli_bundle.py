@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mirror_case, tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import mirror_case, tiny_config
 from SCNLandmarksLib.bundle import METADATA_KEY, load_model, read_description, save_model
 from SCNLandmarksLib.config import save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
 
 
 def test_model_file_is_self_describing(tiny_model_2d):
@@ -48,18 +49,34 @@ def test_model_file_is_self_describing(tiny_model_2d):
 def _version_1_header(description) -> dict:
     """The metadata as version 1 wrote it (the shipped models' format): the coarse stage's fields at
     the top level, the refinement's patch size as "patch_size"."""
-    header = {"format": "scn-landmarks-model", "format_version": 1, "architecture": description.coarse.architecture,
-              "dimension": description.dimension, "in_channels": 1, "landmark_names": list(description.landmark_names),
-              "params": description.coarse.params, "grid_spacing": list(description.coarse.grid_spacing),
-              "training_grid_size": list(description.coarse.grid_size), "unit": description.unit,
-              "intensity": {"normalization": "percentile", "low": 1.0, "high": 99.0},
-              "sigmas": list(description.coarse.sigmas), "gamma": description.coarse.gamma,
-              "inference": {"missing_below": 0.1, "low_confidence_below": 0.5, "max_grid_voxels": 48000000},
-              "provenance": {"iterations": 7}, "validation": {}}
+    header = {
+        "format": "scn-landmarks-model",
+        "format_version": 1,
+        "architecture": description.coarse.architecture,
+        "dimension": description.dimension,
+        "in_channels": 1,
+        "landmark_names": list(description.landmark_names),
+        "params": description.coarse.params,
+        "grid_spacing": list(description.coarse.grid_spacing),
+        "training_grid_size": list(description.coarse.grid_size),
+        "unit": description.unit,
+        "intensity": {"normalization": "percentile", "low": 1.0, "high": 99.0},
+        "sigmas": list(description.coarse.sigmas),
+        "gamma": description.coarse.gamma,
+        "inference": {"missing_below": 0.1, "low_confidence_below": 0.5, "max_grid_voxels": 48000000},
+        "provenance": {"iterations": 7},
+        "validation": {},
+    }
     if description.refinement is not None:
         r = description.refinement
-        header["refinement"] = {"architecture": r.architecture, "params": r.params, "patch_size": list(r.grid_size),
-                                "grid_spacing": list(r.grid_spacing), "sigmas": list(r.sigmas), "gamma": r.gamma}
+        header["refinement"] = {
+            "architecture": r.architecture,
+            "params": r.params,
+            "patch_size": list(r.grid_size),
+            "grid_spacing": list(r.grid_spacing),
+            "sigmas": list(r.sigmas),
+            "gamma": r.gamma,
+        }
     return header
 
 
@@ -100,8 +117,12 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
     truncated.write_bytes(Path(tiny_model_2d).read_bytes()[:5000])
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(3)}, str(foreign))
-    for path, problem in ((pickled, "not a readable model file"), (truncated, "not a readable model file"),
-                          (foreign, "not an SCNLandmarks model"), (tmp_path / "absent.safetensors", "not found")):
+    for path, problem in (
+        (pickled, "not a readable model file"),
+        (truncated, "not a readable model file"),
+        (foreign, "not an SCNLandmarks model"),
+        (tmp_path / "absent.safetensors", "not found"),
+    ):
         with pytest.raises(ModelFileError, match=problem) as failure:
             Predictor.from_file(path, "cpu")
         assert str(path) in str(failure.value)
@@ -111,8 +132,9 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
 def test_a_model_file_with_an_impossible_mirror_axis_is_refused(tiny_model_2d, tmp_path):
     loaded = load_model(tiny_model_2d)
     inference = dataclasses.replace(loaded.description.inference, mirror_axis=2)
-    path = save_model(tmp_path / "mirror.safetensors", dataclasses.replace(loaded.description, inference=inference),
-                      loaded.coarse)
+    path = save_model(
+        tmp_path / "mirror.safetensors", dataclasses.replace(loaded.description, inference=inference), loaded.coarse
+    )
     with pytest.raises(ModelFileError, match="inference.mirror_axis 2 is not an axis of 2D images") as failure:
         Predictor.from_file(path, "cpu")
     assert str(path) in str(failure.value)
@@ -132,8 +154,19 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
     out = tmp_path / "detected"
     for form, suffix in (("mrk.json", ".mrk.json"), ("fcsv", ".fcsv"), ("csv", ".csv")):
         # Each format run rewrites the heatmaps of the run before it, which it may only do when told to.
-        detected = cli("detect", str(model), *[str(e.image) for e in entries], "--out", str(out), "--format", form,
-                       "--heatmaps", "--device", "cpu", *(["--overwrite"] if form != "mrk.json" else []))
+        detected = cli(
+            "detect",
+            str(model),
+            *[str(e.image) for e in entries],
+            "--out",
+            str(out),
+            "--format",
+            form,
+            "--heatmaps",
+            "--device",
+            "cpu",
+            *(["--overwrite"] if form != "mrk.json" else []),
+        )
         assert detected.returncode == 0, detected.stderr[-2000:]
         assert f"[2/2] {entries[1].image}" in detected.stderr
         truth = spec.load_landmarks(entries)
@@ -154,10 +187,21 @@ def test_cli_train_detect_info_end_to_end(dataset_2d, tmp_path):
     assert f"error: {folder / 'broken.png'}: cannot read image" in batch.stderr
     assert f"{len(entries)} of {len(entries) + 1} images" in batch.stderr
     assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == sorted(
-        [f"{e.id}.mrk.json" for e in entries] + ["summary.csv"])
+        [f"{e.id}.mrk.json" for e in entries] + ["summary.csv"]
+    )
 
-    evaluated = cli("evaluate", str(model), "--dataset", str(dataset_2d), "--split", "validation",
-                    "--out", str(tmp_path / "evaluation"), "--device", "cpu")
+    evaluated = cli(
+        "evaluate",
+        str(model),
+        "--dataset",
+        str(dataset_2d),
+        "--split",
+        "validation",
+        "--out",
+        str(tmp_path / "evaluation"),
+        "--device",
+        "cpu",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     summary = json.loads(evaluated.stdout)
     metrics = json.loads(Path(summary["metrics"]).read_text())
@@ -197,8 +241,12 @@ def test_ctrl_c_during_training_leaves_a_resumable_checkpoint(dataset_2d, tmp_pa
     config = tiny_config(dataset_2d, tmp_path / "run", 2, iterations=100000, checkpoint_every=100000)
     config_path = tmp_path / "train.toml"
     save_config(config, config_path)
-    process = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "train", str(config_path), "--device",
-                                "cpu"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", "train", str(config_path), "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     deadline = time.monotonic() + 120
     while not (config.output_dir / "config.toml").exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -29,8 +29,9 @@ def test_injected_mistakes_are_each_found_and_nothing_else(tmp_path):
     # The same radiograph twice, under another id.
     shutil.copy(images / "case003.mha", images / "again.mha")
     shutil.copy(images / "case003.mrk.json", images / "again.mrk.json")
-    spec.write_text(spec.read_text() + '[[images]]\nid = "again"\nimage = "images/again.mha"\n'
-                    'landmarks = "images/again.mrk.json"\n')
+    spec.write_text(
+        spec.read_text() + '[[images]]\nid = "again"\nimage = "images/again.mha"\nlandmarks = "images/again.mrk.json"\n'
+    )
     # A point 100 voxels beyond the image's edge.
     outside = read_landmarks(images / "case005.mrk.json", dimension=2)
     outside.points_lps[2] += 100.0
@@ -42,15 +43,21 @@ def test_injected_mistakes_are_each_found_and_nothing_else(tmp_path):
     write_landmarks(LandmarkSet(swapped.names, points), images / "case007.mrk.json")
 
     found = {(f.image, f.landmark, f.kind) for f in check_dataset(spec)}
-    assert found == {("again", None, FindingKind.DUPLICATE_IMAGE), ("case005", "L3", FindingKind.OUTSIDE_IMAGE),
-                     ("case007", "L2", FindingKind.SWAPPED)}
+    assert found == {
+        ("again", None, FindingKind.DUPLICATE_IMAGE),
+        ("case005", "L3", FindingKind.OUTSIDE_IMAGE),
+        ("case007", "L2", FindingKind.SWAPPED),
+    }
 
     command = [sys.executable, "-m", "SCNLandmarksLib.cli", "dataset", "check", str(spec), "--json"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 1, run.stderr[-2000:]
     listed = json.loads(run.stdout)
     assert {(f["image"], f["landmark"], f["kind"]) for f in listed} == {
-        ("again", None, "duplicate image"), ("case005", "L3", "outside image"), ("case007", "L2", "swapped labels")}
+        ("again", None, "duplicate image"),
+        ("case005", "L3", "outside image"),
+        ("case007", "L2", "swapped labels"),
+    }
     swap = next(f for f in listed if f["kind"] == "swapped labels")
     assert "'L2' and 'L5'" in swap["message"]
 
@@ -59,9 +66,10 @@ def test_a_misplaced_point_and_a_foreign_spacing_are_found(tmp_path):
     spec = make_dataset(tmp_path, dimension=2, images=8, landmarks=6, size=(48, 40), spacing=(1.0, 1.2))
     images = tmp_path / "images"
     moved = read_landmarks(images / "case002.mrk.json", dimension=2)
-    moved.points_lps[0] += np.array([6.0, -5.0])   # inside the image, far from its landmark's place
+    moved.points_lps[0] += np.array([6.0, -5.0])  # inside the image, far from its landmark's place
     write_landmarks(moved, images / "case002.mrk.json")
     import SimpleITK as sitk
+
     coarse = sitk.ReadImage(str(images / "case004.mha"))
     coarse.SetSpacing((3.0, 3.6))
     sitk.WriteImage(coarse, str(images / "case004.mha"))

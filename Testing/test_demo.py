@@ -36,9 +36,15 @@ STATUSES = {"detected", "low confidence", "missing"}
 def run_demo(*arguments, cwd: Path) -> subprocess.CompletedProcess:
     environment = dict(os.environ)
     environment.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "demo", *map(str, arguments)], cwd=cwd,
-                          env=environment, check=False,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", "demo", *map(str, arguments)],
+        cwd=cwd,
+        env=environment,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _dataset_image(spec: Path, index: int = -1) -> Path:
@@ -148,8 +154,19 @@ def test_demo_refuses_bad_input_with_one_clear_line(tmp_path, tiny_model_2d, cap
     from SCNLandmarksLib.cli import main
 
     capsys.readouterr()
-    code = main(["demo", "--out", str(tmp_path / "out"), "--model", str(tiny_model_2d), "--image", str(volume),
-                 "--device", "cpu"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model_2d),
+            "--image",
+            str(volume),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model detects landmarks in 2D images" in lines[0] and "3D volume" in lines[0]

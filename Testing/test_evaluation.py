@@ -15,12 +15,19 @@ from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.evaluation import EvaluationResult, evaluate, write_metrics, write_report
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.landmark_set import LandmarkSet
-from SCNLandmarksLib.overlay import (CYAN, MAGENTA, PANEL_GAP, confidence_color, display_geometries_3d,
-                                     render_landmarks_png)
+from SCNLandmarksLib.overlay import (
+    CYAN,
+    MAGENTA,
+    PANEL_GAP,
+    confidence_color,
+    display_geometries_3d,
+    render_landmarks_png,
+)
 from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 
-GREEN, ORANGE, RED = (STATUS_COLORS[s] for s in (LandmarkStatus.DETECTED, LandmarkStatus.LOW_CONFIDENCE,
-                                                  LandmarkStatus.MISSING))
+GREEN, ORANGE, RED = (
+    STATUS_COLORS[s] for s in (LandmarkStatus.DETECTED, LandmarkStatus.LOW_CONFIDENCE, LandmarkStatus.MISSING)
+)
 
 NAN = np.nan
 NAMES = ["a", "b", "c"]
@@ -133,8 +140,14 @@ def test_json_round_trip(tmp_path):
     assert data == json.loads(json.dumps(r.to_json()))
     assert data["overall"]["sdr"] == {"2": 0.4, "2.5": 0.4, "3": 0.6, "4": 0.6}
     assert data["per_landmark"]["a"]["mean"] == 3.0
-    assert data["per_image"][0] == {"image": "img1", "count": 2, "missed": ["c"], "mean": 2.0,
-                                    "max": 3.0, "errors": {"a": 1.0, "b": 3.0, "c": None}}
+    assert data["per_image"][0] == {
+        "image": "img1",
+        "count": 2,
+        "missed": ["c"],
+        "mean": 2.0,
+        "max": 3.0,
+        "errors": {"a": 1.0, "b": 3.0, "c": None},
+    }
     assert data["per_image"][1]["errors"]["b"] is None
     again = EvaluationResult.from_json(data)
     assert again.to_json() == data
@@ -145,7 +158,7 @@ def test_json_round_trip(tmp_path):
 
 
 def _image_2d(size=(60, 50), spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0)):
-    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
     image = sitk.GetImageFromArray((xx * 3 + yy * 2).astype(np.float32))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -157,14 +170,23 @@ def test_report_sections_and_plots(tmp_path):
     predictions, truths = _sets()
     r = evaluate(predictions, truths)
     image = _image_2d()
-    overlays = [("img1", image, predictions["img1"], truths["img1"]),
-                ("img/2", image, predictions["img2"], truths["img2"]),
-                ("broken", image, LandmarkSet(NAMES, np.zeros((3, 3))), truths["img2"])]
+    overlays = [
+        ("img1", image, predictions["img1"], truths["img1"]),
+        ("img/2", image, predictions["img2"], truths["img2"]),
+        ("broken", image, LandmarkSet(NAMES, np.zeros((3, 3))), truths["img2"]),
+    ]
     path = write_report(r, tmp_path, overlays=overlays)
     assert path == tmp_path / "report.md"
     text = path.read_text()
-    for heading in ("# Landmark evaluation report", "## Summary", "## Per-landmark errors",
-                    "## Success detection rates", "## Worst images", "## Plots", "## Worst cases"):
+    for heading in (
+        "# Landmark evaluation report",
+        "## Summary",
+        "## Per-landmark errors",
+        "## Success detection rates",
+        "## Worst images",
+        "## Plots",
+        "## Worst cases",
+    ):
         assert heading in text
     assert "| Missed (no prediction) | 1 |" in text
     assert "| Mean ± sd error (mm) | 2.75 ± " in text
@@ -207,12 +229,15 @@ def test_markers_take_the_color_of_the_status_the_model_thresholds_give():
     assert confidence_color(None) == MAGENTA and confidence_color(float("nan")) == MAGENTA
 
 
-@pytest.mark.parametrize("direction", [
-    (1.0, 0.0, 0.0, 1.0),
-    (-1.0, 0.0, 0.0, 1.0),  # flipped x
-    (math.cos(0.5), -math.sin(0.5), math.sin(0.5), math.cos(0.5)),  # oblique
-    (0.0, 1.0, 1.0, 0.0),  # swapped axes (improper)
-])
+@pytest.mark.parametrize(
+    "direction",
+    [
+        (1.0, 0.0, 0.0, 1.0),
+        (-1.0, 0.0, 0.0, 1.0),  # flipped x
+        (math.cos(0.5), -math.sin(0.5), math.sin(0.5), math.cos(0.5)),  # oblique
+        (0.0, 1.0, 1.0, 0.0),  # swapped axes (improper)
+    ],
+)
 def test_render_2d_markers_at_mapped_pixels(tmp_path, direction):
     image = _image_2d(size=(80, 60), spacing=(0.5, 0.5), origin=(12.0, -7.0), direction=direction)
     geometry = ImageGeometry.of(image)
@@ -227,7 +252,7 @@ def test_render_2d_markers_at_mapped_pixels(tmp_path, direction):
         assert tuple(rgb[y, x]) == colour
     # The truth of c lies 12 pixels right of its prediction: a cyan ring around it, gray at centre.
     cx, cy = 35 + 12, 25
-    ring = rgb[cy - 8:cy + 9, cx - 8:cx + 9]
+    ring = rgb[cy - 8 : cy + 9, cx - 8 : cx + 9]
     assert (ring == CYAN).all(axis=-1).any()
     assert len(set(rgb[cy, cx].tolist())) == 1  # centre of the ring: gray image
     assert 0 < (rgb == GREEN).all(axis=-1).sum() < 40  # one disc only
@@ -264,9 +289,11 @@ def test_render_3d_size_and_orientation(tmp_path):
     image = _volume()
     g = ImageGeometry.of(image)
     center = g.index_to_physical(np.array([30.0, 20.0, 10.25]))  # (30, 20, 20.5) mm
-    pred = LandmarkSet(["c", "left", "ant", "sup", "far"],
-                       [center, center + [15, 0, 0], center + [0, -10, 0], center + [0, 0, 12],
-                        center + [0, 0, 30]], confidences=[0.9, 0.9, 0.4, 0.05, 0.9])
+    pred = LandmarkSet(
+        ["c", "left", "ant", "sup", "far"],
+        [center, center + [15, 0, 0], center + [0, -10, 0], center + [0, 0, 12], center + [0, 0, 30]],
+        confidences=[0.9, 0.9, 0.4, 0.05, 0.9],
+    )
     rgb = _read_png(render_landmarks_png(image, tmp_path / "v.png", pred, center_lps=center))
     # Panels: axial 60 x 40, coronal 60 x 40, sagittal 40 x 40 at 1 mm pitch.
     assert rgb.shape == (40, 60 + 60 + 40 + 2 * PANEL_GAP, 3)
@@ -281,7 +308,7 @@ def test_render_3d_size_and_orientation(tmp_path):
     assert colour(20, ax0 + 45) == GREEN
     assert colour(10, ax0 + 30) == ORANGE
     # "sup" is 12 mm off the axial plane (slab 5 mm): not drawn there.
-    assert not (rgb[:, ax0:ax0 + 60] == RED).all(axis=-1).any()
+    assert not (rgb[:, ax0 : ax0 + 60] == RED).all(axis=-1).any()
     # Coronal (col +L, row -S; row = 38.5 - z): "sup" 12 mm up; "far" lies above the image.
     assert colour(18, cor0 + 30) == GREEN
     assert colour(18, cor0 + 45) == GREEN

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config, with_stored_training
+
 from SCNLandmarksLib.autoconfig import held_aside_ids
 from SCNLandmarksLib.bundle import load_model, read_description
 from SCNLandmarksLib.cli import main
@@ -45,11 +45,26 @@ def test_finetune_derives_its_configuration_from_the_base(tiny_model_2d, trained
     assert config.refinement is None
 
 
-def test_finetune_command_writes_model_card_and_compares_on_held_aside_cases(tiny_model_2d, dataset_2d, tmp_path,
-                                                                          capsys):
+def test_finetune_command_writes_model_card_and_compares_on_held_aside_cases(
+    tiny_model_2d, dataset_2d, tmp_path, capsys
+):
     out = tmp_path / "tuned"
-    assert main(["finetune", str(tiny_model_2d), str(dataset_2d), "--out", str(out), "--iterations", "20",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(tiny_model_2d),
+                str(dataset_2d),
+                "--out",
+                str(out),
+                "--iterations",
+                "20",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     summary = _last_json_line(capsys.readouterr().out)
     assert summary["held_aside"] == 2 and summary["training_cases"] == 10
     assert summary["outcome"] in ("improved", "kept base")
@@ -81,15 +96,21 @@ def test_finetune_keeps_the_base_when_the_new_model_is_not_better(dataset_2d, tm
     """A coarse-to-fine base whose stored learning rates are 0: the run copies the base's two stages
     exactly and cannot improve on them, so the base is kept, unchanged."""
     values = config_to_dict(tiny_config(dataset_2d, tmp_path / "c2f", 2, iterations=20, validate_every=20))
-    values["refinement"] = {"grid": {"size": [16, 16], "spacing": [0.5, 0.5]}, "offset_mm": 3.0,
-                            "heatmap": {"sigma_init": 1.0},
-                            "model": {"architecture": "unet", "params": {"filters": 8, "levels": 2, "dropout": 0.0}},
-                            "training": {"iterations": 20, "batch_size": 4, "validate_every": 20}}
+    values["refinement"] = {
+        "grid": {"size": [16, 16], "spacing": [0.5, 0.5]},
+        "offset_mm": 3.0,
+        "heatmap": {"sigma_init": 1.0},
+        "model": {"architecture": "unet", "params": {"filters": 8, "levels": 2, "dropout": 0.0}},
+        "training": {"iterations": 20, "batch_size": 4, "validate_every": 20},
+    }
     trained = train(config_from_dict(values, Path("/")), device="cpu")
     # last.safetensors holds both stages (model.safetensors only a refinement that beat the coarse SCN).
-    base = with_stored_training(trained.model_path.parent / "last.safetensors", tmp_path / "base.safetensors",
-                                 learning_rate=0.0,
-                                 sigma_learning_rate=0.0)
+    base = with_stored_training(
+        trained.model_path.parent / "last.safetensors",
+        tmp_path / "base.safetensors",
+        learning_rate=0.0,
+        sigma_learning_rate=0.0,
+    )
     assert read_description(base).refinement is not None
 
     result = finetune(base, dataset_2d, tmp_path / "out", iterations=4, device="cpu")
@@ -155,9 +176,13 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     spec = load_dataset_spec(dataset_2d)
     # A spec without splits: the command holds every fifth case aside for validation.
     unsplit = tmp_path / "unsplit.toml"
-    unsplit.write_text(dataset_2d.read_text().replace('split = "train"', "").replace('split = "validation"', "")
-                       .replace('image = "images/', f'image = "{dataset_2d.parent}/images/')
-                       .replace('landmarks = "images/', f'landmarks = "{dataset_2d.parent}/images/'))
+    unsplit.write_text(
+        dataset_2d.read_text()
+        .replace('split = "train"', "")
+        .replace('split = "validation"', "")
+        .replace('image = "images/', f'image = "{dataset_2d.parent}/images/')
+        .replace('landmarks = "images/', f'landmarks = "{dataset_2d.parent}/images/')
+    )
     out = tmp_path / "auto"
     assert main(["train", "--dataset", str(unsplit), "--out", str(out), "--minutes", "0.05", "--device", "cpu"]) == 0
     summary = _last_json_line(capsys.readouterr().out)

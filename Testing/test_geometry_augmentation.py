@@ -7,15 +7,26 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-
 from conftest import oblique_direction
+
 from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
 from SCNLandmarksLib.data.augmentation import augmented_sample, random_transform, swap_permutation
-from SCNLandmarksLib.data.preparation import (PreparedImage, prepare_image, resample_to_grid, resample_to_grids,
-                                              shrink_factors)
+from SCNLandmarksLib.data.preparation import (
+    PreparedImage,
+    prepare_image,
+    resample_to_grid,
+    resample_to_grids,
+    shrink_factors,
+)
 from SCNLandmarksLib.data.synthetic import render
-from SCNLandmarksLib.geometry import (ImageGeometry, axis_aligned_grid, covering_grid, lps_to_ras, mirror_points,
-                                      ras_to_lps)
+from SCNLandmarksLib.geometry import (
+    ImageGeometry,
+    axis_aligned_grid,
+    covering_grid,
+    lps_to_ras,
+    mirror_points,
+    ras_to_lps,
+)
 from SCNLandmarksLib.heatmaps import refine_peaks
 
 CASES = {
@@ -65,8 +76,9 @@ def test_a_mirrored_geometry_puts_every_voxel_at_its_mirror_point():
         back = mirrored.mirrored(axis, center)
         np.testing.assert_allclose(back.index_to_physical_matrix, geometry.index_to_physical_matrix, atol=1e-12)
     points = np.array([[1.0, 2.0, 3.0], [np.nan, np.nan, np.nan]])
-    np.testing.assert_array_equal(mirror_points(points, 0, np.array([10.0, 0.0, 0.0])),
-                                  [[19.0, 2.0, 3.0], [np.nan, np.nan, np.nan]])
+    np.testing.assert_array_equal(
+        mirror_points(points, 0, np.array([10.0, 0.0, 0.0])), [[19.0, 2.0, 3.0], [np.nan, np.nan, np.nan]]
+    )
 
 
 def test_covering_grid_contains_every_voxel_centre():
@@ -107,8 +119,10 @@ def coordinate_images(case: str) -> tuple[list[PreparedImage], ImageGeometry]:
     geometry = ImageGeometry(size, spacing, tuple(np.linspace(-20.0, 30.0, d)), tuple(oblique_direction(d).ravel()))
     index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
     physical = geometry.index_to_physical(index)
-    images = [PreparedImage(torch.as_tensor(physical[..., axis], dtype=torch.float32)[None], geometry, 0.0)
-              for axis in range(d)]
+    images = [
+        PreparedImage(torch.as_tensor(physical[..., axis], dtype=torch.float32)[None], geometry, 0.0)
+        for axis in range(d)
+    ]
     return images, geometry
 
 
@@ -142,9 +156,18 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
     d = geometry.dimension
     centre = geometry.index_to_physical((np.asarray(geometry.size) - 1) / 2.0)
     points = centre + np.random.default_rng(2).uniform(-6.0, 6.0, (5, d))
-    config = AugmentationConfig(translation=5.0, rotation_deg=20.0, scale=0.15, scale_per_axis=0.1, flip_axis=0,
-                                flip_probability=0.5, elastic_mm=1.5, elastic_control_spacing_mm=20.0,
-                                intensity_shift=0.0, intensity_scale=0.0)
+    config = AugmentationConfig(
+        translation=5.0,
+        rotation_deg=20.0,
+        scale=0.15,
+        scale_per_axis=0.1,
+        flip_axis=0,
+        flip_probability=0.5,
+        elastic_mm=1.5,
+        elastic_control_spacing_mm=20.0,
+        intensity_shift=0.0,
+        intensity_scale=0.0,
+    )
     grid_size, grid_spacing = (40,) * d, (1.25,) * d
     mirrored = set()
     for seed in range(6):
@@ -168,6 +191,7 @@ def test_inverse_of_the_elastic_transform_is_exact():
     q = transform.output_positions(points, grid)
     # Forward-map q with the same interpolation the sampler uses: p = A (q + u(q)).
     from SCNLandmarksLib.data.augmentation import displacement_at
+
     moved = q + displacement_at(transform.displacement, grid, q)
     affine = transform.affine
     back = moved @ affine[:d, :d].T + affine[:d, d]
@@ -180,10 +204,12 @@ def test_mirrored_samples_swap_left_right_landmarks():
     image, point = blob_image("2d")
     prepared = prepare_image(image, (1.0, 1.0), IntensityConfig())
     points = np.stack([point + [-6.0, 0.0], point + [6.0, 0.0], point])
-    config = AugmentationConfig(translation=0.0, rotation_deg=0.0, scale=0.0, scale_per_axis=0.0, flip_axis=0,
-                                flip_probability=1.0)
-    _, index, grid = augmented_sample(prepared, points, (64, 64), (1.0, 1.0), config, torch.Generator().manual_seed(0),
-                                      flip_permutation=[1, 0, 2])
+    config = AugmentationConfig(
+        translation=0.0, rotation_deg=0.0, scale=0.0, scale_per_axis=0.0, flip_axis=0, flip_probability=1.0
+    )
+    _, index, grid = augmented_sample(
+        prepared, points, (64, 64), (1.0, 1.0), config, torch.Generator().manual_seed(0), flip_permutation=[1, 0, 2]
+    )
     # After the mirror the channel "L_eye" holds the landmark that now lies on the left side again.
     assert index[0, 0] < index[2, 0] < index[1, 0]
 

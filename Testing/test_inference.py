@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import mirror_case
+
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
@@ -57,8 +57,9 @@ def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d)
     assert all(s == "detected" for s in prediction.status[1:]) and min(prediction.landmarks.confidences[1:]) > 0.6
 
 
-def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(tiny_model_2d, mirror_model_2d,
-                                                                                 case_2d):
+def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
+    tiny_model_2d, mirror_model_2d, case_2d
+):
     image, truth = case_2d
     mirror_image, mirror_truth = mirror_case(image, truth.points_lps)
     predictor = Predictor.from_file(tiny_model_2d, "cpu")
@@ -77,8 +78,13 @@ def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
     for k in range(4):
         heatmap = found.heatmap("final", k)
         peak = np.unravel_index(np.argmax(sitk.GetArrayViewFromImage(heatmap)), heatmap.GetSize()[::-1])[::-1]
-        assert np.linalg.norm(ImageGeometry.of(mirror_image).index_to_physical(np.array(peak, dtype=float))
-                              - found.landmarks.points_lps[k]) < 2.0
+        assert (
+            np.linalg.norm(
+                ImageGeometry.of(mirror_image).index_to_physical(np.array(peak, dtype=float))
+                - found.landmarks.points_lps[k]
+            )
+            < 2.0
+        )
     # The image as given is more confident than its mirror image, so it is kept.
     direct = predictor.predict(image)
     assert not direct.mirrored and "mirror" in direct.timings
@@ -139,8 +145,9 @@ def test_progress_cancel_and_dimension_errors(tiny_model_2d, tiny_model_3d, case
         predictor.predict(image).heatmap()
 
 
-def test_batch_mode_gives_the_single_image_results_in_order_and_survives_a_bad_file(tiny_model_2d, dataset_2d,
-                                                                                     tmp_path):
+def test_batch_mode_gives_the_single_image_results_in_order_and_survives_a_bad_file(
+    tiny_model_2d, dataset_2d, tmp_path
+):
     import torch
 
     spec = load_dataset_spec(dataset_2d)

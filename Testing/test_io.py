@@ -14,8 +14,15 @@ import SimpleITK as sitk
 
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras
-from SCNLandmarksLib.io import (read_image, read_landmarks, read_landmarks_csv, spacing_unit, write_image,
-                                write_landmarks, write_landmarks_csv)
+from SCNLandmarksLib.io import (
+    read_image,
+    read_landmarks,
+    read_landmarks_csv,
+    spacing_unit,
+    write_image,
+    write_landmarks,
+    write_landmarks_csv,
+)
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_DIR = Path("/work/shared/data/afids")
@@ -35,8 +42,7 @@ def rotation_2d(a: float) -> np.ndarray:
     return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
 
 
-OBLIQUE_3D = ImageGeometry((6, 5, 4), (0.7, 1.3, 2.1), (-12.5, 30.25, 7.0),
-                           tuple(rotation_3d(0.3, -0.2, 0.5).ravel()))
+OBLIQUE_3D = ImageGeometry((6, 5, 4), (0.7, 1.3, 2.1), (-12.5, 30.25, 7.0), tuple(rotation_3d(0.3, -0.2, 0.5).ravel()))
 OBLIQUE_2D = ImageGeometry((40, 30), (0.15, 0.35), (4.0, -9.5), tuple(rotation_2d(0.4).ravel()))
 
 
@@ -146,11 +152,16 @@ def test_dicom_series_directory_reads_as_3d(tmp_path):
         image = sitk.GetImageFromArray(array[k])
         image.SetSpacing(spacing[:2])
         tags = {
-            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.98", "0020|000e": series_uid,
-            "0020|0013": str(k + 1), "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.98",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
             "0020|0032": "\\".join(str(v) for v in (origin[0], origin[1], origin[2] + k * spacing[2])),
-            "0018|0050": str(spacing[2]), "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+            "0018|0050": str(spacing[2]),
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
         }
         for tag, value in tags.items():
             image.SetMetaData(tag, value)
@@ -198,9 +209,10 @@ def test_missing_and_corrupt_files_raise_data_error(tmp_path):
         read_image(missing)
     assert str(missing) in str(error.value)
 
-    for name, content in (("broken.png", b"\x89PNG\r\n\x1a\nnot really a png"),
-                          ("broken.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\n"
-                                          b"encoding: raw\n\n\x00\x01")):
+    for name, content in (
+        ("broken.png", b"\x89PNG\r\n\x1a\nnot really a png"),
+        ("broken.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n\x00\x01"),
+    ):
         corrupt = tmp_path / name
         corrupt.write_bytes(content)
         with pytest.raises(DataError, match="cannot read image") as error:
@@ -233,14 +245,16 @@ def markups_document(system: str, points: np.ndarray, names: list[str]) -> dict:
     control_points = []
     for i, (name, point) in enumerate(zip(names, points)):
         if np.all(np.isfinite(point)):
-            control_points.append({"id": str(i + 1), "label": name, "position": list(point),
-                                   "positionStatus": "defined"})
+            control_points.append(
+                {"id": str(i + 1), "label": name, "position": list(point), "positionStatus": "defined"}
+            )
         else:  # Slicer writes missing points with an empty position string
-            control_points.append({"id": str(i + 1), "label": name, "position": "",
-                                   "positionStatus": "missing"})
-    return {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-                       "Resources/Schema/markups-schema-v1.0.3.json#",
-            "markups": [{"type": "Fiducial", "coordinateSystem": system, "controlPoints": control_points}]}
+            control_points.append({"id": str(i + 1), "label": name, "position": "", "positionStatus": "missing"})
+    return {
+        "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+        "Resources/Schema/markups-schema-v1.0.3.json#",
+        "markups": [{"type": "Fiducial", "coordinateSystem": system, "controlPoints": control_points}],
+    }
 
 
 @pytest.mark.parametrize("system", ["LPS", "RAS"])
@@ -272,19 +286,29 @@ def test_read_markups_json_reorders_and_treats_undefined_as_missing(tmp_path):
 
 
 def fcsv_text(system_line: str, points: np.ndarray, names: list[str]) -> str:
-    lines = ["# Markups fiducial file version = 4.6", system_line,
-             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
+    lines = [
+        "# Markups fiducial file version = 4.6",
+        system_line,
+        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
+    ]
     for i, (name, point) in enumerate(zip(names, points)):
         if np.all(np.isfinite(point)):
-            lines.append(f"vtkMRMLMarkupsFiducialNode_{i},{','.join(repr(float(v)) for v in point)},"
-                         f"0,0,0,1,1,1,0,{name},description {i},vtkMRMLScalarVolumeNode1")
+            lines.append(
+                f"vtkMRMLMarkupsFiducialNode_{i},{','.join(repr(float(v)) for v in point)},"
+                f"0,0,0,1,1,1,0,{name},description {i},vtkMRMLScalarVolumeNode1"
+            )
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("system_line, is_ras", [("# CoordinateSystem = 0", True),
-                                                 ("# CoordinateSystem = RAS", True),
-                                                 ("# CoordinateSystem = 1", False),
-                                                 ("# CoordinateSystem = LPS", False)])
+@pytest.mark.parametrize(
+    "system_line, is_ras",
+    [
+        ("# CoordinateSystem = 0", True),
+        ("# CoordinateSystem = RAS", True),
+        ("# CoordinateSystem = 1", False),
+        ("# CoordinateSystem = LPS", False),
+    ],
+)
 def test_read_fcsv_honours_coordinate_system(tmp_path, system_line, is_ras):
     stored = lps_to_ras(POINTS_LPS) if is_ras else POINTS_LPS
     path = tmp_path / "points.fcsv"
@@ -298,10 +322,12 @@ def test_read_fcsv_honours_coordinate_system(tmp_path, system_line, is_ras):
 
 def test_read_fcsv_honours_column_order_and_quoted_labels(tmp_path):
     path = tmp_path / "points.fcsv"
-    path.write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
-                    "# columns = label,z,y,x\n"
-                    '"Left, lateral",3,2,1\n'
-                    "Right,6,5,4\n")
+    path.write_text(
+        "# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+        "# columns = label,z,y,x\n"
+        '"Left, lateral",3,2,1\n'
+        "Right,6,5,4\n"
+    )
     landmarks = read_landmarks(path)
     assert landmarks.names == ["Left, lateral", "Right"]
     np.testing.assert_array_equal(landmarks.points_lps, [[1, 2, 3], [4, 5, 6]])
@@ -335,8 +361,9 @@ def test_read_landmarks_errors_name_the_file(tmp_path):
     assert str(unlabelled) in str(error.value)
 
     malformed = tmp_path / "malformed.fcsv"
-    malformed.write_text(fcsv_text("# CoordinateSystem = LPS", POINTS_LPS[:2], ["AC", "PC"])
-                         .replace("-4.0", "minus four"))
+    malformed.write_text(
+        fcsv_text("# CoordinateSystem = LPS", POINTS_LPS[:2], ["AC", "PC"]).replace("-4.0", "minus four")
+    )
     with pytest.raises(DataError, match="line 5") as error:
         read_landmarks(malformed)
     assert str(malformed) in str(error.value)
@@ -369,18 +396,19 @@ def test_read_landmarks_dimension(tmp_path):
 
 def test_read_landmarks_csv_physical(tmp_path):
     path = tmp_path / "table.csv"
-    path.write_text("image,landmark,x,y,confidence,annotator\n"
-                    "001,Sella,10.5,20.25,0.9,A\n"
-                    "001,Nasion,30,40,,A\n"
-                    "002,Nasion,nan,nan,,B\n"
-                    "002,Sella,1,2,0.5,B\n"
-                    "\n")
+    path.write_text(
+        "image,landmark,x,y,confidence,annotator\n"
+        "001,Sella,10.5,20.25,0.9,A\n"
+        "001,Nasion,30,40,,A\n"
+        "002,Nasion,nan,nan,,B\n"
+        "002,Sella,1,2,0.5,B\n"
+        "\n"
+    )
     sets = read_landmarks_csv(path, names=["Sella", "Nasion", "Menton"])
 
     assert list(sets) == ["001", "002"]
     assert sets["001"].names == ["Sella", "Nasion", "Menton"]
-    np.testing.assert_array_equal(sets["001"].points_lps,
-                                  [[10.5, 20.25], [30.0, 40.0], [np.nan, np.nan]])
+    np.testing.assert_array_equal(sets["001"].points_lps, [[10.5, 20.25], [30.0, 40.0], [np.nan, np.nan]])
     np.testing.assert_array_equal(sets["002"].points_lps, [[1.0, 2.0], [np.nan, np.nan], [np.nan, np.nan]])
     np.testing.assert_array_equal(sets["001"].confidences, [0.9, np.nan, np.nan])
 
@@ -467,8 +495,7 @@ def test_write_read_round_trip(tmp_path, suffix, dimension):
 
 
 def test_write_landmarks_csv_round_trip(tmp_path):
-    sets = {"case 1": example_set(3),
-            "case,2": LandmarkSet(NAMES, POINTS_LPS[::-1] * 2.0, None)}
+    sets = {"case 1": example_set(3), "case,2": LandmarkSet(NAMES, POINTS_LPS[::-1] * 2.0, None)}
     path = tmp_path / "many.csv"
     write_landmarks_csv(path, sets)
 
@@ -571,12 +598,14 @@ def test_slicer_reads_our_markups_json(tmp_path):
     assert missing == [False, False, True, False]
     assert [node.GetNthControlPointDescription(i) for i in range(len(NAMES))] == status
     for i in np.flatnonzero(landmarks.present):
-        np.testing.assert_allclose(node.GetNthControlPointPositionVector(int(i)),
-                                   lps_to_ras(landmarks.points_lps[i]), atol=1e-12)
+        np.testing.assert_allclose(
+            node.GetNthControlPointPositionVector(int(i)), lps_to_ras(landmarks.points_lps[i]), atol=1e-12
+        )
     measurement = node.GetMeasurement("confidence")
     values = measurement.GetControlPointValues()
-    np.testing.assert_array_equal([values.GetValue(i) for i in range(values.GetNumberOfValues())],
-                                  landmarks.confidences)
+    np.testing.assert_array_equal(
+        [values.GetValue(i) for i in range(values.GetNumberOfValues())], landmarks.confidences
+    )
 
 
 def test_slicer_reads_our_fcsv(tmp_path):
@@ -590,12 +619,15 @@ def test_slicer_reads_our_fcsv(tmp_path):
     assert node.GetNumberOfControlPoints() == len(present)
     assert [node.GetNthControlPointLabel(i) for i in range(len(present))] == ["a, with comma", "PC", "Tip"]
     for j, i in enumerate(present):
-        np.testing.assert_allclose(node.GetNthControlPointPositionVector(j),
-                                   lps_to_ras(landmarks.points_lps[i]), atol=1e-12)
+        np.testing.assert_allclose(
+            node.GetNthControlPointPositionVector(j), lps_to_ras(landmarks.points_lps[i]), atol=1e-12
+        )
 
 
-@pytest.mark.parametrize("suffix, storage_class", [(".mrk.json", "vtkMRMLMarkupsJsonStorageNode"),
-                                                    (".fcsv", "vtkMRMLMarkupsFiducialStorageNode")])
+@pytest.mark.parametrize(
+    "suffix, storage_class",
+    [(".mrk.json", "vtkMRMLMarkupsJsonStorageNode"), (".fcsv", "vtkMRMLMarkupsFiducialStorageNode")],
+)
 def test_we_read_files_written_by_slicer(tmp_path, suffix, storage_class):
     slicer = pytest.importorskip("slicer")
     scene = slicer.vtkMRMLScene()

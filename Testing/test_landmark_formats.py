@@ -18,8 +18,14 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras
 from SCNLandmarksLib.io import read_image, read_landmarks, read_landmarks_csv
-from SCNLandmarksLib.io.landmark_formats import (detect_format, read_isbi, read_labelme, read_landmark_file,
-                                                 read_landmark_table, read_wide_csv)
+from SCNLandmarksLib.io.landmark_formats import (
+    detect_format,
+    read_isbi,
+    read_labelme,
+    read_landmark_file,
+    read_landmark_table,
+    read_wide_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 AFIDS_DIR = Path("/work/shared/data/afids")
@@ -56,15 +62,20 @@ def oblique(tmp_path) -> tuple[sitk.Image, ImageGeometry]:
 # defect 3: an infinite coordinate is a broken file, empty or nan a missing landmark
 
 
-FCSV_HEADER = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
-               "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+FCSV_HEADER = (
+    "# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+    "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+)
 
 
 def test_infinite_coordinate_in_fcsv_names_file_line_and_landmark(tmp_path):
     path = tmp_path / "points.fcsv"
     path.write_text(FCSV_HEADER + "1,1,2,3,0,0,0,1,1,1,0,AC,,\n2,4,inf,6,0,0,0,1,1,1,0,PC,,\n")
-    with pytest.raises(DataError, match=r"points\.fcsv, line 5: column 'y' holds the infinite value 'inf' "
-                                        r"for landmark 'PC'"):
+    with pytest.raises(
+        DataError,
+        match=r"points\.fcsv, line 5: column 'y' holds the infinite value 'inf' "
+        r"for landmark 'PC'",
+    ):
         read_landmarks(path)
 
 
@@ -75,8 +86,10 @@ def test_empty_or_nan_coordinate_in_fcsv_stays_missing(tmp_path):
     assert landmarks.present.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("text, line", [("image,landmark,x,y\nA,a,1,2\nA,b,-inf,3\n", 3),
-                                        ("image,landmark,x,y,confidence\nA,a,1,2,Infinity\n", 2)])
+@pytest.mark.parametrize(
+    "text, line",
+    [("image,landmark,x,y\nA,a,1,2\nA,b,-inf,3\n", 3), ("image,landmark,x,y,confidence\nA,a,1,2,Infinity\n", 2)],
+)
 def test_infinite_value_in_csv_table_names_line_and_landmark(tmp_path, text, line):
     path = tmp_path / "table.csv"
     path.write_text(text)
@@ -92,15 +105,27 @@ def test_nan_and_empty_in_csv_table_stay_missing(tmp_path):
 
 def test_infinite_position_in_markups_json_names_line_and_landmark(tmp_path):
     path = tmp_path / "points.mrk.json"
-    document = {"@schema": "markups-schema-v1.0.3.json#", "markups": [{
-        "type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": [
-            {"label": "AC", "position": [1.0, 2.0, 3.0]},
-            {"label": "PC", "position": [4.0, math.inf, 6.0]}]}]}
+    document = {
+        "@schema": "markups-schema-v1.0.3.json#",
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": "LPS",
+                "controlPoints": [
+                    {"label": "AC", "position": [1.0, 2.0, 3.0]},
+                    {"label": "PC", "position": [4.0, math.inf, 6.0]},
+                ],
+            }
+        ],
+    }
     path.write_text(json.dumps(document, indent=2))  # writes Infinity, as Python's and VTK's JSON do
     text_lines = path.read_text().splitlines()
     line = next(i for i, text in enumerate(text_lines, 1) if '"position"' in text and "PC" in text_lines[i - 2])
-    with pytest.raises(DataError, match=rf"points\.mrk\.json, line {line}: control point 2 \(landmark 'PC'\) "
-                                        r"has the infinite position"):
+    with pytest.raises(
+        DataError,
+        match=rf"points\.mrk\.json, line {line}: control point 2 \(landmark 'PC'\) "
+        r"has the infinite position",
+    ):
         read_landmarks(path)
 
 
@@ -121,10 +146,23 @@ def test_fcsv_descriptions_name_the_points_when_labels_do_not(tmp_path, caplog):
 
 def test_markups_json_descriptions_name_the_points_when_labels_do_not(tmp_path, caplog):
     path = tmp_path / "points.mrk.json"
-    path.write_text(json.dumps({"@schema": "markups-schema-v1.0.3.json#", "markups": [{
-        "type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
-            {"label": "F-1", "description": "Nasion", "position": [1.0, 2.0, 3.0]},
-            {"label": "F-2", "description": "Sella", "position": [4.0, 5.0, 6.0]}]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "@schema": "markups-schema-v1.0.3.json#",
+                "markups": [
+                    {
+                        "type": "Fiducial",
+                        "coordinateSystem": "RAS",
+                        "controlPoints": [
+                            {"label": "F-1", "description": "Nasion", "position": [1.0, 2.0, 3.0]},
+                            {"label": "F-2", "description": "Sella", "position": [4.0, 5.0, 6.0]},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     with caplog.at_level(logging.INFO, logger="SCNLandmarksLib.io.landmarks"):
         landmarks = read_landmarks(path, names=["Sella", "Nasion"])
     np.testing.assert_array_equal(landmarks.points_lps, lps_to_ras(np.array([[4.0, 5, 6], [1, 2, 3]])))
@@ -165,31 +203,55 @@ def test_real_afids_fcsv_by_description():
 
 MARKUPS_VERSIONS = {
     # 1.0.0 (Slicer 4.11): no coordinateUnits, no measurements, positionStatus without "missing"
-    "1.0.0": {"coordinateSystem": "RAS", "controlPoints": [
-        {"id": "1", "label": "A", "description": "", "associatedNodeID": "", "position": [1.5, -2.0, 3.25],
-         "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0], "selected": True,
-         "locked": False, "visibility": True, "positionStatus": "defined"},
-        {"id": "2", "label": "B", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"}]},
+    "1.0.0": {
+        "coordinateSystem": "RAS",
+        "controlPoints": [
+            {
+                "id": "1",
+                "label": "A",
+                "description": "",
+                "associatedNodeID": "",
+                "position": [1.5, -2.0, 3.25],
+                "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+                "selected": True,
+                "locked": False,
+                "visibility": True,
+                "positionStatus": "defined",
+            },
+            {"id": "2", "label": "B", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
+        ],
+    },
     # 1.0.3 (Slicer 5.0-5.2): coordinateUnits as text, per-point measurement values, "missing"
-    "1.0.3": {"coordinateSystem": "LPS", "coordinateUnits": "mm", "controlPoints": [
-        {"id": "1", "label": "A", "position": [-1.5, 2.0, 3.25], "positionStatus": "defined"},
-        {"id": "2", "label": "B", "position": [9.0, 9.0, 9.0], "positionStatus": "missing"}],
-        "measurements": [{"name": "confidence", "enabled": True, "controlPointValues": [0.75, 0.0]}]},
+    "1.0.3": {
+        "coordinateSystem": "LPS",
+        "coordinateUnits": "mm",
+        "controlPoints": [
+            {"id": "1", "label": "A", "position": [-1.5, 2.0, 3.25], "positionStatus": "defined"},
+            {"id": "2", "label": "B", "position": [9.0, 9.0, 9.0], "positionStatus": "missing"},
+        ],
+        "measurements": [{"name": "confidence", "enabled": True, "controlPointValues": [0.75, 0.0]}],
+    },
     # 1.0.4 (current): coordinateUnits may be a DICOM code triplet
-    "1.0.4": {"coordinateSystem": "LPS", "coordinateUnits": ["mm", "UCUM", "millimeter"],
-              "fixedNumberOfControlPoints": False, "controlPoints": [
-                  {"id": "1", "label": "A", "position": [-1.5, 2.0, 3.25], "positionStatus": "defined"},
-                  {"id": "2", "label": "B", "position": "", "positionStatus": "missing"}]},
+    "1.0.4": {
+        "coordinateSystem": "LPS",
+        "coordinateUnits": ["mm", "UCUM", "millimeter"],
+        "fixedNumberOfControlPoints": False,
+        "controlPoints": [
+            {"id": "1", "label": "A", "position": [-1.5, 2.0, 3.25], "positionStatus": "defined"},
+            {"id": "2", "label": "B", "position": "", "positionStatus": "missing"},
+        ],
+    },
 }
 
 
 @pytest.mark.parametrize("version", sorted(MARKUPS_VERSIONS))
 def test_markups_json_schema_versions(tmp_path, version, caplog):
     path = tmp_path / "points.mrk.json"
-    schema = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
-              f"Schema/markups-schema-v{version}.json#")
-    path.write_text(json.dumps({"@schema": schema, "markups": [{"type": "Fiducial",
-                                                                   **MARKUPS_VERSIONS[version]}]}))
+    schema = (
+        "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
+        f"Schema/markups-schema-v{version}.json#"
+    )
+    path.write_text(json.dumps({"@schema": schema, "markups": [{"type": "Fiducial", **MARKUPS_VERSIONS[version]}]}))
     with caplog.at_level(logging.WARNING):
         landmarks = read_landmark_file(path, names=["A", "B"])
     assert landmarks.points_lps[0].tolist() == [-1.5, 2.0, 3.25]
@@ -204,11 +266,20 @@ def test_markups_json_schema_versions(tmp_path, version, caplog):
 
 
 def labelme_document(points: dict[str, tuple[float, float]], size: tuple[int, int]) -> dict:
-    shapes = [{"label": label, "points": [list(point)], "group_id": None, "shape_type": "point", "flags": {}}
-              for label, point in points.items()]
+    shapes = [
+        {"label": label, "points": [list(point)], "group_id": None, "shape_type": "point", "flags": {}}
+        for label, point in points.items()
+    ]
     shapes.append({"label": "jaw", "points": [[1, 1], [5, 1], [5, 5]], "shape_type": "polygon", "flags": {}})
-    return {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": "image.png", "imageData": None,
-            "imageHeight": size[1], "imageWidth": size[0]}
+    return {
+        "version": "5.0.1",
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": "image.png",
+        "imageData": None,
+        "imageHeight": size[1],
+        "imageWidth": size[0],
+    }
 
 
 def test_labelme_pixel_corner_origin_maps_to_exact_physical_position(tmp_path, oblique):
@@ -232,14 +303,21 @@ def test_labelme_errors_name_the_file(tmp_path, oblique):
     path.write_text(json.dumps(labelme_document({"Nasion": (1.0, 2.0)}, (41, 30))))
     with pytest.raises(DataError, match=r"image\.json: the annotations are for an image of 41 x 30 pixels"):
         read_labelme(path, geometry)
-    path.write_text(json.dumps(labelme_document({"Nasion": (1.0, 2.0), "Sella": (math.inf, 2.0)}, (40, 30)),
-                               indent=1))
+    path.write_text(json.dumps(labelme_document({"Nasion": (1.0, 2.0), "Sella": (math.inf, 2.0)}, (40, 30)), indent=1))
     line = [i for i, text in enumerate(path.read_text().splitlines(), 1) if '"points"' in text][1]  # Sella's
     with pytest.raises(DataError, match=rf"image\.json, line {line}: point 'Sella' has the infinite position"):
         read_labelme(path, geometry)
-    path.write_text(json.dumps(labelme_document({"Nasion": (1.0, 2.0)}, (40, 30)) | {"shapes": [
-        {"label": "Nasion", "points": [[1, 2]], "shape_type": "point"},
-        {"label": "Nasion", "points": [[3, 4]], "shape_type": "point"}]}))
+    path.write_text(
+        json.dumps(
+            labelme_document({"Nasion": (1.0, 2.0)}, (40, 30))
+            | {
+                "shapes": [
+                    {"label": "Nasion", "points": [[1, 2]], "shape_type": "point"},
+                    {"label": "Nasion", "points": [[3, 4]], "shape_type": "point"},
+                ]
+            }
+        )
+    )
     with pytest.raises(DataError, match=r"image\.json: landmark name\(s\) \['Nasion'\] occur more than once"):
         read_labelme(path, geometry)
 
@@ -259,8 +337,11 @@ def test_isbi_text_file_maps_pixels_to_exact_physical_position(tmp_path, oblique
     with pytest.raises(DataError, match=r"001\.txt: the file holds 3 points but 2 landmark names"):
         read_isbi(path, geometry, names=["Sella", "Nasion"])
     path.write_text("12,7\n3,inf\n")
-    with pytest.raises(DataError, match=r"001\.txt, line 2: column 'y' holds the infinite value 'inf' for "
-                                        r"landmark 'Nasion'"):
+    with pytest.raises(
+        DataError,
+        match=r"001\.txt, line 2: column 'y' holds the infinite value 'inf' for "
+        r"landmark 'Nasion'",
+    ):
         read_isbi(path, geometry, names=["Sella", "Nasion"])
 
 
@@ -291,8 +372,11 @@ def test_wide_csv_3d_header_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"landmarks\.csv, line 1: 3 coordinates are not 2D points"):
         read_wide_csv(path, "physical")
     path.write_text("a,1,2\nb,3,Inf\n")
-    with pytest.raises(DataError, match=r"landmarks\.csv, line 2: column 'y_0' holds the infinite value 'Inf' "
-                                        r"for landmark '0'"):
+    with pytest.raises(
+        DataError,
+        match=r"landmarks\.csv, line 2: column 'y_0' holds the infinite value 'Inf' "
+        r"for landmark '0'",
+    ):
         read_wide_csv(path, "physical")
     path.write_text("a,1,2\na,3,4\n")
     with pytest.raises(DataError, match=r"line 2: image 'a' occurs more than once"):
@@ -300,12 +384,24 @@ def test_wide_csv_3d_header_and_errors(tmp_path):
 
 
 def test_detect_format(tmp_path):
-    cases = {"a.mrk.json": '{"markups": []}', "b.json": '{"markups": []}', "c.json": '{"shapes": []}',
-             "d.fcsv": "", "e.txt": "1,2\n", "f.csv": "landmark,x,y\n"}
+    cases = {
+        "a.mrk.json": '{"markups": []}',
+        "b.json": '{"markups": []}',
+        "c.json": '{"shapes": []}',
+        "d.fcsv": "",
+        "e.txt": "1,2\n",
+        "f.csv": "landmark,x,y\n",
+    }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-    assert [detect_format(tmp_path / name) for name in cases] == ["mrk.json", "mrk.json", "labelme", "fcsv",
-                                                                  "isbi", "csv"]
+    assert [detect_format(tmp_path / name) for name in cases] == [
+        "mrk.json",
+        "mrk.json",
+        "labelme",
+        "fcsv",
+        "isbi",
+        "csv",
+    ]
     (tmp_path / "g.csv").write_text("image,landmark_index,landmark_name,x,y\n")
     assert detect_format(tmp_path / "g.csv", table=True) == "csv"
     (tmp_path / "h.json").write_text('{"points": []}')
@@ -318,23 +414,28 @@ def test_detect_format(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_spec_reads_labelme_files_and_rejects_a_table_format_for_them(tmp_path):
     image = write_oblique_image(tmp_path / "a.mha")
     (tmp_path / "a.json").write_text(json.dumps(labelme_document({"Nasion": (10.5, 20.5)}, (40, 30))))
     spec_path = tmp_path / "dataset.toml"
-    spec_path.write_text('dimension = 2\nlandmarks = ["Sella", "Nasion"]\n\n'
-                         '[[images]]\nid = "a"\nimage = "a.mha"\nlandmarks = "a.json"\n')
+    spec_path.write_text(
+        'dimension = 2\nlandmarks = ["Sella", "Nasion"]\n\n'
+        '[[images]]\nid = "a"\nimage = "a.mha"\nlandmarks = "a.json"\n'
+    )
     spec = load_dataset_spec(spec_path)
     landmarks = spec.load_landmarks(list(spec.entries))["a"]
     np.testing.assert_allclose(landmarks.points_lps[1], physical(image, (10.0, 20.0)), rtol=0, atol=1e-12)
     assert not landmarks.present[0]
 
-    spec_path.write_text('dimension = 2\nlandmarks = ["Nasion"]\nlandmarks_format = "wide-csv"\n\n'
-                         '[[images]]\nid = "a"\nimage = "a.mha"\nlandmarks = "a.json"\n')
+    spec_path.write_text(
+        'dimension = 2\nlandmarks = ["Nasion"]\nlandmarks_format = "wide-csv"\n\n'
+        '[[images]]\nid = "a"\nimage = "a.mha"\nlandmarks = "a.json"\n'
+    )
     with pytest.raises(DataError, match=r"dataset\.toml: landmarks_format 'wide-csv' is a table format"):
         load_dataset_spec(spec_path)
 
@@ -342,16 +443,17 @@ def test_spec_reads_labelme_files_and_rejects_a_table_format_for_them(tmp_path):
 def test_dataset_init_end_to_end_on_labelme_folder(tmp_path):
     images, annotations = tmp_path / "images", tmp_path / "annotations"
     images.mkdir(), annotations.mkdir()
-    truth = {"p.v1": {"Sella": (3.5, 4.5), "Nasion": (30.5, 10.5)},  # a dotted stem keeps its dots
-             "p.v2": {"Nasion": (20.0, 12.0)}}
+    truth = {
+        "p.v1": {"Sella": (3.5, 4.5), "Nasion": (30.5, 10.5)},  # a dotted stem keeps its dots
+        "p.v2": {"Nasion": (20.0, 12.0)},
+    }
     written = {stem: write_oblique_image(images / f"{stem}.mha") for stem in [*truth, "lonely"]}
     for stem, points in truth.items():
         (annotations / f"{stem}.json").write_text(json.dumps(labelme_document(points, (40, 30))))
     (annotations / "orphan.json").write_text(json.dumps(labelme_document({"Sella": (1, 1)}, (40, 30))))
     out = tmp_path / "specs" / "dataset.toml"
 
-    result = cli("dataset", "init", "--images", str(images), "--landmarks", str(annotations),
-                 "--out", str(out))
+    result = cli("dataset", "init", "--images", str(images), "--landmarks", str(annotations), "--out", str(out))
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -380,8 +482,19 @@ def test_dataset_init_end_to_end_on_labelme_folder(tmp_path):
 
     names = tmp_path / "names.txt"
     names.write_text("Nasion\nSella\nMenton\n")
-    replaced = cli("dataset", "init", "--images", str(images), "--landmarks", str(annotations), "--out", str(out),
-                   "--names", str(names), "--overwrite")
+    replaced = cli(
+        "dataset",
+        "init",
+        "--images",
+        str(images),
+        "--landmarks",
+        str(annotations),
+        "--out",
+        str(out),
+        "--names",
+        str(names),
+        "--overwrite",
+    )
     assert replaced.returncode == 0, replaced.stderr
     assert load_dataset_spec(out).landmark_names == ("Nasion", "Sella", "Menton")
     assert sorted(p.name for p in out.parent.iterdir()) == ["dataset.toml"]  # no temporary left behind
@@ -399,8 +512,9 @@ def test_dataset_init_on_a_wide_table_with_names(tmp_path):
     names.write_text("thumb\nindex finger\n")
     out = tmp_path / "dataset.toml"
 
-    result = cli("dataset", "init", "--images", str(images), "--landmarks", str(table), "--names", str(names),
-                 "--out", str(out))
+    result = cli(
+        "dataset", "init", "--images", str(images), "--landmarks", str(table), "--names", str(names), "--out", str(out)
+    )
 
     assert result.returncode == 0, result.stderr
     assert "paired: 2 (landmark format wide-csv, index coordinates)" in result.stdout
@@ -410,8 +524,9 @@ def test_dataset_init_on_a_wide_table_with_names(tmp_path):
     assert [e.id for e in spec.entries] == ["0001", "scan.v2"]
     assert spec.landmarks_csv == table and spec.csv_coordinates == "index"
     landmarks = spec.load_landmarks(list(spec.entries))["0001"]
-    np.testing.assert_allclose(landmarks.points_lps, [physical(first, (12.0, 7.0)), physical(first, (3.0, 25.0))],
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        landmarks.points_lps, [physical(first, (12.0, 7.0)), physical(first, (3.0, 25.0))], rtol=0, atol=1e-12
+    )
 
 
 def test_dataset_init_refuses_broken_files_and_writes_nothing(tmp_path):
@@ -429,8 +544,16 @@ def test_dataset_init_refuses_two_landmark_files_for_one_image(tmp_path):
     write_oblique_image(tmp_path / "a.mha")
     (tmp_path / "a.txt").write_text("1,2\n")
     (tmp_path / "a.fcsv").write_text(FCSV_HEADER)
-    result = cli("dataset", "init", "--images", str(tmp_path), "--landmarks", str(tmp_path),
-                 "--out", str(tmp_path / "dataset.toml"))
+    result = cli(
+        "dataset",
+        "init",
+        "--images",
+        str(tmp_path),
+        "--landmarks",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "dataset.toml"),
+    )
     assert result.returncode == 2
     assert "landmark files a.fcsv and a.txt have the same stem 'a'" in result.stderr
     assert not (tmp_path / "dataset.toml").exists()

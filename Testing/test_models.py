@@ -125,8 +125,18 @@ def test_unknown_param_keys_are_rejected_by_name():
         build_model("unet", 2, 1, 2, {"sc_kernel": 5})
 
 
-@pytest.mark.parametrize("bad", [{"filters": 0}, {"filters": 8.5}, {"levels": True}, {"sc_kernel": 4},
-                                 {"dropout": 1.0}, {"pad_mode": "reflect"}, {"heatmap_init_std": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"filters": 0},
+        {"filters": 8.5},
+        {"levels": True},
+        {"sc_kernel": 4},
+        {"dropout": 1.0},
+        {"pad_mode": "reflect"},
+        {"heatmap_init_std": 0},
+    ],
+)
 def test_invalid_param_values_are_rejected(bad):
     with pytest.raises(ValueError):
         build_model("scn", 2, 1, 2, bad)
@@ -190,9 +200,8 @@ def test_local_branch_translation_equivariance():
 def test_small_scn_overfits_a_gaussian_through_both_branches():
     model = build_model("scn", 2, 1, 1, dict(SMALL["scn"], filters=16, sc_filters=16, dropout=0.0))
     h, w, centre, sigma = 37, 41, (15, 22), 2.0
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
-    target = torch.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma ** 2))[None, None]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    target = torch.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))[None, None]
     image = target + 0.5 * torch.randn(1, 1, h, w)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     sc_last = [m for m in model.spatial_net if isinstance(m, torch.nn.Conv2d)][-1]

@@ -68,8 +68,10 @@ def test_the_canonical_image_is_the_same_voxels_with_a_header_mapping_points_exa
     canonical = pose.canonical_image(image)
     assert np.array_equal(sitk.GetArrayViewFromImage(canonical), sitk.GetArrayViewFromImage(image))
     index = np.array([[3.0, 7.0, 2.0], [20.5, 1.0, 11.0]])
-    assert np.allclose(pose.to_image(ImageGeometry.of(canonical).index_to_physical(index)),
-                       ImageGeometry.of(image).index_to_physical(index))
+    assert np.allclose(
+        pose.to_image(ImageGeometry.of(canonical).index_to_physical(index)),
+        ImageGeometry.of(image).index_to_physical(index),
+    )
 
 
 def moved_header(image: sitk.Image, move: Pose) -> sitk.Image:
@@ -105,8 +107,9 @@ def rotated_picture(image: sitk.Image, degrees: float) -> tuple[sitk.Image, sitk
     low, high = corners.min(axis=0), corners.max(axis=0)
     spacing = min(image.GetSpacing())
     size = [int(math.ceil(v / spacing)) + 1 for v in high - low]
-    return sitk.Resample(image, size, transform, sitk.sitkLinear, low.tolist(), (spacing, spacing), (1, 0, 0, 1),
-                         0.0), transform
+    return sitk.Resample(
+        image, size, transform, sitk.sitkLinear, low.tolist(), (spacing, spacing), (1, 0, 0, 1), 0.0
+    ), transform
 
 
 def test_a_rotated_2d_picture_gives_the_same_points(tiny_model_2d, dataset_2d):
@@ -144,8 +147,9 @@ def as_png(image: sitk.Image, factor: float) -> tuple[sitk.Image, np.ndarray]:
     size = [int(math.ceil(v * factor)) + 1 for v in corners.max(axis=0) - low]
     if factor < 1.0:
         image = sitk.SmoothingRecursiveGaussian(image, 0.5 / factor)
-    picture = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, low.tolist(), (1 / factor,) * 2,
-                            (1, 0, 0, 1), 0.0)
+    picture = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, low.tolist(), (1 / factor,) * 2, (1, 0, 0, 1), 0.0
+    )
     picture.SetOrigin((0.0, 0.0))
     picture.SetSpacing((1.0, 1.0))
     return picture, low
@@ -167,8 +171,9 @@ def test_a_picture_without_spacing_at_another_resolution_gives_the_same_points(p
 
 def test_a_model_file_without_mean_configuration_detects_in_the_image_pose(tiny_model_2d, dataset_2d, tmp_path):
     description = read_description(tiny_model_2d)
-    old = save_description(tiny_model_2d, tmp_path / "old.safetensors",
-                           dataclasses.replace(description, mean_configuration=None))
+    old = save_description(
+        tiny_model_2d, tmp_path / "old.safetensors", dataclasses.replace(description, mean_configuration=None)
+    )
     predictor = Predictor.from_file(old, "cpu")
     image, truth = validation_case(dataset_2d)
     found = predictor.predict(image)

@@ -51,8 +51,9 @@ def test_brain_landmarks_follow_a_rigidly_moved_header():
     predictor, image = _brain()
     before = predictor.predict(image).landmarks.points_lps
     a, b = math.radians(12.0), math.radians(-10.0)
-    rotation = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]) @ \
-        np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    rotation = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]) @ np.array(
+        [[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]]
+    )
     translation = np.array([30.0, -45.0, 20.0])
     moved = sitk.Image(image)
     moved.SetDirection((rotation @ np.asarray(image.GetDirection()).reshape(3, 3)).ravel().tolist())

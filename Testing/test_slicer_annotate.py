@@ -23,8 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SCNLandmarks"))
 from SCNLandmarksLib.errors import DataError  # noqa: E402
 from SCNLandmarksLib.io.landmarks import read_landmarks  # noqa: E402
 from SCNLandmarksLib.vocabulary import LandmarkStatus  # noqa: E402
-from SCNLandmarksMRML import SCNLandmarksLogic, loadVolumeFile, panel  # noqa: E402
-from SCNLandmarksMRML import annotate  # noqa: E402
+from SCNLandmarksMRML import (  # noqa: E402
+    SCNLandmarksLogic,
+    annotate,  # noqa: E402
+    loadVolumeFile,
+    panel,
+)
 from SCNLandmarksMRML.catalogue import sampleModel  # noqa: E402
 from SCNLandmarksMRML.markups import createLandmarksNode, predictionUnit  # noqa: E402
 from SCNLandmarksMRML.training import inspectTrainingFolder  # noqa: E402
@@ -59,8 +63,7 @@ def test_landmark_names_are_typed_or_read_from_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("dimension", [3, 2])
-def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as_missing(mrml, tmp_path,
-                                                                                           dimension):
+def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as_missing(mrml, tmp_path, dimension):
     logic = SCNLandmarksLogic(mrml.scene)
     volume = _volume(mrml.scene, tmp_path, dimension)
     names = ["Tip", "Base", "Left", "Right"]
@@ -68,8 +71,9 @@ def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as
     assert [node.GetNthControlPointLabel(i) for i in range(4)] == names
     assert node.GetNodeReference("SCNLandmarksInputVolume") is volume
     assert _statuses(node) == [slicer.vtkMRMLMarkupsNode.PositionUndefined] * 4
-    assert node.GetControlPointPlacementStartIndex() == 0 and annotate.annotationStatus(node).text == \
-        "Next: Tip (1 of 4)."
+    assert (
+        node.GetControlPointPlacementStartIndex() == 0 and annotate.annotationStatus(node).text == "Next: Tip (1 of 4)."
+    )
 
     # What a click in place mode does: Slicer puts the point on the placement start index; the
     # module's observer then moves that index to the next landmark.
@@ -91,7 +95,11 @@ def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as
     image, landmarks = logic.saveTrainingPair(volume, node, tmp_path / "cases")
     saved = json.loads(landmarks.read_text(encoding="utf-8"))["markups"][0]["controlPoints"]
     assert [(p["label"], p["positionStatus"]) for p in saved] == [
-        ("Tip", "defined"), ("Base", "defined"), ("Left", "missing"), ("Right", "defined")]
+        ("Tip", "defined"),
+        ("Base", "defined"),
+        ("Left", "missing"),
+        ("Right", "defined"),
+    ]
     points = read_landmarks(landmarks, names=names, dimension=dimension).points_lps
     assert np.isnan(points[2]).all() and np.isfinite(np.delete(points, 2, axis=0)).all()
     np.testing.assert_allclose(points[0], [-3.0, -4.0, z][:dimension])  # RAS in the scene, LPS in the file
@@ -109,9 +117,17 @@ def _reviewNode(scene, expected, flagged, statuses=None):
     names = [f"L{i}" for i in range(len(statuses))]
     points = np.arange(3 * len(names), dtype=float).reshape(-1, 3)
     points[[s == LandmarkStatus.MISSING for s in statuses]] = np.nan
-    return createLandmarksNode(scene, "review", names, points, np.full(len(names), 0.5), statuses,
-                               expectedErrors=None if expected is None else np.asarray(expected),
-                               flagged=None if flagged is None else np.asarray(flagged), unit="px")
+    return createLandmarksNode(
+        scene,
+        "review",
+        names,
+        points,
+        np.full(len(names), 0.5),
+        statuses,
+        expectedErrors=None if expected is None else np.asarray(expected),
+        flagged=None if flagged is None else np.asarray(flagged),
+        unit="px",
+    )
 
 
 def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mrml):
@@ -133,8 +149,9 @@ def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mr
     assert table[3].color == panel.STATUS_COLORS[LandmarkStatus.MOVED]  # flagged, but corrected already
 
     # An uncalibrated model: confidences, and the points in landmark order.
-    plain = _reviewNode(mrml.scene, None, None, [LandmarkStatus.DETECTED, LandmarkStatus.MISSING,
-                                                 LandmarkStatus.DETECTED])
+    plain = _reviewNode(
+        mrml.scene, None, None, [LandmarkStatus.DETECTED, LandmarkStatus.MISSING, LandmarkStatus.DETECTED]
+    )
     rows = logic.landmarkRows(plain)
     assert panel.tableHeaders(rows)[1] == "Confidence" and panel.tableRows(rows)[0].texts[1] == "0.50"
     assert [logic.nextToReview(plain, c) for c in (None, 0, 2)] == [0, 2, None]
@@ -143,8 +160,9 @@ def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mr
 def test_a_calibrated_models_detection_carries_its_expected_errors_to_the_table(mrml):
     entry = sampleModel()  # the shipped brain model and its bundled sample, where all points are found
     logic = SCNLandmarksLogic(mrml.scene)
-    result = logic.detectLandmarks(loadVolumeFile(mrml.scene, entry.sample), entry.path, device="cpu",
-                                   keepHeatmaps=False)
+    result = logic.detectLandmarks(
+        loadVolumeFile(mrml.scene, entry.sample), entry.path, device="cpu", keepHeatmaps=False
+    )
     rows = logic.landmarkRows(result.markupsNode)
     expected = result.prediction.landmarks.expected_errors
     assert expected is not None and len(rows) == len(result.landmarkNames)

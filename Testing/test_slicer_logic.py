@@ -36,6 +36,7 @@ MODULE_DIR = REPO / "SCNLandmarks"
 sys.path.insert(0, str(MODULE_DIR))
 
 from conftest import mirror_case  # noqa: E402
+
 from SCNLandmarksLib.bundle import ModelDescription, StageDescription  # noqa: E402
 from SCNLandmarksLib.config import InferenceConfig, IntensityConfig  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
@@ -43,10 +44,13 @@ from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
 from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
 from SCNLandmarksLib.vocabulary import STATUS_COLORS, HeatmapKind, LandmarkStatus  # noqa: E402
 from SCNLandmarksMRML import (  # noqa: E402
-    SCNLandmarksLogic, createHeadlessScene, imageFromVolumeNode,
-    loadMarkupsFile, loadVolumeFile)
-from SCNLandmarksMRML.catalogue import (  # noqa: E402
-    availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel)
+    SCNLandmarksLogic,
+    createHeadlessScene,
+    imageFromVolumeNode,
+    loadMarkupsFile,
+    loadVolumeFile,
+)
+from SCNLandmarksMRML.catalogue import availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel  # noqa: E402
 from SCNLandmarksMRML.volumes import ijkToRasArray  # noqa: E402
 
 NAMES = ["Apex", "Base", "Left", "Right"]
@@ -66,7 +70,8 @@ def _oblique_direction() -> np.ndarray:
     """A rotation about an oblique axis with one axis flipped (determinant -1)."""
     c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
     rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array(
-        [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+        [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]
+    )
     return rotation @ np.diag([1.0, -1.0, 1.0])
 
 
@@ -89,8 +94,14 @@ def files(tmp_path_factory) -> dict:
     image.SetSpacing((0.7, 1.1, 2.5))
     image.SetOrigin((10.0, -20.0, 30.0))
     image.SetDirection(_oblique_direction().ravel().tolist())
-    result = {"truth3d": np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in voxel])
-                                   if voxel else [np.nan] * 3 for voxel in VOXELS_3D])}
+    result = {
+        "truth3d": np.array(
+            [
+                image.TransformContinuousIndexToPhysicalPoint([float(v) for v in voxel]) if voxel else [np.nan] * 3
+                for voxel in VOXELS_3D
+            ]
+        )
+    }
     for suffix in ("nrrd", "nii.gz"):
         sitk.WriteImage(image, str(folder / f"oblique.{suffix}"))
         result[suffix] = folder / f"oblique.{suffix}"
@@ -114,8 +125,11 @@ def files(tmp_path_factory) -> dict:
     sitk.WriteImage(vectors, str(folder / "frames_as_vector.nrrd"))
     result["4d_vector"] = folder / "frames_as_vector.nrrd"
     # Slicer's own 4D NRRD (a sequence): the frame axis first, of kind "list".
-    sitk.WriteImage(sitk.GetImageFromArray(rng.random((6, 7, 8, 3)).astype(np.float32), isVector=True),
-                    str(folder / "sequence.nrrd"), useCompression=False)
+    sitk.WriteImage(
+        sitk.GetImageFromArray(rng.random((6, 7, 8, 3)).astype(np.float32), isVector=True),
+        str(folder / "sequence.nrrd"),
+        useCompression=False,
+    )
     raw = (folder / "sequence.nrrd").read_bytes()
     (folder / "sequence.nrrd").write_bytes(raw.replace(b"kinds: vector ", b"kinds: list ", 1))
     result["sequence"] = folder / "sequence.nrrd"
@@ -133,7 +147,9 @@ class BlobPrediction:
         self.flagged = None  # an uncalibrated model's
         self._image = image
 
-    def heatmap(self, kind: str = "final", landmark: int | None = None, scaled_per_landmark: bool = False) -> sitk.Image:
+    def heatmap(
+        self, kind: str = "final", landmark: int | None = None, scaled_per_landmark: bool = False
+    ) -> sitk.Image:
         """Gaussians around the landmarks, computed on the input image's own grid (as the library does)."""
         if kind not in list(HeatmapKind):
             raise ValueError(f"no '{kind}' heatmap")
@@ -141,7 +157,9 @@ class BlobPrediction:
         index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
         index = index.reshape(-1, len(size)).astype(np.float64)
         origin = np.asarray(self._image.GetOrigin())
-        matrix = np.asarray(self._image.GetDirection()).reshape(len(size), len(size)) @ np.diag(self._image.GetSpacing())
+        matrix = np.asarray(self._image.GetDirection()).reshape(len(size), len(size)) @ np.diag(
+            self._image.GetSpacing()
+        )
         physical = index @ matrix.T + origin
         sigma = 2.0 * max(self._image.GetSpacing())
         chosen = range(len(self.landmarks.names)) if landmark is None else [landmark]
@@ -150,7 +168,7 @@ class BlobPrediction:
         for k in chosen:
             if np.all(np.isfinite(self.landmarks.points_lps[k])):
                 d2 = np.sum((physical - self.landmarks.points_lps[k]) ** 2, axis=1)
-                values = np.maximum(values, np.exp(-d2 / (2 * sigma ** 2)) * peak)
+                values = np.maximum(values, np.exp(-d2 / (2 * sigma**2)) * peak)
         heatmap = sitk.GetImageFromArray(values.reshape(tuple(reversed(size))).astype(np.float32))
         heatmap.CopyInformation(self._image)
         return heatmap
@@ -164,8 +182,13 @@ class BlobOracle:
         self.landmark_names = list(names)
         self.device = "cpu"
         self.description = ModelDescription(
-            dimension, tuple(names), "mm", IntensityConfig(), InferenceConfig(),
-            StageDescription("scn", {}, (16,) * dimension, (1.0,) * dimension, (2.0,) * len(names), 1.0))
+            dimension,
+            tuple(names),
+            "mm",
+            IntensityConfig(),
+            InferenceConfig(),
+            StageDescription("scn", {}, (16,) * dimension, (1.0,) * dimension, (2.0,) * len(names), 1.0),
+        )
         self.confidences = confidences
         self.statuses = status
         self.calls = 0
@@ -228,7 +251,9 @@ def test_png_loads_with_slicers_geometry(mrml, files):
     assert png.GetImageData().GetDimensions() == (48, 40, 1)
     assert png.GetStorageNode().GetFileName() == str(files["png"])
     for node in (png, reference):
-        assert np.array_equal(slicer.util.arrayFromVolume(node)[0], sitk.GetArrayFromImage(sitk.ReadImage(str(files["png"]))))
+        assert np.array_equal(
+            slicer.util.arrayFromVolume(node)[0], sitk.GetArrayFromImage(sitk.ReadImage(str(files["png"])))
+        )
 
 
 @pytest.mark.parametrize("suffix", ["nrrd", "nii.gz"])
@@ -243,8 +268,12 @@ def test_volume_node_to_image_keeps_geometry(mrml, files, suffix):
     corners = [[i, j, k] for i in (0, 19) for j in (0, 21) for k in (0, 11)]
     physical = sorted(tuple(np.round(original.TransformIndexToPhysicalPoint(c), 3)) for c in corners)
     size = converted.GetSize()
-    mine = sorted(tuple(np.round(converted.TransformIndexToPhysicalPoint([i, j, k]), 3))
-                  for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1))
+    mine = sorted(
+        tuple(np.round(converted.TransformIndexToPhysicalPoint([i, j, k]), 3))
+        for i in (0, size[0] - 1)
+        for j in (0, size[1] - 1)
+        for k in (0, size[2] - 1)
+    )
     np.testing.assert_allclose(mine, physical, atol=2e-3)
     back = sitk.Resample(converted, original, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0, original.GetPixelID())
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original))
@@ -505,13 +534,30 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
 
     _assert_refused(scene, lambda: logic.detectLandmarks(None, BlobOracle(3)), DataError, "No input volume")
     _assert_refused(scene, lambda: logic.detectLandmarks(colour, BlobOracle(2)), DataError, "RGB colour image")
-    _assert_refused(scene, lambda: logic.detectLandmarks(cine, BlobOracle(3)), DataError, "vector or 4D volume \\(5 values per voxel\\)")
-    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, BlobOracle(2)), DataError,
-                    "model detects landmarks in 2D images.*3D volume")
-    _assert_refused(scene, lambda: logic.detectLandmarks(xray, BlobOracle(3)), DataError,
-                    "model detects landmarks in 3D volumes.*single 2D slice")
-    _assert_refused(scene, lambda: logic.detectLandmarks(xray, tmp_path / "nothing.safetensors"),
-                    ModelFileError, "model file not found")
+    _assert_refused(
+        scene,
+        lambda: logic.detectLandmarks(cine, BlobOracle(3)),
+        DataError,
+        "vector or 4D volume \\(5 values per voxel\\)",
+    )
+    _assert_refused(
+        scene,
+        lambda: logic.detectLandmarks(volume3d, BlobOracle(2)),
+        DataError,
+        "model detects landmarks in 2D images.*3D volume",
+    )
+    _assert_refused(
+        scene,
+        lambda: logic.detectLandmarks(xray, BlobOracle(3)),
+        DataError,
+        "model detects landmarks in 3D volumes.*single 2D slice",
+    )
+    _assert_refused(
+        scene,
+        lambda: logic.detectLandmarks(xray, tmp_path / "nothing.safetensors"),
+        ModelFileError,
+        "model file not found",
+    )
     _assert_refused(scene, lambda: logic.detectLandmarks(xray, ""), ModelFileError, "No model selected")
     empty = slicer.vtkMRMLScalarVolumeNode()
     scene.AddNode(empty)
@@ -519,12 +565,17 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
 
     # Cancelled before the model runs, and while it runs.
     oracle = BlobOracle(3)
-    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: True), Cancelled,
-                    "cancelled; nothing was changed")
+    _assert_refused(
+        scene,
+        lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: True),
+        Cancelled,
+        "cancelled; nothing was changed",
+    )
     assert oracle.calls == 0
     polls = iter([False, False, False, True, True, True, True])
-    _assert_refused(scene, lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: next(polls)),
-                    Cancelled, "cancelled")
+    _assert_refused(
+        scene, lambda: logic.detectLandmarks(volume3d, oracle, cancel=lambda: next(polls)), Cancelled, "cancelled"
+    )
     assert oracle.calls == 1
 
     # A failure while filling the new point list removes it (and its display node) again.
@@ -573,8 +624,16 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     result = logic.detectLandmarks(volume, BlobOracle(dimension))
     heatmap = logic.showHeatmap(result.markupsNode, "final", "Base", opacity=0.6)
     before = _ids(mrml.scene)
-    rendered = logic.renderOverlayPng(tmp_path / "overlay.png", volume, heatmap, result.markupsNode,
-                                      opacity=0.6, centerRas=result.pointsRas[1], sizePx=300, method=method)
+    rendered = logic.renderOverlayPng(
+        tmp_path / "overlay.png",
+        volume,
+        heatmap,
+        result.markupsNode,
+        opacity=0.6,
+        centerRas=result.pointsRas[1],
+        sizePx=300,
+        method=method,
+    )
     assert rendered.method == method
     assert _ids(mrml.scene) == before
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(rendered.path)))
@@ -584,8 +643,9 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     assert 0 <= column < picture.shape[1] and 0 <= row < picture.shape[0]
     assert abs(rendered.markers[1][2]) < 1e-6  # the slice passes through "Base"
     # The heatmap shows in heat colours (red over blue) around "Base"; without it the image is gray.
-    plain = logic.renderOverlayPng(tmp_path / "plain.png", volume, None, None, centerRas=result.pointsRas[1],
-                                   sizePx=300, method=method).rgb.astype(int)
+    plain = logic.renderOverlayPng(
+        tmp_path / "plain.png", volume, None, None, centerRas=result.pointsRas[1], sizePx=300, method=method
+    ).rgb.astype(int)
     assert np.all(np.abs(plain[..., 0] - plain[..., 2]) <= 2)
     warm = picture[..., 0].astype(int) - picture[..., 2].astype(int) > 60
     assert warm.sum() > 200
@@ -593,7 +653,7 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     assert abs(np.median(columns) - column) < 0.25 * picture.shape[1]
     assert abs(np.median(rows) - row) < 0.25 * picture.shape[0]
     # The point "Base" is drawn in the detected (green) colour, on the landmark.
-    around = picture[int(round(row)) - 2:int(round(row)) + 3, int(round(column)) - 2:int(round(column)) + 3]
+    around = picture[int(round(row)) - 2 : int(round(row)) + 3, int(round(column)) - 2 : int(round(column)) + 3]
     green = around.reshape(-1, 3).astype(int)
     assert np.any((green[:, 1] > green[:, 0] + 60) & (green[:, 1] > green[:, 2] + 60))
     if method == "numpy":
@@ -626,8 +686,12 @@ def test_real_model_3d_matches_the_library_predictor(mrml, tiny_model_3d, datase
     np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))
     assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     assert result.device == "cpu"
-    _assert_refused(mrml.scene, lambda: logic.detectLandmarks(volume, tiny_model_3d.parent / "missing.safetensors"),
-                    ModelFileError, "not found")
+    _assert_refused(
+        mrml.scene,
+        lambda: logic.detectLandmarks(volume, tiny_model_3d.parent / "missing.safetensors"),
+        ModelFileError,
+        "not found",
+    )
 
 
 def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2d, dataset_2d, tmp_path, files):
@@ -656,8 +720,12 @@ def test_real_model_2d_on_a_png_matches_the_library_predictor(mrml, tiny_model_2
     np.testing.assert_allclose(oblique.pointsRas, lps_to_ras(expected), atol=1e-3)
 
     volume3d = loadVolumeFile(mrml.scene, files["nrrd"])
-    _assert_refused(mrml.scene, lambda: logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu"), DataError,
-                    "model detects landmarks in 2D images, but 'oblique' is a 3D volume")
+    _assert_refused(
+        mrml.scene,
+        lambda: logic.detectLandmarks(volume3d, tiny_model_2d, device="cpu"),
+        DataError,
+        "model detects landmarks in 2D images, but 'oblique' is a 3D volume",
+    )
 
 
 def test_a_mirror_image_is_detected_and_the_summary_says_so(mrml, mirror_model_2d, dataset_2d, tmp_path):
@@ -712,12 +780,18 @@ def test_logic_package_imports_no_gui():
     for path in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 assert name.split(".")[0] not in ("qt", "ctk", "PythonQt"), f"{path.name} imports {name}"
-                assert not name.startswith("slicer.util") and not name.startswith("slicer.Scripted"), \
+                assert not name.startswith("slicer.util") and not name.startswith("slicer.Scripted"), (
                     f"{path.name} imports {name}"
+                )
     assert "slicer.util" not in "".join(p.read_text() for p in (MODULE_DIR / "SCNLandmarksMRML").glob("*.py"))
 
 
@@ -751,12 +825,31 @@ def test_catalogue_offers_only_shipped_models(tmp_path):
     (tmp_path / "shipped" / "model.safetensors").write_bytes(b"model bytes")
     (tmp_path / "sample.nrrd").write_bytes(b"image bytes")
     catalogue = tmp_path / "models.json"
-    catalogue.write_text(json.dumps({"models": [
-        {"name": "Shipped", "id": "ship", "file": "shipped/model.safetensors", "card": "shipped/MODEL_CARD.md",
-         "dimension": 2, "description": "a model", "sample": "sample.nrrd"},
-        {"name": "Absent", "file": "absent/model.safetensors", "url": "https://example.org/absent.safetensors",
-         "sha256": "0" * 64, "sample": "sample.nrrd"},
-        {"description": "no name, no file: skipped"}]}))
+    catalogue.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "Shipped",
+                        "id": "ship",
+                        "file": "shipped/model.safetensors",
+                        "card": "shipped/MODEL_CARD.md",
+                        "dimension": 2,
+                        "description": "a model",
+                        "sample": "sample.nrrd",
+                    },
+                    {
+                        "name": "Absent",
+                        "file": "absent/model.safetensors",
+                        "url": "https://example.org/absent.safetensors",
+                        "sha256": "0" * 64,
+                        "sample": "sample.nrrd",
+                    },
+                    {"description": "no name, no file: skipped"},
+                ]
+            }
+        )
+    )
     entries = readCatalogue(catalogue)
     assert [e.name for e in entries] == ["Shipped", "Absent"]
     shipped, absent = entries
@@ -781,7 +874,9 @@ def test_the_shipped_catalogue_and_the_module_download_nothing(monkeypatch, tmp_
     assert entries, "Resources/Models/models.json lists no model"
     for entry in entries:
         assert entry.path.is_relative_to(REPO / "Resources" / "Models"), entry.path
-        assert entry.card is None or entry.card.is_file() or not entry.available, f"shipped without its card: {entry.card}"
+        assert entry.card is None or entry.card.is_file() or not entry.available, (
+            f"shipped without its card: {entry.card}"
+        )
         assert entry.sample is None or entry.sample.is_file(), entry.sample
 
     # With every network connection failing, the catalogue lists, each shipped model loads and detects
@@ -801,8 +896,20 @@ def test_the_shipped_catalogue_and_the_module_download_nothing(monkeypatch, tmp_
             volume = loadVolumeFile(headless.scene, entry.sample)
             assert logic.detectLandmarks(volume, entry.path, device="cpu").landmarkNames
     catalogue_file = tmp_path / "models.json"
-    catalogue_file.write_text(json.dumps({"models": [{"id": "absent", "name": "Absent", "file": "absent/model.safetensors",
-                                                      "url": "https://example.org/absent.safetensors"}]}))
+    catalogue_file.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "id": "absent",
+                        "name": "Absent",
+                        "file": "absent/model.safetensors",
+                        "url": "https://example.org/absent.safetensors",
+                    }
+                ]
+            }
+        )
+    )
     absent = readCatalogue(catalogue_file)
     assert not absent[0].available and not (tmp_path / "absent").exists()
 

@@ -40,14 +40,24 @@ def test_the_version_check_names_what_is_needed_and_what_was_found():
 def _slicerLoadedFiles() -> list[Path]:
     """The module file, the MRML package the CMake installs, and the bundled library."""
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = [MODULE_DIR / item.replace("${MODULE_NAME}", "SCNLandmarks")
-              for item in re.findall(r"^\s+(\S+\.py)\s*$", text, flags=re.MULTILINE)]
+    listed = [
+        MODULE_DIR / item.replace("${MODULE_NAME}", "SCNLandmarks")
+        for item in re.findall(r"^\s+(\S+\.py)\s*$", text, flags=re.MULTILINE)
+    ]
     return listed + sorted((REPO / "SCNLandmarksLib").rglob("*.py"))
 
 
 def _vermin(target: str, paths: list[Path]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "import sys; from vermin import main; sys.exit(main())",
-               "--no-tips", "--violations", "--eval-annotations", f"-t={target}-", *map(str, paths)]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from vermin import main; sys.exit(main())",
+        "--no-tips",
+        "--violations",
+        "--eval-annotations",
+        f"-t={target}-",
+        *map(str, paths),
+    ]
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
@@ -58,8 +68,11 @@ def test_every_file_slicer_loads_runs_on_the_oldest_supported_python(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # What runs before the version check must load on the Python of older Slicers (3.9), so that
     # the check can speak; with --eval-annotations the parameter node's annotations count too.
-    early = [MODULE_DIR / "SCNLandmarks.py", MODULE_DIR / "SCNLandmarksMRML" / "__init__.py",
-             MODULE_DIR / "SCNLandmarksMRML" / "compatibility.py"]
+    early = [
+        MODULE_DIR / "SCNLandmarks.py",
+        MODULE_DIR / "SCNLandmarksMRML" / "__init__.py",
+        MODULE_DIR / "SCNLandmarksMRML" / "compatibility.py",
+    ]
     checked = _vermin("3.9", early)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # The check does fail on a newer feature (copy.replace is 3.13).
@@ -68,9 +81,11 @@ def test_every_file_slicer_loads_runs_on_the_oldest_supported_python(tmp_path):
 
 
 def test_the_compatibility_check_imports_nothing_else_of_the_package():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from SCNLandmarksMRML.compatibility import "
-            "compatibilityProblem; loaded = [m for m in sys.modules if m.startswith(('SCNLandmarks', 'torch', "
-            "'slicer', 'vtk'))]; print(loaded)")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from SCNLandmarksMRML.compatibility import "
+        "compatibilityProblem; loaded = [m for m in sys.modules if m.startswith(('SCNLandmarks', 'torch', "
+        "'slicer', 'vtk'))]; print(loaded)"
+    )
     shown = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True)
     assert shown.stdout.strip() == "['SCNLandmarksMRML', 'SCNLandmarksMRML.compatibility']"
 
@@ -85,9 +100,19 @@ def test_the_torch_requirement_is_the_librarys():
     assert torch == "torch" + dependencies.TORCH_REQUIREMENT
 
 
-@pytest.mark.parametrize("version, expected", [("2.13.0+cpu", True), ("2.2", True), ("2.2.0", True),
-                                               ("2.1.2", False), ("2.14.0", False), ("1.13.1+cu117", False),
-                                               ("2.5.0rc1", True), ("garbage", False)])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        ("2.13.0+cpu", True),
+        ("2.2", True),
+        ("2.2.0", True),
+        ("2.1.2", False),
+        ("2.14.0", False),
+        ("1.13.1+cu117", False),
+        ("2.5.0rc1", True),
+        ("garbage", False),
+    ],
+)
 def test_torch_versions_against_the_requirement(version, expected):
     assert dependencies.satisfies(version, dependencies.TORCH_REQUIREMENT) is expected
 
@@ -105,25 +130,30 @@ def test_a_too_old_torch_is_not_ready_and_is_replaced_through_pytorchutils_only(
     assert "removed first; restart Slicer" in question
 
     # Without the PyTorch extension torch is never planned (no plain-pip fallback): the message says why.
-    status = dependencies.dependencyStatus(torchVersion="", importedTorchVersion="", pytorchUtils=False,
-                                           missing=["safetensors>=0.4"])
+    status = dependencies.dependencyStatus(
+        torchVersion="", importedTorchVersion="", pytorchUtils=False, missing=["safetensors>=0.4"]
+    )
     plan = dependencies.installationPlan(status, nvidiaGpu=True)
     assert [p.name for p in plan] == ["safetensors"] and plan[0].installer == "pip"
     assert "'PyTorch' extension" in status.message and "Extensions Manager" in status.message
     assert "safetensors>=0.4" in status.message
 
     status = dependencies.dependencyStatus(torchVersion="", importedTorchVersion="", pytorchUtils=True, missing=[])
-    assert dependencies.installationPlan(status, nvidiaGpu=True)[0].size == dependencies.DOWNLOAD_SIZES[
-        "torch (CUDA build)"]
+    assert (
+        dependencies.installationPlan(status, nvidiaGpu=True)[0].size
+        == dependencies.DOWNLOAD_SIZES["torch (CUDA build)"]
+    )
 
 
 def test_a_torch_replaced_in_the_session_needs_a_restart():
-    status = dependencies.dependencyStatus(torchVersion="2.13.0", importedTorchVersion="2.1.0", pytorchUtils=True,
-                                           missing=[])
+    status = dependencies.dependencyStatus(
+        torchVersion="2.13.0", importedTorchVersion="2.1.0", pytorchUtils=True, missing=[]
+    )
     assert status.restartNeeded and not status.ready and "restart Slicer" in status.message
     assert dependencies.installationPlan(status, nvidiaGpu=False) == []
-    same = dependencies.dependencyStatus(torchVersion="2.13.0+cpu", importedTorchVersion="2.13.0+cpu",
-                                         pytorchUtils=False, missing=[])
+    same = dependencies.dependencyStatus(
+        torchVersion="2.13.0+cpu", importedTorchVersion="2.13.0+cpu", pytorchUtils=False, missing=[]
+    )
     assert same.ready and same.message == ""
 
 
@@ -160,7 +190,7 @@ def test_the_self_test_skips_with_a_reason_without_torch_and_runs_with_it():
     assert reason.startswith("Skipped:") and "PyTorch is not installed" in reason and "never install" in reason
     assert dependencies.selfTestSkipReason() == ""  # this environment has torch: the real test runs
     source = (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
-    test = source[source.index("class SCNLandmarksTest"):]
+    test = source[source.index("class SCNLandmarksTest") :]
     assert "self.skipTest(reason)" in test and "DetectionRunner(logic)" in test and "pip_install" not in test
 
 
@@ -316,8 +346,9 @@ def test_short_labels_come_from_the_catalogue_and_exports_keep_full_names(mrml, 
     assert labels[:3] == ["S", "N", "Or"] and labels[-1] == "Ar"
     assert [row.name for row in logic.landmarkRows(node)] == result.landmarkNames  # the table keeps full names
     exported = loadMarkupsFile(mrml.scene, logic.exportLandmarks(node, tmp_path / "ceph.mrk.json"))
-    assert [exported.GetNthControlPointLabel(i) for i in range(exported.GetNumberOfControlPoints())] == \
-        result.landmarkNames
+    assert [
+        exported.GetNthControlPointLabel(i) for i in range(exported.GetNumberOfControlPoints())
+    ] == result.landmarkNames
     assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == labels
     assert not logic.showShortLabels(node, False)
     assert node.GetNthControlPointLabel(0) == "Sella"
@@ -378,7 +409,7 @@ def test_the_bundled_sample_is_offered_to_sample_data_with_its_license():
     sources = sampleDataSources()
     assert len(sources) == 1
     source = sources[0]
-    assert source.uri.startswith("file://") and Path(source.uri[len("file://"):]).is_file()
+    assert source.uri.startswith("file://") and Path(source.uri[len("file://") :]).is_file()
     assert source.fileName == "MNI152NLin2009cAsym_T1w_2mm.nii.gz" and source.nodeName == "MNI152NLin2009cAsym_T1w_2mm"
     assert source.licenseFile is not None and "Louis Collins" in source.licenseFile.read_text(encoding="utf-8")
     module = (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
@@ -399,6 +430,6 @@ def test_license_and_extension_metadata_point_at_files_this_repository_holds():
         assert re.search(rf'set\({key} "[^"]+"\)', top), key
     assert 'set(SCNLandmarks_MINIMUM_SLICER_VERSION "5.10")' in top and "VERSION_LESS" in top
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    install = readme[readme.index("## Installing the module in 3D Slicer"):readme.index("## Performance")]
+    install = readme[readme.index("## Installing the module in 3D Slicer") : readme.index("## Performance")]
     assert "3D Slicer 5.10 or later" in install and "torch>=2.2,<2.14" in install
     assert "Slicer 5.10" in (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")

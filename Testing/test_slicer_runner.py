@@ -42,8 +42,15 @@ def test_threaded_detection_matches_the_synchronous_one_and_reports_progress(mrm
     result = runner.wait()
     assert not runner.running and runner.progress == (1.0, "done")
     messages = [message for _, message in reports]
-    for expected in ("loading model", "reading volume", "preparing image", "running the network",
-                     "locating landmarks", "creating landmarks", "done"):
+    for expected in (
+        "loading model",
+        "reading volume",
+        "preparing image",
+        "running the network",
+        "locating landmarks",
+        "creating landmarks",
+        "done",
+    ):
         assert any(message.startswith(expected) for message in messages), (expected, messages)
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -54,8 +61,9 @@ def test_threaded_detection_matches_the_synchronous_one_and_reports_progress(mrm
     assert logic.hasHeatmaps(result.markupsNode)
 
 
-@pytest.mark.parametrize("stage", ["loading model", "reading volume", "preparing image", "running the network",
-                                   "locating landmarks", "done"])
+@pytest.mark.parametrize(
+    "stage", ["loading model", "reading volume", "preparing image", "running the network", "locating landmarks", "done"]
+)
 def test_cancel_at_each_stage_leaves_the_scene_unchanged(mrml, volume, tiny_model_2d, stage):
     logic = SCNLandmarksLogic(mrml.scene)
     runner = DetectionRunner(logic)

@@ -18,13 +18,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SCNLandmarks"))
 
 from conftest import with_stored_training  # noqa: E402
+
 from SCNLandmarksLib.cli import main  # noqa: E402
 from SCNLandmarksLib.data.synthetic import make_dataset  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
 from SCNLandmarksLib.finetune import finetune  # noqa: E402
 from SCNLandmarksMRML import catalogue, panel  # noqa: E402
-from SCNLandmarksMRML.training import (  # noqa: E402
-    TrainingFailed, TrainingJob, checkBase, inspectTrainingFolder)
+from SCNLandmarksMRML.training import TrainingFailed, TrainingJob, checkBase, inspectTrainingFolder  # noqa: E402
 
 
 @pytest.fixture
@@ -54,7 +54,8 @@ def test_the_user_models_folder_is_per_user_and_never_the_install_folder(user_fo
 
 
 def test_a_registered_model_is_listed_after_the_shipped_ones_with_its_card_and_can_be_removed(
-        user_folder, tiny_model_2d, tmp_path):
+    user_folder, tiny_model_2d, tmp_path
+):
     shipped = catalogue.availableModels()
     card = tmp_path / "card.md"
     card.write_text("# my card\n", encoding="utf-8")
@@ -69,7 +70,7 @@ def test_a_registered_model_is_listed_after_the_shipped_ones_with_its_card_and_c
     # Files only: a fresh listing (another process, a restart) sees the same entries, after the shipped ones.
     listed = catalogue.availableModels()
     assert [e.name for e in listed] == [e.name for e in shipped] + ["My hands / v1", "My hands / v1"]
-    assert catalogue.entryForModel(entry.path) == entry and not any(e.userModel for e in listed[:len(shipped)])
+    assert catalogue.entryForModel(entry.path) == entry and not any(e.userModel for e in listed[: len(shipped)])
     choices, _ = panel.modelChoices(catalogue.allModels(), str(entry.path))
     assert any(choice.label == "My hands / v1 (your model)" for choice in choices)
 
@@ -143,8 +144,9 @@ def test_bad_training_folders_and_bases_are_named(tmp_path, dataset_2d, tiny_mod
     (other / "dataset.toml").write_text(renamed, encoding="utf-8")
     for path in (other / "images").glob("*.mrk.json"):
         path.write_text(path.read_text(encoding="utf-8").replace('"L3"', '"Tip"'), encoding="utf-8")
-    assert "other landmarks than model.safetensors (2 of 3 in common): new landmark heads" in \
-        checkBase(tiny_model_2d, inspectTrainingFolder(other))
+    assert "other landmarks than model.safetensors (2 of 3 in common): new landmark heads" in checkBase(
+        tiny_model_2d, inspectTrainingFolder(other)
+    )
     with pytest.raises(DataError, match="the base model is 3D, the cases in .* are 2D"):
         checkBase(tiny_model_3d, data)
     not_a_model = tmp_path / "base.safetensors"
@@ -190,10 +192,12 @@ def four_cases(tmp_path) -> Path:
     return folder
 
 
-def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model(user_folder, tiny_model_2d,
-                                                                                  four_cases):
-    job = TrainingJob(inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Corrected", minutes=5,
-                      device="cpu", iterations=12)
+def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model(
+    user_folder, tiny_model_2d, four_cases
+):
+    job = TrainingJob(
+        inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Corrected", minutes=5, device="cpu", iterations=12
+    )
     seen = _run(job)
     outcome = job.poll()
     assert [p.iteration for p in seen] == sorted(p.iteration for p in seen) and seen[-1].iteration == 12
@@ -210,8 +214,9 @@ def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model
 
 def test_cancel_keeps_the_best_model_so_far_and_registers_it(user_folder, tiny_model_2d, four_cases):
     # 400 iterations: without held-aside cases the newest model is kept every 40 (checkpoints).
-    job = TrainingJob(inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Stopped", minutes=5,
-                      device="cpu", iterations=400)
+    job = TrainingJob(
+        inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Stopped", minutes=5, device="cpu", iterations=400
+    )
     seen = _run(job, until=lambda progress: progress.iteration > 40)
     outcome = job.poll()
     assert outcome.cancelled and outcome.result["cancelled"] and 40 < outcome.result["iterations"]["coarse"] < 400
@@ -225,8 +230,9 @@ def test_cancel_keeps_the_best_model_so_far_and_registers_it(user_folder, tiny_m
 
 def test_a_base_that_stays_better_is_kept_and_nothing_is_added(user_folder, tiny_model_2d, dataset_2d, tmp_path):
     # A base whose stored learning rates are 0: the new model is the base again, never better.
-    base = with_stored_training(tiny_model_2d, tmp_path / "base.safetensors", learning_rate=0.0,
-                                sigma_learning_rate=0.0)
+    base = with_stored_training(
+        tiny_model_2d, tmp_path / "base.safetensors", learning_rate=0.0, sigma_learning_rate=0.0
+    )
     job = TrainingJob(inspectTrainingFolder(dataset_2d.parent), base=base, minutes=5, device="cpu", iterations=6)
     seen = _run(job)
     outcome = job.poll()
@@ -247,16 +253,25 @@ def test_a_new_landmark_set_is_trained_from_scratch_and_registered(user_folder, 
     assert job.command()[3:5] == ["train", "--dataset"]
     assert seen and seen[-1].heldAsideError is not None and not outcome.cancelled
     entry = outcome.entry
-    assert "New landmark set trained on 6 cases" in entry.description and "mm mean error on the held-aside" in \
-        entry.description
+    assert (
+        "New landmark set trained on 6 cases" in entry.description
+        and "mm mean error on the held-aside" in entry.description
+    )
     assert "- 2D, 3 landmarks: L1, L2, L3" in entry.card.read_text(encoding="utf-8")
     assert (entry.path.parent / "config.toml").is_file()
 
 
 def test_the_library_finetune_honours_cancel_with_the_best_model_so_far(tiny_model_2d, dataset_2d, tmp_path):
     reached = []
-    result = finetune(tiny_model_2d, dataset_2d, tmp_path / "out", iterations=40, device="cpu",
-                      progress=lambda info: reached.append(info["iteration"]), cancel=lambda: len(reached) >= 9)
+    result = finetune(
+        tiny_model_2d,
+        dataset_2d,
+        tmp_path / "out",
+        iterations=40,
+        device="cpu",
+        progress=lambda info: reached.append(info["iteration"]),
+        cancel=lambda: len(reached) >= 9,
+    )
     assert result.cancelled and result.iterations["coarse"] == 9 and result.model_path.is_file()
     assert result.outcome in ("improved", "kept base") and result.new is not None
     assert "cancelled by the user" in result.card_path.read_text(encoding="utf-8")
@@ -289,12 +304,44 @@ def test_the_command_prints_progress_and_result_as_json_lines(tiny_model_2d, dat
     stop = tmp_path / "stop"
     stop.touch()  # already there: stops after the first iteration
     # Nothing validated yet: a fine-tune cancelled this early keeps nothing (status 130, as on Ctrl-C).
-    assert main(["finetune", str(tiny_model_2d), str(dataset_2d), "--out", str(tmp_path / "a"), "--iterations", "30",
-                 "--device", "cpu", "--progress-json", "--stop-file", str(stop)]) == 130
+    assert (
+        main(
+            [
+                "finetune",
+                str(tiny_model_2d),
+                str(dataset_2d),
+                "--out",
+                str(tmp_path / "a"),
+                "--iterations",
+                "30",
+                "--device",
+                "cpu",
+                "--progress-json",
+                "--stop-file",
+                str(stop),
+            ]
+        )
+        == 130
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["iteration"] for line in lines] == [1] and lines[0]["event"] == "progress"
-    assert main(["finetune", str(tiny_model_2d), str(dataset_2d), "--out", str(tmp_path / "b"), "--iterations", "6",
-                 "--device", "cpu", "--progress-json"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(tiny_model_2d),
+                str(dataset_2d),
+                "--out",
+                str(tmp_path / "b"),
+                "--iterations",
+                "6",
+                "--device",
+                "cpu",
+                "--progress-json",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[-1]["event"] == "result" and lines[-1]["cancelled"] is False
     assert {line["event"] for line in lines[:-1]} == {"progress"} and lines[-2]["iteration"] == 6

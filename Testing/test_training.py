@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.config import HeatmapConfig, config_from_dict, config_to_dict, load_config, save_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
@@ -46,8 +46,9 @@ def test_sub_voxel_refinement_recovers_known_peaks(dimension):
     rng = np.random.default_rng(dimension)
     size = (21, 17, 13)[:dimension]
     truth = torch.as_tensor(rng.uniform(3, 10, (1, 5, dimension)), dtype=torch.float32)
-    heatmaps = gaussian_heatmaps(truth, torch.ones(1, 5, dtype=torch.bool), size, (1.0,) * dimension,
-                                 torch.full((5,), 1.6), gamma=1.0)
+    heatmaps = gaussian_heatmaps(
+        truth, torch.ones(1, 5, dtype=torch.bool), size, (1.0,) * dimension, torch.full((5,), 1.6), gamma=1.0
+    )
     index, _ = refine_peaks(heatmaps[0])
     np.testing.assert_allclose(index.numpy(), truth[0].numpy(), atol=1e-3)
 
@@ -100,8 +101,11 @@ def test_axes_named_in_a_configuration_must_exist_in_its_grid(trained_2d):
     for section, key in (("inference", "mirror_axis"), ("augmentation", "flip_axis")):
         with pytest.raises(DataError, match=rf"\[{section}\]: {key} 2 outside 0..1"):
             config_from_dict({**values, section: {**values[section], key: 2}}, Path("/"), "ceph.toml")
-    paired = {**values, "inference": {"mirror_axis": 0},
-              "augmentation": {**values["augmentation"], "flip_axis": 0, "flip_pairs": [["L1", "L2"]]}}
+    paired = {
+        **values,
+        "inference": {"mirror_axis": 0},
+        "augmentation": {**values["augmentation"], "flip_axis": 0, "flip_pairs": [["L1", "L2"]]},
+    }
     with pytest.raises(DataError, match="mirror_axis cannot be used with left/right landmark pairs"):
         config_from_dict(paired, Path("/"))
 
@@ -137,8 +141,9 @@ def test_resume_equals_uninterrupted_training(dataset_2d, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset_2d, tmp_path):
-    config = _fast_config(dataset_2d, tmp_path / "nan", iterations=50, checkpoint_every=1, learning_rate=1e12,
-                          gradient_clip=1e30)
+    config = _fast_config(
+        dataset_2d, tmp_path / "nan", iterations=50, checkpoint_every=1, learning_rate=1e12, gradient_clip=1e30
+    )
     config = dataclasses.replace(config, heatmap=dataclasses.replace(config.heatmap, learnable_sigma=False))
     with pytest.raises(TrainingError, match="non-finite|loss became") as failure:
         train(config, device="cpu")
@@ -157,9 +162,20 @@ def test_two_process_distributed_training_on_gloo(dataset_2d, tmp_path):
     config = _fast_config(dataset_2d, tmp_path / "ddp", iterations=4)
     config_path = tmp_path / "ddp.toml"
     save_config(config, config_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "SCNLandmarksLib.cli", "train", str(config_path),
-               "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "SCNLandmarksLib.cli",
+        "train",
+        str(config_path),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -179,16 +195,36 @@ def test_bad_inputs_get_clear_errors_naming_the_file(dataset_2d, tmp_path):
     broken = tmp_path / "broken.mha"
     broken.write_bytes(b"not an image at all")
     cases = {
-        "unreadable image": (_write_spec(tmp_path, "unreadable", 2, f'[[images]]\nimage = "{broken}"\n'
-                                          f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n'),
-                             str(broken)),
-        "unknown landmark": (_write_spec(tmp_path, "unknown", 2, f'[[images]]\nimage = "{source / "case000.mha"}"\n'
-                                         f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n',
-                                         landmarks='["L1", "L2", "L3"]'),
-                             "case000.mrk.json"),
-        "mismatched dimension": (_write_spec(tmp_path, "dimension", 3, f'[[images]]\nimage = "{source / "case000.mha"}"\n'
-                                             f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n'),
-                                 "case000.mha"),
+        "unreadable image": (
+            _write_spec(
+                tmp_path,
+                "unreadable",
+                2,
+                f'[[images]]\nimage = "{broken}"\nlandmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n',
+            ),
+            str(broken),
+        ),
+        "unknown landmark": (
+            _write_spec(
+                tmp_path,
+                "unknown",
+                2,
+                f'[[images]]\nimage = "{source / "case000.mha"}"\n'
+                f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n',
+                landmarks='["L1", "L2", "L3"]',
+            ),
+            "case000.mrk.json",
+        ),
+        "mismatched dimension": (
+            _write_spec(
+                tmp_path,
+                "dimension",
+                3,
+                f'[[images]]\nimage = "{source / "case000.mha"}"\n'
+                f'landmarks = "{source / "case000.mrk.json"}"\nsplit = "train"\n',
+            ),
+            "case000.mha",
+        ),
         "empty dataset": (_write_spec(tmp_path, "empty", 2, ""), "empty.toml"),
     }
     for problem, (spec, named) in cases.items():
@@ -207,12 +243,20 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     values["heatmap"]["sigma_init"] = 6.0
     values["model"]["params"] = {**values["model"]["params"], "levels": 2, "sc_downsample": 2, "sc_kernel": 3}
     values["training"].update(iterations=150, validate_every=150)
-    values["refinement"] = {"grid": {"size": [24, 24], "spacing": [0.5, 0.5]}, "offset_mm": 3.0,
-                            "heatmap": {"sigma_init": 1.0},
-                            "model": {"architecture": "unet", "params": {"filters": 16, "levels": 3, "dropout": 0.0}},
-                            "augmentation": {"translation": 0.0, "rotation_deg": 10.0},
-                            "training": {"iterations": 300, "batch_size": 8, "learning_rate": 1e-3,
-                                         "validate_every": 150, "checkpoint_every": 150}}
+    values["refinement"] = {
+        "grid": {"size": [24, 24], "spacing": [0.5, 0.5]},
+        "offset_mm": 3.0,
+        "heatmap": {"sigma_init": 1.0},
+        "model": {"architecture": "unet", "params": {"filters": 16, "levels": 3, "dropout": 0.0}},
+        "augmentation": {"translation": 0.0, "rotation_deg": 10.0},
+        "training": {
+            "iterations": 300,
+            "batch_size": 8,
+            "learning_rate": 1e-3,
+            "validate_every": 150,
+            "checkpoint_every": 150,
+        },
+    }
     config = config_from_dict(values, Path("/"))
     result = train(config, device="cpu")
     predictor = Predictor.from_file(result.model_path, "cpu")
@@ -222,8 +266,9 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"
 
     # The evaluation report compares both ways of running the model on the same images.
-    metrics = json.loads(evaluate_model(result.model_path, dataset_2d, "validation", tmp_path / "eval", "cpu")
-                         .read_text())
+    metrics = json.loads(
+        evaluate_model(result.model_path, dataset_2d, "validation", tmp_path / "eval", "cpu").read_text()
+    )
     shipped, single = metrics["inference_modes"]
     assert shipped["mode"].startswith("coarse-to-fine") and single["mode"].startswith("single resolution")
     assert shipped["mean"] == pytest.approx(refined, abs=1e-6) and single["mean"] == pytest.approx(coarse, abs=1e-6)
@@ -237,8 +282,14 @@ def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dat
     base = config_to_dict(config)
     # No learning at all: the run's model must be the starting model, landmark for landmark.
     values = {**base, "output_dir": str(tmp_path / "tuned"), "initial_model": str(result.model_path)}
-    values["training"] = {**base["training"], "iterations": 2, "learning_rate": 0.0, "sigma_learning_rate": 0.0,
-                          "validate_every": 2, "checkpoint_every": 2}
+    values["training"] = {
+        **base["training"],
+        "iterations": 2,
+        "learning_rate": 0.0,
+        "sigma_learning_rate": 0.0,
+        "validate_every": 2,
+        "checkpoint_every": 2,
+    }
     tuned = train(config_from_dict(values, Path("/")), device="cpu")
     start, after = Predictor.from_file(result.model_path, "cpu"), Predictor.from_file(tuned.model_path, "cpu")
     torch.testing.assert_close(after.coarse.sigmas, start.coarse.sigmas)
@@ -247,13 +298,19 @@ def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dat
     assert read_description(tuned.model_path).provenance["config"]["initial_model"] == str(result.model_path)
 
     # Dropout shapes only training (the trained model had none), so a fine-tuning run may change it.
-    more_dropout = {**values, "output_dir": str(tmp_path / "more-dropout"),
-                    "model": {**base["model"], "params": {**base["model"]["params"], "dropout": 0.2}}}
+    more_dropout = {
+        **values,
+        "output_dir": str(tmp_path / "more-dropout"),
+        "model": {**base["model"], "params": {**base["model"]["params"], "dropout": 0.2}},
+    }
     with_dropout = train(config_from_dict(more_dropout, Path("/")), device="cpu")
     assert read_description(with_dropout.model_path).coarse.params["dropout"] == 0.2
 
-    other = {**values, "output_dir": str(tmp_path / "other"),
-             "model": {**base["model"], "params": {**base["model"]["params"], "filters": 4}}}
+    other = {
+        **values,
+        "output_dir": str(tmp_path / "other"),
+        "model": {**base["model"], "params": {**base["model"]["params"], "filters": 4}},
+    }
     with pytest.raises(ModelFileError, match="network parameters differ") as failure:
         train(config_from_dict(other, Path("/")), device="cpu")
     assert str(result.model_path) in str(failure.value)

@@ -30,8 +30,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 # The flags a root, offline, GPU-less machine needs (no sandbox, no background network calls).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = REPO / "test-output"
 WAIT_MS = 60_000  # the longest any step may take (detection on a slow CI core included)
 SERVER_START_S = 120
@@ -45,9 +52,14 @@ TOKEN = "a-test-token-long-enough-0123456789"
 @contextmanager
 def review_server(*arguments: str, environment: dict[str, str] | None = None):
     """`scn-landmarks serve` on a free port: yields (start URL, output lines); always terminated."""
-    process = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--port", "0", "--device", "cpu",
-                                *arguments], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **(environment or {})})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--port", "0", "--device", "cpu", *arguments],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(environment or {})},
+    )
     output: list[str] = []  # printed at the end: pytest shows it when a test fails
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     url, deadline = None, time.monotonic() + SERVER_START_S
@@ -74,8 +86,10 @@ def training_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(training_folder):
-    with review_server("--idle-timeout", "60", "--max-sessions", "6", "--training-folder",
-                       str(training_folder)) as (url, _):
+    with review_server("--idle-timeout", "60", "--max-sessions", "6", "--training-folder", str(training_folder)) as (
+        url,
+        _,
+    ):
         yield url
 
 
@@ -94,8 +108,9 @@ def browser():
 
 def new_page(browser, url: str, width: int = 1600, height: int = 1000):
     """A page in a fresh browser context (its own cookies: another reviewer), once the app is up."""
-    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
-                                  accept_downloads=True)
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, device_scale_factor=1, accept_downloads=True
+    )
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.goto(url)
@@ -128,8 +143,9 @@ def cursor_position(page, x: float, y: float) -> np.ndarray:
     for position in ((x + 7, y + 7), (x, y)):
         before = readout.inner_text()
         page.mouse.move(*position)
-        page.wait_for_function("previous => document.querySelector('#cursor-position').innerText !== previous",
-                               arg=before)
+        page.wait_for_function(
+            "previous => document.querySelector('#cursor-position').innerText !== previous", arg=before
+        )
         deadline, last, stable_since = time.monotonic() + WAIT_MS / 1000, readout.inner_text(), time.monotonic()
         while time.monotonic() - stable_since < SETTLE_S:
             assert time.monotonic() < deadline, "the cursor readout never settled"
@@ -150,11 +166,13 @@ def row_position(page, name: str) -> np.ndarray:
 
 def wait_for_status(page, name: str, status: str) -> None:
     page.wait_for_function(
-        f"document.querySelector(\"#landmarks tr[data-name='{name}'] .landmark-status\").innerText === '{status}'")
+        f"document.querySelector(\"#landmarks tr[data-name='{name}'] .landmark-status\").innerText === '{status}'"
+    )
 
 
-def drag_landmark(page, name: str, by: tuple[float, float], steps: int = 15,
-                  centre_on: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def drag_landmark(
+    page, name: str, by: tuple[float, float], steps: int = 15, centre_on: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Centre the views on a landmark (`centre_on`, default `name`: its row is clicked, so selected),
     then drag `name` by `by` page pixels like a user; returns (position before, position dropped)."""
     row(page, centre_on or name).click()
@@ -191,7 +209,7 @@ def export(page, tmp_path: Path, click: str = "#export") -> dict[str, np.ndarray
 
 
 def has_colour(pixels: np.ndarray, box: dict, test) -> int:
-    region = pixels[int(box["y"]):int(box["y"] + box["height"]), int(box["x"]):int(box["x"] + box["width"])]
+    region = pixels[int(box["y"]) : int(box["y"] + box["height"]), int(box["x"]) : int(box["x"] + box["width"])]
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
@@ -244,10 +262,14 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
 
     # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
     # selects the dragged point, and Reset acts on it.
-    positions = {name: row_position(first, name) for name in first.eval_on_selector_all(
-        "#landmarks tbody tr", "rows => rows.map(r => r.dataset.name)")}
-    selected, name = min(((a, b) for a in positions for b in positions if a < b),
-                         key=lambda pair: abs(positions[pair[0]][2] - positions[pair[1]][2]))
+    positions = {
+        name: row_position(first, name)
+        for name in first.eval_on_selector_all("#landmarks tbody tr", "rows => rows.map(r => r.dataset.name)")
+    }
+    selected, name = min(
+        ((a, b) for a in positions for b in positions if a < b),
+        key=lambda pair: abs(positions[pair[0]][2] - positions[pair[1]][2]),
+    )
     assert abs(positions[name][2] - positions[selected][2]) < 1.0, "no two landmarks on one axial slice"
     predicted, dropped = drag_landmark(first, name, (60, 40), steps=4, centre_on=selected)
     assert first.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == name
@@ -262,8 +284,9 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     # The heatmap overlay of the moved landmark (a click on its row shows its own heatmap).
     first.click("#heatmap-visible")
     row(first, name).click()
-    first.wait_for_function(f"document.querySelector('#heatmap-landmark').closest('.v-input').innerText"
-                            f".includes('{name}')")
+    first.wait_for_function(
+        f"document.querySelector('#heatmap-landmark').closest('.v-input').innerText.includes('{name}')"
+    )
     first.wait_for_timeout(1500)
     shot = SCREENSHOTS / "web_review_after_drag.png"
     first.screenshot(path=str(shot))
@@ -298,7 +321,7 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     # The hard upload cap, on a second connection to this session: a message announcing more than the
     # limit is refused at its first frame (the rest never needs to come)...
     socket = page.url.replace("http://", "ws://").rstrip("/") + "/ws"
-    too_big = 512 * 1024 ** 2 + UPLOAD_ENVELOPE_BYTES + 1  # the server's default --max-upload-mb, and one byte
+    too_big = 512 * 1024**2 + UPLOAD_ENVELOPE_BYTES + 1  # the server's default --max-upload-mb, and one byte
     header = (7).to_bytes(4, "little") + (0).to_bytes(4, "little") + too_big.to_bytes(4, "little")
     assert len(header) == HEADER_LENGTH
     assert websocket_close_code(socket, header + b"\0" * 1024) == 1009
@@ -309,9 +332,12 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
 
     # A calibrated model: the expected error of every point, in mm, next to the confidence.
     assert "Exp. error (mm)" in page.locator("#landmarks thead").inner_text()
-    table = page.eval_on_selector_all("#landmarks tbody tr", """rows => rows.map(r => ({name: r.dataset.name,
+    table = page.eval_on_selector_all(
+        "#landmarks tbody tr",
+        """rows => rows.map(r => ({name: r.dataset.name,
         error: parseFloat(r.querySelector('.expected-error').innerText), flagged: r.dataset.flagged === 'true',
-        marked: !!r.querySelector('.expected-error .mdi-alert')}))""")
+        marked: !!r.querySelector('.expected-error .mdi-alert')}))""",
+    )
     errors = {entry["name"]: entry["error"] for entry in table}
     assert all(np.isfinite(e) and e > 0 for e in errors.values()), errors
     assert all(entry["flagged"] == entry["marked"] for entry in table), "flagged points carry the mark"
@@ -321,8 +347,11 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     for _ in range(4):
         previous = walked[-1] if walked else None
         page.click("#next-to-review")
-        page.wait_for_function("previous => { const r = document.querySelector('#landmarks tr.bg-blue-lighten-4');"
-                               " return r && r.dataset.name !== previous; }", arg=previous)
+        page.wait_for_function(
+            "previous => { const r = document.querySelector('#landmarks tr.bg-blue-lighten-4');"
+            " return r && r.dataset.name !== previous; }",
+            arg=previous,
+        )
         walked.append(page.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name"))
     expected_order = sorted(errors, key=lambda name: -errors[name])
     assert walked == expected_order[:4], (walked, expected_order)
@@ -406,8 +435,11 @@ def websocket_close_code(url: str, frame: bytes) -> int | str | None:
                     message = await socket.receive(timeout=WAIT_MS / 1000)
                 except TimeoutError:
                     return None
-                return socket.close_code if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                                              aiohttp.WSMsgType.CLOSING) else None
+                return (
+                    socket.close_code
+                    if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+                    else None
+                )
 
     return run_coroutine(attempt())
 
@@ -418,8 +450,7 @@ def test_finetune_job_reports_progress_is_cancelled_and_names_a_bad_base(tiny_mo
     from SCNLandmarksLib.errors import Cancelled, TrainingError
     from SCNLandmarksWeb.training import FinetuneJob
 
-    job = FinetuneJob(tiny_model_2d, dataset_2d, tmp_path / "cancelled", minutes=30, device="cpu",
-                      iterations=100_000)
+    job = FinetuneJob(tiny_model_2d, dataset_2d, tmp_path / "cancelled", minutes=30, device="cpu", iterations=100_000)
     seen: list[str] = []
 
     def progress(fraction: float, message: str) -> None:
@@ -432,8 +463,7 @@ def test_finetune_job_reports_progress_is_cancelled_and_names_a_bad_base(tiny_mo
     bad = FinetuneJob(not_a_model, dataset_2d, tmp_path / "bad", minutes=1, device="cpu")
 
     async def both() -> list:  # two processes at once: the test takes as long as the longer one
-        return await asyncio.gather(job.run(progress), bad.run(lambda fraction, message: None),
-                                    return_exceptions=True)
+        return await asyncio.gather(job.run(progress), bad.run(lambda fraction, message: None), return_exceptions=True)
 
     cancelled, failed = run_coroutine(both())
     assert isinstance(cancelled, Cancelled) and "cancelled" in str(cancelled), cancelled
@@ -538,8 +568,11 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     page.click("#detect")
     page.wait_for_selector("#landmarks tbody tr:nth-child(19)")
     assert "Exp. error (px)" in page.locator("#landmarks thead").inner_text()
-    marks = page.eval_on_selector_all("#landmarks tbody tr", """rows => rows.map(r =>
-        [r.dataset.flagged === 'true', !!r.querySelector('.expected-error .mdi-alert')])""")
+    marks = page.eval_on_selector_all(
+        "#landmarks tbody tr",
+        """rows => rows.map(r =>
+        [r.dataset.flagged === 'true', !!r.querySelector('.expected-error .mdi-alert')])""",
+    )
     assert all(flagged == marked for flagged, marked in marks)
     assert any(flagged for flagged, _ in marks), "a brain slice is no cephalogram: some points must be flagged"
     with page.expect_download() as download:
@@ -547,13 +580,15 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     web = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["markups"][0]
     from SCNLandmarksLib.cli import main as command_line
 
-    assert command_line(["detect", str(CEPH_MODEL), str(picture), "--out", str(tmp_path / "cli"),
-                         "--device", "cpu"]) == 0
+    assert (
+        command_line(["detect", str(CEPH_MODEL), str(picture), "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 0
+    )
     cli = json.loads((tmp_path / "cli" / "xray.mrk.json").read_text(encoding="utf-8"))["markups"][0]
     assert web["coordinateUnits"] == cli["coordinateUnits"] == "px"
     assert [p["label"] for p in web["controlPoints"]] == [p["label"] for p in cli["controlPoints"]]
-    np.testing.assert_allclose([p["position"] for p in web["controlPoints"]],
-                               [p["position"] for p in cli["controlPoints"]], atol=1e-3)
+    np.testing.assert_allclose(
+        [p["position"] for p in web["controlPoints"]], [p["position"] for p in cli["controlPoints"]], atol=1e-3
+    )
     described = [[(m["name"], m.get("units")) for m in markup["measurements"]] for markup in (web, cli)]
     assert described[0] == described[1] == [("confidence", None), ("expected error", "px")]
     for ours, theirs in zip(web["measurements"], cli["measurements"]):
@@ -590,22 +625,38 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def test_off_loopback_a_token_is_required_sessions_are_capped_and_end_when_idle(browser, tmp_path):
-    refused = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120,
-                             env={k: v for k, v in os.environ.items() if k != "SCN_LANDMARKS_TOKEN"})
+    refused = subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "SCN_LANDMARKS_TOKEN"},
+    )
     assert refused.returncode == 2 and "access token" in refused.stderr
 
     temporary = tmp_path / "server-tmp"
     temporary.mkdir()
-    with review_server("--host", "0.0.0.0", "--max-sessions", "1", "--idle-timeout", "2",
-                       environment={"SCN_LANDMARKS_TOKEN": TOKEN, "TMPDIR": str(temporary)}) as (url, output):
+    with review_server(
+        "--host",
+        "0.0.0.0",
+        "--max-sessions",
+        "1",
+        "--idle-timeout",
+        "2",
+        environment={"SCN_LANDMARKS_TOKEN": TOKEN, "TMPDIR": str(temporary)},
+    ) as (url, output):
         port = int(re.search(r":(\d+)/", url).group(1))
         base = f"http://127.0.0.1:{port}"
         assert TOKEN not in "".join(output), "a token given by the user is never printed"
         assert _status(f"{base}/") == 401
         assert _status(f"{base}/?token=wrong-{TOKEN}") == 401
-        upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
         assert _status(f"{base}/s/anything/ws", upgrade) == 401  # the websocket (uploads travel on it)
         assert _status(f"{base}/?token={TOKEN}") == 303  # sets the cookie and drops the token from the address
 

@@ -74,8 +74,12 @@ def run_once(predictor: Predictor, image_path: Path, out: Path) -> dict[str, flo
     written = time.perf_counter()
     write_landmarks(prediction.landmarks, out / f"{image_stem(image_path)}.mrk.json", prediction.status)
     write_s = time.perf_counter() - written
-    return {"read_s": read_s, **{f"{k}_s": v for k, v in prediction.timings.items()}, "write_s": write_s,
-            "total_s": time.perf_counter() - started}
+    return {
+        "read_s": read_s,
+        **{f"{k}_s": v for k, v in prediction.timings.items()},
+        "write_s": write_s,
+        "total_s": time.perf_counter() - started,
+    }
 
 
 def batch_figures(predictor: Predictor, paths: list[Path], out: Path) -> dict[str, float]:
@@ -94,8 +98,12 @@ def batch_figures(predictor: Predictor, paths: list[Path], out: Path) -> dict[st
         write_landmarks(prediction.landmarks, out / f"{image_stem(path)}.mrk.json", prediction.status)
         shift = max(shift, float(np.nanmax(np.linalg.norm(prediction.landmarks.points_lps - single[path], axis=1))))
     batch_s = time.perf_counter() - started
-    return {"loop_images_per_s": len(paths) / single_s, "batch_images_per_s": len(paths) / batch_s,
-            "batch_speedup_in_process": single_s / batch_s, "batch_vs_single_max_shift": shift}
+    return {
+        "loop_images_per_s": len(paths) / single_s,
+        "batch_images_per_s": len(paths) / batch_s,
+        "batch_speedup_in_process": single_s / batch_s,
+        "batch_vs_single_max_shift": shift,
+    }
 
 
 def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: int) -> dict[str, float]:
@@ -126,22 +134,32 @@ def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: 
         subprocess.run([*command, str(image), "--out", str(out / "one-by-one")], check=True, capture_output=True)
     one_by_one_s = time.perf_counter() - started
     batch_s = statistics.median(folder_s)
-    return {"import_torch_s": statistics.median(torch_s), "cli_single_image_s": statistics.median(single_s),
-            "cli_single_minus_import_torch_s": statistics.median(s - t for s, t in zip(single_s, torch_s)),
-            "cli_per_extra_image_s": (batch_s - statistics.median(single_s)) / max(len(paths) - 1, 1),
-            "cli_per_image_images_per_s": len(paths) / one_by_one_s, "cli_folder_images_per_s": len(paths) / batch_s,
-            "batch_speedup_cli": one_by_one_s / batch_s}
+    return {
+        "import_torch_s": statistics.median(torch_s),
+        "cli_single_image_s": statistics.median(single_s),
+        "cli_single_minus_import_torch_s": statistics.median(s - t for s, t in zip(single_s, torch_s)),
+        "cli_per_extra_image_s": (batch_s - statistics.median(single_s)) / max(len(paths) - 1, 1),
+        "cli_per_image_images_per_s": len(paths) / one_by_one_s,
+        "cli_folder_images_per_s": len(paths) / batch_s,
+        "batch_speedup_cli": one_by_one_s / batch_s,
+    }
 
 
-def peer_forward_s(dimension: int, size: tuple[int, ...], landmarks: int, filters: int, device: torch.device,
-                   repeat: int) -> float | None:
+def peer_forward_s(
+    dimension: int, size: tuple[int, ...], landmarks: int, filters: int, device: torch.device, repeat: int
+) -> float | None:
     """Median seconds of the peer SCN's forward pass on a (padded) grid of `size`; None without the peer."""
     try:
         from landmarker.models.spatial_configuration_net import OriginalSpatialConfigurationNet
     except ImportError:
         return None
-    network = OriginalSpatialConfigurationNet(out_channels=landmarks, la_channels=filters, sp_channels=filters,
-                                              spatial_dim=dimension).eval().to(device)
+    network = (
+        OriginalSpatialConfigurationNet(
+            out_channels=landmarks, la_channels=filters, sp_channels=filters, spatial_dim=dimension
+        )
+        .eval()
+        .to(device)
+    )
     padded = [math.ceil(s / PEER_PADDING) * PEER_PADDING for s in reversed(size)]
     sample = torch.randn(1, 1, *padded, device=device)
     times = []
@@ -171,19 +189,28 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
         single = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         geometry = ImageGeometry.of(read_image(paths[0], predictor.dimension))
-        figures = {"case": name, "image": paths[0].name, "image_size": list(geometry.size),
-                   "device": predictor.device.type, "threads": torch.get_num_threads(),
-                   "model_load_s": load_s, **single, "peak_rss_mb": rss_mb,
-                   **batch_figures(predictor, paths, out), "batch_images": len(paths)}
+        figures = {
+            "case": name,
+            "image": paths[0].name,
+            "image_size": list(geometry.size),
+            "device": predictor.device.type,
+            "threads": torch.get_num_threads(),
+            "model_load_s": load_s,
+            **single,
+            "peak_rss_mb": rss_mb,
+            **batch_figures(predictor, paths, out),
+            "batch_images": len(paths),
+        }
         if not args.no_cli:
             figures.update(cli_figures(model, paths, out, args.device, args.repeat))
         if not args.no_peer:
             landmarks = len(predictor.landmark_names)
             filters = int(predictor.description.coarse.params["filters"])
-            for label, grid in (("image_grid", geometry.size),
-                                ("finest_grid", covering_grid(geometry, finest_spacing(predictor)).size)):
-                seconds = peer_forward_s(predictor.dimension, grid, landmarks, filters, predictor.device,
-                                         args.repeat)
+            for label, grid in (
+                ("image_grid", geometry.size),
+                ("finest_grid", covering_grid(geometry, finest_spacing(predictor)).size),
+            ):
+                seconds = peer_forward_s(predictor.dimension, grid, landmarks, filters, predictor.device, args.repeat)
                 figures[f"peer_{label}"] = list(grid)
                 figures[f"peer_{label}_forward_s"] = seconds
                 figures[f"peer_{label}_ratio"] = None if seconds is None else seconds / single["total_s"]

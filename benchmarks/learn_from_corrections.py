@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_MODEL = ROOT / "Resources" / "Models" / "cephalometric-19" / "model.safetensors"
 ANNOTATORS = ("farhadifar", "mollabashi")
 CONVENTION_LANDMARKS = ("Menton", "Anterior nasal spine", "Soft tissue pogonion", "Gnathion")
-VALIDATION_IMAGES = 20          # the last 20 images, as in prepare_shared_data.py ...
+VALIDATION_IMAGES = 20  # the last 20 images, as in prepare_shared_data.py ...
 SAME_RADIOGRAPH = ("014", "087")  # ... without the twin of a training image
 CORRECTED_CASES = 10
 
@@ -42,15 +42,22 @@ def validation_ids(shared: Path) -> list[str]:
 def write_spec(shared: Path, folder: Path, annotator: str, ids: list[str], names: list[str]) -> Path:
     """A dataset spec of `ids` with one annotator's points (pixel index coordinates)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(shared / f"landmarks_annotator_{annotator}.csv") as source, \
-            open(folder / "landmarks.csv", "w", newline="") as target:
+    with (
+        open(shared / f"landmarks_annotator_{annotator}.csv") as source,
+        open(folder / "landmarks.csv", "w", newline="") as target,
+    ):
         writer = csv.writer(target)
         writer.writerow(["image", "landmark", "x", "y"])
         for row in csv.DictReader(source):
             if row["image"].split(".")[0] in ids:
                 writer.writerow([row["image"].split(".")[0], row["landmark_name"], row["x"], row["y"]])
-    lines = ["dimension = 2", "landmarks = [" + ", ".join(json.dumps(n) for n in names) + "]",
-             'landmarks_csv = "landmarks.csv"', 'csv_coordinates = "index"', ""]
+    lines = [
+        "dimension = 2",
+        "landmarks = [" + ", ".join(json.dumps(n) for n in names) + "]",
+        'landmarks_csv = "landmarks.csv"',
+        'csv_coordinates = "index"',
+        "",
+    ]
     for image_id in ids:
         lines += ["[[images]]", f'id = "{image_id}"', f'image = "{(shared / "images" / image_id).resolve()}.png"', ""]
     spec = folder / "dataset.toml"
@@ -70,8 +77,11 @@ def predictions(model: Path, spec_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def errors(found: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, float]:
     distances = np.linalg.norm(found - truth, axis=2)
     chosen = [names.index(n) for n in CONVENTION_LANDMARKS]
-    return {"overall": float(np.nanmean(distances)), "four_landmarks": float(np.nanmean(distances[:, chosen])),
-            **{n: float(np.nanmean(distances[:, names.index(n)])) for n in CONVENTION_LANDMARKS}}
+    return {
+        "overall": float(np.nanmean(distances)),
+        "four_landmarks": float(np.nanmean(distances[:, chosen])),
+        **{n: float(np.nanmean(distances[:, names.index(n)])) for n in CONVENTION_LANDMARKS},
+    }
 
 
 def main() -> None:
@@ -89,18 +99,33 @@ def main() -> None:
         other = next(a for a in ANNOTATORS if a != annotator)
         folder = args.out / annotator
         corrections = write_spec(args.shared, folder / "corrections", annotator, corrected, predictor_names)
-        evaluations = {a: write_spec(args.shared, folder / f"evaluation-{a}", a, others, predictor_names)
-                       for a in (annotator, other)}
+        evaluations = {
+            a: write_spec(args.shared, folder / f"evaluation-{a}", a, others, predictor_names)
+            for a in (annotator, other)
+        }
         started = time.perf_counter()
         result = finetune(BASE_MODEL, corrections, folder / "finetuned", minutes=args.minutes, device="cpu")
         seconds = time.perf_counter() - started
-        print(json.dumps({"annotator": annotator, "finetune": result.summary(), "seconds": round(seconds, 1),
-                          "corrected_images": corrected, "evaluation_images": others}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "annotator": annotator,
+                    "finetune": result.summary(),
+                    "seconds": round(seconds, 1),
+                    "corrected_images": corrected,
+                    "evaluation_images": others,
+                }
+            ),
+            flush=True,
+        )
 
         found, truth = predictions(BASE_MODEL, corrections)
-        offset = np.nanmean(truth - found, axis=0)   # per landmark, px
-        candidates = {"base": BASE_MODEL, "finetuned (kept)": result.model_path,
-                      "finetuned (trained)": folder / "finetuned" / "training" / "model.safetensors"}
+        offset = np.nanmean(truth - found, axis=0)  # per landmark, px
+        candidates = {
+            "base": BASE_MODEL,
+            "finetuned (kept)": result.model_path,
+            "finetuned (trained)": folder / "finetuned" / "training" / "model.safetensors",
+        }
         for against, spec in evaluations.items():
             rows = {}
             for label, model in candidates.items():
@@ -109,8 +134,18 @@ def main() -> None:
                 if label == "base":
                     rows["base + mean offset"] = errors(found + offset, truth, predictor_names)
             for label, figures in rows.items():
-                print(json.dumps({"annotator": annotator, "against": against, "model": label,
-                                  "images": len(others), "mean_error_px": figures}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "annotator": annotator,
+                            "against": against,
+                            "model": label,
+                            "images": len(others),
+                            "mean_error_px": figures,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

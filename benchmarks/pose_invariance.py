@@ -26,8 +26,8 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,8 +75,9 @@ def rotated_2d(image: sitk.Image, degrees: float) -> Case:
     size = [int(v) + 1 for v in high - low]
     rotated = sitk.Resample(image, size, transform, sitk.sitkLinear, low.tolist(), (1.0, 1.0), (1, 0, 0, 1), 0.0)
     rotated, origin = as_png(rotated)
-    return rotated, lambda p: np.array([transform.TransformPoint(q.tolist()) if np.isfinite(q).all() else q
-                                        for q in p + origin])
+    return rotated, lambda p: np.array(
+        [transform.TransformPoint(q.tolist()) if np.isfinite(q).all() else q for q in p + origin]
+    )
 
 
 def resampled_2d(image: sitk.Image, factor: float) -> Case:
@@ -102,8 +103,9 @@ def detect(predictor: Predictor, image: sitk.Image, pose: bool) -> tuple[Predict
         predictor.mean_configuration = saved
 
 
-def measure(predictor: Predictor, name: str, cases: dict[str, tuple[str, Case]], truth: np.ndarray,
-            modes: list[str], unit: str) -> list[dict]:
+def measure(
+    predictor: Predictor, name: str, cases: dict[str, tuple[str, Case]], truth: np.ndarray, modes: list[str], unit: str
+) -> list[dict]:
     """Run the unmoved image (case "original") and each moved one in every mode; one line per case."""
     lines = []
     for mode in modes:
@@ -114,14 +116,21 @@ def measure(predictor: Predictor, name: str, cases: dict[str, tuple[str, Case]],
             if reference is None:
                 reference = points
             shift = np.linalg.norm(points - reference, axis=1)
-            line = {"model": name, "case": case, "kind": kind, "mode": mode,
-                    f"shift_mean_{unit}": round(float(np.nanmean(shift)), 3),
-                    f"shift_max_{unit}": round(float(np.nanmax(shift)), 3),
-                    f"error_mean_{unit}": round(float(np.nanmean(np.linalg.norm(points - truth, axis=1))), 3),
-                    "detection_s": round(seconds, 3), "canonical_pass": prediction.canonical_pass, "timings": {k: round(v, 2) for k, v in prediction.timings.items()},
-                    "mirrored": prediction.mirrored,
-                    "fitted_rotation_deg": None if prediction.pose is None else round(prediction.pose.rotation_deg, 2),
-                    "fitted_scale": None if prediction.pose is None else round(prediction.pose.scale, 4)}
+            line = {
+                "model": name,
+                "case": case,
+                "kind": kind,
+                "mode": mode,
+                f"shift_mean_{unit}": round(float(np.nanmean(shift)), 3),
+                f"shift_max_{unit}": round(float(np.nanmax(shift)), 3),
+                f"error_mean_{unit}": round(float(np.nanmean(np.linalg.norm(points - truth, axis=1))), 3),
+                "detection_s": round(seconds, 3),
+                "canonical_pass": prediction.canonical_pass,
+                "timings": {k: round(v, 2) for k, v in prediction.timings.items()},
+                "mirrored": prediction.mirrored,
+                "fitted_rotation_deg": None if prediction.pose is None else round(prediction.pose.rotation_deg, 2),
+                "fitted_scale": None if prediction.pose is None else round(prediction.pose.scale, 4),
+            }
             print(json.dumps(line), flush=True)
             lines.append(line)
     return lines
@@ -132,13 +141,26 @@ def summarize(lines: list[dict], unit: str) -> None:
     for line in lines:
         groups[(line["model"], line["mode"], line["kind"])].append(line)
     for (model, mode, kind), members in groups.items():
-        def mean(key: str) -> float:
+
+        def mean(key: str, members: list[dict] = members) -> float:
             return round(float(np.mean([m[key] for m in members])), 3)
-        print(json.dumps({"summary": model, "mode": mode, "kind": kind, "cases": len(members),
-                          f"shift_mean_{unit}": mean(f"shift_mean_{unit}"),
-                          f"shift_worst_case_mean_{unit}": round(max(m[f"shift_mean_{unit}"] for m in members), 3),
-                          f"error_mean_{unit}": mean(f"error_mean_{unit}"), "detection_s": mean("detection_s"),
-                          "canonical_passes": sum(m["canonical_pass"] for m in members)}), flush=True)
+
+        print(
+            json.dumps(
+                {
+                    "summary": model,
+                    "mode": mode,
+                    "kind": kind,
+                    "cases": len(members),
+                    f"shift_mean_{unit}": mean(f"shift_mean_{unit}"),
+                    f"shift_worst_case_mean_{unit}": round(max(m[f"shift_mean_{unit}"] for m in members), 3),
+                    f"error_mean_{unit}": mean(f"error_mean_{unit}"),
+                    "detection_s": mean("detection_s"),
+                    "canonical_passes": sum(m["canonical_pass"] for m in members),
+                }
+            ),
+            flush=True,
+        )
 
 
 def brain(args: argparse.Namespace, modes: list[str]) -> None:
@@ -152,7 +174,9 @@ def brain(args: argparse.Namespace, modes: list[str]) -> None:
     cases: dict[str, tuple[str, Case]] = {"original": ("original", (image, lambda p: p))}
     for degrees, translation in poses:
         cases[f"moved header {np.round(degrees, 1).tolist()} deg, {np.round(translation, 1).tolist()} mm"] = (
-            "moved header", moved_header(image, degrees, translation))
+            "moved header",
+            moved_header(image, degrees, translation),
+        )
     summarize(measure(predictor, "brain-afids-32", cases, truth, modes, "mm"), "mm")
 
 
@@ -172,8 +196,9 @@ def cephalograms(args: argparse.Namespace, modes: list[str]) -> None:
             cases[f"{image_id} rotated {degrees:g} deg"] = ("rotated", rotated_2d(image, degrees))
         for factor in args.scales:
             cases[f"{image_id} resampled x{factor:g}"] = ("resampled", resampled_2d(image, factor))
-        lines += measure(predictor, "cephalometric-19", cases, ceph_truth(image_id, predictor.landmark_names),
-                         modes, "px")
+        lines += measure(
+            predictor, "cephalometric-19", cases, ceph_truth(image_id, predictor.landmark_names), modes, "px"
+        )
     summarize(lines, "px")
 
 

@@ -58,14 +58,21 @@ def shipped_points() -> dict[str, dict[str, list]]:
     profile = head_profile(volume)
     brain = Predictor.from_file(MODELS / "brain-afids-32" / "model.safetensors", "cpu")
     ceph = Predictor.from_file(MODELS / "cephalometric-19" / "model.safetensors", "cpu")
-    runs = {"brain": (brain, volume, True), "brain coarse only": (brain, volume, False),
-            "ceph": (ceph, profile, True), "ceph mirrored": (ceph, mirrored(profile), True)}
+    runs = {
+        "brain": (brain, volume, True),
+        "brain coarse only": (brain, volume, False),
+        "ceph": (ceph, profile, True),
+        "ceph mirrored": (ceph, mirrored(profile), True),
+    }
     results = {}
     for name, (predictor, image, refine) in runs.items():
         prediction = predictor.predict(image, refine=refine)
-        results[name] = {"points": np.nan_to_num(prediction.landmarks.points_lps, nan=-1e9).tolist(),
-                         "confidences": prediction.landmarks.confidences.tolist(),
-                         "status": [str(s) for s in prediction.status], "mirrored": prediction.mirrored}
+        results[name] = {
+            "points": np.nan_to_num(prediction.landmarks.points_lps, nan=-1e9).tolist(),
+            "confidences": prediction.landmarks.confidences.tolist(),
+            "status": [str(s) for s in prediction.status],
+            "mirrored": prediction.mirrored,
+        }
     return results
 
 
@@ -89,14 +96,22 @@ def main() -> int:
         difference = float(np.max(np.abs(np.subtract(result["points"], before["points"]))))
         confidence = float(np.max(np.abs(np.subtract(result["confidences"], before["confidences"]))))
         worst = max(worst, difference)
-        agrees = (difference <= args.tolerance and confidence <= args.tolerance
-                  and result["status"] == before["status"] and result["mirrored"] == before["mirrored"])
+        agrees = (
+            difference <= args.tolerance
+            and confidence <= args.tolerance
+            and result["status"] == before["status"]
+            and result["mirrored"] == before["mirrored"]
+        )
         same &= agrees
-        print(f"{name}: largest point difference {difference:.2e}, confidence {confidence:.2e}, "
-              f"statuses {'same' if result['status'] == before['status'] else 'DIFFER'}"
-              f"{'' if agrees else '  <-- differs'}")
-    print(f"{'same' if same else 'DIFFERENT'} results (largest point difference {worst:.2e}, "
-          f"tolerance {args.tolerance:g})")
+        print(
+            f"{name}: largest point difference {difference:.2e}, confidence {confidence:.2e}, "
+            f"statuses {'same' if result['status'] == before['status'] else 'DIFFER'}"
+            f"{'' if agrees else '  <-- differs'}"
+        )
+    print(
+        f"{'same' if same else 'DIFFERENT'} results (largest point difference {worst:.2e}, "
+        f"tolerance {args.tolerance:g})"
+    )
     return 0 if same else 1
 
 

@@ -24,21 +24,45 @@ from SCNLandmarksLib.heatmaps import LearnableSigmas, gaussian_heatmaps
 from SCNLandmarksLib.losses import heatmap_loss
 from SCNLandmarksLib.models import build_model
 
-BRAIN_AUGMENTATION = AugmentationConfig(elastic_mm=4.0, elastic_control_spacing_mm=40.0, flip_axis=0,
-                                        flip_probability=0.5, gamma_log=0.3, noise_std=0.03, bias_field_log=0.2)
+BRAIN_AUGMENTATION = AugmentationConfig(
+    elastic_mm=4.0,
+    elastic_control_spacing_mm=40.0,
+    flip_axis=0,
+    flip_probability=0.5,
+    gamma_log=0.3,
+    noise_std=0.03,
+    bias_field_log=0.2,
+)
 CASES = {
-    "2d-ceph": dict(image_size=(1340, 1671), image_spacing=(1.0, 1.0), grid_size=(176, 216), grid_spacing=(8.0, 8.0),
-                    landmarks=19, params=dict(filters=64, levels=4, sc_downsample=8, sc_kernel=9, sc_filters=64),
-                    augmentation=AugmentationConfig(elastic_mm=20.0, elastic_control_spacing_mm=300.0,
-                                                    translation=100.0, gamma_log=0.3, noise_std=0.02)),
-    "3d-brain": dict(image_size=(193, 229, 193), image_spacing=(1.0, 1.0, 1.0), grid_size=(32, 40, 32),
-                     grid_spacing=(6.0, 6.0, 6.0), landmarks=32,
-                     params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
-                     augmentation=BRAIN_AUGMENTATION),
-    "3d-brain-3mm": dict(image_size=(193, 229, 193), image_spacing=(1.0, 1.0, 1.0), grid_size=(64, 80, 64),
-                         grid_spacing=(3.0, 3.0, 3.0), landmarks=32,
-                         params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
-                         augmentation=BRAIN_AUGMENTATION),
+    "2d-ceph": dict(
+        image_size=(1340, 1671),
+        image_spacing=(1.0, 1.0),
+        grid_size=(176, 216),
+        grid_spacing=(8.0, 8.0),
+        landmarks=19,
+        params=dict(filters=64, levels=4, sc_downsample=8, sc_kernel=9, sc_filters=64),
+        augmentation=AugmentationConfig(
+            elastic_mm=20.0, elastic_control_spacing_mm=300.0, translation=100.0, gamma_log=0.3, noise_std=0.02
+        ),
+    ),
+    "3d-brain": dict(
+        image_size=(193, 229, 193),
+        image_spacing=(1.0, 1.0, 1.0),
+        grid_size=(32, 40, 32),
+        grid_spacing=(6.0, 6.0, 6.0),
+        landmarks=32,
+        params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
+        augmentation=BRAIN_AUGMENTATION,
+    ),
+    "3d-brain-3mm": dict(
+        image_size=(193, 229, 193),
+        image_spacing=(1.0, 1.0, 1.0),
+        grid_size=(64, 80, 64),
+        grid_spacing=(3.0, 3.0, 3.0),
+        landmarks=32,
+        params=dict(filters=32, levels=4, dropout=0.2, sc_downsample=4, sc_kernel=5, sc_filters=32),
+        augmentation=BRAIN_AUGMENTATION,
+    ),
 }
 
 
@@ -67,8 +91,9 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
 
     def sample(seed: int):
         generator = torch.Generator().manual_seed(seed)
-        return augmented_sample(prepared, points, case["grid_size"], case["grid_spacing"], case["augmentation"],
-                                generator)
+        return augmented_sample(
+            prepared, points, case["grid_size"], case["grid_spacing"], case["augmentation"], generator
+        )
 
     samples_per_s = per_second(sample, iterations, device)
 
@@ -91,10 +116,16 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
         optimizer.step()
 
     iterations_per_s = per_second(step, iterations, device)
-    return {"case": name, "device": device.type, "threads": torch.get_num_threads(),
-            "grid": list(case["grid_size"]), "landmarks": case["landmarks"],
-            "augmentation_samples_per_s": round(samples_per_s, 2),
-            "training_iterations_per_s": round(iterations_per_s, 3), "batch_size": 1}
+    return {
+        "case": name,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "grid": list(case["grid_size"]),
+        "landmarks": case["landmarks"],
+        "augmentation_samples_per_s": round(samples_per_s, 2),
+        "training_iterations_per_s": round(iterations_per_s, 3),
+        "batch_size": 1,
+    }
 
 
 def main() -> None:

@@ -12,8 +12,15 @@ can be imported, and say what is wrong, in a Slicer whose Python is too old for 
 import importlib
 
 _EXPORTS = {
-    "catalogue": ("ModelEntry", "allModels", "availableModels", "catalogueModels", "entryForModel", "sampleModel",
-                  "userModels"),
+    "catalogue": (
+        "ModelEntry",
+        "allModels",
+        "availableModels",
+        "catalogueModels",
+        "entryForModel",
+        "sampleModel",
+        "userModels",
+    ),
     "dependencies": ("DependencyStatus", "DeviceChoice", "dependencyStatus", "deviceChoices"),
     "headless": ("HeadlessScene", "createHeadlessScene", "loadMarkupsFile", "loadVolumeFile"),
     "logic": ("DetectionResult", "SCNLandmarksLogic"),
@@ -36,7 +43,7 @@ def __getattr__(name):
     except ModuleNotFoundError as error:
         if error.name != __name__ + "." + name:
             raise
-        raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name)) from None
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def __dir__():

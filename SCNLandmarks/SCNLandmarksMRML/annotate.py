@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import vtk
-
 import slicer
+import vtk
 
 from SCNLandmarksLib.errors import DataError
 
@@ -103,8 +102,10 @@ def _status(node, index: int) -> int:
 def nextToPlace(node) -> int | None:
     """The first landmark with neither a position nor a skip, in order; None when all are done."""
     for index in range(node.GetNumberOfControlPoints()):
-        if _status(node, index) in (slicer.vtkMRMLMarkupsNode.PositionUndefined,
-                                    slicer.vtkMRMLMarkupsNode.PositionPreview):
+        if _status(node, index) in (
+            slicer.vtkMRMLMarkupsNode.PositionUndefined,
+            slicer.vtkMRMLMarkupsNode.PositionPreview,
+        ):
             return index
     return None
 
@@ -167,16 +168,23 @@ def annotationStatus(node) -> AnnotationStatus:
     count = node.GetNumberOfControlPoints()
     statuses = [_status(node, index) for index in range(count)]
     index = nextToPlace(node)
-    return AnnotationStatus(statuses.count(slicer.vtkMRMLMarkupsNode.PositionDefined),
-                            statuses.count(slicer.vtkMRMLMarkupsNode.PositionMissing), count,
-                            None if index is None else node.GetNthControlPointLabel(index))
+    return AnnotationStatus(
+        statuses.count(slicer.vtkMRMLMarkupsNode.PositionDefined),
+        statuses.count(slicer.vtkMRMLMarkupsNode.PositionMissing),
+        count,
+        None if index is None else node.GetNthControlPointLabel(index),
+    )
 
 
 def checkComplete(node) -> None:
     """Raises DataError naming the landmarks neither placed nor skipped (before saving a case)."""
-    waiting = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())
-               if _status(node, i) in (slicer.vtkMRMLMarkupsNode.PositionUndefined,
-                                       slicer.vtkMRMLMarkupsNode.PositionPreview)]
+    waiting = [
+        node.GetNthControlPointLabel(i)
+        for i in range(node.GetNumberOfControlPoints())
+        if _status(node, i) in (slicer.vtkMRMLMarkupsNode.PositionUndefined, slicer.vtkMRMLMarkupsNode.PositionPreview)
+    ]
     if waiting:
-        raise DataError(f"'{node.GetName()}': {len(waiting)} landmark(s) not placed yet ({', '.join(waiting)}): "
-                        "place them, or skip those not visible on this image.")
+        raise DataError(
+            f"'{node.GetName()}': {len(waiting)} landmark(s) not placed yet ({', '.join(waiting)}): "
+            "place them, or skip those not visible on this image."
+        )

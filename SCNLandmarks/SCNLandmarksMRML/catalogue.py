@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 CATALOGUE_LOCATIONS = (
-    MODULE_DIR / "Resources" / "Models" / "models.json",       # installed extension
+    MODULE_DIR / "Resources" / "Models" / "models.json",  # installed extension
     MODULE_DIR.parent / "Resources" / "Models" / "models.json",  # source tree
 )
 
@@ -95,8 +95,10 @@ class ModelEntry:
         """Why the model cannot be used ("" when it can), for tooltips and error messages."""
         if self.available:
             return ""
-        return (f"The model file {self.path} is not in this installation (models are never downloaded). "
-                "Use 'Load model file...' to pick a model file on this computer.")
+        return (
+            f"The model file {self.path} is not in this installation (models are never downloaded). "
+            "Use 'Load model file...' to pick a model file on this computer."
+        )
 
 
 def _entryFromItem(item, folder: Path, source: Path, userModel: bool = False) -> ModelEntry | None:
@@ -117,23 +119,29 @@ def _entryFromItem(item, folder: Path, source: Path, userModel: bool = False) ->
 
     dimension = item.get("dimension")
     shortNames = item.get("short_names")
-    if not (isinstance(shortNames, dict) and all(isinstance(k, str) and isinstance(v, str) and v
-                                                  for k, v in shortNames.items())):
+    if not (
+        isinstance(shortNames, dict)
+        and all(isinstance(k, str) and isinstance(v, str) and v for k, v in shortNames.items())
+    ):
         if shortNames is not None:
-            logger.warning("%s: ignoring the short_names of '%s' (not a map of names to abbreviations)",
-                           source, name)
+            logger.warning("%s: ignoring the short_names of '%s' (not a map of names to abbreviations)", source, name)
         shortNames = None
     tolerance = item.get("tolerance_mm")
     modelPath = local(fileName)
     return ModelEntry(
-        name=name, path=modelPath,
+        name=name,
+        path=modelPath,
         dimension=int(dimension) if dimension in (2, 3) else None,
         description=str(item.get("description", "")),
-        sample=local(item.get("sample")), sampleLandmarks=local(item.get("sample_landmarks")),
+        sample=local(item.get("sample")),
+        sampleLandmarks=local(item.get("sample_landmarks")),
         toleranceMm=float(tolerance) if isinstance(tolerance, (int, float)) else None,
         card=local(item.get("card")),
         id=str(item.get("id") or modelPath.parent.name),
-        sampleLicense=local(item.get("sample_license")), shortNames=shortNames, userModel=userModel)
+        sampleLicense=local(item.get("sample_license")),
+        shortNames=shortNames,
+        userModel=userModel,
+    )
 
 
 def _readJson(path: Path, what: str):
@@ -230,8 +238,10 @@ def userModelsFolder() -> Path:
         folder = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "SCNLandmarks" / "models"
     folder = folder.resolve()
     if folder.is_relative_to(MODULE_DIR):
-        raise DataError(f"{folder}: the user models folder cannot be inside the module's own folder {MODULE_DIR} "
-                        f"(an update would lose them); set {USER_MODELS_ENVIRONMENT} to another folder")
+        raise DataError(
+            f"{folder}: the user models folder cannot be inside the module's own folder {MODULE_DIR} "
+            f"(an update would lose them); set {USER_MODELS_ENVIRONMENT} to another folder"
+        )
     return folder
 
 
@@ -302,10 +312,16 @@ def publishStagedModel(staging, name: str, description: str = "") -> ModelEntry:
     model = read_description(staging / USER_MODEL_FILE)
     if not (staging / USER_CARD_FILE).is_file():
         write_text_atomically(staging / USER_CARD_FILE, _generatedCard(name, model))
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    item = {"name": name, "file": USER_MODEL_FILE, "card": USER_CARD_FILE, "dimension": model.dimension,
-            "description": description or f"{len(model.landmark_names)} landmarks, added {created[:10]}",
-            "landmarks": list(model.landmark_names), "created": created}
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    item = {
+        "name": name,
+        "file": USER_MODEL_FILE,
+        "card": USER_CARD_FILE,
+        "dimension": model.dimension,
+        "description": description or f"{len(model.landmark_names)} landmarks, added {created[:10]}",
+        "landmarks": list(model.landmark_names),
+        "created": created,
+    }
     taken = {entry.id for entry in catalogueModels()}
     stem = safe_filename(name, "model").lower()[:60]
     for number in range(1, 1000):
@@ -319,8 +335,7 @@ def publishStagedModel(staging, name: str, description: str = "") -> ModelEntry:
             if (root / modelId).exists():  # taken meanwhile by another process: try the next id
                 continue
             raise
-        return _entryFromItem({**item, "id": modelId}, root / modelId, root / modelId / USER_ENTRY_FILE,
-                              userModel=True)
+        return _entryFromItem({**item, "id": modelId}, root / modelId, root / modelId / USER_ENTRY_FILE, userModel=True)
     raise DataError(f"{root}: no free folder name for the model '{name}'")
 
 
@@ -333,8 +348,10 @@ def removeUserModel(entry: ModelEntry, folder=None) -> None:
     root = (Path(folder) if folder is not None else userModelsFolder()).resolve()
     modelFolder = entry.path.parent.resolve()
     if not entry.userModel or modelFolder.parent != root:
-        raise DataError(f"'{entry.name}' ({entry.path}) is not one of your models in {root}: only those can be "
-                        "removed (shipped models never are)")
+        raise DataError(
+            f"'{entry.name}' ({entry.path}) is not one of your models in {root}: only those can be "
+            "removed (shipped models never are)"
+        )
     removing = root / f"{REMOVING_PREFIX}{uuid.uuid4().hex}"
     try:
         os.rename(modelFolder, removing)
@@ -346,11 +363,16 @@ def removeUserModel(entry: ModelEntry, folder=None) -> None:
 def _generatedCard(name: str, model) -> str:
     """A model card from a model file's own metadata (for models trained without one)."""
     provenance, validation = model.provenance, model.validation or {}
-    lines = [f"# {name}", "",
-             f"- {model.dimension}D, {len(model.landmark_names)} landmarks: {', '.join(model.landmark_names)}",
-             (f"- Trained on: `{provenance.get('dataset', 'unknown')}`, {provenance.get('iterations', '?')} "
-              f"iterations, {provenance.get('date', 'date unknown')}"),
-             f"- Refinement stage: {'yes' if model.refinement is not None else 'no'}"]
+    lines = [
+        f"# {name}",
+        "",
+        f"- {model.dimension}D, {len(model.landmark_names)} landmarks: {', '.join(model.landmark_names)}",
+        (
+            f"- Trained on: `{provenance.get('dataset', 'unknown')}`, {provenance.get('iterations', '?')} "
+            f"iterations, {provenance.get('date', 'date unknown')}"
+        ),
+        f"- Refinement stage: {'yes' if model.refinement is not None else 'no'}",
+    ]
     if "mean_error" in validation:
         lines.append(f"- Validation: {validation['mean_error']:.2f} {model.unit} mean error")
     else:
@@ -386,7 +408,14 @@ def sampleDataSources(locations=CATALOGUE_LOCATIONS) -> list[SampleDataSource]:
         if not entry.hasSample:
             continue
         stem = entry.sample.name.split(".")[0]
-        sources.append(SampleDataSource(f"SCNLandmarks {stem}", entry.sample.as_uri(), entry.sample.name, stem,
-                                        entry.sampleLicense if entry.sampleLicense and entry.sampleLicense.is_file()
-                                        else None, entry.name))
+        sources.append(
+            SampleDataSource(
+                f"SCNLandmarks {stem}",
+                entry.sample.as_uri(),
+                entry.sample.name,
+                stem,
+                entry.sampleLicense if entry.sampleLicense and entry.sampleLicense.is_file() else None,
+                entry.name,
+            )
+        )
     return sources

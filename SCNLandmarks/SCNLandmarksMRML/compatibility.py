@@ -27,8 +27,9 @@ def compatibilityProblem(slicerVersion, pythonVersion=None) -> str:
     slicerVersion = tuple(int(part) for part in slicerVersion)
     if slicerVersion[:2] >= MINIMUM_SLICER and pythonVersion[:2] >= MINIMUM_PYTHON:
         return ""
-    return ("SCN Landmarks needs 3D Slicer {slicer} or later (Python {python}); this is Slicer {found} "
-            "with Python {foundPython}. Install Slicer {slicer} or later from download.slicer.org, then "
-            "install the SCNLandmarks extension there.").format(
-        slicer=versionText(MINIMUM_SLICER), python=versionText(MINIMUM_PYTHON),
-        found=versionText(slicerVersion), foundPython=versionText(pythonVersion[:3]))
+    return (
+        f"SCN Landmarks needs 3D Slicer {versionText(MINIMUM_SLICER)} or later "
+        f"(Python {versionText(MINIMUM_PYTHON)}); this is Slicer {versionText(slicerVersion)} "
+        f"with Python {versionText(pythonVersion[:3])}. Install Slicer {versionText(MINIMUM_SLICER)} or later "
+        "from download.slicer.org, then install the SCNLandmarks extension there."
+    )

@@ -47,13 +47,19 @@ AC_PC = ("AC", "PC")
 def register(commands) -> None:
     """Add the `demo` subcommand to the CLI's subparsers."""
     demo = commands.add_parser(
-        "demo", help="run a model on an image through the Slicer module's logic (headless) and write the "
-                     "landmarks, overlay pictures and a summary; default: the bundled model on the bundled sample")
+        "demo",
+        help="run a model on an image through the Slicer module's logic (headless) and write the "
+        "landmarks, overlay pictures and a summary; default: the bundled model on the bundled sample",
+    )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
     demo.add_argument("--model", type=Path, help="model file (.safetensors); default: the catalogue's sample model")
     demo.add_argument("--image", type=Path, help="image or volume file; default: the catalogue model's sample")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                      help="where the network runs (default: auto = CUDA GPU if there is one, else CPU)")
+    demo.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the network runs (default: auto = CUDA GPU if there is one, else CPU)",
+    )
     demo.set_defaults(run=_demo)
 
 
@@ -81,8 +87,10 @@ def resolveInputs(arguments) -> tuple[Path, Path, object]:
         if default is None:
             raise DataError("the model catalogue names no model with a sample image; pass --model FILE")
         if not default.available:
-            raise DataError(f"the bundled model '{default.name}' is missing ({default.path}); "
-                             "pass --model FILE to use another model file")
+            raise DataError(
+                f"the bundled model '{default.name}' is missing ({default.path}); "
+                "pass --model FILE to use another model file"
+            )
         model, entry = default.path, default
     if arguments.image is not None:
         image = arguments.image
@@ -117,13 +125,20 @@ def _vector(values) -> list | None:
 def landmarkTable(result) -> list[dict]:
     """Per landmark: name, RAS and LPS position (mm; None when missing), confidence, status."""
     rows = []
-    for name, ras, confidence, status in zip(result.landmarkNames, result.pointsRas, result.confidences,
-                                             result.statuses):
+    for name, ras, confidence, status in zip(
+        result.landmarkNames, result.pointsRas, result.confidences, result.statuses
+    ):
         rasList = _vector(ras)
         lpsList = None if rasList is None else [round(-rasList[0], 4), round(-rasList[1], 4), rasList[2]]
-        rows.append({"name": name, "ras": rasList, "lps": lpsList,
-                     "confidence": None if not math.isfinite(float(confidence)) else round(float(confidence), 4),
-                     "status": status})
+        rows.append(
+            {
+                "name": name,
+                "ras": rasList,
+                "lps": lpsList,
+                "confidence": None if not math.isfinite(float(confidence)) else round(float(confidence), 4),
+                "status": status,
+            }
+        )
     return rows
 
 
@@ -174,12 +189,23 @@ def renderPictures(logic, result, heatmapNode, outDir: Path, stem: str) -> list[
     dimension = volumeDimension(volume)
     pictures = []
     for view in VIEWS_3D if dimension == 3 else ("Axial",):
-        through, landmark = (sliceThrough(volume, view, centre, result.landmarkNames, result.pointsRas)
-                             if dimension == 3 else (None, None))
+        through, landmark = (
+            sliceThrough(volume, view, centre, result.landmarkNames, result.pointsRas)
+            if dimension == 3
+            else (None, None)
+        )
         name = f"{stem}_{view.lower()}.png" if dimension == 3 else f"{stem}_overlay.png"
-        rendered = logic.renderOverlayPng(outDir / name, volume, heatmapNode, result.markupsNode,
-                                          opacity=HEATMAP_OPACITY, orientation=view, centerRas=through,
-                                          sizePx=PICTURE_SIZE_PX, offSlicePoints=dimension == 3)
+        rendered = logic.renderOverlayPng(
+            outDir / name,
+            volume,
+            heatmapNode,
+            result.markupsNode,
+            opacity=HEATMAP_OPACITY,
+            orientation=view,
+            centerRas=through,
+            sizePx=PICTURE_SIZE_PX,
+            offSlicePoints=dimension == 3,
+        )
         pictures.append((Path(rendered.path), view if dimension == 3 else "image", landmark))
     return pictures
 
@@ -191,36 +217,58 @@ def _format(vector) -> str:
 def writeSummaries(outDir: Path, summary: dict) -> tuple[Path, Path]:
     jsonPath = outDir / "summary.json"
     jsonPath.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    lines = [f"# SCNLandmarks demo: {Path(summary['image']['path']).name}", "",
-             f"- **Model:** {summary['model']['name']} (`{summary['model']['path']}`)",
-             (f"- **Image:** `{summary['image']['path']}` ({summary['image']['dimension']}D, "
-              f"{' x '.join(map(str, summary['image']['size']))} voxels, "
-              f"spacing {' x '.join(f'{s:g}' for s in summary['image']['spacing'])} mm)"),
-             f"- **Device:** {summary['device']}",
-             f"- **Result:** {summary['result']}",
-             f"- **Time:** {summary['totalSeconds']:.1f} s in all (detection {summary['detectionSeconds']:.1f} s)"]
+    lines = [
+        f"# SCNLandmarks demo: {Path(summary['image']['path']).name}",
+        "",
+        f"- **Model:** {summary['model']['name']} (`{summary['model']['path']}`)",
+        (
+            f"- **Image:** `{summary['image']['path']}` ({summary['image']['dimension']}D, "
+            f"{' x '.join(map(str, summary['image']['size']))} voxels, "
+            f"spacing {' x '.join(f'{s:g}' for s in summary['image']['spacing'])} mm)"
+        ),
+        f"- **Device:** {summary['device']}",
+        f"- **Result:** {summary['result']}",
+        f"- **Time:** {summary['totalSeconds']:.1f} s in all (detection {summary['detectionSeconds']:.1f} s)",
+    ]
     if summary.get("acPcDistanceMm") is not None:
         lines.append(f"- **AC-PC distance:** {summary['acPcDistanceMm']:.1f} mm")
-    lines += ["", "Positions in mm: RAS (Slicer's world frame) and LPS (DICOM/ITK, as in the .mrk.json file).", "",
-              "| # | landmark | RAS (mm) | LPS (mm) | confidence | status |",
-              "|---:|---|---|---|---:|---|"]
+    lines += [
+        "",
+        "Positions in mm: RAS (Slicer's world frame) and LPS (DICOM/ITK, as in the .mrk.json file).",
+        "",
+        "| # | landmark | RAS (mm) | LPS (mm) | confidence | status |",
+        "|---:|---|---|---|---:|---|",
+    ]
     for i, row in enumerate(summary["landmarks"], start=1):
         confidence = "-" if row["confidence"] is None else f"{row['confidence']:.2f}"
-        lines.append(f"| {i} | {row['name']} | {_format(row['ras'])} | {_format(row['lps'])} | {confidence} | "
-                     f"{row['status']} |")
+        lines.append(
+            f"| {i} | {row['name']} | {_format(row['ras'])} | {_format(row['lps'])} | {confidence} | {row['status']} |"
+        )
     threeD = summary["image"]["dimension"] == 3
-    lines += ["", "## Pictures", "",
-              "The image with the network's final heatmap (maximum over all landmarks; values under "
-              f"{HEATMAP_SHOWN_ABOVE:.0%} of the maximum left out) in heat colours, and the landmarks with their names: "
-              "green = detected, orange = low confidence."
-              + (" Each slice passes through the landmarks' centre, moved along its normal to the nearest landmark; "
-                 "only landmarks in the slice are drawn with names, and small light-blue dots mark where every "
-                 "landmark projects onto the slice. Slicer's radiological convention: the patient's right is on "
-                 "the left of axial and coronal pictures." if threeD else ""), ""]
+    lines += [
+        "",
+        "## Pictures",
+        "",
+        "The image with the network's final heatmap (maximum over all landmarks; values under "
+        f"{HEATMAP_SHOWN_ABOVE:.0%} of the maximum left out) in heat colours, and the landmarks with their names: "
+        "green = detected, orange = low confidence."
+        + (
+            " Each slice passes through the landmarks' centre, moved along its normal to the nearest landmark; "
+            "only landmarks in the slice are drawn with names, and small light-blue dots mark where every "
+            "landmark projects onto the slice. Slicer's radiological convention: the patient's right is on "
+            "the left of axial and coronal pictures."
+            if threeD
+            else ""
+        ),
+        "",
+    ]
     for picture in summary["files"]["pictures"]:
         where = summary["pictureSlices"][picture]
-        caption = (f"{where['view']} slice through {where['throughLandmark']}" if threeD and where["throughLandmark"]
-                   else f"{where['view']}")
+        caption = (
+            f"{where['view']} slice through {where['throughLandmark']}"
+            if threeD and where["throughLandmark"]
+            else f"{where['view']}"
+        )
         lines += [f"**{caption}**", "", f"![{caption}]({picture})", ""]
     lines += ["## Files", ""] + [f"- `{name}`" for name in summary["files"]["landmarks"]] + [""]
     markdownPath = outDir / "summary.md"
@@ -273,12 +321,16 @@ def run(arguments) -> dict:
         print(result.summary, file=sys.stderr)
 
         stem = image_stem(image) or "image"
-        exported = [logic.exportLandmarks(result.markupsNode, outDir / f"{stem}.{suffix}")
-                    for suffix in ("mrk.json", "fcsv", "csv")]
+        exported = [
+            logic.exportLandmarks(result.markupsNode, outDir / f"{stem}.{suffix}")
+            for suffix in ("mrk.json", "fcsv", "csv")
+        ]
 
-        print("rendering overlay pictures"
-              + ("" if rendering.offscreenRenderingAvailable() else " (no offscreen OpenGL: points drawn with numpy)"),
-              file=sys.stderr)
+        print(
+            "rendering overlay pictures"
+            + ("" if rendering.offscreenRenderingAvailable() else " (no offscreen OpenGL: points drawn with numpy)"),
+            file=sys.stderr,
+        )
         heatmapNode = logic.showHeatmap(result.markupsNode, "final", None, HEATMAP_OPACITY)
         pictures = renderPictures(logic, result, heatmapNode, outDir, stem)
 
@@ -292,17 +344,24 @@ def run(arguments) -> dict:
         imageData = volume.GetImageData()
         dimension = volumeDimension(volume)
         summary = {
-            "model": {"name": entry.name if entry is not None else Path(model).name,
-                      "path": str(Path(model).resolve()),
-                      "card": str(entry.card) if entry is not None and entry.card is not None else None,
-                      "dimension": int(predictor.dimension), "landmarks": len(names)},
-            "image": {"path": str(Path(image).resolve()), "dimension": dimension,
-                      "size": list(imageData.GetDimensions()[:dimension]),
-                      "spacing": [round(float(s), 6) for s in volume.GetSpacing()[:dimension]]},
+            "model": {
+                "name": entry.name if entry is not None else Path(model).name,
+                "path": str(Path(model).resolve()),
+                "card": str(entry.card) if entry is not None and entry.card is not None else None,
+                "dimension": int(predictor.dimension),
+                "landmarks": len(names),
+            },
+            "image": {
+                "path": str(Path(image).resolve()),
+                "dimension": dimension,
+                "size": list(imageData.GetDimensions()[:dimension]),
+                "spacing": [round(float(s), 6) for s in volume.GetSpacing()[:dimension]],
+            },
             "device": result.device,
             "result": result.summary,
-            "counts": {status: result.statuses.count(status) for status in LandmarkStatus
-                       if result.statuses.count(status)},
+            "counts": {
+                status: result.statuses.count(status) for status in LandmarkStatus if result.statuses.count(status)
+            },
             "detectionSeconds": round(result.seconds, 3),
             "totalSeconds": None,
             "acPcDistanceMm": acPc,
@@ -310,8 +369,11 @@ def run(arguments) -> dict:
             "outputFolder": str(outDir.resolve()),
             "pictureSlices": {p.name: {"view": view, "throughLandmark": landmark} for p, view, landmark in pictures},
             # File names in the output folder.
-            "files": {"landmarks": [p.name for p in exported], "pictures": [p.name for p, _, _ in pictures],
-                      "summaries": ["summary.json", "summary.md"]},
+            "files": {
+                "landmarks": [p.name for p in exported],
+                "pictures": [p.name for p, _, _ in pictures],
+                "summaries": ["summary.json", "summary.md"],
+            },
         }
         summary["totalSeconds"] = round(time.perf_counter() - started, 3)
         writeSummaries(outDir, summary)
@@ -331,4 +393,3 @@ def _demo(arguments) -> int:
         for name in summary["files"][group]:
             print(f"  {name}")
     return 0
-

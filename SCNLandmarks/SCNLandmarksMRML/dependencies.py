@@ -105,8 +105,12 @@ class DependencyStatus:
         return self.torchAvailable and not self.missingPipPackages and not self.restartNeeded
 
 
-def dependencyStatus(torchVersion: str | None = None, importedTorchVersion: str | None = None,
-                     pytorchUtils: bool | None = None, missing: list[str] | None = None) -> DependencyStatus:
+def dependencyStatus(
+    torchVersion: str | None = None,
+    importedTorchVersion: str | None = None,
+    pytorchUtils: bool | None = None,
+    missing: list[str] | None = None,
+) -> DependencyStatus:
     """Check (without importing torch) what landmark detection still needs.
 
     The arguments are what this computer has; each defaults to what is found here (they are
@@ -124,25 +128,43 @@ def dependencyStatus(torchVersion: str | None = None, importedTorchVersion: str 
     if missing is None:
         missing = [requirement for module, requirement in PIP_REQUIREMENTS.items() if not _importable(module)]
     unsupported = torchVersion not in ("", UNKNOWN_VERSION) and not satisfies(torchVersion, TORCH_REQUIREMENT)
-    restart = (bool(importedTorchVersion) and torchVersion not in ("", UNKNOWN_VERSION)
-               and _release(importedTorchVersion) != _release(torchVersion))
+    restart = (
+        bool(importedTorchVersion)
+        and torchVersion not in ("", UNKNOWN_VERSION)
+        and _release(importedTorchVersion) != _release(torchVersion)
+    )
     parts = []
     if restart:
-        parts.append(f"PyTorch {torchVersion} was installed, but this session still runs PyTorch "
-                     f"{importedTorchVersion}: restart Slicer to use it.")
+        parts.append(
+            f"PyTorch {torchVersion} was installed, but this session still runs PyTorch "
+            f"{importedTorchVersion}: restart Slicer to use it."
+        )
     elif not torchVersion or unsupported:
-        found = "is not installed" if not torchVersion else \
-            f"{torchVersion} is installed, but this module needs torch{TORCH_REQUIREMENT}"
+        found = (
+            "is not installed"
+            if not torchVersion
+            else f"{torchVersion} is installed, but this module needs torch{TORCH_REQUIREMENT}"
+        )
         if pytorchUtils:
-            parts.append(f"PyTorch {found}. The PyTorch extension can install a build that matches this "
-                         "computer (GPU or CPU).")
+            parts.append(
+                f"PyTorch {found}. The PyTorch extension can install a build that matches this computer (GPU or CPU)."
+            )
         else:
-            parts.append(f"PyTorch {found}, and the 'PyTorch' extension, which installs it, is missing. "
-                         "Install 'PyTorch' from the Extensions Manager, restart Slicer, and detect again.")
+            parts.append(
+                f"PyTorch {found}, and the 'PyTorch' extension, which installs it, is missing. "
+                "Install 'PyTorch' from the Extensions Manager, restart Slicer, and detect again."
+            )
     if missing:
         parts.append(f"Also needed: {', '.join(missing)} (installed with pip).")
-    return DependencyStatus(bool(torchVersion) and not unsupported, pytorchUtils, list(missing),
-                            " ".join(parts), torchVersion, unsupported, restart)
+    return DependencyStatus(
+        bool(torchVersion) and not unsupported,
+        pytorchUtils,
+        list(missing),
+        " ".join(parts),
+        torchVersion,
+        unsupported,
+        restart,
+    )
 
 
 @dataclass(frozen=True)
@@ -155,8 +177,9 @@ class PlannedPackage:
     size: str
 
 
-def installationPlan(status: DependencyStatus, nvidiaGpu: bool | None = None,
-                     forceTorch: bool = False) -> list[PlannedPackage]:
+def installationPlan(
+    status: DependencyStatus, nvidiaGpu: bool | None = None, forceTorch: bool = False
+) -> list[PlannedPackage]:
     """What would be installed to make `status` ready (empty when nothing can or need be).
 
     torch is planned only through PyTorchUtils (never plain pip); `forceTorch` replaces a
@@ -169,8 +192,9 @@ def installationPlan(status: DependencyStatus, nvidiaGpu: bool | None = None,
         build = "torch (CUDA build)" if nvidiaGpu else "torch (CPU build)"
         plan.append(PlannedPackage("torch", f"torch{TORCH_REQUIREMENT}", "PyTorchUtils", DOWNLOAD_SIZES[build]))
         if installedVersion("light-the-torch") is None:
-            plan.append(PlannedPackage("light-the-torch", "light-the-torch", "PyTorchUtils",
-                                       DOWNLOAD_SIZES["light-the-torch"]))
+            plan.append(
+                PlannedPackage("light-the-torch", "light-the-torch", "PyTorchUtils", DOWNLOAD_SIZES["light-the-torch"])
+            )
     for requirement in status.missingPipPackages:
         name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
         plan.append(PlannedPackage(name, requirement, "pip", DOWNLOAD_SIZES.get(name, "size unknown")))
@@ -183,8 +207,11 @@ def consentMessage(plan: list[PlannedPackage], replacesTorch: bool = False) -> s
     for package in plan:
         via = "the PyTorch extension" if package.installer == "PyTorchUtils" else "pip"
         lines.append(f"  - {package.requirement}: {package.size}, installed by {via}")
-    lines += ["", "They are downloaded from the Python package index; this can take several minutes, and the "
-              "progress is shown in the module's installation log."]
+    lines += [
+        "",
+        "They are downloaded from the Python package index; this can take several minutes, and the "
+        "progress is shown in the module's installation log.",
+    ]
     if replacesTorch:
         lines.append("The PyTorch installed now is removed first; restart Slicer afterwards.")
     lines += ["", "Install them now?"]
@@ -225,8 +252,11 @@ def deviceFacts() -> DeviceFacts:
         return DeviceFacts(status.torchVersion, "", (), nvidiaGpuPresent())
     import torch
 
-    names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
-        if torch.cuda.is_available() else ()
+    names = (
+        tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        if torch.cuda.is_available()
+        else ()
+    )
     return DeviceFacts(str(torch.__version__), torch.version.cuda or "", names, nvidiaGpuPresent())
 
 
@@ -240,8 +270,10 @@ class DeviceChoice:
     tooltip: str = ""
 
 
-CUDA_BUILD_ADVICE = ("Reinstall PyTorch with GPU support: Advanced > 'Reinstall PyTorch', or the PyTorch Utils "
-                     "module (computation backend 'automatic' or a 'cu...' one), then restart Slicer.")
+CUDA_BUILD_ADVICE = (
+    "Reinstall PyTorch with GPU support: Advanced > 'Reinstall PyTorch', or the PyTorch Utils "
+    "module (computation backend 'automatic' or a 'cu...' one), then restart Slicer."
+)
 
 
 def deviceChoices(facts: DeviceFacts | None = None) -> list[DeviceChoice]:
@@ -249,23 +281,39 @@ def deviceChoices(facts: DeviceFacts | None = None) -> list[DeviceChoice]:
     facts = facts if facts is not None else deviceFacts()
     cpu = DeviceChoice("cpu", "CPU", True)
     if not facts.torchVersion:
-        return [DeviceChoice("auto", "Auto (PyTorch not installed yet)", True),
-                DeviceChoice("cuda", "GPU (unknown until PyTorch is installed)", False), cpu]
+        return [
+            DeviceChoice("auto", "Auto (PyTorch not installed yet)", True),
+            DeviceChoice("cuda", "GPU (unknown until PyTorch is installed)", False),
+            cpu,
+        ]
     if facts.gpuNames:
         gpu = f"GPU: {facts.gpuNames[0]}" + (f" (+{len(facts.gpuNames) - 1} more)" if len(facts.gpuNames) > 1 else "")
         return [DeviceChoice("auto", f"Auto ({gpu})", True), DeviceChoice("cuda", gpu, True), cpu]
     if facts.nvidiaGpu and not facts.cudaBuild:
-        why = (f"This PyTorch ({facts.torchVersion}) is a CPU-only build, but this computer has an NVIDIA GPU. "
-               + CUDA_BUILD_ADVICE)
-        return [DeviceChoice("auto", "Auto (CPU: PyTorch is a CPU-only build)", True, why),
-                DeviceChoice("cuda", "GPU (PyTorch is a CPU-only build: reinstall it with CUDA)", False, why), cpu]
+        why = (
+            f"This PyTorch ({facts.torchVersion}) is a CPU-only build, but this computer has an NVIDIA GPU. "
+            + CUDA_BUILD_ADVICE
+        )
+        return [
+            DeviceChoice("auto", "Auto (CPU: PyTorch is a CPU-only build)", True, why),
+            DeviceChoice("cuda", "GPU (PyTorch is a CPU-only build: reinstall it with CUDA)", False, why),
+            cpu,
+        ]
     if facts.nvidiaGpu:
-        why = (f"PyTorch {facts.torchVersion} (CUDA {facts.cudaBuild}) finds no usable GPU: the NVIDIA driver may be "
-               "older than this CUDA build needs. Update the driver, or reinstall PyTorch (Advanced).")
-        return [DeviceChoice("auto", "Auto (CPU: the GPU is not usable)", True, why),
-                DeviceChoice("cuda", "GPU (not usable with this PyTorch)", False, why), cpu]
-    return [DeviceChoice("auto", "Auto (CPU: no CUDA GPU found)", True),
-            DeviceChoice("cuda", "GPU (no CUDA GPU found)", False), cpu]
+        why = (
+            f"PyTorch {facts.torchVersion} (CUDA {facts.cudaBuild}) finds no usable GPU: the NVIDIA driver may be "
+            "older than this CUDA build needs. Update the driver, or reinstall PyTorch (Advanced)."
+        )
+        return [
+            DeviceChoice("auto", "Auto (CPU: the GPU is not usable)", True, why),
+            DeviceChoice("cuda", "GPU (not usable with this PyTorch)", False, why),
+            cpu,
+        ]
+    return [
+        DeviceChoice("auto", "Auto (CPU: no CUDA GPU found)", True),
+        DeviceChoice("cuda", "GPU (no CUDA GPU found)", False),
+        cpu,
+    ]
 
 
 def describeDevice(device) -> str:
@@ -285,8 +333,10 @@ def missingModuleMessage(error: ImportError) -> str:
     if name == "torch":
         return "PyTorch is needed to read model files; it will be installed (after asking) when you detect."
     if name:
-        return f"The Python package '{name}' is needed to read model files; it will be installed (after asking) " \
-               "when you detect."
+        return (
+            f"The Python package '{name}' is needed to read model files; it will be installed (after asking) "
+            "when you detect."
+        )
     return f"The library cannot be imported ({error})."
 
 
@@ -295,9 +345,12 @@ def selfTestSkipReason(status: DependencyStatus | None = None) -> str:
     status = status if status is not None else dependencyStatus()
     if status.ready:
         return ""
-    return ("Skipped: the SCN Landmarks self-test runs a real detection, which needs " + status.message.rstrip(".")
-            + ". Tests never install packages; install them (open the module and click Detect) and run the "
-            "test again.")
+    return (
+        "Skipped: the SCN Landmarks self-test runs a real detection, which needs "
+        + status.message.rstrip(".")
+        + ". Tests never install packages; install them (open the module and click Detect) and run the "
+        "test again."
+    )
 
 
 def environmentReport(facts: DeviceFacts | None = None) -> list[tuple[str, str]]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
-
 import slicer
 
 from SCNLandmarksLib.errors import DataError
@@ -124,8 +123,7 @@ def loadVolumeFile(scene, path, name: str | None = None):
     name = name or image_stem(path)
     if _imageDimension(path) == 4:
         # Checked before reading: some slicer-core versions read a 4D NRRD as one vector volume.
-        raise DataError(f"{path}: a 4D image; Slicer loads it as a sequence (one volume per frame), "
-                        "not as one volume")
+        raise DataError(f"{path}: a 4D image; Slicer loads it as a sequence (one volume per frame), not as one volume")
     volumeNode = _readWithStorageNode(scene, path, "vtkMRMLScalarVolumeNode", name)
     if volumeNode is None:
         volumeNode = _readWithStorageNode(scene, path, "vtkMRMLVectorVolumeNode", name)
@@ -157,8 +155,11 @@ def loadMarkupsFile(scene, path, name: str | None = None):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     lower = path.name.lower()
-    storageNode = (slicer.vtkMRMLMarkupsFiducialStorageNode() if lower.endswith(".fcsv")
-                   else slicer.vtkMRMLMarkupsJsonStorageNode())
+    storageNode = (
+        slicer.vtkMRMLMarkupsFiducialStorageNode()
+        if lower.endswith(".fcsv")
+        else slicer.vtkMRMLMarkupsJsonStorageNode()
+    )
     storageNode.SetFileName(str(path))
     markupsNode = slicer.vtkMRMLMarkupsFiducialNode()
     markupsNode.SetName(name or image_stem(path))

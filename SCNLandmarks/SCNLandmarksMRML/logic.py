@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 import slicer
 
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
@@ -229,8 +228,16 @@ class SCNLandmarksLogic:
         """The volume as the predictor's SimpleITK image (checked: scalar, dimension of the model)."""
         return imageFromVolumeNode(volumeNode, predictor.dimension, pixelUnits=predictor.description.in_pixels)
 
-    def detectLandmarks(self, volumeNode, model, device: str = "auto", progress: Progress | None = None,
-                        cancel: Cancel | None = None, markupsNode=None, keepHeatmaps: bool = True) -> DetectionResult:
+    def detectLandmarks(
+        self,
+        volumeNode,
+        model,
+        device: str = "auto",
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+        markupsNode=None,
+        keepHeatmaps: bool = True,
+    ) -> DetectionResult:
         """Detect the model's landmarks on a volume node and put them in a markups point list.
 
         The three steps (`prepareDetection`, `runDetection`, `finishDetection`) are public too, for
@@ -257,8 +264,15 @@ class SCNLandmarksLogic:
         self.runDetection(job)
         return self.finishDetection(job, markupsNode)
 
-    def prepareDetection(self, volumeNode, model, device: str = "auto", progress: Progress | None = None,
-                         cancel: Cancel | None = None, keepHeatmaps: bool = True) -> DetectionJob:
+    def prepareDetection(
+        self,
+        volumeNode,
+        model,
+        device: str = "auto",
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+        keepHeatmaps: bool = True,
+    ) -> DetectionJob:
         """Step 1 (main thread): check the volume, load the model, copy the volume's image.
 
         Arguments and errors as `detectLandmarks`; the scene is not changed.
@@ -267,8 +281,9 @@ class SCNLandmarksLogic:
         if self.scene is None:
             raise DataError("No MRML scene to work in.")
         checkScalarVolume(volumeNode)
-        job = DetectionJob(volumeNode, None, None, progress or (lambda fraction, message: None), cancel,
-                           keepHeatmaps, start)
+        job = DetectionJob(
+            volumeNode, None, None, progress or (lambda fraction, message: None), cancel, keepHeatmaps, start
+        )
         job.report(0.0, "loading model")
         job.check()
         if isinstance(model, (str, Path)):
@@ -290,9 +305,13 @@ class SCNLandmarksLogic:
             Cancelled: the job's `cancel()` returned True.
         """
         try:
-            job.prediction = job.predictor.predict(job.volumeImage.image, heatmaps=job.keepHeatmaps,
-                                                   progress=_scaled(job.progress, 0.1, 0.95), cancel=job.cancel,
-                                                   source=f"volume '{job.volumeNode.GetName()}'")
+            job.prediction = job.predictor.predict(
+                job.volumeImage.image,
+                heatmaps=job.keepHeatmaps,
+                progress=_scaled(job.progress, 0.1, 0.95),
+                cancel=job.cancel,
+                source=f"volume '{job.volumeNode.GetName()}'",
+            )
         except Cancelled:
             raise Cancelled("Landmark detection cancelled; nothing was changed.") from None
         job.check()
@@ -303,24 +322,46 @@ class SCNLandmarksLogic:
         volumeNode, prediction = job.volumeNode, job.prediction
         landmarks = prediction.landmarks
         pointsRas = job.volumeImage.pointsToRas(landmarks.points_lps)
-        confidences = (np.asarray(landmarks.confidences, dtype=np.float64) if landmarks.confidences is not None
-                       else np.full(len(landmarks.names), np.nan))
+        confidences = (
+            np.asarray(landmarks.confidences, dtype=np.float64)
+            if landmarks.confidences is not None
+            else np.full(len(landmarks.names), np.nan)
+        )
         statuses = list(prediction.status)
 
         name = self.scene.GenerateUniqueName(f"{volumeNode.GetName()} landmarks") if markupsNode is None else None
         markupsNode = landmarkMarkups.createLandmarksNode(
-            self.scene, name, list(landmarks.names), pointsRas, confidences, statuses,
-            volumeNode=volumeNode, modelPath=job.modelPath, markupsNode=markupsNode,
-            expectedErrors=landmarks.expected_errors, flagged=prediction.flagged,
-            unit=job.predictor.description.unit)
+            self.scene,
+            name,
+            list(landmarks.names),
+            pointsRas,
+            confidences,
+            statuses,
+            volumeNode=volumeNode,
+            modelPath=job.modelPath,
+            markupsNode=markupsNode,
+            expectedErrors=landmarks.expected_errors,
+            flagged=prediction.flagged,
+            unit=job.predictor.description.unit,
+        )
         if job.keepHeatmaps:
             self._predictions[markupsNode.GetID()] = (prediction, job.volumeImage)
         self._statusObserver.observe(markupsNode)
         seconds = time.perf_counter() - job.started
         device = dependencies.describeDevice(job.predictor.device)
         job.report(1.0, "done")
-        result = DetectionResult(markupsNode, volumeNode, list(landmarks.names), pointsRas, confidences,
-                                 statuses, seconds, device, job.modelPath, prediction)
+        result = DetectionResult(
+            markupsNode,
+            volumeNode,
+            list(landmarks.names),
+            pointsRas,
+            confidences,
+            statuses,
+            seconds,
+            device,
+            job.modelPath,
+            prediction,
+        )
         logger.info("%s", result.summary)
         return result
 
@@ -400,16 +441,24 @@ class SCNLandmarksLogic:
         if markupsNode is None:
             return "No detection to show heatmaps of: detect landmarks first (Detection section)."
         if not self.hasHeatmaps(markupsNode):
-            return (f"No heatmaps for '{markupsNode.GetName()}': heatmaps are kept in memory for detections made "
-                    "in this session only. Run the detection again to see them.")
+            return (
+                f"No heatmaps for '{markupsNode.GetName()}': heatmaps are kept in memory for detections made "
+                "in this session only. Run the detection again to see them."
+            )
         return ""
 
     def heatmapNode(self, markupsNode):
         """The heatmap volume node of a detection, if one was shown."""
         return markupsNode.GetNodeReference(landmarkMarkups.HEATMAP_REFERENCE_ROLE) if markupsNode else None
 
-    def showHeatmap(self, markupsNode, kind: str = "final", landmark: int | str | None = None,
-                    opacity: float = 0.5, scaledPerLandmark: bool = False):
+    def showHeatmap(
+        self,
+        markupsNode,
+        kind: str = "final",
+        landmark: int | str | None = None,
+        opacity: float = 0.5,
+        scaledPerLandmark: bool = False,
+    ):
         """Show a heatmap of a detection as the foreground of every slice view.
 
         Args:
@@ -442,14 +491,18 @@ class SCNLandmarksLogic:
         if index is not None and not 0 <= int(index) < len(names):
             raise DataError(f"Landmark index {index} is out of range (0..{len(names) - 1}).")
         try:
-            heatmap = prediction.heatmap(kind, None if index is None else int(index),
-                                         scaled_per_landmark=scaledPerLandmark)
+            heatmap = prediction.heatmap(
+                kind, None if index is None else int(index), scaled_per_landmark=scaledPerLandmark
+            )
         except ValueError as error:
             raise DataError(str(error)) from None
         array = volumeImage.volumeArray(heatmap)
         volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
-        what = names[int(index)] if index is not None else (
-            "all landmarks (each scaled to its peak)" if scaledPerLandmark else "all landmarks (max)")
+        what = (
+            names[int(index)]
+            if index is not None
+            else ("all landmarks (each scaled to its peak)" if scaledPerLandmark else "all landmarks (max)")
+        )
         name = f"{markupsNode.GetName()} heatmap: {kind}, {what}"
         heatmapNode = overlays.updateHeatmapNode(self.scene, self.heatmapNode(markupsNode), array, volumeNode, name)
         heatmapNode.SetAttribute(overlays.HEATMAP_KIND_ATTRIBUTE, kind)
@@ -482,8 +535,9 @@ class SCNLandmarksLogic:
         if not rows:
             raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
         pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
-        landmarks = LandmarkSet([r.name for r in rows], ras_to_lps(pointsRas),
-                                np.array([r.confidence for r in rows], dtype=np.float64))
+        landmarks = LandmarkSet(
+            [r.name for r in rows], ras_to_lps(pointsRas), np.array([r.confidence for r in rows], dtype=np.float64)
+        )
         return landmarks, [r.status for r in rows]
 
     @staticmethod
@@ -498,15 +552,19 @@ class SCNLandmarksLogic:
         if not existing:
             return ""
         listed = "\n".join(f"  {path}" for path in existing)
-        return f"{'This file exists' if len(existing) == 1 else 'These files exist'}:\n{listed}\n\nReplace " \
-               f"{'it' if len(existing) == 1 else 'them'}?"
+        return (
+            f"{'This file exists' if len(existing) == 1 else 'These files exist'}:\n{listed}\n\nReplace "
+            f"{'it' if len(existing) == 1 else 'them'}?"
+        )
 
     @staticmethod
     def _refuseOverwrite(paths, overwrite: bool) -> None:
         existing = SCNLandmarksLogic.existingFiles(paths)
         if existing and not overwrite:
-            raise DataError(f"Not replacing {', '.join(str(p) for p in existing)}: the file exists. Choose another "
-                            "name or folder, or agree to replace it.")
+            raise DataError(
+                f"Not replacing {', '.join(str(p) for p in existing)}: the file exists. Choose another "
+                "name or folder, or agree to replace it."
+            )
 
     def exportLandmarks(self, markupsNode, path, overwrite: bool = True) -> Path:
         """Write the current (corrected) points of a point list.
@@ -562,8 +620,15 @@ class SCNLandmarksLogic:
         folder = Path(folder)
         return folder / f"{caseId}.nrrd", folder / f"{caseId}.mrk.json"
 
-    def saveTrainingPair(self, volumeNode, markupsNode, folder, caseId: str | None = None,
-                         split: str | None = None, overwrite: bool = True) -> tuple[Path, Path]:
+    def saveTrainingPair(
+        self,
+        volumeNode,
+        markupsNode,
+        folder,
+        caseId: str | None = None,
+        split: str | None = None,
+        overwrite: bool = True,
+    ) -> tuple[Path, Path]:
         """Save a volume and its corrected landmarks as one more training case of a dataset folder.
 
         Writes ``<folder>/<caseId>.nrrd`` (Slicer's NRRD writer, geometry as in Slicer) and
@@ -634,24 +699,34 @@ class SCNLandmarksLogic:
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise DataError(f"{specPath}: cannot read the dataset spec ({error})") from None
         if spec.get("dimension") not in (None, dimension):
-            raise DataError(f"{specPath}: this folder holds {spec.get('dimension')}D cases; the volume is "
-                            f"{dimension}D. Choose another folder.")
+            raise DataError(
+                f"{specPath}: this folder holds {spec.get('dimension')}D cases; the volume is "
+                f"{dimension}D. Choose another folder."
+            )
         if spec.get("landmarks") not in (None, names):
-            raise DataError(f"{specPath}: this folder's cases have the landmarks {spec.get('landmarks')}, "
-                            f"not {names}. Choose another folder.")
+            raise DataError(
+                f"{specPath}: this folder's cases have the landmarks {spec.get('landmarks')}, "
+                f"not {names}. Choose another folder."
+            )
         return spec
 
     @staticmethod
     def _writeTrainingSpec(specPath: Path, dimension: int, names: list[str], images: list[dict]) -> None:
-        cases = [{key: str(entry[key]) for key in ("id", "image", "landmarks", "split") if key in entry}
-                 for entry in images]
-        write_toml(specPath, {"dimension": dimension, "landmarks": list(names), "images": cases},
-                   comment="Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).")
+        cases = [
+            {key: str(entry[key]) for key in ("id", "image", "landmarks", "split") if key in entry} for entry in images
+        ]
+        write_toml(
+            specPath,
+            {"dimension": dimension, "landmarks": list(names), "images": cases},
+            comment="Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).",
+        )
 
     # ------------------------------------------------------------------------------------------
     # pictures
 
-    def renderOverlayPng(self, path, volumeNode, heatmapNode=None, markupsNode=None, **options) -> rendering.RenderedSlice:
+    def renderOverlayPng(
+        self, path, volumeNode, heatmapNode=None, markupsNode=None, **options
+    ) -> rendering.RenderedSlice:
         """Render a slice view (image, heatmap foreground, landmarks) offscreen to a PNG.
 
         See `rendering.renderOverlayPng` for the options (opacity, orientation, centerRas, sizePx,

@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
-import vtk
-
 import slicer
+import vtk
 
 from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 
@@ -112,10 +111,20 @@ def isLandmarksNode(node) -> bool:
     return node is not None and node.IsA("vtkMRMLMarkupsFiducialNode") and readPredictionInfo(node) is not None
 
 
-def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: np.ndarray,
-                        confidences: np.ndarray, statuses: list[LandmarkStatus], volumeNode=None,
-                        modelPath: str = "", markupsNode=None, expectedErrors: np.ndarray | None = None,
-                        flagged: np.ndarray | None = None, unit: str = ""):
+def createLandmarksNode(
+    scene,
+    name: str,
+    landmarkNames: list[str],
+    pointsRas: np.ndarray,
+    confidences: np.ndarray,
+    statuses: list[LandmarkStatus],
+    volumeNode=None,
+    modelPath: str = "",
+    markupsNode=None,
+    expectedErrors: np.ndarray | None = None,
+    flagged: np.ndarray | None = None,
+    unit: str = "",
+):
     """Make (or refill) a markups point list holding predicted landmarks.
 
     Args:
@@ -140,8 +149,18 @@ def createLandmarksNode(scene, name: str, landmarkNames: list[str], pointsRas: n
     if created:
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     try:
-        _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath,
-                           expectedErrors, flagged, unit)
+        _fillLandmarksNode(
+            markupsNode,
+            landmarkNames,
+            pointsRas,
+            confidences,
+            statuses,
+            volumeNode,
+            modelPath,
+            expectedErrors,
+            flagged,
+            unit,
+        )
     except Exception:
         if created:
             removeNode(scene, markupsNode)
@@ -161,8 +180,9 @@ def removeNode(scene, node) -> None:
     scene.RemoveNode(node)
 
 
-def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath,
-                       expectedErrors, flagged, unit) -> None:
+def _fillLandmarksNode(
+    markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath, expectedErrors, flagged, unit
+) -> None:
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
     wasModifying = markupsNode.StartModify()
@@ -179,21 +199,24 @@ def _fillLandmarksNode(markupsNode, landmarkNames, pointsRas, confidences, statu
         expectedErrors = np.full(count, np.nan) if expectedErrors is None else expectedErrors
         flagged = np.zeros(count, dtype=bool) if flagged is None else flagged
         for landmarkName, ras, confidence, status, expected, isFlagged in zip(
-                landmarkNames, pointsRas, confidences, statuses, expectedErrors, flagged):
+            landmarkNames, pointsRas, confidences, statuses, expectedErrors, flagged
+        ):
             present = bool(np.all(np.isfinite(ras)))
             index = markupsNode.AddControlPoint(vtk.vtkVector3d(*(ras if present else (0.0, 0.0, 0.0))), landmarkName)
             if not present:
                 markupsNode.UnsetNthControlPointPosition(index)
             markupsNode.SetNthControlPointLocked(index, False)
-            records.append({
-                "id": markupsNode.GetNthControlPointID(index),
-                "name": landmarkName,
-                "predictedRas": [float(v) for v in ras] if present else None,
-                "confidence": None if math.isnan(_finite(confidence)) else _finite(confidence),
-                "status": status,
-                "expectedError": None if math.isnan(_finite(expected)) else _finite(expected),
-                "flagged": bool(isFlagged),
-            })
+            records.append(
+                {
+                    "id": markupsNode.GetNthControlPointID(index),
+                    "name": landmarkName,
+                    "predictedRas": [float(v) for v in ras] if present else None,
+                    "confidence": None if math.isnan(_finite(confidence)) else _finite(confidence),
+                    "status": status,
+                    "expectedError": None if math.isnan(_finite(expected)) else _finite(expected),
+                    "flagged": bool(isFlagged),
+                }
+            )
         values = vtk.vtkDoubleArray()
         values.SetName(CONFIDENCE_MEASUREMENT)
         for confidence in confidences:
@@ -249,9 +272,18 @@ def landmarkRows(markupsNode) -> list[LandmarkRow]:
     for record in info["points"]:
         status, index, position = currentStatus(markupsNode, record)
         predicted = record["predictedRas"]
-        rows.append(LandmarkRow(record["name"], index, _finite(record["confidence"]), status, position,
-                                None if predicted is None else np.asarray(predicted, dtype=np.float64),
-                                _finite(record.get("expectedError")), bool(record.get("flagged", False))))
+        rows.append(
+            LandmarkRow(
+                record["name"],
+                index,
+                _finite(record["confidence"]),
+                status,
+                position,
+                None if predicted is None else np.asarray(predicted, dtype=np.float64),
+                _finite(record.get("expectedError")),
+                bool(record.get("flagged", False)),
+            )
+        )
     return rows
 
 
@@ -318,11 +350,13 @@ class StatusObserver:
         nodeId = markupsNode.GetID()
         if nodeId in self._tags:
             return
-        events = (slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointPositionMissingEvent,
-                  slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        events = (
+            slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointPositionMissingEvent,
+            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+        )
         tags = [markupsNode.AddObserver(event, self._onPointModified) for event in events]
         self._tags[nodeId] = (markupsNode, tags)
 
@@ -347,8 +381,9 @@ def landmarkPositionsRas(markupsNode) -> tuple[list[str], np.ndarray, np.ndarray
     """(names, (N, 3) RAS positions with NaN where unplaced, (N,) confidences) in model order."""
     rows = landmarkRows(markupsNode)
     names = [r.name for r in rows]
-    points = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows],
-                      dtype=np.float64).reshape(-1, 3)
+    points = np.array(
+        [r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows], dtype=np.float64
+    ).reshape(-1, 3)
     confidences = np.array([r.confidence for r in rows], dtype=np.float64)
     return names, points, confidences
 
@@ -384,7 +419,7 @@ def fullNameLabels(markupsNode) -> Iterator[None]:
     finally:
         wasModifying = markupsNode.StartModify()
         try:
-            for index, label in enumerate(shown[:markupsNode.GetNumberOfControlPoints()]):
+            for index, label in enumerate(shown[: markupsNode.GetNumberOfControlPoints()]):
                 if markupsNode.GetNthControlPointLabel(index) != label:
                     markupsNode.SetNthControlPointLabel(index, label)
         finally:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import vtk
-
 import slicer
+import vtk
 
 from .volumes import ijkToRasArray, setVolumeArray
 
@@ -135,8 +134,9 @@ def hideFromSliceViews(scene, heatmapNode) -> None:
 
 def centreSliceViews(scene, pointRas) -> None:
     """Centre every slice view on a RAS (world) point."""
-    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, float(pointRas[0]), float(pointRas[1]), float(pointRas[2]),
-                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(
+        scene, float(pointRas[0]), float(pointRas[1]), float(pointRas[2]), slicer.vtkMRMLSliceNode.CenteredJumpSlice
+    )
 
 
 def worldFromLocal(node, pointRas) -> np.ndarray:

@@ -5,13 +5,14 @@ table's cells and how to update them in place. The widget only copies these into
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-from . import catalogue
 from SCNLandmarksLib.vocabulary import LandmarkStatus
 
+from . import catalogue
 from .markups import LandmarkRow
 
 LOAD_MODEL_FILE = "__load_model_file__"
@@ -34,8 +35,9 @@ def _samePath(a: str, b: str) -> bool:
         return a == b
 
 
-def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
-                 loadedPaths: list[str] = ()) -> tuple[list[ModelChoice], int]:
+def modelChoices(
+    entries: list[catalogue.ModelEntry], currentPath: str = "", loadedPaths: list[str] = ()
+) -> tuple[list[ModelChoice], int]:
     """The selector's entries and the index to show, so that it always shows the model that will run.
 
     Args:
@@ -63,14 +65,21 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
     if currentPath and not any(_samePath(currentPath, choice.data) for choice in choices):
         present = Path(currentPath).is_file()
         label = Path(currentPath).name + ("" if present else " (file not found)")
-        tooltip = str(currentPath) if present else \
-            f"The model file {currentPath} (saved with the scene) is not on this computer: load it again."
+        tooltip = (
+            str(currentPath)
+            if present
+            else f"The model file {currentPath} (saved with the scene) is not on this computer: load it again."
+        )
         choices.append(ModelChoice(label, str(currentPath), True, tooltip))
-    choices.append(ModelChoice("Load model file...", LOAD_MODEL_FILE, True,
-                               "Use a model file (.safetensors) from this computer."))
+    choices.append(
+        ModelChoice("Load model file...", LOAD_MODEL_FILE, True, "Use a model file (.safetensors) from this computer.")
+    )
     if currentPath:
-        index = next(i for i, choice in enumerate(choices) if choice.data != LOAD_MODEL_FILE
-                     and _samePath(currentPath, choice.data))
+        index = next(
+            i
+            for i, choice in enumerate(choices)
+            if choice.data != LOAD_MODEL_FILE and _samePath(currentPath, choice.data)
+        )
     else:
         index = next((i for i, choice in enumerate(choices) if choice.enabled and choice.data != LOAD_MODEL_FILE), -1)
     return choices, index
@@ -79,8 +88,11 @@ def modelChoices(entries: list[catalogue.ModelEntry], currentPath: str = "",
 # ------------------------------------------------------------------------------------------------
 # results table
 
-STATUS_COLORS = {LandmarkStatus.LOW_CONFIDENCE: (255, 190, 130), LandmarkStatus.MISSING: (225, 225, 225),
-                  LandmarkStatus.MOVED: (170, 220, 255)}
+STATUS_COLORS = {
+    LandmarkStatus.LOW_CONFIDENCE: (255, 190, 130),
+    LandmarkStatus.MISSING: (225, 225, 225),
+    LandmarkStatus.MOVED: (170, 220, 255),
+}
 # A point whose expected error is above its landmark's usual error, not corrected yet: review it first.
 FLAGGED_COLOR = (255, 150, 150)
 FLAGGED_MARK = "! "
@@ -117,7 +129,9 @@ def tableRows(rows: list[LandmarkRow], unit: str = "") -> list[TableRow]:
             value = FLAGGED_MARK + value if flagged else value
         else:
             value = "" if math.isnan(row.confidence) else f"{row.confidence:.2f}"
-        table.append(TableRow((row.name, value, row.status), FLAGGED_COLOR if flagged else STATUS_COLORS.get(row.status)))
+        table.append(
+            TableRow((row.name, value, row.status), FLAGGED_COLOR if flagged else STATUS_COLORS.get(row.status))
+        )
     return table
 
 
@@ -135,9 +149,13 @@ class Table(Protocol):
     def setItem(self, row: int, column: int, item: TableItem) -> None: ...
 
 
-def updateTable(table: Table, rows: list[TableRow], newItem: Callable[[], TableItem],
-                setColor: Callable[[TableItem, tuple[int, int, int] | None], None],
-                colors: dict[tuple[int, int], tuple[int, int, int] | None]) -> int:
+def updateTable(
+    table: Table,
+    rows: list[TableRow],
+    newItem: Callable[[], TableItem],
+    setColor: Callable[[TableItem, tuple[int, int, int] | None], None],
+    colors: dict[tuple[int, int], tuple[int, int, int] | None],
+) -> int:
     """Make the table show `rows`, changing only what differs.
 
     An item the table already holds is updated in place (handing it to `setItem` again is what

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import slicer
 import vtk
 from vtk.util import numpy_support
-
-import slicer
 
 from SCNLandmarksLib.vocabulary import STATUS_COLORS
 
@@ -69,7 +68,7 @@ class RenderedSlice:
 
 
 def _drawDisc(rgb: np.ndarray, column: float, row: float, radius: float, color, filled: bool) -> None:
-    rows, columns = np.ogrid[:rgb.shape[0], :rgb.shape[1]]
+    rows, columns = np.ogrid[: rgb.shape[0], : rgb.shape[1]]
     distance = np.sqrt((columns - column) ** 2 + (rows - row) ** 2)
     outline = (distance <= radius + 1.5) & (distance > radius - (radius if filled else 2.5))
     rgb[outline] = OUTLINE
@@ -133,8 +132,9 @@ def offscreenRenderingAvailable() -> bool:
         return False
 
 
-def _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic, width: int, height: int,
-                                         withMarkups: bool) -> np.ndarray:
+def _renderWithMarkupsDisplayableManager(
+    sliceLogic, sliceNode, applicationLogic, width: int, height: int, withMarkups: bool
+) -> np.ndarray:
     """Composited slice image (+ Slicer's markups rendering) from an offscreen window, (rows, cols, 3)."""
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(True)
@@ -180,10 +180,23 @@ def _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic
         window.Finalize()
 
 
-def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None, opacity: float = 0.5,
-                     orientation: str = "Axial", alignToVolume: bool = True, centerRas=None,
-                     sizePx: int = 512, pointRadiusPx: float = 5.0, slabMm: float | None = None,
-                     method: str = "auto", applicationLogic=None, offSlicePoints: bool = False) -> RenderedSlice:
+def renderOverlayPng(
+    scene,
+    path,
+    volumeNode,
+    heatmapNode=None,
+    markupsNode=None,
+    opacity: float = 0.5,
+    orientation: str = "Axial",
+    alignToVolume: bool = True,
+    centerRas=None,
+    sizePx: int = 512,
+    pointRadiusPx: float = 5.0,
+    slabMm: float | None = None,
+    method: str = "auto",
+    applicationLogic=None,
+    offSlicePoints: bool = False,
+) -> RenderedSlice:
     """Render one slice view offscreen - image, heatmap foreground, markups - to a PNG.
 
     Args:
@@ -213,8 +226,9 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
     """
     if method not in ("auto", "vtk", "numpy"):
         raise ValueError(f"method must be 'auto', 'vtk' or 'numpy', got {method!r}")
-    canUseVtk = applicationLogic is not None and (markupsNode is None or
-                                                 applicationLogic.GetModuleLogic("Markups") is not None)
+    canUseVtk = applicationLogic is not None and (
+        markupsNode is None or applicationLogic.GetModuleLogic("Markups") is not None
+    )
     if method == "vtk" and not canUseVtk:
         raise ValueError("the 'vtk' method needs the application logic with the Markups module logic")
     useVtk = method == "vtk" or (method == "auto" and canUseVtk and offscreenRenderingAvailable())
@@ -241,8 +255,9 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
             if offSlicePoints and markupsNode is not None:
                 _addOffSliceProjections(scene, markupsNode)
             try:
-                rgb = _renderWithMarkupsDisplayableManager(sliceLogic, sliceNode, applicationLogic, width, height,
-                                                           markupsNode is not None)
+                rgb = _renderWithMarkupsDisplayableManager(
+                    sliceLogic, sliceNode, applicationLogic, width, height, markupsNode is not None
+                )
             except Exception as error:  # noqa: BLE001 - fall back to drawing with numpy
                 if method == "vtk":
                     raise
@@ -265,8 +280,9 @@ def renderOverlayPng(scene, path, volumeNode, heatmapNode=None, markupsNode=None
     return rendered
 
 
-def _fitSlice(sliceLogic, sliceNode, volumeNode, orientation: str, alignToVolume: bool, centerRas,
-              sizePx: int) -> tuple[int, int]:
+def _fitSlice(
+    sliceLogic, sliceNode, volumeNode, orientation: str, alignToVolume: bool, centerRas, sizePx: int
+) -> tuple[int, int]:
     """Orient the slice, size the picture to the volume's extent in that plane (longer side `sizePx`)
     and move the slice through `centerRas` (default the volume's center); returns (width, height)."""
     sliceNode.SetOrientation(orientation)
@@ -297,8 +313,9 @@ def _compositedLayers(sliceLogic) -> np.ndarray:
     return np.ascontiguousarray(rgba[::-1, :, :3]).astype(np.uint8)
 
 
-def _placeMarkers(rendered: RenderedSlice, markupsNode, sliceToRas: np.ndarray, slabMm: float,
-                  drawRadiusPx: float | None) -> None:
+def _placeMarkers(
+    rendered: RenderedSlice, markupsNode, sliceToRas: np.ndarray, slabMm: float, drawRadiusPx: float | None
+) -> None:
     """Record where each point falls in the picture and how far it is from the slice; with
     `drawRadiusPx`, also draw it (filled within `slabMm` of the slice, a ring otherwise)."""
     normal = sliceToRas[:3, 2] / np.linalg.norm(sliceToRas[:3, 2])

@@ -16,8 +16,9 @@ from SCNLandmarksLib.vocabulary import LandmarkStatus
 NOT_TO_REVIEW = (LandmarkStatus.MISSING, LandmarkStatus.MOVED)
 
 
-def review_order(expected_errors: Sequence[float] | np.ndarray | None,
-                 statuses: Sequence[str] | None = None) -> list[int]:
+def review_order(
+    expected_errors: Sequence[float] | np.ndarray | None, statuses: Sequence[str] | None = None
+) -> list[int]:
     """Indices of the points to review, largest expected error first (ties in landmark order).
 
     Args:
@@ -32,8 +33,9 @@ def review_order(expected_errors: Sequence[float] | np.ndarray | None,
     return sorted(keep, key=lambda i: (not np.isfinite(errors[i]), -errors[i] if np.isfinite(errors[i]) else 0.0, i))
 
 
-def next_to_review(expected_errors: Sequence[float] | np.ndarray | None, statuses: Sequence[str] | None,
-                   current: int | None) -> int | None:
+def next_to_review(
+    expected_errors: Sequence[float] | np.ndarray | None, statuses: Sequence[str] | None, current: int | None
+) -> int | None:
     """The point to review after `current` (None: the first one); None when there is none left."""
     order = review_order(expected_errors, statuses)
     if not order:

@@ -20,7 +20,7 @@ whose event loop keeps it (PythonQt's may) lets the worker run during `poll(wait
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from SCNLandmarksLib.errors import Cancelled, DataError, SCNLandmarksError
 
@@ -70,7 +70,7 @@ class DetectionRunner:
 
     @property
     def phase(self) -> str:
-        """"idle", "loading model" or "detecting"."""
+        """ "idle", "loading model" or "detecting"."""
         return self._phase
 
     @property
@@ -96,8 +96,15 @@ class DetectionRunner:
     # ------------------------------------------------------------------------------------------
     # driving
 
-    def start(self, volumeNode, modelPath, device: str = "auto", markupsNode=None, keepHeatmaps: bool = True,
-              listener: Listener | None = None) -> None:
+    def start(
+        self,
+        volumeNode,
+        modelPath,
+        device: str = "auto",
+        markupsNode=None,
+        keepHeatmaps: bool = True,
+        listener: Listener | None = None,
+    ) -> None:
         """Start detecting the landmarks of the model file `modelPath` on `volumeNode`.
 
         Args:
@@ -114,8 +121,14 @@ class DetectionRunner:
             raise DetectionBusy("A landmark detection is already running: wait for it to finish or cancel it.")
         self.logic.checkDetectionInputs(volumeNode, modelPath)
         self._cancel.clear()
-        self._request = {"volumeNode": volumeNode, "modelPath": str(modelPath), "device": device,
-                         "markupsNode": markupsNode, "keepHeatmaps": keepHeatmaps, "listener": listener}
+        self._request = {
+            "volumeNode": volumeNode,
+            "modelPath": str(modelPath),
+            "device": device,
+            "markupsNode": markupsNode,
+            "keepHeatmaps": keepHeatmaps,
+            "listener": listener,
+        }
         self._job = None
         self._phase = LOADING
         self._report(0.0, "loading model")
@@ -173,8 +186,13 @@ class DetectionRunner:
 
     def _startNetwork(self, predictor) -> None:
         request = self._request
-        self._job = self.logic.prepareDetection(request["volumeNode"], predictor, progress=self._report,
-                                                cancel=self._cancel.is_set, keepHeatmaps=request["keepHeatmaps"])
+        self._job = self.logic.prepareDetection(
+            request["volumeNode"],
+            predictor,
+            progress=self._report,
+            cancel=self._cancel.is_set,
+            keepHeatmaps=request["keepHeatmaps"],
+        )
         self._job.modelPath = request["modelPath"]
         self._phase = DETECTING
         job = self._job
@@ -206,5 +224,6 @@ class DetectionRunner:
         for role in ("volumeNode", "markupsNode"):
             node = self._request[role]
             if node is not None and not self.logic.scene.IsNodePresent(node):
-                raise DataError(f"'{node.GetName()}' was removed from the scene during the detection; "
-                                "nothing was added.")
+                raise DataError(
+                    f"'{node.GetName()}' was removed from the scene during the detection; nothing was added."
+                )

@@ -73,8 +73,10 @@ class TrainingData:
     def summary(self) -> str:
         """One line for the panel: how many cases and which landmarks."""
         names = ", ".join(self.landmarkNames)
-        return (f"{len(self.cases)} case{'s' if len(self.cases) != 1 else ''} ({self.dimension}D), "
-                f"{len(self.landmarkNames)} landmarks: {names}")
+        return (
+            f"{len(self.cases)} case{'s' if len(self.cases) != 1 else ''} ({self.dimension}D), "
+            f"{len(self.landmarkNames)} landmarks: {names}"
+        )
 
 
 def inspectTrainingFolder(folder) -> TrainingData:
@@ -100,11 +102,19 @@ def inspectTrainingFolder(folder) -> TrainingData:
         labels = read_landmarks(entry.landmarks).names
         foreign = [label for label in labels if label not in names]
         if foreign:
-            raise DataError(f"{entry.landmarks} (case '{entry.id}'): the landmarks {foreign} are not among the "
-                            f"folder's ({', '.join(names)}); a case of another landmark set was saved here. Move "
-                            "it to a folder of its own.")
-    return TrainingData(folder, spec.path, spec.dimension, tuple(names), tuple(e.id for e in spec.entries),
-                        spacing_unit(spec.entries[0].image))
+            raise DataError(
+                f"{entry.landmarks} (case '{entry.id}'): the landmarks {foreign} are not among the "
+                f"folder's ({', '.join(names)}); a case of another landmark set was saved here. Move "
+                "it to a folder of its own."
+            )
+    return TrainingData(
+        folder,
+        spec.path,
+        spec.dimension,
+        tuple(names),
+        tuple(e.id for e in spec.entries),
+        spacing_unit(spec.entries[0].image),
+    )
 
 
 def checkBase(basePath, data: TrainingData) -> str:
@@ -118,15 +128,18 @@ def checkBase(basePath, data: TrainingData) -> str:
 
     base = read_description(basePath)
     if base.dimension != data.dimension:
-        raise DataError(f"{basePath}: the base model is {base.dimension}D, the cases in {data.folder} are "
-                        f"{data.dimension}D")
+        raise DataError(
+            f"{basePath}: the base model is {base.dimension}D, the cases in {data.folder} are {data.dimension}D"
+        )
     if base.unit != data.unit and not (base.in_pixels and data.unit == "px"):
         raise DataError(f"{basePath}: the base model works in {base.unit}, the cases in {data.folder} in {data.unit}")
     if set(base.landmark_names) == set(data.landmarkNames):
         return f"Fine-tunes {Path(basePath).name} on its own {len(base.landmark_names)} landmarks."
     common = len(set(base.landmark_names) & set(data.landmarkNames))
-    return (f"The cases have other landmarks than {Path(basePath).name} ({common} of {len(data.landmarkNames)} in "
-            "common): new landmark heads are trained, starting from the base's local-appearance weights.")
+    return (
+        f"The cases have other landmarks than {Path(basePath).name} ({common} of {len(data.landmarkNames)} in "
+        "common): new landmark heads are trained, starting from the base's local-appearance weights."
+    )
 
 
 @dataclass(frozen=True)
@@ -159,8 +172,10 @@ class TrainingProgress:
     def text(self) -> str:
         """One line for the panel."""
         minutes, seconds = divmod(int(self.etaSeconds), 60)
-        line = (f"{self.stage} stage: iteration {self.iteration} of {self.iterations}, loss {self.loss:.4f}, "
-                f"about {minutes}:{seconds:02d} left")
+        line = (
+            f"{self.stage} stage: iteration {self.iteration} of {self.iterations}, loss {self.loss:.4f}, "
+            f"about {minutes}:{seconds:02d} left"
+        )
         if self.heldAsideError is not None:
             line += f"; held-aside error {self.heldAsideError:.2f} {self.unit}"
         return line
@@ -205,12 +220,22 @@ class TrainingJob:
         iterations: fine-tuning iterations per stage (default: derived from the base).
     """
 
-    def __init__(self, data: TrainingData, base=None, name: str = "", minutes: float = TIME_BUDGETS["quick"],
-                 device: str = "auto", python: str | None = None, userFolder=None, iterations: int | None = None):
+    def __init__(
+        self,
+        data: TrainingData,
+        base=None,
+        name: str = "",
+        minutes: float = TIME_BUDGETS["quick"],
+        device: str = "auto",
+        python: str | None = None,
+        userFolder=None,
+        iterations: int | None = None,
+    ):
         self.data = data
         self.base = Path(base) if base else None
-        self.name = name or (f"{self.base.parent.name or self.base.stem} + {data.folder.name}" if self.base
-                             else data.folder.name)
+        self.name = name or (
+            f"{self.base.parent.name or self.base.stem} + {data.folder.name}" if self.base else data.folder.name
+        )
         self.minutes = minutes
         self.device = device
         self.python = python or sys.executable
@@ -245,13 +270,30 @@ class TrainingJob:
 
     def command(self) -> list[str]:
         """The child's command line (the staging folder must exist)."""
-        common = ["--out", str(self.staging), "--minutes", f"{self.minutes:g}", "--device", self.device,
-                  "--progress-json", "--stop-file", str(self.staging / STOP_FILE)]
+        common = [
+            "--out",
+            str(self.staging),
+            "--minutes",
+            f"{self.minutes:g}",
+            "--device",
+            self.device,
+            "--progress-json",
+            "--stop-file",
+            str(self.staging / STOP_FILE),
+        ]
         if self.base is None:
             return [self.python, "-m", "SCNLandmarksLib.cli", "train", "--dataset", str(self.data.spec), *common]
         iterations = ["--iterations", str(self.iterations)] if self.iterations else []
-        return [self.python, "-m", "SCNLandmarksLib.cli", "finetune", str(self.base), str(self.data.spec), *common,
-                *iterations]
+        return [
+            self.python,
+            "-m",
+            "SCNLandmarksLib.cli",
+            "finetune",
+            str(self.base),
+            str(self.data.spec),
+            *common,
+            *iterations,
+        ]
 
     def start(self) -> None:
         """Start the child process (returns at once).
@@ -268,13 +310,20 @@ class TrainingJob:
             raise DataError(f"cannot write in the user models folder ({error})") from None
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
-            [str(libraryPath())] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
+            [str(libraryPath())] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else [])
+        )
         environment["PYTHONUNBUFFERED"] = "1"
         # No console window on Windows; the stop file, not a console signal, cancels.
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         with open(self.staging / LOG_FILE, "wb") as log:
-            self._process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=log,
-                                             stdin=subprocess.DEVNULL, env=environment, creationflags=flags)
+            self._process = subprocess.Popen(
+                self.command(),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                creationflags=flags,
+            )
         self._reader = threading.Thread(target=self._read, name="SCNLandmarks training output", daemon=True)
         self._reader.start()
 
@@ -334,9 +383,14 @@ class TrainingJob:
                 held = validation.get("mean_error", previous.heldAsideError if previous else None)
                 with self._lock:
                     self._progress = TrainingProgress(
-                        str(event.get("stage", "")), int(event.get("iteration", 0)), int(event.get("iterations", 0)),
-                        float(event.get("loss", float("nan"))), float(event.get("eta_s", 0.0)),
-                        None if held is None else float(held), self.data.unit)
+                        str(event.get("stage", "")),
+                        int(event.get("iteration", 0)),
+                        int(event.get("iterations", 0)),
+                        float(event.get("loss", float("nan"))),
+                        float(event.get("eta_s", 0.0)),
+                        None if held is None else float(held),
+                        self.data.unit,
+                    )
             elif event.get("event") == "result":
                 self._result = event
         self._process.stdout.close()
@@ -350,17 +404,22 @@ class TrainingJob:
 
     def _failure(self, status: int) -> TrainingFailed:
         tail = self._logTail()
-        errors = [line[len("error: "):] for line in tail.splitlines() if line.startswith("error: ")]
+        errors = [line[len("error: ") :] for line in tail.splitlines() if line.startswith("error: ")]
         if errors:
             return TrainingFailed(errors[-1])
         if "No space left on device" in tail or "There is not enough space on the disk" in tail:
-            return TrainingFailed(f"The disk holding {self.staging.parent} is full: training stopped and nothing was "
-                                  "added to your models. Free some space and start again.")
+            return TrainingFailed(
+                f"The disk holding {self.staging.parent} is full: training stopped and nothing was "
+                "added to your models. Free some space and start again."
+            )
         if status < 0:
-            return TrainingFailed(f"The training process was killed (signal {-status}): nothing was added to your "
-                                  "models.")
-        return TrainingFailed(f"Training failed (exit status {status}); nothing was added to your models."
-                              + (f" Last lines of its log:\n{tail}" if tail else ""))
+            return TrainingFailed(
+                f"The training process was killed (signal {-status}): nothing was added to your models."
+            )
+        return TrainingFailed(
+            f"Training failed (exit status {status}); nothing was added to your models."
+            + (f" Last lines of its log:\n{tail}" if tail else "")
+        )
 
     def _finish(self, status: int) -> TrainingOutcome:
         model = self.staging / catalogue.USER_MODEL_FILE
@@ -368,25 +427,33 @@ class TrainingJob:
         if status != 0 and not cancelledWithModel:
             if self._cancelled and status == INTERRUPTED_STATUS:
                 self._discardStaging()
-                return TrainingOutcome(None, "Training cancelled before a first model was kept: nothing was added.",
-                                       True, {})
+                return TrainingOutcome(
+                    None, "Training cancelled before a first model was kept: nothing was added.", True, {}
+                )
             raise self._failure(status)
         result = self._result or {}
         # A cancel that came after the last iteration changed nothing.
         cancelled = self._cancelled and (status != 0 or bool(result.get("cancelled")))
         if result.get("outcome") == "kept base":
             self._discardStaging()
-            return TrainingOutcome(None, (
-                f"The new model is not better than {self.base.name} on the {result.get('held_aside')} held-aside "
-                f"cases ({result.get('new_mean_error'):.2f} against {result.get('base_mean_error'):.2f} "
-                f"{self.data.unit}): nothing was added; keep using the base model."), cancelled, result)
+            return TrainingOutcome(
+                None,
+                (
+                    f"The new model is not better than {self.base.name} on the {result.get('held_aside')} held-aside "
+                    f"cases ({result.get('new_mean_error'):.2f} against {result.get('base_mean_error'):.2f} "
+                    f"{self.data.unit}): nothing was added; keep using the base model."
+                ),
+                cancelled,
+                result,
+            )
         (self.staging / STOP_FILE).unlink(missing_ok=True)
         try:
             description = self._description(result, cancelled, model)
             entry = catalogue.publishStagedModel(self.staging, self.name, description)
         except OSError as error:
-            raise TrainingFailed(f"Cannot add the new model to {self.staging.parent} ({error}); nothing was "
-                                 "added.") from None
+            raise TrainingFailed(
+                f"Cannot add the new model to {self.staging.parent} ({error}); nothing was added."
+            ) from None
         return TrainingOutcome(entry, f"'{entry.name}' was added to your models: {description}", cancelled, result)
 
     def _description(self, result: dict, cancelled: bool, model: Path) -> str:
@@ -397,20 +464,28 @@ class TrainingJob:
         if self.base is None:
             # From the model file: a cancelled run prints no result line.
             error = read_description(model).validation.get("mean_error")
-            measured = f"{error:.2f} {unit} mean error on the held-aside cases" if error is not None else \
-                "not validated (no held-aside cases)"
-            return (f"New landmark set trained on {len(self.data.cases)} cases of {self.data.folder}; "
-                    f"{measured}.{stopped}")
+            measured = (
+                f"{error:.2f} {unit} mean error on the held-aside cases"
+                if error is not None
+                else "not validated (no held-aside cases)"
+            )
+            return (
+                f"New landmark set trained on {len(self.data.cases)} cases of {self.data.folder}; {measured}.{stopped}"
+            )
         outcome = result.get("outcome", "")
         if outcome == "improved":
-            measured = (f"{result['new_mean_error']:.2f} {unit} on the held-aside cases, the base "
-                        f"{result['base_mean_error']:.2f} {unit}")
+            measured = (
+                f"{result['new_mean_error']:.2f} {unit} on the held-aside cases, the base "
+                f"{result['base_mean_error']:.2f} {unit}"
+            )
         elif outcome == "not validated":
             measured = "not validated (fewer than 5 cases)"
         else:
             measured = "new landmarks, not comparable with the base"
-        return (f"Fine-tuned from {self.base.name} on {len(self.data.cases)} cases of {self.data.folder}; "
-                f"{measured}.{stopped}")
+        return (
+            f"Fine-tuned from {self.base.name} on {len(self.data.cases)} cases of {self.data.folder}; "
+            f"{measured}.{stopped}"
+        )
 
     def _discardStaging(self) -> None:
         if self.staging is not None and self.staging.exists():

@@ -85,16 +85,20 @@ def checkScalarVolume(volumeNode) -> None:
         raise DataError(f"Volume '{name}' has no image data.")
     components = imageData.GetNumberOfScalarComponents()
     if components != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
-        kind = "an RGB colour image" if components in (3, 4) else f"a vector or 4D volume ({components} values per voxel)"
+        kind = (
+            "an RGB colour image" if components in (3, 4) else f"a vector or 4D volume ({components} values per voxel)"
+        )
         raise DataError(
             f"Volume '{name}' is {kind}; landmark detection needs a single-channel (grayscale) 2D or 3D "
-            "volume. Convert it first, e.g. with the 'Vector to Scalar Volume' module.")
+            "volume. Convert it first, e.g. with the 'Vector to Scalar Volume' module."
+        )
     browser = sequenceOfProxy(volumeNode)
     if browser is not None:
         raise DataError(
             f"Volume '{name}' is the current frame of the 4D sequence shown by '{browser.GetName()}'; "
             "landmark detection runs on one 2D or 3D volume. Clone the frame you want (Sequences module, "
-            "or right-click > Clone in the Data module) and detect on the copy.")
+            "or right-click > Clone in the Data module) and detect on the copy."
+        )
 
 
 def volumeDimension(volumeNode) -> int:
@@ -134,7 +138,7 @@ class VolumeImage:
         ras = np.asarray(ras, dtype=np.float64).reshape(-1, 3)
         rasToIjk = np.linalg.inv(self.ijkToRas)
         index = ras @ rasToIjk[:3, :3].T + rasToIjk[:3, 3]
-        return ImageGeometry.of(self.image).index_to_physical(index[:, :self.dimension])
+        return ImageGeometry.of(self.image).index_to_physical(index[:, : self.dimension])
 
     def volumeArray(self, image: sitk.Image) -> np.ndarray:
         """Voxels of an image on `image`'s grid (e.g. a heatmap), shaped (k, j, i) like the volume node."""
@@ -167,11 +171,15 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     if dimension is None:
         dimension = volumeDim
     if dimension == 3 and volumeDim == 2:
-        raise DataError(f"The model detects landmarks in 3D volumes, but '{name}' is a single 2D slice "
-                        f"({nx} x {ny} pixels); choose a 2D model.")
+        raise DataError(
+            f"The model detects landmarks in 3D volumes, but '{name}' is a single 2D slice "
+            f"({nx} x {ny} pixels); choose a 2D model."
+        )
     if dimension == 2 and volumeDim == 3:
-        raise DataError(f"The model detects landmarks in 2D images, but '{name}' is a 3D volume "
-                        f"({nx} x {ny} x {nz} voxels); choose a 3D model.")
+        raise DataError(
+            f"The model detects landmarks in 2D images, but '{name}' is a 3D volume "
+            f"({nx} x {ny} x {nz} voxels); choose a 3D model."
+        )
 
     array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
     ijkToRas = ijkToRasArray(volumeNode)
@@ -191,8 +199,9 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     else:
         image = sitk.GetImageFromArray(array[0])
         inPlane = directionLps[:2, :2]
-        axial = (np.all(np.abs(directionLps[2, :2]) < _PLANE_TOLERANCE)
-                 and np.allclose(inPlane.T @ inPlane, np.eye(2), atol=1e-6))
+        axial = np.all(np.abs(directionLps[2, :2]) < _PLANE_TOLERANCE) and np.allclose(
+            inPlane.T @ inPlane, np.eye(2), atol=1e-6
+        )
         image.SetSpacing(spacing[:2].tolist())
         if axial:
             image.SetOrigin(originLps[:2].tolist())

@@ -54,7 +54,8 @@ def resolveToken(host: str, token: str | None) -> str | None:
         raise AccessError(
             f"--host {host} makes the review station reachable from other machines, and it shows patient "
             f"images: give an access token with --token SECRET (or the environment variable {TOKEN_ENVIRONMENT}), "
-            f"or --token {GENERATE} to generate one and print the link to open.")
+            f"or --token {GENERATE} to generate one and print the link to open."
+        )
     if len(token) < 16:
         raise AccessError("The access token must be at least 16 characters long (use --token auto for a random one).")
     return token

@@ -34,9 +34,9 @@ import vtk
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
+from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
 from trame_slicer.app.ui import create_vertical_view_gutter_ui
 from trame_slicer.app.ui.slider import Slider
-from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
@@ -64,7 +64,7 @@ ALL_LANDMARKS = "all landmarks (each scaled to its peak)"
 LAYOUT_2D = "2D"
 LAYOUT_3D = "3D: three slices"
 TABLE_REFRESH_S = 0.2  # at most this often while a point is dragged
-ZOOM_FRACTION = 0.25   # "Zoom to" shows this fraction of the image's largest extent
+ZOOM_FRACTION = 0.25  # "Zoom to" shows this fraction of the image's largest extent
 PROJECTION_OPACITY = 0.6  # landmarks off the shown slice appear as faded projections
 CANCELLED = "Detection cancelled; the previous result is unchanged."
 # The all-landmarks heatmap (each landmark scaled to its peak) shows each landmark above this
@@ -142,9 +142,16 @@ class LandmarkReviewApp(TrameApp):
             removed with it.
     """
 
-    def __init__(self, server=None, image: str | Path | None = None, model: str | None = None,
-                 device: str = "auto", workdir: Path | None = None, maxUploadBytes: int = 512 * 1024 ** 2,
-                 trainingFolder: Path | None = None):
+    def __init__(
+        self,
+        server=None,
+        image: str | Path | None = None,
+        model: str | None = None,
+        device: str = "auto",
+        workdir: Path | None = None,
+        maxUploadBytes: int = 512 * 1024**2,
+        trainingFolder: Path | None = None,
+    ):
         super().__init__(server)
         self.device = device
         self.maxUploadBytes = maxUploadBytes
@@ -219,8 +226,9 @@ class LandmarkReviewApp(TrameApp):
         state.help_open = False
         state.heatmap_visible = False
         state.heatmap_kind = "final"
-        state.heatmap_kind_items = [{"title": label, "value": kind}
-                                    for kind, label in SCNLandmarksLogic.heatmapKinds().items()]
+        state.heatmap_kind_items = [
+            {"title": label, "value": kind} for kind, label in SCNLandmarksLogic.heatmapKinds().items()
+        ]
         state.heatmap_landmark = ALL_LANDMARKS
         state.heatmap_landmark_items = [ALL_LANDMARKS]
         state.heatmap_opacity = 0.5
@@ -300,8 +308,9 @@ class LandmarkReviewApp(TrameApp):
             self.modelLoads += 1
             self.state.model_loading = True
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.modelWorker, self.logic.loadPredictor,
-                                                                    path, self.device)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.modelWorker, self.logic.loadPredictor, path, self.device
+            )
         finally:
             with self.state:
                 self.modelLoads -= 1
@@ -371,8 +380,10 @@ class LandmarkReviewApp(TrameApp):
             self.state.error = f"{name}: the browser sent no content."
             return
         if len(upload.content) > self.maxUploadBytes:
-            self.state.error = (f"{name}: {len(upload.content) / 1024 ** 2:.0f} MB is more than this station accepts "
-                                f"({self.maxUploadBytes / 1024 ** 2:.0f} MB).")
+            self.state.error = (
+                f"{name}: {len(upload.content) / 1024**2:.0f} MB is more than this station accepts "
+                f"({self.maxUploadBytes / 1024**2:.0f} MB)."
+            )
             return
         path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="upload-")) / re.sub(r"[^\w.+-]", "_", name)
         path.write_bytes(upload.content)
@@ -440,7 +451,8 @@ class LandmarkReviewApp(TrameApp):
         self.markupsObservers = [
             node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed),
             node.AddObserver(node.PointModifiedEvent, self._onPointMoving),
-            node.AddObserver(node.PointEndInteractionEvent, self._onPointDropped)]
+            node.AddObserver(node.PointEndInteractionEvent, self._onPointDropped),
+        ]
         display = node.GetDisplayNode()
         if display is not None and not self.state.is_2d:
             # Each of the three views shows every landmark: those off its slice as faded projections.
@@ -494,13 +506,20 @@ class LandmarkReviewApp(TrameApp):
         for index, row in enumerate(landmarkRows):
             lps = None if row.positionRas is None else ras_to_lps(np.asarray(row.positionRas)[None])[0]
             expected = math.nan if self.expectedErrors is None else float(self.expectedErrors[index])
-            rows.append({"index": index, "name": row.name, "status": row.status,
-                         "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
-                         "expected_error": f"{expected:.1f}" if math.isfinite(expected) else "",
-                         # A point the user placed is no longer the model's guess: no longer flagged.
-                         "flagged": bool(self.flagged is not None and self.flagged[index]
-                                         and row.status != LandmarkStatus.MOVED),
-                         "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions])})
+            rows.append(
+                {
+                    "index": index,
+                    "name": row.name,
+                    "status": row.status,
+                    "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
+                    "expected_error": f"{expected:.1f}" if math.isfinite(expected) else "",
+                    # A point the user placed is no longer the model's guess: no longer flagged.
+                    "flagged": bool(
+                        self.flagged is not None and self.flagged[index] and row.status != LandmarkStatus.MOVED
+                    ),
+                    "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions]),
+                }
+            )
         self.state.landmarks = rows
         self.lastTableRefresh = time.monotonic()
         self._markMovedPoints(landmarkRows)
@@ -508,8 +527,11 @@ class LandmarkReviewApp(TrameApp):
     def _markMovedPoints(self, landmarkRows) -> None:
         """Mark the points the user moved on the views themselves, with a cyan halo: a second, locked
         point list (a point list has one glyph and two colours, both taken by the landmarks)."""
-        moved = [row.positionRas for row in landmarkRows
-                 if row.status == LandmarkStatus.MOVED and row.positionRas is not None]
+        moved = [
+            row.positionRas
+            for row in landmarkRows
+            if row.status == LandmarkStatus.MOVED and row.positionRas is not None
+        ]
         if self.movedMarkersNode is None:
             if not moved:
                 return
@@ -635,9 +657,13 @@ class LandmarkReviewApp(TrameApp):
             if self.state.heatmap_visible:
                 landmark = self.state.heatmap_landmark
                 everyLandmark = landmark == ALL_LANDMARKS
-                heatmapNode = self.logic.showHeatmap(self.markupsNode, self.state.heatmap_kind,
-                                                     None if everyLandmark else landmark,
-                                                     float(self.state.heatmap_opacity), scaledPerLandmark=everyLandmark)
+                heatmapNode = self.logic.showHeatmap(
+                    self.markupsNode,
+                    self.state.heatmap_kind,
+                    None if everyLandmark else landmark,
+                    float(self.state.heatmap_opacity),
+                    scaledPerLandmark=everyLandmark,
+                )
                 if everyLandmark:
                     # Each landmark at its own peak 1: only the top of each shows, so neighbours stay apart.
                     display = heatmapNode.GetDisplayNode()
@@ -659,19 +685,30 @@ class LandmarkReviewApp(TrameApp):
     def _layouts() -> dict[str, Layout]:
         """One view for 2D images; for 3D the three orthogonal slices, axial the largest (as Slicer's)."""
         axial = ViewLayoutDefinition.axial_view()
-        sideViews = Layout(LayoutDirection.Vertical,
-                           [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()])
-        return {LAYOUT_2D: Layout(LayoutDirection.Vertical, [axial]),
-                LAYOUT_3D: Layout(LayoutDirection.Horizontal, [axial, sideViews], flex_sizes=["2", "1"])}
+        sideViews = Layout(
+            LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]
+        )
+        return {
+            LAYOUT_2D: Layout(LayoutDirection.Vertical, [axial]),
+            LAYOUT_3D: Layout(LayoutDirection.Horizontal, [axial, sideViews], flex_sizes=["2", "1"]),
+        }
 
     def _sliceViewGutter(self, server, viewId: str, view) -> None:
         """Reset-view button, and the slice slider for 3D images only (a 2D image has one slice)."""
         create_vertical_view_gutter_ui(server, viewId, view)
-        html.Div(classes="slice-view", __properties=[("data_view", "data-view")], data_view=view.get_singleton_tag(),
-                 style="display: none;")
+        html.Div(
+            classes="slice-view",
+            __properties=[("data_view", "data-view")],
+            data_view=view.get_singleton_tag(),
+            style="display: none;",
+        )
         with html.Div(v_show="!is_2d", style="position: absolute; bottom: 0; left: 0; width: 100%;"):
-            Slider(classes="slice-slider", typed_state=connect_slice_view_slider_to_state(server, view), theme="dark",
-                   dense=True)
+            Slider(
+                classes="slice-slider",
+                typed_state=connect_slice_view_slider_to_state(server, view),
+                theme="dark",
+                dense=True,
+            )
 
     def _sliceNodes(self) -> list:
         return [view.get_view_node() for view in self.slicerApp.view_manager.get_slice_views()]
@@ -681,18 +718,22 @@ class LandmarkReviewApp(TrameApp):
         for view in self.slicerApp.view_manager.get_slice_views():
             interactor = view.interactor()
             sliceNode = view.get_view_node()
-            interactor.AddObserver("MouseMoveEvent", lambda caller, event, node=sliceNode:
-                                   self._showCursor(node, caller.GetEventPosition()), 1.0)
+            interactor.AddObserver(
+                "MouseMoveEvent",
+                lambda caller, event, node=sliceNode: self._showCursor(node, caller.GetEventPosition()),
+                1.0,
+            )
             # Mouse moves are throttled on their way from the browser; the release carries the final
             # position, so a move there first puts a dragged point exactly where it was let go.
-            interactor.AddObserver("LeftButtonReleaseEvent",
-                                   lambda caller, event: caller.InvokeEvent("MouseMoveEvent"), 10.0)
+            interactor.AddObserver(
+                "LeftButtonReleaseEvent", lambda caller, event: caller.InvokeEvent("MouseMoveEvent"), 10.0
+            )
 
     def _showCursor(self, sliceNode, position) -> None:
         ras = matrixToArray(sliceNode.GetXYToRAS()) @ np.array([position[0], position[1], 0.0, 1.0])
         lps = ras_to_lps(ras[None, :3])[0]
         with self.state:
-            self.state.cursor_position = ", ".join(f"{c:.2f}" for c in lps[:2 if self.state.is_2d else 3])
+            self.state.cursor_position = ", ".join(f"{c:.2f}" for c in lps[: 2 if self.state.is_2d else 3])
 
     # ------------------------------------------------------------------------------------------
     # export
@@ -754,8 +795,9 @@ class LandmarkReviewApp(TrameApp):
                 self.state.confirm_replace_case = True
                 return
             with _folderLock(self.trainingFolder):
-                self.logic.saveTrainingPair(self.volumeNode, self.markupsNode, self.trainingFolder, caseId,
-                                            overwrite=replace)
+                self.logic.saveTrainingPair(
+                    self.volumeNode, self.markupsNode, self.trainingFolder, caseId, overwrite=replace
+                )
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
@@ -822,8 +864,13 @@ class LandmarkReviewApp(TrameApp):
         name = f"Fine-tuned {time.strftime('%H:%M')} from {baseEntry.name if baseEntry else base.name}"
         card = path.parent / "MODEL_CARD.md"
         self.models[modelId] = catalogue.ModelEntry(
-            name=name, path=path, dimension=baseEntry.dimension if baseEntry else None,
-            sample=baseEntry.sample if baseEntry else None, card=card if card.is_file() else None, id=modelId)
+            name=name,
+            path=path,
+            dimension=baseEntry.dimension if baseEntry else None,
+            sample=baseEntry.sample if baseEntry else None,
+            card=card if card.is_file() else None,
+            id=modelId,
+        )
         self.state.model_items = [*self.state.model_items, {"title": name, "value": modelId}]
         self.state.model_id = modelId
         self.state.model_path = ""
@@ -848,19 +895,34 @@ class LandmarkReviewApp(TrameApp):
             with self.ui.toolbar:
                 v.VSpacer()
                 html.Div("{{ image_name }}", classes="text-body-2 mx-4", id="image-name")
-                html.Div("cursor ({{ position_unit }}): {{ cursor_position || '-' }}", classes="text-caption mx-4",
-                         style="min-width: 260px;", id="cursor-position")
-                v.VBtn("Training", prepend_icon="mdi-school-outline", variant="text", click=self.toggleTraining,
-                       id="training-button")
-                v.VBtn(icon="mdi-help-circle-outline", variant="text", id="help-button",
-                       click="help_open = !help_open; training_open = false")
+                html.Div(
+                    "cursor ({{ position_unit }}): {{ cursor_position || '-' }}",
+                    classes="text-caption mx-4",
+                    style="min-width: 260px;",
+                    id="cursor-position",
+                )
+                v.VBtn(
+                    "Training",
+                    prepend_icon="mdi-school-outline",
+                    variant="text",
+                    click=self.toggleTraining,
+                    id="training-button",
+                )
+                v.VBtn(
+                    icon="mdi-help-circle-outline",
+                    variant="text",
+                    id="help-button",
+                    click="help_open = !help_open; training_open = false",
+                )
             self.ui.footer.hide()
             with self.ui.content:
                 with html.Div(classes="d-flex", style="height: calc(100vh - 64px);"):
                     # The table takes the height left; everything else keeps its size, so every
                     # control stays on screen however many landmarks there are.
-                    with html.Div(classes="d-flex flex-column pa-2",
-                                  style="width: 400px; flex: none; height: 100%; overflow: hidden;"):
+                    with html.Div(
+                        classes="d-flex flex-column pa-2",
+                        style="width: 400px; flex: none; height: 100%; overflow: hidden;",
+                    ):
                         with html.Div(style="flex: none;"):
                             self._openPanel()
                             self._detectPanel()
@@ -877,130 +939,275 @@ class LandmarkReviewApp(TrameApp):
 
     def _openPanel(self) -> None:
         trigger = self.server.controller.trigger_name
-        limit_check = ("$event.target.files[0] && $event.target.files[0].size > max_upload_bytes ? "
-                       "(error = $event.target.files[0].name + ': larger than this station accepts ('"
-                       " + Math.round(max_upload_bytes / 1048576) + ' MB).', upload_key++) : ")
-        v.VFileInput(label="Upload an image", density="compact", hide_details=True, id="upload",
-                     key=("upload_key",), disabled=("busy",), prepend_icon="",
-                     change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])")
+        limit_check = (
+            "$event.target.files[0] && $event.target.files[0].size > max_upload_bytes ? "
+            "(error = $event.target.files[0].name + ': larger than this station accepts ('"
+            " + Math.round(max_upload_bytes / 1048576) + ' MB).', upload_key++) : "
+        )
+        v.VFileInput(
+            label="Upload an image",
+            density="compact",
+            hide_details=True,
+            id="upload",
+            key=("upload_key",),
+            disabled=("busy",),
+            prepend_icon="",
+            change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])",
+        )
         with html.Div(classes="d-flex align-center mt-2"):
-            v.VTextField(v_model=("image_path",), label="or a file on the server", density="compact",
-                         hide_details=True, id="image-path")
-            v.VBtn("Open", click=f"trigger('{trigger(self.openTypedPath)}', [image_path])", classes="ml-2",
-                   disabled=("busy",), id="open-path")
-            v.VBtn("Sample", click=self.openSample, variant="tonal", disabled=("busy",), classes="ml-2",
-                   id="open-sample")
+            v.VTextField(
+                v_model=("image_path",),
+                label="or a file on the server",
+                density="compact",
+                hide_details=True,
+                id="image-path",
+            )
+            v.VBtn(
+                "Open",
+                click=f"trigger('{trigger(self.openTypedPath)}', [image_path])",
+                classes="ml-2",
+                disabled=("busy",),
+                id="open-path",
+            )
+            v.VBtn(
+                "Sample", click=self.openSample, variant="tonal", disabled=("busy",), classes="ml-2", id="open-sample"
+            )
 
     def _detectPanel(self) -> None:
         trigger = self.server.controller.trigger_name
         with html.Div(classes="d-flex align-center mt-2"):
-            v.VSelect(v_model=("model_id",), items=("model_items",), label="Model", density="compact",
-                      hide_details=True, id="model")
+            v.VSelect(
+                v_model=("model_id",),
+                items=("model_items",),
+                label="Model",
+                density="compact",
+                hide_details=True,
+                id="model",
+            )
             v.VChip("loading model", v_show="model_loading", size="small", classes="ml-2", id="model-loading")
-        v.VTextField(v_model=("model_path",), label="or a model file on the server (.safetensors)",
-                     density="compact", hide_details=True, classes="mt-2", id="model-path")
+        v.VTextField(
+            v_model=("model_path",),
+            label="or a model file on the server (.safetensors)",
+            density="compact",
+            hide_details=True,
+            classes="mt-2",
+            id="model-path",
+        )
         with html.Div(classes="d-flex mt-2"):
-            v.VBtn("Detect landmarks", click=f"trigger('{trigger(self.detect)}', [model_id, model_path])",
-                   color="primary", disabled=("busy",), classes="flex-grow-1", id="detect")
+            v.VBtn(
+                "Detect landmarks",
+                click=f"trigger('{trigger(self.detect)}', [model_id, model_path])",
+                color="primary",
+                disabled=("busy",),
+                classes="flex-grow-1",
+                id="detect",
+            )
             v.VBtn("Cancel", click=self.cancel, v_show="busy", classes="ml-2", id="cancel")
-        v.VProgressLinear(v_show="busy", model_value=("progress",), indeterminate=("progress_message === "
-                          "'loading model'",), height=6, classes="mt-2", id="progress")
+        v.VProgressLinear(
+            v_show="busy",
+            model_value=("progress",),
+            indeterminate=("progress_message === 'loading model'",),
+            height=6,
+            classes="mt-2",
+            id="progress",
+        )
         html.Div("{{ progress_message }}", v_show="busy", classes="text-caption", id="progress-message")
         v.VAlert(text=("error",), v_show="error", type="error", density="compact", classes="mt-2", id="error")
-        v.VAlert(text=("info",), v_show="info && !error", type="success", density="compact", classes="mt-2",
-                 id="info")
+        v.VAlert(text=("info",), v_show="info && !error", type="success", density="compact", classes="mt-2", id="info")
 
     def _landmarkTable(self) -> None:
         trigger = self.server.controller.trigger_name
-        with v.VTable(density="compact", fixed_header=True, hover=True, classes="mt-2",
-                      style="flex: 1 1 0; min-height: 120px; overflow-y: auto;", id="landmarks"):
+        with v.VTable(
+            density="compact",
+            fixed_header=True,
+            hover=True,
+            classes="mt-2",
+            style="flex: 1 1 0; min-height: 120px; overflow-y: auto;",
+            id="landmarks",
+        ):
             with html.Thead():
                 with html.Tr():
                     html.Th("Landmark")
-                    html.Th("Exp. error ({{ error_unit }})", v_if="calibrated",
-                            title="The error this point is expected to have (from the model's calibration)")
+                    html.Th(
+                        "Exp. error ({{ error_unit }})",
+                        v_if="calibrated",
+                        title="The error this point is expected to have (from the model's calibration)",
+                    )
                     html.Th("Conf.", title="The model's confidence in [0, 1]")
                     html.Th("Status")
             with html.Tbody():
-                with html.Tr(v_for="row in landmarks", key="row.index",
-                             click=f"trigger('{trigger(self.selectLandmark)}', [row.index])",
-                             classes=("{ 'bg-blue-lighten-4': row.index === selected_landmark }",),
-                             style="cursor: pointer;",
-                             __properties=[("data_name", "data-name"), ("data_position", "data-position"),
-                                           ("data_flagged", "data-flagged")],
-                             data_name=("row.name",), data_position=("row.position",),
-                             data_flagged=("row.flagged",)):
+                with html.Tr(
+                    v_for="row in landmarks",
+                    key="row.index",
+                    click=f"trigger('{trigger(self.selectLandmark)}', [row.index])",
+                    classes=("{ 'bg-blue-lighten-4': row.index === selected_landmark }",),
+                    style="cursor: pointer;",
+                    __properties=[
+                        ("data_name", "data-name"),
+                        ("data_position", "data-position"),
+                        ("data_flagged", "data-flagged"),
+                    ],
+                    data_name=("row.name",),
+                    data_position=("row.position",),
+                    data_flagged=("row.flagged",),
+                ):
                     html.Td("{{ row.name }}")
-                    with html.Td(v_if="calibrated", classes="expected-error",
-                                 style=("row.flagged ? 'color: #e65100; font-weight: bold' : ''",)):
+                    with html.Td(
+                        v_if="calibrated",
+                        classes="expected-error",
+                        style=("row.flagged ? 'color: #e65100; font-weight: bold' : ''",),
+                    ):
                         html.Span("{{ row.expected_error }}")
-                        v.VIcon("mdi-alert", v_if="row.flagged", size="x-small", classes="ml-1",
-                                color="orange-darken-3", title="Above this landmark's usual error: check it")
+                        v.VIcon(
+                            "mdi-alert",
+                            v_if="row.flagged",
+                            size="x-small",
+                            classes="ml-1",
+                            color="orange-darken-3",
+                            title="Above this landmark's usual error: check it",
+                        )
                     html.Td("{{ row.confidence }}")
-                    html.Td("{{ row.status }}", classes="landmark-status",
-                            style=(f"row.status === '{LandmarkStatus.MOVED}' ? 'font-weight: bold' : ''",))
+                    html.Td(
+                        "{{ row.status }}",
+                        classes="landmark-status",
+                        style=(f"row.status === '{LandmarkStatus.MOVED}' ? 'font-weight: bold' : ''",),
+                    )
 
     def _landmarkActions(self) -> None:
         with html.Div(v_show="landmarks.length", classes="mt-1"):
             with html.Div(classes="d-flex align-center"):
-                v.VBtn(icon=("details_open ? 'mdi-chevron-down' : 'mdi-chevron-right'",), size="x-small",
-                       variant="text", click="details_open = !details_open", id="details-toggle")
+                v.VBtn(
+                    icon=("details_open ? 'mdi-chevron-down' : 'mdi-chevron-right'",),
+                    size="x-small",
+                    variant="text",
+                    click="details_open = !details_open",
+                    id="details-toggle",
+                )
                 html.Span("Selected landmark", classes="text-caption")
             with html.Div(v_show="details_open", classes="text-caption pl-2", id="details"):
-                html.Div("{{ selected_landmark === null ? 'Click a row or drag a point.' : "
-                         "landmarks[selected_landmark].name + ' (' + landmarks[selected_landmark].status + '): ' + "
-                         "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
-                         id="details-text")
+                html.Div(
+                    "{{ selected_landmark === null ? 'Click a row or drag a point.' : "
+                    "landmarks[selected_landmark].name + ' (' + landmarks[selected_landmark].status + '): ' + "
+                    "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
+                    id="details-text",
+                )
         with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 4px;"):
-            v.VBtn("Next to review", prepend_icon="mdi-arrow-right-bold", click=self.nextToReview,
-                   disabled=("!landmarks.length",), size="small", color="orange-darken-3", variant="tonal",
-                   id="next-to-review",
-                   title="Centre the views on the next point to check, largest expected error first")
-            v.VBtn("Reset point", click=self.resetSelected, disabled=("selected_landmark === null",),
-                   size="small", variant="tonal", id="reset-point")
-            v.VBtn("Undo move", click=self.undoMove, disabled=("!can_undo",), size="small", variant="tonal",
-                   id="undo-move")
-            v.VBtn("Zoom to", click=self.zoomToSelected, disabled=("selected_landmark === null",), size="small",
-                   variant="tonal", id="zoom-to")
+            v.VBtn(
+                "Next to review",
+                prepend_icon="mdi-arrow-right-bold",
+                click=self.nextToReview,
+                disabled=("!landmarks.length",),
+                size="small",
+                color="orange-darken-3",
+                variant="tonal",
+                id="next-to-review",
+                title="Centre the views on the next point to check, largest expected error first",
+            )
+            v.VBtn(
+                "Reset point",
+                click=self.resetSelected,
+                disabled=("selected_landmark === null",),
+                size="small",
+                variant="tonal",
+                id="reset-point",
+            )
+            v.VBtn(
+                "Undo move", click=self.undoMove, disabled=("!can_undo",), size="small", variant="tonal", id="undo-move"
+            )
+            v.VBtn(
+                "Zoom to",
+                click=self.zoomToSelected,
+                disabled=("selected_landmark === null",),
+                size="small",
+                variant="tonal",
+                id="zoom-to",
+            )
             v.VSpacer()
-            v.VBtn("Export .mrk.json", prepend_icon="mdi-download", disabled=("!landmarks.length",), size="small",
-                   color="primary", id="export", click=self._exportScript())
+            v.VBtn(
+                "Export .mrk.json",
+                prepend_icon="mdi-download",
+                disabled=("!landmarks.length",),
+                size="small",
+                color="primary",
+                id="export",
+                click=self._exportScript(),
+            )
 
     def _exportScript(self, then: str = "") -> str:
         """Client code: fetch the export and download it; `then` runs only when it succeeded."""
         trigger = self.server.controller.trigger_name(self.exportMarkups)
-        return (f"trigger('{trigger}').then(content => {{ if (content) {{ "
-                f"utils.download(export_name, content, 'application/json'); {then} }} }})")
+        return (
+            f"trigger('{trigger}').then(content => {{ if (content) {{ "
+            f"utils.download(export_name, content, 'application/json'); {then} }} }})"
+        )
 
     def _heatmapPanel(self) -> None:
         with html.Div(classes="d-flex align-center mt-2"):
-            v.VSwitch(v_model=("heatmap_visible",), label="Heatmap", density="compact", hide_details=True,
-                      disabled=("!landmarks.length",), color="primary", id="heatmap-visible", style="flex: none;")
-            v.VSlider(v_model=("heatmap_opacity",), min=0, max=1, step=0.05, density="compact", hide_details=True,
-                      disabled=("!heatmap_visible",), classes="ml-4", id="heatmap-opacity", prepend_icon="mdi-opacity")
+            v.VSwitch(
+                v_model=("heatmap_visible",),
+                label="Heatmap",
+                density="compact",
+                hide_details=True,
+                disabled=("!landmarks.length",),
+                color="primary",
+                id="heatmap-visible",
+                style="flex: none;",
+            )
+            v.VSlider(
+                v_model=("heatmap_opacity",),
+                min=0,
+                max=1,
+                step=0.05,
+                density="compact",
+                hide_details=True,
+                disabled=("!heatmap_visible",),
+                classes="ml-4",
+                id="heatmap-opacity",
+                prepend_icon="mdi-opacity",
+            )
         with html.Div(classes="d-flex", style="gap: 4px;"):
-            v.VSelect(v_model=("heatmap_kind",), items=("heatmap_kind_items",), label="Kind", density="compact",
-                      hide_details=True, disabled=("!heatmap_visible",), id="heatmap-kind")
-            v.VSelect(v_model=("heatmap_landmark",), items=("heatmap_landmark_items",), label="Landmark",
-                      density="compact", hide_details=True, disabled=("!heatmap_visible",), id="heatmap-landmark")
+            v.VSelect(
+                v_model=("heatmap_kind",),
+                items=("heatmap_kind_items",),
+                label="Kind",
+                density="compact",
+                hide_details=True,
+                disabled=("!heatmap_visible",),
+                id="heatmap-kind",
+            )
+            v.VSelect(
+                v_model=("heatmap_landmark",),
+                items=("heatmap_landmark_items",),
+                label="Landmark",
+                density="compact",
+                hide_details=True,
+                disabled=("!heatmap_visible",),
+                id="heatmap-landmark",
+            )
 
     def _helpCard(self) -> None:
-        with v.VCard(v_show="help_open", id="help", width=360, elevation=8,
-                     style="position: absolute; top: 8px; right: 8px; z-index: 10;"):
+        with v.VCard(
+            v_show="help_open",
+            id="help",
+            width=360,
+            elevation=8,
+            style="position: absolute; top: 8px; right: 8px; z-index: 10;",
+        ):
             v.VCardTitle("Using the views")
             with v.VCardText():
                 with html.Ul(classes="pl-4"):
-                    for line in ("Drag a landmark to move it; Undo move puts it back, Reset point restores the "
-                                 "model's position.",
-                                 "Left-drag on the image: window/level (brightness, contrast).",
-                                 "Right-drag, or Ctrl + mouse wheel: zoom.",
-                                 "Middle-drag, or Shift + left-drag: pan.",
-                                 "Mouse wheel or the slider: move through the slices (3D images).",
-                                 "Click a row to centre the views on it; Zoom to zooms in on it.",
-                                 "Next to review: the points most likely wrong first (largest expected error); "
-                                 "an orange expected error is above that landmark's usual error.",
-                                 "Cyan halo, bold status: a point you moved. Faded points: landmarks off the "
-                                 "shown slice."):
+                    for line in (
+                        "Drag a landmark to move it; Undo move puts it back, Reset point restores the "
+                        "model's position.",
+                        "Left-drag on the image: window/level (brightness, contrast).",
+                        "Right-drag, or Ctrl + mouse wheel: zoom.",
+                        "Middle-drag, or Shift + left-drag: pan.",
+                        "Mouse wheel or the slider: move through the slices (3D images).",
+                        "Click a row to centre the views on it; Zoom to zooms in on it.",
+                        "Next to review: the points most likely wrong first (largest expected error); "
+                        "an orange expected error is above that landmark's usual error.",
+                        "Cyan halo, bold status: a point you moved. Faded points: landmarks off the shown slice.",
+                    ):
                         html.Li(line)
             with v.VCardActions():
                 v.VBtn("Close", click="help_open = false", id="help-close")
@@ -1013,42 +1220,93 @@ class LandmarkReviewApp(TrameApp):
 
     def _trainingCard(self) -> None:
         trigger = self.server.controller.trigger_name
-        with v.VCard(v_show="training_open", id="training", width=420, elevation=8,
-                     style="position: absolute; top: 8px; right: 8px; z-index: 10;"):
+        with v.VCard(
+            v_show="training_open",
+            id="training",
+            width=420,
+            elevation=8,
+            style="position: absolute; top: 8px; right: 8px; z-index: 10;",
+        ):
             v.VCardTitle("Learn from corrections")
             with v.VCardText():
-                html.Div("Training folder: {{ training_folder }}, {{ training_cases }}.", classes="text-caption",
-                         id="training-folder")
-                html.Div("It is removed when this session ends: start the station with --training-folder to keep "
-                         "the cases and the models trained on them.", v_if="!training_folder_kept",
-                         classes="text-caption")
+                html.Div(
+                    "Training folder: {{ training_folder }}, {{ training_cases }}.",
+                    classes="text-caption",
+                    id="training-folder",
+                )
+                html.Div(
+                    "It is removed when this session ends: start the station with --training-folder to keep "
+                    "the cases and the models trained on them.",
+                    v_if="!training_folder_kept",
+                    classes="text-caption",
+                )
                 with html.Div(classes="d-flex align-center mt-2"):
-                    v.VTextField(v_model=("case_id",), label="Case name", density="compact", hide_details=True,
-                                 id="case-id")
-                    v.VBtn("Save as training pair", click=f"trigger('{trigger(self.saveTrainingPair)}', [case_id])",
-                           disabled=("!landmarks.length || busy",), classes="ml-2", variant="tonal",
-                           id="save-training-pair")
+                    v.VTextField(
+                        v_model=("case_id",), label="Case name", density="compact", hide_details=True, id="case-id"
+                    )
+                    v.VBtn(
+                        "Save as training pair",
+                        click=f"trigger('{trigger(self.saveTrainingPair)}', [case_id])",
+                        disabled=("!landmarks.length || busy",),
+                        classes="ml-2",
+                        variant="tonal",
+                        id="save-training-pair",
+                    )
                 html.Div("Saves the image and its corrected points as one more case.", classes="text-caption mt-1")
                 v.VDivider(classes="my-3")
-                html.Div("Fine-tune the chosen model on the folder's cases (it is replaced only if the new "
-                         "model is better on the cases held aside, with 5 cases or more).", classes="text-caption")
+                html.Div(
+                    "Fine-tune the chosen model on the folder's cases (it is replaced only if the new "
+                    "model is better on the cases held aside, with 5 cases or more).",
+                    classes="text-caption",
+                )
                 with html.Div(classes="d-flex align-center mt-2"):
-                    v.VTextField(v_model=("finetune_minutes",), label="Minutes", type="number", min=0.1, step=1,
-                                 density="compact", hide_details=True, style="max-width: 110px;",
-                                 disabled=("finetuning",), id="finetune-minutes")
-                    v.VBtn("Start fine-tuning", color="primary", classes="ml-2", disabled=("finetuning",),
-                           click=f"trigger('{trigger(self.startFinetune)}', [model_id, model_path, finetune_minutes])",
-                           id="start-finetune")
-                    v.VBtn("Cancel", v_show="finetuning", click=self.cancelFinetune, classes="ml-2",
-                           id="cancel-finetune")
-                v.VProgressLinear(v_show="finetuning", model_value=("finetune_progress",), height=6, classes="mt-2",
-                                  id="finetune-progress")
-                html.Div("{{ finetune_message }}", v_show="finetuning", classes="text-caption",
-                         id="finetune-message")
-                v.VAlert(text=("finetune_error",), v_show="finetune_error", type="error", density="compact",
-                         classes="mt-2", id="finetune-error")
-                v.VAlert(text=("finetune_result",), v_show="finetune_result && !finetune_error", type="success",
-                         density="compact", classes="mt-2", id="finetune-result")
+                    v.VTextField(
+                        v_model=("finetune_minutes",),
+                        label="Minutes",
+                        type="number",
+                        min=0.1,
+                        step=1,
+                        density="compact",
+                        hide_details=True,
+                        style="max-width: 110px;",
+                        disabled=("finetuning",),
+                        id="finetune-minutes",
+                    )
+                    v.VBtn(
+                        "Start fine-tuning",
+                        color="primary",
+                        classes="ml-2",
+                        disabled=("finetuning",),
+                        click=f"trigger('{trigger(self.startFinetune)}', [model_id, model_path, finetune_minutes])",
+                        id="start-finetune",
+                    )
+                    v.VBtn(
+                        "Cancel", v_show="finetuning", click=self.cancelFinetune, classes="ml-2", id="cancel-finetune"
+                    )
+                v.VProgressLinear(
+                    v_show="finetuning",
+                    model_value=("finetune_progress",),
+                    height=6,
+                    classes="mt-2",
+                    id="finetune-progress",
+                )
+                html.Div("{{ finetune_message }}", v_show="finetuning", classes="text-caption", id="finetune-message")
+                v.VAlert(
+                    text=("finetune_error",),
+                    v_show="finetune_error",
+                    type="error",
+                    density="compact",
+                    classes="mt-2",
+                    id="finetune-error",
+                )
+                v.VAlert(
+                    text=("finetune_result",),
+                    v_show="finetune_result && !finetune_error",
+                    type="success",
+                    density="compact",
+                    classes="mt-2",
+                    id="finetune-result",
+                )
             with v.VCardActions():
                 v.VBtn("Close", click="training_open = false", id="training-close")
 
@@ -1066,17 +1324,25 @@ class LandmarkReviewApp(TrameApp):
 
     def _replaceCaseDialog(self) -> None:
         replace = self.server.controller.trigger_name(self.saveTrainingPair)
-        with self._question("confirm_replace_case", "confirm-replace-case", "This case is already saved",
-                            "The training folder already holds a case named {{ case_id }}. Replace it with this "
-                            "image and these points, or cancel (and give the case another name)?"):
+        with self._question(
+            "confirm_replace_case",
+            "confirm-replace-case",
+            "This case is already saved",
+            "The training folder already holds a case named {{ case_id }}. Replace it with this "
+            "image and these points, or cancel (and give the case another name)?",
+        ):
             v.VBtn("Cancel", click="confirm_replace_case = false", id="replace-case-cancel")
             v.VBtn("Replace", click=f"trigger('{replace}', [case_id, true])", color="error", id="replace-case-button")
 
     def _confirmDialog(self) -> None:
         proceed = self.server.controller.trigger_name(self.proceed)
-        with self._question("confirm_discard", "confirm-discard", "Corrections not exported",
-                            "You moved landmarks and have not exported them since. Export them first, discard "
-                            "them, or cancel and keep working?"):
+        with self._question(
+            "confirm_discard",
+            "confirm-discard",
+            "Corrections not exported",
+            "You moved landmarks and have not exported them since. Export them first, discard "
+            "them, or cancel and keep working?",
+        ):
             v.VBtn("Cancel", click=self.keepWork, id="confirm-cancel")
             v.VBtn("Discard", click=f"trigger('{proceed}')", color="error", id="confirm-discard-button")
             v.VBtn("Export", click=self._exportScript(f"trigger('{proceed}')"), color="primary", id="confirm-export")

@@ -15,21 +15,35 @@ def register(commands) -> None:
     serve.add_argument("image", nargs="?", help="an image every new session opens at start")
     serve.add_argument("--model", help="catalogue model id or name, or a model file (default: first available)")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: this machine only). Any other address needs an "
-                            "access token")
-    serve.add_argument("--token",
-                       help="access token every browser must bring (`auto`: generate one and print the link); "
-                            "default the environment variable SCN_LANDMARKS_TOKEN")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only). Any other address needs an access token",
+    )
+    serve.add_argument(
+        "--token",
+        help="access token every browser must bring (`auto`: generate one and print the link); "
+        "default the environment variable SCN_LANDMARKS_TOKEN",
+    )
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    serve.add_argument("--max-sessions", type=int, default=4,
-                       help="review sessions (browser tabs) at once, each its own process (default 4)")
-    serve.add_argument("--idle-timeout", type=int, default=300,
-                       help="end a session this many seconds after its page was closed (default 300)")
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="review sessions (browser tabs) at once, each its own process (default 4)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=int,
+        default=300,
+        help="end a session this many seconds after its page was closed (default 300)",
+    )
     serve.add_argument("--max-upload-mb", type=int, default=512, help="largest image upload (default 512 MB)")
-    serve.add_argument("--training-folder",
-                       help="where \"Save as training pair\" adds cases and fine-tuned models are kept, shared by "
-                            "all sessions (default: each session its own, removed when it ends)")
+    serve.add_argument(
+        "--training-folder",
+        help='where "Save as training pair" adds cases and fine-tuned models are kept, shared by '
+        "all sessions (default: each session its own, removed when it ends)",
+    )
     serve.set_defaults(run=_serve)
 
 
@@ -50,12 +64,24 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             trainingFolder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            print(f"scn-landmarks serve: {trainingFolder}: cannot use it as the training folder ({error.strerror})",
-                  file=sys.stderr)
+            print(
+                f"scn-landmarks serve: {trainingFolder}: cannot use it as the training folder ({error.strerror})",
+                file=sys.stderr,
+            )
             return 2
-    serve(LauncherOptions(host=args.host, port=args.port, token=token, maxSessions=max(1, args.max_sessions),
-                          idleTimeout=max(1, args.idle_timeout), maxUploadMegabytes=max(1, args.max_upload_mb),
-                          image=args.image, model=args.model, device=args.device,
-                          trainingFolder=str(trainingFolder) if trainingFolder else None),
-          showToken=args.token == access.GENERATE)
+    serve(
+        LauncherOptions(
+            host=args.host,
+            port=args.port,
+            token=token,
+            maxSessions=max(1, args.max_sessions),
+            idleTimeout=max(1, args.idle_timeout),
+            maxUploadMegabytes=max(1, args.max_upload_mb),
+            image=args.image,
+            model=args.model,
+            device=args.device,
+            trainingFolder=str(trainingFolder) if trainingFolder else None,
+        ),
+        showToken=args.token == access.GENERATE,
+    )
     return 0

@@ -43,14 +43,14 @@ STOP_TIMEOUT_S = 10
 # Response headers of a session's static files that travel back to the browser.
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "Last-Modified", "ETag", "Content-Encoding")
 # An upload travels as one wslink message: the file plus its name, type and the call around it.
-UPLOAD_ENVELOPE_BYTES = 1024 ** 2
+UPLOAD_ENVELOPE_BYTES = 1024**2
 
 
 def announcedSize(frame: bytes) -> int:
     """The size of the whole wslink message a browser frame belongs to, from the frame's chunk header
     (wslink splits every message into frames of at most WSLINK_CHUNK_BYTES, each headed by the
     message's id, the frame's offset and the message's total size)."""
-    return int.from_bytes(frame[MESSAGE_SIZE_LOCATION:MESSAGE_SIZE_LOCATION + MESSAGE_SIZE_LENGTH], "little")
+    return int.from_bytes(frame[MESSAGE_SIZE_LOCATION : MESSAGE_SIZE_LOCATION + MESSAGE_SIZE_LENGTH], "little")
 
 
 @dataclass
@@ -84,11 +84,12 @@ class Session:
 def page(title: str, message: str, status: int, refresh_s: int | None = None) -> web.Response:
     """A small self-contained HTML page (the trame page cannot be shown without a session)."""
     refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
-    body = (f'<!doctype html><html><head><meta charset="utf-8">{refresh}<title>SCN Landmarks: {html.escape(title)}'
-            '</title></head><body style="font-family: sans-serif; margin: 3em; max-width: 40em;">'
-            f'<h2 id="title">{html.escape(title)}</h2><p id="message">{message}</p></body></html>')
-    return web.Response(text=body, status=status, content_type="text/html",
-                        headers={"Cache-Control": "no-store"})
+    body = (
+        f'<!doctype html><html><head><meta charset="utf-8">{refresh}<title>SCN Landmarks: {html.escape(title)}'
+        '</title></head><body style="font-family: sans-serif; margin: 3em; max-width: 40em;">'
+        f'<h2 id="title">{html.escape(title)}</h2><p id="message">{message}</p></body></html>'
+    )
+    return web.Response(text=body, status=status, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 class ReviewLauncher:
@@ -101,7 +102,7 @@ class ReviewLauncher:
         self.client: aiohttp.ClientSession | None = None
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._requireAccess], client_max_size=1024 ** 2)
+        app = web.Application(middlewares=[self._requireAccess], client_max_size=1024**2)
         app.router.add_get("/", self._newSession)
         app.router.add_get("/s/{id}", self._addSlash)
         app.router.add_get("/s/{id}/{tail:.*}", self._sessionRequest)
@@ -129,9 +130,12 @@ class ReviewLauncher:
         if access.matches(request.cookies.get(access.COOKIE), cookie):
             return await handler(request)
         logger.warning("refused %s %s from %s: no valid access token", request.method, request.path, request.remote)
-        return page("Access token needed",
-                    "This review station is protected: open it with the link (ending in <code>?token=...</code>) "
-                    "printed when it was started, or ask whoever started it.", 401)
+        return page(
+            "Access token needed",
+            "This review station is protected: open it with the link (ending in <code>?token=...</code>) "
+            "printed when it was started, or ask whoever started it.",
+            401,
+        )
 
     # ------------------------------------------------------------------------------------------
     # sessions
@@ -139,10 +143,13 @@ class ReviewLauncher:
     async def _newSession(self, request: web.Request) -> web.StreamResponse:
         self._forgetEnded()
         if len(self.sessions) >= self.options.maxSessions:
-            return page("All review sessions are in use",
-                        f"This station runs at most {self.options.maxSessions} review sessions at once, and all are "
-                        "open. A session ends a few minutes after its page is closed; try again then "
-                        "(<a href=\"/\">retry</a>).", 503)
+            return page(
+                "All review sessions are in use",
+                f"This station runs at most {self.options.maxSessions} review sessions at once, and all are "
+                "open. A session ends a few minutes after its page is closed; try again then "
+                '(<a href="/">retry</a>).',
+                503,
+            )
         sessionId = secrets.token_urlsafe(16)
         session = Session(sessionId, self.root / sessionId, secrets.token_urlsafe(32))
         session.workdir.mkdir()
@@ -153,9 +160,19 @@ class ReviewLauncher:
     async def _run(self, session: Session) -> None:
         """Start a session process, follow its output, and clean up after it ends."""
         options = self.options
-        command = [sys.executable, "-m", "SCNLandmarksWeb.session", "--workdir", str(session.workdir),
-                   "--device", options.device, "--idle-timeout", str(options.idleTimeout),
-                   "--max-upload-mb", str(options.maxUploadMegabytes)]
+        command = [
+            sys.executable,
+            "-m",
+            "SCNLandmarksWeb.session",
+            "--workdir",
+            str(session.workdir),
+            "--device",
+            options.device,
+            "--idle-timeout",
+            str(options.idleTimeout),
+            "--max-upload-mb",
+            str(options.maxUploadMegabytes),
+        ]
         if options.model:
             command += ["--model", options.model]
         if options.image:
@@ -167,8 +184,12 @@ class ReviewLauncher:
         try:
             # stdin stays open: a session process whose front server has gone sees it close and ends.
             session.process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=environment)
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=environment,
+            )
             logger.info("session %s started (process %d)", session.id[:6], session.process.pid)
             async for raw in session.process.stdout:
                 line = raw.decode("utf-8", "replace").rstrip()
@@ -201,15 +222,19 @@ class ReviewLauncher:
             return self._ended()
         tail = request.match_info["tail"]
         if not session.ready.done() and tail == "":
-            return page("Starting your review session", "One moment: the review station is starting...", 200,
-                        refresh_s=1)
+            return page(
+                "Starting your review session", "One moment: the review station is starting...", 200, refresh_s=1
+            )
         try:
             started = await asyncio.wait_for(asyncio.shield(session.ready), START_TIMEOUT_S)
         except TimeoutError:
             started = False
         if not started:
-            return page("The review session could not start",
-                        "The details are in the server's log. <a href=\"/\">Try a new session</a>.", 500)
+            return page(
+                "The review session could not start",
+                'The details are in the server\'s log. <a href="/">Try a new session</a>.',
+                500,
+            )
         try:
             if tail == "ws":
                 return await self._passWebsocket(request, session)
@@ -219,9 +244,12 @@ class ReviewLauncher:
 
     @staticmethod
     def _ended() -> web.Response:
-        return page("This review session has ended",
-                    "Sessions end a few minutes after their page is closed (or when the station restarts). "
-                    "<a href=\"/\">Open a new session</a>.", 404)
+        return page(
+            "This review session has ended",
+            "Sessions end a few minutes after their page is closed (or when the station restarts). "
+            '<a href="/">Open a new session</a>.',
+            404,
+        )
 
     # ------------------------------------------------------------------------------------------
     # passage to a session
@@ -240,7 +268,7 @@ class ReviewLauncher:
             logger.warning("refused a websocket from origin %s", origin)
             return web.Response(status=403, text="cross-site websocket refused")
         url = f"http://127.0.0.1:{session.port}/ws"
-        limit = self.options.maxUploadMegabytes * 1024 ** 2 + UPLOAD_ENVELOPE_BYTES
+        limit = self.options.maxUploadMegabytes * 1024**2 + UPLOAD_ENVELOPE_BYTES
         async with self.client.ws_connect(url, headers={SESSION_KEY_HEADER: session.key}, max_msg_size=0) as server:
             # A browser frame larger than a wslink chunk is refused from its header, before its bytes come.
             browser = web.WebSocketResponse(max_msg_size=WSLINK_CHUNK_BYTES)
@@ -252,9 +280,13 @@ class ReviewLauncher:
                         # The page checks an upload's size before sending it; this is the hard cap, applied
                         # at a message's first frame, which announces the whole message's size.
                         if fromBrowser and announcedSize(message.data) > limit:
-                            logger.warning("session %s: refused a %d-byte message (uploads are limited to %d MB); "
-                                           "connection closed", session.id[:6], announcedSize(message.data),
-                                           self.options.maxUploadMegabytes)
+                            logger.warning(
+                                "session %s: refused a %d-byte message (uploads are limited to %d MB); "
+                                "connection closed",
+                                session.id[:6],
+                                announcedSize(message.data),
+                                self.options.maxUploadMegabytes,
+                            )
                             await browser.close(code=aiohttp.WSCloseCode.MESSAGE_TOO_BIG, message=b"upload too large")
                             break
                         await target.send_bytes(message.data)
@@ -263,8 +295,10 @@ class ReviewLauncher:
                     else:
                         break
 
-            tasks = [asyncio.ensure_future(forward(browser, server, True)),
-                     asyncio.ensure_future(forward(server, browser, False))]
+            tasks = [
+                asyncio.ensure_future(forward(browser, server, True)),
+                asyncio.ensure_future(forward(server, browser, False)),
+            ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 task.cancel()

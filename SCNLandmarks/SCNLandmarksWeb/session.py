@@ -52,6 +52,7 @@ def requireSessionKey(key: str):
 
 def _endWhenFrontServerGoes() -> None:
     """The front server keeps our stdin open; when it closes, the front server is gone."""
+
     def watch() -> None:
         # os.read, not sys.stdin: a buffered reader's lock held by this thread would abort the exit.
         while os.read(sys.stdin.fileno(), 4096):
@@ -77,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
 
     app = None
     try:
-        app = LandmarkReviewApp(image=arguments.image, model=arguments.model, device=arguments.device,
-                                workdir=workdir, maxUploadBytes=arguments.max_upload_mb * 1024 ** 2,
-                                trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None)
-        app.server.controller.on_server_bind.add(
-            lambda server: server.app.middlewares.append(requireSessionKey(key)))
+        app = LandmarkReviewApp(
+            image=arguments.image,
+            model=arguments.model,
+            device=arguments.device,
+            workdir=workdir,
+            maxUploadBytes=arguments.max_upload_mb * 1024**2,
+            trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None,
+        )
+        app.server.controller.on_server_bind.add(lambda server: server.app.middlewares.append(requireSessionKey(key)))
         app.server.controller.on_server_ready.add(lambda **_: print(f"{READY_LINE} {app.server.port}", flush=True))
         _endWhenFrontServerGoes()
-        app.server.start(host="127.0.0.1", port=0, open_browser=False, timeout=arguments.idle_timeout,
-                         show_connection_info=False)
+        app.server.start(
+            host="127.0.0.1", port=0, open_browser=False, timeout=arguments.idle_timeout, show_connection_info=False
+        )
     finally:
         if app is not None:
             app.shutdown()

@@ -27,8 +27,10 @@ from SCNLandmarksLib.errors import Cancelled, TrainingError
 logger = logging.getLogger(__name__)
 
 # `scn-landmarks train/finetune` progress lines (SCNLandmarksLib.cli.TrainingProgress, not on a terminal).
-PROGRESS_LINE = re.compile(r"^(?P<stage>\S+) \[[#.]*\] (?P<done>\d+)/(?P<total>\d+) "
-                           r"loss (?P<loss>\S+) .*ETA (?P<eta>\S+)")
+PROGRESS_LINE = re.compile(
+    r"^(?P<stage>\S+) \[[#.]*\] (?P<done>\d+)/(?P<total>\d+) "
+    r"loss (?P<loss>\S+) .*ETA (?P<eta>\S+)"
+)
 CANCEL_GRACE_S = 120  # after a Cancel, the time the command gets to end its iteration before it is ended
 CANCELLED = "Fine-tuning cancelled: no new model."
 Progress = Callable[[float, str], None]
@@ -54,14 +56,18 @@ class FinetuneOutcome:
         summary, unit = self.summary, self.summary["unit"]
         held, outcome = summary["held_aside"], summary["outcome"]
         if outcome in ("improved", "kept base"):
-            figures = (f"{summary['new_mean_error']:.2f} {unit} mean error against the base's "
-                       f"{summary['base_mean_error']:.2f} {unit}")
+            figures = (
+                f"{summary['new_mean_error']:.2f} {unit} mean error against the base's "
+                f"{summary['base_mean_error']:.2f} {unit}"
+            )
             if outcome == "improved":
                 return f"The new model is better on the {held} cases held aside ({figures})."
             return f"The new model is not better on the {held} cases held aside ({figures}): the base is kept."
         if outcome == "not validated":
-            return (f"Not validated: with fewer than 5 cases all {summary['training_cases']} trained the model and "
-                    "none was left to check it on.")
+            return (
+                f"Not validated: with fewer than 5 cases all {summary['training_cases']} trained the model and "
+                "none was left to check it on."
+            )
         return "The model finds other landmarks than its base: it cannot be compared with it."
 
 
@@ -77,10 +83,29 @@ class FinetuneJob:
         iterations: iterations per stage (default: derived from the base).
     """
 
-    def __init__(self, baseModel: Path, dataset: Path, out: Path, minutes: float, device: str = "auto",
-                 iterations: int | None = None):
-        self.command = [sys.executable, "-m", "SCNLandmarksLib.cli", "finetune", str(baseModel), str(dataset),
-                        "--out", str(out), "--minutes", f"{minutes:g}", "--device", device]
+    def __init__(
+        self,
+        baseModel: Path,
+        dataset: Path,
+        out: Path,
+        minutes: float,
+        device: str = "auto",
+        iterations: int | None = None,
+    ):
+        self.command = [
+            sys.executable,
+            "-m",
+            "SCNLandmarksLib.cli",
+            "finetune",
+            str(baseModel),
+            str(dataset),
+            "--out",
+            str(out),
+            "--minutes",
+            f"{minutes:g}",
+            "--device",
+            device,
+        ]
         if iterations is not None:
             self.command += ["--iterations", str(iterations)]
         self.out = out
@@ -96,20 +121,26 @@ class FinetuneJob:
         """
         progress(0.0, "starting: reading the base model and the cases")
         self.process = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            *self.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         logger.info("fine-tuning started (process %d): %s", self.process.pid, " ".join(self.command))
         lastLines: deque[str] = deque(maxlen=20)
-        stdout, _ = await asyncio.gather(self.process.stdout.read(),
-                                         self._follow(self.process.stderr, progress, lastLines))
+        stdout, _ = await asyncio.gather(
+            self.process.stdout.read(), self._follow(self.process.stderr, progress, lastLines)
+        )
         status = await self.process.wait()
         if self.cancelled and status != 0:  # (a Cancel that came as it finished changes nothing)
             raise Cancelled(CANCELLED)
         if status != 0:
             logger.warning("fine-tuning ended with exit status %s:\n%s", status, "\n".join(lastLines))
             errors = [line.removeprefix("error: ") for line in lastLines if line.startswith("error: ")]
-            raise TrainingError(errors[-1] if errors else
-                                f"Fine-tuning stopped unexpectedly (exit status {status}); no new model.")
+            raise TrainingError(
+                errors[-1] if errors else f"Fine-tuning stopped unexpectedly (exit status {status}); no new model."
+            )
         try:
             summary = json.loads(stdout.decode("utf-8", "replace").strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
@@ -126,8 +157,10 @@ class FinetuneJob:
             found = PROGRESS_LINE.match(line)
             if found:
                 done, total = int(found["done"]), int(found["total"])
-                progress(done / max(total, 1), f"{found['stage']} stage: iteration {done} of {total}, "
-                                               f"loss {found['loss']}, ETA {found['eta']}")
+                progress(
+                    done / max(total, 1),
+                    f"{found['stage']} stage: iteration {done} of {total}, loss {found['loss']}, ETA {found['eta']}",
+                )
 
     def cancel(self) -> None:
         """Stop the training (as Ctrl-C would); it is ended if it has not stopped after CANCEL_GRACE_S."""

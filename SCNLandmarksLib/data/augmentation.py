@@ -74,8 +74,9 @@ def displacement_at(displacement: torch.Tensor, grid: ImageGeometry, points: tor
     coordinates = grid_sample_coordinates(grid, points)
     shape = (1,) * (d - 1) + (points.shape[0],)
     coordinates = coordinates.reshape(1, *shape, d).to(displacement.dtype)
-    values = F.grid_sample(displacement.unsqueeze(0), coordinates, mode="bilinear", padding_mode="border",
-                           align_corners=True)
+    values = F.grid_sample(
+        displacement.unsqueeze(0), coordinates, mode="bilinear", padding_mode="border", align_corners=True
+    )
     return values.reshape(d, -1).T.to(points.dtype)
 
 
@@ -98,8 +99,9 @@ def rotation_matrix(angles_rad: torch.Tensor, dimension: int) -> torch.Tensor:
     return matrix
 
 
-def smooth_noise_field(grid: ImageGeometry, channels: int, std: float, control_spacing: float,
-                       generator: torch.Generator, device) -> torch.Tensor:
+def smooth_noise_field(
+    grid: ImageGeometry, channels: int, std: float, control_spacing: float, generator: torch.Generator, device
+) -> torch.Tensor:
     """A smooth random field (channels, *grid) from Gaussian noise on a coarse control grid.
 
     The control values are interpolated (bicubic in 2D, trilinear in 3D) to the grid, a B-spline-like
@@ -114,8 +116,9 @@ def smooth_noise_field(grid: ImageGeometry, channels: int, std: float, control_s
     return field[0]
 
 
-def random_transform(config: AugmentationConfig, grid: ImageGeometry, center: np.ndarray,
-                     generator: torch.Generator, device) -> SpatialTransform:
+def random_transform(
+    config: AugmentationConfig, grid: ImageGeometry, center: np.ndarray, generator: torch.Generator, device
+) -> SpatialTransform:
     """Draw one random physical transform about `center` (the grid's centre) for the output grid."""
     d = grid.dimension
     translation = _uniform(generator, -config.translation, config.translation, (d,))
@@ -123,8 +126,10 @@ def random_transform(config: AugmentationConfig, grid: ImageGeometry, center: np
     scale = 1.0 + _uniform(generator, -config.scale, config.scale)
     scale_axes = scale * (1.0 + _uniform(generator, -config.scale_per_axis, config.scale_per_axis, (d,)))
     linear = rotation_matrix(angles, d) @ torch.diag(scale_axes)
-    mirrored = bool(config.flip_axis is not None and
-                    float(torch.rand((), generator=generator, dtype=torch.float64)) < config.flip_probability)
+    mirrored = bool(
+        config.flip_axis is not None
+        and float(torch.rand((), generator=generator, dtype=torch.float64)) < config.flip_probability
+    )
     if mirrored:
         mirror = torch.eye(d, dtype=torch.float64)
         mirror[config.flip_axis, config.flip_axis] = -1.0
@@ -135,13 +140,15 @@ def random_transform(config: AugmentationConfig, grid: ImageGeometry, center: np
     affine[:d, d] = c + translation - linear @ c
     displacement = None
     if config.elastic_mm > 0:
-        displacement = smooth_noise_field(grid, d, config.elastic_mm, config.elastic_control_spacing_mm,
-                                          generator, device)
+        displacement = smooth_noise_field(
+            grid, d, config.elastic_mm, config.elastic_control_spacing_mm, generator, device
+        )
     return SpatialTransform(affine, displacement, mirrored)
 
 
-def augment_intensities(sample: torch.Tensor, config: AugmentationConfig, grid: ImageGeometry,
-                        generator: torch.Generator) -> torch.Tensor:
+def augment_intensities(
+    sample: torch.Tensor, config: AugmentationConfig, grid: ImageGeometry, generator: torch.Generator
+) -> torch.Tensor:
     """Random contrast, shift, gamma, bias field and noise on one normalised sample (1, *grid)."""
     scale = 1.0 + float(_uniform(generator, -config.intensity_scale, config.intensity_scale))
     shift = float(_uniform(generator, -config.intensity_shift, config.intensity_shift))
@@ -167,11 +174,17 @@ def swap_permutation(names: list[str], pairs: tuple[tuple[str, str], ...]) -> li
     return permutation
 
 
-def augmented_sample(prepared: PreparedImage, points_lps: np.ndarray, grid_size: tuple[int, ...],
-                     grid_spacing: tuple[float, ...], config: AugmentationConfig, generator: torch.Generator,
-                     flip_permutation: list[int] | None = None, augment: bool = True,
-                     center_lps: np.ndarray | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
+def augmented_sample(
+    prepared: PreparedImage,
+    points_lps: np.ndarray,
+    grid_size: tuple[int, ...],
+    grid_spacing: tuple[float, ...],
+    config: AugmentationConfig,
+    generator: torch.Generator,
+    flip_permutation: list[int] | None = None,
+    augment: bool = True,
+    center_lps: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
     """One training sample: the image on an axis-aligned grid, randomly transformed about its centre.
 
     Args:

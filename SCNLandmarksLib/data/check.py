@@ -123,8 +123,14 @@ def check_dataset(spec: DatasetSpec | str | Path, progress: Progress | None = No
         case = _Case(entry, ImageGeometry.of(image), spacing_unit(entry.image), _pixels_hash(image))
         cases.append(case)
         if case.geometry.dimension != spec.dimension:
-            findings.append(Finding(entry.id, None, FindingKind.DIMENSION,
-                                    f"the image is {case.geometry.dimension}D; the dataset is {spec.dimension}D"))
+            findings.append(
+                Finding(
+                    entry.id,
+                    None,
+                    FindingKind.DIMENSION,
+                    f"the image is {case.geometry.dimension}D; the dataset is {spec.dimension}D",
+                )
+            )
             continue
         try:
             case.landmarks = spec.load_landmarks([entry], {entry.id: case.geometry})[entry.id]
@@ -155,9 +161,15 @@ def _duplicate_images(cases: list[_Case]) -> list[Finding]:
     for case in cases:
         earlier = first_with.setdefault(case.pixels_hash, case.entry.id)
         if earlier != case.entry.id:
-            findings.append(Finding(case.entry.id, None, FindingKind.DUPLICATE_IMAGE,
-                                    f"pixel-identical to image '{earlier}' ({case.entry.image.name}); keep one, "
-                                    "or keep both in the same split"))
+            findings.append(
+                Finding(
+                    case.entry.id,
+                    None,
+                    FindingKind.DUPLICATE_IMAGE,
+                    f"pixel-identical to image '{earlier}' ({case.entry.image.name}); keep one, "
+                    "or keep both in the same split",
+                )
+            )
     return findings
 
 
@@ -167,9 +179,15 @@ def _spacing_findings(cases: list[_Case]) -> list[Finding]:
     majority_unit = max(set(units), key=units.count) if units else "mm"
     for case in cases:
         if case.unit != majority_unit:
-            findings.append(Finding(case.entry.id, None, FindingKind.SPACING,
-                                    f"measured in {case.unit} (its format has no spacing) while the other images "
-                                    f"are in {majority_unit}"))
+            findings.append(
+                Finding(
+                    case.entry.id,
+                    None,
+                    FindingKind.SPACING,
+                    f"measured in {case.unit} (its format has no spacing) while the other images "
+                    f"are in {majority_unit}",
+                )
+            )
     same_unit = [c for c in cases if c.unit == majority_unit and c.geometry.dimension == cases[0].geometry.dimension]
     if len(same_unit) < 2:
         return findings
@@ -179,8 +197,14 @@ def _spacing_findings(cases: list[_Case]) -> list[Finding]:
         if np.any(ratio > SPACING_FACTOR) or np.any(ratio < 1.0 / SPACING_FACTOR):
             spacing = " x ".join(f"{s:.4g}" for s in case.geometry.spacing)
             usual = " x ".join(f"{s:.4g}" for s in median)
-            findings.append(Finding(case.entry.id, None, FindingKind.SPACING,
-                                    f"spacing {spacing} {case.unit} is far from the set's usual {usual}"))
+            findings.append(
+                Finding(
+                    case.entry.id,
+                    None,
+                    FindingKind.SPACING,
+                    f"spacing {spacing} {case.unit} is far from the set's usual {usual}",
+                )
+            )
     return findings
 
 
@@ -190,8 +214,9 @@ def _outside_and_empty(cases: list[_Case]) -> list[Finding]:
         landmarks = case.landmarks
         assert landmarks is not None
         if not landmarks.present.any():
-            findings.append(Finding(case.entry.id, None, FindingKind.NO_LANDMARKS,
-                                    "the image has no landmark (all are missing)"))
+            findings.append(
+                Finding(case.entry.id, None, FindingKind.NO_LANDMARKS, "the image has no landmark (all are missing)")
+            )
             continue
         index = case.geometry.physical_to_index(landmarks.points_lps)
         # A voxel covers its centre +- half a voxel: beyond that the point is off the image.
@@ -199,8 +224,14 @@ def _outside_and_empty(cases: list[_Case]) -> list[Finding]:
         for i in np.flatnonzero(outside & landmarks.present):
             position = ", ".join(f"{v:.1f}" for v in index[i])
             size = " x ".join(str(n) for n in case.geometry.size)
-            findings.append(Finding(case.entry.id, landmarks.names[i], FindingKind.OUTSIDE_IMAGE,
-                                    f"the point lies outside the image (voxel index {position}; the image is {size})"))
+            findings.append(
+                Finding(
+                    case.entry.id,
+                    landmarks.names[i],
+                    FindingKind.OUTSIDE_IMAGE,
+                    f"the point lies outside the image (voxel index {position}; the image is {size})",
+                )
+            )
     return findings
 
 
@@ -212,8 +243,9 @@ def _often_missing(cases: list[_Case], names: list[str]) -> list[Finding]:
     for j, name in enumerate(names):
         missing = int((~present[:, j]).sum())
         if missing >= 2 and missing > OFTEN_MISSING_SHARE * len(cases):
-            findings.append(Finding(None, name, FindingKind.OFTEN_MISSING,
-                                    f"missing in {missing} of {len(cases)} images"))
+            findings.append(
+                Finding(None, name, FindingKind.OFTEN_MISSING, f"missing in {missing} of {len(cases)} images")
+            )
     return findings
 
 
@@ -221,8 +253,8 @@ def _often_missing(cases: list[_Case], names: list[str]) -> list[Finding]:
 class _Alignment:
     """The set's mean configuration and, per image, the points its fit to that mean trusted."""
 
-    mean: np.ndarray        # (landmarks, d), centred, unit RMS size
-    fitted: np.ndarray      # (images, landmarks) bool: the points each image's fit kept
+    mean: np.ndarray  # (landmarks, d), centred, unit RMS size
+    fitted: np.ndarray  # (images, landmarks) bool: the points each image's fit kept
 
 
 def _similarity_fit(points: np.ndarray, target: np.ndarray, use: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -232,12 +264,13 @@ def _similarity_fit(points: np.ndarray, target: np.ndarray, use: np.ndarray) -> 
     a, b = source - source_center, goal - goal_center
     u, singular, vt = np.linalg.svd(a.T @ b)
     rotation = u @ vt
-    scale = float(singular.sum() / max((a ** 2).sum(), 1e-12))
+    scale = float(singular.sum() / max((a**2).sum(), 1e-12))
     return scale, rotation, goal_center - scale * source_center @ rotation
 
 
-def _trimmed_fit(points: np.ndarray, target: np.ndarray, use: np.ndarray, start: np.ndarray | None = None
-                 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def _trimmed_fit(
+    points: np.ndarray, target: np.ndarray, use: np.ndarray, start: np.ndarray | None = None
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """`_similarity_fit` that a few swapped or misplaced labels cannot pull.
 
     Least trimmed squares: the fit is refined on the best-fitting share of the points until that
@@ -270,7 +303,7 @@ def _align(points: np.ndarray, present: np.ndarray) -> _Alignment:
     fitted = np.zeros_like(present)
     for _ in range(10):
         mean = mean - np.nanmean(mean, axis=0)
-        mean = mean / math.sqrt(np.nansum(mean ** 2) / max(np.isfinite(mean[:, 0]).sum(), 1))
+        mean = mean / math.sqrt(np.nansum(mean**2) / max(np.isfinite(mean[:, 0]).sum(), 1))
         for i in range(len(points)):
             use = present[i] & np.isfinite(mean[:, 0])
             if use.sum() < dimension + 1:
@@ -292,21 +325,23 @@ class _LocalFits:
     """Each landmark judged by its neighbours: per image and landmark, the similarity transform
     fitted on that landmark's nearest neighbours (in the mean configuration) into the mean frame."""
 
-    scale: np.ndarray        # (images, landmarks)
-    rotation: np.ndarray     # (images, landmarks, d, d)
+    scale: np.ndarray  # (images, landmarks)
+    rotation: np.ndarray  # (images, landmarks, d, d)
     translation: np.ndarray  # (images, landmarks, d)
 
     def place(self, image: int, landmark: int, point: np.ndarray) -> np.ndarray:
         """`point` of `image` mapped into the mean frame as `landmark`'s neighbours see it."""
-        return (self.scale[image, landmark] * point @ self.rotation[image, landmark]
-                + self.translation[image, landmark])
+        return self.scale[image, landmark] * point @ self.rotation[image, landmark] + self.translation[image, landmark]
 
 
 def _local_fits(points: np.ndarray, present: np.ndarray, alignment: _Alignment) -> _LocalFits:
     mean = alignment.mean
     images, count, dimension = points.shape
-    fits = _LocalFits(np.full((images, count), np.nan), np.zeros((images, count, dimension, dimension)),
-                      np.zeros((images, count, dimension)))
+    fits = _LocalFits(
+        np.full((images, count), np.nan),
+        np.zeros((images, count, dimension, dimension)),
+        np.zeros((images, count, dimension)),
+    )
     distances = np.linalg.norm(mean[:, None] - mean[None], axis=2)
     for j in range(count):
         order = [k for k in np.argsort(np.nan_to_num(distances[j], nan=np.inf)) if k != j]
@@ -323,8 +358,9 @@ def _local_fits(points: np.ndarray, present: np.ndarray, alignment: _Alignment) 
     return fits
 
 
-def _configuration_findings(cases: list[_Case], names: list[str],
-                            reported: set[tuple[str | None, str | None]]) -> list[Finding]:
+def _configuration_findings(
+    cases: list[_Case], names: list[str], reported: set[tuple[str | None, str | None]]
+) -> list[Finding]:
     if len(cases) < MIN_IMAGES_FOR_SHAPE:
         return []
     points = np.array([c.landmarks.points_lps for c in cases if c.landmarks is not None])
@@ -340,8 +376,14 @@ def _configuration_findings(cases: list[_Case], names: list[str],
     placed = np.array([[fits.place(i, j, points[i, j]) for j in range(len(names))] for i in range(len(points))])
     distances = np.linalg.norm(placed - mean, axis=2)
     # A landmark's usual spread is a median over the images, which a few wrong points barely move.
-    spreads = np.array([max(float(np.nanmedian(distances[:, j])) / _RAYLEIGH_MEDIAN, MIN_SPREAD_SHARE)
-                        if np.isfinite(distances[:, j]).any() else MIN_SPREAD_SHARE for j in range(len(names))])
+    spreads = np.array(
+        [
+            max(float(np.nanmedian(distances[:, j])) / _RAYLEIGH_MEDIAN, MIN_SPREAD_SHARE)
+            if np.isfinite(distances[:, j]).any()
+            else MIN_SPREAD_SHARE
+            for j in range(len(names))
+        ]
+    )
     residuals = distances / spreads
     suspicious = present & np.nan_to_num(residuals > MISPLACED_SIGMAS)
 
@@ -356,21 +398,41 @@ def _configuration_findings(cases: list[_Case], names: list[str],
             if partner is not None:
                 handled.update((j, partner))
                 first, second = sorted((j, partner))
-                findings.append(Finding(case.entry.id, names[first], FindingKind.SWAPPED,
-                                        f"'{names[first]}' and '{names[second]}' look swapped: exchanged, both fit "
-                                        "where the rest of the set puts them"))
+                findings.append(
+                    Finding(
+                        case.entry.id,
+                        names[first],
+                        FindingKind.SWAPPED,
+                        f"'{names[first]}' and '{names[second]}' look swapped: exchanged, both fit "
+                        "where the rest of the set puts them",
+                    )
+                )
                 continue
             handled.add(j)
             to_image = 1.0 / fits.scale[i, j]
-            findings.append(Finding(case.entry.id, names[j], FindingKind.MISPLACED,
-                                    f"the point is {distances[i, j] * to_image:.1f} {unit} from where its neighbouring "
-                                    f"landmarks put it ({residuals[i, j]:.1f} times the landmark's usual spread of "
-                                    f"{spreads[j] * to_image:.1f} {unit})"))
+            findings.append(
+                Finding(
+                    case.entry.id,
+                    names[j],
+                    FindingKind.MISPLACED,
+                    f"the point is {distances[i, j] * to_image:.1f} {unit} from where its neighbouring "
+                    f"landmarks put it ({residuals[i, j]:.1f} times the landmark's usual spread of "
+                    f"{spreads[j] * to_image:.1f} {unit})",
+                )
+            )
     return findings
 
 
-def _swap_partner(fits: _LocalFits, points: np.ndarray, mean: np.ndarray, spreads: np.ndarray,
-                  residuals: np.ndarray, present: np.ndarray, image: int, landmark: int) -> int | None:
+def _swap_partner(
+    fits: _LocalFits,
+    points: np.ndarray,
+    mean: np.ndarray,
+    spreads: np.ndarray,
+    residuals: np.ndarray,
+    present: np.ndarray,
+    image: int,
+    landmark: int,
+) -> int | None:
     """The landmark whose exchange with `landmark` makes both fit, best first; None if none does."""
     best, best_cost = None, math.inf
     for other in np.flatnonzero(present[image]):
@@ -380,7 +442,7 @@ def _swap_partner(fits: _LocalFits, points: np.ndarray, mean: np.ndarray, spread
         there = np.linalg.norm(fits.place(image, int(other), points[image, landmark]) - mean[other]) / spreads[other]
         if max(here, there) > SWAP_FITS_SIGMAS:
             continue
-        cost = here ** 2 + there ** 2
+        cost = here**2 + there**2
         if cost < best_cost and cost < residuals[image, landmark] ** 2 + residuals[image, other] ** 2:
             best, best_cost = int(other), cost
     return best

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from ..io.toml import dumps_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.atomic import atomic_output
 from ..io.images import image_inputs, read_image
-from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PER_IMAGE_SUFFIXES, PIXEL_FORMATS,
-                                   TABLE_FORMATS, detect_format, read_landmark_file, read_landmark_table)
+from ..io.landmark_formats import (
+    LANDMARK_INPUT_FORMATS,
+    PER_IMAGE_FORMATS,
+    PER_IMAGE_SUFFIXES,
+    PIXEL_FORMATS,
+    TABLE_FORMATS,
+    detect_format,
+    read_landmark_file,
+    read_landmark_table,
+)
 from ..io.paths import image_stem, refuse_existing
+from ..io.toml import dumps_toml
 from ..landmark_set import LandmarkSet
 from .spec import load_dataset_spec
 
@@ -45,20 +53,24 @@ class DatasetInitSummary:
 
     def lines(self) -> list[str]:
         """The summary as printed by ``dataset init``."""
+
         def listed(items: list) -> str:
             shown = ", ".join(str(item) for item in items[:_LISTED])
             return f": {shown}{', ...' if len(items) > _LISTED else ''}" if items else ""
 
         table = self.csv_coordinates is not None
-        lines = [f"images found: {len(self.images)}",
-                 f"paired: {len(self.paired)} (landmark format {self.landmarks_format}"
-                 + (f", {self.csv_coordinates} coordinates" if table else "") + ")",
-                 f"unpaired images: {len(self.unpaired_images)}{listed([p.name for p in self.unpaired_images])}",
-                 f"unpaired {'table rows' if table else 'landmark files'}: {len(self.unpaired_landmarks)}"
-                 f"{listed(self.unpaired_landmarks)}",
-                 f"landmark names ({len(self.landmark_names)}): {', '.join(self.landmark_names)}",
-                 f"landmark points: {self.points_present} present, {self.points_missing} missing",
-                 f"wrote {self.spec} (no splits yet: give each image a split, or add a [splits] table)"]
+        lines = [
+            f"images found: {len(self.images)}",
+            f"paired: {len(self.paired)} (landmark format {self.landmarks_format}"
+            + (f", {self.csv_coordinates} coordinates" if table else "")
+            + ")",
+            f"unpaired images: {len(self.unpaired_images)}{listed([p.name for p in self.unpaired_images])}",
+            f"unpaired {'table rows' if table else 'landmark files'}: {len(self.unpaired_landmarks)}"
+            f"{listed(self.unpaired_landmarks)}",
+            f"landmark names ({len(self.landmark_names)}): {', '.join(self.landmark_names)}",
+            f"landmark points: {self.points_present} present, {self.points_missing} missing",
+            f"wrote {self.spec} (no splits yet: give each image a split, or add a [splits] table)",
+        ]
         return lines
 
 
@@ -83,8 +95,10 @@ def _by_stem(folder: Path, paths: list[Path], what: str) -> dict[str, Path]:
     for path in paths:
         stem = image_stem(path)
         if stem in by_stem:
-            raise DataError(f"{folder}: {what} {by_stem[stem].name} and {path.name} have the same stem '{stem}'; "
-                            "pairing by stem could not tell them apart")
+            raise DataError(
+                f"{folder}: {what} {by_stem[stem].name} and {path.name} have the same stem '{stem}'; "
+                "pairing by stem could not tell them apart"
+            )
         by_stem[stem] = path
     return by_stem
 
@@ -98,12 +112,17 @@ def _images_by_stem(images_dir: Path) -> dict[str, Path]:
 def _landmark_files_by_stem(folder: Path, landmarks_format: str, image_paths: set[Path]) -> dict[str, Path]:
     """{stem: file} of the files in `folder` with a suffix of a per-image landmark format."""
     if landmarks_format not in ("auto", *PER_IMAGE_FORMATS):
-        raise DataError(f"{folder}: a folder holds one landmark file per image; '{landmarks_format}' is a "
-                        f"table format (give the table file instead)")
+        raise DataError(
+            f"{folder}: a folder holds one landmark file per image; '{landmarks_format}' is a "
+            f"table format (give the table file instead)"
+        )
     kinds = PER_IMAGE_FORMATS if landmarks_format == "auto" else (landmarks_format,)
     suffixes = tuple(suffix for kind in kinds for suffix in PER_IMAGE_SUFFIXES[kind])
-    files = [path for path in sorted(folder.iterdir())
-             if path.is_file() and path not in image_paths and path.name.lower().endswith(suffixes)]
+    files = [
+        path
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path not in image_paths and path.name.lower().endswith(suffixes)
+    ]
     return _by_stem(folder, files, "landmark files")
 
 
@@ -113,21 +132,38 @@ def _spec_path(path: Path, base: Path) -> str:
     return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
-def _spec_text(dimension: int, names: list[str], landmarks_format: str, base: Path,
-               entries: list[tuple[str, Path, Path | None]], table: Path | None,
-               csv_coordinates: str | None) -> str:
+def _spec_text(
+    dimension: int,
+    names: list[str],
+    landmarks_format: str,
+    base: Path,
+    entries: list[tuple[str, Path, Path | None]],
+    table: Path | None,
+    csv_coordinates: str | None,
+) -> str:
     values: dict[str, Any] = {"dimension": dimension, "landmarks": names, "landmarks_format": landmarks_format}
     if table is not None:
         values |= {"landmarks_csv": _spec_path(table, base), "csv_coordinates": csv_coordinates}
-    values["images"] = [{"id": image_id, "image": _spec_path(image, base),
-                         **({"landmarks": _spec_path(landmarks, base)} if landmarks is not None else {})}
-                        for image_id, image, landmarks in entries]
+    values["images"] = [
+        {
+            "id": image_id,
+            "image": _spec_path(image, base),
+            **({"landmarks": _spec_path(landmarks, base)} if landmarks is not None else {}),
+        }
+        for image_id, image, landmarks in entries
+    ]
     return "# Written by scn-landmarks dataset init.\n" + dumps_toml(values)
 
 
-def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: str | os.PathLike,
-                 landmarks_format: str = "auto", names: list[str] | None = None,
-                 csv_coordinates: str | None = None, overwrite: bool = False) -> DatasetInitSummary:
+def init_dataset(
+    images: str | os.PathLike,
+    landmarks: str | os.PathLike,
+    out: str | os.PathLike,
+    landmarks_format: str = "auto",
+    names: list[str] | None = None,
+    csv_coordinates: str | None = None,
+    overwrite: bool = False,
+) -> DatasetInitSummary:
     """Write a dataset spec pairing the images of a folder with their landmarks by file stem.
 
     Args:
@@ -171,8 +207,9 @@ def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: s
     if table is not None:
         kind = detect_format(table, table=True) if landmarks_format == "auto" else landmarks_format
         if kind not in TABLE_FORMATS:
-            raise DataError(f"{table}: a single landmark file must be a table ({', '.join(TABLE_FORMATS)}), "
-                            f"not '{kind}'")
+            raise DataError(
+                f"{table}: a single landmark file must be a table ({', '.join(TABLE_FORMATS)}), not '{kind}'"
+            )
         summary.landmarks_format = kind
         summary.csv_coordinates = csv_coordinates or ("index" if kind == "wide-csv" else "physical")
         # Keys and names only: physical reading needs no geometry.
@@ -203,9 +240,11 @@ def init_dataset(images: str | os.PathLike, landmarks: str | os.PathLike, out: s
     paired_images = {image for _, image, _ in entries}
     summary.unpaired_images = [image for image in by_stem.values() if image not in paired_images]
     if not entries:
-        raise DataError(f"{source}: no landmarks pair with the {len(by_stem)} images in {images_dir} by file "
-                        f"stem (images: {', '.join(list(by_stem)[:3])}; landmarks: "
-                        f"{', '.join(summary.unpaired_landmarks[:3]) or 'none found'})")
+        raise DataError(
+            f"{source}: no landmarks pair with the {len(by_stem)} images in {images_dir} by file "
+            f"stem (images: {', '.join(list(by_stem)[:3])}; landmarks: "
+            f"{', '.join(summary.unpaired_landmarks[:3]) or 'none found'})"
+        )
     if names is None:
         names = list(dict.fromkeys(name for landmark_set in found_sets for name in landmark_set.names))
     summary.landmark_names = names

@@ -67,8 +67,9 @@ def normalize_image(image: sitk.Image, intensity: IntensityConfig) -> sitk.Image
     return normalized
 
 
-def prepare_normalized(normalized: sitk.Image, grid_spacing: tuple[float, ...],
-                       device: torch.device | str = "cpu") -> PreparedImage:
+def prepare_normalized(
+    normalized: sitk.Image, grid_spacing: tuple[float, ...], device: torch.device | str = "cpu"
+) -> PreparedImage:
     """Shrink (anti-aliased) a normalised image for a grid of `grid_spacing` and move it to `device`.
 
     Coarse-to-fine inference prepares one normalised image for two grids, so the (whole-image)
@@ -84,8 +85,9 @@ def prepare_normalized(normalized: sitk.Image, grid_spacing: tuple[float, ...],
     return PreparedImage(array.unsqueeze(0), ImageGeometry.of(normalized), background)
 
 
-def prepare_image(image: sitk.Image, grid_spacing: tuple[float, ...], intensity: IntensityConfig,
-                  device: torch.device | str = "cpu") -> PreparedImage:
+def prepare_image(
+    image: sitk.Image, grid_spacing: tuple[float, ...], intensity: IntensityConfig, device: torch.device | str = "cpu"
+) -> PreparedImage:
     """Normalise, shrink (anti-aliased) and move an image to `device`.
 
     Args:
@@ -110,8 +112,9 @@ def grid_sample_coordinates(geometry: ImageGeometry, points_lps: torch.Tensor) -
     """Physical points (..., d) -> coordinates in [-1, 1] of `geometry`'s voxels for
     torch grid_sample(align_corners=True), components (x, y[, z])."""
     d = geometry.dimension
-    to_index = torch.as_tensor(np.linalg.inv(geometry.index_to_physical_matrix), device=points_lps.device,
-                               dtype=points_lps.dtype)
+    to_index = torch.as_tensor(
+        np.linalg.inv(geometry.index_to_physical_matrix), device=points_lps.device, dtype=points_lps.dtype
+    )
     index = points_lps @ to_index[:d, :d].T + to_index[:d, d]
     size = torch.as_tensor(geometry.size, device=index.device, dtype=index.dtype)
     return index * (2.0 / torch.clamp(size - 1.0, min=1.0)) - 1.0
@@ -127,8 +130,9 @@ def sample_at(prepared: PreparedImage, points_lps: torch.Tensor) -> torch.Tensor
     """
     coordinates = grid_sample_coordinates(prepared.geometry, points_lps)
     image = (prepared.array - prepared.background).unsqueeze(0)
-    sampled = F.grid_sample(image, coordinates.unsqueeze(0).to(image.dtype), mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
+    sampled = F.grid_sample(
+        image, coordinates.unsqueeze(0).to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
     return sampled[0] + prepared.background
 
 
@@ -150,6 +154,16 @@ def resample_to_grids(prepared: PreparedImage, grids: list[ImageGeometry]) -> to
     return sample_at(prepared, positions).reshape(len(grids), 1, *reversed(size))
 
 
-__all__ = ["PreparedImage", "normalize_intensities", "normalize_image", "prepare_normalized", "shrink_factors",
-           "prepare_image", "grid_positions", "grid_sample_coordinates",
-           "sample_at", "resample_to_grid", "resample_to_grids"]
+__all__ = [
+    "PreparedImage",
+    "normalize_intensities",
+    "normalize_image",
+    "prepare_normalized",
+    "shrink_factors",
+    "prepare_image",
+    "grid_positions",
+    "grid_sample_coordinates",
+    "sample_at",
+    "resample_to_grid",
+    "resample_to_grids",
+]

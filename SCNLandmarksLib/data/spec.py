@@ -27,13 +27,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.toml import read_toml
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image
-from ..io.landmark_formats import (LANDMARK_INPUT_FORMATS, PER_IMAGE_FORMATS, PIXEL_FORMATS, TABLE_FORMATS,
-                                   detect_format, read_landmark_file, read_landmark_table)
+from ..io.landmark_formats import (
+    LANDMARK_INPUT_FORMATS,
+    PER_IMAGE_FORMATS,
+    PIXEL_FORMATS,
+    TABLE_FORMATS,
+    detect_format,
+    read_landmark_file,
+    read_landmark_table,
+)
 from ..io.paths import image_stem
+from ..io.toml import read_toml
 from ..landmark_set import LandmarkSet
 
 
@@ -63,8 +70,9 @@ class DatasetSpec:
             raise DataError(f"{self.path}: split '{name}' has no images (splits: {known})")
         return chosen
 
-    def load_landmarks(self, entries: list[ImageEntry],
-                       geometries: dict[str, ImageGeometry] | None = None) -> dict[str, LandmarkSet]:
+    def load_landmarks(
+        self, entries: list[ImageEntry], geometries: dict[str, ImageGeometry] | None = None
+    ) -> dict[str, LandmarkSet]:
         """Landmarks per entry id in `landmark_names` order (LPS), from per-image files and/or the CSV."""
         names = list(self.landmark_names)
         geometries = dict(geometries or {})
@@ -79,21 +87,29 @@ class DatasetSpec:
             if self.csv_coordinates == "index":
                 for entry in entries:
                     geometry(entry)
-            table = read_landmark_table(self.landmarks_csv, self.landmarks_format, self.csv_coordinates,
-                                        geometries, names, self.dimension, images=[e.id for e in entries])
+            table = read_landmark_table(
+                self.landmarks_csv,
+                self.landmarks_format,
+                self.csv_coordinates,
+                geometries,
+                names,
+                self.dimension,
+                images=[e.id for e in entries],
+            )
         result = {}
         for entry in entries:
             if entry.landmarks is not None:
-                kind = (detect_format(entry.landmarks) if self.landmarks_format == "auto"
-                        else self.landmarks_format)
+                kind = detect_format(entry.landmarks) if self.landmarks_format == "auto" else self.landmarks_format
                 result[entry.id] = read_landmark_file(
-                    entry.landmarks, kind, names, self.dimension,
-                    geometry(entry) if kind in PIXEL_FORMATS else None)
+                    entry.landmarks, kind, names, self.dimension, geometry(entry) if kind in PIXEL_FORMATS else None
+                )
             elif entry.id in table:
                 result[entry.id] = table[entry.id]
             else:
-                raise DataError(f"{self.path}: image '{entry.id}' has no landmark file and no rows in "
-                                f"{self.landmarks_csv or 'a landmarks_csv'}")
+                raise DataError(
+                    f"{self.path}: image '{entry.id}' has no landmark file and no rows in "
+                    f"{self.landmarks_csv or 'a landmarks_csv'}"
+                )
         return result
 
 
@@ -119,11 +135,15 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
         raise DataError(f"{path}: landmarks_csv {csv_path} not found")
     landmarks_format = values.get("landmarks_format", "auto")
     if landmarks_format not in ("auto", *LANDMARK_INPUT_FORMATS):
-        raise DataError(f"{path}: landmarks_format must be 'auto' or one of {list(LANDMARK_INPUT_FORMATS)}, "
-                        f"got {landmarks_format!r}")
+        raise DataError(
+            f"{path}: landmarks_format must be 'auto' or one of {list(LANDMARK_INPUT_FORMATS)}, "
+            f"got {landmarks_format!r}"
+        )
     if csv_path is not None and landmarks_format not in ("auto", *TABLE_FORMATS):
-        raise DataError(f"{path}: landmarks_csv is a table, but landmarks_format '{landmarks_format}' is a "
-                        f"format of one image's landmarks (tables: {list(TABLE_FORMATS)})")
+        raise DataError(
+            f"{path}: landmarks_csv is a table, but landmarks_format '{landmarks_format}' is a "
+            f"format of one image's landmarks (tables: {list(TABLE_FORMATS)})"
+        )
 
     split_of = {}
     for split_name, ids in values.get("splits", {}).items():
@@ -141,8 +161,10 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
         if landmarks is not None and not landmarks.is_file():
             raise DataError(f"{path}: landmark file {landmarks} (id '{image_id}') not found")
         if landmarks is not None and landmarks_format not in ("auto", *PER_IMAGE_FORMATS):
-            raise DataError(f"{path}: landmarks_format '{landmarks_format}' is a table format, but image "
-                            f"'{image_id}' has its own landmark file")
+            raise DataError(
+                f"{path}: landmarks_format '{landmarks_format}' is a table format, but image "
+                f"'{image_id}' has its own landmark file"
+            )
         entries.append(ImageEntry(image_id, image, landmarks, item.get("split", split_of.get(image_id))))
     if not entries:
         raise DataError(f"{path}: the dataset has no images ([[images]] entries)")

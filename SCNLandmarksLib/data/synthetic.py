@@ -15,9 +15,9 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import ImageGeometry
-from .augmentation import rotation_matrix
 from ..io.landmarks import write_landmarks
 from ..landmark_set import LandmarkSet
+from .augmentation import rotation_matrix
 
 
 def constellation(dimension: int, count: int, radius_mm: float) -> np.ndarray:
@@ -32,8 +32,9 @@ def constellation(dimension: int, count: int, radius_mm: float) -> np.ndarray:
     return points
 
 
-def render(geometry: ImageGeometry, points_lps: np.ndarray, blob_mm: np.ndarray, rng: np.random.Generator,
-           noise: float = 0.05) -> sitk.Image:
+def render(
+    geometry: ImageGeometry, points_lps: np.ndarray, blob_mm: np.ndarray, rng: np.random.Generator, noise: float = 0.05
+) -> sitk.Image:
     """An image (float32) with a blob of radius blob_mm[k] at each point and bars between neighbours."""
     index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(geometry.size)], indexing="ij")[::-1], axis=-1)
     physical = geometry.index_to_physical(index.reshape(-1, geometry.dimension))
@@ -51,10 +52,19 @@ def render(geometry: ImageGeometry, points_lps: np.ndarray, blob_mm: np.ndarray,
     return geometry.apply_to(image)
 
 
-def make_dataset(folder: str | Path, dimension: int = 2, images: int = 12, landmarks: int = 4,
-                 size: tuple[int, ...] | None = None, spacing: tuple[float, ...] | None = None,
-                 direction: np.ndarray | None = None, validation: int = 2, seed: int = 0,
-                 max_rotation_deg: float = 20.0, image_suffix: str | None = None) -> Path:
+def make_dataset(
+    folder: str | Path,
+    dimension: int = 2,
+    images: int = 12,
+    landmarks: int = 4,
+    size: tuple[int, ...] | None = None,
+    spacing: tuple[float, ...] | None = None,
+    direction: np.ndarray | None = None,
+    validation: int = 2,
+    seed: int = 0,
+    max_rotation_deg: float = 20.0,
+    image_suffix: str | None = None,
+) -> Path:
     """Write images, .mrk.json landmark files and a dataset spec; return the spec's path.
 
     Args:
@@ -89,8 +99,14 @@ def make_dataset(folder: str | Path, dimension: int = 2, images: int = 12, landm
         sitk.WriteImage(image, str(folder / "images" / f"{image_id}{suffix}"))
         write_landmarks(LandmarkSet(names, points), folder / "images" / f"{image_id}.mrk.json")
         split = "validation" if number >= images - validation else "train"
-        lines += ["[[images]]", f'id = "{image_id}"', f'image = "images/{image_id}{suffix}"',
-                  f'landmarks = "images/{image_id}.mrk.json"', f'split = "{split}"', ""]
+        lines += [
+            "[[images]]",
+            f'id = "{image_id}"',
+            f'image = "images/{image_id}{suffix}"',
+            f'landmarks = "images/{image_id}.mrk.json"',
+            f'split = "{split}"',
+            "",
+        ]
     spec = folder / "dataset.toml"
     spec.write_text("\n".join(lines))
     return spec

@@ -71,12 +71,16 @@ def _read_dicom_series(directory: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
     if not series_ids:
         raise DataError(f"{directory}: the directory holds no DICOM series")
-    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid)
-                       for sid in series_ids}
+    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid) for sid in series_ids}
     series_id = max(series_ids, key=lambda sid: len(files_by_series[sid]))
     if len(series_ids) > 1:
-        logger.warning("%s holds %d DICOM series; reading %s (%d files)", directory, len(series_ids),
-                       series_id, len(files_by_series[series_id]))
+        logger.warning(
+            "%s holds %d DICOM series; reading %s (%d files)",
+            directory,
+            len(series_ids),
+            series_id,
+            len(files_by_series[series_id]),
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files_by_series[series_id])
     return reader.Execute()
@@ -92,8 +96,9 @@ def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
             image = sitk.VectorIndexSelectionCast(image, 0)
         return sitk.Cast(image, sitk.sitkFloat32)
     if components not in (3, 4):
-        raise DataError(f"{path}: images with {components} components per pixel are not supported "
-                        "(expected grayscale, RGB or RGBA)")
+        raise DataError(
+            f"{path}: images with {components} components per pixel are not supported (expected grayscale, RGB or RGBA)"
+        )
     luminance = None
     for channel, weight in enumerate(LUMINANCE_WEIGHTS):
         term = sitk.Cast(sitk.VectorIndexSelectionCast(image, channel), sitk.sitkFloat32) * weight
@@ -105,15 +110,12 @@ def _drop_single_slice(image: sitk.Image, path: Path | str) -> sitk.Image:
     """A 3D image with one slice along the last axis -> 2D, keeping the in-plane geometry."""
     width, height, _ = image.GetSize()
     try:
-        return sitk.Extract(image, [width, height, 0], [0, 0, 0],
-                            sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+        return sitk.Extract(image, [width, height, 0], [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     except RuntimeError:
         # The slice plane does not contain the first two physical axes (e.g. a single coronal
         # slice), so no 2x2 direction describes it; fall back to an identity in-plane direction.
-        logger.warning("%s: the single slice is not in the x-y plane; using an identity 2D direction",
-                       path)
-        return sitk.Extract(image, [width, height, 0], [0, 0, 0],
-                            sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+        logger.warning("%s: the single slice is not in the x-y plane; using an identity 2D direction", path)
+        return sitk.Extract(image, [width, height, 0], [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
 
 
 def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "image") -> sitk.Image:
@@ -135,8 +137,7 @@ def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "ima
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and dimension != 3:
         image = _drop_single_slice(image, source)
     if dimension is not None and image.GetDimension() != dimension:
-        raise DataError(f"{source}: the image is {image.GetDimension()}D but the model expects "
-                        f"{dimension}D images")
+        raise DataError(f"{source}: the image is {image.GetDimension()}D but the model expects {dimension}D images")
     return image
 
 

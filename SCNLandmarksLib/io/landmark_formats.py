@@ -36,9 +36,15 @@ import numpy as np
 
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.io.landmarks import (_make_set, _parse_float, _read_text, json_key_line,
-                                          read_landmarks, read_landmarks_csv,
-                                          table_index_to_physical)
+from SCNLandmarksLib.io.landmarks import (
+    _make_set,
+    _parse_float,
+    _read_text,
+    json_key_line,
+    read_landmarks,
+    read_landmarks_csv,
+    table_index_to_physical,
+)
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -50,8 +56,13 @@ TABLE_FORMATS = ("csv", "wide-csv")
 # Per-image formats in pixels: reading them needs the image's geometry.
 PIXEL_FORMATS = ("labelme", "isbi")
 # File name endings of each per-image format, for finding landmark files in a folder.
-PER_IMAGE_SUFFIXES = {"mrk.json": (".mrk.json", ".json"), "fcsv": (".fcsv",), "csv": (".csv",),
-                      "labelme": (".json",), "isbi": (".txt",)}
+PER_IMAGE_SUFFIXES = {
+    "mrk.json": (".mrk.json", ".json"),
+    "fcsv": (".fcsv",),
+    "csv": (".csv",),
+    "labelme": (".json",),
+    "isbi": (".txt",),
+}
 
 # LabelMe puts (0, 0) at the top-left corner of the top-left pixel, whose centre (ITK index 0) is
 # therefore at (0.5, 0.5).
@@ -120,8 +131,7 @@ def detect_format(path: str | os.PathLike, table: bool = False) -> str:
             return "mrk.json"
         if isinstance(document, dict) and "shapes" in document:
             return "labelme"
-        raise DataError(f"{path}: a JSON file that is neither Slicer markups (no 'markups') nor LabelMe "
-                        "(no 'shapes')")
+        raise DataError(f"{path}: a JSON file that is neither Slicer markups (no 'markups') nor LabelMe (no 'shapes')")
     for kind in ("fcsv", "csv", "isbi"):
         if any(name.endswith(suffix) for suffix in PER_IMAGE_SUFFIXES[kind]):
             return kind
@@ -132,8 +142,9 @@ def detect_format(path: str | os.PathLike, table: bool = False) -> str:
 # LabelMe JSON
 
 
-def read_labelme(path: str | os.PathLike, geometry: ImageGeometry | None,
-                 names: list[str] | None = None) -> LandmarkSet:
+def read_labelme(
+    path: str | os.PathLike, geometry: ImageGeometry | None, names: list[str] | None = None
+) -> LandmarkSet:
     """Read the ``point`` shapes of a LabelMe JSON file as one image's landmarks.
 
     Coordinate convention: LabelMe stores (x = column, y = row) in pixels with (0, 0) at the top-left
@@ -160,8 +171,10 @@ def read_labelme(path: str | os.PathLike, geometry: ImageGeometry | None,
         raise DataError(f"{path}: not a LabelMe file (no 'shapes' list)")
     size = (document.get("imageWidth"), document.get("imageHeight"))
     if None not in size and tuple(size) != geometry.size:
-        raise DataError(f"{path}: the annotations are for an image of {size[0]} x {size[1]} pixels, but the "
-                        f"image is {geometry.size[0]} x {geometry.size[1]}")
+        raise DataError(
+            f"{path}: the annotations are for an image of {size[0]} x {size[1]} pixels, but the "
+            f"image is {geometry.size[0]} x {geometry.size[1]}"
+        )
     labels: list[str] = []
     indices: list[list[float]] = []
     others = 0
@@ -173,12 +186,14 @@ def read_labelme(path: str | os.PathLike, geometry: ImageGeometry | None,
         try:
             point = [float(v) for v in np.asarray(shape.get("points"), dtype=np.float64).reshape(2)]
         except (TypeError, ValueError):
-            raise DataError(f"{path}: point '{label}' has points {shape.get('points')!r}; expected one "
-                            "[x, y] pair") from None
+            raise DataError(
+                f"{path}: point '{label}' has points {shape.get('points')!r}; expected one [x, y] pair"
+            ) from None
         if any(math.isinf(v) for v in point):
             line = json_key_line(text, "points", number)
-            raise DataError(f"{path}{'' if line is None else f', line {line}'}: point '{label}' has the "
-                            f"infinite position {point}")
+            raise DataError(
+                f"{path}{'' if line is None else f', line {line}'}: point '{label}' has the infinite position {point}"
+            )
         labels.append(label)
         indices.append(point)
     if others:
@@ -191,8 +206,7 @@ def read_labelme(path: str | os.PathLike, geometry: ImageGeometry | None,
 # ISBI 2015 cephalometric text files
 
 
-def read_isbi(path: str | os.PathLike, geometry: ImageGeometry | None,
-              names: list[str] | None = None) -> LandmarkSet:
+def read_isbi(path: str | os.PathLike, geometry: ImageGeometry | None, names: list[str] | None = None) -> LandmarkSet:
     """Read an ISBI 2015 cephalometric challenge annotation file: one ``x,y`` line per landmark.
 
     Coordinate convention: (x = column, y = row) pixel positions with the centre of the top-left pixel
@@ -228,8 +242,12 @@ def read_isbi(path: str | os.PathLike, geometry: ImageGeometry | None,
     if not rows:
         raise DataError(f"{path}: no 'x,y' lines")
     labels = _positional_names(len(rows), names, path, "the file")
-    index = np.array([[_parse_float(value, path, line, axis, label) for value, axis in zip(fields, "xy")]
-                      for (line, fields), label in zip(rows, labels)])
+    index = np.array(
+        [
+            [_parse_float(value, path, line, axis, label) for value, axis in zip(fields, "xy")]
+            for (line, fields), label in zip(rows, labels)
+        ]
+    )
     return LandmarkSet(labels, geometry.index_to_physical(index))
 
 
@@ -247,21 +265,28 @@ def _is_number_or_blank(cell: str) -> bool:
 
 def _wide_header(path: Path, header: list[str], dimension: int | None) -> tuple[int, list[str]]:
     """Dimension and point names of a header ``id,x_<name>,y_<name>[,z_<name>],...``."""
-    axes = "xyz"[:3 if any(column.startswith("z_") for column in header[1:]) else 2]
+    axes = "xyz"[: 3 if any(column.startswith("z_") for column in header[1:]) else 2]
     if dimension is not None and dimension != len(axes):
         raise DataError(f"{path}: the header has {len(axes)}D columns but the landmarks must be {dimension}D")
     columns = header[1:]
-    names = [column[2:] for column in columns[::len(axes)]]
+    names = [column[2:] for column in columns[:: len(axes)]]
     expected = [f"{axis}_{name}" for name in names for axis in axes]
     if [c.lower() for c in columns] != [c.lower() for c in expected]:
-        raise DataError(f"{path}: the header {header} is not 'id' followed by {', '.join(a + '_<n>' for a in axes)}"
-                        " columns for each landmark")
+        raise DataError(
+            f"{path}: the header {header} is not 'id' followed by {', '.join(a + '_<n>' for a in axes)}"
+            " columns for each landmark"
+        )
     return len(axes), names
 
 
-def read_wide_csv(path: str | os.PathLike, coordinates: str = "index",
-                  geometries: dict[str, ImageGeometry] | None = None, names: list[str] | None = None,
-                  dimension: int | None = None, images: Iterable[str] | None = None) -> dict[str, LandmarkSet]:
+def read_wide_csv(
+    path: str | os.PathLike,
+    coordinates: str = "index",
+    geometries: dict[str, ImageGeometry] | None = None,
+    names: list[str] | None = None,
+    dimension: int | None = None,
+    images: Iterable[str] | None = None,
+) -> dict[str, LandmarkSet]:
     """Read a table with one row per image: ``id,x_0,y_0,x_1,y_1,...`` (or ``x,y,z`` triples).
 
     A header row is optional: it is recognised by a non-numeric coordinate cell and names the points by
@@ -292,8 +317,9 @@ def read_wide_csv(path: str | os.PathLike, coordinates: str = "index",
     if coordinates not in ("physical", "index"):
         raise ValueError(f"coordinates must be 'physical' or 'index', got '{coordinates}'")
     reader = csv.reader(io.StringIO(_read_text(path)))
-    rows = [(reader.line_num, [cell.strip() for cell in cells]) for cells in reader
-            if any(cell.strip() for cell in cells)]
+    rows = [
+        (reader.line_num, [cell.strip() for cell in cells]) for cells in reader if any(cell.strip() for cell in cells)
+    ]
     if not rows:
         raise DataError(f"{path}: empty CSV file")
     header_names = None
@@ -313,8 +339,15 @@ def read_wide_csv(path: str | os.PathLike, coordinates: str = "index",
             raise DataError(f"{path}, line {line}: empty image id")
         if image in result:
             raise DataError(f"{path}, line {line}: image '{image}' occurs more than once")
-        points = np.array([[_parse_float(values[i * dimension + a], path, line, f"{'xyz'[a]}_{i}", label)
-                            for a in range(dimension)] for i, label in enumerate(labels)]).reshape(-1, dimension)
+        points = np.array(
+            [
+                [
+                    _parse_float(values[i * dimension + a], path, line, f"{'xyz'[a]}_{i}", label)
+                    for a in range(dimension)
+                ]
+                for i, label in enumerate(labels)
+            ]
+        ).reshape(-1, dimension)
         if wanted is not None and image not in wanted:
             continue
         points[~np.all(np.isfinite(points), axis=1)] = np.nan
@@ -328,8 +361,13 @@ def read_wide_csv(path: str | os.PathLike, coordinates: str = "index",
 # one entry point per kind of file
 
 
-def read_landmark_file(path: str | os.PathLike, landmarks_format: str = "auto", names: list[str] | None = None,
-                       dimension: int | None = None, geometry: ImageGeometry | None = None) -> LandmarkSet:
+def read_landmark_file(
+    path: str | os.PathLike,
+    landmarks_format: str = "auto",
+    names: list[str] | None = None,
+    dimension: int | None = None,
+    geometry: ImageGeometry | None = None,
+) -> LandmarkSet:
     """Read one image's landmark file of any per-image format (`PER_IMAGE_FORMATS`, or "auto").
 
     Args:
@@ -345,8 +383,7 @@ def read_landmark_file(path: str | os.PathLike, landmarks_format: str = "auto", 
     path = Path(path)
     kind = detect_format(path) if landmarks_format == "auto" else landmarks_format
     if kind not in PER_IMAGE_FORMATS:
-        raise DataError(f"{path}: '{kind}' is not a format of one image's landmarks "
-                        f"({', '.join(PER_IMAGE_FORMATS)})")
+        raise DataError(f"{path}: '{kind}' is not a format of one image's landmarks ({', '.join(PER_IMAGE_FORMATS)})")
     if kind == "labelme":
         return read_labelme(path, geometry, names)
     if kind == "isbi":
@@ -354,10 +391,15 @@ def read_landmark_file(path: str | os.PathLike, landmarks_format: str = "auto", 
     return read_landmarks(path, names, dimension)
 
 
-def read_landmark_table(path: str | os.PathLike, landmarks_format: str = "auto", coordinates: str = "physical",
-                        geometries: dict[str, ImageGeometry] | None = None, names: list[str] | None = None,
-                        dimension: int | None = None,
-                        images: Iterable[str] | None = None) -> dict[str, LandmarkSet]:
+def read_landmark_table(
+    path: str | os.PathLike,
+    landmarks_format: str = "auto",
+    coordinates: str = "physical",
+    geometries: dict[str, ImageGeometry] | None = None,
+    names: list[str] | None = None,
+    dimension: int | None = None,
+    images: Iterable[str] | None = None,
+) -> dict[str, LandmarkSet]:
     """Read a table of many images' landmarks: ``csv`` (`read_landmarks_csv`) or ``wide-csv``
     (`read_wide_csv`), or "auto" (`detect_format`); the arguments are theirs.
 

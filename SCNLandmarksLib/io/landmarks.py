@@ -40,8 +40,10 @@ from SCNLandmarksLib.landmark_set import LandmarkSet
 
 logger = logging.getLogger(__name__)
 
-MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-                  "Resources/Schema/markups-schema-v1.0.3.json#")
+MARKUPS_SCHEMA = (
+    "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+    "Resources/Schema/markups-schema-v1.0.3.json#"
+)
 # Slicer's control point states; "missing" (skipped on purpose) and "undefined" (not placed yet) have no
 # position.
 POSITION_STATUSES = ("defined", "preview", "missing", "undefined")
@@ -51,8 +53,7 @@ EXPECTED_ERROR_MEASUREMENT = "expected error"  # also the CSV column, with "_" f
 EXPECTED_ERROR_COLUMN = "expected_error"
 
 FCSV_VERSION = "4.11"
-FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
-                "associatedNodeID")
+FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID")
 # Slicer 5 appends unnamed fields after `associatedNodeID`, the first being the numeric position status
 # (its enum: 0 undefined, 1 preview, 2 defined, 3 missing); it keeps stale coordinates for missing points.
 _FCSV_NO_POSITION_CODES = ("0", "3")
@@ -100,11 +101,12 @@ def _parse_float(text: str, path: Path, line: int, column: str, landmark: str | 
     try:
         value = float(text)
     except ValueError:
-        raise DataError(f"{path}, line {line}: column '{column}' holds '{text}'{of_landmark}, "
-                        "not a number") from None
+        raise DataError(f"{path}, line {line}: column '{column}' holds '{text}'{of_landmark}, not a number") from None
     if math.isinf(value):
-        raise DataError(f"{path}, line {line}: column '{column}' holds the infinite value '{text}'{of_landmark} "
-                        "(leave the cell empty or write nan for a missing landmark)")
+        raise DataError(
+            f"{path}, line {line}: column '{column}' holds the infinite value '{text}'{of_landmark} "
+            "(leave the cell empty or write nan for a missing landmark)"
+        )
     return value
 
 
@@ -119,8 +121,9 @@ def json_key_line(text: str, key: str, occurrence: int) -> int | None:
     return None
 
 
-def labels_or_descriptions(path: Path, labels: list[str], descriptions: list[str],
-                           names: list[str] | None) -> list[str]:
+def labels_or_descriptions(
+    path: Path, labels: list[str], descriptions: list[str], names: list[str] | None
+) -> list[str]:
     """The point names to use: the labels, or the descriptions when only those are the expected names.
 
     AFIDs .fcsv files and others label points 1..N and put the landmark name in the description.
@@ -129,8 +132,12 @@ def labels_or_descriptions(path: Path, labels: list[str], descriptions: list[str
         return labels
     stripped = [d.strip() for d in descriptions]
     if stripped and all(d in names for d in stripped) and len(set(stripped)) == len(stripped):
-        logger.info("%s: the labels (%s, ...) are not landmark names but the descriptions are; "
-                    "naming the points by their descriptions", path, labels[0])
+        logger.info(
+            "%s: the labels (%s, ...) are not landmark names but the descriptions are; "
+            "naming the points by their descriptions",
+            path,
+            labels[0],
+        )
         return stripped
     return labels
 
@@ -151,16 +158,24 @@ def _apply_dimension(path: Path, points: np.ndarray, dimension: int | None) -> n
     if dimension == 2:
         z = points[:, 2]
         if np.any(np.abs(z[np.isfinite(z)]) > _PLANAR_Z_TOLERANCE):
-            logger.warning("%s: dropping non-zero z coordinates (up to %.3g) for a 2D model", path,
-                           np.nanmax(np.abs(z)))
+            logger.warning(
+                "%s: dropping non-zero z coordinates (up to %.3g) for a 2D model", path, np.nanmax(np.abs(z))
+            )
         return points[:, :2]
     if dimension == 3:
         raise DataError(f"{path}: the landmarks are 2D but the model expects 3D landmarks")
     raise ValueError(f"dimension must be 2, 3 or None, got {dimension}")
 
 
-def _make_set(path: Path, labels: list[str], points: np.ndarray, confidences: np.ndarray | None,
-              expected_errors: np.ndarray | None, names: list[str] | None, dimension: int | None) -> LandmarkSet:
+def _make_set(
+    path: Path,
+    labels: list[str],
+    points: np.ndarray,
+    confidences: np.ndarray | None,
+    expected_errors: np.ndarray | None,
+    names: list[str] | None,
+    dimension: int | None,
+) -> LandmarkSet:
     """Validate labels, apply `dimension` and the name order of `names`."""
     _check_labels(path, labels)
     landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), confidences, expected_errors)
@@ -202,8 +217,7 @@ def _value_text(values: np.ndarray | None, i: int) -> str:
 # Slicer markups JSON
 
 
-def _read_markups_json(path: Path
-                        ) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Labels, descriptions, (N, 3) LPS points (NaN rows = missing), optional (N,) confidences and
     expected errors.
 
@@ -248,26 +262,33 @@ def _read_markups_json(path: Path
         positions_seen += "position" in point
         point_status = point.get("positionStatus", "defined")
         if point_status not in POSITION_STATUSES:
-            raise DataError(f"{path}: control point '{labels[-1]}' has unknown positionStatus "
-                            f"'{point_status}'")
+            raise DataError(f"{path}: control point '{labels[-1]}' has unknown positionStatus '{point_status}'")
         if point_status in NO_POSITION_STATUSES:
             continue  # Slicer writes "" or stale coordinates here
         position = point.get("position")
         try:
             points[i] = np.asarray(position, dtype=np.float64).reshape(3)
         except (TypeError, ValueError):
-            raise DataError(f"{path}: control point '{labels[-1]}' has position {position!r}; "
-                            "expected three numbers") from None
+            raise DataError(
+                f"{path}: control point '{labels[-1]}' has position {position!r}; expected three numbers"
+            ) from None
         if np.isinf(points[i]).any():
             line = json_key_line(text, "position", positions_seen - 1)
-            raise DataError(f"{path}{'' if line is None else f', line {line}'}: control point {i + 1} (landmark '{labels[-1]}') has the "
-                            f"infinite position {position} (a missing landmark has positionStatus "
-                            "\"missing\")")
+            raise DataError(
+                f"{path}{'' if line is None else f', line {line}'}: control point {i + 1} "
+                f"(landmark '{labels[-1]}') has the "
+                f"infinite position {position} (a missing landmark has positionStatus "
+                '"missing")'
+            )
     if system == "RAS":
         points = ras_to_lps(points)
-    return (labels, descriptions, points,
-            _read_point_measurement(path, markup, len(labels), CONFIDENCE_MEASUREMENT),
-            _read_point_measurement(path, markup, len(labels), EXPECTED_ERROR_MEASUREMENT))
+    return (
+        labels,
+        descriptions,
+        points,
+        _read_point_measurement(path, markup, len(labels), CONFIDENCE_MEASUREMENT),
+        _read_point_measurement(path, markup, len(labels), EXPECTED_ERROR_MEASUREMENT),
+    )
 
 
 def _read_point_measurement(path: Path, markup: dict, count: int, name: str) -> np.ndarray | None:
@@ -292,24 +313,41 @@ def _markups_json_text(landmarks: LandmarkSet, status: list[str], unit: str) -> 
         points = np.concatenate([points, np.zeros((len(points), 1))], axis=1)
     control_points = []
     for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
-        control_points.append({
-            "id": str(i + 1),
-            "label": name,
-            "description": status[i],
-            "position": [float(v) for v in points[i]] if present else [0.0, 0.0, 0.0],
-            "positionStatus": "defined" if present else "missing",
-        })
-    markup: dict = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": unit,
-                    "controlPoints": control_points}
+        control_points.append(
+            {
+                "id": str(i + 1),
+                "label": name,
+                "description": status[i],
+                "position": [float(v) for v in points[i]] if present else [0.0, 0.0, 0.0],
+                "positionStatus": "defined" if present else "missing",
+            }
+        )
+    markup: dict = {
+        "type": "Fiducial",
+        "coordinateSystem": "LPS",
+        "coordinateUnits": unit,
+        "controlPoints": control_points,
+    }
     # Unknown values are written as NaN: not strict JSON, but exactly what Slicer itself writes and
     # reads for measurement values (it rejects null there).
     measurements = []
     if landmarks.confidences is not None:
-        measurements.append({"name": CONFIDENCE_MEASUREMENT, "enabled": True,
-                             "controlPointValues": [float(c) for c in landmarks.confidences]})
+        measurements.append(
+            {
+                "name": CONFIDENCE_MEASUREMENT,
+                "enabled": True,
+                "controlPointValues": [float(c) for c in landmarks.confidences],
+            }
+        )
     if landmarks.expected_errors is not None:
-        measurements.append({"name": EXPECTED_ERROR_MEASUREMENT, "enabled": True, "units": unit,
-                             "controlPointValues": [float(e) for e in landmarks.expected_errors]})
+        measurements.append(
+            {
+                "name": EXPECTED_ERROR_MEASUREMENT,
+                "enabled": True,
+                "units": unit,
+                "controlPointValues": [float(e) for e in landmarks.expected_errors],
+            }
+        )
     if measurements:
         markup["measurements"] = measurements
     return json.dumps({"@schema": MARKUPS_SCHEMA, "markups": [markup]}, indent=2) + "\n"
@@ -333,8 +371,9 @@ def _read_fcsv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
             if key == "CoordinateSystem":
                 system = {"0": "RAS", "RAS": "RAS", "1": "LPS", "LPS": "LPS"}.get(value.upper())
                 if system is None:
-                    raise DataError(f"{path}, line {line_number}: unknown CoordinateSystem '{value}' "
-                                    "(expected 0/RAS or 1/LPS)")
+                    raise DataError(
+                        f"{path}, line {line_number}: unknown CoordinateSystem '{value}' (expected 0/RAS or 1/LPS)"
+                    )
             elif key == "columns":
                 columns = [c.strip() for c in value.split(",")]
                 missing_columns = [c for c in ("x", "y", "z", "label") if c not in columns]
@@ -365,17 +404,35 @@ def _read_fcsv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
 
 def _fcsv_text(landmarks: LandmarkSet, status: list[str]) -> str:
     stream = io.StringIO()
-    stream.write(f"# Markups fiducial file version = {FCSV_VERSION}\n"
-                 "# CoordinateSystem = LPS\n"
-                 f"# columns = {','.join(FCSV_COLUMNS)}\n")
+    stream.write(
+        f"# Markups fiducial file version = {FCSV_VERSION}\n"
+        "# CoordinateSystem = LPS\n"
+        f"# columns = {','.join(FCSV_COLUMNS)}\n"
+    )
     writer = csv.writer(stream, lineterminator="\n")
     points = landmarks.points_lps
     for i, (name, present) in enumerate(zip(landmarks.names, landmarks.present)):
         if not present:
             continue  # fcsv has no missing state that Slicer 4 understands: leave the point out
         x, y, z = (list(points[i]) + [0.0])[:3]
-        writer.writerow([str(i + 1), _number_text(x), _number_text(y), _number_text(z),
-                         "0", "0", "0", "1", "1", "1", "0", name, status[i], ""])
+        writer.writerow(
+            [
+                str(i + 1),
+                _number_text(x),
+                _number_text(y),
+                _number_text(z),
+                "0",
+                "0",
+                "0",
+                "1",
+                "1",
+                "1",
+                "0",
+                name,
+                status[i],
+                "",
+            ]
+        )
     return stream.getvalue()
 
 
@@ -389,8 +446,7 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     header = [name.strip().lower() for name in next(reader, [])]
     if not header:
         raise DataError(f"{path}: empty CSV file (a header row is required)")
-    rows = [(reader.line_num, dict(zip(header, cells))) for cells in reader
-            if any(cell.strip() for cell in cells)]
+    rows = [(reader.line_num, dict(zip(header, cells))) for cells in reader if any(cell.strip() for cell in cells)]
     return header, rows
 
 
@@ -414,9 +470,13 @@ def _landmark_column(path: Path, header: list[str]) -> str:
     raise DataError(f"{path}: the CSV header {header} has no 'landmark' column")
 
 
-def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, str]]],
-                 dimension: int | None, image_column: str | None
-                 ) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float, float]]]]:
+def _parse_table(
+    path: Path,
+    header: list[str],
+    rows: list[tuple[int, dict[str, str]]],
+    dimension: int | None,
+    image_column: str | None,
+) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float, float]]]]:
     """Landmark names in first-seen order and {image: {landmark: (point, confidence, expected error)}}."""
     axes = _table_axes(path, header, dimension)
     landmark_column = _landmark_column(path, header)
@@ -432,9 +492,10 @@ def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, 
         point = [_parse_float(row.get(axis) or "", path, line, axis, name) for axis in axes]
         if not all(math.isfinite(v) for v in point):
             point = [math.nan] * len(axes)
-        confidence, expected_error = (_parse_float(row.get(column) or "", path, line, column, name)
-                                      if column in header else math.nan
-                                      for column in ("confidence", EXPECTED_ERROR_COLUMN))
+        confidence, expected_error = (
+            _parse_float(row.get(column) or "", path, line, column, name) if column in header else math.nan
+            for column in ("confidence", EXPECTED_ERROR_COLUMN)
+        )
         per_image = table.setdefault(image, {})
         if name in per_image:
             where = f" for image '{image}'" if image_column else ""
@@ -445,11 +506,13 @@ def _parse_table(path: Path, header: list[str], rows: list[tuple[int, dict[str, 
     return names, table
 
 
-def _table_set(names: list[str], entries: dict[str, tuple[list[float], float, float]],
-               dimension: int, header: list[str]) -> LandmarkSet:
+def _table_set(
+    names: list[str], entries: dict[str, tuple[list[float], float, float]], dimension: int, header: list[str]
+) -> LandmarkSet:
     points = np.full((len(names), dimension), np.nan)
-    per_point = [np.full(len(names), np.nan) if column in header else None
-                 for column in ("confidence", EXPECTED_ERROR_COLUMN)]
+    per_point = [
+        np.full(len(names), np.nan) if column in header else None for column in ("confidence", EXPECTED_ERROR_COLUMN)
+    ]
     for i, name in enumerate(names):
         if name in entries:
             points[i], *values = entries[name]
@@ -464,8 +527,7 @@ def _read_single_csv(path: Path, names: list[str] | None, dimension: int | None)
     image_column = "image" if "image" in header else None
     found, table = _parse_table(path, header, rows, dimension, image_column)
     if len(table) > 1:
-        raise DataError(f"{path}: the table holds landmarks of {len(table)} images; "
-                        "read it with read_landmarks_csv")
+        raise DataError(f"{path}: the table holds landmarks of {len(table)} images; read it with read_landmarks_csv")
     entries = next(iter(table.values()), {})
     point_dimension = len(_table_axes(path, header, dimension))
     return _table_set(_check_names(path, found, names), entries, point_dimension, header)
@@ -490,8 +552,9 @@ def _csv_text(header: list[str], rows: Iterable[list[str]]) -> str:
 # public API
 
 
-def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
-                   dimension: int | None = None) -> LandmarkSet:
+def read_landmarks(
+    path: str | os.PathLike, names: list[str] | None = None, dimension: int | None = None
+) -> LandmarkSet:
     """Read the landmarks of one image from a .mrk.json/.json, .fcsv or single-image .csv file.
 
     Args:
@@ -522,23 +585,26 @@ def read_landmarks(path: str | os.PathLike, names: list[str] | None = None,
     return _make_set(path, labels, points, confidences, expected_errors, names, dimension)
 
 
-def table_index_to_physical(path: Path, image: str, index: np.ndarray,
-                            geometries: dict[str, ImageGeometry] | None) -> np.ndarray:
+def table_index_to_physical(
+    path: Path, image: str, index: np.ndarray, geometries: dict[str, ImageGeometry] | None
+) -> np.ndarray:
     """(N, d) pixel indices of one image of a table -> physical LPS, by that image's geometry."""
     geometry = (geometries or {}).get(image)
     if geometry is None:
         raise DataError(f"{path}: no image geometry for '{image}' to convert its pixel indices")
     if geometry.dimension != index.shape[1]:
-        raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are "
-                        f"{index.shape[1]}D")
+        raise DataError(f"{path}: image '{image}' is {geometry.dimension}D but its landmarks are {index.shape[1]}D")
     return geometry.index_to_physical(index)
 
 
-def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
-                       geometries: dict[str, ImageGeometry] | None = None,
-                       names: list[str] | None = None,
-                       dimension: int | None = None,
-                       images: Iterable[str] | None = None) -> dict[str, LandmarkSet]:
+def read_landmarks_csv(
+    path: str | os.PathLike,
+    coordinates: str = "physical",
+    geometries: dict[str, ImageGeometry] | None = None,
+    names: list[str] | None = None,
+    dimension: int | None = None,
+    images: Iterable[str] | None = None,
+) -> dict[str, LandmarkSet]:
     """Read a table ``image,landmark,x,y[,z][,confidence]`` holding landmarks of many images.
 
     Args:
@@ -580,8 +646,9 @@ def read_landmarks_csv(path: str | os.PathLike, coordinates: str = "physical",
     return result
 
 
-def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
-                    status: list[str] | None = None, unit: str = "mm") -> None:
+def write_landmarks(
+    landmarks: LandmarkSet, path: str | os.PathLike, status: list[str] | None = None, unit: str = "mm"
+) -> None:
     """Write one image's landmarks as .mrk.json/.json, .fcsv or .csv (LPS), replacing atomically.
 
     .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, coordinateUnits `unit`), one control point per
@@ -612,7 +679,7 @@ def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike,
     elif kind == "fcsv":
         text = _fcsv_text(landmarks, texts)
     else:
-        axes = ["x", "y", "z"][:landmarks.dimension]
+        axes = ["x", "y", "z"][: landmarks.dimension]
         header = ["landmark", *axes, "confidence"]
         rows = list(_table_rows(landmarks))
         if landmarks.expected_errors is not None:
@@ -643,8 +710,5 @@ def write_landmarks_csv(path: str | os.PathLike, landmark_sets: dict[str, Landma
     if len(dimensions) > 1:
         raise ValueError(f"all landmark sets must have the same dimension, got {sorted(dimensions)}")
     dimension = dimensions.pop() if dimensions else 3
-    rows = [[image, *row]
-            for image, landmarks in landmark_sets.items()
-            for row in _table_rows(landmarks)]
-    _write_text_atomically(path, _csv_text(["image", "landmark", *["x", "y", "z"][:dimension],
-                                            "confidence"], rows))
+    rows = [[image, *row] for image, landmarks in landmark_sets.items() for row in _table_rows(landmarks)]
+    _write_text_atomically(path, _csv_text(["image", "landmark", *["x", "y", "z"][:dimension], "confidence"], rows))

@@ -42,7 +42,7 @@ def image_stem(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     suffix = format_suffix(path)
-    return path.name[:len(path.name) - len(suffix)] if suffix else path.name
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
 def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -69,8 +69,10 @@ def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
             for i in members:
                 if level[i] + 1 == len(candidates[i]):
                     others = [str(inputs[j]) for j in members if j != i]
-                    raise DataError(f"{inputs[i]}: given more than once (also as {', '.join(others)}); "
-                                    "its results would overwrite each other")
+                    raise DataError(
+                        f"{inputs[i]}: given more than once (also as {', '.join(others)}); "
+                        "its results would overwrite each other"
+                    )
                 level[i] += 1
 
 
@@ -82,8 +84,7 @@ def _stem_candidates(path: Path) -> list[str]:
     return candidates
 
 
-def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool = False,
-                    option: str = "--overwrite") -> None:
+def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool = False, option: str = "--overwrite") -> None:
     """Check, before anything is written, that no output would replace an existing file.
 
     Args:
@@ -99,5 +100,4 @@ def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool = False,
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise DataError(f"would replace existing file(s) {shown}; nothing was written "
-                        f"(give {option} to replace them)")
+        raise DataError(f"would replace existing file(s) {shown}; nothing was written (give {option} to replace them)")

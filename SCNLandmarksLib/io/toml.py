@@ -27,8 +27,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
-                                                         ("inf" if value > 0 else "-inf"))
+        return (
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
@@ -46,14 +47,16 @@ def dumps_toml(values: dict[str, Any], prefix: str = "") -> str:
     """Write nested dicts as TOML tables ([a], [a.b], ...) and lists of dicts as arrays of tables
     ([[a]]); a dict whose values are all scalars or lists is written inline only as a value of
     `params` (model parameters)."""
+
     def is_table(key: str, value: Any) -> bool:
         return isinstance(value, dict) and key != "params"
 
     def is_table_array(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()
-             if not is_table(k, v) and not is_table_array(v)]
+    lines = [
+        f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not is_table(k, v) and not is_table_array(v)
+    ]
     text = "\n".join(lines) + ("\n" if lines else "")
     for name, value in values.items():
         if is_table(name, value):

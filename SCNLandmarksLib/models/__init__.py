@@ -10,15 +10,23 @@ Every model's ``forward(x)`` takes ``(B, C, *spatial)`` of any size and returns
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
 from .scn import HeatmapOutput, SpatialConfigurationNet
 
-__all__ = ["ARCHITECTURES", "HEAD_PREFIXES", "TRAINING_ONLY_PARAMS", "HeatmapOutput", "build_model", "default_params",
-           "resolve_params"]
+__all__ = [
+    "ARCHITECTURES",
+    "HEAD_PREFIXES",
+    "TRAINING_ONLY_PARAMS",
+    "HeatmapOutput",
+    "build_model",
+    "default_params",
+    "resolve_params",
+]
 
 ARCHITECTURES = ("scn", "unet", "downsampling", "convonly")
 
@@ -37,32 +45,78 @@ HEAD_PREFIXES = ("local_heatmaps.", "spatial_net.", "heatmaps.")
 # follow Payer et al. 2016 (MICCAI) in 2D and are scaled down in 3D.
 _DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
     "scn": {
-        2: {"filters": 128, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
-            "heatmap_kernel": 3, "heatmap_init_std": 1e-4,
-            "sc_downsample": 16, "sc_layers": 4, "sc_kernel": 11, "sc_filters": 128, "sc_init_bias": 0.5,
-            "pad_mode": "replicate"},
-        3: {"filters": 64, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
-            "heatmap_kernel": 3, "heatmap_init_std": 1e-4,
-            "sc_downsample": 4, "sc_layers": 4, "sc_kernel": 7, "sc_filters": 64, "sc_init_bias": 0.5,
-            "pad_mode": "replicate"},
+        2: {
+            "filters": 128,
+            "levels": 4,
+            "dropout": 0.5,
+            "negative_slope": 0.1,
+            "heatmap_kernel": 3,
+            "heatmap_init_std": 1e-4,
+            "sc_downsample": 16,
+            "sc_layers": 4,
+            "sc_kernel": 11,
+            "sc_filters": 128,
+            "sc_init_bias": 0.5,
+            "pad_mode": "replicate",
+        },
+        3: {
+            "filters": 64,
+            "levels": 4,
+            "dropout": 0.5,
+            "negative_slope": 0.1,
+            "heatmap_kernel": 3,
+            "heatmap_init_std": 1e-4,
+            "sc_downsample": 4,
+            "sc_layers": 4,
+            "sc_kernel": 7,
+            "sc_filters": 64,
+            "sc_init_bias": 0.5,
+            "pad_mode": "replicate",
+        },
     },
     "unet": {
-        2: {"filters": 128, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
-            "heatmap_kernel": 3, "heatmap_init_std": 1e-4, "pad_mode": "replicate"},
-        3: {"filters": 64, "levels": 4, "dropout": 0.5, "negative_slope": 0.1,
-            "heatmap_kernel": 3, "heatmap_init_std": 1e-4, "pad_mode": "replicate"},
+        2: {
+            "filters": 128,
+            "levels": 4,
+            "dropout": 0.5,
+            "negative_slope": 0.1,
+            "heatmap_kernel": 3,
+            "heatmap_init_std": 1e-4,
+            "pad_mode": "replicate",
+        },
+        3: {
+            "filters": 64,
+            "levels": 4,
+            "dropout": 0.5,
+            "negative_slope": 0.1,
+            "heatmap_kernel": 3,
+            "heatmap_init_std": 1e-4,
+            "pad_mode": "replicate",
+        },
     },
     "downsampling": {
-        2: {"filters": 128, "levels": 3, "convs_per_level": 2, "kernel_size": 5,
-            "negative_slope": 0.0, "heatmap_init_std": 1e-4, "pad_mode": "replicate"},
-        3: {"filters": 64, "levels": 3, "convs_per_level": 2, "kernel_size": 3,
-            "negative_slope": 0.0, "heatmap_init_std": 1e-4, "pad_mode": "replicate"},
+        2: {
+            "filters": 128,
+            "levels": 3,
+            "convs_per_level": 2,
+            "kernel_size": 5,
+            "negative_slope": 0.0,
+            "heatmap_init_std": 1e-4,
+            "pad_mode": "replicate",
+        },
+        3: {
+            "filters": 64,
+            "levels": 3,
+            "convs_per_level": 2,
+            "kernel_size": 3,
+            "negative_slope": 0.0,
+            "heatmap_init_std": 1e-4,
+            "pad_mode": "replicate",
+        },
     },
     "convonly": {
-        2: {"filters": 128, "layers": 6, "kernel_size": 11,
-            "negative_slope": 0.0, "heatmap_init_std": 1e-4},
-        3: {"filters": 32, "layers": 6, "kernel_size": 7,
-            "negative_slope": 0.0, "heatmap_init_std": 1e-4},
+        2: {"filters": 128, "layers": 6, "kernel_size": 11, "negative_slope": 0.0, "heatmap_init_std": 1e-4},
+        3: {"filters": 32, "layers": 6, "kernel_size": 7, "negative_slope": 0.0, "heatmap_init_std": 1e-4},
     },
 }
 
@@ -92,6 +146,7 @@ def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[str
             lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
             raise ValueError(f"model parameter {name!r} must be a number in {lb}{lo}, {hi}{rb}, not {v!r}")
         return v
+
     return check
 
 
@@ -139,14 +194,17 @@ def resolve_params(architecture: str, dimension: int, params: dict | None = None
     if params:
         unknown = sorted(set(params) - set(merged))
         if unknown:
-            raise ValueError(f"unknown model parameter(s) for {architecture!r}: {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(sorted(merged))}")
+            raise ValueError(
+                f"unknown model parameter(s) for {architecture!r}: {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(merged))}"
+            )
         merged.update(params)
     return {k: _VALIDATORS[k](k, v) for k, v in merged.items()}
 
 
-def build_model(architecture: str, dimension: int, in_channels: int, num_landmarks: int,
-                params: dict | None = None) -> nn.Module:
+def build_model(
+    architecture: str, dimension: int, in_channels: int, num_landmarks: int, params: dict | None = None
+) -> nn.Module:
     """Build a heatmap network; ``params`` is a partial dict merged over :func:`default_params`
     (the model file describes the network, see `bundle.StageDescription`)."""
     _check_architecture(architecture, dimension)

@@ -13,8 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .scn import (HeatmapOutput, LocalAppearanceNet, avg_pool, conv_layer, crop_to, init_he,
-                  init_heatmap, pad_to_multiple, upsample_to)
+from .scn import (
+    HeatmapOutput,
+    LocalAppearanceNet,
+    avg_pool,
+    conv_layer,
+    crop_to,
+    init_he,
+    init_heatmap,
+    pad_to_multiple,
+    upsample_to,
+)
 
 __all__ = ["UNetHeatmapNet", "DownsamplingNet", "ConvOnlyNet"]
 
@@ -25,15 +34,28 @@ def _activation(negative_slope: float) -> nn.Module:
 
 def _check_input(x: torch.Tensor, dimension: int) -> None:
     if x.dim() != dimension + 2:
-        raise ValueError(f"expected a (B, C, *spatial) tensor with {dimension} spatial dims, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"expected a (B, C, *spatial) tensor with {dimension} spatial dims, got shape {tuple(x.shape)}"
+        )
 
 
 class UNetHeatmapNet(nn.Module):
     """U-Net baseline: the SCN local appearance net followed by a linear heatmap layer."""
 
-    def __init__(self, dimension: int, in_channels: int, num_landmarks: int, *,
-                 filters: int, levels: int, dropout: float, negative_slope: float,
-                 heatmap_kernel: int, heatmap_init_std: float, pad_mode: str):
+    def __init__(
+        self,
+        dimension: int,
+        in_channels: int,
+        num_landmarks: int,
+        *,
+        filters: int,
+        levels: int,
+        dropout: float,
+        negative_slope: float,
+        heatmap_kernel: int,
+        heatmap_init_std: float,
+        pad_mode: str,
+    ):
         super().__init__()
         self.dimension = dimension
         self.pad_mode = pad_mode
@@ -51,9 +73,20 @@ class UNetHeatmapNet(nn.Module):
 class DownsamplingNet(nn.Module):
     """Downsampling-Net: conv blocks with average pooling, coarse heatmaps upsampled linearly."""
 
-    def __init__(self, dimension: int, in_channels: int, num_landmarks: int, *,
-                 filters: int, levels: int, convs_per_level: int, kernel_size: int,
-                 negative_slope: float, heatmap_init_std: float, pad_mode: str):
+    def __init__(
+        self,
+        dimension: int,
+        in_channels: int,
+        num_landmarks: int,
+        *,
+        filters: int,
+        levels: int,
+        convs_per_level: int,
+        kernel_size: int,
+        negative_slope: float,
+        heatmap_init_std: float,
+        pad_mode: str,
+    ):
         super().__init__()
         self.dimension = dimension
         self.pad_mode = pad_mode
@@ -86,9 +119,18 @@ class DownsamplingNet(nn.Module):
 class ConvOnlyNet(nn.Module):
     """ConvOnly-Net: full-resolution large-kernel convolutions and a 1x1 heatmap layer."""
 
-    def __init__(self, dimension: int, in_channels: int, num_landmarks: int, *,
-                 filters: int, layers: int, kernel_size: int,
-                 negative_slope: float, heatmap_init_std: float):
+    def __init__(
+        self,
+        dimension: int,
+        in_channels: int,
+        num_landmarks: int,
+        *,
+        filters: int,
+        layers: int,
+        kernel_size: int,
+        negative_slope: float,
+        heatmap_init_std: float,
+    ):
         super().__init__()
         self.dimension = dimension
         body = []

@@ -53,6 +53,7 @@ class HeatmapOutput(NamedTuple):
 
 # --------------------------------------------------------------------------- building blocks
 
+
 def _check_dimension(dimension: int) -> int:
     if dimension not in (2, 3):
         raise ValueError(f"dimension must be 2 or 3, not {dimension!r}")
@@ -125,6 +126,7 @@ def init_heatmap(conv: nn.Conv2d | nn.Conv3d, std: float) -> None:
 
 # --------------------------------------------------------------------------- local appearance
 
+
 class LocalAppearanceNet(nn.Module):
     """U-Net-like local appearance component; returns ``filters`` feature maps at input size.
 
@@ -132,8 +134,16 @@ class LocalAppearanceNet(nn.Module):
     :attr:`size_multiple`); the wrapping models pad for it.
     """
 
-    def __init__(self, dimension: int, in_channels: int, filters: int, levels: int,
-                 dropout: float, negative_slope: float, kernel_size: int = 3):
+    def __init__(
+        self,
+        dimension: int,
+        in_channels: int,
+        filters: int,
+        levels: int,
+        dropout: float,
+        negative_slope: float,
+        kernel_size: int = 3,
+    ):
         super().__init__()
         self.dimension = _check_dimension(dimension)
         self.levels = levels
@@ -146,7 +156,8 @@ class LocalAppearanceNet(nn.Module):
 
         self.input_conv = conv(in_channels)
         self.contracting = nn.ModuleList(
-            nn.ModuleDict({"conv0": conv(filters), "conv1": conv(filters)}) for _ in range(levels))
+            nn.ModuleDict({"conv0": conv(filters), "conv1": conv(filters)}) for _ in range(levels)
+        )
         self.parallel = nn.ModuleList(conv(filters) for _ in range(levels))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.act = nn.LeakyReLU(negative_slope) if negative_slope > 0 else nn.ReLU()
@@ -171,14 +182,29 @@ class LocalAppearanceNet(nn.Module):
 
 # --------------------------------------------------------------------------- SCN
 
+
 class SpatialConfigurationNet(nn.Module):
     """SCN: H = H_app * H_sc.  ``forward`` returns :class:`HeatmapOutput` (final, local, spatial)."""
 
-    def __init__(self, dimension: int, in_channels: int, num_landmarks: int, *,
-                 filters: int, levels: int, dropout: float, negative_slope: float,
-                 heatmap_kernel: int, heatmap_init_std: float,
-                 sc_downsample: int, sc_layers: int, sc_kernel: int, sc_filters: int,
-                 sc_init_bias: float, pad_mode: str):
+    def __init__(
+        self,
+        dimension: int,
+        in_channels: int,
+        num_landmarks: int,
+        *,
+        filters: int,
+        levels: int,
+        dropout: float,
+        negative_slope: float,
+        heatmap_kernel: int,
+        heatmap_init_std: float,
+        sc_downsample: int,
+        sc_layers: int,
+        sc_kernel: int,
+        sc_filters: int,
+        sc_init_bias: float,
+        pad_mode: str,
+    ):
         super().__init__()
         self.dimension = _check_dimension(dimension)
         self.num_landmarks = num_landmarks
@@ -206,7 +232,9 @@ class SpatialConfigurationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> HeatmapOutput:
         if x.dim() != self.dimension + 2:
-            raise ValueError(f"expected a (B, C, *spatial) tensor with {self.dimension} spatial dims, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a (B, C, *spatial) tensor with {self.dimension} spatial dims, got shape {tuple(x.shape)}"
+            )
         xp, crop = pad_to_multiple(x, self.local_net.size_multiple, self.pad_mode)
         local = crop_to(self.local_heatmaps(self.local_net(xp)), crop)
         # H_app outside the image means "no landmark": zero-pad it for the spatial configuration.

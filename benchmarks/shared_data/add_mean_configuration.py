@@ -41,14 +41,18 @@ def main() -> None:
     entries = spec.split(args.split)
     if args.detected:
         predictor = Predictor.from_file(args.model, "cpu")
-        landmarks = [predictor.predict(read_image(e.image, predictor.dimension), source=str(e.image)).landmarks
-                     for e in entries]
+        landmarks = [
+            predictor.predict(read_image(e.image, predictor.dimension), source=str(e.image)).landmarks for e in entries
+        ]
         what = "the model's own points on"
     else:
         landmarks = list(spec.load_landmarks(entries).values())
         what = "the annotated landmarks of"
-    mean = mean_configuration(landmarks, f"mean of {what} the {len(entries)} '{args.split}' images of "
-                                         f"{spec.path.name} (the training images), in their own pose")
+    mean = mean_configuration(
+        landmarks,
+        f"mean of {what} the {len(entries)} '{args.split}' images of "
+        f"{spec.path.name} (the training images), in their own pose",
+    )
     save_description(args.model, args.out, dataclasses.replace(description, mean_configuration=mean))
     print(json.dumps({"model": args.out, "mean_configuration": mean.to_json()}))
 

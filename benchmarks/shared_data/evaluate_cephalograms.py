@@ -56,9 +56,17 @@ def main() -> None:
     entries = spec.split(args.split)
     means = spec.load_landmarks(entries)
     first, second = (annotations(args.shared / f"landmarks_annotator_{name}.csv") for name in ANNOTATORS)
-    distances: dict[str, list[float]] = {key: [] for key in (
-        "model_to_mean", f"model_to_{ANNOTATORS[0]}", f"model_to_{ANNOTATORS[1]}", "annotator_to_annotator",
-        "annotator_to_mean", "flipped_model_to_mean")}
+    distances: dict[str, list[float]] = {
+        key: []
+        for key in (
+            "model_to_mean",
+            f"model_to_{ANNOTATORS[0]}",
+            f"model_to_{ANNOTATORS[1]}",
+            "annotator_to_annotator",
+            "annotator_to_mean",
+            "flipped_model_to_mean",
+        )
+    }
     kept_as_given = mirrored_images = 0
     for entry in entries:
         image = read_image(entry.image, 2)
@@ -70,9 +78,13 @@ def main() -> None:
         as_given = predictor.predict(image)
         kept_as_given += not as_given.mirrored
         found = as_given.landmarks.points_lps[both]
-        for key, x, y in (("model_to_mean", found, mean), (f"model_to_{ANNOTATORS[0]}", found, a),
-                          (f"model_to_{ANNOTATORS[1]}", found, b), ("annotator_to_annotator", a, b),
-                          ("annotator_to_mean", a, mean)):
+        for key, x, y in (
+            ("model_to_mean", found, mean),
+            (f"model_to_{ANNOTATORS[0]}", found, a),
+            (f"model_to_{ANNOTATORS[1]}", found, b),
+            ("annotator_to_annotator", a, b),
+            ("annotator_to_mean", a, mean),
+        ):
             distances[key] += np.linalg.norm(x - y, axis=1).tolist()
 
         pixels = np.ascontiguousarray(sitk.GetArrayFromImage(image)[:, ::-1])
@@ -82,11 +94,20 @@ def main() -> None:
         prediction = predictor.predict(flipped)
         mirrored_images += prediction.mirrored
         distances["flipped_model_to_mean"] += np.linalg.norm(
-            prediction.landmarks.points_lps[both] - geometry.index_to_physical(flipped_index), axis=1).tolist()
-    print(json.dumps({"model": str(args.model), "images": len(entries), "points": len(distances["model_to_mean"]),
-                      **{key: summary(values) for key, values in distances.items()},
-                      "images_kept_as_given": kept_as_given,
-                      "flipped_images_detected_on_their_mirror": mirrored_images}))
+            prediction.landmarks.points_lps[both] - geometry.index_to_physical(flipped_index), axis=1
+        ).tolist()
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "images": len(entries),
+                "points": len(distances["model_to_mean"]),
+                **{key: summary(values) for key, values in distances.items()},
+                "images_kept_as_given": kept_as_given,
+                "flipped_images_detected_on_their_mirror": mirrored_images,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

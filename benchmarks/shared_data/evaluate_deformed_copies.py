@@ -37,9 +37,16 @@ from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import read_landmarks
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
-DEFORMATION = AugmentationConfig(translation=15.0, rotation_deg=15.0, scale=0.1, scale_per_axis=0.05,
-                                 elastic_mm=4.0, elastic_control_spacing_mm=40.0,
-                                 intensity_shift=0.0, intensity_scale=0.0)
+DEFORMATION = AugmentationConfig(
+    translation=15.0,
+    rotation_deg=15.0,
+    scale=0.1,
+    scale_per_axis=0.05,
+    elastic_mm=4.0,
+    elastic_control_spacing_mm=40.0,
+    intensity_shift=0.0,
+    intensity_scale=0.0,
+)
 
 
 def deformed_copy(image: sitk.Image, points: np.ndarray, seed: int) -> tuple[sitk.Image, np.ndarray]:
@@ -53,8 +60,9 @@ def deformed_copy(image: sitk.Image, points: np.ndarray, seed: int) -> tuple[sit
     return copy, grid.index_to_physical(index.numpy())
 
 
-def moved_header(image: sitk.Image, points: np.ndarray, degrees: tuple[float, float, float],
-                 translation: tuple[float, float, float]) -> tuple[sitk.Image, np.ndarray]:
+def moved_header(
+    image: sitk.Image, points: np.ndarray, degrees: tuple[float, float, float], translation: tuple[float, float, float]
+) -> tuple[sitk.Image, np.ndarray]:
     rotation = rotation_matrix(torch.tensor(np.radians(degrees)), 3).numpy()
     moved = sitk.Image(image)
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
@@ -63,27 +71,50 @@ def moved_header(image: sitk.Image, points: np.ndarray, degrees: tuple[float, fl
     return moved, points @ rotation.T + np.asarray(translation)
 
 
-def errors_of(predictor: Predictor, image: sitk.Image, truth: np.ndarray, refine: bool
-              ) -> tuple[np.ndarray, np.ndarray | None, float]:
+def errors_of(
+    predictor: Predictor, image: sitk.Image, truth: np.ndarray, refine: bool
+) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Point errors, expected errors (None: model not calibrated) and detection seconds."""
     started = time.perf_counter()
     prediction = predictor.predict(image, refine=refine)
-    return (np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1), prediction.landmarks.expected_errors,
-            time.perf_counter() - started)
+    return (
+        np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1),
+        prediction.landmarks.expected_errors,
+        time.perf_counter() - started,
+    )
 
 
-def calibrate_on_copies(predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int,
-                        out: str) -> Predictor:
+def calibrate_on_copies(
+    predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int, out: str
+) -> Predictor:
     """Fit the expected-error calibration on deformed copies and write the calibrated model to `out`."""
     names = predictor.landmark_names
     cases = ((f"seed {seed + n}", *deformed_copy(image, truth, seed + n)) for n in range(copies))
-    measured = measure(predictor, ((i, copy, LandmarkSet(names, points)) for i, copy, points in cases),
-                       lambda done, case: print(f"calibration copy {done}/{copies} ({case})", flush=True))
-    calibration, comparison = calibrate(predictor, measured, CHEAP_EVIDENCE, {"> 3 mm": 3.0}, 5,
-                                        f"{copies} deformed copies of the template, seeds {seed}-{seed + copies - 1}")
+    measured = measure(
+        predictor,
+        ((i, copy, LandmarkSet(names, points)) for i, copy, points in cases),
+        lambda done, case: print(f"calibration copy {done}/{copies} ({case})", flush=True),
+    )
+    calibration, comparison = calibrate(
+        predictor,
+        measured,
+        CHEAP_EVIDENCE,
+        {"> 3 mm": 3.0},
+        5,
+        f"{copies} deformed copies of the template, seeds {seed}-{seed + copies - 1}",
+    )
     save_description(predictor.path, out, dataclasses.replace(predictor.description, calibration=calibration))
-    print(json.dumps({"calibrated model": out, "evidence": calibration.evidence, "weights": calibration.weights,
-                      "held_out": calibration.fitted_on["held_out"], "evidence_compared": comparison}))
+    print(
+        json.dumps(
+            {
+                "calibrated model": out,
+                "evidence": calibration.evidence,
+                "weights": calibration.weights,
+                "held_out": calibration.fitted_on["held_out"],
+                "evidence_compared": comparison,
+            }
+        )
+    )
     return Predictor.from_file(out, predictor.device)
 
 
@@ -95,10 +126,14 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--single-resolution", action="store_true",
-                        help="skip a coarse-to-fine model's refinement (the coarse SCN alone), for comparison")
-    parser.add_argument("--calibrate", metavar="OUT", help="fit the expected-error calibration first, write the "
-                        "calibrated model here")
+    parser.add_argument(
+        "--single-resolution",
+        action="store_true",
+        help="skip a coarse-to-fine model's refinement (the coarse SCN alone), for comparison",
+    )
+    parser.add_argument(
+        "--calibrate", metavar="OUT", help="fit the expected-error calibration first, write the calibrated model here"
+    )
     parser.add_argument("--calibration-copies", type=int, default=30)
     parser.add_argument("--calibration-seed", type=int, default=2000)
     args = parser.parse_args()
@@ -106,34 +141,62 @@ def main() -> None:
     image = read_image(args.image, predictor.dimension)
     truth = read_landmarks(args.landmarks, names=predictor.landmark_names, dimension=predictor.dimension).points_lps
     if args.calibrate:
-        predictor = calibrate_on_copies(predictor, image, truth, args.calibration_copies, args.calibration_seed,
-                                        args.calibrate)
-    cases = {"original": (image, truth),
-             "moved header (12, -8, 10 deg; 25, -40, 30 mm)": moved_header(image, truth, (12.0, -8.0, 10.0),
-                                                                         (25.0, -40.0, 30.0))}
+        predictor = calibrate_on_copies(
+            predictor, image, truth, args.calibration_copies, args.calibration_seed, args.calibrate
+        )
+    cases = {
+        "original": (image, truth),
+        "moved header (12, -8, 10 deg; 25, -40, 30 mm)": moved_header(
+            image, truth, (12.0, -8.0, 10.0), (25.0, -40.0, 30.0)
+        ),
+    }
     for number in range(args.copies):
         cases[f"deformed copy seed {args.seed + number}"] = deformed_copy(image, truth, args.seed + number)
     deformed, expected = [], []
     for name, (case_image, case_truth) in cases.items():
-        errors, expected_errors, seconds = errors_of(predictor, case_image, case_truth, refine=not args.single_resolution)
+        errors, expected_errors, seconds = errors_of(
+            predictor, case_image, case_truth, refine=not args.single_resolution
+        )
         if name.startswith("deformed"):
             deformed.append(errors)
             expected.append(expected_errors)
-        print(json.dumps({"case": name, "mean_mm": round(float(np.nanmean(errors)), 2),
-                          "median_mm": round(float(np.nanmedian(errors)), 2),
-                          "max_mm": round(float(np.nanmax(errors)), 2), "missed": int(np.isnan(errors).sum()),
-                          "detection_s": round(seconds, 3)}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": name,
+                    "mean_mm": round(float(np.nanmean(errors)), 2),
+                    "median_mm": round(float(np.nanmedian(errors)), 2),
+                    "max_mm": round(float(np.nanmax(errors)), 2),
+                    "missed": int(np.isnan(errors).sum()),
+                    "detection_s": round(seconds, 3),
+                }
+            ),
+            flush=True,
+        )
     if deformed:
         errors = np.concatenate(deformed)
-        print(json.dumps({"case": f"all {len(deformed)} deformed copies", "mean_mm": round(float(np.nanmean(errors)), 2),
-                          "median_mm": round(float(np.nanmedian(errors)), 2),
-                          "max_mm": round(float(np.nanmax(errors)), 2), "missed": int(np.isnan(errors).sum())}))
+        print(
+            json.dumps(
+                {
+                    "case": f"all {len(deformed)} deformed copies",
+                    "mean_mm": round(float(np.nanmean(errors)), 2),
+                    "median_mm": round(float(np.nanmedian(errors)), 2),
+                    "max_mm": round(float(np.nanmax(errors)), 2),
+                    "missed": int(np.isnan(errors).sum()),
+                }
+            )
+        )
         if predictor.calibration is not None:
             measured, predicted = np.array(deformed), np.array(expected)
-            print(json.dumps({"case": f"expected error on the {len(deformed)} deformed copies",
-                              **flagging_scores(predicted, measured, {"> 3 mm": 3.0}),
-                              "per_landmark": calibrated_means(predictor.landmark_names, predicted, measured)}))
+            print(
+                json.dumps(
+                    {
+                        "case": f"expected error on the {len(deformed)} deformed copies",
+                        **flagging_scores(predicted, measured, {"> 3 mm": 3.0}),
+                        "per_landmark": calibrated_means(predictor.landmark_names, predicted, measured),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

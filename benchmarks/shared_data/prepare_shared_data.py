@@ -36,8 +36,10 @@ def prepare_afids(shared: Path, out: Path) -> Path:
     write_landmarks(LandmarkSet(names, points), out / "template.mrk.json")
     image = (shared / AFIDS_IMAGE).resolve()
     spec = out / "dataset.toml"
-    spec.write_text(f"dimension = 3\nlandmarks = {toml_list(names)}\n\n[[images]]\nid = \"template\"\n"
-                    f"image = \"{image}\"\nlandmarks = \"template.mrk.json\"\nsplit = \"train\"\n")
+    spec.write_text(
+        f'dimension = 3\nlandmarks = {toml_list(names)}\n\n[[images]]\nid = "template"\n'
+        f'image = "{image}"\nlandmarks = "template.mrk.json"\nsplit = "train"\n'
+    )
     return spec
 
 
@@ -60,15 +62,16 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int
         for r in rows:
             writer.writerow([image_stem(r["image"]), r["landmark_name"], r["x"], r["y"]])
     images = sorted(p for p in (shared / "images").glob("*.png"))
-    lines = [f"dimension = 2\nlandmarks = {toml_list(names)}\nlandmarks_csv = \"landmarks.csv\"\n"
-             "csv_coordinates = \"index\"\n"]
+    lines = [
+        f'dimension = 2\nlandmarks = {toml_list(names)}\nlandmarks_csv = "landmarks.csv"\ncsv_coordinates = "index"\n'
+    ]
     for number, path in enumerate(images):
         split = "validation" if number >= len(images) - validation else "train"
         if path.stem in SAME_RADIOGRAPH:
             split = "train"  # its twin is a training image: never validate on it
         if split == "train" and train_limit is not None and number >= train_limit:
             continue
-        lines.append(f"[[images]]\nid = \"{path.stem}\"\nimage = \"{path.resolve()}\"\nsplit = \"{split}\"\n")
+        lines.append(f'[[images]]\nid = "{path.stem}"\nimage = "{path.resolve()}"\nsplit = "{split}"\n')
     spec = out / "dataset.toml"
     spec.write_text("\n".join(lines))
     return spec

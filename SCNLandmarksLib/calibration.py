@@ -158,13 +158,14 @@ def peak_evidence(
     width = np.empty(len(ratio))
     for k in range(len(ratio)):
         sigma = float(sigmas[k])
-        centre_zyx = index[k].flip(0).double().cpu()
+        center_zyx = index[k].flip(0).double().cpu()
         half = [max(1, math.ceil(WIDTH_WINDOW_SIGMAS * sigma / s)) for s in spacing[::-1]]
-        low = [max(0, int(round(float(c))) - h) for c, h in zip(centre_zyx, half)]
-        high = [min(size, int(round(float(c))) + h + 1) for c, size, h in zip(centre_zyx, heatmaps.shape[1:], half)]
-        window = heatmaps[(k, *(slice(a, b) for a, b in zip(low, high)))].double().cpu().clamp(min=0.0)
+        low = [max(0, int(round(float(c))) - h) for c, h in zip(center_zyx, half)]
+        high = [min(size, int(round(float(c))) + h + 1) for c, size, h in zip(center_zyx, heatmaps.shape[1:], half)]
+        region: tuple[int | slice, ...] = (k, *(slice(a, b) for a, b in zip(low, high)))
+        window = heatmaps[region].double().cpu().clamp(min=0.0)
         axes = torch.meshgrid(*(torch.arange(a, b, dtype=torch.float64) for a, b in zip(low, high)), indexing="ij")
-        squared = sum(((axis - c) * s) ** 2 for axis, c, s in zip(axes, centre_zyx, spacing_zyx))
+        squared = sum(((axis - c) * s) ** 2 for axis, c, s in zip(axes, center_zyx, spacing_zyx))
         total = float(window.sum())
         spread = math.sqrt(float((window * squared).sum()) / total / d) if total > 0 else WIDTH_WINDOW_SIGMAS * sigma
         width[k] = math.log(max(spread, 1e-3 * sigma) / sigma)

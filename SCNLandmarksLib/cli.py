@@ -109,7 +109,7 @@ def _interruptible(stop_file: str | None = None) -> Iterator[Callable[[], bool]]
     """A cancel callback for training: the first Ctrl-C, or `stop_file` appearing (how a program that
     started the command asks it to stop, on any platform and without a console), finishes the
     iteration, checkpoints and stops (resumable); a second Ctrl-C aborts."""
-    interrupted = []
+    interrupted: list[int] = []
 
     def on_interrupt(signum, frame) -> None:
         if interrupted:
@@ -186,18 +186,14 @@ def _finetune(args: argparse.Namespace) -> int:
     unit = result.unit
     if result.cancelled:
         print("cancelled: the best model up to then is compared with the base", file=sys.stderr)
-    if result.outcome == "kept base":
-        print(
-            f"the new model is not better on the {len(result.held_aside)} held-aside cases "
-            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
-            f"keeping the base model as {result.model_path}",
-            file=sys.stderr,
+    if result.outcome in ("kept base", "improved") and result.new is not None and result.base is not None:
+        better = "better" if result.outcome == "improved" else "not better"
+        kept = (
+            f"{result.model_path}" if result.outcome == "improved" else f"keeping the base model as {result.model_path}"
         )
-    elif result.outcome == "improved":
         print(
-            f"the new model is better on the {len(result.held_aside)} held-aside cases "
-            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): "
-            f"{result.model_path}",
+            f"the new model is {better} on the {len(result.held_aside)} held-aside cases "
+            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): {kept}",
             file=sys.stderr,
         )
     elif result.outcome == "not validated":

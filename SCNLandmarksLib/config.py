@@ -223,7 +223,7 @@ def _build(cls, values: dict[str, Any], where: str):
 def _refinement(values: dict[str, Any], where: str) -> RefinementConfig:
     if "grid" not in values:
         raise DataError(f"{where}: missing required section [refinement.grid] (patch size and spacing)")
-    nested = {
+    nested: dict[str, Any] = {
         name: _build(_SECTIONS[name], values.pop(name), f"{where[:-1]}.{name}]")
         for name in ("grid", "heatmap", "model", "training", "augmentation")
         if name in values
@@ -244,7 +244,7 @@ def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "confi
     sections = {name: _build(cls, values.pop(name, {}), f"{where} [{name}]") for name, cls in _SECTIONS.items()}
     if "refinement" in values:
         sections["refinement"] = _refinement(dict(values.pop("refinement")), f"{where} [refinement]")
-    top = {k: values.pop(k) for k in ("train_split", "validation_split") if k in values}
+    top: dict[str, Any] = {k: values.pop(k) for k in ("train_split", "validation_split") if k in values}
     dataset = (base_dir / values.pop("dataset")).resolve()
     output_dir = (base_dir / values.pop("output_dir")).resolve()
     if "initial_model" in values:

@@ -264,6 +264,7 @@ def finetune(
     elif base_scores is None:
         outcome = "new landmarks"
     else:
+        assert new_scores is not None  # measured whenever cases were held aside
         outcome = "improved" if new_scores.score < base_scores.score else "kept base"
     result = FinetuneResult(
         out / MODEL,

@@ -121,6 +121,12 @@ class Prediction:
     canonical_pass: bool = False
 
     @property
+    def confidences(self) -> np.ndarray:
+        """(N,) confidence of each landmark in [0, 1] (a prediction always has them)."""
+        assert self.landmarks.confidences is not None
+        return self.landmarks.confidences
+
+    @property
     def heatmap_kinds(self) -> list[str]:
         """The heatmap kinds kept by predict(..., heatmaps=True) (empty otherwise)."""
         return list(self._heatmaps)
@@ -139,7 +145,7 @@ class Prediction:
         Returns:
             float32 sitk.Image with the input image's size, spacing, origin and direction.
         """
-        if not self._heatmaps:
+        if not self._heatmaps or self._grid is None or self._reference is None:
             raise ValueError("heatmaps were not kept: call predict(..., heatmaps=True)")
         if kind not in self._heatmaps:
             raise ValueError(f"no '{kind}' heatmap for this model; available: {sorted(self._heatmaps)}")
@@ -234,17 +240,17 @@ class Predictor:
             prediction.timings["read"] = read_s
             return prediction
 
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         threads = torch.get_num_threads()
-        workers = min(BATCH_IMAGES_IN_FLIGHT, len(paths), threads) or 1
+        workers = min(BATCH_IMAGES_IN_FLIGHT, len(files), threads) or 1
         torch.set_num_threads(max(1, threads // workers))
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scn-detect") as pool:
-                in_flight = deque(pool.submit(detect, p) for p in paths[:workers])
-                for number, path in enumerate(paths):
+                in_flight = deque(pool.submit(detect, p) for p in files[:workers])
+                for number, path in enumerate(files):
                     result = in_flight.popleft().result()
-                    if number + workers < len(paths):
-                        in_flight.append(pool.submit(detect, paths[number + workers]))
+                    if number + workers < len(files):
+                        in_flight.append(pool.submit(detect, files[number + workers]))
                     yield path, result
         finally:
             torch.set_num_threads(threads)
@@ -291,14 +297,16 @@ class Predictor:
                 cancel,
                 refine,
             )
-            if first is None or found.landmarks.confidences.mean() > first.landmarks.confidences.mean():
+            if first is None or found.confidences.mean() > first.confidences.mean():
                 first, trial = found, candidate
-            if first.landmarks.confidences.mean() >= self.inference.low_confidence_below:
+            if first.confidences.mean() >= self.inference.low_confidence_below:
                 break
+        assert first is not None  # there is always a first trial
         # The frame the first pass detected in: the trial's, reflected for a mirror-image result.
+        axis = self.inference.mirror_axis
         detected_in = trial.after(
-            Pose.mirror(self.inference.mirror_axis, trial.canonical_geometry(geometry).center_physical())
-            if first.mirrored
+            Pose.mirror(axis, trial.canonical_geometry(geometry).center_physical())
+            if first.mirrored and axis is not None
             else Pose.identity(self.dimension)
         )
         first = self._in_image_frame(first, trial, image if heatmaps else None)
@@ -306,7 +314,7 @@ class Predictor:
         pose = fit_pose(
             self.mean_configuration.array,
             first.landmarks.points_lps,
-            first.landmarks.confidences,
+            first.confidences,
             with_scale=self.description.in_pixels,
             mirrored=first.mirrored,
         )
@@ -338,7 +346,7 @@ class Predictor:
             refitted = fit_pose(
                 self.mean_configuration.array,
                 found.landmarks.points_lps,
-                found.landmarks.confidences,
+                found.confidences,
                 with_scale=self.description.in_pixels,
                 mirrored=first.mirrored,
             )
@@ -380,7 +388,7 @@ class Predictor:
         # Each pass takes half of the progress bar, so that it never runs backwards.
         first_half = None if progress is None else (lambda fraction, message: progress(0.5 * fraction, message))
         given = self._detect_once(image, normalized, prepare_s, heatmaps, first_half, cancel, refine)
-        if given.landmarks.confidences.mean() >= self.inference.mirror_pass_below:
+        if given.confidences.mean() >= self.inference.mirror_pass_below:
             if progress is not None:
                 progress(1.0, "done")
             return given
@@ -396,7 +404,7 @@ class Predictor:
             else (lambda fraction, message: progress(0.5 + 0.5 * fraction, f"mirror image: {message}"))
         )
         other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, second_half, cancel, refine)
-        if other.landmarks.confidences.mean() <= given.landmarks.confidences.mean():
+        if other.confidences.mean() <= given.confidences.mean():
             given.timings["mirror"] = time.perf_counter() - start
             return given
         landmarks = LandmarkSet(
@@ -474,7 +482,7 @@ class Predictor:
             timings["refinement"] = time.perf_counter() - start
         if self.evidence_measures:
             evidence["refinement_shift"] = distance_evidence(coarse_points, [points], float(np.mean(spacing)))
-        kept = {}
+        kept: dict[str, np.ndarray] = {}
         if heatmaps:
             for kind in HeatmapKind:
                 tensor = getattr(output, kind)
@@ -518,21 +526,21 @@ class Predictor:
         All patches go through the refinement network in one batch. A landmark whose refined peak is
         below the missing threshold keeps its coarse position.
         """
-        description = self.description.refinement
-        spacing, size = description.grid_spacing, description.grid_size
+        description, refinement = self.description.refinement, self.refinement
         found = np.flatnonzero(np.all(np.isfinite(points), axis=1))
-        if len(found) == 0:
+        if description is None or refinement is None or len(found) == 0:
             return points
+        spacing, size = description.grid_spacing, description.grid_size
         prepared = prepare_normalized(normalized, spacing, self.device)
         grids = [axis_aligned_grid(points[k], size, spacing) for k in found]
         batch = resample_to_grids(prepared, grids)
         # On CPUs a few patches per forward pass keep the activations in cache: 8 at a time ran
         # 1.5x faster than all 32 brain patches at once. GPUs take the whole batch.
         chunk = len(grids) if self.device.type == "cuda" else CPU_REFINEMENT_CHUNK
-        final = torch.cat([self.refinement.network(part).final for part in batch.split(chunk)])
+        final = torch.cat([refinement.network(part).final for part in batch.split(chunk)])
         heatmaps = final[torch.arange(len(found)), torch.as_tensor(found)].float()
         index, value = refine_peaks(heatmaps)
-        ideal = peak_height(self.refinement.sigmas[torch.as_tensor(found)], description.gamma, self.dimension)
+        ideal = peak_height(refinement.sigmas[torch.as_tensor(found)], description.gamma, self.dimension)
         confident = (value / ideal).cpu().numpy() >= self.inference.missing_below
         refined = points.copy()
         for m, k in enumerate(found):

@@ -62,11 +62,14 @@ class LandmarkSet:
         index = {n: i for i, n in enumerate(self.names)}
         points = np.full((len(names), self.dimension), np.nan)
         per_point = {"confidences": self.confidences, "expected_errors": self.expected_errors}
-        reordered = {key: None if values is None else np.full(len(names), np.nan) for key, values in per_point.items()}
-        for j, n in enumerate(names):
-            if n in index:
-                points[j] = self.points_lps[index[n]]
-                for key, values in per_point.items():
-                    if values is not None:
-                        reordered[key][j] = values[index[n]]
+        present = [j for j, n in enumerate(names) if n in index]
+        sources = [index[names[j]] for j in present]
+        points[present] = self.points_lps[sources]
+        reordered: dict[str, np.ndarray | None] = {}
+        for key, values in per_point.items():
+            column = None
+            if values is not None:
+                column = np.full(len(names), np.nan)
+                column[present] = values[sources]
+            reordered[key] = column
         return LandmarkSet(names, points, **reordered)

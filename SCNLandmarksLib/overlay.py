@@ -349,7 +349,7 @@ def _draw_landmarks(
             length = float(np.hypot(*offset)) if pred_visible[i] and true_visible[i] else 0.0
             if length > ring:  # from the ring's edge, so the true position itself stays visible
                 _line(rgb, true_xy[i] + offset * (ring / length), pred_xy[i], WHITE)
-        for i in np.flatnonzero(true_visible):
+        for i in map(int, np.flatnonzero(true_visible)):
             _ring(rgb, true_xy[i], ring, 1.2, CYAN)
     conf = landmarks.confidences
     for i in map(int, np.flatnonzero(pred_visible)):

@@ -201,6 +201,7 @@ def _sample_batch(
             chosen = points[present[int(torch.randint(len(present), (), generator=generator))]]
             offset = (torch.rand(len(chosen), generator=generator, dtype=torch.float64) * 2.0 - 1.0).numpy()
             center = chosen + offset * stage.patch_offset_mm
+        assert item.prepared is not None  # prepared for each stage before it trains
         sample, index, _ = augmented_sample(
             item.prepared,
             points,
@@ -324,6 +325,7 @@ class StageTrainer:
                 f"{', '.join(mismatches)} differ from the configuration's"
             )
         source = loaded.coarse if name == "coarse" else loaded.refinement
+        assert source is not None  # the file describes this stage (checked above)
         base_names = list(description.landmark_names)
         if base_names == names:
             self.trainable.network.load_state_dict(source.network.state_dict())
@@ -665,6 +667,7 @@ def train(
         permutation = swap_permutation(names, pairs) if pairs else None
         result = run.train_stage(stage, training_items, permutation, progress, cancel, stage_deadline)
         stage.trainable.eval()
+    assert result is not None  # there is always a coarse stage
     if context.main_process:
         run.export(config.output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)
     if context.distributed:

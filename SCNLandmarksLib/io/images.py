@@ -99,11 +99,11 @@ def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
         raise DataError(
             f"{path}: images with {components} components per pixel are not supported (expected grayscale, RGB or RGBA)"
         )
-    luminance = None
-    for channel, weight in enumerate(LUMINANCE_WEIGHTS):
-        term = sitk.Cast(sitk.VectorIndexSelectionCast(image, channel), sitk.sitkFloat32) * weight
-        luminance = term if luminance is None else luminance + term
-    return luminance
+    red, green, blue = (
+        sitk.Cast(sitk.VectorIndexSelectionCast(image, channel), sitk.sitkFloat32) * weight
+        for channel, weight in enumerate(LUMINANCE_WEIGHTS)
+    )
+    return red + green + blue
 
 
 def _drop_single_slice(image: sitk.Image, path: Path | str) -> sitk.Image:

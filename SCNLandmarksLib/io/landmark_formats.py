@@ -167,7 +167,7 @@ def read_labelme(
     geometry = _check_pixel_geometry(path, geometry, "LabelMe")
     text, document = _json_document(path)
     shapes = document.get("shapes") if isinstance(document, dict) else None
-    if not isinstance(shapes, list):
+    if not isinstance(document, dict) or not isinstance(shapes, list):
         raise DataError(f"{path}: not a LabelMe file (no 'shapes' list)")
     size = (document.get("imageWidth"), document.get("imageHeight"))
     if None not in size and tuple(size) != geometry.size:

@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,7 @@ def _number_text(value: float) -> str:
     return repr(float(value))
 
 
-def _status_texts(landmarks: LandmarkSet, status: list[str] | None) -> list[str]:
+def _status_texts(landmarks: LandmarkSet, status: Sequence[str] | None) -> list[str]:
     """One (possibly empty) detection status text per landmark."""
     if status is None:
         return [""] * len(landmarks.names)
@@ -647,7 +647,7 @@ def read_landmarks_csv(
 
 
 def write_landmarks(
-    landmarks: LandmarkSet, path: str | os.PathLike, status: list[str] | None = None, unit: str = "mm"
+    landmarks: LandmarkSet, path: str | os.PathLike, status: Sequence[str] | None = None, unit: str = "mm"
 ) -> None:
     """Write one image's landmarks as .mrk.json/.json, .fcsv or .csv (LPS), replacing atomically.
 

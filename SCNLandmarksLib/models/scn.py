@@ -24,7 +24,7 @@ needs and the outputs are cropped back.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -167,9 +167,10 @@ class LocalAppearanceNet(nn.Module):
         node = act(self.input_conv(x))
         skips = []
         for level, block in enumerate(self.contracting):
-            node = act(block["conv0"](node))
+            convs = cast(nn.ModuleDict, block)
+            node = act(convs["conv0"](node))
             node = self.dropout(node)
-            node = act(block["conv1"](node))
+            node = act(convs["conv1"](node))
             skips.append(act(self.parallel[level](node)))
             if level < self.levels - 1:
                 node = avg_pool(node, 2)
@@ -222,7 +223,8 @@ class SpatialConfigurationNet(nn.Module):
             c = conv_layer(dimension, cin, num_landmarks if last else sc_filters, sc_kernel)
             if last:
                 init_heatmap(c, heatmap_init_std)
-                nn.init.constant_(c.bias, sc_init_bias)
+                if c.bias is not None:
+                    nn.init.constant_(c.bias, sc_init_bias)
             else:
                 init_he(c, negative_slope)
             layers.append(c)

@@ -97,7 +97,7 @@ its license is in the extension's Resources/Samples folder). Needs Slicer 5.10 o
 Spatial Configuration Nets: C. Payer, D. Stern, H. Bischof, M. Urschler, "Integrating spatial
 configuration into heatmap regression based CNNs for landmark localization", Medical Image
 Analysis 54, 2019 (and MICCAI 2016). Sample image: MNI152NLin2009cAsym template, Copyright (C)
-1993-2004 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University.
+1993-2004 Louis Collins, McConnell Brain Imaging Center, Montreal Neurological Institute, McGill University.
 """)
         if not COMPATIBILITY_PROBLEM:
             slicer.app.connect("startupCompleted()", registerSampleData)
@@ -689,7 +689,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         if index is None or node is None:
             return
-        if self.logic.centreViewsOnLandmark(node, index) is None:
+        if self.logic.centerViewsOnLandmark(node, index) is None:
             self.ui.statusLabel.text = _(
                 "'{name}' has no position: place it in a view (Markups module, place mode) or reset it."
             ).format(name=self.logic.landmarkRows(node)[index].name)
@@ -802,7 +802,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Nothing left to review (moved and missing points are skipped).")
             self.ui.resultsTable.clearSelection()
             return
-        self.ui.resultsTable.selectRow(index)  # selecting the row centres the views on the point
+        self.ui.resultsTable.selectRow(index)  # selecting the row centers the views on the point
         self.ui.resultsTable.scrollToItem(self.ui.resultsTable.item(index, 0))
 
     # --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ _V1_REFINEMENT_KEYS = ("architecture", "params", "patch_size", "grid_spacing", "
 @dataclass(frozen=True)
 class StageDescription:
     """One network of a model: the coarse SCN, run on the whole image, or the refinement network,
-    run on a patch centred on each coarse point.
+    run on a patch centered on each coarse point.
 
     Attributes:
         architecture: see models.ARCHITECTURES.

@@ -38,9 +38,9 @@ class AugmentationConfig:
     rotation_deg: float = 15.0  # uniform +- (2D: in plane; 3D: about each axis)
     scale: float = 0.15  # uniform +- relative isotropic scaling
     scale_per_axis: float = 0.05  # uniform +- extra relative scaling per axis
-    flip_axis: int | None = None  # physical axis to mirror (0 = x, left/right), None = never
-    flip_probability: float = 0.0
-    flip_pairs: tuple[tuple[str, str], ...] = ()  # landmark names swapped by the mirror (e.g. left/right)
+    mirror_axis: int | None = None  # physical axis to mirror (0 = x, left/right), None = never
+    mirror_probability: float = 0.0
+    mirror_pairs: tuple[tuple[str, str], ...] = ()  # landmark names swapped by the mirror (e.g. left/right)
     elastic_mm: float = 0.0  # std of the smooth random displacement, mm
     elastic_control_spacing_mm: float = 50.0
     intensity_shift: float = 0.1  # +- added to normalised intensities
@@ -149,9 +149,9 @@ class InferenceConfig:
 class RefinementConfig:
     """Optional second stage (coarse-to-fine): a local network on small fine-grid patches.
 
-    After the coarse SCN has found each landmark, a patch of `grid` (fine spacing) centred on the
+    After the coarse SCN has found each landmark, a patch of `grid` (fine spacing) centered on the
     coarse point goes through this network and the landmark's heatmap maximum there replaces the
-    coarse position. It trains on patches centred within `offset_mm` of the true landmark (the
+    coarse position. It trains on patches centered within `offset_mm` of the true landmark (the
     coarse stage's error range), with its own heatmap, model, training and augmentation settings.
     """
 
@@ -204,7 +204,23 @@ _SECTIONS = {
 }
 
 
+# Augmentation setting names of earlier versions (in configuration files, and in the configuration
+# stored in model files' provenance), read under their current names.
+RENAMED_AUGMENTATION_SETTINGS = {
+    "flip_axis": "mirror_axis",
+    "flip_pairs": "mirror_pairs",
+    "flip_probability": "mirror_probability",
+}
+
+
+def current_augmentation_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Augmentation settings with the names of earlier versions replaced by the current ones."""
+    return {RENAMED_AUGMENTATION_SETTINGS.get(key, key): value for key, value in values.items()}
+
+
 def _build(cls, values: dict[str, Any], where: str):
+    if cls is AugmentationConfig:
+        values = current_augmentation_names(values)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -288,7 +304,7 @@ def validate(config: Config, where: str = "config") -> None:
                 "'downsampling' or 'convonly'"
             )
     for section, name, axis in (
-        ("augmentation", "flip_axis", config.augmentation.flip_axis),
+        ("augmentation", "mirror_axis", config.augmentation.mirror_axis),
         ("inference", "mirror_axis", config.inference.mirror_axis),
     ):
         if axis is not None and not 0 <= axis < config.dimension:
@@ -298,10 +314,10 @@ def validate(config: Config, where: str = "config") -> None:
             f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
             "outside 0..1 (it is a mean confidence)"
         )
-    if config.inference.mirror_axis is not None and config.augmentation.flip_pairs:
+    if config.inference.mirror_axis is not None and config.augmentation.mirror_pairs:
         raise DataError(
             f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
-            "([augmentation] flip_pairs): the mirror pass could swap the sides"
+            "([augmentation] mirror_pairs): the mirror pass could swap the sides"
         )
 
 

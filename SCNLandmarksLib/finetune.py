@@ -26,7 +26,7 @@ from .autoconfig import (
     write_split_spec,
 )
 from .bundle import ModelDescription, load_model, read_description, save_model
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, current_augmentation_names
 from .data.spec import load_dataset_spec
 from .errors import Cancelled, DataError
 from .inference import Predictor, resolve_device
@@ -123,9 +123,9 @@ def finetune_config(
     same_names = tuple(base.landmark_names) == tuple(landmark_names)
 
     def augmentation(values: dict[str, Any] | None) -> dict[str, Any]:
-        values = dict(values or default_augmentation(base.dimension, extent))
+        values = current_augmentation_names(values or default_augmentation(base.dimension, extent))
         if not same_names:  # the base's left/right pairs name landmarks this dataset may not have
-            values.pop("flip_pairs", None)
+            values.pop("mirror_pairs", None)
         return values
 
     def training(values: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Conventions used throughout the library:
   * Physical points are ITK/LPS millimetres (or pixels when an image has no spacing), shape (..., d).
-  * Indices are continuous ITK indices in (x, y[, z]) order; voxel centres sit at integers.
+  * Indices are continuous ITK indices in (x, y[, z]) order; voxel centers sit at integers.
   * numpy/torch image arrays are ordered (z, y, x) as SimpleITK returns them.
 """
 
@@ -93,13 +93,13 @@ class ImageGeometry:
         return np.asarray(points, dtype=np.float64) @ m[:d, :d].T + m[:d, d]
 
     def corners_physical(self) -> np.ndarray:
-        """(2**d, d) physical positions of the outermost voxel centres."""
+        """(2**d, d) physical positions of the outermost voxel centers."""
         d = self.dimension
         corners = np.array(np.meshgrid(*[[0, s - 1] for s in self.size], indexing="ij")).reshape(d, -1).T
         return self.index_to_physical(corners)
 
     def center_physical(self) -> np.ndarray:
-        """(d,) physical centre of the bounding box of the voxel centres."""
+        """(d,) physical center of the bounding box of the voxel centers."""
         corners = self.corners_physical()
         return (corners.min(axis=0) + corners.max(axis=0)) / 2.0
 
@@ -118,7 +118,7 @@ class ImageGeometry:
         )
 
     def nearest_axis_aligned(self) -> ImageGeometry | None:
-        """This geometry turned about its centre onto the nearest axes (direction a signed permutation),
+        """This geometry turned about its center onto the nearest axes (direction a signed permutation),
         or None when that takes a turn of more than NEARLY_ALIGNED_DEG (or of nothing)."""
         direction = self.direction_matrix
         nearest = np.zeros_like(direction)
@@ -151,7 +151,7 @@ def mirror_points(points: np.ndarray, axis: int, center_lps: np.ndarray) -> np.n
 
 
 def axis_aligned_grid(center_lps: np.ndarray, size: tuple[int, ...], spacing: tuple[float, ...]) -> ImageGeometry:
-    """A grid with identity direction (axes along physical x, y[, z]) centred on `center_lps`.
+    """A grid with identity direction (axes along physical x, y[, z]) centered on `center_lps`.
 
     Networks always see images on such grids, so a model's notion of "up" is physical, whatever
     order or orientation the scanner stored the voxels in.
@@ -170,7 +170,7 @@ def axis_aligned_grid(center_lps: np.ndarray, size: tuple[int, ...], spacing: tu
 def covering_grid(geometry: ImageGeometry, spacing: tuple[float, ...], multiple_of: int = 1) -> ImageGeometry:
     """The axis-aligned grid of the given spacing that covers the whole image's physical extent.
 
-    The size is rounded up to a multiple of `multiple_of` and the grid stays centred on the image.
+    The size is rounded up to a multiple of `multiple_of` and the grid stays centered on the image.
     An image within `NEARLY_ALIGNED_DEG` of the axes gets the grid of its box turned onto the axes
     (its outermost corners may poke out of it by less than a cell's width): covering them too
     would add a cell or two as the image turns by a fraction of a degree, which changes the

@@ -88,15 +88,15 @@ def refine_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         after[:, axis] = (index_zyx[:, axis] + 1).clamp(max=size - 1)
         lower = heatmaps[(rows, *before.T)].to(torch.float64)
         upper = heatmaps[(rows, *after.T)].to(torch.float64)
-        centre = value.to(torch.float64)
-        positive = (lower > 0) & (upper > 0) & (centre > 0)
-        lower, upper, centre = (torch.where(positive, torch.log(v.clamp(min=1e-30)), v) for v in (lower, upper, centre))
-        curvature = lower - 2.0 * centre + upper
+        center = value.to(torch.float64)
+        positive = (lower > 0) & (upper > 0) & (center > 0)
+        lower, upper, center = (torch.where(positive, torch.log(v.clamp(min=1e-30)), v) for v in (lower, upper, center))
+        curvature = lower - 2.0 * center + upper
         inside = (index_zyx[:, axis] > 0) & (index_zyx[:, axis] < size - 1) & (curvature < 0)
         offset = torch.where(
             inside,
             0.5 * (lower - upper) / torch.where(inside, curvature, torch.ones_like(curvature)),
-            torch.zeros_like(centre),
+            torch.zeros_like(center),
         )
         refined[:, axis] += offset.clamp(-0.5, 0.5)
     return refined.flip(1), value

@@ -199,7 +199,7 @@ class Predictor:
         """Detect the model's landmarks on one image.
 
         Args:
-            image: SimpleITK image (2D or 3D as the model; colour becomes grayscale; a single-slice
+            image: SimpleITK image (2D or 3D as the model; color becomes grayscale; a single-slice
                 3D image is taken as 2D for a 2D model).
             heatmaps: keep the heatmaps for `Prediction.heatmap`.
             progress: called with (fraction done, message).
@@ -521,7 +521,7 @@ class Predictor:
 
     @torch.inference_mode()
     def _refine(self, normalized: sitk.Image, points: np.ndarray) -> np.ndarray:
-        """Coarse-to-fine: each found landmark's maximum on a fine patch centred on its coarse position.
+        """Coarse-to-fine: each found landmark's maximum on a fine patch centered on its coarse position.
 
         All patches go through the refinement network in one batch. A landmark whose refined peak is
         below the missing threshold keeps its coarse position.

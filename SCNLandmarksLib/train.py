@@ -86,7 +86,7 @@ class StageSettings:
     model: ModelConfig
     training: TrainingConfig
     augmentation: AugmentationConfig
-    patch_offset_mm: float | None  # None: grids centred on the image; else on a landmark +- this
+    patch_offset_mm: float | None  # None: grids centered on the image; else on a landmark +- this
     checkpoint: str
 
 
@@ -663,7 +663,7 @@ def train(
         if resume:
             stage.resume()  # the checkpoint overrides the initial model
         run.stages[settings.name] = stage
-        pairs = settings.augmentation.flip_pairs
+        pairs = settings.augmentation.mirror_pairs
         permutation = swap_permutation(names, pairs) if pairs else None
         result = run.train_stage(stage, training_items, permutation, progress, cancel, stage_deadline)
         stage.trainable.eval()

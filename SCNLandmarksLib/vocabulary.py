@@ -1,4 +1,4 @@
-"""Terms shared by the library and its front-ends: landmark statuses and their colours, heatmap
+"""Terms shared by the library and its front-ends: landmark statuses and their colors, heatmap
 kinds, and the callbacks of long work.
 
 Torch-free, so front-ends (the Slicer module, the web app) use them before torch is loaded.

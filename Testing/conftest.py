@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
 
 
-def oblique_direction(dimension: int, degrees: float = 25.0, flip_axis: int = 1) -> np.ndarray:
+def oblique_direction(dimension: int, degrees: float = 25.0, mirror_axis: int = 1) -> np.ndarray:
     """A rotated direction with one axis flipped (determinant -1): the hard case for geometry code."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     if dimension == 2:
@@ -55,7 +55,7 @@ def oblique_direction(dimension: int, degrees: float = 25.0, flip_axis: int = 1)
             [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]
         )
     flip = np.eye(dimension)
-    flip[flip_axis, flip_axis] = -1.0
+    flip[mirror_axis, mirror_axis] = -1.0
     return rotation @ flip
 
 

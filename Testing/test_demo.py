@@ -95,7 +95,7 @@ def check_outputs(completed, out: Path, stem: str, model: Path, dimension: int) 
     for row in rows:
         assert f"| {row['name']} |" in markdown
 
-    # Pictures: real images of a useful size, gray anatomy with the heatmap in heat colours and points.
+    # Pictures: real images of a useful size, gray anatomy with the heatmap in heat colors and points.
     views = ["axial", "coronal", "sagittal"] if dimension == 3 else ["overlay"]
     pictures = [out / f"{stem}_{view}.png" for view in views]
     assert summary["files"]["pictures"] == [p.name for p in pictures]
@@ -115,7 +115,7 @@ def check_outputs(completed, out: Path, stem: str, model: Path, dimension: int) 
         assert gray.mean() > 0.3, f"{picture.name}: the heatmap hides the image"
         heat += int(((r - b > 60) & (r > 120)).sum())
         green += int(((g - r > 60) & (g - b > 60)).sum())
-    assert heat > 1000, "no heatmap in heat colours"
+    assert heat > 1000, "no heatmap in heat colors"
     assert green > 20, "no detected point drawn"
     return summary
 

@@ -242,19 +242,19 @@ def test_render_2d_markers_at_mapped_pixels(tmp_path, direction):
     image = _image_2d(size=(80, 60), spacing=(0.5, 0.5), origin=(12.0, -7.0), direction=direction)
     geometry = ImageGeometry.of(image)
     pixels = np.array([[10, 12], [60, 40], [35, 25]], dtype=float)  # (x, y) indices
-    points = geometry.index_to_physical(pixels + 0.2)  # slightly off-centre: rounding
+    points = geometry.index_to_physical(pixels + 0.2)  # slightly off-center: rounding
     pred = LandmarkSet(NAMES, points, confidences=[0.95, 0.05, 0.45])
     truth = LandmarkSet(NAMES, geometry.index_to_physical(pixels + [[0, 0], [0, 0], [12, 0]]))
     path = render_landmarks_png(image, tmp_path / "o.png", pred, truth)
     rgb = _read_png(path)
     assert rgb.shape == (60, 80, 3)  # no downscaling: index grid kept as is
-    for (x, y), colour in zip(pixels.astype(int), [GREEN, RED, ORANGE]):
-        assert tuple(rgb[y, x]) == colour
-    # The truth of c lies 12 pixels right of its prediction: a cyan ring around it, gray at centre.
+    for (x, y), color in zip(pixels.astype(int), [GREEN, RED, ORANGE]):
+        assert tuple(rgb[y, x]) == color
+    # The truth of c lies 12 pixels right of its prediction: a cyan ring around it, gray at center.
     cx, cy = 35 + 12, 25
     ring = rgb[cy - 8 : cy + 9, cx - 8 : cx + 9]
     assert (ring == CYAN).all(axis=-1).any()
-    assert len(set(rgb[cy, cx].tolist())) == 1  # centre of the ring: gray image
+    assert len(set(rgb[cy, cx].tolist())) == 1  # center of the ring: gray image
     assert 0 < (rgb == GREEN).all(axis=-1).sum() < 40  # one disc only
 
 
@@ -300,23 +300,23 @@ def test_render_3d_size_and_orientation(tmp_path):
     # Bounding box: x -0.5..59.5, y -0.5..39.5, z -1..39; center at (30, 20, 20).
     ax0, cor0, sag0 = 0, 60 + PANEL_GAP, 120 + 2 * PANEL_GAP
 
-    def colour(row, col):
+    def color(row, col):
         return tuple(int(v) for v in rgb[row, col])
 
-    # Axial (col +L, row +P): centre at (30, 20); "left" is to the image right; "ant" is up.
-    assert colour(20, ax0 + 30) == GREEN
-    assert colour(20, ax0 + 45) == GREEN
-    assert colour(10, ax0 + 30) == ORANGE
+    # Axial (col +L, row +P): center at (30, 20); "left" is to the image right; "ant" is up.
+    assert color(20, ax0 + 30) == GREEN
+    assert color(20, ax0 + 45) == GREEN
+    assert color(10, ax0 + 30) == ORANGE
     # "sup" is 12 mm off the axial plane (slab 5 mm): not drawn there.
     assert not (rgb[:, ax0 : ax0 + 60] == RED).all(axis=-1).any()
     # Coronal (col +L, row -S; row = 38.5 - z): "sup" 12 mm up; "far" lies above the image.
-    assert colour(18, cor0 + 30) == GREEN
-    assert colour(18, cor0 + 45) == GREEN
-    assert colour(6, cor0 + 30) == RED
+    assert color(18, cor0 + 30) == GREEN
+    assert color(18, cor0 + 45) == GREEN
+    assert color(6, cor0 + 30) == RED
     # Sagittal (col +P, row -S): "ant" to the image left, "sup" up.
-    assert colour(18, sag0 + 20) == GREEN
-    assert colour(18, sag0 + 10) == ORANGE
-    assert colour(6, sag0 + 20) == RED
+    assert color(18, sag0 + 20) == GREEN
+    assert color(18, sag0 + 10) == ORANGE
+    assert color(6, sag0 + 20) == RED
     # Gray ramp increases towards patient left (image right) in axial view.
     assert rgb[35, ax0 + 55, 0] > rgb[35, ax0 + 5, 0]
 

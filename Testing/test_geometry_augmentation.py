@@ -40,8 +40,8 @@ def blob_image(case: str, point_offset: np.ndarray | None = None, blob_mm: float
     size, spacing = CASES[case]["size"], CASES[case]["spacing"]
     d = len(size)
     geometry = ImageGeometry(size, spacing, tuple(np.linspace(-20.0, 30.0, d)), tuple(oblique_direction(d).ravel()))
-    centre = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
-    point = centre + (np.zeros(d) if point_offset is None else point_offset)
+    center = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
+    point = center + (np.zeros(d) if point_offset is None else point_offset)
     image = render(geometry, point[None], np.array([blob_mm]), np.random.default_rng(0), noise=0.0)
     return image, point
 
@@ -81,7 +81,7 @@ def test_a_mirrored_geometry_puts_every_voxel_at_its_mirror_point():
     )
 
 
-def test_covering_grid_contains_every_voxel_centre():
+def test_covering_grid_contains_every_voxel_center():
     geometry = ImageGeometry((30, 20, 10), (1.0, 1.5, 3.0), (5.0, -2.0, 7.0), tuple(oblique_direction(3).ravel()))
     grid = covering_grid(geometry, (2.0, 2.0, 2.0))
     assert np.all(grid.contains(geometry.corners_physical(), margin_voxels=1e-6))
@@ -139,14 +139,14 @@ def test_patches_sampled_together_equal_patches_sampled_one_by_one(case):
     """Batched patch sampling (coarse-to-fine inference) is the same interpolation, patch by patch."""
     images, geometry = coordinate_images(case)
     d = geometry.dimension
-    centres = geometry.index_to_physical(np.random.default_rng(3).uniform(0, 20, (5, d)))
-    grids = [axis_aligned_grid(c, (6, 7, 8)[:d], (0.7, 1.1, 0.9)[:d]) for c in centres]
+    centers = geometry.index_to_physical(np.random.default_rng(3).uniform(0, 20, (5, d)))
+    grids = [axis_aligned_grid(c, (6, 7, 8)[:d], (0.7, 1.1, 0.9)[:d]) for c in centers]
     batch = resample_to_grids(images[0], grids)
     assert batch.shape == (5, 1, *reversed(grids[0].size))
     for patch, grid in zip(batch, grids):
         torch.testing.assert_close(patch, resample_to_grid(images[0], grid))
     with pytest.raises(ValueError, match="one size"):
-        resample_to_grids(images[0], [grids[0], axis_aligned_grid(centres[0], (3,) * d, (1.0,) * d)])
+        resample_to_grids(images[0], [grids[0], axis_aligned_grid(centers[0], (3,) * d, (1.0,) * d)])
 
 
 @pytest.mark.parametrize("case", ["2d", "3d"])
@@ -154,15 +154,15 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
     """Random affine + elastic + mirror: the sample, read at the mapped landmark, shows its true position."""
     images, geometry = coordinate_images(case)
     d = geometry.dimension
-    centre = geometry.index_to_physical((np.asarray(geometry.size) - 1) / 2.0)
-    points = centre + np.random.default_rng(2).uniform(-6.0, 6.0, (5, d))
+    center = geometry.index_to_physical((np.asarray(geometry.size) - 1) / 2.0)
+    points = center + np.random.default_rng(2).uniform(-6.0, 6.0, (5, d))
     config = AugmentationConfig(
         translation=5.0,
         rotation_deg=20.0,
         scale=0.15,
         scale_per_axis=0.1,
-        flip_axis=0,
-        flip_probability=0.5,
+        mirror_axis=0,
+        mirror_probability=0.5,
         elastic_mm=1.5,
         elastic_control_spacing_mm=20.0,
         intensity_shift=0.0,
@@ -176,7 +176,7 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
             generator = torch.Generator().manual_seed(seed)  # the same transform for every coordinate image
             sample, landmark_index, grid = augmented_sample(image, points, grid_size, grid_spacing, config, generator)
             positions.append([value_at_index(sample, i) for i in landmark_index.numpy()])
-        mirrored.add(random_transform(config, grid, centre, torch.Generator().manual_seed(seed), "cpu").mirrored)
+        mirrored.add(random_transform(config, grid, center, torch.Generator().manual_seed(seed), "cpu").mirrored)
         error = np.abs(np.array(positions).T - points).max()
         assert error < 0.02, f"seed {seed}: landmarks are {error:.4f} mm off their anatomy"
     assert mirrored == {True, False}
@@ -185,7 +185,7 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
 def test_inverse_of_the_elastic_transform_is_exact():
     d = 3
     grid = axis_aligned_grid(np.zeros(d), (32, 32, 32), (2.0, 2.0, 2.0))
-    config = AugmentationConfig(elastic_mm=3.0, elastic_control_spacing_mm=20.0, flip_axis=1, flip_probability=1.0)
+    config = AugmentationConfig(elastic_mm=3.0, elastic_control_spacing_mm=20.0, mirror_axis=1, mirror_probability=1.0)
     transform = random_transform(config, grid, np.zeros(d), torch.Generator().manual_seed(3), "cpu")
     points = torch.as_tensor(np.random.default_rng(0).uniform(-20, 20, (20, d)))
     q = transform.output_positions(points, grid)
@@ -205,10 +205,10 @@ def test_mirrored_samples_swap_left_right_landmarks():
     prepared = prepare_image(image, (1.0, 1.0), IntensityConfig())
     points = np.stack([point + [-6.0, 0.0], point + [6.0, 0.0], point])
     config = AugmentationConfig(
-        translation=0.0, rotation_deg=0.0, scale=0.0, scale_per_axis=0.0, flip_axis=0, flip_probability=1.0
+        translation=0.0, rotation_deg=0.0, scale=0.0, scale_per_axis=0.0, mirror_axis=0, mirror_probability=1.0
     )
     _, index, grid = augmented_sample(
-        prepared, points, (64, 64), (1.0, 1.0), config, torch.Generator().manual_seed(0), flip_permutation=[1, 0, 2]
+        prepared, points, (64, 64), (1.0, 1.0), config, torch.Generator().manual_seed(0), mirror_permutation=[1, 0, 2]
     )
     # After the mirror the channel "L_eye" holds the landmark that now lies on the left side again.
     assert index[0, 0] < index[2, 0] < index[1, 0]

@@ -1,4 +1,4 @@
-"""Predictor behaviour: tiling, missing landmarks, colour input, heatmap geometry, progress and cancel."""
+"""Predictor behaviour: tiling, missing landmarks, color input, heatmap geometry, progress and cancel."""
 
 from __future__ import annotations
 
@@ -100,13 +100,13 @@ def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
     assert np.linalg.norm(direct.landmarks.points_lps - truth.points_lps, axis=1).max() < 1.0
 
 
-def test_colour_input_becomes_grayscale_and_heatmaps_share_the_input_geometry(tiny_model_2d, case_2d):
+def test_color_input_becomes_grayscale_and_heatmaps_share_the_input_geometry(tiny_model_2d, case_2d):
     image, truth = case_2d
     predictor = Predictor.from_file(tiny_model_2d, "cpu")
     gray = predictor.predict(image, heatmaps=True)
     rgb = sitk.Compose([image, image, image])
-    coloured = predictor.predict(rgb)
-    np.testing.assert_allclose(coloured.landmarks.points_lps, gray.landmarks.points_lps, atol=1e-3)
+    colored = predictor.predict(rgb)
+    np.testing.assert_allclose(colored.landmarks.points_lps, gray.landmarks.points_lps, atol=1e-3)
     for kind in ("final", "local", "spatial"):
         heatmap = gray.heatmap(kind, 2)
         assert ImageGeometry.of(heatmap) == ImageGeometry.of(image)

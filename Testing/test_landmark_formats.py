@@ -285,7 +285,7 @@ def labelme_document(points: dict[str, tuple[float, float]], size: tuple[int, in
 def test_labelme_pixel_corner_origin_maps_to_exact_physical_position(tmp_path, oblique):
     image, geometry = oblique
     path = tmp_path / "image.json"
-    # LabelMe's (10.5, 20.5) is the centre of pixel column 10, row 20: ITK index (10, 20).
+    # LabelMe's (10.5, 20.5) is the center of pixel column 10, row 20: ITK index (10, 20).
     path.write_text(json.dumps(labelme_document({"Nasion": (10.5, 20.5), "Sella": (0.0, 0.0)}, (40, 30))))
 
     landmarks = read_labelme(path, geometry, names=["Sella", "Nasion", "Menton"])

@@ -199,9 +199,9 @@ def test_local_branch_translation_equivariance():
 
 def test_small_scn_overfits_a_gaussian_through_both_branches():
     model = build_model("scn", 2, 1, 1, dict(SMALL["scn"], filters=16, sc_filters=16, dropout=0.0))
-    h, w, centre, sigma = 37, 41, (15, 22), 2.0
+    h, w, center, sigma = 37, 41, (15, 22), 2.0
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    target = torch.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))[None, None]
+    target = torch.exp(-((yy - center[0]) ** 2 + (xx - center[1]) ** 2) / (2 * sigma**2))[None, None]
     image = target + 0.5 * torch.randn(1, 1, h, w)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     sc_last = [m for m in model.spatial_net if isinstance(m, torch.nn.Conv2d)][-1]
@@ -223,4 +223,4 @@ def test_small_scn_overfits_a_gaussian_through_both_branches():
     assert out.local.abs().max() > 0.1
     assert (sc_last.weight.detach() - sc_before).abs().max() > 100 * sc_before.abs().max()
     peak = int(out.final.flatten().argmax())
-    assert (peak // w, peak % w) == centre
+    assert (peak // w, peak % w) == center

@@ -100,7 +100,7 @@ def test_a_moved_3d_header_gives_the_same_anatomy(tiny_model_3d, dataset_3d):
 
 
 def rotated_picture(image: sitk.Image, degrees: float) -> tuple[sitk.Image, sitk.Euler2DTransform]:
-    """The picture's content rotated in plane about its centre, resampled on a grid holding all of it."""
+    """The picture's content rotated in plane about its center, resampled on a grid holding all of it."""
     transform = sitk.Euler2DTransform(ImageGeometry.of(image).center_physical().tolist(), math.radians(degrees))
     inverse = transform.GetInverse()
     corners = np.array([inverse.TransformPoint(c.tolist()) for c in ImageGeometry.of(image).corners_physical()])

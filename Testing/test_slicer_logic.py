@@ -115,8 +115,8 @@ def files(tmp_path_factory) -> dict:
     result["truth2d"] = np.array([[*voxel, 0.0] if voxel else [np.nan] * 3 for voxel in VOXELS_2D], dtype=float)
 
     rgb = sitk.GetImageFromArray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), isVector=True)
-    sitk.WriteImage(rgb, str(folder / "colour.png"))
-    result["rgb_png"] = folder / "colour.png"
+    sitk.WriteImage(rgb, str(folder / "color.png"))
+    result["rgb_png"] = folder / "color.png"
     frames = sitk.JoinSeries([sitk.GetImageFromArray(rng.random((6, 7, 8)).astype(np.float32))] * 3)
     sitk.WriteImage(frames, str(folder / "cine4d.nrrd"))
     result["4d"] = folder / "cine4d.nrrd"
@@ -175,7 +175,7 @@ class BlobPrediction:
 
 
 class BlobOracle:
-    """Predictor interface; landmark k is the centre of the cube of intensity 1000*(k+1) (any scale)."""
+    """Predictor interface; landmark k is the center of the cube of intensity 1000*(k+1) (any scale)."""
 
     def __init__(self, dimension: int, names=NAMES, confidences=CONFIDENCES, status=STATUS):
         self.dimension = dimension
@@ -209,7 +209,7 @@ class BlobOracle:
             if k >= len(levels) or self.statuses[k] == LandmarkStatus.MISSING:
                 points.append([np.nan] * self.dimension)
                 continue
-            where = np.argwhere(array == levels[k]).mean(axis=0)[::-1]  # (x, y[, z]) voxel centre
+            where = np.argwhere(array == levels[k]).mean(axis=0)[::-1]  # (x, y[, z]) voxel center
             points.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in where]))
         landmarks = LandmarkSet(self.landmark_names, np.array(points, dtype=float), np.array(self.confidences))
         return BlobPrediction(image, landmarks, list(self.statuses))
@@ -498,17 +498,17 @@ def test_training_pair_is_a_dataset_the_library_reads(mrml, files, tmp_path, suf
         logic.saveTrainingPair(volume, other, tmp_path / "dataset", "case C")
 
 
-def test_centre_views_on_a_landmark(mrml, files):
+def test_center_views_on_a_landmark(mrml, files):
     volume = loadVolumeFile(mrml.scene, files["nrrd"])
     logic = SCNLandmarksLogic(mrml.scene)
     node = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
-    point = logic.centreViewsOnLandmark(node, "Left")
+    point = logic.centerViewsOnLandmark(node, "Left")
     np.testing.assert_allclose(point, _positions(node)[2])
     red = mrml.sliceLogics["Red"].GetSliceNode()
     width, height, _ = red.GetDimensions()
-    centre = slicer.util.arrayFromVTKMatrix(red.GetXYToRAS()) @ [width / 2, height / 2, 0, 1]
-    np.testing.assert_allclose(centre[:3], point, atol=1e-6)
-    assert logic.centreViewsOnLandmark(node, "Right") is None  # missing: nothing to centre on
+    center = slicer.util.arrayFromVTKMatrix(red.GetXYToRAS()) @ [width / 2, height / 2, 0, 1]
+    np.testing.assert_allclose(center[:3], point, atol=1e-6)
+    assert logic.centerViewsOnLandmark(node, "Right") is None  # missing: nothing to center on
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,13 +527,13 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
     logic = SCNLandmarksLogic(scene)
     volume3d = loadVolumeFile(scene, files["nrrd"])
     xray = loadVolumeFile(scene, files["png"])
-    colour = loadVolumeFile(scene, files["rgb_png"])
+    color = loadVolumeFile(scene, files["rgb_png"])
     cine = loadVolumeFile(scene, files["4d_vector"])
-    assert colour.IsA("vtkMRMLVectorVolumeNode") and cine.IsA("vtkMRMLVectorVolumeNode")
+    assert color.IsA("vtkMRMLVectorVolumeNode") and cine.IsA("vtkMRMLVectorVolumeNode")
     _assert_refused(scene, lambda: loadVolumeFile(scene, files["4d"]), DataError, "4D image.*as a sequence")
 
     _assert_refused(scene, lambda: logic.detectLandmarks(None, BlobOracle(3)), DataError, "No input volume")
-    _assert_refused(scene, lambda: logic.detectLandmarks(colour, BlobOracle(2)), DataError, "RGB colour image")
+    _assert_refused(scene, lambda: logic.detectLandmarks(color, BlobOracle(2)), DataError, "RGB color image")
     _assert_refused(
         scene,
         lambda: logic.detectLandmarks(cine, BlobOracle(3)),
@@ -642,7 +642,7 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     column, row = rendered.pixelOf(result.pointsRas[1])
     assert 0 <= column < picture.shape[1] and 0 <= row < picture.shape[0]
     assert abs(rendered.markers[1][2]) < 1e-6  # the slice passes through "Base"
-    # The heatmap shows in heat colours (red over blue) around "Base"; without it the image is gray.
+    # The heatmap shows in heat colors (red over blue) around "Base"; without it the image is gray.
     plain = logic.renderOverlayPng(
         tmp_path / "plain.png", volume, None, None, centerRas=result.pointsRas[1], sizePx=300, method=method
     ).rgb.astype(int)
@@ -652,7 +652,7 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     rows, columns = np.nonzero(warm)
     assert abs(np.median(columns) - column) < 0.25 * picture.shape[1]
     assert abs(np.median(rows) - row) < 0.25 * picture.shape[0]
-    # The point "Base" is drawn in the detected (green) colour, on the landmark.
+    # The point "Base" is drawn in the detected (green) color, on the landmark.
     around = picture[int(round(row)) - 2 : int(round(row)) + 3, int(round(column)) - 2 : int(round(column)) + 3]
     green = around.reshape(-1, 3).astype(int)
     assert np.any((green[:, 1] > green[:, 0] + 60) & (green[:, 1] > green[:, 2] + 60))

@@ -98,13 +98,13 @@ def test_axes_named_in_a_configuration_must_exist_in_its_grid(trained_2d):
     config, _ = trained_2d
     values = config_to_dict(config)
     assert config_from_dict({**values, "inference": {"mirror_axis": 0}}, Path("/")).inference.mirror_axis == 0
-    for section, key in (("inference", "mirror_axis"), ("augmentation", "flip_axis")):
+    for section, key in (("inference", "mirror_axis"), ("augmentation", "mirror_axis")):
         with pytest.raises(DataError, match=rf"\[{section}\]: {key} 2 outside 0..1"):
             config_from_dict({**values, section: {**values[section], key: 2}}, Path("/"), "ceph.toml")
     paired = {
         **values,
         "inference": {"mirror_axis": 0},
-        "augmentation": {**values["augmentation"], "flip_axis": 0, "flip_pairs": [["L1", "L2"]]},
+        "augmentation": {**values["augmentation"], "mirror_axis": 0, "mirror_pairs": [["L1", "L2"]]},
     }
     with pytest.raises(DataError, match="mirror_axis cannot be used with left/right landmark pairs"):
         config_from_dict(paired, Path("/"))

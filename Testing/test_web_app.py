@@ -171,11 +171,11 @@ def wait_for_status(page, name: str, status: str) -> None:
 
 
 def drag_landmark(
-    page, name: str, by: tuple[float, float], steps: int = 15, centre_on: str | None = None
+    page, name: str, by: tuple[float, float], steps: int = 15, center_on: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Centre the views on a landmark (`centre_on`, default `name`: its row is clicked, so selected),
+    """Center the views on a landmark (`center_on`, default `name`: its row is clicked, so selected),
     then drag `name` by `by` page pixels like a user; returns (position before, position dropped)."""
-    row(page, centre_on or name).click()
+    row(page, center_on or name).click()
     page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
     box = view_box(page, "Red")
     x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -208,14 +208,14 @@ def export(page, tmp_path: Path, click: str = "#export") -> dict[str, np.ndarray
     return {p["label"]: np.array(p["position"]) for p in markups["controlPoints"]}
 
 
-def has_colour(pixels: np.ndarray, box: dict, test) -> int:
+def has_color(pixels: np.ndarray, box: dict, test) -> int:
     region = pixels[int(box["y"]) : int(box["y"] + box["height"]), int(box["x"]) : int(box["x"] + box["width"])]
     return int(test(region[..., 0], region[..., 1], region[..., 2]).sum())
 
 
 def is_halo(r, g, b):
     """The translucent cyan halo of a moved point (STATUS_COLORS' "moved by user") over the image:
-    blue and green well above red (unlike gray, the green points and the heatmap's colours)."""
+    blue and green well above red (unlike gray, the green points and the heatmap's colors)."""
     return (b - r > 60) & (g - r > 40)
 
 
@@ -256,9 +256,9 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     first.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     for view in ("Red", "Yellow", "Green"):
-        green = has_colour(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
+        green = has_color(pixels, view_box(first, view), lambda r, g, b: (g > 150) & (g - r > 60) & (g - b > 60))
         assert green > 30, f"no landmarks drawn in the {view} view"
-    assert has_colour(pixels, view_box(first, "Red"), is_halo) < 5, "a halo before anything was moved"
+    assert has_color(pixels, view_box(first, "Red"), is_halo) < 5, "a halo before anything was moved"
 
     # Select one landmark, then drag another of its axial slice (a left/right pair): dragging
     # selects the dragged point, and Reset acts on it.
@@ -271,7 +271,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
         key=lambda pair: abs(positions[pair[0]][2] - positions[pair[1]][2]),
     )
     assert abs(positions[name][2] - positions[selected][2]) < 1.0, "no two landmarks on one axial slice"
-    predicted, dropped = drag_landmark(first, name, (60, 40), steps=4, centre_on=selected)
+    predicted, dropped = drag_landmark(first, name, (60, 40), steps=4, center_on=selected)
     assert first.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == name
     first.click("#reset-point")
     wait_for_status(first, name, "detected")
@@ -291,9 +291,9 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     shot = SCREENSHOTS / "web_review_after_drag.png"
     first.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
-    hot = has_colour(pixels, view_box(first, "Red"), lambda r, g, b: (r > 180) & (r - b > 100))
-    assert hot > 200, "no heatmap colours in the view"
-    assert has_colour(pixels, view_box(first, "Red"), is_halo) > 30, "the moved point is not marked on the view"
+    hot = has_color(pixels, view_box(first, "Red"), lambda r, g, b: (r > 180) & (r - b > 100))
+    assert hot > 200, "no heatmap colors in the view"
+    assert has_color(pixels, view_box(first, "Red"), is_halo) > 30, "the moved point is not marked on the view"
     assert first.locator("#error").is_hidden()
 
     points = export(first, tmp_path)
@@ -357,8 +357,8 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     assert walked == expected_order[:4], (walked, expected_order)
     page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
     box = view_box(page, "Red")
-    centre = cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    assert np.linalg.norm(centre - row_position(page, walked[-1])) < 2.0, "the views are not centred on it"
+    center = cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert np.linalg.norm(center - row_position(page, walked[-1])) < 2.0, "the views are not centered on it"
 
     # The all-landmarks heatmap, each landmark scaled to its own peak: heat in all three views.
     page.click("#heatmap-visible")
@@ -367,7 +367,7 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     page.wait_for_timeout(1500)
     pixels = screenshot(page, "web_review_heatmap_all_landmarks.png")
     for view in ("Red", "Yellow", "Green"):
-        hot = has_colour(pixels, view_box(page, view), lambda r, g, b: (r > 180) & (r - b > 100))
+        hot = has_color(pixels, view_box(page, view), lambda r, g, b: (r > 180) & (r - b > 100))
         assert hot > 100, f"no heatmap in the {view} view"
 
     # Save as training pair: the case joins the server's training folder; saving it again asks first.

@@ -7,7 +7,7 @@
 rotations up to +-30 deg about each axis and translations up to +-50 mm, plus 30 deg about each
 axis alone); the points found are mapped back through the exact inverse of the move and compared
 with the points found on the unmoved template ("shift"), and with the truth ("error").
-2D: cephalometric-19 on validation cephalograms (shared data), rotated in plane about their centre
+2D: cephalometric-19 on validation cephalograms (shared data), rotated in plane about their center
 and resampled by factors, both with SimpleITK (in memory) and then stripped of their geometry like a
 PNG (spacing 1, origin 0); the points are mapped back to the original pixels. The images are
 never written anywhere.
@@ -66,7 +66,7 @@ def as_png(image: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
 
 
 def rotated_2d(image: sitk.Image, degrees: float) -> Case:
-    """The picture rotated by `degrees` in plane about its centre, on a grid holding all of it."""
+    """The picture rotated by `degrees` in plane about its center, on a grid holding all of it."""
     center = ImageGeometry.of(image).center_physical()
     transform = sitk.Euler2DTransform(center.tolist(), math.radians(degrees))
     inverse = transform.GetInverse()

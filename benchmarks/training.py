@@ -27,8 +27,8 @@ from SCNLandmarksLib.models import build_model
 BRAIN_AUGMENTATION = AugmentationConfig(
     elastic_mm=4.0,
     elastic_control_spacing_mm=40.0,
-    flip_axis=0,
-    flip_probability=0.5,
+    mirror_axis=0,
+    mirror_probability=0.5,
     gamma_log=0.3,
     noise_std=0.03,
     bias_field_log=0.2,
@@ -86,8 +86,8 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
     image.SetSpacing(case["image_spacing"])
     prepared = prepare_image(image, case["grid_spacing"], IntensityConfig(), device)
     d = len(case["grid_size"])
-    centre = np.asarray(case["image_size"]) * np.asarray(case["image_spacing"]) / 2.0
-    points = centre + rng.uniform(-30.0, 30.0, (case["landmarks"], d))
+    center = np.asarray(case["image_size"]) * np.asarray(case["image_spacing"]) / 2.0
+    points = center + rng.uniform(-30.0, 30.0, (case["landmarks"], d))
 
     def sample(seed: int):
         generator = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ Writes into --out:
 
 * ``<image>.mrk.json``, ``<image>.fcsv``, ``<image>.csv``: the landmarks (LPS, with confidences);
 * ``<image>_axial.png``, ``<image>_coronal.png``, ``<image>_sagittal.png`` (3D: slices through the
-  landmarks' centre) or ``<image>_overlay.png`` (2D): image, heatmap in heat colours, points;
+  landmarks' center) or ``<image>_overlay.png`` (2D): image, heatmap in heat colors, points;
 * ``summary.json`` and ``summary.md``: per landmark name, RAS and LPS position, confidence and
   status; model, device and times.
 
@@ -143,36 +143,36 @@ def landmarkTable(result) -> list[dict]:
 
 
 def styleForPictures(heatmapNode) -> None:
-    """For still pictures, colour only the heatmap's peaks, so the anatomy stays visible around them
+    """For still pictures, color only the heatmap's peaks, so the anatomy stays visible around them
     (the module's slice views show more of the heatmap, for exploring it)."""
     display = heatmapNode.GetDisplayNode()
     low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
     display.SetLowerThreshold(low + HEATMAP_SHOWN_ABOVE * (high - low))
 
 
-def sliceThrough(volume, view: str, centre, names, pointsRas) -> tuple[object, str | None]:
+def sliceThrough(volume, view: str, center, names, pointsRas) -> tuple[object, str | None]:
     """The point a 3D picture's slice passes through, and the landmark it is at.
 
-    The slice goes through the landmarks' centre, moved along the slice normal (at most to the
+    The slice goes through the landmarks' center, moved along the slice normal (at most to the
     nearest landmark) so that at least one landmark lies in it and is drawn with its label.
     """
     import numpy as np
 
     from SCNLandmarksMRML.volumes import ijkToRasArray
 
-    if centre is None:
+    if center is None:
         return None, None
     axes = ijkToRasArray(volume)[:3, :3]
     axes = axes / np.linalg.norm(axes, axis=0)
     anatomical = np.array(ANATOMICAL_NORMALS[view], dtype=float)
     normal = axes[:, int(np.argmax(np.abs(anatomical @ axes)))]  # the slice follows the voxel grid
     found = [i for i, p in enumerate(pointsRas) if np.all(np.isfinite(p))]
-    nearest = min(found, key=lambda i: abs(float(np.dot(pointsRas[i] - centre, normal))))
-    return centre + normal * float(np.dot(pointsRas[nearest] - centre, normal)), names[nearest]
+    nearest = min(found, key=lambda i: abs(float(np.dot(pointsRas[i] - center, normal))))
+    return center + normal * float(np.dot(pointsRas[nearest] - center, normal)), names[nearest]
 
 
 def renderPictures(logic, result, heatmapNode, outDir: Path, stem: str) -> list[tuple[Path, str, str | None]]:
-    """Overlay pictures: 3D - axial, coronal and sagittal slices through the landmarks' centre (see
+    """Overlay pictures: 3D - axial, coronal and sagittal slices through the landmarks' center (see
     `sliceThrough`), with every landmark also marked where it projects onto the slice; 2D - one.
 
     Returns:
@@ -185,12 +185,12 @@ def renderPictures(logic, result, heatmapNode, outDir: Path, stem: str) -> list[
     styleForPictures(heatmapNode)
     volume = result.volumeNode
     found = result.pointsRas[np.all(np.isfinite(result.pointsRas), axis=1)]
-    centre = found.mean(axis=0) if len(found) else None
+    center = found.mean(axis=0) if len(found) else None
     dimension = volumeDimension(volume)
     pictures = []
     for view in VIEWS_3D if dimension == 3 else ("Axial",):
         through, landmark = (
-            sliceThrough(volume, view, centre, result.landmarkNames, result.pointsRas)
+            sliceThrough(volume, view, center, result.landmarkNames, result.pointsRas)
             if dimension == 3
             else (None, None)
         )
@@ -250,10 +250,10 @@ def writeSummaries(outDir: Path, summary: dict) -> tuple[Path, Path]:
         "## Pictures",
         "",
         "The image with the network's final heatmap (maximum over all landmarks; values under "
-        f"{HEATMAP_SHOWN_ABOVE:.0%} of the maximum left out) in heat colours, and the landmarks with their names: "
+        f"{HEATMAP_SHOWN_ABOVE:.0%} of the maximum left out) in heat colors, and the landmarks with their names: "
         "green = detected, orange = low confidence."
         + (
-            " Each slice passes through the landmarks' centre, moved along its normal to the nearest landmark; "
+            " Each slice passes through the landmarks' center, moved along its normal to the nearest landmark; "
             "only landmarks in the slice are drawn with names, and small light-blue dots mark where every "
             "landmark projects onto the slice. Slicer's radiological convention: the patient's right is on "
             "the left of axial and coronal pictures."

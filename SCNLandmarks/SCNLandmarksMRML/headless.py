@@ -3,7 +3,7 @@ Slicer's own storage nodes.
 
 In the application, modules register their logics with `slicer.mrmlScene` at startup; here the few
 that the landmark workflow needs are attached by hand: application logic (selection and interaction
-nodes), colour logic (default colour tables), markups logic (markups node and storage classes),
+nodes), color logic (default color tables), markups logic (markups node and storage classes),
 sequences logic, and one slice logic per slice view (slice and slice composite nodes).
 """
 
@@ -112,7 +112,7 @@ def loadVolumeFile(scene, path, name: str | None = None):
     node as the storage node does for the same pixels in NRRD.
 
     Returns:
-        The volume node (scalar, or vector for colour images).
+        The volume node (scalar, or vector for color images).
 
     Raises:
         DataError: the file is missing or cannot be read; nothing is left in the scene.

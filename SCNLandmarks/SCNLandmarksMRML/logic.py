@@ -412,11 +412,11 @@ class SCNLandmarksLogic:
         landmarkMarkups.setPointLabels(markupsNode, names)
         return names is not None
 
-    def centreViewsOnLandmark(self, markupsNode, landmark: int | str) -> np.ndarray | None:
-        """Centre all slice views on a landmark's current (else predicted) position.
+    def centerViewsOnLandmark(self, markupsNode, landmark: int | str) -> np.ndarray | None:
+        """Center all slice views on a landmark's current (else predicted) position.
 
         Returns:
-            The world RAS point the views were centred on, or None if the landmark has no position.
+            The world RAS point the views were centered on, or None if the landmark has no position.
         """
         rows = self.landmarkRows(markupsNode)
         row = next((r for r in rows if r.name == landmark), None) if isinstance(landmark, str) else rows[landmark]
@@ -426,7 +426,7 @@ class SCNLandmarksLogic:
         if point is None:
             return None
         world = overlays.worldFromLocal(markupsNode, point)
-        overlays.centreSliceViews(self.scene, world)
+        overlays.centerSliceViews(self.scene, world)
         return world
 
     # ------------------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ class SCNLandmarksLogic:
 
         Returns:
             The heatmap vtkMRMLScalarVolumeNode: the input volume's exact grid and IJKToRAS, heat
-            colour map, low values transparent. One node per detection, refilled on each call.
+            color map, low values transparent. One node per detection, refilled on each call.
 
         Raises:
             DataError: no heatmaps in memory for this node, or an unknown kind/landmark.

@@ -13,7 +13,7 @@ itself, so it survives scene saving:
 
 The current status is derived, never stored as truth: a point whose position differs from its
 prediction (or that was placed where the model found none) is "moved by user". Low-confidence
-points are shown "selected" (the display node's selected colour) so they stand out in the views.
+points are shown "selected" (the display node's selected color) so they stand out in the views.
 """
 
 from __future__ import annotations

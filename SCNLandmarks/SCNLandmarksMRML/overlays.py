@@ -2,7 +2,7 @@
 
 The heatmap node copies the input's IJKToRAS matrix and voxel grid (the library resamples every
 heatmap to the input image's geometry), so it overlays the image voxel for voxel in 2D and 3D.
-It is shown in a heat colour map, with near-zero values transparent, in every slice view (every
+It is shown in a heat color map, with near-zero values transparent, in every slice view (every
 vtkMRMLSliceCompositeNode of the scene, with the input volume as background).
 """
 
@@ -18,8 +18,8 @@ from .volumes import ijkToRasArray, setVolumeArray
 
 logger = logging.getLogger(__name__)
 
-# Heat colour maps by preference; the first that exists in the scene is used. Slicer's file-based
-# colours (Inferno) exist in the application; PET-Heat is built in (also in slicer-core).
+# Heat color maps by preference; the first that exists in the scene is used. Slicer's file-based
+# colors (Inferno) exist in the application; PET-Heat is built in (also in slicer-core).
 HEAT_COLOR_NAMES = ("Inferno", "PET-Heat")
 FALLBACK_COLOR_NAME = "SCNLandmarksHeat"
 # Values below this fraction of the heatmap's maximum are transparent in the slice views.
@@ -30,7 +30,7 @@ HEATMAP_LANDMARK_ATTRIBUTE = "SCNLandmarks.HeatmapLandmark"
 
 
 def heatColorNodeId(scene) -> str:
-    """ID of a heat colour node of the scene (Inferno, else PET-Heat, else one made here)."""
+    """ID of a heat color node of the scene (Inferno, else PET-Heat, else one made here)."""
     for name in HEAT_COLOR_NAMES:
         nodes = scene.GetNodesByName(name)
         for i in range(nodes.GetNumberOfItems()):
@@ -65,7 +65,7 @@ def updateHeatmapNode(scene, heatmapNode, array: np.ndarray, volumeNode, name: s
         name: node name.
 
     Returns:
-        The heatmap vtkMRMLScalarVolumeNode, displayed in a heat colour map.
+        The heatmap vtkMRMLScalarVolumeNode, displayed in a heat color map.
     """
     array = np.asarray(array, dtype=np.float32)
     expected = volumeNode.GetImageData().GetDimensions()[::-1]
@@ -132,8 +132,8 @@ def hideFromSliceViews(scene, heatmapNode) -> None:
             composite.SetForegroundVolumeID(None)
 
 
-def centreSliceViews(scene, pointRas) -> None:
-    """Centre every slice view on a RAS (world) point."""
+def centerSliceViews(scene, pointRas) -> None:
+    """Center every slice view on a RAS (world) point."""
     slicer.vtkMRMLSliceNode.JumpAllSlices(
         scene, float(pointRas[0]), float(pointRas[1]), float(pointRas[2]), slicer.vtkMRMLSliceNode.CenteredJumpSlice
     )

@@ -1,16 +1,16 @@
 """Offscreen slice-view pictures: Slicer's own slice compositing and markups rendering, as PNG.
 
 A private vtkMRMLSliceLogic reslices and blends the layers exactly as a slice view does
-(background image with its window/level, heatmap foreground in its colour map, thresholded and at
+(background image with its window/level, heatmap foreground in its color map, thresholded and at
 the chosen opacity) - a VTK pipeline that needs no window. The points are then drawn one of two
 ways:
 
 * "vtk": the composited image and Slicer's markups displayable manager (the code that draws
-  point lists in slice views: glyphs in the display node's colours, labels) render into an
+  point lists in slice views: glyphs in the display node's colors, labels) render into an
   offscreen VTK window. Needs OpenGL offscreen (EGL or OSMesa; slicer-core has it where Mesa
   EGL is installed) and the application logic with the Markups module logic.
 * "numpy": markers drawn on the composited image with numpy (no OpenGL at all): a filled disc in
-  the status colour for points in the slice (within half a voxel), a ring for points elsewhere.
+  the status color for points in the slice (within half a voxel), a ring for points elsewhere.
 
 "auto" uses "vtk" when it can, else "numpy". The private slice and composite nodes (and anything
 else the renderer adds) are removed afterwards, so the scene is left as it was.
@@ -77,7 +77,7 @@ def _drawDisc(rgb: np.ndarray, column: float, row: float, radius: float, color, 
 
 
 def _markupsPoints(markupsNode):
-    """(label, world RAS, colour) for every placed control point of a markups node."""
+    """(label, world RAS, color) for every placed control point of a markups node."""
     rows = {row.index: row for row in landmarkMarkups.landmarkRows(markupsNode)}
     display = markupsNode.GetDisplayNode()
     defaultColor = tuple(int(255 * c) for c in display.GetColor()) if display is not None else (255, 255, 0)
@@ -146,7 +146,7 @@ def _renderWithMarkupsDisplayableManager(
     actor = vtk.vtkImageActor()
     actor.GetMapper().SetInputConnection(sliceLogic.GetImageDataConnection())
     renderer.AddActor(actor)
-    # One world unit per display pixel, pixel centres at integers: the slice view's XY frame.
+    # One world unit per display pixel, pixel centers at integers: the slice view's XY frame.
     camera = renderer.GetActiveCamera()
     camera.ParallelProjectionOn()
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
@@ -204,13 +204,13 @@ def renderOverlayPng(
         path: PNG file to write (parent folders are created).
         volumeNode: background volume.
         heatmapNode: optional foreground volume (e.g. from `SCNLandmarksLogic.showHeatmap`), drawn
-            with its display node's colour map and threshold.
+            with its display node's color map and threshold.
         markupsNode: optional point list to draw.
         opacity: foreground opacity in [0, 1].
         orientation: "Axial", "Sagittal" or "Coronal".
         alignToVolume: rotate the slice to the volume's own voxel plane (as Slicer does for
             oblique volumes on demand), so oblique volumes are cut along their voxel grid.
-        centerRas: RAS point the slice passes through (default: the volume centre).
+        centerRas: RAS point the slice passes through (default: the volume center).
         sizePx: pixels along the longer side of the picture.
         pointRadiusPx: marker radius ("numpy" method).
         slabMm: "numpy" method: points closer than this to the slice are drawn filled, others as

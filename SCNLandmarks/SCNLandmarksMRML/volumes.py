@@ -72,7 +72,7 @@ def checkScalarVolume(volumeNode) -> None:
     """Raise DataError unless `volumeNode` is a single-component 2D or 3D volume with voxels.
 
     Rejected, each with a message saying what to do: no volume, no image data, several
-    components per voxel (RGB colour images, vector or 4D-as-vector volumes), and a volume that is
+    components per voxel (RGB color images, vector or 4D-as-vector volumes), and a volume that is
     the current frame of a 4D sequence.
     """
     if volumeNode is None:
@@ -86,7 +86,7 @@ def checkScalarVolume(volumeNode) -> None:
     components = imageData.GetNumberOfScalarComponents()
     if components != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
         kind = (
-            "an RGB colour image" if components in (3, 4) else f"a vector or 4D volume ({components} values per voxel)"
+            "an RGB color image" if components in (3, 4) else f"a vector or 4D volume ({components} values per voxel)"
         )
         raise DataError(
             f"Volume '{name}' is {kind}; landmark detection needs a single-channel (grayscale) 2D or 3D "
@@ -265,7 +265,7 @@ def volumeNodeFromImage(scene, image: sitk.Image, name: str, nodeClass: str | No
 
 
 def volumeCornersRas(volumeNode) -> np.ndarray:
-    """(8, 3) RAS positions of the outermost voxel centres of a volume node (local frame)."""
+    """(8, 3) RAS positions of the outermost voxel centers of a volume node (local frame)."""
     nx, ny, nz = volumeNode.GetImageData().GetDimensions()
     corners = np.array([[i, j, k, 1.0] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)])
     return (corners @ ijkToRasArray(volumeNode).T)[:, :3]

@@ -526,7 +526,7 @@ class LandmarkReviewApp(TrameApp):
 
     def _markMovedPoints(self, landmarkRows) -> None:
         """Mark the points the user moved on the views themselves, with a cyan halo: a second, locked
-        point list (a point list has one glyph and two colours, both taken by the landmarks)."""
+        point list (a point list has one glyph and two colors, both taken by the landmarks)."""
         moved = [
             row.positionRas
             for row in landmarkRows
@@ -552,9 +552,9 @@ class LandmarkReviewApp(TrameApp):
         node.SetLocked(True)  # the halos never take the mouse: the point under them is dragged
         node.SetAndObserveTransformNodeID(self.markupsNode.GetTransformNodeID())
         display = node.GetDisplayNode()
-        colour = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
-        display.SetColor(*colour)
-        display.SetSelectedColor(*colour)
+        color = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
+        display.SetColor(*color)
+        display.SetSelectedColor(*color)
         display.SetGlyphTypeFromString("Circle2D")  # a disk in slice views: translucent, a halo round the point
         display.SetGlyphScale(MOVED_HALO_SCALE * self.markupsNode.GetDisplayNode().GetGlyphScale())
         display.SetOpacity(MOVED_HALO_OPACITY)
@@ -607,16 +607,16 @@ class LandmarkReviewApp(TrameApp):
         self._refreshTable()
 
     def selectLandmark(self, index: int) -> None:
-        """Centre the views on a landmark and, with a heatmap shown, show that landmark's heatmap."""
+        """Center the views on a landmark and, with a heatmap shown, show that landmark's heatmap."""
         if self.markupsNode is None:
             return
         self.state.selected_landmark = index
-        self.logic.centreViewsOnLandmark(self.markupsNode, int(index))
+        self.logic.centerViewsOnLandmark(self.markupsNode, int(index))
         if self.state.heatmap_visible:
             self.state.heatmap_landmark = self.state.landmarks[int(index)]["name"]
 
     def nextToReview(self) -> None:
-        """Centre the views on the next point to check: largest expected error first (landmark order for
+        """Center the views on the next point to check: largest expected error first (landmark order for
         a model without calibration), after the selected one; points the user moved count as checked."""
         if self.markupsNode is None:
             return
@@ -629,7 +629,7 @@ class LandmarkReviewApp(TrameApp):
         self.selectLandmark(index)
 
     def zoomToSelected(self) -> None:
-        """Centre the views on the selected landmark and zoom in around it."""
+        """Center the views on the selected landmark and zoom in around it."""
         if self.markupsNode is None or self.state.selected_landmark is None:
             return
         self.selectLandmark(int(self.state.selected_landmark))
@@ -1101,7 +1101,7 @@ class LandmarkReviewApp(TrameApp):
                 color="orange-darken-3",
                 variant="tonal",
                 id="next-to-review",
-                title="Centre the views on the next point to check, largest expected error first",
+                title="Center the views on the next point to check, largest expected error first",
             )
             v.VBtn(
                 "Reset point",
@@ -1203,7 +1203,7 @@ class LandmarkReviewApp(TrameApp):
                         "Right-drag, or Ctrl + mouse wheel: zoom.",
                         "Middle-drag, or Shift + left-drag: pan.",
                         "Mouse wheel or the slider: move through the slices (3D images).",
-                        "Click a row to centre the views on it; Zoom to zooms in on it.",
+                        "Click a row to center the views on it; Zoom to zooms in on it.",
                         "Next to review: the points most likely wrong first (largest expected error); "
                         "an orange expected error is above that landmark's usual error.",
                         "Cyan halo, bold status: a point you moved. Faded points: landmarks off the shown slice.",

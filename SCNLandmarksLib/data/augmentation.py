@@ -4,7 +4,7 @@ For an output grid voxel at physical position q (grid frame), the input is read 
 
     p = c + t + R S F (q + u(q) - c)
 
-with c the image centre, t a translation, R a rotation, S a scaling, F an optional mirror and u a
+with c the image center, t a translation, R a rotation, S a scaling, F an optional mirror and u a
 smooth elastic displacement. Landmarks go the other way through the exact inverse: the affine
 part is inverted in closed form and the elastic part by fixed-point iteration q = A^-1 p - u(q),
 which converges because u is smooth (its Jacobian is far below 1).
@@ -119,7 +119,7 @@ def smooth_noise_field(
 def random_transform(
     config: AugmentationConfig, grid: ImageGeometry, center: np.ndarray, generator: torch.Generator, device
 ) -> SpatialTransform:
-    """Draw one random physical transform about `center` (the grid's centre) for the output grid."""
+    """Draw one random physical transform about `center` (the grid's center) for the output grid."""
     d = grid.dimension
     translation = _uniform(generator, -config.translation, config.translation, (d,))
     angles = _uniform(generator, -1.0, 1.0, (1 if d == 2 else 3,)) * math.radians(config.rotation_deg)
@@ -127,12 +127,12 @@ def random_transform(
     scale_axes = scale * (1.0 + _uniform(generator, -config.scale_per_axis, config.scale_per_axis, (d,)))
     linear = rotation_matrix(angles, d) @ torch.diag(scale_axes)
     mirrored = bool(
-        config.flip_axis is not None
-        and float(torch.rand((), generator=generator, dtype=torch.float64)) < config.flip_probability
+        config.mirror_axis is not None
+        and float(torch.rand((), generator=generator, dtype=torch.float64)) < config.mirror_probability
     )
     if mirrored:
         mirror = torch.eye(d, dtype=torch.float64)
-        mirror[config.flip_axis, config.flip_axis] = -1.0
+        mirror[config.mirror_axis, config.mirror_axis] = -1.0
         linear = linear @ mirror
     c = torch.as_tensor(center, dtype=torch.float64)
     affine = torch.eye(d + 1, dtype=torch.float64)
@@ -181,19 +181,19 @@ def augmented_sample(
     grid_spacing: tuple[float, ...],
     config: AugmentationConfig,
     generator: torch.Generator,
-    flip_permutation: list[int] | None = None,
+    mirror_permutation: list[int] | None = None,
     augment: bool = True,
     center_lps: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
-    """One training sample: the image on an axis-aligned grid, randomly transformed about its centre.
+    """One training sample: the image on an axis-aligned grid, randomly transformed about its center.
 
     Args:
         prepared: the normalised image.
         points_lps: (N, d) landmark positions (NaN = missing), physical LPS.
         grid_size, grid_spacing: the network grid (x, y[, z]).
-        flip_permutation: landmark permutation applied when the transform mirrors.
-        augment: False gives the plain centred resampling (validation).
-        center_lps: where the grid is centred (physical); default the image's centre.
+        mirror_permutation: landmark permutation applied when the transform mirrors.
+        augment: False gives the plain centered resampling (validation).
+        center_lps: where the grid is centered (physical); default the image's center.
     Returns:
         sample: (1, *grid) float32 input;
         landmark_index: (N, d) float64 continuous grid indices (x, y[, z]) of the landmarks, NaN if missing;
@@ -215,7 +215,7 @@ def augmented_sample(
     output = torch.full_like(points, float("nan"))
     if present.any():
         output[present] = transform.output_positions(points[present].to(device), grid).cpu()
-    if transform.mirrored and flip_permutation is not None:
-        output = output[flip_permutation]
+    if transform.mirrored and mirror_permutation is not None:
+        output = output[mirror_permutation]
     landmark_index = torch.as_tensor(grid.physical_to_index(output.numpy()))
     return sample, landmark_index, grid

@@ -219,7 +219,7 @@ def _outside_and_empty(cases: list[_Case]) -> list[Finding]:
             )
             continue
         index = case.geometry.physical_to_index(landmarks.points_lps)
-        # A voxel covers its centre +- half a voxel: beyond that the point is off the image.
+        # A voxel covers its center +- half a voxel: beyond that the point is off the image.
         outside = np.any((index < -0.5) | (index > np.asarray(case.geometry.size) - 0.5), axis=1)
         for i in np.flatnonzero(outside & landmarks.present):
             position = ", ".join(f"{v:.1f}" for v in index[i])
@@ -253,7 +253,7 @@ def _often_missing(cases: list[_Case], names: list[str]) -> list[Finding]:
 class _Alignment:
     """The set's mean configuration and, per image, the points its fit to that mean trusted."""
 
-    mean: np.ndarray  # (landmarks, d), centred, unit RMS size
+    mean: np.ndarray  # (landmarks, d), centered, unit RMS size
     fitted: np.ndarray  # (images, landmarks) bool: the points each image's fit kept
 
 

@@ -60,7 +60,7 @@ def shrink_factors(spacing: tuple[float, ...], grid_spacing: tuple[float, ...]) 
 def normalize_image(image: sitk.Image, intensity: IntensityConfig) -> sitk.Image:
     """The image as float32 network intensities (see IntensityConfig), geometry unchanged."""
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError("prepare_image needs a scalar image; convert colour images to grayscale first")
+        raise DataError("prepare_image needs a scalar image; convert color images to grayscale first")
     image = sitk.Cast(image, sitk.sitkFloat32)
     normalized = sitk.GetImageFromArray(normalize_intensities(sitk.GetArrayViewFromImage(image), intensity))
     normalized.CopyInformation(image)

@@ -89,11 +89,11 @@ def make_dataset(
     for number in range(images):
         origin = rng.uniform(-50.0, 50.0, dimension)
         geometry = ImageGeometry(tuple(size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
-        centre = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
+        center = geometry.index_to_physical((np.asarray(size) - 1) / 2.0)
         shift = rng.uniform(-0.08, 0.08, dimension) * extent.min()
         angles = np.radians(rng.uniform(-max_rotation_deg, max_rotation_deg, 1 if dimension == 2 else 3))
         rotation = rotation_matrix(torch.from_numpy(angles), dimension).numpy()
-        points = template @ rotation.T + centre + shift
+        points = template @ rotation.T + center + shift
         image = render(geometry, points, blob_mm, rng)
         image_id = f"case{number:03d}"
         sitk.WriteImage(image, str(folder / "images" / f"{image_id}{suffix}"))

@@ -121,7 +121,7 @@ def _drop_single_slice(image: sitk.Image, path: Path | str) -> sitk.Image:
 def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "image") -> sitk.Image:
     """An in-memory image as the networks take it: scalar float32, 2D or 3D.
 
-    Colour becomes luminance; a 3D image with one slice along the last axis becomes 2D.
+    Color becomes luminance; a 3D image with one slice along the last axis becomes 2D.
 
     Args:
         image: any SimpleITK image.

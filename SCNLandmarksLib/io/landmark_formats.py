@@ -64,7 +64,7 @@ PER_IMAGE_SUFFIXES = {
     "isbi": (".txt",),
 }
 
-# LabelMe puts (0, 0) at the top-left corner of the top-left pixel, whose centre (ITK index 0) is
+# LabelMe puts (0, 0) at the top-left corner of the top-left pixel, whose center (ITK index 0) is
 # therefore at (0.5, 0.5).
 LABELME_PIXEL_CENTRE = 0.5
 
@@ -148,7 +148,7 @@ def read_labelme(
     """Read the ``point`` shapes of a LabelMe JSON file as one image's landmarks.
 
     Coordinate convention: LabelMe stores (x = column, y = row) in pixels with (0, 0) at the top-left
-    *corner* of the image, so a pixel centre sits at +0.5; the ITK continuous index is (x - 0.5, y - 0.5),
+    *corner* of the image, so a pixel center sits at +0.5; the ITK continuous index is (x - 0.5, y - 0.5),
     which the image geometry maps to physical LPS. Other shapes (polygons, boxes) are ignored (logged).
 
     Args:
@@ -209,7 +209,7 @@ def read_labelme(
 def read_isbi(path: str | os.PathLike, geometry: ImageGeometry | None, names: list[str] | None = None) -> LandmarkSet:
     """Read an ISBI 2015 cephalometric challenge annotation file: one ``x,y`` line per landmark.
 
-    Coordinate convention: (x = column, y = row) pixel positions with the centre of the top-left pixel
+    Coordinate convention: (x = column, y = row) pixel positions with the center of the top-left pixel
     at (0, 0), i.e. the ITK continuous index, which the image geometry maps to physical LPS. The
     points are the leading ``x,y`` lines; what follows them (the challenge files end with the image's
     classification labels, one number a line) is ignored. An empty or ``nan`` value marks a missing
@@ -294,7 +294,7 @@ def read_wide_csv(
     cells mean a missing landmark.
 
     Coordinate convention: "index" (the published convention, e.g. the hand X-ray set): continuous pixel
-    indices, x = column, y = row[, z = slice], the centre of the first pixel at 0, mapped to physical LPS
+    indices, x = column, y = row[, z = slice], the center of the first pixel at 0, mapped to physical LPS
     by each image's geometry; "physical": LPS mm (px for pixel-unit images) as they are.
 
     Args:

@@ -611,7 +611,7 @@ def read_landmarks_csv(
         path: CSV file with a header row; other columns are ignored. A missing row or empty/``nan``
             coordinates mean a missing landmark.
         coordinates: "physical" (LPS mm, or px for pixel-unit images) or "index" (continuous pixel
-            indices: x = column, y = row[, z = slice], voxel centres at integers).
+            indices: x = column, y = row[, z = slice], voxel centers at integers).
         geometries: image geometry per `image` column value; required for "index".
         names: the model's landmark names (result order); None = order of first appearance.
         dimension: 2 ignores a z column; 3 requires one.

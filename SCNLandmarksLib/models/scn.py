@@ -76,7 +76,7 @@ def avg_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def upsample_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Linear (bilinear / trilinear) upsampling to ``size`` (pixel-centre aligned)."""
+    """Linear (bilinear / trilinear) upsampling to ``size`` (pixel-center aligned)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
     mode = "bilinear" if x.dim() == 4 else "trilinear"

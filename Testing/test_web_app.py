@@ -427,8 +427,13 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     other.locator(".v-overlay .v-list-item", has_text="Brain, our corrections").wait_for()
     other.context.close()
     page.click("#training-close")
-    page.click("#detect")
+    # Its sample is its base's: opening it keeps the fine-tuned model chosen.
+    page.click("#open-sample")
     page.locator("#confirm-discard").wait_for(state="hidden")  # the corrections were saved: nothing to ask
+    page.wait_for_function("!document.querySelector('#landmarks tbody tr[data-name]')")
+    assert "Brain, our corrections" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
+    assert SAMPLE in page.locator("#info").inner_text()
+    page.click("#detect")
     page.wait_for_function("document.querySelector('#info').innerText.includes('32 of 32 landmarks found')")
     assert page.locator("#error").is_hidden()
 

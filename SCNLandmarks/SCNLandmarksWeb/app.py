@@ -44,6 +44,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageLayout
 from trame_vuetify.widgets import vuetify3 as v
 
+from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
@@ -377,8 +378,14 @@ class LandmarkReviewApp(TrameApp):
         self._unlessUnsaved(self._openSample)
 
     def _openSample(self) -> None:
-        """Open the bundled sample of the chosen catalogue model; if it has none, another model's, and say so."""
+        """Open the bundled sample of the chosen catalogue model; for a model of the user's, the sample of the
+        shipped model with its landmarks (its base, usually); else another model's, and say so."""
         chosen = self.models.get(self.state.model_id)
+        if chosen is not None and chosen.userModel:
+            sameLandmarks = self._shippedSampleFor(chosen)
+            if sameLandmarks is not None:
+                self.openImage(sameLandmarks.sample)
+                return
         entry = chosen if chosen is not None and chosen.sample is not None else catalogue.sampleModel()
         if entry is None or entry.sample is None:
             self.state.error = "No bundled sample image in this installation."
@@ -390,6 +397,23 @@ class LandmarkReviewApp(TrameApp):
             why = f"{chosen.name} has no sample image" if chosen is not None else "no model was chosen"
             self.state.info = f"Opened the sample of {entry.name}; the model is now {entry.name} ({why})."
             self._preloadModel()
+
+    @staticmethod
+    def _shippedSampleFor(userEntry: catalogue.ModelEntry) -> catalogue.ModelEntry | None:
+        """The shipped model with a sample whose landmarks are those of `userEntry`, or None."""
+        try:
+            names = read_description(userEntry.path).landmark_names
+            return next(
+                (
+                    entry
+                    for entry in catalogue.catalogueModels()
+                    if entry.hasSample and entry.available and read_description(entry.path).landmark_names == names
+                ),
+                None,
+            )
+        except SCNLandmarksError as error:
+            logger.warning("%s", error)
+            return None
 
     def uploadImage(self, files: list[dict[str, Any]] | None) -> None:
         """Open an uploaded image (stored in this session's temporary folder only)."""

@@ -311,7 +311,7 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     assert np.linalg.norm(theirs[name] - points[name]) > 5.0
 
 
-def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server, browser, training_folder):
+def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server, browser, training_folder, tmp_path):
     from wslink.chunking import HEADER_LENGTH
     from wslink.protocol import MAX_MSG_SIZE
 
@@ -385,24 +385,55 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     page.locator("#confirm-replace-case").wait_for(state="hidden")
     assert {path.name: path.stat().st_mtime_ns for path in training_folder.iterdir() if path.is_file()} == saved
 
-    # Fine-tune the chosen model on it, with progress; the new model becomes the session's choice.
-    page.fill("#finetune-minutes", "0.05")
+    # A base that is not a model is named before any training starts, and nothing is added.
+    user_models = Path(os.environ["SCN_LANDMARKS_USER_MODELS"])  # conftest's, inherited by the server
+    listed_before = sorted(user_models.glob("*/entry.json"))
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("not a model")
+    page.fill("#model-path", str(not_a_model))
+    page.click("#start-finetune")
+    page.wait_for_selector("#finetune-error:visible")
+    assert "notes.safetensors" in page.locator("#finetune-error").inner_text()
+    page.fill("#model-path", "")
+
+    # Fine-tune the chosen model on it through the module's training job, with progress in the page, and
+    # Cancel at once: the run's first iteration already spends the tiny budget and keeps its model, so
+    # the Cancel, seen at the end of that iteration, keeps the best model so far (as in Slicer).
+    page.fill("#finetune-minutes", "0.001")
+    page.fill("#finetune-name", "Brain, our corrections")
     page.evaluate("""() => { window.trainingSeen = [];
         new MutationObserver(() => window.trainingSeen.push(document.querySelector('#finetune-message').innerText))
             .observe(document.querySelector('#finetune-message'), {childList: true, subtree: true,
                                                                     characterData: true}); }""")
     page.click("#start-finetune")
-    page.wait_for_selector("#cancel-finetune:visible")
+    page.click("#cancel-finetune")
     page.wait_for_selector("#finetune-result:visible", timeout=3 * WAIT_MS)
     result = page.locator("#finetune-result").inner_text()
-    assert "Not validated" in result and "Fine-tuned" in result, result
-    assert any("iteration" in message for message in page.evaluate("window.trainingSeen")), "no training progress"
-    models = list((training_folder / "fine-tuned").glob("*/model.safetensors"))
-    assert len(models) == 1 and (models[0].parent / "MODEL_CARD.md").is_file()
-    assert "Fine-tuned" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
+    assert "'Brain, our corrections' was added to your models" in result and "not validated" in result, result
+    assert "Stopped early (cancelled): the best model up to then" in result, result
+    seen = page.evaluate("window.trainingSeen")
+    assert any("cancelling" in message for message in seen), seen
+    assert any("stage: iteration 1 of" in message for message in seen), f"no training progress: {seen}"
+    # In the user models folder shared with the Slicer module, with its card; chosen in this session.
+    added = sorted(set(user_models.glob("*/entry.json")) - set(listed_before))
+    assert len(added) == 1 and (added[0].parent / "MODEL_CARD.md").is_file(), added
+    assert not list(user_models.glob(".*")), "a staging folder was left behind"
+    screenshot(page, "web_training_cancelled_model_kept.png")
+    assert "cancelled by the user" in (added[0].parent / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "Brain, our corrections" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
+    # A new session (another reviewer, or after a restart: the list is read from the folder) lists it too.
+    other = new_page(browser, server)
+    other.locator("[role=combobox]", has=other.locator("#model")).click()  # opens the list
+    other.locator(".v-overlay .v-list-item", has_text="Brain, our corrections").wait_for()
+    other.context.close()
     page.click("#training-close")
-    page.click("#detect")
+    # Its sample is its base's: opening it keeps the fine-tuned model chosen.
+    page.click("#open-sample")
     page.locator("#confirm-discard").wait_for(state="hidden")  # the corrections were saved: nothing to ask
+    page.wait_for_function("!document.querySelector('#landmarks tbody tr[data-name]')")
+    assert "Brain, our corrections" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
+    assert SAMPLE in page.locator("#info").inner_text()
+    page.click("#detect")
     page.wait_for_function("document.querySelector('#info').innerText.includes('32 of 32 landmarks found')")
     assert page.locator("#error").is_hidden()
 
@@ -442,34 +473,6 @@ def websocket_close_code(url: str, frame: bytes) -> int | str | None:
                 )
 
     return run_coroutine(attempt())
-
-
-def test_finetune_job_reports_progress_is_cancelled_and_names_a_bad_base(tiny_model_2d, dataset_2d, tmp_path):
-    import asyncio
-
-    from SCNLandmarksLib.errors import Cancelled, TrainingError
-    from SCNLandmarksWeb.training import FinetuneJob
-
-    job = FinetuneJob(tiny_model_2d, dataset_2d, tmp_path / "cancelled", minutes=30, device="cpu", iterations=100_000)
-    seen: list[str] = []
-
-    def progress(fraction: float, message: str) -> None:
-        seen.append(message)
-        if "iteration" in message:
-            job.cancel()
-
-    not_a_model = tmp_path / "notes.safetensors"
-    not_a_model.write_text("not a model")
-    bad = FinetuneJob(not_a_model, dataset_2d, tmp_path / "bad", minutes=1, device="cpu")
-
-    async def both() -> list:  # two processes at once: the test takes as long as the longer one
-        return await asyncio.gather(job.run(progress), bad.run(lambda fraction, message: None), return_exceptions=True)
-
-    cancelled, failed = run_coroutine(both())
-    assert isinstance(cancelled, Cancelled) and "cancelled" in str(cancelled), cancelled
-    assert job.process.returncode == 130 and any("iteration" in m for m in seen)
-    assert not (tmp_path / "cancelled" / "model.safetensors").exists()
-    assert isinstance(failed, TrainingError) and "notes.safetensors" in str(failed), failed
 
 
 def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silently(server, browser, tmp_path):

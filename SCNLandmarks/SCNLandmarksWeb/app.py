@@ -5,9 +5,10 @@ same detection, lists the landmarks with their expected errors (calibrated model
 walks the points to review from the largest expected error down, shows the heatmaps as a slice
 overlay, lets the user drag points in Slicer's own slice views (one view for 2D images, the three
 orthogonal views for 3D; moved points have a halo), downloads the corrected `.mrk.json`, saves
-corrected cases as training pairs and fine-tunes the model on them (`training`). One app is one
-review session (`session` runs each in its own process). The model loads and runs on a worker
-thread and fine-tuning in a process of its own, so the page keeps answering (progress, Cancel);
+corrected cases as training pairs and fine-tunes the model on them (the module's own
+`SCNLandmarksMRML.training` job, into the user models folder). One app is one review session
+(`session` runs each in its own process). The model loads and runs on a worker thread and
+fine-tuning in a process of its own, so the page keeps answering (progress, Cancel);
 MRML changes happen on the server's main thread only. Every error is shown in the page in the
 user's terms (details in the server log); none stops the server.
 """
@@ -43,6 +44,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageLayout
 from trame_vuetify.widgets import vuetify3 as v
 
+from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
@@ -54,9 +56,8 @@ from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
 from SCNLandmarksMRML.review import next_to_review
+from SCNLandmarksMRML.training import TrainingJob, checkBase, inspectTrainingFolder
 from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
-
-from .training import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ CANCELLED = "Detection cancelled; the previous result is unchanged."
 ALL_LANDMARKS_FLOOR = 0.5
 MOVED_HALO_SCALE = 2.2  # a moved point's halo, relative to the point's own glyph
 MOVED_HALO_OPACITY = 0.45
-FINETUNED_FOLDER = "fine-tuned"  # inside the training folder: the models trained on it
+TRAINING_POLL_S = 0.5  # how long each look at the running fine-tuning waits for its end
 DEFAULT_FINETUNE_MINUTES = 10.0
+CANCELLING_FINETUNE = "cancelling: the current iteration ends first, the best model so far is kept"
 MAX_FINETUNE_MINUTES = 24 * 60.0
 
 
@@ -108,18 +110,27 @@ def _quietVtk():
         vtk.vtkObject.SetGlobalWarningDisplay(previous)
 
 
+def inUserTerms(message: str, aliases: dict[str, str]) -> str:
+    """`message` with the server paths the user does not know replaced by what they know them as.
+
+    Args:
+        aliases: server path -> what the user knows it as (an upload's own file name).
+    """
+    for path, name in aliases.items():
+        message = message.replace(path, name)
+    return message
+
+
 def userMessage(error: BaseException, aliases: dict[str, str]) -> str:
     """What the page says about an error: the user's file names, no server paths or internals.
 
     Args:
         error: the error raised.
-        aliases: server path -> what the user knows it as (an upload's own file name).
+        aliases: as for `inUserTerms`.
     """
     if not isinstance(error, SCNLandmarksError):
         return "Something went wrong on the server (the details are in its log). Your work is unchanged."
-    message = str(error)
-    for path, name in aliases.items():
-        message = message.replace(path, name)
+    message = inUserTerms(str(error), aliases)
     # Reader messages quoted from ITK/VTK carry class names and memory addresses: keep the file and the gist.
     if re.search(r"0x[0-9a-fA-F]{6,}|itk::|vtk[A-Z]", message):
         message = message.split(" (")[0].rstrip(":")
@@ -137,9 +148,9 @@ class LandmarkReviewApp(TrameApp):
         device: "auto", "cpu" or "cuda".
         workdir: this session's temporary folder for uploads and exports (default: a new one).
         maxUploadBytes: the largest upload accepted.
-        trainingFolder: where "Save as training pair" adds cases and fine-tuned models are kept (a
-            dataset folder shared by the station's sessions); default a folder of this session's own,
-            removed with it.
+        trainingFolder: where "Save as training pair" adds cases (a dataset folder shared by the
+            station's sessions); default a folder of this session's own, removed with it. Fine-tuned
+            models go to the user models folder (`catalogue.userModelsFolder`), as the module's do.
     """
 
     def __init__(
@@ -158,7 +169,8 @@ class LandmarkReviewApp(TrameApp):
         self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
         self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
         self.trainingFolder = Path(trainingFolder) if trainingFolder else self.workdir / "training-pairs"
-        self.finetuneJob: FinetuneJob | None = None
+        self.trainingJob: TrainingJob | None = None
+        self.finetuneCancelRequested = False  # (a Cancel may come before the job has started)
         self.slicerApp = SlicerApp()
         register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewGutter)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
@@ -185,7 +197,8 @@ class LandmarkReviewApp(TrameApp):
         self.pathAliases: dict[str, str] = {}
         if not trainingFolder:
             self.pathAliases[str(self.trainingFolder)] = "the session's training folder"
-        self.models = {entry.id: entry for entry in catalogue.availableModels()}
+        self.models: dict[str, catalogue.ModelEntry] = {}
+        self._refreshModels()
         self._initialState(model)
         self._buildUi()
         self._observeViews()
@@ -199,7 +212,6 @@ class LandmarkReviewApp(TrameApp):
     def _initialState(self, model: str | None) -> None:
         state = self.state
         state.trame__title = "SCN Landmarks"
-        state.model_items = [{"title": e.name, "value": e.id} for e in self.models.values()]
         chosen = self._catalogueId(model) if model else next(iter(self.models), None)
         state.model_id = chosen
         state.model_path = model if model and chosen is None else ""
@@ -241,14 +253,25 @@ class LandmarkReviewApp(TrameApp):
         state.case_id = ""
         state.confirm_replace_case = False
         state.finetune_minutes = DEFAULT_FINETUNE_MINUTES
+        state.finetune_name = ""
         state.finetuning = False
         state.finetune_progress = 0
         state.finetune_message = ""
         state.finetune_result = ""
+        state.finetune_added = False
         state.finetune_error = ""
         self._describeTrainingFolder()
         state.change("heatmap_visible", "heatmap_kind", "heatmap_landmark")(self._onHeatmapChoice)
         state.change("heatmap_opacity")(self._onHeatmapOpacity)
+
+    def _refreshModels(self) -> None:
+        """The model list: the shipped models and the user's (which any session may have added to)."""
+        self.models = {entry.id: entry for entry in catalogue.availableModels()}
+        self.state.model_items = [{"title": e.name, "value": e.id} for e in self.models.values()]
+
+    def onModelMenu(self, opened: bool) -> None:
+        if opened:
+            self._refreshModels()
 
     def _catalogueId(self, model: str) -> str | None:
         return next((i for i, e in self.models.items() if model in (i, e.name)), None)
@@ -355,8 +378,14 @@ class LandmarkReviewApp(TrameApp):
         self._unlessUnsaved(self._openSample)
 
     def _openSample(self) -> None:
-        """Open the bundled sample of the chosen catalogue model; if it has none, another model's, and say so."""
+        """Open the bundled sample of the chosen catalogue model; for a model of the user's, the sample of the
+        shipped model with its landmarks (its base, usually); else another model's, and say so."""
         chosen = self.models.get(self.state.model_id)
+        if chosen is not None and chosen.userModel:
+            sameLandmarks = self._shippedSampleFor(chosen)
+            if sameLandmarks is not None:
+                self.openImage(sameLandmarks.sample)
+                return
         entry = chosen if chosen is not None and chosen.sample is not None else catalogue.sampleModel()
         if entry is None or entry.sample is None:
             self.state.error = "No bundled sample image in this installation."
@@ -368,6 +397,23 @@ class LandmarkReviewApp(TrameApp):
             why = f"{chosen.name} has no sample image" if chosen is not None else "no model was chosen"
             self.state.info = f"Opened the sample of {entry.name}; the model is now {entry.name} ({why})."
             self._preloadModel()
+
+    @staticmethod
+    def _shippedSampleFor(userEntry: catalogue.ModelEntry) -> catalogue.ModelEntry | None:
+        """The shipped model with a sample whose landmarks are those of `userEntry`, or None."""
+        try:
+            names = read_description(userEntry.path).landmark_names
+            return next(
+                (
+                    entry
+                    for entry in catalogue.catalogueModels()
+                    if entry.hasSample and entry.available and read_description(entry.path).landmark_names == names
+                ),
+                None,
+            )
+        except SCNLandmarksError as error:
+            logger.warning("%s", error)
+            return None
 
     def uploadImage(self, files: list[dict[str, Any]] | None) -> None:
         """Open an uploaded image (stored in this session's temporary folder only)."""
@@ -805,12 +851,16 @@ class LandmarkReviewApp(TrameApp):
         self._describeTrainingFolder()
         self.state.info = f"Saved case {caseId} to the training folder ({self.state.training_cases})."
 
-    def startFinetune(self, modelId: str | None, modelPath: str, minutes) -> None:
-        """Fine-tune the chosen model on the training folder's cases, in a process of its own; returns at once."""
+    def startFinetune(self, modelId: str | None, modelPath: str, minutes, name: str = "") -> None:
+        """Fine-tune the chosen model on the training folder's cases, in a process of its own; returns at once.
+
+        The module's training job does it: the new model joins the user models folder (every
+        session's model list, after restarts too); a Cancel keeps the best model so far.
+        """
         state = self.state
         state.finetune_error = state.finetune_result = ""
         if state.finetuning:
-            return
+            return  # one fine-tuning per session
         try:
             minutes = float(minutes)
         except (TypeError, ValueError):
@@ -824,29 +874,40 @@ class LandmarkReviewApp(TrameApp):
             state.finetune_error = "The training folder holds no cases yet: save a training pair first."
         if state.finetune_error:
             return
-        entry = self.models.get(modelId) if not (modelPath or "").strip() else None
-        stem = safe_filename(entry.id if entry else Path(base).parent.name or Path(base).stem, "model")
-        out = self.trainingFolder / FINETUNED_FOLDER / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        while out.exists():  # never into another run's folder
-            out = out.with_name(out.name + "-1")
-        self.finetuneJob = FinetuneJob(Path(base), self.trainingFolder, out, minutes, self.device)
         state.finetuning = True
         state.finetune_progress = 0
-        asyncio.get_event_loop().create_task(self._finetune(self.finetuneJob, entry, Path(base)))
+        state.finetune_message = "starting: reading the base model and the cases"
+        self.finetuneCancelRequested = False
+        asyncio.get_event_loop().create_task(self._finetune(Path(base), minutes, (name or "").strip()))
 
-    async def _finetune(self, job: FinetuneJob, baseEntry: catalogue.ModelEntry | None, base: Path) -> None:
-        def progress(fraction: float, message: str) -> None:
-            with self.state:
-                self.state.finetune_progress = round(100 * fraction)
-                self.state.finetune_message = message
+    def _startTrainingJob(self, base: Path, minutes: float, name: str) -> TrainingJob:
+        """Check the cases and the base (naming what is wrong before any training), then start (reads files)."""
+        data = inspectTrainingFolder(self.trainingFolder)
+        checkBase(base, data)
+        job = TrainingJob(data, base, name, minutes=minutes, device=self.device)
+        job.start()
+        return job
 
+    async def _finetune(self, base: Path, minutes: float, name: str) -> None:
         try:
-            outcome = await job.run(progress)
+            self.trainingJob = job = await asyncio.to_thread(self._startTrainingJob, base, minutes, name)
+            if self.finetuneCancelRequested:
+                job.cancel()
+            while True:
+                outcome = await asyncio.to_thread(job.poll, TRAINING_POLL_S)
+                self._showFinetuneProgress(job)  # the last figures too: a short run may end between two looks
+                if outcome is not None:
+                    break
             with self.state:
-                self._addFinetunedModel(outcome.modelPath, baseEntry, base)
-                chosen = self.state.model_items[-1]["title"]
-                self.state.finetune_result = f"{outcome.sentence} The model list now has it, chosen: {chosen}."
-        except Exception as error:  # Cancelled included: the page says what happened, the server carries on
+                if outcome.entry is not None:
+                    self._refreshModels()
+                    self.state.model_id = outcome.entry.id
+                    self.state.model_path = ""
+                    self._preloadModel()
+                added = " It is chosen in the model list." if outcome.entry is not None else ""
+                self.state.finetune_added = outcome.entry is not None
+                self.state.finetune_result = inUserTerms(outcome.message, self.pathAliases) + added
+        except Exception as error:  # the page says what happened, the server carries on
             with self.state:
                 if isinstance(error, SCNLandmarksError):
                     logger.warning("%s", error)
@@ -856,35 +917,32 @@ class LandmarkReviewApp(TrameApp):
         finally:
             with self.state:
                 self.state.finetuning = False
-                self.finetuneJob = None
+                self.trainingJob = None
 
-    def _addFinetunedModel(self, path: Path, baseEntry: catalogue.ModelEntry | None, base: Path) -> None:
-        """The new model joins this session's model list, chosen (its base's sample stays its sample)."""
-        modelId = f"{FINETUNED_FOLDER}/{path.parent.name}"
-        name = f"Fine-tuned {time.strftime('%H:%M')} from {baseEntry.name if baseEntry else base.name}"
-        card = path.parent / "MODEL_CARD.md"
-        self.models[modelId] = catalogue.ModelEntry(
-            name=name,
-            path=path,
-            dimension=baseEntry.dimension if baseEntry else None,
-            sample=baseEntry.sample if baseEntry else None,
-            card=card if card.is_file() else None,
-            id=modelId,
-        )
-        self.state.model_items = [*self.state.model_items, {"title": name, "value": modelId}]
-        self.state.model_id = modelId
-        self.state.model_path = ""
-        self._preloadModel()
+    def _showFinetuneProgress(self, job: TrainingJob) -> None:
+        progress = job.progress
+        if progress is None:
+            return
+        with self.state:
+            self.state.finetune_progress = round(100 * progress.fraction)
+            self.state.finetune_message = progress.text + (f" ({CANCELLING_FINETUNE})" if job.cancelRequested else "")
 
     def cancelFinetune(self) -> None:
-        if self.finetuneJob is not None:
-            self.finetuneJob.cancel()
-            self.state.finetune_message = "cancelling: the current iteration ends first"
+        """Stop the fine-tuning at its next iteration; the best model so far is still added."""
+        if not self.state.finetuning:
+            return
+        self.finetuneCancelRequested = True
+        if self.trainingJob is not None:
+            self.trainingJob.cancel()
+        self.state.finetune_message = CANCELLING_FINETUNE
 
     def shutdown(self) -> None:
-        """The session is ending: no training outlives it."""
-        if self.finetuneJob is not None:
-            self.finetuneJob.stop()
+        """The session is ending: no training outlives it, and its unfinished model is removed."""
+        job = self.trainingJob
+        if job is not None:
+            job.kill()
+            with contextlib.suppress(SCNLandmarksError):  # "killed: nothing was added"
+                job.wait()
 
     # ------------------------------------------------------------------------------------------
     # page
@@ -982,6 +1040,7 @@ class LandmarkReviewApp(TrameApp):
                 label="Model",
                 density="compact",
                 hide_details=True,
+                update_menu=(self.onModelMenu, "[$event]"),
                 id="model",
             )
             v.VChip("loading model", v_show="model_loading", size="small", classes="ml-2", id="model-loading")
@@ -1255,9 +1314,20 @@ class LandmarkReviewApp(TrameApp):
                 html.Div("Saves the image and its corrected points as one more case.", classes="text-caption mt-1")
                 v.VDivider(classes="my-3")
                 html.Div(
-                    "Fine-tune the chosen model on the folder's cases (it is replaced only if the new "
-                    "model is better on the cases held aside, with 5 cases or more).",
+                    "Fine-tune the chosen model on the folder's cases. The new model joins the model list "
+                    "(the user models folder, shared with the Slicer module) unless, with 5 cases or more, "
+                    "it is not better than the chosen one on the cases held aside; Cancel keeps the best "
+                    "model so far.",
                     classes="text-caption",
+                )
+                v.VTextField(
+                    v_model=("finetune_name",),
+                    label="New model's name (optional)",
+                    density="compact",
+                    hide_details=True,
+                    disabled=("finetuning",),
+                    classes="mt-2",
+                    id="finetune-name",
                 )
                 with html.Div(classes="d-flex align-center mt-2"):
                     v.VTextField(
@@ -1277,7 +1347,10 @@ class LandmarkReviewApp(TrameApp):
                         color="primary",
                         classes="ml-2",
                         disabled=("finetuning",),
-                        click=f"trigger('{trigger(self.startFinetune)}', [model_id, model_path, finetune_minutes])",
+                        click=(
+                            f"trigger('{trigger(self.startFinetune)}', "
+                            "[model_id, model_path, finetune_minutes, finetune_name])"
+                        ),
                         id="start-finetune",
                     )
                     v.VBtn(
@@ -1302,7 +1375,7 @@ class LandmarkReviewApp(TrameApp):
                 v.VAlert(
                     text=("finetune_result",),
                     v_show="finetune_result && !finetune_error",
-                    type="success",
+                    type=("finetune_added ? 'success' : 'info'",),
                     density="compact",
                     classes="mt-2",
                     id="finetune-result",

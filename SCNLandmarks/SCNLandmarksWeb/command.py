@@ -41,8 +41,9 @@ def register(commands) -> None:
     serve.add_argument("--max-upload-mb", type=int, default=512, help="largest image upload (default 512 MB)")
     serve.add_argument(
         "--training-folder",
-        help='where "Save as training pair" adds cases and fine-tuned models are kept, shared by '
-        "all sessions (default: each session its own, removed when it ends)",
+        help='where "Save as training pair" adds cases, shared by all sessions (default: each session '
+        "its own, removed when it ends); fine-tuned models go to the user models folder "
+        "($SCN_LANDMARKS_USER_MODELS), shared with the Slicer module",
     )
     serve.set_defaults(run=_serve)
 

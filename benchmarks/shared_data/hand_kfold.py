@@ -43,9 +43,15 @@ def fold_errors(metrics_path: Path) -> tuple[list[float], int]:
 
 def summary(errors: list[float], missed: int) -> dict:
     values = np.asarray(errors)
-    return {"points": len(errors), "missed": missed, "mean_mm": round(float(values.mean()), 3),
-            "median_mm": round(float(np.median(values)), 3), "max_mm": round(float(values.max()), 3),
-            "within_2mm": round(float(np.mean(values <= 2.0)), 3), "within_4mm": round(float(np.mean(values <= 4.0)), 3)}
+    return {
+        "points": len(errors),
+        "missed": missed,
+        "mean_mm": round(float(values.mean()), 3),
+        "median_mm": round(float(np.median(values)), 3),
+        "max_mm": round(float(values.max()), 3),
+        "within_2mm": round(float(np.mean(values <= 2.0)), 3),
+        "within_4mm": round(float(np.mean(values <= 4.0)), 3),
+    }
 
 
 def main() -> None:

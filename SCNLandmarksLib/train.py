@@ -89,6 +89,12 @@ class StageSettings:
     patch_offset_mm: float | None  # None: grids centered on the image; else on a landmark +- this
     checkpoint: str
 
+    @property
+    def work(self) -> float:
+        """The stage's cost in grid voxels processed: how a time budget is shared between stages
+        (a refinement iteration on small patches costs a fraction of a whole-image one)."""
+        return float(self.training.iterations * self.training.batch_size * math.prod(self.grid.size))
+
 
 def stage_settings(config: Config) -> list[StageSettings]:
     stages = [
@@ -610,7 +616,7 @@ def train(
         device: 'auto', 'cpu' or 'cuda' (under torchrun: each rank uses its LOCAL_RANK GPU).
         progress: called every iteration with a dict (stage, iteration, iterations, loss, mean_sigma, eta_s, ...).
         cancel: polled every iteration; True saves a checkpoint and raises Cancelled.
-        time_budget_s: wall-clock budget; the stages share it in proportion to their iterations and
+        time_budget_s: wall-clock budget; the stages share it in proportion to their work (StageSettings.work) and
             each ends cleanly (validated, best model kept, checkpointed) when its share is spent.
     Raises:
         TrainingError: the loss or gradients became non-finite (last good checkpoint kept).
@@ -644,7 +650,7 @@ def train(
         stage_deadline = None
         if deadline is not None:
             now = time.monotonic()
-            share = settings.training.iterations / sum(s.training.iterations for s in stages[number:])
+            share = settings.work / sum(s.work for s in stages[number:])
             stage_deadline = now + max(deadline - now, 0.0) * share
         for item in training_items:
             item.prepared = prepare_image(item.image, settings.grid.spacing, config.intensity, context.device)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config, with_stored_training
 
-from SCNLandmarksLib.autoconfig import held_aside_ids
+from SCNLandmarksLib.autoconfig import config_for_dataset, held_aside_ids
 from SCNLandmarksLib.bundle import load_model, read_description
 from SCNLandmarksLib.cli import main
 from SCNLandmarksLib.config import config_from_dict, config_to_dict, load_config
@@ -18,7 +18,7 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.errors import DataError, ModelFileError
 from SCNLandmarksLib.finetune import finetune, finetune_config
-from SCNLandmarksLib.train import train
+from SCNLandmarksLib.train import stage_settings, train
 
 
 def _last_json_line(captured: str) -> dict:
@@ -198,6 +198,28 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     assert main(["train", str(out / "config.toml"), "--minutes", "0.02", "--device", "cpu"]) == 0
     assert (out / "model.safetensors").read_bytes() != first
     load_model(out / "model.safetensors")
+
+
+def test_a_dataset_given_by_a_relative_path_is_found_from_the_output_folder(dataset_2d, tmp_path, monkeypatch):
+    monkeypatch.chdir(dataset_2d.parent)
+    config = config_for_dataset(dataset_2d.name, tmp_path / "auto", minutes=0.05)
+    assert load_dataset_spec(config.dataset).path.resolve() == dataset_2d.resolve()
+    assert config.training.iterations >= 20
+
+
+def test_a_time_budget_is_shared_by_work_not_by_iterations(dataset_2d, tmp_path):
+    """Refinement iterations on small patches are cheap: counted as iterations, a refinement with many
+    of them took most of a budget and cut the coarse stage short."""
+    base = config_to_dict(tiny_config(dataset_2d, tmp_path, 2, iterations=100, batch_size=2))
+    refinement = {
+        "grid": {"size": [16, 16], "spacing": [0.5, 0.5]},
+        "model": {"architecture": "unet"},
+        "training": {"iterations": 150, "batch_size": 4},
+    }
+    coarse, refine = stage_settings(config_from_dict({**base, "refinement": refinement}, Path("/")))
+    assert coarse.training.iterations < refine.training.iterations
+    assert coarse.work == 100 * 2 * 32 * 32 and refine.work == 150 * 4 * 16 * 16
+    assert coarse.work > refine.work
 
 
 def test_train_needs_a_configuration_or_a_dataset(tmp_path, capsys):

@@ -62,3 +62,15 @@ def test_brain_landmarks_follow_a_rigidly_moved_header():
     expected = before @ rotation.T + translation
     shift = np.linalg.norm(after - expected, axis=1)
     assert np.mean(shift) < 2.0 and np.max(shift) < 6.0, f"mean {np.mean(shift):.2f}, max {np.max(shift):.2f} mm"
+
+
+def test_hand_model_works_in_millimetres_on_left_and_right_hands():
+    """hand-xray-37 ships without a sample (its training images are GPL data); its file must say what
+    the card says: 37 landmarks in model order, mm, a mirror pass for right hands, coarse-to-fine."""
+    entry = next(e for e in CATALOGUE if e["id"] == "hand-xray-37")
+    assert "sample" not in entry
+    description = read_description(MODELS / entry["file"])
+    assert list(description.landmark_names) == [str(index) for index in range(37)]
+    assert description.unit == "mm" and not description.in_pixels
+    assert description.inference.mirror_axis == 0
+    assert description.refinement is not None

@@ -6,6 +6,8 @@ Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) t
   afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)
   ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), 81 train / 19 validation
   ceph-10-images/  the same validation split, but only the first 10 training images
+  hand/   the 6 hand radiographs (mm, from each image's spacing), all for training (`dataset init`, then splits)
+  hand-fold{0,1,2}/  the same 6 in 3 folds: 4 train, 2 held out as the "test" split (never seen in training)
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from SCNLandmarksLib.data.dataset_init import init_dataset
 from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_IMAGE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
 SAME_RADIOGRAPH = ("014", "087")  # pixel-identical images, annotated independently (MANIFEST)
+# Each fold holds out one image of each Digital Hand Atlas series (3xxx, 7xxx).
+HAND_FOLDS = (("3167", "7081"), ("3229", "7088"), ("3231", "7232"))
 
 
 def toml_list(values: list[str]) -> str:
@@ -77,6 +82,22 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int
     return spec
 
 
+def prepare_hand(shared: Path, out: Path, test: tuple[str, ...] = ()) -> Path:
+    """The hand radiographs as a user would import them (`dataset init` on the wide landmark table),
+    with `test` held out as the "test" split and the others in the "train" split.
+
+    No "validation" split: training then never looks at the held-out hands, not even to pick its
+    best iteration, so their error is a fair estimate for hands of the same source.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "dataset.toml"
+    summary = init_dataset(shared / "images", shared / "landmarks.csv", spec, overwrite=True)
+    train = [case for case in sorted(summary.paired) if case not in test]
+    splits = f"\n[splits]\ntrain = {toml_list(train)}\n" + (f"test = {toml_list(list(test))}\n" if test else "")
+    spec.write_text(spec.read_text() + splits)
+    return spec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared/data", type=Path)
@@ -85,6 +106,9 @@ def main() -> None:
     print(prepare_afids(args.shared / "afids", args.out / "afids"))
     print(prepare_ceph(args.shared / "ceph", args.out / "ceph"))
     print(prepare_ceph(args.shared / "ceph", args.out / "ceph-10-images", train_limit=10))
+    print(prepare_hand(args.shared / "hand", args.out / "hand"))
+    for fold, test in enumerate(HAND_FOLDS):
+        print(prepare_hand(args.shared / "hand", args.out / f"hand-fold{fold}", test))
 
 
 if __name__ == "__main__":

@@ -130,8 +130,10 @@ def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: 
         single_s.append(seconds([*command, str(min(folder.iterdir())), "--out", str(out / f"single{run}")]))
         folder_s.append(seconds([*command, str(folder), "--out", str(out / f"folder{run}")]))
     started = time.perf_counter()
-    for image in sorted(folder.iterdir()):
-        subprocess.run([*command, str(image), "--out", str(out / "one-by-one")], check=True, capture_output=True)
+    for number, image in enumerate(sorted(folder.iterdir())):
+        subprocess.run(
+            [*command, str(image), "--out", str(out / f"one-by-one{number}")], check=True, capture_output=True
+        )
     one_by_one_s = time.perf_counter() - started
     batch_s = statistics.median(folder_s)
     return {

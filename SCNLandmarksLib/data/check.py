@@ -86,7 +86,8 @@ SPACING_FACTOR = 2.0
 # Median of a Rayleigh distribution in units of its sigma: sqrt(2 ln 2).
 _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
 
-Progress = Callable[[int, int, str], None]
+# Called after each image is read: (done, total, image id).
+ImageProgress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -98,7 +99,7 @@ class _Case:
     landmarks: LandmarkSet | None = None
 
 
-def check_dataset(spec: DatasetSpec | str | Path, progress: Progress | None = None) -> list[Finding]:
+def check_dataset(spec: DatasetSpec | str | Path, progress: ImageProgress | None = None) -> list[Finding]:
     """All findings for every image of the dataset (all splits), in image order then kind.
 
     Args:

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,13 @@ def mrml():
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCN = {"filters": 16, "levels": 3, "dropout": 0.0, "sc_downsample": 4, "sc_kernel": 5, "sc_filters": 16}
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`scn-landmarks ARGS...` in a separate process, as a user runs it (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def oblique_direction(dimension: int, degrees: float = 25.0, mirror_axis: int = 1) -> np.ndarray:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import cli
 
 from SCNLandmarksLib.bundle import read_description, save_description
 from SCNLandmarksLib.calibration import ImageReview, auroc, fit_calibration, measure, review_summary
@@ -24,14 +22,6 @@ from SCNLandmarksLib.io.images import read_image, write_image
 from SCNLandmarksLib.io.landmarks import read_landmarks, write_landmarks
 from SCNLandmarksLib.vocabulary import LandmarkStatus
 from SCNLandmarksMRML.review import next_to_review, review_order
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO
-    )
 
 
 def occluded(image: sitk.Image, point: np.ndarray, radius_mm: float, seed: int) -> sitk.Image:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import mirror_case, tiny_config
+from conftest import cli, mirror_case, tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,12 +27,6 @@ from SCNLandmarksLib.io.landmarks import read_landmarks
 from SCNLandmarksLib.io.paths import image_stem, output_stems
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO
-    )
 
 
 def test_model_file_is_self_describing(tiny_model_2d):

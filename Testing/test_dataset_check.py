@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
+from conftest import cli
 
 from SCNLandmarksLib.data.check import FindingKind, check_dataset
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.io.landmarks import read_landmarks, write_landmarks
 from SCNLandmarksLib.landmark_set import LandmarkSet
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_clean_set_has_no_findings(tmp_path):
@@ -49,8 +45,7 @@ def test_injected_mistakes_are_each_found_and_nothing_else(tmp_path):
         ("case007", "L2", FindingKind.SWAPPED),
     }
 
-    command = [sys.executable, "-m", "SCNLandmarksLib.cli", "dataset", "check", str(spec), "--json"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    run = cli("dataset", "check", str(spec), "--json", timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]
     listed = json.loads(run.stdout)
     assert {(f["image"], f["landmark"], f["kind"]) for f in listed} == {

@@ -6,13 +6,12 @@ import csv
 import json
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import cli
 
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import DataError
@@ -27,7 +26,6 @@ from SCNLandmarksLib.io.landmark_formats import (
     read_wide_csv,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 AFIDS_DIR = Path("/work/shared/data/afids")
 AFIDS_FCSV = AFIDS_DIR / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
 AFIDS_CSV = AFIDS_DIR / "afids_groundtruth.csv"
@@ -411,12 +409,6 @@ def test_detect_format(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # dataset specs and `scn-landmarks dataset init`
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "SCNLandmarksLib.cli", *args], capture_output=True, text=True, cwd=REPO
-    )
 
 
 def test_spec_reads_labelme_files_and_rejects_a_table_format_for_them(tmp_path):

@@ -221,23 +221,32 @@ def fit_pose(
     for _ in range(2):
         if np.count_nonzero(weights) <= d:
             return pose
-        pose = _weighted_fit(np.nan_to_num(reference), np.nan_to_num(points), weights, with_scale, mirrored)
+        pose = similarity_fit(reference, points, weights, with_scale, mirrored)
         residuals = np.linalg.norm(pose.to_image(np.nan_to_num(reference)) - np.nan_to_num(points), axis=1)
         limit = OUTLIER_RESIDUALS * float(np.median(residuals[weights > 0]))
         weights = np.where(residuals <= limit, weights, 0.0)
     return pose
 
 
-def _weighted_fit(
-    reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool, mirrored: bool
+def similarity_fit(
+    reference: np.ndarray, points: np.ndarray, weights: np.ndarray, with_scale: bool, mirrored: bool | None
 ) -> Pose:
-    w = weights / weights.sum()
+    """The weighted least-squares pose taking `reference` onto `points` (Umeyama 1991), over the rows
+    with a positive weight.
+
+    Args:
+        with_scale: a similarity (else rigid, scale 1).
+        mirrored: True or False forces a mirror pose (determinant -1) or a proper one; None takes
+            whichever fits best.
+    """
+    use = np.asarray(weights) > 0
+    reference, points, w = reference[use], points[use], weights[use] / weights[use].sum()
     mean_reference, mean_points = w @ reference, w @ points
     a, b = reference - mean_reference, points - mean_points
     covariance = (b * w[:, None]).T @ a
     u, singular, vt = np.linalg.svd(covariance)
     signs = np.ones(len(singular))
-    wanted = -1.0 if mirrored else 1.0
+    wanted = np.sign(np.linalg.det(u) * np.linalg.det(vt)) if mirrored is None else (-1.0 if mirrored else 1.0)
     if np.sign(np.linalg.det(u) * np.linalg.det(vt)) != wanted:
         signs[-1] = -1.0
     rotation = u @ np.diag(signs) @ vt

@@ -30,6 +30,7 @@ from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.images import read_image, spacing_unit
 from ..landmark_set import LandmarkSet
+from ..pose import Pose, similarity_fit
 from .spec import DatasetSpec, ImageEntry, load_dataset_spec
 
 
@@ -258,21 +259,15 @@ class _Alignment:
     fitted: np.ndarray  # (images, landmarks) bool: the points each image's fit kept
 
 
-def _similarity_fit(points: np.ndarray, target: np.ndarray, use: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Scale s, orthogonal R (reflection allowed) and translation t with s * points @ R + t ~ target."""
-    source, goal = points[use], target[use]
-    source_center, goal_center = source.mean(axis=0), goal.mean(axis=0)
-    a, b = source - source_center, goal - goal_center
-    u, singular, vt = np.linalg.svd(a.T @ b)
-    rotation = u @ vt
-    scale = float(singular.sum() / max((a**2).sum(), 1e-12))
-    return scale, rotation, goal_center - scale * source_center @ rotation
+def _fit(points: np.ndarray, target: np.ndarray, use: np.ndarray) -> Pose:
+    """The similarity (reflections allowed) taking an image's `use` points onto the mean configuration."""
+    return similarity_fit(points, target, use.astype(np.float64), with_scale=True, mirrored=None)
 
 
 def _trimmed_fit(
     points: np.ndarray, target: np.ndarray, use: np.ndarray, start: np.ndarray | None = None
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """`_similarity_fit` that a few swapped or misplaced labels cannot pull.
+) -> tuple[Pose, np.ndarray]:
+    """`_fit` that a few swapped or misplaced labels cannot pull.
 
     Least trimmed squares: the fit is refined on the best-fitting share of the points until that
     subset settles, then redone on every point within a few times that subset's typical residual.
@@ -283,8 +278,7 @@ def _trimmed_fit(
     best_share = max(points.shape[1] + 1, math.ceil(TRIMMED_SHARE * count))
     subset = use.copy() if start is None or (start & use).sum() <= points.shape[1] else start & use
     for _ in range(20):
-        scale, rotation, translation = _similarity_fit(points, target, subset)
-        residuals = np.linalg.norm(scale * points @ rotation + translation - target, axis=1)
+        residuals = np.linalg.norm(_fit(points, target, subset).to_image(points) - target, axis=1)
         best = np.zeros_like(use)
         best[np.argsort(np.where(use, residuals, np.inf))[:best_share]] = True
         if np.array_equal(best, subset):
@@ -292,7 +286,7 @@ def _trimmed_fit(
         subset = best
     typical = float(np.median(residuals[subset]))
     fitted = use & (residuals <= max(TRIM_FACTOR * typical, MIN_SPREAD_SHARE))
-    return (*_similarity_fit(points, target, fitted), fitted)
+    return _fit(points, target, fitted), fitted
 
 
 def _align(points: np.ndarray, present: np.ndarray) -> _Alignment:
@@ -309,8 +303,8 @@ def _align(points: np.ndarray, present: np.ndarray) -> _Alignment:
             use = present[i] & np.isfinite(mean[:, 0])
             if use.sum() < dimension + 1:
                 continue
-            scale, rotation, translation, fitted[i] = _trimmed_fit(points[i], mean, use)
-            aligned[i] = scale * points[i] @ rotation + translation
+            pose, fitted[i] = _trimmed_fit(points[i], mean, use)
+            aligned[i] = pose.to_image(points[i])
         with np.errstate(invalid="ignore"):
             kept = np.where(fitted[:, :, None], aligned, np.nan)
             new_mean = np.nanmean(kept, axis=0) if np.isfinite(kept).any() else mean
@@ -326,23 +320,23 @@ class _LocalFits:
     """Each landmark judged by its neighbours: per image and landmark, the similarity transform
     fitted on that landmark's nearest neighbours (in the mean configuration) into the mean frame."""
 
-    scale: np.ndarray  # (images, landmarks)
-    rotation: np.ndarray  # (images, landmarks, d, d)
-    translation: np.ndarray  # (images, landmarks, d)
+    poses: list[list[Pose | None]]  # [image][landmark]; None where too few neighbours were found
 
     def place(self, image: int, landmark: int, point: np.ndarray) -> np.ndarray:
-        """`point` of `image` mapped into the mean frame as `landmark`'s neighbours see it."""
-        return self.scale[image, landmark] * point @ self.rotation[image, landmark] + self.translation[image, landmark]
+        """`point` of `image` mapped into the mean frame as `landmark`'s neighbours see it (NaN without a fit)."""
+        pose = self.poses[image][landmark]
+        return np.full(len(point), np.nan) if pose is None else pose.to_image(point)
+
+    def scale(self, image: int, landmark: int) -> float:
+        """Mean-frame units per image unit of that fit."""
+        pose = self.poses[image][landmark]
+        return math.nan if pose is None else pose.scale
 
 
 def _local_fits(points: np.ndarray, present: np.ndarray, alignment: _Alignment) -> _LocalFits:
     mean = alignment.mean
     images, count, dimension = points.shape
-    fits = _LocalFits(
-        np.full((images, count), np.nan),
-        np.zeros((images, count, dimension, dimension)),
-        np.zeros((images, count, dimension)),
-    )
+    fits = _LocalFits([[None] * count for _ in range(images)])
     distances = np.linalg.norm(mean[:, None] - mean[None], axis=2)
     for j in range(count):
         order = [k for k in np.argsort(np.nan_to_num(distances[j], nan=np.inf)) if k != j]
@@ -354,8 +348,7 @@ def _local_fits(points: np.ndarray, present: np.ndarray, alignment: _Alignment) 
                 continue
             # Started from the points the image's whole-configuration fit trusted, so that a grossly
             # wrong neighbour cannot steer the first, untrimmed fit.
-            scale, rotation, translation, _ = _trimmed_fit(points[i], mean, use, alignment.fitted[i])
-            fits.scale[i, j], fits.rotation[i, j], fits.translation[i, j] = scale, rotation, translation
+            fits.poses[i][j] = _trimmed_fit(points[i], mean, use, alignment.fitted[i])[0]
     return fits
 
 
@@ -410,7 +403,7 @@ def _configuration_findings(
                 )
                 continue
             handled.add(j)
-            to_image = 1.0 / fits.scale[i, j]
+            to_image = 1.0 / fits.scale(i, j)
             findings.append(
                 Finding(
                     case.entry.id,

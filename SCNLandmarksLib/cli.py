@@ -205,10 +205,27 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import SimpleITK as sitk
+
+    from .io.images import image_inputs, read_image, write_image
+
+    images = image_inputs(args.images)
+    # Importing torch (below) keeps one core busy for about a second: the first image is read on
+    # another meanwhile (SimpleITK needs no torch and releases the GIL while it reads).
+    reader = ThreadPoolExecutor(max_workers=1)
+    first_image = reader.submit(read_image, images[0])
+    reader.shutdown(wait=False)
+
+    def read(path: Path, dimension: int) -> sitk.Image:
+        image = first_image.result() if path == images[0] else None
+        # Read without the model's dimension, a one-slice volume became 2D: a 3D model reads it again.
+        return image if image is not None and image.GetDimension() == dimension else read_image(path, dimension)
+
     from .calibration import image_review, write_review_summary
     from .errors import DataError
     from .inference import Predictor
-    from .io.images import image_inputs, write_image
     from .io.landmarks import write_landmarks
     from .io.paths import output_stems, refuse_existing
 
@@ -217,7 +234,6 @@ def _detect(args: argparse.Namespace) -> int:
     if predictor.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
     reviews = []
-    images = image_inputs(args.images)
     out = Path(args.out)
     suffix = LANDMARK_FORMATS[args.format]
     stems = output_stems(images)
@@ -239,7 +255,7 @@ def _detect(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     started = time.perf_counter()
-    results = predictor.predict_files(images, heatmaps=args.heatmaps)
+    results = predictor.predict_files(images, heatmaps=args.heatmaps, read=read)
     for number, (stem, (image_path, prediction)) in enumerate(zip(stems, results), start=1):
         if isinstance(prediction, SCNLandmarksError):
             failed += 1

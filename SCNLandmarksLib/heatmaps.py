@@ -78,7 +78,10 @@ def refine_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = len(spatial)
     flat = heatmaps.reshape(n, -1)
     value, argmax = flat.max(dim=1)
-    index_zyx = torch.stack(torch.unravel_index(argmax, spatial), dim=1)
+    # Row-major strides by hand: torch.unravel_index imports sympy on first use (a quarter second of
+    # every command's start-up).
+    strides = [math.prod(spatial[axis + 1 :]) for axis in range(d)]
+    index_zyx = torch.stack([argmax // stride % size for stride, size in zip(strides, spatial)], dim=1)
     refined = index_zyx.to(torch.float64)
     rows = torch.arange(n, device=heatmaps.device)
     for axis in range(d):

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +185,15 @@ class Predictor:
     def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> Predictor:
         """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda'."""
         device = resolve_device(device)
-        return cls(load_model(path, device), device, Path(path))
+        loaded = load_model(path, device)
+        if device.type == "cpu":
+            # oneDNN's CPU convolutions run 20-35 % faster channels-last (same results to float
+            # rounding). Only here, where the predictor owns the networks: training's are its own.
+            layout = torch.channels_last_3d if loaded.description.dimension == 3 else torch.channels_last
+            for stage in (loaded.coarse, loaded.refinement):
+                if stage is not None:
+                    stage.network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
+        return cls(loaded, device, Path(path))
 
     def predict(
         self,
@@ -216,7 +224,11 @@ class Predictor:
         )
 
     def predict_files(
-        self, paths: Iterable[str | Path], heatmaps: bool = False, cancel: Cancel | None = None
+        self,
+        paths: Iterable[str | Path],
+        heatmaps: bool = False,
+        cancel: Cancel | None = None,
+        read: Callable[[Path, int], sitk.Image] = read_image,
     ) -> Iterator[tuple[Path, Prediction | DataError]]:
         """Detect landmarks on many image files (batch mode), yielding results in input order.
 
@@ -224,12 +236,16 @@ class Predictor:
         normalisation (single-threaded) overlaps the other's network pass, which keeps every core busy.
         A file that cannot be used yields its DataError instead of a prediction, so one bad file
         does not stop the batch.
+
+        Args:
+            read: reads a file as a scalar float32 image of the given dimension (read_image, or one
+                that hands over images read ahead).
         """
 
         def detect(path: Path) -> Prediction | DataError:
             try:
                 start = time.perf_counter()
-                image = read_image(path, self.dimension)  # already scalar float32 of the model's dimension
+                image = read(path, self.dimension)
                 read_s = time.perf_counter() - start
                 normalized = normalize_image(image, self.description.intensity)
                 prediction = self._detect_in_canonical_pose(

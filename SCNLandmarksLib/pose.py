@@ -191,8 +191,11 @@ class Pose:
         )
 
     def canonical_image(self, image: sitk.Image) -> sitk.Image:
-        """The image in the canonical frame: a copy sharing its voxels, with a new header."""
-        return self.canonical_geometry(ImageGeometry.of(image)).apply_to(sitk.Image(image))
+        """The image in the canonical frame: a copy sharing its voxels, with a new header (the image
+        itself when the header would not change: setting one makes SimpleITK copy the voxels)."""
+        geometry = ImageGeometry.of(image)
+        canonical = self.canonical_geometry(geometry)
+        return image if canonical == geometry else canonical.apply_to(sitk.Image(image))
 
 
 def fit_pose(

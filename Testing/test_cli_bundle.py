@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import cli, mirror_case, tiny_config
 from safetensors import safe_open
@@ -221,9 +222,15 @@ def test_cli_detect_says_when_it_found_the_landmarks_on_the_mirror_image(mirror_
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    missing = cli("detect", str(tmp_path / "nope.safetensors"), "image.png", "--out", str(tmp_path))
+    image = tmp_path / "image.png"
+    write_image(sitk.Image([8, 8], sitk.sitkUInt8), image)
+    missing = cli("detect", str(tmp_path / "nope.safetensors"), str(image), "--out", str(tmp_path / "out"))
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: model file not found"
+    no_image = cli("detect", str(tmp_path / "nope.safetensors"), str(tmp_path / "none.png"), "--out", str(tmp_path))
+    assert no_image.returncode == 2
+    assert no_image.stderr.strip() == f"error: {tmp_path / 'none.png'}: file not found"
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_during_training_leaves_a_resumable_checkpoint(dataset_2d, tmp_path):

@@ -44,7 +44,11 @@ def normalize_intensities(values: np.ndarray, config: IntensityConfig) -> np.nda
     else:
         low, high = np.percentile(values, [config.low, config.high])
     scale = max(float(high) - float(low), 1e-6)
-    return (values - float(low)) * (2.0 / scale) - 1.0
+    # In place after the first step: one temporary instead of three (a 1 mm brain is 34 MB each).
+    normalized = values - float(low)
+    normalized *= 2.0 / scale
+    normalized -= 1.0
+    return normalized
 
 
 def shrink_factors(spacing: tuple[float, ...], grid_spacing: tuple[float, ...]) -> list[int]:
@@ -61,7 +65,8 @@ def normalize_image(image: sitk.Image, intensity: IntensityConfig) -> sitk.Image
     """The image as float32 network intensities (see IntensityConfig), geometry unchanged."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError("prepare_image needs a scalar image; convert color images to grayscale first")
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
     normalized = sitk.GetImageFromArray(normalize_intensities(sitk.GetArrayViewFromImage(image), intensity))
     normalized.CopyInformation(image)
     return normalized

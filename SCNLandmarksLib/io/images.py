@@ -94,7 +94,8 @@ def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
     if components == 1:
         if image.GetPixelIDTypeAsString().startswith("vector"):
             image = sitk.VectorIndexSelectionCast(image, 0)
-        return sitk.Cast(image, sitk.sitkFloat32)
+        # Cast copies even to the same type; an image read as float32 is used as it is.
+        return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
     if components not in (3, 4):
         raise DataError(
             f"{path}: images with {components} components per pixel are not supported (expected grayscale, RGB or RGBA)"

@@ -12,6 +12,8 @@ scanner frame or at another resolution. Detection therefore runs twice when need
 3. unless that pose is already canonical (within `CANONICAL_ROTATION_DEG` and `CANONICAL_SCALE`), a
    second pass, refinement included, on the image given the canonical frame by its header alone
    (origin, direction, spacing: no resampling beyond the network grid's own), mapped back exactly.
+   Its coarse grid is fixed in the canonical frame (the training grid's size, centered on the mean
+   configuration), so the anatomy meets the same grid cells whatever the image's extent.
 """
 
 from __future__ import annotations

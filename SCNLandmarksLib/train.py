@@ -235,6 +235,7 @@ class RunContext:
     distributed: bool
     device: torch.device
     output_dir: Path
+    joined_process_group: bool = False  # start() joined it, so finish() leaves it
 
     @property
     def main_process(self) -> bool:
@@ -246,14 +247,23 @@ class RunContext:
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         rank = int(os.environ.get("RANK", "0"))
         target = resolve_device(device)
-        if distributed and not dist.is_initialized():
+        joined = distributed and not dist.is_initialized()
+        if joined:
             dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
         if distributed and target.type == "cuda":
             target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(target)
         if distributed and rank == 0:
             log.info("distributed training on %d processes (%s)", dist.get_world_size(), dist.get_backend())
-        return cls(rank, distributed, target, output_dir)
+        return cls(rank, distributed, target, output_dir, joined)
+
+    def finish(self) -> None:
+        """Wait for every process, then leave the process group start() joined: left to the
+        interpreter's exit, gloo's threads were now and then torn down mid-flight (an abort)."""
+        if self.distributed:
+            dist.barrier()
+        if self.joined_process_group:
+            dist.destroy_process_group()
 
 
 class StageTrainer:
@@ -676,6 +686,5 @@ def train(
     assert result is not None  # there is always a coarse stage
     if context.main_process:
         run.export(config.output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)
-    if context.distributed:
-        dist.barrier()
+    context.finish()
     return result

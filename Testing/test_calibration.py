@@ -110,7 +110,8 @@ def test_expected_error_grows_when_a_landmark_is_occluded(calibrated_2d, dataset
     clean = predictor.predict(image).landmarks.expected_errors
     for k in range(len(truth.names)):
         hidden = predictor.predict(occluded(image, truth.points_lps[k], 6.0, k)).landmarks.expected_errors
-        assert hidden[k] > 1.5 * clean[k], (k, clean, hidden)
+        # Either no point at all (reported missing: the evidence is gone) or a larger expected error.
+        assert np.isnan(hidden[k]) or hidden[k] > 1.5 * clean[k], (k, clean, hidden)
 
 
 def test_a_calibration_for_other_landmarks_is_refused_naming_the_file(calibrated_2d, tmp_path):

@@ -45,6 +45,11 @@ INTERRUPTED_STATUS = 130
 LOG_LINES_SHOWN = 5
 
 
+def caseCount(count: int) -> str:
+    """ "1 case", "12 cases": how every message counts training cases."""
+    return f"{count} case{'' if count == 1 else 's'}"
+
+
 class TrainingFailed(SCNLandmarksError):
     """The training process failed, was killed, or its result could not be added to the user's models."""
 
@@ -73,10 +78,7 @@ class TrainingData:
     def summary(self) -> str:
         """One line for the panel: how many cases and which landmarks."""
         names = ", ".join(self.landmarkNames)
-        return (
-            f"{len(self.cases)} case{'s' if len(self.cases) != 1 else ''} ({self.dimension}D), "
-            f"{len(self.landmarkNames)} landmarks: {names}"
-        )
+        return f"{caseCount(len(self.cases))} ({self.dimension}D), {len(self.landmarkNames)} landmarks: {names}"
 
 
 def inspectTrainingFolder(folder) -> TrainingData:
@@ -470,7 +472,8 @@ class TrainingJob:
                 else "not validated (no held-aside cases)"
             )
             return (
-                f"New landmark set trained on {len(self.data.cases)} cases of {self.data.folder}; {measured}.{stopped}"
+                f"New landmark set trained on {caseCount(len(self.data.cases))} of {self.data.folder}; "
+                f"{measured}.{stopped}"
             )
         outcome = result.get("outcome", "")
         if outcome == "improved":
@@ -483,7 +486,7 @@ class TrainingJob:
         else:
             measured = "new landmarks, not comparable with the base"
         return (
-            f"Fine-tuned from {self.base.name} on {len(self.data.cases)} cases of {self.data.folder}; "
+            f"Fine-tuned from {self.base.name} on {caseCount(len(self.data.cases))} of {self.data.folder}; "
             f"{measured}.{stopped}"
         )
 

@@ -56,7 +56,7 @@ from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
 from SCNLandmarksMRML.review import next_to_review
-from SCNLandmarksMRML.training import TrainingJob, checkBase, inspectTrainingFolder
+from SCNLandmarksMRML.training import TrainingJob, caseCount, checkBase, inspectTrainingFolder
 from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
 
 logger = logging.getLogger(__name__)
@@ -822,7 +822,7 @@ class LandmarkReviewApp(TrameApp):
             logger.warning("%s: %s", spec, error)
             self.state.training_cases = "its dataset.toml cannot be read (details in the server log)"
             return
-        self.state.training_cases = f"{cases} case{'s' if cases != 1 else ''}"
+        self.state.training_cases = caseCount(cases)
 
     def saveTrainingPair(self, caseId: str, replace: bool = False) -> None:
         """Add the image and its corrected points to the training folder as case `caseId`.

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,17 @@ def test_nothing_half_written_is_ever_listed(user_folder, tiny_model_2d, tmp_pat
     gone = catalogue.registerUserModel(tiny_model_2d, "Gone")
     gone.path.unlink()
     assert catalogue.userModels() == []
+
+    # Left by a Slicer closed mid-training two days ago: removed when the next model is staged; the
+    # recent staging folder (perhaps a training still running) is kept.
+    abandoned = user_folder / f"{catalogue.STAGING_PREFIX}closed"
+    (abandoned / "checkpoints").mkdir(parents=True)
+    (abandoned / "checkpoints" / "checkpoint.pt").write_bytes(b"weights")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in [abandoned, abandoned / "checkpoints", abandoned / "checkpoints" / "checkpoint.pt"]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    catalogue.stagingFolder(user_folder)
+    assert not abandoned.exists() and staging.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,7 @@ def entryForModel(modelPath, locations=CATALOGUE_LOCATIONS, userFolder=None) -> 
 # staging folder (".incoming-...", ignored by the listing), and becomes an entry by one rename of
 # that folder: a training that is killed or fails, or a full disk, never leaves a half-written
 # entry. Removing renames the sub-folder to a hidden name before deleting it, for the same reason.
+# Hidden folders that a closed Slicer or a killed process left behind are removed a day later.
 
 USER_MODELS_ENVIRONMENT = "SCN_LANDMARKS_USER_MODELS"
 USER_ENTRY_FILE = "entry.json"
@@ -217,6 +219,9 @@ USER_MODEL_FILE = "model.safetensors"
 USER_CARD_FILE = "MODEL_CARD.md"
 STAGING_PREFIX = ".incoming-"
 REMOVING_PREFIX = ".removing-"
+# A staging or removal folder untouched this long belongs to no running process (a training writes
+# its log every few seconds): it is what a closed Slicer or a killed process left, and is removed.
+ABANDONED_AFTER_S = 24 * 3600
 
 
 def userModelsFolder() -> Path:
@@ -270,7 +275,21 @@ def stagingFolder(folder=None) -> Path:
     output) before `publishStagedModel` turns it into an entry; nothing lists it until then."""
     root = Path(folder) if folder is not None else userModelsFolder()
     root.mkdir(parents=True, exist_ok=True)
+    _removeAbandoned(root)
     return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+
+
+def _removeAbandoned(root: Path) -> None:
+    """Remove the hidden staging and removal folders nothing has written to for ABANDONED_AFTER_S."""
+    for hidden in root.glob(".*"):
+        if not hidden.name.startswith((STAGING_PREFIX, REMOVING_PREFIX)) or not hidden.is_dir():
+            continue
+        try:
+            newest = max(path.stat().st_mtime for path in [hidden, *hidden.rglob("*")])
+        except OSError:  # changing under our feet: in use
+            continue
+        if time.time() - newest > ABANDONED_AFTER_S:
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 def registerUserModel(modelFile, name: str, description: str = "", card=None, folder=None) -> ModelEntry:

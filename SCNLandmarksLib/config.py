@@ -46,6 +46,9 @@ class AugmentationConfig:
     intensity_shift: float = 0.1  # +- added to normalised intensities
     intensity_scale: float = 0.15  # +- relative contrast change
     gamma_log: float = 0.0  # gamma = exp(U(-g, g)) on [0, 1]-mapped intensities
+    # A random monotonic intensity curve on [0, 1]-mapped intensities: its inner knots move by up to
+    # this much (another scanner's or sequence's contrast); 0 = off.
+    intensity_curve: float = 0.0
     noise_std: float = 0.0  # Gaussian noise in normalised units
     bias_field_log: float = 0.0  # std of a smooth multiplicative log-field (MR bias), 0 = off
 

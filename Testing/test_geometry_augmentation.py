@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import oblique_direction
 
 from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
-from SCNLandmarksLib.data.augmentation import augmented_sample, random_transform, swap_permutation
+from SCNLandmarksLib.data.augmentation import augmented_sample, intensity_curve, random_transform, swap_permutation
 from SCNLandmarksLib.data.preparation import (
     PreparedImage,
     prepare_image,
@@ -226,3 +226,13 @@ def test_samples_are_reproducible_and_missing_landmarks_stay_missing():
     np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
     assert not torch.equal(a[0], c[0])
     assert torch.isnan(a[1][1]).all() and torch.isfinite(a[1][0]).all()
+
+
+def test_the_intensity_curve_is_a_random_monotonic_map_that_keeps_its_ends():
+    values = torch.linspace(-1.0, 1.5, 501)  # above 1: the brightest percent of an image
+    curved = intensity_curve(values, 0.15, torch.Generator().manual_seed(3))
+    assert torch.all(torch.diff(curved) >= 0)  # brighter stays brighter
+    torch.testing.assert_close(curved[[0, 400]], torch.tensor([-1.0, 1.0]))  # -1 and 1 are fixed
+    assert (curved - values).abs().max() > 0.05  # the contrast did change
+    again = intensity_curve(values, 0.15, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(curved, again)  # the generator decides it

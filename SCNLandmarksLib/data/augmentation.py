@@ -27,6 +27,8 @@ from ..config import AugmentationConfig
 from ..geometry import ImageGeometry, axis_aligned_grid
 from .preparation import PreparedImage, grid_positions, grid_sample_coordinates, sample_at
 
+CURVE_KNOTS = 6  # of the random intensity curve (AugmentationConfig.intensity_curve): 4 inner knots
+
 
 @dataclass
 class SpatialTransform:
@@ -149,12 +151,14 @@ def random_transform(
 def augment_intensities(
     sample: torch.Tensor, config: AugmentationConfig, grid: ImageGeometry, generator: torch.Generator
 ) -> torch.Tensor:
-    """Random contrast, shift, gamma, bias field and noise on one normalised sample (1, *grid)."""
+    """Random contrast, shift, gamma, intensity curve, bias field and noise on one normalised sample (1, *grid)."""
     scale = 1.0 + float(_uniform(generator, -config.intensity_scale, config.intensity_scale))
     shift = float(_uniform(generator, -config.intensity_shift, config.intensity_shift))
     if config.gamma_log > 0:
         gamma = math.exp(float(_uniform(generator, -config.gamma_log, config.gamma_log)))
         sample = ((sample + 1.0) / 2.0).clamp(min=0.0).pow(gamma) * 2.0 - 1.0
+    if config.intensity_curve > 0:
+        sample = intensity_curve(sample, config.intensity_curve, generator)
     if config.bias_field_log > 0:
         field = smooth_noise_field(grid, 1, config.bias_field_log, 100.0, generator, sample.device)
         sample = (sample + 1.0) * torch.exp(field) - 1.0
@@ -163,6 +167,20 @@ def augment_intensities(
         noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32) * config.noise_std
         sample = sample + noise.to(sample.device)
     return sample
+
+
+def intensity_curve(sample: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """The normalised sample through a random monotonic piecewise-linear curve on [0, 1]-mapped
+    intensities: CURVE_KNOTS knots evenly spaced, the inner ones moved by up to `strength`, then
+    sorted; 0 and 1 stay put, and values above 1 continue the last segment."""
+    inner = torch.linspace(0.0, 1.0, CURVE_KNOTS, dtype=torch.float64)[1:-1]
+    moved = (inner + _uniform(generator, -strength, strength, len(inner))).clamp(0.0, 1.0).sort().values
+    knots = torch.cat([torch.zeros(1, dtype=torch.float64), moved, torch.ones(1, dtype=torch.float64)]).float()
+    knots = knots.to(sample.device)
+    position = ((sample + 1.0) / 2.0).clamp(min=0.0) * (CURVE_KNOTS - 1)
+    segment = position.floor().clamp(max=CURVE_KNOTS - 2).long()
+    low, high = knots[segment], knots[segment + 1]
+    return (low + (position - segment) * (high - low)) * 2.0 - 1.0
 
 
 def swap_permutation(names: list[str], pairs: tuple[tuple[str, str], ...]) -> list[int]:

@@ -16,8 +16,9 @@ against mean measured error): copies neither the network nor the calibration saw
 --harder makes the evaluation copies a harder proxy for a brain the model never saw: deformations
 beyond the training's (±25 mm, ±25°, ±20 % scaling, ±10 % per axis, 6 mm elastic on a 30 mm grid,
 against 15 / 15 / 10 / 5 / 4 on 40), then intensity changes it was never trained with: a random
-monotonic intensity curve (another scanner's contrast), gamma exp(±0.7), a bias field of log-std 0.4,
-a lower resolution (Gaussian blur of 1 mm) and noise of 3 % of the intensity range.
+monotonic intensity curve (another scanner's contrast; `intensity_curve` at 0.25), gamma exp(±0.7),
+a bias field of log-std 0.4, a lower resolution (Gaussian blur of 1 mm) and noise of 3 % of the
+intensity range.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from SCNLandmarksLib.bundle import save_description
 from SCNLandmarksLib.calibration import CHEAP_EVIDENCE, calibrate, calibrated_means, flagging_scores, measure
 from SCNLandmarksLib.config import AugmentationConfig
-from SCNLandmarksLib.data.augmentation import augmented_sample, rotation_matrix, smooth_noise_field
+from SCNLandmarksLib.data.augmentation import augmented_sample, intensity_curve, rotation_matrix, smooth_noise_field
 from SCNLandmarksLib.data.preparation import PreparedImage
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.inference import Predictor
@@ -63,7 +64,7 @@ HARDER_DEFORMATION = dataclasses.replace(
     elastic_mm=6.0,
     elastic_control_spacing_mm=30.0,
 )
-CURVE_KNOTS = 6  # of the random monotonic intensity curve
+HARDER_CURVE = 0.25  # inner knots of the random intensity curve move by up to this (training: 0 or 0.1)
 
 
 def deformed_copy(
@@ -86,10 +87,10 @@ def harder_copy(image: sitk.Image, points: np.ndarray, seed: int) -> tuple[sitk.
     blurred = sitk.SmoothingRecursiveGaussian(copy, 1.0)
     values = sitk.GetArrayFromImage(blurred).astype(np.float64)
     low, high = np.percentile(values, [1, 99])
-    unit = np.clip((values - low) / (high - low), 0.0, None)
-    curve = np.concatenate([[0.0], np.sort(random.uniform(0.0, 1.0, CURVE_KNOTS - 2)), [1.0]])
-    unit = np.interp(unit, np.linspace(0.0, 1.0, CURVE_KNOTS), curve) ** math.exp(random.uniform(-0.7, 0.7))
     generator = torch.Generator().manual_seed(seed)
+    normalized = torch.from_numpy(np.clip((values - low) / (high - low), 0.0, None) * 2.0 - 1.0).float()
+    unit = (intensity_curve(normalized, HARDER_CURVE, generator).numpy() + 1.0) / 2.0
+    unit = np.clip(unit, 0.0, None) ** math.exp(random.uniform(-0.7, 0.7))
     unit = unit * np.exp(smooth_noise_field(ImageGeometry.of(copy), 1, 0.4, 80.0, generator, "cpu")[0].numpy())
     unit = unit + random.normal(0.0, 0.03, unit.shape)
     harder = sitk.GetImageFromArray((low + unit * (high - low)).astype(np.float32))

@@ -209,7 +209,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     import SimpleITK as sitk
 
-    from .io.images import image_inputs, read_image, write_image
+    from .io.images import image_inputs, read_image, spacing_unit, write_image
 
     images = image_inputs(args.images)
     # Importing torch (below) keeps one core busy for about a second: the first image is read on
@@ -230,7 +230,6 @@ def _detect(args: argparse.Namespace) -> int:
     from .io.paths import output_stems, refuse_existing
 
     predictor = Predictor.from_file(args.model, args.device)
-    unit = predictor.description.unit
     if predictor.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
     reviews = []
@@ -262,7 +261,8 @@ def _detect(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(images)}] error: {prediction}", file=sys.stderr)
             continue
         target = out / f"{stem}{suffix}"
-        write_landmarks(prediction.landmarks, target, prediction.status, unit)
+        # Positions and expected errors are in the image's frame, whatever unit the model learned in.
+        write_landmarks(prediction.landmarks, target, prediction.status, spacing_unit(image_path))
         reviews.append(image_review(image_path.name, prediction.landmarks, prediction.flagged))
         for kind in prediction.heatmap_kinds:
             write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
@@ -272,7 +272,7 @@ def _detect(args: argparse.Namespace) -> int:
             f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} -> {target}",
             file=sys.stderr,
         )
-    summary = write_review_summary(review_summary, reviews, unit)
+    summary = write_review_summary(review_summary, reviews, "/".join(sorted({spacing_unit(p) for p in images})))
     print(
         f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
         f"review order in {summary}",

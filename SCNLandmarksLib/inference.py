@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 CANONICAL_PASSES = 2
 BATCH_IMAGES_IN_FLIGHT = 2  # images processed at once in batch mode
 CPU_REFINEMENT_CHUNK = 8  # refinement patches per forward pass on a CPU
+REFINEMENT_PROGRESS = 0.9  # where the progress bar stands when the refinement starts
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -159,6 +160,14 @@ class Prediction:
             array = values.max(axis=0)
         on_grid = self._grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32)))
         return sitk.Resample(on_grid, self._reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def _part(progress: Progress | None, low: float, high: float, prefix: str = "") -> Progress | None:
+    """`progress` for a part of the work that runs from fraction `low` to `high` of the whole, its
+    messages after `prefix`."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(low + (high - low) * fraction, prefix + message)
 
 
 class Predictor:
@@ -283,11 +292,15 @@ class Predictor:
     ) -> Prediction:
         """Detect in the image's own pose (models in pixels: at trial scales), fit the model's mean
         configuration to the points, and unless that pose is canonical already, detect again in the
-        canonical pose (see pose.py); positions, heatmaps and expected errors in the image as given."""
-        if self.mean_configuration is None:
-            return self._detect(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
+        canonical pose (see pose.py); positions, heatmaps and expected errors in the image as given.
+
+        The passes run the coarse network only and the poses are fitted to its points: the
+        refinement runs once, on the pass whose points are returned (a refined first pass cost a
+        real brain 0.4 s for points that only placed the second)."""
+        refining = refine and self.refinement is not None
+        passes = _part(progress, 0.0, REFINEMENT_PROGRESS if refining else 1.0)
         geometry = ImageGeometry.of(image)
-        if self.description.in_pixels:
+        if self.mean_configuration is not None and self.description.in_pixels:
             coarse = self.description.coarse
             extent = np.ptp(geometry.corners_physical(), axis=0)
             trials = [
@@ -296,22 +309,18 @@ class Predictor:
             ]
         else:
             trials = [Pose.identity(self.dimension)]
+        # Without a mean configuration the first pass is the only one.
+        first_share = 1.0 if self.mean_configuration is None else 0.5
         start = time.perf_counter()
         first, trial = None, trials[0]
         for number, candidate in enumerate(trials):
-            part = (
-                None
-                if progress is None
-                else (lambda fraction, message, n=number: progress(0.5 * (n + fraction) / len(trials), message))
-            )
             found = self._detect(
                 candidate.canonical_image(image),
                 candidate.canonical_image(normalized),
                 prepare_s if number == 0 else 0.0,
                 heatmaps,
-                part,
+                _part(passes, first_share * number / len(trials), first_share * (number + 1) / len(trials)),
                 cancel,
-                refine,
             )
             if first is None or found.confidences.mean() > first.confidences.mean():
                 first, trial = found, candidate
@@ -327,6 +336,8 @@ class Predictor:
         )
         first = self._in_image_frame(first, trial, image if heatmaps else None)
         first.timings["first pass"] = time.perf_counter() - start
+        if self.mean_configuration is None:
+            return self._completed(first, normalized, detected_in, refine, progress, cancel)
         pose = fit_pose(
             self.mean_configuration.array,
             first.landmarks.points_lps,
@@ -336,31 +347,21 @@ class Predictor:
         )
         first.pose = pose
         if pose is None or detected_in.inverse().after(pose).is_canonical():
-            if progress is not None:
-                progress(1.0, "done")
-            return first
+            return self._completed(first, normalized, detected_in, refine, progress, cancel)
         # The network's points lean towards its canonical pose, so a first pass underestimates a
         # large rotation (by 3-4 degrees at 30 on the brain); a pass in the fitted pose corrects most
         # of that, and one more, if the pose fitted to its points still differs, the rest.
         start = time.perf_counter()
         for number in range(CANONICAL_PASSES):
-            part = (
-                None
-                if progress is None
-                else (
-                    lambda fraction, message, n=number: progress(
-                        0.5 + 0.5 * (n + fraction) / CANONICAL_PASSES, f"canonical pose: {message}"
-                    )
-                )
-            )
+            found_in = pose
+            low, high = 0.5 + 0.5 * number / CANONICAL_PASSES, 0.5 + 0.5 * (number + 1) / CANONICAL_PASSES
             found = self._detect_once(
                 pose.canonical_image(image),
                 pose.canonical_image(normalized),
                 0.0,
                 heatmaps,
-                part,
+                _part(passes, low, high, "canonical pose: "),
                 cancel,
-                refine,
                 canonical=True,
             )
             found = self._in_image_frame(found, pose, image if heatmaps else None)
@@ -376,18 +377,51 @@ class Predictor:
             if refitted is None or pose.inverse().after(refitted).is_canonical():
                 break
             pose = refitted
+        return self._completed(found, normalized, found_in, refine, progress, cancel)
+
+    def _completed(
+        self,
+        prediction: Prediction,
+        normalized: sitk.Image,
+        frame: Pose,
+        refine: bool,
+        progress: Progress | None,
+        cancel: Cancel | None,
+    ) -> Prediction:
+        """The last pass's prediction (coarse points in the image as given, found in `frame`) with its
+        points refined on fine patches in that frame, and their expected errors."""
+        if cancel is not None and cancel():
+            raise Cancelled("landmark detection cancelled")
+        coarse_points = frame.to_canonical(prediction.landmarks.points_lps)
+        points = coarse_points
+        if refine and self.refinement is not None:
+            if progress is not None:
+                progress(REFINEMENT_PROGRESS, "refining landmarks on fine patches")
+            start = time.perf_counter()
+            points = self._refine(frame.canonical_image(normalized), coarse_points)
+            prediction.timings["refinement"] = time.perf_counter() - start
+        evidence = prediction.evidence
+        if self.evidence_measures:
+            cell = float(np.mean(self.description.coarse.grid_spacing))
+            evidence["refinement_shift"] = distance_evidence(coarse_points, [points], cell)
+        expected = None
+        if self.calibration is not None:
+            # In the frame's unit, as the evidence; the image's unit differs by the frame's scale.
+            expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
+            prediction.flagged = self.calibration.flagged(expected)
+            expected = expected * frame.scale
+        prediction.landmarks = LandmarkSet(
+            self.landmark_names, frame.to_image(points), prediction.confidences, expected
+        )
         if progress is not None:
             progress(1.0, "done")
-        return found
+        return prediction
 
     @staticmethod
     def _in_image_frame(prediction: Prediction, pose: Pose, reference: sitk.Image | None) -> Prediction:
-        """A prediction made on an image given a pose's canonical frame, in the image as given."""
+        """A pass's prediction made on an image given a pose's canonical frame, in the image as given."""
         landmarks = prediction.landmarks
-        expected = None if landmarks.expected_errors is None else landmarks.expected_errors * pose.scale
-        prediction.landmarks = LandmarkSet(
-            landmarks.names, pose.to_image(landmarks.points_lps), landmarks.confidences, expected
-        )
+        prediction.landmarks = LandmarkSet(landmarks.names, pose.to_image(landmarks.points_lps), landmarks.confidences)
         prediction._grid = None if prediction._grid is None else pose.moved(prediction._grid)
         prediction._reference = reference
         return prediction
@@ -400,20 +434,16 @@ class Predictor:
         heatmaps: bool,
         progress: Progress | None,
         cancel: Cancel | None,
-        refine: bool,
     ) -> Prediction:
-        """Detect on the image as given; for a model with a mirror axis, unless that result's mean
-        confidence reaches the model's `mirror_pass_below`, also on its mirror image, keeping the result
-        with the higher mean confidence."""
+        """A coarse pass on the image as given; for a model with a mirror axis, unless that result's
+        mean confidence reaches the model's `mirror_pass_below`, also on its mirror image, keeping the
+        result with the higher mean confidence."""
         axis = self.inference.mirror_axis
         if axis is None:
-            return self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel, refine)
+            return self._detect_once(image, normalized, prepare_s, heatmaps, progress, cancel)
         # Each pass takes half of the progress bar, so that it never runs backwards.
-        first_half = None if progress is None else (lambda fraction, message: progress(0.5 * fraction, message))
-        given = self._detect_once(image, normalized, prepare_s, heatmaps, first_half, cancel, refine)
+        given = self._detect_once(image, normalized, prepare_s, heatmaps, _part(progress, 0.0, 0.5), cancel)
         if given.confidences.mean() >= self.inference.mirror_pass_below:
-            if progress is not None:
-                progress(1.0, "done")
             return given
         start = time.perf_counter()
         center = ImageGeometry.of(image).center_physical()
@@ -421,20 +451,14 @@ class Predictor:
         def mirror(source: sitk.Image) -> sitk.Image:
             return ImageGeometry.of(source).mirrored(axis, center).apply_to(sitk.Image(source))
 
-        second_half = (
-            None
-            if progress is None
-            else (lambda fraction, message: progress(0.5 + 0.5 * fraction, f"mirror image: {message}"))
+        other = self._detect_once(
+            mirror(image), mirror(normalized), 0.0, heatmaps, _part(progress, 0.5, 1.0, "mirror image: "), cancel
         )
-        other = self._detect_once(mirror(image), mirror(normalized), 0.0, heatmaps, second_half, cancel, refine)
         if other.confidences.mean() <= given.confidences.mean():
             given.timings["mirror"] = time.perf_counter() - start
             return given
         landmarks = LandmarkSet(
-            self.landmark_names,
-            mirror_points(other.landmarks.points_lps, axis, center),
-            other.landmarks.confidences,
-            other.landmarks.expected_errors,
+            self.landmark_names, mirror_points(other.landmarks.points_lps, axis, center), other.landmarks.confidences
         )
         grid = None if other._grid is None else other._grid.mirrored(axis, center)
         timings = {**given.timings, "mirror": time.perf_counter() - start}
@@ -447,7 +471,6 @@ class Predictor:
             other._heatmaps,
             mirrored=True,
             evidence=other.evidence,
-            flagged=other.flagged,
         )
 
     def _detect_once(
@@ -458,11 +481,11 @@ class Predictor:
         heatmaps: bool,
         progress: Progress | None,
         cancel: Cancel | None,
-        refine: bool,
         canonical: bool = False,
     ) -> Prediction:
-        """One pass of the network(s) on the image as given; `canonical`: the image is in the canonical
-        frame, and the coarse grid is the canonical one rather than one covering the image."""
+        """One pass of the coarse network on the image as given (refinement and expected errors are
+        added by `_completed`); `canonical`: the image is in the canonical frame, and the coarse grid
+        is the canonical one rather than one covering the image."""
 
         def step(fraction: float, message: str) -> None:
             if cancel is not None and cancel():
@@ -501,14 +524,6 @@ class Predictor:
             if "shift_spread" in self.evidence_measures:
                 evidence["shift_spread"] = self._shift_spread(prepared, grid, points)
             timings["evidence"] = time.perf_counter() - start
-        coarse_points = points
-        if self.refinement is not None and refine:
-            step(0.95, "refining landmarks on fine patches")
-            start = time.perf_counter()
-            points = self._refine(normalized, points)
-            timings["refinement"] = time.perf_counter() - start
-        if self.evidence_measures:
-            evidence["refinement_shift"] = distance_evidence(coarse_points, [points], float(np.mean(spacing)))
         kept: dict[str, np.ndarray] = {}
         if heatmaps:
             for kind in HeatmapKind:
@@ -516,11 +531,7 @@ class Predictor:
                 if tensor is not None:
                     kept[kind] = tensor[0].float().cpu().numpy()
         step(1.0, "done")
-        expected, flagged = None, None
-        if self.calibration is not None:
-            expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
-            flagged = self.calibration.flagged(expected)
-        landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64), expected)
+        landmarks = LandmarkSet(self.landmark_names, points, confidence.astype(np.float64))
         return Prediction(
             landmarks,
             status,
@@ -529,7 +540,6 @@ class Predictor:
             image if heatmaps else None,
             kept,
             evidence=evidence,
-            flagged=flagged,
         )
 
     def _canonical_grid(self) -> ImageGeometry:

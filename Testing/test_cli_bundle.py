@@ -221,6 +221,22 @@ def test_cli_detect_says_when_it_found_the_landmarks_on_the_mirror_image(mirror_
     assert np.linalg.norm(found.points_lps - truth, axis=1).max() < 1.0
 
 
+def test_cli_detect_labels_positions_in_each_image_s_unit(tiny_model_2d, dataset_2d, tmp_path):
+    # A millimetre model on a picture without spacing finds pixel positions: the files say so.
+    entry = load_dataset_spec(dataset_2d).split("validation")[0]
+    picture = tmp_path / "picture.png"
+    write_image(sitk.Cast(sitk.RescaleIntensity(read_image(entry.image, 2), 0, 255), sitk.sitkUInt8), picture)
+    detected = cli("detect", str(tiny_model_2d), str(picture), str(entry.image), "--out", str(tmp_path / "out"))
+    assert detected.returncode == 0, detected.stderr[-2000:]
+    units = {
+        name: json.loads((tmp_path / "out" / name).read_text())["markups"][0]["coordinateUnits"]
+        for name in ("picture.mrk.json", f"{entry.image.name.split('.')[0]}.mrk.json")
+    }
+    assert units == {"picture.mrk.json": "px", f"{entry.image.name.split('.')[0]}.mrk.json": "mm"}
+    header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
+    assert header == "image,flagged_points,largest_expected_error_mm/px"
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     image = tmp_path / "image.png"
     write_image(sitk.Image([8, 8], sitk.sitkUInt8), image)

@@ -431,6 +431,18 @@ def calibrate(
     return calibration, compare_evidence(names, measured, thresholds, folds)
 
 
+def calibration_report(model: str | Path, calibration: Calibration, comparison: dict[str, Any]) -> dict[str, Any]:
+    """What `calibrate` prints: the model written, the evidence used, the held-out figures and the
+    comparison of evidence measures."""
+    return {
+        "model": str(model),
+        "evidence": list(calibration.evidence),
+        "weights": list(calibration.weights),
+        "held_out": calibration.fitted_on["held_out"],
+        "evidence_compared": comparison,
+    }
+
+
 def dataset_cases(
     predictor: Any, dataset: str | Path, split: str
 ) -> tuple[int, Iterator[tuple[str, sitk.Image, LandmarkSet]]]:

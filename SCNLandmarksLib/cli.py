@@ -328,7 +328,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .bundle import save_description
-    from .calibration import calibrate, dataset_cases, default_thresholds, measure
+    from .calibration import calibrate, calibration_report, dataset_cases, default_thresholds, measure
     from .inference import Predictor
     from .io.paths import refuse_existing
 
@@ -342,18 +342,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         predictor, measured, tuple(args.evidence), thresholds, args.folds, f"{args.dataset} split {args.split}"
     )
     save_description(args.model, out, dataclasses.replace(predictor.description, calibration=calibration))
-    print(
-        json.dumps(
-            {
-                "model": str(out),
-                "evidence": list(calibration.evidence),
-                "weights": list(calibration.weights),
-                "held_out": calibration.fitted_on["held_out"],
-                "evidence_compared": comparison,
-            },
-            indent=1,
-        )
-    )
+    print(json.dumps(calibration_report(out, calibration, comparison), indent=1))
     return 0
 
 

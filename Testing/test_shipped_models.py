@@ -66,7 +66,8 @@ def test_brain_landmarks_follow_a_rigidly_moved_header():
 
 def test_hand_model_works_in_millimetres_on_left_and_right_hands():
     """hand-xray-37 ships without a sample (its training images are GPL data); its file must say what
-    the card says: 37 landmarks in model order, mm, a mirror pass for right hands, coarse-to-fine."""
+    the card says: 37 landmarks in model order, mm, a mirror pass for right hands, coarse-to-fine,
+    calibrated on the folds' held-out hands."""
     entry = next(e for e in CATALOGUE if e["id"] == "hand-xray-37")
     assert "sample" not in entry
     description = read_description(MODELS / entry["file"])
@@ -74,3 +75,4 @@ def test_hand_model_works_in_millimetres_on_left_and_right_hands():
     assert description.unit == "mm" and not description.in_pixels
     assert description.inference.mirror_axis == 0
     assert description.refinement is not None
+    assert description.calibration is not None and description.calibration.fitted_on["images"] == 6

@@ -1,0 +1,74 @@
+"""Calibrate a model on the held-out images of k-fold models trained with its recipe, and write it.
+
+    python benchmarks/shared_data/hand_kfold.py --minutes 22 --out runs/hand-kfold-long
+    python benchmarks/shared_data/calibrate_from_folds.py Resources/Models/hand-xray-37/model.safetensors \
+        --folds runs/hand-kfold-long/fold{0,1,2} --datasets runs/data/hand-fold{0,1,2}/dataset.toml \
+        --flag-above 2 3 --out Resources/Models/hand-xray-37/model.safetensors --overwrite
+
+A model trained on every annotated image has no held-out image of its own (the 6 hands). Each fold
+model, trained the same way on fewer images, is measured on the images it never saw (the "test"
+split); their errors and evidence, pooled, calibrate the model given. The expected errors are those
+of a model trained on fewer images, so they lean high for the model trained on all of them.
+The held-out figures in the calibration are cross-validated by image over the pooled images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+from SCNLandmarksLib.bundle import save_description
+from SCNLandmarksLib.calibration import (
+    Measurements,
+    calibrate,
+    calibration_report,
+    dataset_cases,
+    default_thresholds,
+    measure,
+)
+from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.io.paths import refuse_existing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the model to calibrate")
+    parser.add_argument("--folds", nargs="+", required=True, help="fold output folders (model.safetensors in each)")
+    parser.add_argument("--datasets", nargs="+", required=True, help="each fold's dataset spec, in the same order")
+    parser.add_argument("--split", default="test", help="the folds' held-out split")
+    parser.add_argument("--evidence", nargs="+", default=["peak", "width", "refinement_shift"])
+    parser.add_argument("--flag-above", type=float, nargs="+", help="error thresholds (model unit) for the AUROC")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    if len(args.folds) != len(args.datasets):
+        parser.error("give one dataset per fold")
+    refuse_existing([args.out], args.overwrite)
+
+    parts = []
+    for folder, dataset in zip(args.folds, args.datasets):
+        fold = Predictor.from_file(f"{folder}/model.safetensors", "cpu")
+        total, cases = dataset_cases(fold, dataset, args.split)
+        parts.append(measure(fold, cases))
+        print(f"{folder}: {total} held-out images", file=sys.stderr)
+    pooled = Measurements(
+        [i for part in parts for i in part.image_ids],
+        np.concatenate([part.errors for part in parts]),
+        {m: np.concatenate([part.evidence[m] for part in parts]) for m in parts[0].evidence},
+    )
+    predictor = Predictor.from_file(args.model, "cpu")
+    thresholds = default_thresholds(predictor.description.unit, args.flag_above)
+    source = f"held-out images of {len(parts)} fold models ({', '.join(args.folds)}), split {args.split}"
+    calibration, comparison = calibrate(
+        predictor, pooled, tuple(args.evidence), thresholds, len(pooled.image_ids), source
+    )
+    save_description(args.model, args.out, dataclasses.replace(predictor.description, calibration=calibration))
+    print(json.dumps(calibration_report(args.out, calibration, comparison), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,10 +15,10 @@ against mean measured error): copies neither the network nor the calibration saw
 
 --harder makes the evaluation copies a harder proxy for a brain the model never saw: deformations
 beyond the training's (±25 mm, ±25°, ±20 % scaling, ±10 % per axis, 6 mm elastic on a 30 mm grid,
-against 15 / 15 / 10 / 5 / 4 on 40), then intensity changes it was never trained with: a random
-monotonic intensity curve (another scanner's contrast; `intensity_curve` at 0.25), gamma exp(±0.7),
-a bias field of log-std 0.4, a lower resolution (Gaussian blur of 1 mm) and noise of 3 % of the
-intensity range.
+against brain-afids-32's 15 / 20 / 15 / 5 / 5 on 35), then intensity changes beyond its training: a
+random monotonic intensity curve (another scanner's contrast; `intensity_curve` at 0.25, trained at
+0.1), gamma exp(±0.7) (trained ±0.5), a bias field of log-std 0.4 (0.3), a lower resolution
+(Gaussian blur of 1 mm, never trained) and noise of 3 % of the intensity range.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ HARDER_DEFORMATION = dataclasses.replace(
     elastic_mm=6.0,
     elastic_control_spacing_mm=30.0,
 )
-HARDER_CURVE = 0.25  # inner knots of the random intensity curve move by up to this (training: 0 or 0.1)
+HARDER_CURVE = 0.25  # inner knots of the random intensity curve move by up to this (brain training: 0.1)
 
 
 def deformed_copy(

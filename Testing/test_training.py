@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -264,6 +265,29 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     refined = float(np.mean(validation_errors(predictor, dataset_2d)[0]))
     coarse = float(np.mean(validation_errors(predictor, dataset_2d, refine=False)[0]))
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"
+
+    # A turned header takes passes in the canonical pose: the refinement still runs once per image, in
+    # the pose of the pass whose points are returned, and refines as well as on the image as given.
+    refinements = []
+    refine_patches = predictor._refine
+    predictor._refine = lambda *args: (refinements.append(args), refine_patches(*args))[1]
+    angle = math.radians(25.0)
+    turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    spec = load_dataset_spec(dataset_2d)
+    entries = spec.split("validation")
+    truth = spec.load_landmarks(entries)
+    turned_errors = []
+    for entry in entries:
+        image = read_image(entry.image)
+        direction = np.array(image.GetDirection()).reshape(2, 2)
+        image.SetDirection((turn @ direction).ravel().tolist())
+        image.SetOrigin((turn @ np.array(image.GetOrigin())).tolist())
+        found = predictor.predict(image)
+        assert found.canonical_pass
+        turned_errors.append(np.linalg.norm(found.landmarks.points_lps - truth[entry.id].points_lps @ turn.T, axis=1))
+    assert len(refinements) == len(entries)
+    turned = float(np.mean(np.concatenate(turned_errors)))
+    assert turned < 0.3 and turned < 0.8 * coarse, f"turned {turned:.3f} mm vs coarse {coarse:.3f} mm"
 
     # The evaluation report compares both ways of running the model on the same images.
     metrics = json.loads(

@@ -686,5 +686,10 @@ def train(
     assert result is not None  # there is always a coarse stage
     if context.main_process:
         run.export(config.output_dir / LAST_MODEL, result.iterations, result.history[-1] if result.history else None)
+        if not validation_items:
+            # The newest model has every stage. A resumed run whose refinement had already finished
+            # exported its coarse stage alone on the way, and the refinement stage had no step to
+            # export it again.
+            run.export(config.output_dir / BEST_MODEL, result.iterations, None)
     context.finish()
     return result

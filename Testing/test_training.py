@@ -236,14 +236,13 @@ def test_bad_inputs_get_clear_errors_naming_the_file(dataset_2d, tmp_path):
         assert named in str(failure.value), f"{problem}: {failure.value}"
 
 
-def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path):
-    """A deliberately coarse SCN (4 mm grid) plus a 0.5 mm patch refiner: one model file, better points."""
-    base = tiny_config(dataset_2d, tmp_path / "c2f", 2)
-    values = config_to_dict(base)
+def coarse_to_fine_config(dataset: Path, output_dir: Path, coarse_iterations: int, refinement_iterations: int, **top):
+    """A deliberately coarse SCN (4 mm grid) plus a 0.5 mm patch refiner for the synthetic 2D dataset."""
+    values = config_to_dict(tiny_config(dataset, output_dir, 2))
     values["grid"] = {"size": [16, 16], "spacing": [4.0, 4.0]}
     values["heatmap"]["sigma_init"] = 6.0
     values["model"]["params"] = {**values["model"]["params"], "levels": 2, "sc_downsample": 2, "sc_kernel": 3}
-    values["training"].update(iterations=150, validate_every=150)
+    values["training"].update(iterations=coarse_iterations, validate_every=150)
     values["refinement"] = {
         "grid": {"size": [24, 24], "spacing": [0.5, 0.5]},
         "offset_mm": 3.0,
@@ -251,15 +250,31 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
         "model": {"architecture": "unet", "params": {"filters": 16, "levels": 3, "dropout": 0.0}},
         "augmentation": {"translation": 0.0, "rotation_deg": 10.0},
         "training": {
-            "iterations": 300,
+            "iterations": refinement_iterations,
             "batch_size": 8,
             "learning_rate": 1e-3,
             "validate_every": 150,
             "checkpoint_every": 150,
         },
     }
-    config = config_from_dict(values, Path("/"))
-    result = train(config, device="cpu")
+    return config_from_dict({**values, **top}, Path("/"))
+
+
+def test_more_coarse_iterations_on_a_finished_run_keep_its_refinement(dataset_2d, tmp_path):
+    """Resuming a run without validation whose refinement had finished, with more coarse iterations: the
+    model file keeps both stages (it once kept the coarse stage alone)."""
+    first = coarse_to_fine_config(dataset_2d, tmp_path / "run", 10, 10, validation_split="none")
+    train(first, device="cpu")
+    longer = coarse_to_fine_config(dataset_2d, tmp_path / "run", 20, 10, validation_split="none")
+    result = train(longer, resume=True, device="cpu")
+    description = read_description(result.model_path)
+    assert description.refinement is not None and description.provenance["iterations"] == 10
+    assert Predictor.from_file(result.model_path, "cpu").refinement is not None
+
+
+def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path):
+    """A deliberately coarse SCN (4 mm grid) plus a 0.5 mm patch refiner: one model file, better points."""
+    result = train(coarse_to_fine_config(dataset_2d, tmp_path / "c2f", 150, 300), device="cpu")
     predictor = Predictor.from_file(result.model_path, "cpu")
     assert predictor.refinement is not None and read_description(result.model_path).refinement.grid_size == (24, 24)
     refined = float(np.mean(validation_errors(predictor, dataset_2d)[0]))

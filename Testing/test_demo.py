@@ -95,6 +95,20 @@ def check_outputs(completed, out: Path, stem: str, model: Path, dimension: int) 
     for row in rows:
         assert f"| {row['name']} |" in markdown
 
+    # Review first: a calibrated model's found points carry expected errors; the flagged ones come
+    # largest expected error first.
+    calibrated = read_description(model).calibration is not None
+    assert summary["model"]["calibrated"] == calibrated
+    found = [row for row in rows if row["status"] != "missing"]
+    if calibrated:
+        assert all(row["expectedError"] > 0 and row["flagged"] is not None for row in found)
+        flagged = sorted((row for row in found if row["flagged"]), key=lambda row: -row["expectedError"])
+        assert summary["reviewFirst"] == [row["name"] for row in flagged]
+        assert "**Review first**" in markdown or "no point is expected to be worse" in markdown
+    else:
+        assert all(row["expectedError"] is None and row["flagged"] is None for row in rows)
+        assert summary["reviewFirst"] == [] and "the model is not calibrated" in markdown
+
     # Pictures: real images of a useful size, gray anatomy with the heatmap in heat colors and points.
     views = ["axial", "coronal", "sagittal"] if dimension == 3 else ["overlay"]
     pictures = [out / f"{stem}_{view}.png" for view in views]

@@ -17,8 +17,9 @@ Writes into --out:
 * ``<image>.mrk.json``, ``<image>.fcsv``, ``<image>.csv``: the landmarks (LPS, with confidences);
 * ``<image>_axial.png``, ``<image>_coronal.png``, ``<image>_sagittal.png`` (3D: slices through the
   landmarks' center) or ``<image>_overlay.png`` (2D): image, heatmap in heat colors, points;
-* ``summary.json`` and ``summary.md``: per landmark name, RAS and LPS position, confidence and
-  status; model, device and times.
+* ``summary.json`` and ``summary.md``: per landmark name, RAS and LPS position, confidence, status
+  and, for a calibrated model, expected error and whether it is flagged; the points to review first;
+  model, device and times.
 
 Exit status: 0 done, 2 bad input (a one-line message on stderr), 130 interrupted (the CLI's own).
 """
@@ -123,10 +124,17 @@ def _vector(values) -> list | None:
 
 
 def landmarkTable(result) -> list[dict]:
-    """Per landmark: name, RAS and LPS position (mm; None when missing), confidence, status."""
+    """Per landmark: name, RAS and LPS position (mm; None when missing), confidence, status, expected
+    error (the model's unit; None when unknown) and flagged (expected to be worse than the landmark
+    usually is; None for a model without calibration)."""
+    prediction = result.prediction
+    count = len(result.landmarkNames)
+    expected = prediction.landmarks.expected_errors
+    expected = [math.nan] * count if expected is None else [float(e) for e in expected]
+    flagged = [None] * count if prediction.flagged is None else [bool(f) for f in prediction.flagged]
     rows = []
-    for name, ras, confidence, status in zip(
-        result.landmarkNames, result.pointsRas, result.confidences, result.statuses
+    for name, ras, confidence, status, expectedError, flag in zip(
+        result.landmarkNames, result.pointsRas, result.confidences, result.statuses, expected, flagged
     ):
         rasList = _vector(ras)
         lpsList = None if rasList is None else [round(-rasList[0], 4), round(-rasList[1], 4), rasList[2]]
@@ -137,9 +145,19 @@ def landmarkTable(result) -> list[dict]:
                 "lps": lpsList,
                 "confidence": None if not math.isfinite(float(confidence)) else round(float(confidence), 4),
                 "status": status,
+                "expectedError": round(expectedError, 4) if math.isfinite(expectedError) else None,
+                "flagged": flag,
             }
         )
     return rows
+
+
+def reviewFirst(rows: list[dict]) -> list[str]:
+    """The flagged landmarks, largest expected error first (what a person should check first)."""
+    from SCNLandmarksMRML.review import review_order
+
+    order = review_order([math.nan if r["expectedError"] is None else r["expectedError"] for r in rows])
+    return [rows[i]["name"] for i in order if rows[i]["flagged"]]
 
 
 def styleForPictures(heatmapNode) -> None:
@@ -232,17 +250,28 @@ def writeSummaries(outDir: Path, summary: dict) -> tuple[Path, Path]:
     ]
     if summary.get("acPcDistanceMm") is not None:
         lines.append(f"- **AC-PC distance:** {summary['acPcDistanceMm']:.1f} mm")
+    unit = summary["model"]["unit"]
+    if not summary["model"]["calibrated"]:
+        lines.append("- **Review first:** the model is not calibrated (no expected errors): check every point")
+    elif summary["reviewFirst"]:
+        worse = ", ".join(summary["reviewFirst"])
+        lines.append(f"- **Review first** (expected to be worse than the landmark usually is): {worse}")
+    else:
+        lines.append("- **Review first:** no point is expected to be worse than its landmark usually is")
     lines += [
         "",
         "Positions in mm: RAS (Slicer's world frame) and LPS (DICOM/ITK, as in the .mrk.json file).",
         "",
-        "| # | landmark | RAS (mm) | LPS (mm) | confidence | status |",
-        "|---:|---|---|---|---:|---|",
+        f"| # | landmark | RAS (mm) | LPS (mm) | confidence | expected error ({unit}) | status |",
+        "|---:|---|---|---|---:|---:|---|",
     ]
     for i, row in enumerate(summary["landmarks"], start=1):
         confidence = "-" if row["confidence"] is None else f"{row['confidence']:.2f}"
+        expected = "-" if row["expectedError"] is None else f"{row['expectedError']:.2f}"
+        status = f"{row['status']}, flagged" if row["flagged"] else row["status"]
         lines.append(
-            f"| {i} | {row['name']} | {_format(row['ras'])} | {_format(row['lps'])} | {confidence} | {row['status']} |"
+            f"| {i} | {row['name']} | {_format(row['ras'])} | {_format(row['lps'])} | {confidence} | {expected} "
+            f"| {status} |"
         )
     threeD = summary["image"]["dimension"] == 3
     lines += [
@@ -350,6 +379,8 @@ def run(arguments) -> dict:
                 "card": str(entry.card) if entry is not None and entry.card is not None else None,
                 "dimension": int(predictor.dimension),
                 "landmarks": len(names),
+                "unit": predictor.description.unit,
+                "calibrated": predictor.calibration is not None,
             },
             "image": {
                 "path": str(Path(image).resolve()),
@@ -366,6 +397,7 @@ def run(arguments) -> dict:
             "totalSeconds": None,
             "acPcDistanceMm": acPc,
             "landmarks": rows,
+            "reviewFirst": reviewFirst(rows),
             "outputFolder": str(outDir.resolve()),
             "pictureSlices": {p.name: {"view": view, "throughLandmark": landmark} for p, view, landmark in pictures},
             # File names in the output folder.

@@ -51,6 +51,12 @@ class AugmentationConfig:
     intensity_curve: float = 0.0
     noise_std: float = 0.0  # Gaussian noise in normalised units
     bias_field_log: float = 0.0  # std of a smooth multiplicative log-field (MR bias), 0 = off
+    # A lower resolution (thicker slices, a softer scanner): Gaussian blur, its sigma drawn per axis
+    # from U(0, blur_mm) mm; 0 = off.
+    blur_mm: float = 0.0
+    # A partial field of view, with this probability: beyond a random plane normal to a random axis
+    # the image is blank, the plane never closer to a landmark than FIELD_OF_VIEW_MARGIN_MM; 0 = off.
+    field_of_view_cut: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,7 +12,13 @@ import torch.nn.functional as F
 from conftest import oblique_direction
 
 from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
-from SCNLandmarksLib.data.augmentation import augmented_sample, intensity_curve, random_transform, swap_permutation
+from SCNLandmarksLib.data import augmentation
+from SCNLandmarksLib.data.augmentation import (
+    augmented_sample,
+    intensity_curve,
+    random_transform,
+    swap_permutation,
+)
 from SCNLandmarksLib.data.preparation import (
     PreparedImage,
     prepare_image,
@@ -236,3 +244,41 @@ def test_the_intensity_curve_is_a_random_monotonic_map_that_keeps_its_ends():
     assert (curved - values).abs().max() > 0.05  # the contrast did change
     again = intensity_curve(values, 0.15, torch.Generator().manual_seed(3))
     torch.testing.assert_close(curved, again)  # the generator decides it
+
+
+def variation(array: torch.Tensor) -> float:
+    """Mean absolute difference between neighbouring voxels, over all axes."""
+    return sum(float(array.diff(dim=dim).abs().mean()) for dim in range(array.dim()))
+
+
+@pytest.mark.parametrize("case", ["2d", "3d"])
+def test_lower_resolution_and_partial_field_of_view_change_the_image_not_the_landmarks(case, monkeypatch):
+    monkeypatch.setattr(augmentation, "FIELD_OF_VIEW_MARGIN_MM", 4.0)  # room for cuts on a small grid
+    image, point = blob_image(case)
+    geometry = ImageGeometry.of(image)
+    texture = torch.rand((1, *reversed(geometry.size)), generator=torch.Generator().manual_seed(0)) + 1.0
+    prepared = PreparedImage(texture, geometry, 0.0)  # no two voxels alike before a cut
+    d = len(point)
+    size, spacing = (24,) * d, (1.0,) * d  # within the image, around its center
+    points = np.stack([point, point + 4.0])
+    plain = AugmentationConfig(translation=0.0, intensity_shift=0.0, intensity_scale=0.0)
+    acquired = dataclasses.replace(plain, blur_mm=3.0, field_of_view_cut=1.0)
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in reversed(size)), indexing="ij")
+    cuts = 0
+    for seed in range(6):
+        sample, index, _ = augmented_sample(
+            prepared, points, size, spacing, plain, torch.Generator().manual_seed(seed), center_lps=point
+        )
+        changed, changed_index, _ = augmented_sample(
+            prepared, points, size, spacing, acquired, torch.Generator().manual_seed(seed), center_lps=point
+        )
+        torch.testing.assert_close(changed_index, index)  # the anatomy stays where it was
+        # Blurred along at least one axis: the texture's voxel-to-voxel variation fades.
+        assert variation(changed[0]) < 0.9 * variation(sample[0])
+        # Blank voxels (the sample's minimum) lie only beyond the margin from every landmark.
+        blank = changed[0] == changed[0].min()
+        cuts += int(blank.sum() > 1)
+        for landmark in index:
+            distance = torch.stack([(axis - c).abs() for axis, c in zip(axes, landmark.flip(0))]).max(dim=0).values
+            assert not (blank & (distance < 4.0)).any()
+    assert cuts >= 3

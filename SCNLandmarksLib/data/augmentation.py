@@ -28,6 +28,8 @@ from ..geometry import ImageGeometry, axis_aligned_grid
 from .preparation import PreparedImage, grid_positions, grid_sample_coordinates, sample_at
 
 CURVE_KNOTS = 6  # of the random intensity curve (AugmentationConfig.intensity_curve): 4 inner knots
+# A partial field of view (AugmentationConfig.field_of_view_cut) leaves this much image around every landmark.
+FIELD_OF_VIEW_MARGIN_MM = 20.0
 
 
 @dataclass
@@ -169,6 +171,51 @@ def augment_intensities(
     return sample
 
 
+def blurred(
+    sample: torch.Tensor, max_sigma_mm: float, spacing: tuple[float, ...], generator: torch.Generator
+) -> torch.Tensor:
+    """The sample (1, *grid) through a Gaussian blur whose sigma along each axis is drawn from
+    U(0, max_sigma_mm) mm: another acquisition's resolution, e.g. thick slices along one axis."""
+    sigmas = _uniform(generator, 0.0, max_sigma_mm, (len(spacing),))
+    # Tensor dims run (z,) y, x; spacing runs x, y(, z).
+    for dim, (sigma_mm, step) in enumerate(zip(sigmas.tolist(), spacing[::-1]), start=1):
+        sigma = sigma_mm / step
+        if sigma < 0.3:  # below a third of a voxel a blur changes nothing visible
+            continue
+        radius = int(math.ceil(3.0 * sigma))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sample.device)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        moved = sample.movedim(dim, -1)
+        padded = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
+        sample = F.conv1d(padded, kernel.view(1, 1, -1)).reshape(moved.shape).movedim(-1, dim)
+    return sample
+
+
+def cut_field_of_view(
+    sample: torch.Tensor, landmark_index: torch.Tensor, spacing: tuple[float, ...], generator: torch.Generator
+) -> torch.Tensor:
+    """The sample (1, *grid) blank (its minimum) beyond a random plane normal to a random axis, on a
+    random side; the plane keeps FIELD_OF_VIEW_MARGIN_MM from every landmark (grid indices x, y[, z])."""
+    d = len(spacing)
+    axis = int(torch.randint(d, (), generator=generator))
+    from_low = bool(torch.rand((), generator=generator) < 0.5)
+    size = sample.shape[d - axis]
+    present = landmark_index[torch.isfinite(landmark_index).all(dim=1), axis]
+    margin = FIELD_OF_VIEW_MARGIN_MM / spacing[axis]
+    if from_low:
+        room = (float(present.min()) if len(present) else size - 1) - margin
+    else:
+        room = size - 1 - (float(present.max()) if len(present) else 0.0) - margin
+    depth = int(float(torch.rand((), generator=generator)) * max(room, 0.0))
+    if depth <= 0:
+        return sample
+    sample = sample.clone()
+    region = sample.narrow(d - axis, 0 if from_low else size - depth, depth)
+    region.fill_(float(sample.min()))
+    return sample
+
+
 def intensity_curve(sample: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """The normalised sample through a random monotonic piecewise-linear curve on [0, 1]-mapped
     intensities: CURVE_KNOTS knots evenly spaced, the inner ones moved by up to `strength`, then
@@ -226,8 +273,6 @@ def augmented_sample(
     else:
         transform = SpatialTransform(torch.eye(d + 1, dtype=torch.float64))
     sample = sample_at(prepared, transform.input_positions(grid, device))
-    if augment:
-        sample = augment_intensities(sample, config, grid, generator)
     points = torch.as_tensor(points_lps, dtype=torch.float64)
     present = torch.isfinite(points).all(dim=1)
     output = torch.full_like(points, float("nan"))
@@ -236,4 +281,11 @@ def augmented_sample(
     if transform.mirrored and mirror_permutation is not None:
         output = output[mirror_permutation]
     landmark_index = torch.as_tensor(grid.physical_to_index(output.numpy()))
+    if augment:
+        # Acquisition first (resolution, field of view), then contrast and noise.
+        if config.blur_mm > 0:
+            sample = blurred(sample, config.blur_mm, grid.spacing, generator)
+        if config.field_of_view_cut > 0 and float(torch.rand((), generator=generator)) < config.field_of_view_cut:
+            sample = cut_field_of_view(sample, landmark_index, grid.spacing, generator)
+        sample = augment_intensities(sample, config, grid, generator)
     return sample, landmark_index, grid

@@ -18,7 +18,7 @@ beyond the training's (±25 mm, ±25°, ±20 % scaling, ±10 % per axis, 6 mm el
 against brain-afids-32's 15 / 20 / 15 / 5 / 5 on 35), then intensity changes beyond its training: a
 random monotonic intensity curve (another scanner's contrast; `intensity_curve` at 0.25, trained at
 0.1), gamma exp(±0.7) (trained ±0.5), a bias field of log-std 0.4 (0.3), a lower resolution
-(Gaussian blur of 1 mm, never trained) and noise of 3 % of the intensity range.
+(Gaussian blur of 1 mm; trained up to 2 mm) and noise of 3 % of the intensity range.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 
 from SCNLandmarksLib.bundle import save_description
 from SCNLandmarksLib.calibration import (
+    CHEAP_EVIDENCE,
     Measurements,
     calibrate,
     calibration_report,
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", required=True, help="fold output folders (model.safetensors in each)")
     parser.add_argument("--datasets", nargs="+", required=True, help="each fold's dataset spec, in the same order")
     parser.add_argument("--split", default="test", help="the folds' held-out split")
-    parser.add_argument("--evidence", nargs="+", default=["peak", "width", "refinement_shift"])
+    parser.add_argument("--evidence", nargs="+", default=list(CHEAP_EVIDENCE))
     parser.add_argument("--flag-above", type=float, nargs="+", help="error thresholds (model unit) for the AUROC")
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Cancelled, SCNLandmarksError
-from .vocabulary import HeatmapKind, LandmarkStatus
+from .vocabulary import HeatmapKind, LandmarkStatus, Precision
 
 log = logging.getLogger("scn-landmarks")
 
@@ -229,7 +229,7 @@ def _detect(args: argparse.Namespace) -> int:
     from .io.landmarks import write_landmarks
     from .io.paths import output_stems, refuse_existing
 
-    predictor = Predictor.from_file(args.model, args.device)
+    predictor = Predictor.from_file(args.model, args.device, args.precision)
     if predictor.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
     reviews = []
@@ -297,6 +297,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.split,
         Path(args.out),
         device=args.device,
+        precision=args.precision,
         radii=tuple(args.radii) if args.radii else None,
         progress=progress,
     )
@@ -334,7 +335,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     refuse_existing([out], args.overwrite)
-    predictor = Predictor.from_file(args.model, args.device)
+    predictor = Predictor.from_file(args.model, args.device, args.precision)
     total, cases = dataset_cases(predictor, args.dataset, args.split)
     thresholds = default_thresholds(predictor.description.unit, args.flag_above)
     measured = measure(predictor, cases, lambda done, image_id: print(f"[{done}/{total}] {image_id}", file=sys.stderr))
@@ -371,6 +372,16 @@ PROGRESS_JSON_HELP = (
 
 
 STOP_FILE_HELP = "stop cleanly, as on Ctrl-C, when this file appears (for programs that run training)"
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--precision",
+        default=Precision.AUTO,
+        choices=tuple(Precision),
+        help="what the networks compute in; auto: bfloat16 on CPUs that multiply it in hardware, else float32",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--format", default="mrk.json", choices=tuple(LANDMARK_FORMATS))
     detect.add_argument("--heatmaps", action="store_true", help="also write heatmaps (.nrrd, input geometry)")
     detect.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
-    detect.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_inference_options(detect)
     detect.set_defaults(run=_detect)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model on a dataset split")
@@ -421,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation")
     evaluate.add_argument("--out", required=True, help="output folder for metrics.json and report.md")
     evaluate.add_argument("--radii", type=float, nargs="+", help="success-detection radii (model unit)")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_inference_options(evaluate)
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.set_defaults(run=_evaluate)
 
@@ -483,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--folds", type=int, default=5, help="cross-validation folds (by image) for the held-out figures"
     )
-    calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_inference_options(calibrate)
     calibrate.set_defaults(run=_calibrate)
 
     info = commands.add_parser("info", help="print a model file's metadata")

@@ -647,6 +647,7 @@ def evaluate_model(
     device: str = "auto",
     radii: tuple[float, ...] | None = None,
     progress: Any = None,
+    precision: str = "auto",
 ) -> Path:
     """Run a model on one split of a dataset spec and write metrics.json, report.md, plots, overlays.
 
@@ -654,6 +655,7 @@ def evaluate_model(
         radii: success-detection radii in the model's unit; default 2/2.5/3/4 mm, or 5/10/20/40 px
             for models trained on images without spacing.
         progress: optional callable(done, total, image_id).
+        precision: what the networks compute in (see inference.resolve_precision).
     Returns:
         The path of metrics.json.
     """
@@ -661,7 +663,7 @@ def evaluate_model(
     from .inference import Predictor
     from .io.images import read_image
 
-    predictor = Predictor.from_file(model_path, device)
+    predictor = Predictor.from_file(model_path, device, precision)
     spec = load_dataset_spec(dataset)
     entries = spec.split(split)
     names = predictor.landmark_names

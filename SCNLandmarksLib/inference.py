@@ -31,9 +31,9 @@ from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_po
 from .heatmaps import peak_height, refine_peaks
 from .io.images import as_scalar_image, read_image
 from .landmark_set import LandmarkSet
-from .models import HeatmapOutput
+from .models import HeatmapOutput, LocalAppearanceNet
 from .pose import Pose, fit_pose, trial_scales
-from .vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
+from .vocabulary import Cancel, HeatmapKind, LandmarkStatus, Precision, Progress
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or 'auto'")
     return torch.device(device)
+
+
+def has_bfloat16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX), as Linux reports it; False
+    where that cannot be read (other systems)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo.splitlines())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the networks' appearance layers compute in (a Precision): 'auto' is bfloat16 on a CPU
+    with bfloat16 matrix units (convolutions 4x faster there, errors unchanged: see the README's speed
+    section), float32 elsewhere (GPUs included: not measured)."""
+    if precision not in set(Precision):
+        raise DataError(f"unknown precision {precision!r}; use one of: {', '.join(Precision)}")
+    if precision == Precision.AUTO:
+        return torch.bfloat16 if device.type == "cpu" and has_bfloat16_matrix_units() else torch.float32
+    return torch.bfloat16 if precision == Precision.BFLOAT16 else torch.float32
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -173,9 +194,16 @@ def _part(progress: Progress | None, low: float, high: float, prefix: str = "") 
 class Predictor:
     """A loaded model, ready to detect landmarks on images."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, path: Path | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        path: Path | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
         self.path = path  # the model file, when loaded from one
         self.device = device
+        self.compute_dtype = compute_dtype  # of the networks' appearance layers (from_file sets them)
         self.description = loaded.description
         self.coarse = loaded.coarse
         self.refinement = loaded.refinement
@@ -191,18 +219,24 @@ class Predictor:
         self.mean_configuration = loaded.description.mean_configuration
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "auto") -> Predictor:
-        """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda'."""
+    def from_file(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Predictor:
+        """Load a model file (safely: tensors and JSON only) onto 'auto', 'cpu' or 'cuda', to compute
+        in `precision` (see resolve_precision)."""
         device = resolve_device(device)
+        compute_dtype = resolve_precision(precision, device)
         loaded = load_model(path, device)
-        if device.type == "cpu":
-            # oneDNN's CPU convolutions run 20-35 % faster channels-last (same results to float
-            # rounding). Only here, where the predictor owns the networks: training's are its own.
-            layout = torch.channels_last_3d if loaded.description.dimension == 3 else torch.channels_last
-            for stage in (loaded.coarse, loaded.refinement):
-                if stage is not None:
-                    stage.network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
-        return cls(loaded, device, Path(path))
+        # oneDNN's CPU convolutions run 20-35 % faster channels-last (same results to float rounding).
+        # Only here, where the predictor owns the networks: training's are its own.
+        layout = torch.channels_last_3d if loaded.description.dimension == 3 else torch.channels_last
+        for stage in (loaded.coarse, loaded.refinement):
+            if stage is None:
+                continue
+            if device.type == "cpu":
+                stage.network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
+            for module in stage.network.modules():
+                if isinstance(module, LocalAppearanceNet) and compute_dtype != torch.float32:
+                    module.compute_dtype = compute_dtype
+        return cls(loaded, device, Path(path), compute_dtype)
 
     def predict(
         self,

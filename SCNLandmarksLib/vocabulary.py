@@ -1,5 +1,5 @@
 """Terms shared by the library and its front-ends: landmark statuses and their colors, heatmap
-kinds, and the callbacks of long work.
+kinds, compute precisions, and the callbacks of long work.
 
 Torch-free, so front-ends (the Slicer module, the web app) use them before torch is loaded.
 """
@@ -44,3 +44,11 @@ class HeatmapKind(StrEnum):
         return {"final": "final (SCN output)", "local": "local appearance", "spatial": "spatial configuration"}[
             self.value
         ]
+
+
+class Precision(StrEnum):
+    """What the networks compute in at inference (see inference.resolve_precision)."""
+
+    AUTO = "auto"  # bfloat16 where the CPU multiplies it in hardware, else float32
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"

@@ -7,14 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import mirror_case
 
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
 from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.inference import Predictor, tile_starts
+from SCNLandmarksLib.inference import Predictor, has_bfloat16_matrix_units, resolve_precision, tile_starts
 from SCNLandmarksLib.io.images import read_image
+from SCNLandmarksLib.models import LocalAppearanceNet
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,32 @@ def test_tiled_inference_finds_the_same_landmarks(tiny_model_2d, case_2d):
     assert b.status == ["detected"] * 4
     assert np.linalg.norm(a.landmarks.points_lps - b.landmarks.points_lps, axis=1).max() < 1.0
     assert np.linalg.norm(b.landmarks.points_lps - truth.points_lps, axis=1).mean() < 1.0
+
+
+def test_bfloat16_appearance_layers_find_the_float32_points(tiny_model_2d, case_2d):
+    image, truth = case_2d
+    exact = Predictor.from_file(tiny_model_2d, "cpu", "float32")
+    reduced = Predictor.from_file(tiny_model_2d, "cpu", "bfloat16")
+    assert (exact.compute_dtype, reduced.compute_dtype) == (torch.float32, torch.bfloat16)
+    bodies = [m for m in reduced.coarse.network.modules() if isinstance(m, LocalAppearanceNet)]
+    assert bodies and all(m.compute_dtype == torch.bfloat16 for m in bodies)
+    a, b = exact.predict(image, heatmaps=True), reduced.predict(image, heatmaps=True)
+    moved = np.linalg.norm(a.landmarks.points_lps - b.landmarks.points_lps, axis=1)
+    cell = min(exact.description.coarse.grid_spacing)
+    assert 0.0 < moved.max() < 0.1 * cell, (moved, cell)  # it ran reduced, to within a tenth of a cell
+    np.testing.assert_allclose(b.landmarks.confidences, a.landmarks.confidences, atol=0.02)
+    assert b._heatmaps["final"].dtype == np.float32  # the heatmap layers stay float32
+    assert np.linalg.norm(b.landmarks.points_lps - truth.points_lps, axis=1).mean() < 1.0
+
+
+def test_precision_choice():
+    assert resolve_precision("float32", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float32  # not measured on GPUs
+    cpu = resolve_precision("auto", torch.device("cpu"))
+    assert cpu == (torch.bfloat16 if has_bfloat16_matrix_units() else torch.float32)
+    with pytest.raises(DataError, match="unknown precision 'half'.*auto, float32, bfloat16"):
+        resolve_precision("half", torch.device("cpu"))
 
 
 def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d):

@@ -679,8 +679,11 @@ def test_real_model_3d_matches_the_library_predictor(mrml, tiny_model_3d, datase
     result = logic.detectLandmarks(volume, tiny_model_3d, device="cpu")
     reference = Predictor.from_file(tiny_model_3d, "cpu").predict(read_image(path, 3))
     assert _labels(result.markupsNode) == reference.landmarks.names
-    np.testing.assert_allclose(result.pointsRas, lps_to_ras(reference.landmarks.points_lps), atol=1e-3)
-    np.testing.assert_allclose(result.confidences, reference.landmarks.confidences, atol=1e-4)
+    # The scene stores this oblique volume with another voxel order than the file: the same image,
+    # summed in another order, which bfloat16 appearance layers (auto precision on CPUs with AMX)
+    # round to 0.004 mm and 0.001 in confidence apart (float32: 3e-6 mm).
+    np.testing.assert_allclose(result.pointsRas, lps_to_ras(reference.landmarks.points_lps), atol=0.01)
+    np.testing.assert_allclose(result.confidences, reference.landmarks.confidences, atol=0.005)
     assert result.statuses == reference.status
     heatmap = logic.showHeatmap(result.markupsNode, "spatial", 0)
     np.testing.assert_array_equal(ijkToRasArray(heatmap), ijkToRasArray(volume))

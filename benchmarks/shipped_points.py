@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from SCNLandmarksLib.inference import Predictor  # noqa: E402
 from SCNLandmarksLib.io.images import read_image  # noqa: E402
+from SCNLandmarksLib.vocabulary import Precision  # noqa: E402
 
 MODELS = REPO / "Resources" / "Models"
 SAMPLE = REPO / "Resources" / "Samples" / "MNI152NLin2009cAsym_T1w_2mm.nii.gz"
@@ -52,12 +53,12 @@ def mirrored(picture: sitk.Image) -> sitk.Image:
     return flipped
 
 
-def shipped_points() -> dict[str, dict[str, list]]:
+def shipped_points(precision: str) -> dict[str, dict[str, list]]:
     torch.manual_seed(0)
     volume = read_image(SAMPLE)
     profile = head_profile(volume)
-    brain = Predictor.from_file(MODELS / "brain-afids-32" / "model.safetensors", "cpu")
-    ceph = Predictor.from_file(MODELS / "cephalometric-19" / "model.safetensors", "cpu")
+    brain = Predictor.from_file(MODELS / "brain-afids-32" / "model.safetensors", "cpu", precision)
+    ceph = Predictor.from_file(MODELS / "cephalometric-19" / "model.safetensors", "cpu", precision)
     runs = {
         "brain": (brain, volume, True),
         "brain coarse only": (brain, volume, False),
@@ -82,8 +83,14 @@ def main() -> int:
     action.add_argument("--save", type=Path, help="write the points to this JSON file")
     action.add_argument("--compare", type=Path, help="compare the points with this JSON file")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference (mm or px)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=tuple(Precision),
+        help="what the networks compute in (float32: any machine)",
+    )
     args = parser.parse_args()
-    results = shipped_points()
+    results = shipped_points(args.precision)
     if args.save:
         args.save.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.save}")

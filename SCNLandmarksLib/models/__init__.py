@@ -16,13 +16,14 @@ from typing import Any
 from torch import nn
 
 from .baselines import ConvOnlyNet, DownsamplingNet, UNetHeatmapNet
-from .scn import HeatmapOutput, SpatialConfigurationNet
+from .scn import HeatmapOutput, LocalAppearanceNet, SpatialConfigurationNet
 
 __all__ = [
     "ARCHITECTURES",
     "HEAD_PREFIXES",
     "TRAINING_ONLY_PARAMS",
     "HeatmapOutput",
+    "LocalAppearanceNet",
     "build_model",
     "default_params",
     "resolve_params",

@@ -1,6 +1,7 @@
 """End-to-end detection speed, batch throughput and the peer reference: one JSON line per case.
 
-    python benchmarks/inference.py [--device cpu|cuda] [--repeat 3] [--batch 9] [--no-cli] [--no-peer]
+    python benchmarks/inference.py [--device cpu|cuda] [--precision auto|float32|bfloat16] [--repeat 3]
+        [--batch 9] [--no-cli] [--no-peer]
 
 Cases use the shipped models: brain-afids-32 on the 1 mm MNI template from the shared data (or the
 bundled 2 mm sample when the shared data is absent), and cephalometric-19 on full-resolution
@@ -45,6 +46,7 @@ from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
+from SCNLandmarksLib.vocabulary import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -106,7 +108,7 @@ def batch_figures(predictor: Predictor, paths: list[Path], out: Path) -> dict[st
     }
 
 
-def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: int) -> dict[str, float]:
+def cli_figures(model: Path, paths: list[Path], out: Path, args: argparse.Namespace) -> dict[str, float]:
     """What a user of `scn-landmarks detect` sees, start-up and model load included.
 
     Side by side, `repeat` times each (medians): `python -c "import torch"`, one `detect` on one image,
@@ -117,7 +119,10 @@ def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: 
     folder.mkdir()
     for number, path in enumerate(paths):
         (folder / f"{number:03d}_{path.name}").symlink_to(path.resolve())
-    command = [sys.executable, "-m", "SCNLandmarksLib.cli", "detect", str(model), "--device", device]
+    command = [
+        *(sys.executable, "-m", "SCNLandmarksLib.cli", "detect", str(model)),
+        *("--device", args.device, "--precision", args.precision),
+    ]
 
     def seconds(arguments: list[str]) -> float:
         started = time.perf_counter()
@@ -125,7 +130,7 @@ def cli_figures(model: Path, paths: list[Path], out: Path, device: str, repeat: 
         return time.perf_counter() - started
 
     torch_s, single_s, folder_s = [], [], []
-    for run in range(repeat):
+    for run in range(args.repeat):
         torch_s.append(seconds([sys.executable, "-c", "import torch"]))
         single_s.append(seconds([*command, str(min(folder.iterdir())), "--out", str(out / f"single{run}")]))
         folder_s.append(seconds([*command, str(folder), "--out", str(out / f"folder{run}")]))
@@ -184,7 +189,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         started = time.perf_counter()
-        predictor = Predictor.from_file(model, args.device)
+        predictor = Predictor.from_file(model, args.device, args.precision)
         load_s = time.perf_counter() - started
         run_once(predictor, paths[0], out)  # warm-up
         runs = [run_once(predictor, paths[0], out) for _ in range(args.repeat)]
@@ -197,6 +202,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
             "image_size": list(geometry.size),
             "device": predictor.device.type,
             "threads": torch.get_num_threads(),
+            "compute_dtype": str(predictor.compute_dtype).removeprefix("torch."),
             "model_load_s": load_s,
             **single,
             "peak_rss_mb": rss_mb,
@@ -204,7 +210,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
             "batch_images": len(paths),
         }
         if not args.no_cli:
-            figures.update(cli_figures(model, paths, out, args.device, args.repeat))
+            figures.update(cli_figures(model, paths, out, args))
         if not args.no_peer:
             landmarks = len(predictor.landmark_names)
             filters = int(predictor.description.coarse.params["filters"])
@@ -223,6 +229,7 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=tuple(Precision))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=9, help="images in the batch-mode comparisons")
     parser.add_argument("--no-cli", action="store_true", help="skip the one-process-per-image comparison")

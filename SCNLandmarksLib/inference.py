@@ -203,10 +203,14 @@ class Predictor:
     ):
         self.path = path  # the model file, when loaded from one
         self.device = device
-        self.compute_dtype = compute_dtype  # of the networks' appearance layers (from_file sets them)
+        self.compute_dtype = compute_dtype  # what the networks' appearance layers compute in
         self.description = loaded.description
         self.coarse = loaded.coarse
         self.refinement = loaded.refinement
+        for stage in (self.coarse, self.refinement):
+            for module in [] if stage is None else stage.network.modules():
+                if isinstance(module, LocalAppearanceNet):
+                    module.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
         # The model file's decoding settings; replace (dataclasses.replace) to decode differently.
         self.inference = loaded.description.inference
         # None: not calibrated (no expected errors). `evidence_measures` are computed on every
@@ -225,18 +229,24 @@ class Predictor:
         device = resolve_device(device)
         compute_dtype = resolve_precision(precision, device)
         loaded = load_model(path, device)
+        dimension = loaded.description.dimension
         # oneDNN's CPU convolutions run 20-35 % faster channels-last (same results to float rounding).
         # Only here, where the predictor owns the networks: training's are its own.
-        layout = torch.channels_last_3d if loaded.description.dimension == 3 else torch.channels_last
-        for stage in (loaded.coarse, loaded.refinement):
-            if stage is None:
-                continue
+        layout = torch.channels_last_3d if dimension == 3 else torch.channels_last
+        networks = [stage.network for stage in (loaded.coarse, loaded.refinement) if stage is not None]
+        for network in networks:
             if device.type == "cpu":
-                stage.network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
-            for module in stage.network.modules():
-                if isinstance(module, LocalAppearanceNet) and compute_dtype != torch.float32:
-                    module.compute_dtype = compute_dtype
-        return cls(loaded, device, Path(path), compute_dtype)
+                network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
+        predictor = cls(loaded, device, Path(path), compute_dtype)
+        if compute_dtype != torch.float32:
+            # A process's first bfloat16 pass sometimes rounds differently from all later ones (the
+            # brain model's first points moved by 0.01-0.02 mm in 1 process of 5): a tiny pass per
+            # network spends it, so that a result does not depend on coming first.
+            warm_up = torch.zeros(1, loaded.description.in_channels, *[16] * dimension, device=device)
+            with torch.inference_mode():
+                for network in networks:
+                    network(warm_up.contiguous(memory_format=layout) if device.type == "cpu" else warm_up)
+        return predictor
 
     def predict(
         self,

@@ -126,7 +126,8 @@ class TrainingConfig:
     validate_every: int = 1000
     checkpoint_every: int = 200
     seed: int = 0
-    mixed_precision: bool = True  # bfloat16 autocast, on CUDA only
+    # bfloat16 autocast on CUDA and on CPUs that multiply bfloat16 in hardware (inference.has_bfloat16_matrix_units)
+    mixed_precision: bool = True
     gradient_clip: float = 100.0
 
 

@@ -41,7 +41,7 @@ from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from .errors import Cancelled, DataError, ModelFileError, TrainingError
 from .geometry import ImageGeometry
 from .heatmaps import LearnableSigmas, gaussian_heatmaps
-from .inference import Predictor, resolve_device
+from .inference import Predictor, has_bfloat16_matrix_units, resolve_device
 from .io.atomic import atomic_output
 from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
@@ -94,6 +94,12 @@ class StageSettings:
         """The stage's cost in grid voxels processed: how a time budget is shared between stages
         (a refinement iteration on small patches costs a fraction of a whole-image one)."""
         return float(self.training.iterations * self.training.batch_size * math.prod(self.grid.size))
+
+
+def mixed_precision_applies(device: torch.device) -> bool:
+    """Whether `mixed_precision` training autocasts to bfloat16 on `device`: on CUDA, and on CPUs that
+    multiply bfloat16 in hardware (3D steps 2.1x, 2D 1.3x faster there; elsewhere slower)."""
+    return device.type == "cuda" or (device.type == "cpu" and has_bfloat16_matrix_units())
 
 
 def stage_settings(config: Config) -> list[StageSettings]:
@@ -430,14 +436,14 @@ class StageTrainer:
             else self.trainable
         )
         gamma = settings.heatmap.resolved_gamma(self.dimension)
-        autocast = context.device.type == "cuda" and training.mixed_precision
+        autocast = training.mixed_precision and mixed_precision_applies(context.device)
         started, started_iteration = time.perf_counter(), self.iteration
         self.trainable.train()
         while self.iteration < training.iterations:
             inputs, index, present = _sample_batch(settings, items, self.iteration, context.rank, permutation)
             inputs, present = inputs.to(context.device), present.to(context.device)
             torch.manual_seed(training.seed * 7919 + self.iteration * 31 + context.rank)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=autocast):
                 output, sigma = model(inputs)
             targets = gaussian_heatmaps(index, present, settings.grid.size, settings.grid.spacing, sigma, gamma)
             loss, heatmap_term = heatmap_loss(

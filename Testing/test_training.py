@@ -141,6 +141,21 @@ def test_resume_equals_uninterrupted_training(dataset_2d, tmp_path):
     assert repr(a["history"]) == repr(b["history"])  # repr: NaN entries compare equal
 
 
+def test_cpu_training_autocasts_to_bfloat16_only_where_the_hardware_multiplies_it(dataset_2d, tmp_path, monkeypatch):
+    def weights(name: str, hardware: bool, mixed_precision: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr("SCNLandmarksLib.train.has_bfloat16_matrix_units", lambda: hardware)
+        config = _fast_config(dataset_2d, tmp_path / name, iterations=3, mixed_precision=mixed_precision)
+        train(config, device="cpu")
+        return torch.load(config.output_dir / CHECKPOINT, weights_only=True)["trainable"]
+
+    reduced = weights("reduced", hardware=True, mixed_precision=True)
+    without_units = weights("without_units", hardware=False, mixed_precision=True)
+    switched_off = weights("switched_off", hardware=True, mixed_precision=False)
+    assert all(torch.equal(without_units[k], switched_off[k]) for k in reduced)  # both float32
+    assert not all(torch.equal(reduced[k], switched_off[k]) for k in reduced)
+    assert all(torch.isfinite(v).all() for v in reduced.values())
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset_2d, tmp_path):
     config = _fast_config(
         dataset_2d, tmp_path / "nan", iterations=50, checkpoint_every=1, learning_rate=1e12, gradient_clip=1e30

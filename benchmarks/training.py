@@ -1,6 +1,6 @@
 """Training throughput: augmentation samples/s and training iterations/s, printed as JSON lines.
 
-    python benchmarks/training.py [--device cpu|cuda] [--iterations 10]
+    python benchmarks/training.py [--device cpu|cuda] [--iterations 10] [--no-mixed-precision]
 
 Cases mirror the shipped models' coarse stages on synthetic images of the real data's sizes: a 2D
 cephalogram-sized image (1340 x 1671 px) on a 1/8-resolution grid, and a 1 mm brain-sized volume
@@ -23,6 +23,7 @@ from SCNLandmarksLib.data.preparation import prepare_image
 from SCNLandmarksLib.heatmaps import LearnableSigmas, gaussian_heatmaps
 from SCNLandmarksLib.losses import heatmap_loss
 from SCNLandmarksLib.models import build_model
+from SCNLandmarksLib.train import mixed_precision_applies
 
 BRAIN_AUGMENTATION = AugmentationConfig(
     elastic_mm=4.0,
@@ -79,7 +80,8 @@ def per_second(function, count: int, device: torch.device) -> float:
     return count / (time.perf_counter() - started)
 
 
-def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> dict:
+def benchmark(name: str, case: dict, device: torch.device, iterations: int, mixed_precision: bool) -> dict:
+    autocast = mixed_precision and mixed_precision_applies(device)
     rng = np.random.default_rng(0)
     array = rng.normal(100.0, 20.0, tuple(reversed(case["image_size"]))).astype(np.float32)
     image = sitk.GetImageFromArray(array)
@@ -106,7 +108,7 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
     def step(seed: int) -> None:
         inputs, index, _ = sample(seed)
         present = torch.isfinite(index).all(dim=1)[None].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             output = network(inputs[None])
         sigma = sigmas()
         targets = gaussian_heatmaps(index[None], present, case["grid_size"], case["grid_spacing"], sigma, gamma)
@@ -120,6 +122,7 @@ def benchmark(name: str, case: dict, device: torch.device, iterations: int) -> d
         "case": name,
         "device": device.type,
         "threads": torch.get_num_threads(),
+        "bfloat16_autocast": autocast,
         "grid": list(case["grid_size"]),
         "landmarks": case["landmarks"],
         "augmentation_samples_per_s": round(samples_per_s, 2),
@@ -132,10 +135,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument(
+        "--no-mixed-precision",
+        action="store_true",
+        help="float32 throughout (the default autocasts where training does)",
+    )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     for name in args.cases:
-        print(json.dumps(benchmark(name, CASES[name], torch.device(args.device), args.iterations)), flush=True)
+        print(
+            json.dumps(
+                benchmark(name, CASES[name], torch.device(args.device), args.iterations, not args.no_mixed_precision)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class AugmentationConfig:
     mirror_pairs: tuple[tuple[str, str], ...] = ()  # landmark names swapped by the mirror (e.g. left/right)
     elastic_mm: float = 0.0  # std of the smooth random displacement, mm
     elastic_control_spacing_mm: float = 50.0
+    # A second, coarser displacement added to the first (multi-scale, as subjects differ: the head's
+    # overall shape beyond an affine transform as well as local anatomy): std mm, control spacing mm.
+    elastic_coarse_mm: float = 0.0
+    elastic_coarse_control_spacing_mm: float = 100.0
     intensity_shift: float = 0.1  # +- added to normalised intensities
     intensity_scale: float = 0.15  # +- relative contrast change
     gamma_log: float = 0.0  # gamma = exp(U(-g, g)) on [0, 1]-mapped intensities

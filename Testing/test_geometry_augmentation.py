@@ -159,7 +159,7 @@ def test_patches_sampled_together_equal_patches_sampled_one_by_one(case):
 
 @pytest.mark.parametrize("case", ["2d", "3d"])
 def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
-    """Random affine + elastic + mirror: the sample, read at the mapped landmark, shows its true position."""
+    """Random affine + two-scale elastic + mirror: the sample, read at the mapped landmark, shows its true position."""
     images, geometry = coordinate_images(case)
     d = geometry.dimension
     center = geometry.index_to_physical((np.asarray(geometry.size) - 1) / 2.0)
@@ -173,6 +173,8 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
         mirror_probability=0.5,
         elastic_mm=1.5,
         elastic_control_spacing_mm=20.0,
+        elastic_coarse_mm=2.0,
+        elastic_coarse_control_spacing_mm=40.0,
         intensity_shift=0.0,
         intensity_scale=0.0,
     )
@@ -190,11 +192,25 @@ def test_augmentation_maps_landmarks_through_the_exact_inverse(case):
     assert mirrored == {True, False}
 
 
-def test_inverse_of_the_elastic_transform_is_exact():
+@pytest.mark.parametrize("coarse_mm", [0.0, 4.0])
+def test_inverse_of_the_elastic_transform_is_exact(coarse_mm):
     d = 3
     grid = axis_aligned_grid(np.zeros(d), (32, 32, 32), (2.0, 2.0, 2.0))
-    config = AugmentationConfig(elastic_mm=3.0, elastic_control_spacing_mm=20.0, mirror_axis=1, mirror_probability=1.0)
+    config = AugmentationConfig(
+        elastic_mm=3.0,
+        elastic_control_spacing_mm=20.0,
+        elastic_coarse_mm=coarse_mm,
+        elastic_coarse_control_spacing_mm=60.0,
+        mirror_axis=1,
+        mirror_probability=1.0,
+    )
     transform = random_transform(config, grid, np.zeros(d), torch.Generator().manual_seed(3), "cpu")
+    fine_only = random_transform(
+        dataclasses.replace(config, elastic_coarse_mm=0.0), grid, np.zeros(d), torch.Generator().manual_seed(3), "cpu"
+    )
+    assert transform.displacement is not None and fine_only.displacement is not None
+    added = torch.linalg.norm(transform.displacement - fine_only.displacement, dim=0)
+    assert (float(added.mean()) > 1.0) == (coarse_mm > 0)  # the coarse scale adds its own displacement
     points = torch.as_tensor(np.random.default_rng(0).uniform(-20, 20, (20, d)))
     q = transform.output_positions(points, grid)
     # Forward-map q with the same interpolation the sampler uses: p = A (q + u(q)).

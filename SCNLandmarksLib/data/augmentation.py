@@ -56,8 +56,11 @@ class SpatialTransform:
         d = grid.dimension
         return q @ a[:d, :d].T + a[:d, d]
 
-    def output_positions(self, points_lps: torch.Tensor, grid: ImageGeometry, iterations: int = 20) -> torch.Tensor:
-        """Exact inverse: input physical points (M, d) -> output-frame physical points (M, d)."""
+    def output_positions(self, points_lps: torch.Tensor, grid: ImageGeometry, iterations: int = 50) -> torch.Tensor:
+        """Exact inverse: input physical points (M, d) -> output-frame physical points (M, d).
+
+        The iteration contracts slowly where the displacement stretches strongly: with a two-scale
+        field, 20 iterations left a point 0.004 mm off, 50 converge (1e-5 mm)."""
         d = grid.dimension
         inverse = torch.linalg.inv(self.affine).to(points_lps)
         q_affine = points_lps @ inverse[:d, :d].T + inverse[:d, d]
@@ -143,10 +146,13 @@ def random_transform(
     affine[:d, :d] = linear
     affine[:d, d] = c + translation - linear @ c
     displacement = None
-    if config.elastic_mm > 0:
-        displacement = smooth_noise_field(
-            grid, d, config.elastic_mm, config.elastic_control_spacing_mm, generator, device
-        )
+    for std, control_spacing in (
+        (config.elastic_mm, config.elastic_control_spacing_mm),
+        (config.elastic_coarse_mm, config.elastic_coarse_control_spacing_mm),
+    ):
+        if std > 0:
+            field = smooth_noise_field(grid, d, std, control_spacing, generator, device)
+            displacement = field if displacement is None else displacement + field
     return SpatialTransform(affine, displacement, mirrored)
 
 

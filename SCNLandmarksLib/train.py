@@ -98,7 +98,7 @@ class StageSettings:
 
 def mixed_precision_applies(device: torch.device) -> bool:
     """Whether `mixed_precision` training autocasts to bfloat16 on `device`: on CUDA, and on CPUs that
-    multiply bfloat16 in hardware (3D steps 2.1x, 2D 1.3x faster there; elsewhere slower)."""
+    multiply bfloat16 in hardware (3D steps 2x, 2D 1.3x faster there; other CPUs would emulate it)."""
     return device.type == "cuda" or (device.type == "cpu" and has_bfloat16_matrix_units())
 
 

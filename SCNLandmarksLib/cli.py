@@ -374,8 +374,12 @@ PROGRESS_JSON_HELP = (
 STOP_FILE_HELP = "stop cleanly, as on Ctrl-C, when this file appears (for programs that run training)"
 
 
-def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    _add_device_option(parser)
     parser.add_argument(
         "--precision",
         default=Precision.AUTO,
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (with --dataset)")
     train.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model so far")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device_option(train)
     train.add_argument("--progress-json", action="store_true", help=PROGRESS_JSON_HELP)
     train.add_argument("--stop-file", help=STOP_FILE_HELP)
     train.set_defaults(run=_train)
@@ -410,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", required=True, help="output folder: model.safetensors, MODEL_CARD.md, training/")
     finetune.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model")
     finetune.add_argument("--iterations", type=int, help="iterations per stage (default: derived from the base)")
-    finetune.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device_option(finetune)
     finetune.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     finetune.add_argument("--progress-json", action="store_true", help=PROGRESS_JSON_HELP)
     finetune.add_argument("--stop-file", help=STOP_FILE_HELP)

@@ -234,18 +234,19 @@ class Predictor:
         # Only here, where the predictor owns the networks: training's are its own.
         layout = torch.channels_last_3d if dimension == 3 else torch.channels_last
         networks = [stage.network for stage in (loaded.coarse, loaded.refinement) if stage is not None]
-        for network in networks:
-            if device.type == "cpu":
+        warm_up = torch.zeros(1, loaded.description.in_channels, *[16] * dimension, device=device)
+        if device.type == "cpu":
+            for network in networks:
                 network.to(memory_format=layout)  # type: ignore[call-overload]  # stubs lack it
+            warm_up = warm_up.contiguous(memory_format=layout)
         predictor = cls(loaded, device, Path(path), compute_dtype)
         if compute_dtype != torch.float32:
             # A process's first bfloat16 pass sometimes rounds differently from all later ones (the
             # brain model's first points moved by 0.01-0.02 mm in 1 process of 5): a tiny pass per
             # network spends it, so that a result does not depend on coming first.
-            warm_up = torch.zeros(1, loaded.description.in_channels, *[16] * dimension, device=device)
             with torch.inference_mode():
                 for network in networks:
-                    network(warm_up.contiguous(memory_format=layout) if device.type == "cpu" else warm_up)
+                    network(warm_up)
         return predictor
 
     def predict(

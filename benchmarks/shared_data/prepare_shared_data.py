@@ -6,6 +6,8 @@ Writes, under --out, one folder per dataset with a dataset spec (dataset.toml) t
   afids/  the MNI152NLin2009cAsym T1w template with its 32 AFIDs named by abbreviation (AC, PC, ...)
   ceph/   the 100 cephalograms with the mean of the two annotators (pixel units), 81 train / 19 validation
   ceph-10-images/  the same validation split, but only the first 10 training images
+  ceph-fold{0,1,2}/  the 81 training images in 3 folds, each held out in turn as the "test" split; the
+          others and the 19 validation images train (no "validation" split)
   hand/   the 6 hand radiographs (mm, from each image's spacing), all for training (`dataset init`, then splits)
   hand-fold{0,1,2}/  the same 6 in 3 folds: 4 train, 2 held out as the "test" split (never seen in training)
 """
@@ -25,6 +27,7 @@ from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_IMAGE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
 SAME_RADIOGRAPH = ("014", "087")  # pixel-identical images, annotated independently (MANIFEST)
+CEPH_FOLDS = 3
 # Each fold holds out one image of each Digital Hand Atlas series (3xxx, 7xxx).
 HAND_FOLDS = (("3167", "7081"), ("3229", "7088"), ("3231", "7232"))
 
@@ -48,12 +51,17 @@ def prepare_afids(shared: Path, out: Path) -> Path:
     return spec
 
 
-def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int | None = None) -> Path:
+def prepare_ceph(
+    shared: Path, out: Path, validation: int = 20, train_limit: int | None = None, test_fold: int | None = None
+) -> Path:
     """Split by image number: the last `validation` images validate, except that 014 and 087 (the
     same radiograph) both train, so validation holds 19 distinct radiographs.
 
     `train_limit` keeps only the first that many training images (the reduced-data experiment);
     the validation images stay the same.
+    `test_fold` (0 to CEPH_FOLDS - 1) holds out every CEPH_FOLDS-th training image as the "test"
+    split (014 and 087 in the same fold) and trains on all the others, validation images included,
+    with no validation split: held-out errors for the training images, for calibration.
     """
     out.mkdir(parents=True, exist_ok=True)
     rows = list(csv.DictReader(open(shared / "landmarks_mean.csv")))
@@ -70,12 +78,16 @@ def prepare_ceph(shared: Path, out: Path, validation: int = 20, train_limit: int
     lines = [
         f'dimension = 2\nlandmarks = {toml_list(names)}\nlandmarks_csv = "landmarks.csv"\ncsv_coordinates = "index"\n'
     ]
+    fold_of = {path.stem: number % CEPH_FOLDS for number, path in enumerate(images)}
+    fold_of[SAME_RADIOGRAPH[1]] = fold_of[SAME_RADIOGRAPH[0]]
     for number, path in enumerate(images):
         split = "validation" if number >= len(images) - validation else "train"
         if path.stem in SAME_RADIOGRAPH:
             split = "train"  # its twin is a training image: never validate on it
         if split == "train" and train_limit is not None and number >= train_limit:
             continue
+        if test_fold is not None:
+            split = "test" if split == "train" and fold_of[path.stem] == test_fold else "train"
         lines.append(f'[[images]]\nid = "{path.stem}"\nimage = "{path.resolve()}"\nsplit = "{split}"\n')
     spec = out / "dataset.toml"
     spec.write_text("\n".join(lines))
@@ -106,6 +118,8 @@ def main() -> None:
     print(prepare_afids(args.shared / "afids", args.out / "afids"))
     print(prepare_ceph(args.shared / "ceph", args.out / "ceph"))
     print(prepare_ceph(args.shared / "ceph", args.out / "ceph-10-images", train_limit=10))
+    for fold in range(CEPH_FOLDS):
+        print(prepare_ceph(args.shared / "ceph", args.out / f"ceph-fold{fold}", test_fold=fold))
     print(prepare_hand(args.shared / "hand", args.out / "hand"))
     for fold, test in enumerate(HAND_FOLDS):
         print(prepare_hand(args.shared / "hand", args.out / f"hand-fold{fold}", test))

@@ -9,6 +9,8 @@ A model trained on every annotated image has no held-out image of its own (the 6
 model, trained the same way on fewer images, is measured on the images it never saw (the "test"
 split); their errors and evidence, pooled, calibrate the model given. The expected errors are those
 of a model trained on fewer images, so they lean high for the model trained on all of them.
+A model that has held-out images of its own joins the pool as one more "fold": give the model file
+itself, with its dataset and split (`--split test test test validation`; one split serves all).
 The held-out figures in the calibration are cross-validated by image over the pooled images.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -38,9 +41,11 @@ from SCNLandmarksLib.io.paths import refuse_existing
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the model to calibrate")
-    parser.add_argument("--folds", nargs="+", required=True, help="fold output folders (model.safetensors in each)")
+    parser.add_argument(
+        "--folds", nargs="+", required=True, help="fold output folders (model.safetensors in each) or model files"
+    )
     parser.add_argument("--datasets", nargs="+", required=True, help="each fold's dataset spec, in the same order")
-    parser.add_argument("--split", default="test", help="the folds' held-out split")
+    parser.add_argument("--split", nargs="+", default=["test"], help="the held-out split, one for all or one per fold")
     parser.add_argument("--evidence", nargs="+", default=list(CHEAP_EVIDENCE))
     parser.add_argument("--flag-above", type=float, nargs="+", help="error thresholds (model unit) for the AUROC")
     parser.add_argument("--out", required=True)
@@ -48,14 +53,18 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.folds) != len(args.datasets):
         parser.error("give one dataset per fold")
+    splits = args.split * len(args.folds) if len(args.split) == 1 else args.split
+    if len(splits) != len(args.folds):
+        parser.error("give one split for all folds or one per fold")
     refuse_existing([args.out], args.overwrite)
 
     parts = []
-    for folder, dataset in zip(args.folds, args.datasets):
-        fold = Predictor.from_file(f"{folder}/model.safetensors", "cpu")
-        total, cases = dataset_cases(fold, dataset, args.split)
+    for folder, dataset, split in zip(args.folds, args.datasets, splits):
+        path = Path(folder)
+        fold = Predictor.from_file(path if path.is_file() else path / "model.safetensors", "cpu")
+        total, cases = dataset_cases(fold, dataset, split)
         parts.append(measure(fold, cases))
-        print(f"{folder}: {total} held-out images", file=sys.stderr)
+        print(f"{folder}: {total} held-out images ({split})", file=sys.stderr)
     pooled = Measurements(
         [i for part in parts for i in part.image_ids],
         np.concatenate([part.errors for part in parts]),
@@ -63,7 +72,8 @@ def main() -> None:
     )
     predictor = Predictor.from_file(args.model, "cpu")
     thresholds = default_thresholds(predictor.description.unit, args.flag_above)
-    source = f"held-out images of {len(parts)} fold models ({', '.join(args.folds)}), split {args.split}"
+    held_out = ", ".join(f"{folder} on {split}" for folder, split in zip(args.folds, splits))
+    source = f"held-out images of {len(parts)} models ({held_out})"
     calibration, comparison = calibrate(
         predictor, pooled, tuple(args.evidence), thresholds, len(pooled.image_ids), source
     )

@@ -325,6 +325,21 @@ class Predictor:
         finally:
             torch.set_num_threads(threads)
 
+    def refine_points(self, image: sitk.Image, points_lps: np.ndarray, source: str = "image") -> np.ndarray:
+        """Points placed by other means (a registered template's, a rough placement) refined by the
+        model's refinement stage, as `predict` refines its coarse points: in the canonical pose fitted
+        to them when the model has a mean configuration. Models without a refinement stage, and
+        points whose refined peak is too weak, keep the points given. (N, d) LPS in and out."""
+        points = np.asarray(points_lps, dtype=np.float64)
+        normalized = normalize_image(as_scalar_image(image, self.dimension, source), self.description.intensity)
+        fitted = None
+        if self.mean_configuration is not None:
+            fitted = fit_pose(
+                self.mean_configuration.array, points, np.ones(len(points)), with_scale=self.description.in_pixels
+            )
+        pose = Pose.identity(self.dimension) if fitted is None else fitted
+        return pose.to_image(self._refine(pose.canonical_image(normalized), pose.to_canonical(points)))
+
     def _detect_in_canonical_pose(
         self,
         image: sitk.Image,

@@ -76,3 +76,13 @@ def test_hand_model_works_in_millimetres_on_left_and_right_hands():
     assert description.inference.mirror_axis == 0
     assert description.refinement is not None
     assert description.calibration is not None and description.calibration.fitted_on["images"] == 6
+
+
+def test_brain_refinement_brings_displaced_points_back_to_the_anatomy():
+    """Points placed by other means (a registered template's) go through the same refinement."""
+    predictor, image = _brain()
+    found = predictor.predict(image).landmarks.points_lps
+    directions = np.random.default_rng(0).normal(size=found.shape)
+    displaced = found + 4.0 * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    distance = np.linalg.norm(predictor.refine_points(image, displaced) - found, axis=1)
+    assert np.mean(distance) < 1.0, f"mean {np.mean(distance):.2f} mm from the detected points, 4 mm before"

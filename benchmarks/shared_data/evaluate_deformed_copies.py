@@ -1,7 +1,8 @@
 """Accuracy on held-out deformed copies of a training image (for single-template models such as brain-afids-32).
 
     python benchmarks/shared_data/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
-        [--single-resolution] [--harder] [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000]]
+        [--single-resolution] [--harder] [--registration]
+        [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000]]
 
 Each copy is the image pushed through a random rigid + scaling + smooth elastic transform (seeds the
 training never drew) on a 1 mm grid, with its landmarks mapped through the exact inverse; a copy
@@ -19,6 +20,11 @@ against brain-afids-32's 15 / 20 / 15 / 5 / 5 on 35), then intensity changes bey
 random monotonic intensity curve (another scanner's contrast; `intensity_curve` at 0.25, trained at
 0.1), gamma exp(±0.7) (trained ±0.5), a bias field of log-std 0.4 (0.3), a lower resolution
 (Gaussian blur of 1 mm; trained up to 2 mm) and noise of 3 % of the intensity range.
+
+--registration measures the baseline a single-template model must beat, and the ingredient it could
+borrow: the template registered to each case (a similarity transform, by mutual information) carries
+its landmarks there, which the model's refinement stage then refines as it refines the SCN's points
+(with --single-resolution: the registration alone).
 """
 
 from __future__ import annotations
@@ -109,17 +115,48 @@ def moved_header(
     return moved, points @ rotation.T + np.asarray(translation)
 
 
-def errors_of(
-    predictor: Predictor, image: sitk.Image, truth: np.ndarray, refine: bool
-) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Point errors, expected errors (None: model not calibrated) and detection seconds."""
-    started = time.perf_counter()
-    prediction = predictor.predict(image, refine=refine)
-    return (
-        np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1),
-        prediction.landmarks.expected_errors,
-        time.perf_counter() - started,
+def registered_points(template: sitk.Image, template_points: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """The template's landmarks carried onto `image` by a similarity registration of the template
+    (Mattes mutual information, three resolutions), the baseline of --registration."""
+    fixed, moving = sitk.Cast(image, sitk.sitkFloat32), sitk.Cast(template, sitk.sitkFloat32)
+    similarity = sitk.Similarity3DTransform() if image.GetDimension() == 3 else sitk.Similarity2DTransform()
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed=1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 200, relaxationFactor=0.6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(
+        sitk.CenteredTransformInitializer(fixed, moving, similarity, sitk.CenteredTransformInitializerFilter.MOMENTS),
+        inPlace=False,
     )
+    # The transform maps the image's points into the template; its landmarks go the other way.
+    to_image = method.Execute(fixed, moving).GetInverse()
+    return np.array([to_image.TransformPoint(tuple(float(c) for c in point)) for point in template_points])
+
+
+def errors_of(
+    predictor: Predictor,
+    image: sitk.Image,
+    truth: np.ndarray,
+    refine: bool,
+    template: tuple[sitk.Image, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Point errors, expected errors (None: model not calibrated, or registration) and seconds; with a
+    `template` (image, landmarks), of the registration baseline instead of the model's detection."""
+    started = time.perf_counter()
+    if template is None:
+        prediction = predictor.predict(image, refine=refine)
+        points, expected = prediction.landmarks.points_lps, prediction.landmarks.expected_errors
+    else:
+        points, expected = registered_points(*template, image), None
+        if refine:
+            points = predictor.refine_points(image, points)
+    return np.linalg.norm(points - truth, axis=1), expected, time.perf_counter() - started
 
 
 def calibrate_on_copies(
@@ -175,6 +212,12 @@ def main() -> None:
     parser.add_argument(
         "--calibrate", metavar="OUT", help="fit the expected-error calibration first, write the calibrated model here"
     )
+    parser.add_argument(
+        "--registration",
+        action="store_true",
+        help="the baseline instead of detection: the template registered to each case (similarity, mutual "
+        "information) and its landmarks refined by the model's refinement stage (unless --single-resolution)",
+    )
     parser.add_argument("--calibration-copies", type=int, default=30)
     parser.add_argument("--calibration-seed", type=int, default=2000)
     args = parser.parse_args()
@@ -197,7 +240,11 @@ def main() -> None:
     deformed, expected = [], []
     for name, (case_image, case_truth) in cases.items():
         errors, expected_errors, seconds = errors_of(
-            predictor, case_image, case_truth, refine=not args.single_resolution
+            predictor,
+            case_image,
+            case_truth,
+            refine=not args.single_resolution,
+            template=(image, truth) if args.registration else None,
         )
         if name.startswith(kind):
             deformed.append(errors)
@@ -228,7 +275,7 @@ def main() -> None:
                 }
             )
         )
-        if predictor.calibration is not None:
+        if predictor.calibration is not None and not args.registration:
             measured, predicted = np.array(deformed), np.array(expected)
             print(
                 json.dumps(

@@ -332,13 +332,18 @@ class Predictor:
         points whose refined peak is too weak, keep the points given. (N, d) LPS in and out."""
         points = np.asarray(points_lps, dtype=np.float64)
         normalized = normalize_image(as_scalar_image(image, self.dimension, source), self.description.intensity)
-        fitted = None
-        if self.mean_configuration is not None:
-            fitted = fit_pose(
-                self.mean_configuration.array, points, np.ones(len(points)), with_scale=self.description.in_pixels
-            )
+        fitted = self._fitted_pose(points, np.ones(len(points)))
         pose = Pose.identity(self.dimension) if fitted is None else fitted
         return pose.to_image(self._refine(pose.canonical_image(normalized), pose.to_canonical(points)))
+
+    def _fitted_pose(self, points: np.ndarray, weights: np.ndarray, mirrored: bool = False) -> Pose | None:
+        """The pose of the model's mean configuration fitted to `points` (rigid, or a similarity for
+        models in pixels); None without a mean configuration or with too few points."""
+        if self.mean_configuration is None:
+            return None
+        return fit_pose(
+            self.mean_configuration.array, points, weights, with_scale=self.description.in_pixels, mirrored=mirrored
+        )
 
     def _detect_in_canonical_pose(
         self,
@@ -398,13 +403,7 @@ class Predictor:
         first.timings["first pass"] = time.perf_counter() - start
         if self.mean_configuration is None:
             return self._completed(first, normalized, detected_in, refine, progress, cancel)
-        pose = fit_pose(
-            self.mean_configuration.array,
-            first.landmarks.points_lps,
-            first.confidences,
-            with_scale=self.description.in_pixels,
-            mirrored=first.mirrored,
-        )
+        pose = self._fitted_pose(first.landmarks.points_lps, first.confidences, first.mirrored)
         first.pose = pose
         if pose is None or detected_in.inverse().after(pose).is_canonical():
             return self._completed(first, normalized, detected_in, refine, progress, cancel)
@@ -427,13 +426,7 @@ class Predictor:
             found = self._in_image_frame(found, pose, image if heatmaps else None)
             found.timings = {**first.timings, "canonical passes": time.perf_counter() - start}
             found.pose, found.canonical_pass, found.mirrored = pose, True, first.mirrored
-            refitted = fit_pose(
-                self.mean_configuration.array,
-                found.landmarks.points_lps,
-                found.confidences,
-                with_scale=self.description.in_pixels,
-                mirrored=first.mirrored,
-            )
+            refitted = self._fitted_pose(found.landmarks.points_lps, found.confidences, first.mirrored)
             if refitted is None or pose.inverse().after(refitted).is_canonical():
                 break
             pose = refitted

@@ -142,6 +142,12 @@ def test_auroc_and_review_orders():
     assert next_to_review(expected, statuses, None) == 2
     assert next_to_review(expected, statuses, 2) == 0
     assert next_to_review(expected, statuses, 3) is None
+    # The point just moved (by the reviewer, on their walk 2, 0) still marks the place: the walk goes on
+    # after it, not from the top again.
+    moved = [LandmarkStatus.MOVED if i == 0 else status for i, status in enumerate(statuses)]
+    assert next_to_review(expected, moved, 0) == 3
+    moved = [LandmarkStatus.MOVED if i == 2 else status for i, status in enumerate(statuses)]
+    assert next_to_review(None, moved, 2) == 3  # not calibrated: landmark order, after the moved point
     assert review_order(None, statuses) == [0, 2, 3]  # not calibrated: landmark order
     rows = [
         ImageReview("a.png", 1, 4.0),

@@ -140,6 +140,7 @@ def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mr
     # A corrected point needs no review: it drops out; the walk goes on from where it was.
     node.SetNthControlPointPosition(3, 100.0, 0.0, 0.0)
     assert logic.nextToReview(node, 1) == 2 and logic.nextToReview(node, None) == 1
+    assert logic.nextToReview(node, 3) == 2  # from the point just moved: on, not back to the top
 
     rows = logic.landmarkRows(node)
     assert panel.tableHeaders(rows) == ("Landmark", "Expected error", "Status")

@@ -359,6 +359,15 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     box = view_box(page, "Red")
     center = cursor_position(page, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     assert np.linalg.norm(center - row_position(page, walked[-1])) < 2.0, "the views are not centered on it"
+    # Correcting the point the walk is on keeps the walk's place: Next goes on to the fifth, not the first.
+    drag_landmark(page, walked[-1], (40, 30), steps=4)
+    page.click("#next-to-review")
+    page.wait_for_function(
+        "moved => { const r = document.querySelector('#landmarks tr.bg-blue-lighten-4');"
+        " return r && r.dataset.name !== moved; }",
+        arg=walked[-1],
+    )
+    assert page.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name") == expected_order[4]
 
     # The all-landmarks heatmap, each landmark scaled to its own peak: heat in all three views.
     page.click("#heatmap-visible")

@@ -36,11 +36,19 @@ def review_order(
 def next_to_review(
     expected_errors: Sequence[float] | np.ndarray | None, statuses: Sequence[str] | None, current: int | None
 ) -> int | None:
-    """The point to review after `current` (None: the first one); None when there is none left."""
+    """The point to review after `current` (None: the first one); None when there is none left.
+
+    The walk follows the order of all points (expected errors do not change under corrections), so
+    a `current` the reviewer has just moved, and which therefore needs no review any more, still
+    marks where the walk is: the next point is the one after it, not the first again.
+    """
     order = review_order(expected_errors, statuses)
     if not order:
         return None
-    if current is None or current not in order:
+    if current is None:
         return order[0]
-    position = order.index(current) + 1
-    return order[position] if position < len(order) else None
+    count = len(statuses) if statuses is not None else len(expected_errors)  # (one of them is given here)
+    walk = review_order(expected_errors, [LandmarkStatus.DETECTED] * count)  # every point, in review order
+    if current not in walk:
+        return order[0]
+    return next((i for i in walk[walk.index(current) + 1 :] if i in order), None)

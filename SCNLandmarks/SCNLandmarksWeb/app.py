@@ -55,7 +55,6 @@ from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
-from SCNLandmarksMRML.review import next_to_review
 from SCNLandmarksMRML.training import TrainingJob, caseCount, checkBase, inspectTrainingFolder
 from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
 
@@ -666,8 +665,7 @@ class LandmarkReviewApp(TrameApp):
         a model without calibration), after the selected one; points the user moved count as checked."""
         if self.markupsNode is None:
             return
-        statuses = [row["status"] for row in self.state.landmarks]
-        index = next_to_review(self.expectedErrors, statuses, self.state.selected_landmark)
+        index = self.logic.nextToReview(self.markupsNode, self.state.selected_landmark)
         if index is None:
             self.state.selected_landmark = None  # the next click starts from the top again
             self.state.info = "Every point has been shown once; Next to review starts again from the first."

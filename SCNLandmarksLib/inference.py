@@ -296,34 +296,44 @@ class Predictor:
                 that hands over images read ahead).
         """
 
-        def detect(path: Path) -> Prediction | DataError:
-            try:
-                start = time.perf_counter()
-                image = read(path, self.dimension)
-                read_s = time.perf_counter() - start
-                normalized = normalize_image(image, self.description.intensity)
-                prediction = self._detect_in_canonical_pose(
-                    image, normalized, time.perf_counter() - start - read_s, heatmaps, None, cancel, True
-                )
-            except DataError as error:
-                return error
-            prediction.timings["read"] = read_s
-            return prediction
-
         files = [Path(p) for p in paths]
         threads = torch.get_num_threads()
         workers = min(BATCH_IMAGES_IN_FLIGHT, len(files), threads) or 1
         torch.set_num_threads(max(1, threads // workers))
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scn-detect") as pool:
-                in_flight = deque(pool.submit(detect, p) for p in files[:workers])
+                in_flight = deque(pool.submit(self.predict_file, p, heatmaps, cancel, read) for p in files[:workers])
                 for number, path in enumerate(files):
                     result = in_flight.popleft().result()
                     if number + workers < len(files):
-                        in_flight.append(pool.submit(detect, files[number + workers]))
+                        in_flight.append(
+                            pool.submit(self.predict_file, files[number + workers], heatmaps, cancel, read)
+                        )
                     yield path, result
         finally:
             torch.set_num_threads(threads)
+
+    def predict_file(
+        self,
+        path: Path,
+        heatmaps: bool = False,
+        cancel: Cancel | None = None,
+        read: Callable[[Path, int], sitk.Image] = read_image,
+    ) -> Prediction | DataError:
+        """Detect landmarks on one image file, as batch mode does each: a file that cannot be used
+        gives its DataError (naming the file) instead of a prediction."""
+        try:
+            start = time.perf_counter()
+            image = read(path, self.dimension)
+            read_s = time.perf_counter() - start
+            normalized = normalize_image(image, self.description.intensity)
+            prediction = self._detect_in_canonical_pose(
+                image, normalized, time.perf_counter() - start - read_s, heatmaps, None, cancel, True
+            )
+        except DataError as error:
+            return error
+        prediction.timings["read"] = read_s
+        return prediction
 
     def refine_points(self, image: sitk.Image, points_lps: np.ndarray, source: str = "image") -> np.ndarray:
         """Points placed by other means (a registered template's, a rough placement) refined by the

@@ -56,14 +56,31 @@ def image_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path}: file not found")
-        if not path.is_dir() or sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+        if not path.is_dir():
             found.append(path)
             continue
         inside = sorted(p for p in path.iterdir() if p.is_file() and format_suffix(p) in IMAGE_SUFFIXES)
+        # Only a folder of DICOM files (or of files without a known suffix) can be a series; probing any
+        # other folder makes GDCM print "No Series were found" before the results.
+        if all(format_suffix(p) == ".dcm" for p in inside) and _dicom_series_ids(path):
+            found.append(path)
+            continue
         if not inside:
             raise DataError(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series")
         found += inside
     return found
+
+
+def _dicom_series_ids(directory: Path) -> tuple[str, ...]:
+    """The DICOM series in `directory`, without GDCM's warning when there is none (the caller says so).
+
+    ITK's warning switch is global: only for finding inputs, before any reading thread starts."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_series(directory: Path) -> sitk.Image:

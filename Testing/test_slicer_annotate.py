@@ -15,6 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML) is not installed", allow_module_level=True)
 
@@ -91,6 +93,8 @@ def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as
     assert annotate.annotationStatus(node).text == "All 4 landmarks done (3 placed, 1 skipped): save the training pair."
     with pytest.raises(DataError, match="placed or skipped"):
         annotate.placeNext(node, (0.0, 0.0, z))
+    # A click after the last landmark (place mode is still on) adds no unnamed point.
+    assert node.AddControlPoint(vtk.vtkVector3d(1.0, 1.0, z), "") == -1 and node.GetNumberOfControlPoints() == 4
 
     image, landmarks = logic.saveTrainingPair(volume, node, tmp_path / "cases")
     saved = json.loads(landmarks.read_text(encoding="utf-8"))["markups"][0]["controlPoints"]

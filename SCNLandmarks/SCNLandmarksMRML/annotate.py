@@ -84,6 +84,8 @@ def createAnnotationNode(scene, names: list[str], volumeNode=None, name: str | N
         for landmark in names:
             index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), landmark)
             node.UnsetNthControlPointPosition(index)
+        # Clicks then place the named points only: one more click adds no unnamed extra point.
+        node.SetFixedNumberOfControlPoints(True)
         node.SetAttribute(ANNOTATION_ATTRIBUTE, "1")
         if volumeNode is not None:
             node.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())  # the image it is saved with

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from SCNLandmarksLib.errors import DataError
@@ -25,6 +26,9 @@ PIXEL_UNIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ITU-R BT.601 luma weights for R, G, B.
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+# Grey pictures stored as colour (X-rays saved as RGB PNG or JPEG, e.g. the ISBI 2015 cephalograms) have
+# equal red, green and blue, up to JPEG's rounding of its colour planes: this many levels apart at most.
+GREY_TOLERANCE = 2
 
 # Single-file images a folder given to batch detection is searched for.
 IMAGE_SUFFIXES = PIXEL_UNIT_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -103,8 +107,21 @@ def _read_dicom_series(directory: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def is_grey(pixels: np.ndarray) -> bool:
+    """True when colour pixels hold a grey picture: red, green and blue within GREY_TOLERANCE everywhere.
+
+    The one rule for grey images stored as RGB, for the library, the Slicer module and the web app.
+
+    Args:
+        pixels: (..., 3) RGB or (..., 4) RGBA values, channels last (alpha is not looked at).
+    """
+    red = pixels[..., 0].astype(np.float64)
+    return all(np.abs(red - pixels[..., channel]).max(initial=0.0) <= GREY_TOLERANCE for channel in (1, 2))
+
+
 def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
-    """Cast to float32; RGB/RGBA images become their luminance (alpha is dropped)."""
+    """Cast to float32; RGB/RGBA images become their grey channel (`is_grey`), else their luminance
+    (alpha is dropped)."""
     components = image.GetNumberOfComponentsPerPixel()
     if "complex" in image.GetPixelIDTypeAsString():
         raise DataError(f"{path}: complex-valued images are not supported")
@@ -117,6 +134,9 @@ def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
         raise DataError(
             f"{path}: images with {components} components per pixel are not supported (expected grayscale, RGB or RGBA)"
         )
+    if is_grey(sitk.GetArrayViewFromImage(image)):
+        return sitk.Cast(sitk.VectorIndexSelectionCast(image, 0), sitk.sitkFloat32)
+    logger.info("%s: a colour image (red, green and blue differ); landmarks are detected on its luminance", path)
     red, green, blue = (
         sitk.Cast(sitk.VectorIndexSelectionCast(image, channel), sitk.sitkFloat32) * weight
         for channel, weight in enumerate(LUMINANCE_WEIGHTS)

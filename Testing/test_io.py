@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras
 from SCNLandmarksLib.io import (
+    GREY_TOLERANCE,
+    is_grey,
     read_image,
     read_landmarks,
     read_landmarks_csv,
@@ -89,6 +91,18 @@ def test_color_png_becomes_luminance(tmp_path, channels):
     assert result.GetNumberOfComponentsPerPixel() == 1
     assert result.GetPixelID() == sitk.sitkFloat32
     np.testing.assert_allclose(sitk.GetArrayFromImage(result), expected, atol=1e-3)
+
+
+def test_a_grey_picture_stored_as_rgb_is_read_as_its_grey_values(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, size=(12, 17), dtype=np.uint8)
+    rgb = np.stack([grey, grey, grey], axis=-1)
+    rgb[3, 4, 2] = min(int(grey[3, 4]) + GREY_TOLERANCE, 255)  # a JPEG's rounding of its colour planes
+    path = tmp_path / "xray.png"
+    sitk.WriteImage(make_image(rgb, is_vector=True), str(path))
+
+    assert is_grey(rgb) and not is_grey(rng.integers(0, 256, size=(12, 17, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path, dimension=2)), grey.astype(np.float32))
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])

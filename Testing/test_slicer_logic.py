@@ -51,7 +51,7 @@ from SCNLandmarksMRML import (  # noqa: E402
     loadVolumeFile,
 )
 from SCNLandmarksMRML.catalogue import availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel  # noqa: E402
-from SCNLandmarksMRML.volumes import ijkToRasArray  # noqa: E402
+from SCNLandmarksMRML.volumes import ColourImageError, ijkToRasArray  # noqa: E402
 
 NAMES = ["Apex", "Base", "Left", "Right"]
 # Voxel (i, j[, k]) of each landmark's cube; "Right" is left out of the image (the oracle reports
@@ -114,6 +114,9 @@ def files(tmp_path_factory) -> dict:
     result["png_as_nrrd"] = folder / "xray_as_nrrd.nrrd"
     result["truth2d"] = np.array([[*voxel, 0.0] if voxel else [np.nan] * 3 for voxel in VOXELS_2D], dtype=float)
 
+    grey = sitk.GetArrayFromImage(pixels)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, axis=-1), isVector=True), str(folder / "grey_rgb.png"))
+    result["grey_rgb_png"] = folder / "grey_rgb.png"  # an X-ray saved as colour: red = green = blue
     rgb = sitk.GetImageFromArray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), isVector=True)
     sitk.WriteImage(rgb, str(folder / "color.png"))
     result["rgb_png"] = folder / "color.png"
@@ -332,6 +335,16 @@ def test_detect_2d_png_maps_points_into_the_slice(mrml, files):
     assert np.allclose(_positions(result.markupsNode)[:3, 2], 12.5)
 
 
+def test_a_grey_picture_stored_as_rgb_is_detected_on_as_grey(mrml, files):
+    volume = loadVolumeFile(mrml.scene, files["grey_rgb_png"])
+    assert volume.IsA("vtkMRMLVectorVolumeNode")  # as Slicer loads it
+    logic = SCNLandmarksLogic(mrml.scene)
+    result = logic.detectLandmarks(volume, BlobOracle(2))
+    grey = logic.detectLandmarks(loadVolumeFile(mrml.scene, files["png"]), BlobOracle(2))
+    np.testing.assert_allclose(_positions(result.markupsNode), _positions(grey.markupsNode), atol=1e-6)
+    assert np.isfinite(_positions(result.markupsNode)[:3]).all()
+
+
 def test_pixel_unit_models_see_unit_spacing(mrml, files):
     volume = loadVolumeFile(mrml.scene, files["png"])
     volume.SetSpacing(0.1, 0.1, 1.0)
@@ -533,7 +546,9 @@ def test_bad_inputs_are_refused_and_leave_the_scene_unchanged(mrml, files, tmp_p
     _assert_refused(scene, lambda: loadVolumeFile(scene, files["4d"]), DataError, "4D image.*as a sequence")
 
     _assert_refused(scene, lambda: logic.detectLandmarks(None, BlobOracle(3)), DataError, "No input volume")
-    _assert_refused(scene, lambda: logic.detectLandmarks(color, BlobOracle(2)), DataError, "RGB color image")
+    _assert_refused(
+        scene, lambda: logic.detectLandmarks(color, BlobOracle(2)), ColourImageError, "colour image.*Vector to Scalar"
+    )
     _assert_refused(
         scene,
         lambda: logic.detectLandmarks(cine, BlobOracle(3)),

@@ -85,11 +85,23 @@ def training_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(training_folder):
-    with review_server("--idle-timeout", "60", "--max-sessions", "6", "--training-folder", str(training_folder)) as (
-        url,
-        _,
-    ):
+def data_root(tmp_path_factory) -> Path:
+    """The one folder the module's server lets the page open files from (--data-root)."""
+    return tmp_path_factory.mktemp("data-root")
+
+
+@pytest.fixture(scope="module")
+def server(training_folder, data_root):
+    with review_server(
+        "--idle-timeout",
+        "60",
+        "--max-sessions",
+        "6",
+        "--training-folder",
+        str(training_folder),
+        "--data-root",
+        str(data_root),
+    ) as (url, _):
         yield url
 
 
@@ -238,6 +250,46 @@ def test_access_rules(monkeypatch):
     with pytest.raises(access.AccessError, match="short|16"):
         access.resolveToken("0.0.0.0", "short")
     assert access.matches(TOKEN, TOKEN) and not access.matches(TOKEN[:-1], TOKEN) and not access.matches(None, TOKEN)
+
+
+def test_the_page_opens_server_files_only_in_the_data_folders(tmp_path):
+    from SCNLandmarksLib.errors import DataError
+    from SCNLandmarksWeb.access import dataFile
+
+    root, elsewhere = tmp_path / "data", tmp_path / "private"
+    (root / "cases").mkdir(parents=True)
+    elsewhere.mkdir()
+    image, secret = root / "cases" / "scan.nrrd", elsewhere / "secret.nrrd"
+    image.write_bytes(b"image")
+    secret.write_bytes(b"secret")
+    (root / "link.nrrd").symlink_to(secret)
+    roots = [root.resolve()]
+    assert dataFile(str(image), roots) == image.resolve()
+    assert dataFile("cases/scan.nrrd", roots) == image.resolve()  # relative to a data folder
+    assert dataFile(f"{root}/cases/../cases/scan.nrrd", roots) == image.resolve()
+
+    def answer(typed: str) -> str:
+        with pytest.raises(DataError) as refused:
+            dataFile(typed, roots)
+        return str(refused.value).removeprefix(typed)
+
+    # Outside (directly, through a link, through ..), missing, or a folder: one answer, nothing to tell them apart.
+    refusals = {
+        answer(typed)
+        for typed in (
+            str(secret),
+            str(root / "link.nrrd"),
+            f"{root}/../private/secret.nrrd",
+            "../private/secret.nrrd",
+            "/etc/passwd",
+            str(root / "absent.nrrd"),
+            str(elsewhere / "absent.nrrd"),
+            str(root / "cases"),
+        )
+    }
+    assert refusals == {f": no such file in the station's data folders ({root.resolve()})"}, refusals
+    with pytest.raises(DataError, match="--data-root"):
+        dataFile(str(image), [])
 
 
 def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser, tmp_path):
@@ -528,7 +580,7 @@ def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silentl
     assert page.locator("#confirm-discard").is_hidden()
 
 
-def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, browser, tmp_path):
+def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, browser, data_root, tmp_path):
     page = new_page(browser, server)
     broken = tmp_path / "broken.nrrd"
     broken.write_text("not an image")
@@ -539,9 +591,14 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     assert "/tmp" not in message and str(tmp_path) not in message and "0x" not in message, message
     assert page.locator("#upload").input_value() == "", "the rejected file's name stays in the field"
 
-    page.fill("#image-path", str(tmp_path / "absent.nii.gz"))
-    page.click("#open-path")
-    page.wait_for_function("document.querySelector('#error').innerText.includes('absent.nii.gz: file not found')")
+    # A typed path opens only files in the data folder; outside it, the same answer as for a missing file.
+    for typed in (str(data_root / "absent.nii.gz"), "/etc/passwd", f"{data_root}/../../../etc/hostname"):
+        page.fill("#image-path", typed)
+        page.click("#open-path")
+        page.wait_for_function("typed => document.querySelector('#error').innerText.startsWith(typed)", arg=typed)
+        assert (
+            page.locator("#error").inner_text() == f"{typed}: no such file in the station's data folders ({data_root})"
+        )
 
     page.click("#open-sample")
     page.wait_for_function(f"document.querySelector('#image-name').innerText.includes('{SAMPLE}')")
@@ -563,9 +620,19 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     page.wait_for_selector("#landmarks tbody tr:nth-child(32)")
     assert page.locator("#error").is_hidden()
 
-    # A 2D picture: one view, no slice slider, positions with two values.
+    # A colour picture is refused in terms of this page (no Slicer module to use here); the sample stays.
+    colour = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(colour)
+    page.set_input_files("#upload", str(colour))
+    page.wait_for_function("document.querySelector('#error').innerText.includes('photo.png')")
+    message = page.locator("#error").inner_text()
+    assert "colour image" in message and "greyscale" in message and "module" not in message, message
+    assert SAMPLE in page.locator("#image-name").inner_text()
+
+    # A 2D picture (a grey X-ray stored as RGB, as many are): one view, no slice slider, positions with two values.
     picture = tmp_path / "xray.png"
     sagittal_picture(picture)
+    assert Image.open(picture).mode == "RGB"
     page.set_input_files("#upload", str(picture))
     page.wait_for_function("document.querySelector('#image-name').innerText === 'xray.png'")
     assert page.locator(".slice-view").count() == 1
@@ -612,14 +679,14 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
 
 
 def sagittal_picture(path: Path) -> None:
-    """A PNG (no spacing) of the sample's mid-sagittal slice at about a cephalogram's size: the
-    cephalometric model finds some points there, and flags some."""
+    """An RGB PNG (no spacing; red = green = blue) of the sample's mid-sagittal slice at about a
+    cephalogram's size: the cephalometric model finds some points there, and flags some."""
     import SimpleITK as sitk
 
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(REPO / "Resources" / "Samples" / f"{SAMPLE}.nii.gz")))
     middle = volume[::-1, :, volume.shape[2] // 2].astype(float)
     middle = (255 * (middle - middle.min()) / (middle.max() - middle.min())).astype(np.uint8)
-    Image.fromarray(middle).resize((middle.shape[1] * 16, middle.shape[0] * 16)).save(path)
+    Image.fromarray(middle).resize((middle.shape[1] * 16, middle.shape[0] * 16)).convert("RGB").save(path)
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:

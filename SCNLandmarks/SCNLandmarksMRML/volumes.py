@@ -21,6 +21,7 @@ from vtk.util import numpy_support
 
 from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import ImageGeometry
+from SCNLandmarksLib.io.images import is_grey
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 _PLANE_TOLERANCE = 1e-6
+
+
+class ColourImageError(DataError):
+    """A real colour image (red, green and blue differ): detection needs a grey one. Each face says how
+    to make one in its own terms."""
 
 
 def matrixToArray(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -69,11 +75,12 @@ def sequenceOfProxy(volumeNode):
 
 
 def checkScalarVolume(volumeNode) -> None:
-    """Raise DataError unless `volumeNode` is a single-component 2D or 3D volume with voxels.
+    """Raise DataError unless `volumeNode` is a grey 2D or 3D volume with voxels.
 
-    Rejected, each with a message saying what to do: no volume, no image data, several
-    components per voxel (RGB color images, vector or 4D-as-vector volumes), and a volume that is
-    the current frame of a 4D sequence.
+    Grey is one component per voxel, or a grey picture stored as RGB(A) (`is_grey`: X-rays saved as
+    colour PNG or JPEG), whose red channel is then used. Rejected, each with a message saying what to
+    do: no volume, no image data, real colour images (ColourImageError), vector or 4D-as-vector
+    volumes, and a volume that is the current frame of a 4D sequence.
     """
     if volumeNode is None:
         raise DataError("No input volume: select a volume (load a 2D image or a 3D volume first).")
@@ -84,13 +91,16 @@ def checkScalarVolume(volumeNode) -> None:
     if imageData is None or imageData.GetNumberOfPoints() == 0 or imageData.GetPointData().GetScalars() is None:
         raise DataError(f"Volume '{name}' has no image data.")
     components = imageData.GetNumberOfScalarComponents()
-    if components != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
-        kind = (
-            "an RGB color image" if components in (3, 4) else f"a vector or 4D volume ({components} values per voxel)"
+    if components in (3, 4) and not is_grey(_voxelValues(imageData)):
+        raise ColourImageError(
+            f"Volume '{name}' is a colour image (red, green and blue differ); landmark detection needs a "
+            "grayscale 2D or 3D volume. Convert it first, e.g. with the 'Vector to Scalar Volume' module."
         )
+    if components not in (1, 3, 4):
         raise DataError(
-            f"Volume '{name}' is {kind}; landmark detection needs a single-channel (grayscale) 2D or 3D "
-            "volume. Convert it first, e.g. with the 'Vector to Scalar Volume' module."
+            f"Volume '{name}' is a vector or 4D volume ({components} values per voxel); landmark detection "
+            "needs a single-channel (grayscale) 2D or 3D volume. Convert it first, e.g. with the "
+            "'Vector to Scalar Volume' module."
         )
     browser = sequenceOfProxy(volumeNode)
     if browser is not None:
@@ -99,6 +109,12 @@ def checkScalarVolume(volumeNode) -> None:
             "landmark detection runs on one 2D or 3D volume. Clone the frame you want (Sequences module, "
             "or right-click > Clone in the Data module) and detect on the copy."
         )
+
+
+def _voxelValues(imageData) -> np.ndarray:
+    """(voxels, components) view of a vtkImageData's scalars."""
+    scalars = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())
+    return scalars.reshape(len(scalars), -1)
 
 
 def volumeDimension(volumeNode) -> int:
@@ -181,7 +197,8 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
             f"({nx} x {ny} x {nz} voxels); choose a 3D model."
         )
 
-    array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+    # One channel: the voxels, or the red of a grey picture stored as RGB (checked above).
+    array = _voxelValues(imageData)[:, 0].reshape(nz, ny, nx).copy()
     ijkToRas = ijkToRasArray(volumeNode)
     spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
     if np.any(spacing <= 0):

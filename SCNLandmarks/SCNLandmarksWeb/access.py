@@ -1,9 +1,12 @@
-"""Who may open the review station: loopback only by default, an access token everywhere else.
+"""Who may open the review station, and which server files its page may open.
 
 The app shows patient images and has no login, so a server reachable from other machines needs a
 shared secret. The token arrives once in the address (``?token=...``, the link printed at start);
 the server then keeps it in an HttpOnly, same-site cookie (so it leaves the address bar and later
 requests, the websocket included, carry it) and checks it on every request.
+
+A path typed in the page opens only files in the data folders the operator named at start
+(``--data-root``), so the page is no window on the rest of the server's files.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import hmac
 import ipaddress
 import os
 import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from SCNLandmarksLib.errors import DataError
 
 TOKEN_ENVIRONMENT = "SCN_LANDMARKS_TOKEN"
 GENERATE = "auto"  # `--token auto`: a fresh random token, printed once inside the start URL
@@ -69,3 +76,28 @@ def cookieValue(token: str) -> str:
 def matches(given: str | None, expected: str) -> bool:
     """Constant-time comparison (the time taken does not tell how much of a guess was right)."""
     return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def dataFile(typed: str, roots: Sequence[Path]) -> Path:
+    """The file a path typed in the page names, when it lies in one of the data folders.
+
+    Symlinks and ``..`` are resolved before the check, and a path outside every data folder gets the
+    same answer as one that does not exist: the page cannot learn which of the server's files exist.
+
+    Args:
+        typed: the path as typed (absolute, or relative to a data folder).
+        roots: the data folders (`--data-root`), resolved.
+
+    Raises:
+        DataError: no data folders, or no such file in them.
+    """
+    if not roots:
+        raise DataError("This station opens no files on the server (it was started without --data-root).")
+    typed = typed.strip()
+    candidates = [Path(typed)] if Path(typed).is_absolute() else [root / typed for root in roots]
+    for candidate in candidates:
+        path = candidate.resolve()
+        if typed and any(path.is_relative_to(root) for root in roots) and path.is_file():
+            return path
+    folders = ", ".join(str(root) for root in roots)
+    raise DataError(f"{typed}: no such file in the station's data folders ({folders})")

@@ -25,7 +25,7 @@ import re
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,15 @@ from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
 from SCNLandmarksMRML.training import TrainingJob, caseCount, checkBase, inspectTrainingFolder
-from SCNLandmarksMRML.volumes import ijkToRasArray, matrixToArray, volumeDimension
+from SCNLandmarksMRML.volumes import (
+    ColourImageError,
+    checkScalarVolume,
+    ijkToRasArray,
+    matrixToArray,
+    volumeDimension,
+)
+
+from . import access
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +158,7 @@ class LandmarkReviewApp(TrameApp):
         trainingFolder: where "Save as training pair" adds cases (a dataset folder shared by the
             station's sessions); default a folder of this session's own, removed with it. Fine-tuned
             models go to the user models folder (`catalogue.userModelsFolder`), as the module's do.
+        dataRoots: the folders a path typed in the page may open files from (none: no typed paths).
     """
 
     def __init__(
@@ -161,8 +170,10 @@ class LandmarkReviewApp(TrameApp):
         workdir: Path | None = None,
         maxUploadBytes: int = 512 * 1024**2,
         trainingFolder: Path | None = None,
+        dataRoots: Sequence[Path] = (),
     ):
         super().__init__(server)
+        self.dataRoots = [Path(root).resolve() for root in dataRoots]
         self.device = device
         self.maxUploadBytes = maxUploadBytes
         self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
@@ -217,6 +228,7 @@ class LandmarkReviewApp(TrameApp):
         state.image_path = ""
         state.image_name = ""
         state.upload_key = 0
+        state.data_roots = ", ".join(str(root) for root in self.dataRoots)
         state.max_upload_bytes = self.maxUploadBytes
         state.export_name = "landmarks.mrk.json"
         state.is_2d = True
@@ -344,17 +356,25 @@ class LandmarkReviewApp(TrameApp):
     def openImage(self, path: str | Path) -> None:
         """Open an image file (any format the module reads) and show it; replaces the current one."""
         self.state.error = ""
+        name = self.pathAliases.get(str(path), Path(path).name)
         try:
             with _quietVtk():
                 volumeNode = loadVolumeFile(self.slicerApp.scene, path)
+            try:
+                checkScalarVolume(volumeNode)
+            except ColourImageError:
+                self._removeVolume(volumeNode)
+                raise SCNLandmarksError(
+                    f"{name}: a colour image (red, green and blue differ); landmarks are detected on grey "
+                    "images. Save it as a greyscale image (8 or 16 bits) and open that."
+                ) from None
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
         self._clearDetection()
         if self.volumeNode is not None:
-            self.slicerApp.scene.RemoveNode(self.volumeNode)
+            self._removeVolume(self.volumeNode)
         self.volumeNode = volumeNode
-        name = self.pathAliases.get(str(path), Path(path).name)
         is2d = volumeDimension(volumeNode) == 2
         self.state.is_2d = is2d
         self.layoutManager.set_layout(LAYOUT_2D if is2d else LAYOUT_3D)
@@ -370,8 +390,21 @@ class LandmarkReviewApp(TrameApp):
         self.state.unsaved = False
         self.state.info = f"Opened {name}."
 
+    def _removeVolume(self, volumeNode) -> None:
+        scene = self.slicerApp.scene
+        storageNode = volumeNode.GetStorageNode()
+        scene.RemoveNode(volumeNode)
+        if storageNode is not None:
+            scene.RemoveNode(storageNode)
+
     def openTypedPath(self, path: str) -> None:
-        self._unlessUnsaved(lambda: self.openImage((path or "").strip()))
+        """Open a file on the server, if it lies in the station's data folders (`access.dataFile`)."""
+        try:
+            found = access.dataFile(path or "", self.dataRoots)
+        except SCNLandmarksError as error:
+            self._showError(error)
+            return
+        self._unlessUnsaved(lambda: self.openImage(found))
 
     def openSample(self) -> None:
         self._unlessUnsaved(self._openSample)
@@ -1011,15 +1044,19 @@ class LandmarkReviewApp(TrameApp):
             change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])",
         )
         with html.Div(classes="d-flex align-center mt-2"):
+            # Only with data folders (--data-root): the page opens no other files of the server.
             v.VTextField(
+                v_if="data_roots",
                 v_model=("image_path",),
                 label="or a file on the server",
+                title=("'In ' + data_roots",),
                 density="compact",
                 hide_details=True,
                 id="image-path",
             )
             v.VBtn(
                 "Open",
+                v_if="data_roots",
                 click=f"trigger('{trigger(self.openTypedPath)}', [image_path])",
                 classes="ml-2",
                 disabled=("busy",),

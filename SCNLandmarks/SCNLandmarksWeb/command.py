@@ -45,6 +45,13 @@ def register(commands) -> None:
         "its own, removed when it ends); fine-tuned models go to the user models folder "
         "($SCN_LANDMARKS_USER_MODELS), shared with the Slicer module",
     )
+    serve.add_argument(
+        "--data-root",
+        action="append",
+        metavar="DIR",
+        help='a folder whose files the page\'s "or a file on the server" may open (repeatable; default: the '
+        "folder of IMAGE, or none: then the page opens uploads and samples only)",
+    )
     serve.set_defaults(run=_serve)
 
 
@@ -70,6 +77,12 @@ def _serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    folders = args.data_root or ([str(Path(args.image).parent)] if args.image else [])
+    dataRoots = [Path(folder).expanduser().resolve() for folder in folders]
+    for folder, root in zip(folders, dataRoots):
+        if not root.is_dir():
+            print(f"scn-landmarks serve: --data-root {folder}: not a folder", file=sys.stderr)
+            return 2
     serve(
         LauncherOptions(
             host=args.host,
@@ -82,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
             model=args.model,
             device=args.device,
             trainingFolder=str(trainingFolder) if trainingFolder else None,
+            dataRoots=[str(root) for root in dataRoots],
         ),
         showToken=args.token == access.GENERATE,
     )

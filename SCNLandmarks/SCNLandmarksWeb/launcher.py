@@ -67,6 +67,7 @@ class LauncherOptions:
     model: str | None = None
     device: str = "auto"
     trainingFolder: str | None = None
+    dataRoots: list[str] = field(default_factory=list)  # folders the page may open files from
 
 
 @dataclass
@@ -179,6 +180,8 @@ class ReviewLauncher:
             command += ["--image", options.image]
         if options.trainingFolder:
             command += ["--training-folder", options.trainingFolder]
+        for root in options.dataRoots:
+            command += ["--data-root", root]
         environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key}
         environment.pop(access.TOKEN_ENVIRONMENT, None)
         try:

@@ -35,6 +35,7 @@ def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-timeout", type=int, default=300)
     parser.add_argument("--max-upload-mb", type=int, default=512)
     parser.add_argument("--training-folder", help="the station's training folder (default: one of this session's own)")
+    parser.add_argument("--data-root", action="append", default=[], help="a folder the page may open files from")
     return parser.parse_args(argv)
 
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=workdir,
             maxUploadBytes=arguments.max_upload_mb * 1024**2,
             trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None,
+            dataRoots=[Path(root) for root in arguments.data_root],
         )
         app.server.controller.on_server_bind.add(lambda server: server.app.middlewares.append(requireSessionKey(key)))
         app.server.controller.on_server_ready.add(lambda **_: print(f"{READY_LINE} {app.server.port}", flush=True))

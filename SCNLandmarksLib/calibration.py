@@ -488,15 +488,16 @@ class ImageReview:
     image: str
     flagged: int | None  # points expected to be worse than usual (None: model not calibrated)
     largest_expected_error: float  # NaN when not calibrated or nothing was found
+    error: str = ""  # why the image has no landmarks (it could not be read), "" when it has them
 
 
 def review_summary(rows: Iterable[ImageReview]) -> list[ImageReview]:
-    """Images to look at first come first: the largest expected error, then the most flagged points,
-    then the image name; images without expected errors last."""
+    """Images to look at first come first: images that failed, then the largest expected error, then
+    the most flagged points, then the image name; images without expected errors last."""
 
     def key(row: ImageReview) -> tuple:
         known = math.isfinite(row.largest_expected_error)
-        return (not known, -row.largest_expected_error if known else 0.0, -(row.flagged or 0), row.image)
+        return (not row.error, not known, -row.largest_expected_error if known else 0.0, -(row.flagged or 0), row.image)
 
     return sorted(rows, key=key)
 
@@ -511,16 +512,18 @@ def image_review(image: str, landmarks: LandmarkSet, flagged: np.ndarray | None)
 
 
 def write_review_summary(path: str | Path, rows: Iterable[ImageReview], unit: str) -> Path:
-    """Write summary.csv: image, flagged points, largest expected error, review-first order."""
+    """Write summary.csv: image, flagged points, largest expected error, error (why an image has no
+    landmarks), review-first order."""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}"])
+    writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}", "error"])
     for row in review_summary(rows):
         writer.writerow(
             [
                 row.image,
                 "" if row.flagged is None else row.flagged,
                 f"{row.largest_expected_error:.2f}" if math.isfinite(row.largest_expected_error) else "",
+                row.error,
             ]
         )
     write_text_atomically(Path(path), stream.getvalue())

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Cancelled, SCNLandmarksError
-from .vocabulary import HeatmapKind, LandmarkStatus, Precision
+from .vocabulary import Precision
 
 log = logging.getLogger("scn-landmarks")
 
@@ -31,8 +31,6 @@ class UsageError(Exception):
 
 
 LANDMARK_FORMATS = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv"}
-# Written by `detect` beside the landmark files: the images in the order to review them.
-REVIEW_SUMMARY = "summary.csv"
 
 
 def _format_seconds(seconds: float) -> str:
@@ -209,76 +207,118 @@ def _detect(args: argparse.Namespace) -> int:
 
     import SimpleITK as sitk
 
-    from .io.images import image_inputs, read_image, spacing_unit, write_image
+    from .batch import BatchRequest, batch_images, check_outputs
+    from .io.images import read_image
 
-    images = image_inputs(args.images)
+    images = batch_images(args.images)
+    request = BatchRequest(Path(args.out), LANDMARK_FORMATS[args.format], args.heatmaps)
+    if args.cluster is not None:
+        return _detect_on_cluster(args, images, request)
+    if args.skip_existing:
+        raise UsageError("--skip-existing resumes a --cluster run (from its cohort table); use --cluster local:1")
+    check_outputs(images, request, args.overwrite)
     # Importing torch (below) keeps one core busy for about a second: the first image is read on
     # another meanwhile (SimpleITK needs no torch and releases the GIL while it reads).
     reader = ThreadPoolExecutor(max_workers=1)
-    first_image = reader.submit(read_image, images[0])
+    first_image = reader.submit(read_image, images[0].path)
     reader.shutdown(wait=False)
 
     def read(path: Path, dimension: int) -> sitk.Image:
-        image = first_image.result() if path == images[0] else None
+        image = first_image.result() if path == images[0].path else None
         # Read without the model's dimension, a one-slice volume became 2D: a 3D model reads it again.
         return image if image is not None and image.GetDimension() == dimension else read_image(path, dimension)
 
-    from .calibration import image_review, write_review_summary
-    from .errors import DataError
+    from .batch import ImageOutcome, write_outputs, write_summary
     from .inference import Predictor
-    from .io.landmarks import write_landmarks
-    from .io.paths import output_stems, refuse_existing
 
     predictor = Predictor.from_file(args.model, args.device, args.precision)
     if predictor.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
-    reviews = []
-    out = Path(args.out)
-    suffix = LANDMARK_FORMATS[args.format]
-    stems = output_stems(images)
-    heatmap_kinds = list(HeatmapKind) if args.heatmaps else []
-    # Every file this run could write is checked before the first is: a clinician's corrected file in
-    # the output folder is never replaced unless asked.
-    targets = [
-        out / f"{stem}{name}"
-        for stem in stems
-        for name in [suffix, *(f"_heatmap_{kind}.nrrd" for kind in heatmap_kinds)]
-    ]
-    review_summary = out / REVIEW_SUMMARY
-    if any(target.name.casefold() == REVIEW_SUMMARY for target in targets):
-        raise DataError(
-            f"{review_summary}: an image's landmark file would take the name of the review summary; "
-            "choose another --format or rename that image"
-        )
-    refuse_existing([*targets, review_summary], args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    request.out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
     started = time.perf_counter()
-    results = predictor.predict_files(images, heatmaps=args.heatmaps, read=read)
-    for number, (stem, (image_path, prediction)) in enumerate(zip(stems, results), start=1):
+    results = predictor.predict_files([image.path for image in images], heatmaps=args.heatmaps, read=read)
+    for number, (image, (_, prediction)) in enumerate(zip(images, results), start=1):
         if isinstance(prediction, SCNLandmarksError):
-            failed += 1
-            print(f"[{number}/{len(images)}] error: {prediction}", file=sys.stderr)
-            continue
-        target = out / f"{stem}{suffix}"
-        # Positions and expected errors are in the image's frame, whatever unit the model learned in.
-        write_landmarks(prediction.landmarks, target, prediction.status, spacing_unit(image_path))
-        reviews.append(image_review(image_path.name, prediction.landmarks, prediction.flagged))
-        for kind in prediction.heatmap_kinds:
-            write_image(prediction.heatmap(kind), out / f"{stem}_heatmap_{kind}.nrrd")
-        found = sum(s != LandmarkStatus.MISSING for s in prediction.status)
-        mirrored = " (found on the mirror image)" if prediction.mirrored else ""
-        print(
-            f"[{number}/{len(images)}] {image_path}: {found}/{len(prediction.status)} landmarks{mirrored} -> {target}",
-            file=sys.stderr,
-        )
-    summary = write_review_summary(review_summary, reviews, "/".join(sorted({spacing_unit(p) for p in images})))
+            outcome = ImageOutcome(image, error=str(prediction))
+        else:
+            outcome = write_outputs(image, prediction, request)
+        outcomes.append(outcome)
+        print(f"[{number}/{len(images)}] {outcome.describe(request)}", file=sys.stderr)
+    summary = write_summary(request, outcomes)
+    failed = sum(1 for outcome in outcomes if outcome.error)
     print(
         f"{len(images) - failed} of {len(images)} images in {time.perf_counter() - started:.2f} s; "
         f"review order in {summary}",
         file=sys.stderr,
     )
     return 2 if failed else 0
+
+
+class CohortProgressBar:
+    """A cluster run's progress: images done, images per minute and the ETA, on one line on a terminal,
+    periodic lines otherwise; an image that failed gets its own line."""
+
+    def __init__(self, request, stream=sys.stderr, every_s: float = 10.0):
+        self.request = request
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.last = -math.inf
+        self.failed = 0
+
+    def __call__(self, outcome, done: int, total: int) -> None:
+        now = time.monotonic()
+        if outcome.error:
+            self.failed += 1
+            self.stream.write(("\r" if self.interactive else "") + f"{outcome.describe(self.request)}\n")
+        per_minute = done / max(now - self.started, 1e-9) * 60.0
+        width = 30
+        filled = int(width * done / total)
+        line = (
+            f"detect [{'#' * filled}{'.' * (width - filled)}] {done}/{total} images"
+            f"{f', {self.failed} failed' if self.failed else ''}, {per_minute:.1f} images/min, "
+            f"ETA {_format_seconds((total - done) / per_minute * 60.0)}"
+        )
+        if self.interactive:
+            self.stream.write("\r" + line + ("\n" if done == total else ""))
+        elif done == total or now - self.last >= self.every_s:
+            self.stream.write(line + "\n")
+            self.last = now
+        self.stream.flush()
+
+
+def _detect_on_cluster(args: argparse.Namespace, images, request) -> int:
+    from .bundle import read_description
+    from .cluster import import_distributed, run_cohort
+
+    # Dask's own news (workers starting, connections) is for debugging; its warnings still show. Set
+    # after Dask's import, which sets up its logging.
+    import_distributed()
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if read_description(args.model).calibration is None:
+        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    started = time.perf_counter()
+    result = run_cohort(
+        args.cluster,
+        args.model,
+        images,
+        request,
+        args.device,
+        args.precision,
+        args.overwrite,
+        args.skip_existing,
+        CohortProgressBar(request),
+    )
+    skipped = f" ({result.skipped} done before)" if result.skipped else ""
+    print(
+        f"{len(images) - result.failed} of {len(images)} images{skipped} in {time.perf_counter() - started:.2f} s "
+        f"on {result.workers} worker{'s' if result.workers != 1 else ''}; review order in {result.summary}, "
+        f"all points in {' and '.join(map(str, result.tables))}",
+        file=sys.stderr,
+    )
+    return 2 if result.failed else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -427,6 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--format", default="mrk.json", choices=tuple(LANDMARK_FORMATS))
     detect.add_argument("--heatmaps", action="store_true", help="also write heatmaps (.nrrd, input geometry)")
     detect.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    detect.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="detect on a Dask cluster: tcp://HOST:8786 (a running scheduler) or local:N (N worker processes "
+        "here); also writes the cohort table (needs pip install 'scn-landmarks[cluster]')",
+    )
+    detect.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="with --cluster: resume an interrupted run, keeping the images whose files are all written",
+    )
     _add_inference_options(detect)
     detect.set_defaults(run=_detect)
 

@@ -17,5 +17,9 @@ class TrainingError(SCNLandmarksError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class ClusterError(SCNLandmarksError, RuntimeError):
+    """A compute cluster that cannot be reached or used (names its address and the problem)."""
+
+
 class Cancelled(SCNLandmarksError):
     """The user cancelled a long-running operation; nothing was written."""

@@ -98,7 +98,7 @@ def test_a_model_without_calibration_still_loads_and_says_so(tiny_model_2d, data
     assert detected.returncode == 0, detected.stderr[-2000:]
     assert "not calibrated" in detected.stderr
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
-    assert rows == [{"image": entry.image.name, "flagged_points": "", "largest_expected_error_mm": ""}]
+    assert rows == [{"image": entry.image.name, "flagged_points": "", "largest_expected_error_mm": "", "error": ""}]
 
 
 def test_expected_error_grows_when_a_landmark_is_occluded(calibrated_2d, dataset_2d):

@@ -234,7 +234,7 @@ def test_cli_detect_labels_positions_in_each_image_s_unit(tiny_model_2d, dataset
     }
     assert units == {"picture.mrk.json": "px", f"{entry.image.name.split('.')[0]}.mrk.json": "mm"}
     header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
-    assert header == "image,flagged_points,largest_expected_error_mm/px"
+    assert header == "image,flagged_points,largest_expected_error_mm/px,error"
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):

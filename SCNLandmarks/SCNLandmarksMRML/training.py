@@ -34,7 +34,7 @@ from pathlib import Path
 
 from SCNLandmarksLib.errors import DataError, SCNLandmarksError
 
-from . import catalogue
+from . import catalogue, dependencies
 
 # Time budgets offered for a training run, in minutes.
 TIME_BUDGETS = {"quick": 5.0, "longer": 30.0}
@@ -87,7 +87,10 @@ def inspectTrainingFolder(folder) -> TrainingData:
     Raises:
         DataError: naming the folder or case: no dataset spec, no cases, a missing file, or a case
             whose landmark file has other landmark names than the folder's.
+        dependencies.TorchUnavailable: torch (which the dataset reader's module needs) is missing
+            or cannot be loaded.
     """
+    dependencies.loadTorch()
     from SCNLandmarksLib.autoconfig import resolve_dataset
     from SCNLandmarksLib.data.spec import load_dataset_spec
     from SCNLandmarksLib.io.images import spacing_unit
@@ -125,7 +128,10 @@ def checkBase(basePath, data: TrainingData) -> str:
     Raises:
         ModelFileError: `basePath` is not a model file (naming it).
         DataError: the base works on other images (dimension, unit) than the cases.
+        dependencies.TorchUnavailable: torch (which the model file reader needs) is missing or
+            cannot be loaded.
     """
+    dependencies.loadTorch()
     from SCNLandmarksLib.bundle import read_description
 
     base = read_description(basePath)
@@ -301,7 +307,8 @@ class TrainingJob:
         """Start the child process (returns at once).
 
         Raises:
-            TrainingFailed: already started.
+            TrainingFailed: already started, or the process cannot be started (e.g. no such
+                Python); the staging folder is then removed.
             DataError: the user models folder cannot be written.
         """
         if self._process is not None:
@@ -317,15 +324,21 @@ class TrainingJob:
         environment["PYTHONUNBUFFERED"] = "1"
         # No console window on Windows; the stop file, not a console signal, cancels.
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        with open(self.staging / LOG_FILE, "wb") as log:
-            self._process = subprocess.Popen(
-                self.command(),
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                env=environment,
-                creationflags=flags,
-            )
+        try:
+            with open(self.staging / LOG_FILE, "wb") as log:
+                self._process = subprocess.Popen(
+                    self.command(),
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    env=environment,
+                    creationflags=flags,
+                )
+        except OSError as error:
+            self._discardStaging()
+            raise TrainingFailed(
+                f"Cannot start the training process {self.python} ({error}); nothing was added."
+            ) from None
         self._reader = threading.Thread(target=self._read, name="SCNLandmarks training output", daemon=True)
         self._reader.start()
 

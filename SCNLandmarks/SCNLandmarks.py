@@ -9,10 +9,12 @@ node and calls the logic) and the self-test. All MRML work is in the `SCNLandmar
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -30,28 +32,37 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+# Checked before anything that needs a newer Python is imported or evaluated (everything up to the
+# `else` below keeps to Python 3.9): an older Slicer shows why the module cannot run (panel and
+# log) instead of failing to load it.
+from SCNLandmarksMRML.compatibility import compatibilityProblem
 
-def _addLibraryPath() -> None:
-    """Use the bundled library; in a source checkout it sits beside the module folder."""
+COMPATIBILITY_PROBLEM = compatibilityProblem((slicer.app.majorVersion, slicer.app.minorVersion))
+
+
+def _importLibrary() -> None:
+    """Import the bundled library (installed beside the module's scripts). In a source checkout it
+    sits in the repository, whose other top-level folders (Testing, benchmarks) must not become
+    importable packages: only the library's own folder is registered, not the repository."""
     try:
         import SCNLandmarksLib  # noqa: F401
     except ImportError:
-        sourceTree = Path(__file__).resolve().parents[1]
-        if (sourceTree / "SCNLandmarksLib").is_dir():
-            sys.path.insert(0, str(sourceTree))
+        package = Path(__file__).resolve().parents[1] / "SCNLandmarksLib"
+        spec = importlib.util.spec_from_file_location(
+            "SCNLandmarksLib", package / "__init__.py", submodule_search_locations=[str(package)]
+        )
+        if spec is None or spec.loader is None or not package.is_dir():
+            raise
+        library = importlib.util.module_from_spec(spec)
+        sys.modules["SCNLandmarksLib"] = library
+        spec.loader.exec_module(library)
 
 
-_addLibraryPath()
-
-# Checked before anything that needs a newer Python is imported: an older Slicer shows why the
-# module cannot run (panel and log) instead of leaving it out silently.
-from SCNLandmarksMRML.compatibility import compatibilityProblem  # noqa: E402
-
-COMPATIBILITY_PROBLEM = compatibilityProblem((slicer.app.majorVersion, slicer.app.minorVersion))
 if COMPATIBILITY_PROBLEM:
     logging.error(COMPATIBILITY_PROBLEM)
     _MRMLLogic = object  # never instantiated: the widget only shows the problem
 else:
+    _importLibrary()
     import SCNLandmarksMRML
     from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
     from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus
@@ -62,6 +73,32 @@ else:
 
     _MRMLLogic = SCNLandmarksMRML.SCNLandmarksLogic
 
+    @parameterNodeWrapper
+    class SCNLandmarksParameterNode:
+        """What the module panel shows; saved with the scene. Defined only where the module runs:
+        its fields name the library's types, which an older Slicer cannot import.
+
+        inputVolume - volume to detect landmarks in.
+        modelPath - model file (from the catalogue or loaded by the user).
+        device - "auto", "cuda" or "cpu".
+        landmarks - the detection (point list) being reviewed.
+        shortLabels - label the points on the views with the model's abbreviations.
+        showHeatmap, heatmapKind, heatmapLandmark, heatmapOpacity - the overlay ("" = all landmarks).
+        trainingFolder - where "Save as training pair" writes ("" = ask).
+        """
+
+        inputVolume: vtkMRMLScalarVolumeNode
+        modelPath: str = ""
+        device: str = "auto"
+        landmarks: vtkMRMLMarkupsFiducialNode
+        shortLabels: bool = False
+        showHeatmap: bool = False
+        heatmapKind: HeatmapKind = HeatmapKind.FINAL
+        heatmapLandmark: str = ""
+        heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+        trainingFolder: str = ""
+
+
 # The results table is refreshed at most this often while a point is dragged.
 TABLE_REFRESH_MS = 100
 # How often the running detection is polled, and how long each poll lets the worker thread run.
@@ -69,6 +106,8 @@ POLL_INTERVAL_MS = 100
 POLL_WAIT_S = 0.05
 # How often a training's progress is read (it runs in another process).
 TRAINING_POLL_MS = 500
+# How often the PyTorch probe, the model file reader and the installation log are looked at.
+BACKGROUND_POLL_MS = 200
 # The Train section's "Start from" choices.
 BASE_SELECTED, BASE_FILE, BASE_NEW = "selected", "file", "new"
 
@@ -82,9 +121,9 @@ class SCNLandmarks(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SCN Landmarks")
-        self.parent.categories = [_("Landmark Registration")]
+        self.parent.categories = [_("Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SCNLandmarks developers"]
+        self.parent.contributors = ["SCNLandmarks developers (SCNLandmarks project)"]
         self.parent.helpText = (COMPATIBILITY_PROBLEM + "<br><br>" if COMPATIBILITY_PROBLEM else "") + _("""
 Detects anatomical landmarks in 2D images (e.g. X-rays) and 3D volumes with a Spatial Configuration
 Net. Review the points and their confidence, show the network's heatmaps over the image, move points
@@ -101,6 +140,38 @@ Analysis 54, 2019 (and MICCAI 2016). Sample image: MNI152NLin2009cAsym template,
 """)
         if not COMPATIBILITY_PROBLEM:
             slicer.app.connect("startupCompleted()", registerSampleData)
+            slicer.app.connect("startupCompleted()", installPendingTorch)
+
+
+def pythonForChildren() -> str:
+    """The Python that child processes (training, the PyTorch probe) run: Slicer's own."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def settingsFolder() -> Path:
+    """Slicer's user settings folder (where the PyTorch reinstall note waits for the next start)."""
+    return Path(slicer.app.slicerUserSettingsFilePath).parent
+
+
+def installPendingTorch() -> None:
+    """Replace PyTorch as the user agreed before the restart, before anything in this session loads
+    it (a torch loaded in a session cannot be uninstalled under it)."""
+    plan = dependencies.pendingTorchReinstall(settingsFolder())
+    if plan is None or slicer.app.commandOptions().testingEnabled:
+        return
+    if dependencies.torchLoaded():
+        logging.warning("SCN Landmarks: another module loaded PyTorch first; it is replaced at the next start.")
+        return
+    # Removed first: a failing installation must not be retried at every start without asking.
+    dependencies.clearTorchReinstall(settingsFolder())
+    slicer.util.showStatusMessage(_("SCN Landmarks: replacing PyTorch as you asked (this can take minutes)..."))
+    with slicer.util.tryWithErrorDisplay(
+        _("Replacing PyTorch failed. Open SCN Landmarks and click Detect to install it again."), waitCursor=True
+    ):
+        import PyTorchUtils
+
+        dependencies.install(plan, PyTorchUtils.PyTorchUtilsLogic(), slicer.util.pip_install, replaceTorch=True)
+        slicer.util.showStatusMessage(_("SCN Landmarks: PyTorch was replaced."), 5000)
 
 
 def registerSampleData() -> None:
@@ -128,36 +199,6 @@ def registerSampleData() -> None:
 
 
 #
-# SCNLandmarksParameterNode
-#
-
-
-@parameterNodeWrapper
-class SCNLandmarksParameterNode:
-    """What the module panel shows; saved with the scene.
-
-    inputVolume - volume to detect landmarks in.
-    modelPath - model file (from the catalogue or loaded by the user).
-    device - "auto", "cuda" or "cpu".
-    landmarks - the detection (point list) being reviewed.
-    shortLabels - label the points on the views with the model's abbreviations.
-    showHeatmap, heatmapKind, heatmapLandmark, heatmapOpacity - the overlay ("" = all landmarks).
-    trainingFolder - where "Save as training pair" writes ("" = ask).
-    """
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    modelPath: str = ""
-    device: str = "auto"
-    landmarks: vtkMRMLMarkupsFiducialNode
-    shortLabels: bool = False
-    showHeatmap: bool = False
-    heatmapKind: HeatmapKind = HeatmapKind.FINAL
-    heatmapLandmark: str = ""
-    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    trainingFolder: str = ""
-
-
-#
 # SCNLandmarksWidget
 #
 
@@ -174,6 +215,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlayState = None
         self._updatingGui = False
         self._modelInfo: dict[str, tuple[str, str]] = {}  # model path -> (info line, tooltip)
+        # The model file reader imports torch (seconds, the first time): it runs on a worker thread.
+        self._modelInfoReader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SCNLandmarks model info")
+        self._modelInfoPending: dict[str, Future] = {}
+        self._deviceFacts = None
+        self._torchProbe = None
+        self._installLog = None
+        self._trainingDataStale = False
         self._loadedModelPaths: list[str] = []
         self._modelListKey = None
         self._tableColors: dict = {}
@@ -200,8 +248,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setVisible(False)
         self.ui.resultsTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
-        self._populateDevices()
         self._setupTrainSection()
+        self._backgroundTimer = qt.QTimer()
+        self._backgroundTimer.setInterval(BACKGROUND_POLL_MS)
+        self._backgroundTimer.timeout.connect(self._onPollBackground)
+        self._startTorchProbe()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -236,12 +287,14 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
         self.ui.reinstallTorchButton.clicked.connect(self.onReinstallTorch)
         self.ui.advancedCollapsibleButton.contentsCollapsed.connect(lambda collapsed: self._updateEnvironment())
+        self.ui.trainCollapsibleButton.contentsCollapsed.connect(self.onTrainSectionCollapsed)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         if self.runner is not None and self.runner.running:
             self.runner.cancel()
+        self._modelInfoReader.shutdown(wait=False, cancel_futures=True)
         if self.trainingJob is not None and self.trainingJob.running:
             self.trainingJob.cancel()  # it stops at its next iteration; nothing is registered without us
         self.removeObservers()
@@ -327,9 +380,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.trainingFolderPathLineEdit.currentPath = folder
             self._updateTrainingData()
         path = self._parameterNode.modelPath
-        if path and path not in self._modelInfo:
-            self._modelInfo[path] = (self.logic.modelInfo(path), self._modelDetails(path))
-        text, details = self._modelInfo.get(path, ("", _("No model selected.")))
+        if path and path not in self._modelInfo and path not in self._modelInfoPending:
+            self._modelInfoPending[path] = self._modelInfoReader.submit(self.logic.modelInfo, path)
+            self._backgroundTimer.start()
+        reading = (_("Reading the model file..."), self._modelDetails(path)) if path else ("", _("No model selected."))
+        text, details = self._modelInfo.get(path, reading)
         self.ui.modelInfoLabel.text = text
         self.ui.modelInfoLabel.toolTip = details
 
@@ -346,9 +401,12 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self) -> None:
         parameters = self._parameterNode
         busy = self.runner.running
-        ready = bool(parameters and parameters.inputVolume and parameters.modelPath) and not busy
+        installing = dependencies.installationRunning()
+        ready = bool(parameters and parameters.inputVolume and parameters.modelPath) and not busy and not installing
         self.ui.detectButton.enabled = ready
-        if busy:
+        if installing:
+            self.ui.detectButton.toolTip = _("Python packages are being installed (see Advanced).")
+        elif busy:
             self.ui.detectButton.toolTip = _("A detection is running.")
         else:
             self.ui.detectButton.toolTip = (
@@ -362,9 +420,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = hasLandmarks
         self.ui.saveTrainingPairButton.enabled = hasLandmarks and bool(self._landmarksVolume())
         self.ui.nextToReviewButton.enabled = self.ui.resetAllButton.enabled
-        self.ui.reinstallTorchButton.enabled = not busy
+        self.ui.reinstallTorchButton.enabled = not busy and not installing
         training = self.trainingJob is not None and self.trainingJob.running
-        self.ui.startTrainingButton.enabled = self._trainingData is not None and not training
+        self.ui.startTrainingButton.enabled = self._trainingData is not None and not training and not installing
         self.ui.cancelTrainingButton.enabled = training and not self.trainingJob.cancelRequested
         entry = SCNLandmarksMRML.entryForModel(parameters.modelPath) if parameters else None
         self.ui.removeModelButton.enabled = bool(entry and entry.userModel) and not training
@@ -376,7 +434,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The Advanced section: versions, devices, the model in use and its card."""
         if self.ui.advancedCollapsibleButton.collapsed:
             return
-        lines = [f"{label}: {value}" for label, value in dependencies.environmentReport()]
+        lines = [f"{label}: {value}" for label, value in dependencies.environmentReport(self._deviceFacts)]
         path = self._parameterNode.modelPath if self._parameterNode else ""
         lines.append(f"model file: {path or 'none selected'}")
         entry = SCNLandmarksMRML.entryForModel(path)
@@ -409,15 +467,54 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = choices[index].data  # the first shipped model, shown selected
 
     def _populateDevices(self) -> None:
-        combo = self.ui.deviceComboBox
-        with SignalBlocker(combo):
-            combo.clear()
-            for choice in self.logic.deviceChoices():
-                combo.addItem(choice.label, choice.key)
-                if choice.tooltip:
-                    combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
-                if not choice.available:
-                    combo.model().item(combo.count - 1).setEnabled(False)
+        """Both device selectors, from what is known of torch (`_deviceFacts`), keeping the choices."""
+        choices = self.logic.deviceChoices(self._deviceFacts)
+        for combo in (self.ui.deviceComboBox, self.ui.trainDeviceComboBox):
+            current = combo.itemData(combo.currentIndex) if combo.count else None
+            with SignalBlocker(combo):
+                combo.clear()
+                for choice in choices:
+                    combo.addItem(choice.label, choice.key)
+                    if choice.tooltip:
+                        combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+                    if not choice.available:
+                        combo.model().item(combo.count - 1).setEnabled(False)
+                index = combo.findData(current) if current else -1
+                if index >= 0 and choices[index].available:
+                    combo.currentIndex = index
+        self._updateManualWidgets()  # the parameter node's device, shown again
+
+    def _startTorchProbe(self) -> None:
+        """Show what is known without torch now; ask torch itself in a child process (importing it
+        here would freeze the panel for seconds and take a CUDA context before any detection)."""
+        self._deviceFacts = dependencies.installedFacts()
+        self._populateDevices()
+        self._torchProbe = dependencies.TorchProbe(pythonForChildren())
+        self._torchProbe.start()
+        self._backgroundTimer.start()
+
+    def _onPollBackground(self) -> None:
+        """The PyTorch probe, the model file reader and the installation log, from the GUI thread."""
+        if self._torchProbe is not None:
+            facts = self._torchProbe.poll()
+            if facts is not None:
+                self._torchProbe = None
+                self._deviceFacts = facts
+                self._populateDevices()
+                self._updateEnvironment()
+                if facts.loadError and not self.runner.running:
+                    self.ui.statusLabel.text = self.logic.dependencyStatus().message
+        for path, future in list(self._modelInfoPending.items()):
+            if future.done():
+                del self._modelInfoPending[path]
+                self._modelInfo[path] = (future.result(), self._modelDetails(path))
+                self._updateManualWidgets()
+        if self._installLog is not None:
+            lines = self._installLog.take()
+            if lines:
+                self.ui.installLog.appendPlainText("\n".join(lines))
+        if self._torchProbe is None and not self._modelInfoPending and self._installLog is None:
+            self._backgroundTimer.stop()
 
     def onModelSelected(self, index: int) -> None:
         if not self._parameterNode or self._updatingGui:
@@ -464,38 +561,47 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._install(status, forceTorch=False)
 
     def _install(self, status, forceTorch: bool) -> bool:
-        """Ask once (every package and its size), then install with the log in the Advanced section."""
+        """Ask once (every package and its size), then install with the log in the Advanced section.
+
+        A torch loaded in this session is not replaced under it: the next start replaces it
+        (`installPendingTorch`). While the installation runs (pip processes GUI events) Detect,
+        Start training and Reinstall are disabled, and a second installation is refused.
+        """
+        if dependencies.installationRunning():
+            self.ui.statusLabel.text = _("Python packages are being installed: wait for that installation to finish.")
+            return False
         plan = dependencies.installationPlan(status, forceTorch=forceTorch)
         if not plan:
             self.ui.statusLabel.text = status.message
             slicer.util.errorDisplay(status.message or _("Install the 'PyTorch' extension first."))
             return False
         replacesTorch = bool(status.torchVersion) and any(package.name == "torch" for package in plan)
+        torchLoaded = replacesTorch and dependencies.torchLoaded()
         if not slicer.util.confirmOkCancelDisplay(
-            dependencies.consentMessage(plan, replacesTorch), windowTitle=_("Install Python packages")
+            dependencies.consentMessage(plan, replacesTorch, torchLoaded), windowTitle=_("Install Python packages")
         ):
+            return False
+        if torchLoaded:
+            dependencies.requestTorchReinstall(settingsFolder(), plan)
+            self._offerRestart(_("PyTorch is replaced when Slicer starts next."))
             return False
         self.ui.advancedCollapsibleButton.collapsed = False
         self.ui.installLog.clear()
-        handler = InstallLogHandler(self.ui.installLog)
-        logging.getLogger().addHandler(handler)
+        self._installLog = dependencies.LogLines()
+        logging.getLogger().addHandler(self._installLog)
+        self._backgroundTimer.start()
+        self.ui.statusLabel.text = _("Installing Python packages (see the log in Advanced)...")
+        self.ui.progressBar.setRange(0, 0)  # busy: pip reports no fraction
+        self.ui.progressBar.setVisible(True)
         try:
+            torchUtils = None
             if any(package.name == "torch" for package in plan):
                 import PyTorchUtils
 
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if status.torchVersion:
-                    torchLogic.uninstallTorch()
-                if (
-                    torchLogic.installTorch(
-                        askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT
-                    )
-                    is None
-                ):
-                    return False
-            requirements = [package.requirement for package in plan if package.installer == "pip"]
-            if requirements:
-                slicer.util.pip_install(requirements)
+                torchUtils = PyTorchUtils.PyTorchUtilsLogic()
+            self._setActionsEnabled(False)
+            if not dependencies.install(plan, torchUtils, slicer.util.pip_install, replaceTorch=replacesTorch):
+                return False
         except Exception as error:  # pip and PyTorchUtils raise various errors; the log has the details
             logging.exception("SCNLandmarks: installation failed")
             slicer.util.errorDisplay(
@@ -503,16 +609,27 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             return False
         finally:
-            logging.getLogger().removeHandler(handler)
+            logging.getLogger().removeHandler(self._installLog)
+            self._onPollBackground()  # the last lines
+            self._installLog = None
+            self.ui.progressBar.setVisible(False)
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.statusLabel.text = ""
+            self._updateButtons()
         after = self.logic.dependencyStatus()
         self._modelInfo.clear()
-        self._populateDevices()
+        self._startTorchProbe()
         self._updateManualWidgets()
         self._updateEnvironment()
-        if after.restartNeeded or replacesTorch:
-            self._offerRestart(after.message or _("PyTorch was replaced: restart Slicer to use it."))
+        if after.restartNeeded:
+            self._offerRestart(after.message)
             return False
         return after.ready
+
+    def _setActionsEnabled(self, enabled: bool) -> None:
+        """Detect, Start training and Reinstall (re-enabled by `_updateButtons`)."""
+        for button in (self.ui.detectButton, self.ui.startTrainingButton, self.ui.reinstallTorchButton):
+            button.enabled = enabled
 
     def _offerRestart(self, message: str) -> None:
         self.ui.statusLabel.text = message
@@ -522,6 +639,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.restart()
 
     def onReinstallTorch(self) -> None:
+        if dependencies.installationRunning():
+            return
         status = self.logic.dependencyStatus()
         if not status.pytorchUtilsAvailable:
             slicer.util.errorDisplay(
@@ -556,6 +675,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.runner.running:
             self.ui.statusLabel.text = _("A detection is already running: wait for it or cancel it.")
             return
+        if dependencies.installationRunning():
+            return  # the button is disabled meanwhile; a queued click does nothing
         if not parameters or not self._ensureDependencies() or not self._ensureModelFile():
             return
         try:
@@ -831,7 +952,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.landmarks = self._annotationNode  # "Save as training pair" saves it
             markupsLogic = slicer.modules.markups.logic()
             markupsLogic.SetActiveList(self._annotationNode)
-            markupsLogic.StartPlaceMode(True)  # persistent: one click per landmark
+            markupsLogic.StartPlaceMode(True)  # persistent: one click per landmark (the node's points are fixed)
             self._onAnnotationChanged()
 
     def _observeAnnotation(self, node) -> None:
@@ -848,8 +969,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             return
         if annotate.updatePlacement(node) is None:
-            # Every landmark placed or skipped: a further click would add an unnamed point.
-            slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+            # Every landmark placed or skipped: leave place mode, and do not leave it persistent for
+            # the user's next markup.
+            interaction = slicer.app.applicationLogic().GetInteractionNode()
+            interaction.SetPlaceModePersistence(0)
+            interaction.SwitchToViewTransformMode()
         self.ui.annotationStatusLabel.text = annotate.annotationStatus(node).text
         self._updateButtons()
 
@@ -876,18 +1000,25 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ),
                 key,
             )
-        for choice in self.logic.deviceChoices():
-            self.ui.trainDeviceComboBox.addItem(choice.label, choice.key)
-            if not choice.available:
-                self.ui.trainDeviceComboBox.model().item(self.ui.trainDeviceComboBox.count - 1).setEnabled(False)
         self.ui.trainingProgressBar.setVisible(False)
         self._trainTimer = qt.QTimer()
         self._trainTimer.setInterval(TRAINING_POLL_MS)
         self._trainTimer.timeout.connect(self._onPollTraining)
         self._trainBaseFile = ""
 
+    def onTrainSectionCollapsed(self, collapsed: bool) -> None:
+        if not collapsed and self._trainingDataStale:
+            self._updateTrainingData()
+
     def _updateTrainingData(self) -> None:
-        """The Train section's data line: the folder's cases and landmarks, or why it cannot train."""
+        """The Train section's data line: the folder's cases and landmarks, or why it cannot train.
+
+        Read when the section is open: reading the folder imports torch (seconds), which opening
+        the module must not cost.
+        """
+        self._trainingDataStale = self.ui.trainCollapsibleButton.collapsed
+        if self._trainingDataStale:
+            return
         folder = panel.trainingFolderText(self._parameterNode.trainingFolder) if self._parameterNode else ""
         self._trainingData = None
         if not folder:
@@ -940,7 +1071,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onStartTraining(self) -> None:
-        if self._trainingData is None or not self._ensureDependencies():
+        if self._trainingData is None or dependencies.installationRunning() or not self._ensureDependencies():
             return
         base = self._trainingBasePath()
         if base == "":
@@ -955,7 +1086,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.trainNameLineEdit.text.strip(),
                 training.TIME_BUDGETS[self.ui.trainBudgetComboBox.itemData(self.ui.trainBudgetComboBox.currentIndex)],
                 self.ui.trainDeviceComboBox.itemData(self.ui.trainDeviceComboBox.currentIndex) or "auto",
-                python=shutil.which("PythonSlicer") or sys.executable,
+                python=pythonForChildren(),
             )
             self.trainingJob.start()
         except SCNLandmarksError as error:
@@ -990,7 +1121,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainingEnded(outcome.message)
         if outcome.entry is not None:
             self._modelListKey = None
-            self._parameterNode.modelPath = str(outcome.entry.path)  # listed and selected at once
+            if self._parameterNode is not None:  # None after a scene close: listed, selected by the user
+                self._parameterNode.modelPath = str(outcome.entry.path)  # listed and selected at once
 
     def _trainingEnded(self, message: str) -> None:
         self._trainTimer.stop()
@@ -1043,18 +1175,6 @@ class QtTable:
 def _setItemColor(item, color) -> None:
     item.setBackground(qt.QBrush(qt.QColor(*color)) if color else qt.QBrush())
     item.setForeground(qt.QBrush(qt.QColor(0, 0, 0)) if color else qt.QBrush())
-
-
-class InstallLogHandler(logging.Handler):
-    """Shows what pip and PyTorchUtils log (line by line, as they run) in the installation log box."""
-
-    def __init__(self, textBox):
-        super().__init__(logging.INFO)
-        self.textBox = textBox
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.textBox.appendPlainText(self.format(record))
-        slicer.app.processEvents()
 
 
 class SignalBlocker:

@@ -66,8 +66,8 @@ def test_every_file_slicer_loads_runs_on_the_oldest_supported_python(tmp_path):
     assert MODULE_DIR / "SCNLandmarksMRML" / "logic.py" in files and REPO / "SCNLandmarksLib" / "cli.py" in files
     checked = _vermin("3.12", files)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    # What runs before the version check must load on the Python of older Slicers (3.9), so that
-    # the check can speak; with --eval-annotations the parameter node's annotations count too.
+    # What runs before the version check must parse on the Python of older Slicers (3.9), so that
+    # the check can speak (that it also runs there is test_slicer_app_setup's Slicer 5.8 case).
     early = [
         MODULE_DIR / "SCNLandmarks.py",
         MODULE_DIR / "SCNLandmarksMRML" / "__init__.py",
@@ -94,10 +94,11 @@ def test_the_compatibility_check_imports_nothing_else_of_the_package():
 # dependencies and devices
 
 
-def test_the_torch_requirement_is_the_librarys():
+def test_the_torch_requirement_is_the_librarys_lower_bound_and_the_tested_range_its_upper():
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     torch = next(d for d in project["dependencies"] if d.startswith("torch"))
-    assert torch == "torch" + dependencies.TORCH_REQUIREMENT
+    assert torch == "torch" + dependencies.TORCH_REQUIREMENT + "," + dependencies.TORCH_TESTED
+    assert "<" not in dependencies.TORCH_REQUIREMENT  # a newer torch in the shared Python is kept
 
 
 @pytest.mark.parametrize(
@@ -107,7 +108,7 @@ def test_the_torch_requirement_is_the_librarys():
         ("2.2", True),
         ("2.2.0", True),
         ("2.1.2", False),
-        ("2.14.0", False),
+        ("2.14.0", True),
         ("1.13.1+cu117", False),
         ("2.5.0rc1", True),
         ("garbage", False),
@@ -120,10 +121,12 @@ def test_torch_versions_against_the_requirement(version, expected):
 def test_a_too_old_torch_is_not_ready_and_is_replaced_through_pytorchutils_only():
     status = dependencies.dependencyStatus(torchVersion="2.1.0", importedTorchVersion="", pytorchUtils=True, missing=[])
     assert not status.ready and status.torchUnsupported and not status.torchAvailable
-    assert "2.1.0 is installed, but this module needs torch>=2.2,<2.14" in status.message
+    assert "2.1.0 is installed, but this module needs torch>=2.2" in status.message
     plan = dependencies.installationPlan(status, nvidiaGpu=False)
     torch = next(p for p in plan if p.name == "torch")
-    assert torch.installer == "PyTorchUtils" and torch.requirement == "torch>=2.2,<2.14"
+    assert torch.installer == "PyTorchUtils" and torch.requirement == "torch>=2.2"
+    torchvision = next(p for p in plan if p.name == "torchvision")  # PyTorchUtils installs it too
+    assert torchvision.installer == "PyTorchUtils" and torchvision.requirement == "torchvision>=0.17"
     question = dependencies.consentMessage(plan, replacesTorch=True)
     for package in plan:
         assert package.requirement in question and package.size in question
@@ -143,6 +146,30 @@ def test_a_too_old_torch_is_not_ready_and_is_replaced_through_pytorchutils_only(
         dependencies.installationPlan(status, nvidiaGpu=True)[0].size
         == dependencies.DOWNLOAD_SIZES["torch (CUDA build)"]
     )
+
+
+def test_a_newer_torch_than_tested_is_kept_with_a_warning():
+    status = dependencies.dependencyStatus(
+        torchVersion="2.15.1", importedTorchVersion="", pytorchUtils=True, missing=[]
+    )
+    assert status.ready and status.message == "" and not status.torchUnsupported
+    assert "2.15.1 is newer than the releases this module was tested with (torch<2.14)" in status.warning
+    assert dependencies.installationPlan(status, nvidiaGpu=False) == []  # nothing is replaced
+    assert dependencies.dependencyStatus(torchVersion="2.13.0", pytorchUtils=True, missing=[]).warning == ""
+
+
+def test_a_torch_that_cannot_load_is_reported_and_reinstalled():
+    error = "[WinError 126] The specified module could not be found. Error loading c10.dll"
+    status = dependencies.dependencyStatus(
+        torchVersion="2.13.0", importedTorchVersion="", pytorchUtils=True, missing=[], torchLoadError=error
+    )
+    assert not status.ready and status.message.startswith(f"PyTorch is installed but cannot be loaded: {error}")
+    assert "Reinstall PyTorch" in status.message
+    plan = dependencies.installationPlan(status, nvidiaGpu=False)
+    assert [p.name for p in plan][:2] == ["torch", "torchvision"]
+    facts = dependencies.DeviceFacts("2.13.0", "", (), True, error)
+    assert all("cannot be loaded" in choice.tooltip for choice in dependencies.deviceChoices(facts))
+    assert dict(dependencies.environmentReport(facts))["torch"].endswith(error)
 
 
 def test_a_torch_replaced_in_the_session_needs_a_restart():
@@ -173,15 +200,95 @@ def test_the_device_list_tells_the_truth():
     assert "not installed" in noTorch[0].label
     report = dict(dependencies.environmentReport(dependencies.DeviceFacts("2.13.0+cpu", "", (), True)))
     assert report["torch build"] == "CPU only" and report["NVIDIA GPU on this computer"] == "yes"
-    assert report["torch requirement"] == "torch>=2.2,<2.14" and "CPU-only build" in report["note"]
+    assert report["torch requirement"] == "torch>=2.2 (tested: torch<2.14)" and "CPU-only build" in report["note"]
+    checking = dependencies.deviceChoices(dependencies.DeviceFacts("2.13.0+cu126", "", None, True))
+    assert checking[1].label == "GPU (being checked)" and not checking[1].available and checking[0].available
 
 
-def test_this_computers_devices_are_read_from_its_torch():
+def test_this_computers_devices_are_read_from_its_torch_in_a_child_process():
     import torch
 
-    facts = dependencies.deviceFacts()
+    probe = dependencies.TorchProbe(sys.executable)
+    probe.start()
+    assert probe.running or probe.poll() is not None  # it returns at once
+    facts = probe.wait()
     assert facts.torchVersion == torch.__version__ and facts.cudaBuild == (torch.version.cuda or "")
     assert len(facts.gpuNames) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert facts.loadError == "" and dependencies.installedFacts().gpuNames is None
+
+
+class FakeTorchUtils:
+    """PyTorchUtilsLogic as `dependencies.install` uses it: records the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def uninstallTorch(self):
+        self.calls.append("uninstall")
+
+    def installTorch(self, **options):
+        self.calls.append(("install", options))
+        if dependencies.installationRunning():  # pip processes events: a second click lands here
+            with pytest.raises(dependencies.InstallationRunning):
+                dependencies.install([], self, lambda requirements: None)
+        return object()
+
+
+def test_one_installation_at_a_time_with_torchvision_bounded(monkeypatch):
+    status = dependencies.dependencyStatus(torchVersion="", importedTorchVersion="", pytorchUtils=True, missing=[])
+    plan = dependencies.installationPlan(status, nvidiaGpu=False) + [
+        dependencies.PlannedPackage("safetensors", "safetensors>=0.4", "pip", "")
+    ]
+    utils, pip = FakeTorchUtils(), []
+    assert dependencies.install(plan, utils, pip.append) and not dependencies.installationRunning()
+    assert utils.calls == [
+        (
+            "install",
+            {"askConfirmation": False, "torchVersionRequirement": ">=2.2", "torchvisionVersionRequirement": ">=0.17"},
+        )
+    ]
+    assert pip == [["safetensors>=0.4"]]
+    # A torch loaded in this process is never uninstalled under it (this test process has torch).
+    with pytest.raises(RuntimeError, match="next start"):
+        dependencies.install(plan, FakeTorchUtils(), pip.append, replaceTorch=True)
+    monkeypatch.setattr(dependencies, "torchLoaded", lambda: False)
+    utils = FakeTorchUtils()
+    dependencies.install(plan, utils, pip.append, replaceTorch=True)
+    assert utils.calls[0] == "uninstall" and utils.calls[1][0] == "install"
+
+
+def test_a_reinstall_waits_for_the_next_start_in_the_settings_folder(tmp_path):
+    assert dependencies.torchLoaded()  # this process imported torch
+    status = dependencies.dependencyStatus(torchVersion="2.13.0", importedTorchVersion="", pytorchUtils=True)
+    plan = dependencies.installationPlan(status, nvidiaGpu=False, forceTorch=True)
+    assert "replaced when Slicer starts next" in dependencies.consentMessage(plan, True, torchLoaded=True)
+    assert dependencies.pendingTorchReinstall(tmp_path) is None
+    dependencies.requestTorchReinstall(tmp_path, plan)
+    assert dependencies.pendingTorchReinstall(tmp_path) == plan
+    dependencies.clearTorchReinstall(tmp_path)
+    assert dependencies.pendingTorchReinstall(tmp_path) is None
+    (tmp_path / dependencies.REINSTALL_NOTE).write_text("not json")
+    assert dependencies.pendingTorchReinstall(tmp_path) is None  # dropped: nothing installs without a readable yes
+    assert not (tmp_path / dependencies.REINSTALL_NOTE).exists()
+
+
+def test_log_lines_from_any_thread_wait_for_the_gui_thread():
+    import logging
+    import threading
+
+    lines = dependencies.LogLines()
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.install")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        worker = threading.Thread(target=lambda: logger.info("from pip's reader thread"))
+        worker.start()
+        worker.join()
+        logger.info("from the GUI thread")
+    finally:
+        logger.removeHandler(lines)
+    assert lines.take() == ["from pip's reader thread", "from the GUI thread"] and lines.take() == []
 
 
 def test_the_self_test_skips_with_a_reason_without_torch_and_runs_with_it():
@@ -431,5 +538,16 @@ def test_license_and_extension_metadata_point_at_files_this_repository_holds():
     assert 'set(SCNLandmarks_MINIMUM_SLICER_VERSION "5.10")' in top and "VERSION_LESS" in top
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     install = readme[readme.index("## Installing the module in 3D Slicer") : readme.index("## Performance")]
-    assert "3D Slicer 5.10 or later" in install and "torch>=2.2,<2.14" in install
+    assert "3D Slicer 5.10 or later" in install and "torch>=2.2" in install and "torchvision>=0.17" in install
+    assert 'set(EXTENSION_CATEGORY "Quantification")' in top and "SlicerSCNLandmarks" in install
     assert "Slicer 5.10" in (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
+
+
+def test_a_training_process_that_cannot_start_leaves_no_staging_folder(tmp_path):
+    from SCNLandmarksMRML.training import TrainingData, TrainingFailed, TrainingJob
+
+    data = TrainingData(tmp_path, tmp_path / "dataset.toml", 2, ("A",), ("case1",), "px")
+    job = TrainingJob(data, None, "new", python=str(tmp_path / "no-such-python"), userFolder=tmp_path / "models")
+    with pytest.raises(TrainingFailed, match="Cannot start the training process"):
+        job.start()
+    assert not job.running and [p for p in (tmp_path / "models").rglob("*") if p.is_dir()] == []

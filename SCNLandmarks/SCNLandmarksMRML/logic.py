@@ -94,6 +94,8 @@ class DetectionJob:
     started: float
     modelPath: str = ""
     prediction: object = None
+    # Read on the main thread: the worker must not touch MRML nodes (not even GetName).
+    volumeName: str = ""
 
     def report(self, fraction: float, message: str) -> None:
         self.progress(fraction, message)
@@ -138,9 +140,10 @@ class SCNLandmarksLogic:
         return dependencies.dependencyStatus()
 
     @staticmethod
-    def deviceChoices() -> list[dependencies.DeviceChoice]:
-        """Auto / GPU / CPU, labelled with what this computer has."""
-        return dependencies.deviceChoices()
+    def deviceChoices(facts: dependencies.DeviceFacts | None = None) -> list[dependencies.DeviceChoice]:
+        """Auto / GPU / CPU, labelled with what this computer has (`facts` from a
+        `dependencies.TorchProbe`; default what is known without importing torch)."""
+        return dependencies.deviceChoices(facts)
 
     @staticmethod
     def availableModels() -> list[catalogue.ModelEntry]:
@@ -166,7 +169,10 @@ class SCNLandmarksLogic:
         if not modelPath or not Path(modelPath).is_file():
             return "No model file selected." if not modelPath else f"{modelPath}: model file not found"
         try:
+            dependencies.loadTorch()  # the model file reader needs torch; a broken one is reported
             from SCNLandmarksLib.bundle import read_description
+        except dependencies.TorchUnavailable as error:
+            return str(error)
         except ImportError as error:
             return dependencies.missingModuleMessage(error)
         try:
@@ -210,8 +216,10 @@ class SCNLandmarksLogic:
         Raises:
             ModelFileError: missing, truncated or foreign model file.
             DataError: e.g. "cuda" requested without a GPU.
+            dependencies.TorchUnavailable: torch is missing or cannot be loaded.
         """
         path = self.modelFile(modelPath)
+        dependencies.loadTorch()
         from SCNLandmarksLib.inference import Predictor
 
         stat = path.stat()
@@ -282,7 +290,14 @@ class SCNLandmarksLogic:
             raise DataError("No MRML scene to work in.")
         checkScalarVolume(volumeNode)
         job = DetectionJob(
-            volumeNode, None, None, progress or (lambda fraction, message: None), cancel, keepHeatmaps, start
+            volumeNode,
+            None,
+            None,
+            progress or (lambda fraction, message: None),
+            cancel,
+            keepHeatmaps,
+            start,
+            volumeName=volumeNode.GetName() or "",
         )
         job.report(0.0, "loading model")
         job.check()
@@ -310,7 +325,7 @@ class SCNLandmarksLogic:
                 heatmaps=job.keepHeatmaps,
                 progress=_scaled(job.progress, 0.1, 0.95),
                 cancel=job.cancel,
-                source=f"volume '{job.volumeNode.GetName()}'",
+                source=f"volume '{job.volumeName}'",
             )
         except Cancelled:
             raise Cancelled("Landmark detection cancelled; nothing was changed.") from None

@@ -580,6 +580,70 @@ def test_cancel_keeps_the_previous_result_and_corrections_are_never_lost_silentl
     assert page.locator("#confirm-discard").is_hidden()
 
 
+def test_corrections_survive_a_closed_tab_and_an_ended_session(browser, tmp_path):
+    with review_server("--idle-timeout", "3") as (station, output):
+        page = new_page(browser, station)
+        session_url, context = page.url, page.context
+        open_sample_and_detect(page)
+        _, dropped = drag_landmark(page, "PC", (-50, 30))
+
+        # Saved as a training pair into the session's own folder (no --training-folder): that folder goes
+        # with the session, so the corrections still count as not exported.
+        page.click("#training-button")
+        page.click("#save-training-pair")
+        page.wait_for_function("document.querySelector('#info').innerText.includes('Saved case')")
+        assert "removed when the session ends: export the points" in page.locator("#info").inner_text()
+        page.click("#training-close")
+        page.click("#open-sample")
+        page.locator("#confirm-discard").wait_for()
+        page.click("#confirm-cancel")
+
+        # Leaving the page asks first (the reviewer stays here)...
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+        page.close(run_before_unload=True)
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not asked and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        assert asked == ["beforeunload"] and not page.is_closed()
+        # ...but the tab is closed all the same: the session ends after the idle time.
+        page.close()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not re.search(r"session \S+ ended", "".join(output)):
+            assert time.monotonic() < deadline, "the idle session did not end"
+            time.sleep(0.5)
+
+        # Its address, opened again in this browser (whose cache had the page), says what happened.
+        again = context.new_page()
+        again.goto(session_url)
+        assert "ended" in again.locator("#title").inner_text()
+        assert "were kept" in again.locator("#message").inner_text()
+
+        # A new session in this browser offers the corrections back: download them, or restore the review.
+        again.goto(station)
+        again.wait_for_selector("#recovery")
+        assert f"{SAMPLE}.nii.gz: 1 point moved" in again.locator("#recovery-text").inner_text()
+        kept = export(again, tmp_path, click="#recovery-download")
+        assert np.linalg.norm(kept["PC"] - dropped) < 1.0
+        again.click("#recovery-restore")
+        again.wait_for_selector("#landmarks tbody tr:nth-child(32)")
+        wait_for_status(again, "PC", "moved by user")
+        assert np.linalg.norm(row_position(again, "PC") - dropped) < 1.0
+        assert "moved by user" not in row(again, "AC").inner_text()
+        assert again.locator("#recovery").count() == 0
+        again.click("#open-sample")  # still not exported: asked first
+        again.locator("#confirm-discard").wait_for()
+        again.click("#confirm-cancel")
+        # Another browser (another reviewer) is offered nothing.
+        other = new_page(browser, station)
+        other.wait_for_timeout(500)
+        assert other.locator("#recovery").count() == 0
+        other.context.close()
+    # The station stops under an open page: the page says what happened instead of going blank.
+    again.wait_for_function("document.querySelector('#title')?.innerText.includes('session has ended')")
+    context.close()
+
+
 def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, browser, data_root, tmp_path):
     page = new_page(browser, server)
     broken = tmp_path / "broken.nrrd"

@@ -18,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import time
 import tomllib
@@ -34,7 +38,7 @@ import numpy as np
 import vtk
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
-from trame.widgets import html
+from trame.widgets import client, html
 from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
 from trame_slicer.app.ui import create_vertical_view_gutter_ui
 from trame_slicer.app.ui.slider import Slider
@@ -65,6 +69,7 @@ from SCNLandmarksMRML.volumes import (
 )
 
 from . import access
+from .autosave import Autosave, Recoverable
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,19 @@ TRAINING_POLL_S = 0.5  # how long each look at the running fine-tuning waits for
 DEFAULT_FINETUNE_MINUTES = 10.0
 CANCELLING_FINETUNE = "cancelling: the current iteration ends first, the best model so far is kept"
 MAX_FINETUNE_MINUTES = 24 * 60.0
+# The browser asks before leaving a page (closing the tab, reloading, another address) that holds
+# corrections not exported (they are also autosaved, but the reviewer should know).
+LEAVE_GUARD_SCRIPT = """
+if (!window.scnLandmarksLeaveGuard) {
+  window.scnLandmarksLeaveGuard = true;
+  window.addEventListener('beforeunload', (event) => {
+    if (window.trame && window.trame.state.get('unsaved')) { event.preventDefault(); event.returnValue = ''; }
+  });
+}
+"""
+ENDED_MESSAGE = (
+    "This review session has ended. Corrections not exported were kept: open a new session to get them back."
+)
 
 
 @contextlib.contextmanager
@@ -104,6 +122,28 @@ def _folderLock(folder: Path):
 
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
+
+
+# Who saved which case of a shared training folder (case id -> a digest of the reviewer's id), so one
+# reviewer never replaces another's case.
+CASE_OWNERS_FILE = ".scn-landmarks-case-owners.json"
+
+
+def _caseOwners(folder: Path) -> dict[str, str]:
+    path = folder / CASE_OWNERS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as error:  # then every existing case counts as someone else's
+        logger.warning("%s: %s", path, error)
+        return {}
+
+
+def _freeCaseId(caseId: str, taken: Callable[[str], bool]) -> str:
+    """`caseId`, or `caseId-2`, `caseId-3`... the first name not `taken`."""
+    number = 2
+    while taken(candidate := f"{caseId}-{number}"):
+        number += 1
+    return candidate
 
 
 @contextlib.contextmanager
@@ -159,6 +199,11 @@ class LandmarkReviewApp(TrameApp):
             station's sessions); default a folder of this session's own, removed with it. Fine-tuned
             models go to the user models folder (`catalogue.userModelsFolder`), as the module's do.
         dataRoots: the folders a path typed in the page may open files from (none: no typed paths).
+        reviewer: who reviews (the station's per-browser id; default a new one): the training
+            cases they saved are theirs to replace.
+        autosaveFolder: where corrections not exported are kept after each change (see `autosave`);
+            the reviewer's other sessions' folders beside it are offered back. None: not kept.
+        endedMessage: what the page says when its session has ended under it (HTML).
     """
 
     def __init__(
@@ -171,8 +216,15 @@ class LandmarkReviewApp(TrameApp):
         maxUploadBytes: int = 512 * 1024**2,
         trainingFolder: Path | None = None,
         dataRoots: Sequence[Path] = (),
+        reviewer: str | None = None,
+        autosaveFolder: Path | None = None,
+        endedMessage: str = ENDED_MESSAGE,
     ):
         super().__init__(server)
+        # Kept in shared folders as a digest only: the id itself is the browser's cookie.
+        self.reviewerDigest = hashlib.sha256(
+            f"scn-landmarks reviewer {reviewer or secrets.token_urlsafe(16)}".encode()
+        ).hexdigest()[:16]
         self.dataRoots = [Path(root).resolve() for root in dataRoots]
         self.device = device
         self.maxUploadBytes = maxUploadBytes
@@ -180,6 +232,9 @@ class LandmarkReviewApp(TrameApp):
         self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
         self.trainingFolder = Path(trainingFolder) if trainingFolder else self.workdir / "training-pairs"
         self.trainingJob: TrainingJob | None = None
+        self.autosave = Autosave(autosaveFolder, self.workdir)
+        self.recoverable: list[Recoverable] = self.autosave.others()
+        self.endedMessage = endedMessage
         self.finetuneCancelRequested = False  # (a Cancel may come before the job has started)
         self.slicerApp = SlicerApp()
         register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewGutter)
@@ -191,6 +246,8 @@ class LandmarkReviewApp(TrameApp):
         self.modelWorker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scn-landmarks-model")
         self.modelLoads = 0
         self.volumeNode = None
+        self.imagePath: Path | None = None
+        self.detectionModel = ""  # the model file of the current detection
         self.imageUnit = "mm"
         self.markupsNode = None
         self.movedMarkersNode = None
@@ -258,6 +315,14 @@ class LandmarkReviewApp(TrameApp):
         state.cursor_position = ""
         state.position_unit = "LPS, mm"
         state.training_open = False
+        state.recovery = ""
+        state.recovery_export_name = ""
+        # Shown instead of the page when its session ends under it (the station restarts, say).
+        state.trame__template_error = (
+            '<div style="font-family: sans-serif; margin: 3em; max-width: 40em;"><h2 id="title">This review '
+            f'session has ended</h2><p id="message">{self.endedMessage}</p></div>'
+        )
+        self._offerRecovery()
         state.training_folder = self.pathAliases.get(str(self.trainingFolder), str(self.trainingFolder))
         state.training_folder_kept = str(self.trainingFolder) not in self.pathAliases
         state.training_cases = ""
@@ -375,6 +440,7 @@ class LandmarkReviewApp(TrameApp):
         if self.volumeNode is not None:
             self._removeVolume(self.volumeNode)
         self.volumeNode = volumeNode
+        self.imagePath = Path(path)
         is2d = volumeDimension(volumeNode) == 2
         self.state.is_2d = is2d
         self.layoutManager.set_layout(LAYOUT_2D if is2d else LAYOUT_3D)
@@ -387,7 +453,7 @@ class LandmarkReviewApp(TrameApp):
         self.state.cursor_position = ""  # the old readout belongs to the old image
         self.state.export_name = f"{image_stem(name) or 'landmarks'}.mrk.json"
         self.state.case_id = safe_filename(image_stem(name), "case")
-        self.state.unsaved = False
+        self._markSaved()
         self.state.info = f"Opened {name}."
 
     def _removeVolume(self, volumeNode) -> None:
@@ -477,7 +543,8 @@ class LandmarkReviewApp(TrameApp):
             return
         self._unlessUnsaved(lambda: self._startDetection(self._modelPath(modelId, modelPath)))
 
-    def _startDetection(self, modelPath: str) -> None:
+    def _startDetection(self, modelPath: str, then: Callable[[], None] | None = None) -> None:
+        """Detect on the open image in the background; `then` runs once the result is shown."""
         state = self.state
         state.error = ""
         if self.volumeNode is None:
@@ -486,9 +553,9 @@ class LandmarkReviewApp(TrameApp):
         self.cancelRequested = False
         state.busy = True
         state.progress, state.progress_message = 0, "loading model"
-        self.detection = asyncio.get_event_loop().create_task(self._detect(modelPath))
+        self.detection = asyncio.get_event_loop().create_task(self._detect(modelPath, then))
 
-    async def _detect(self, modelPath: str) -> None:
+    async def _detect(self, modelPath: str, then: Callable[[], None] | None) -> None:
         """Load (if needed) and run the model off the main thread; the scene changes only on success."""
         loop = asyncio.get_running_loop()
 
@@ -508,7 +575,10 @@ class LandmarkReviewApp(TrameApp):
                 raise Cancelled(CANCELLED)
             with self.state:
                 self.state.error_unit = predictor.description.unit
+                self.detectionModel = modelPath
                 self._showResult(self.logic.finishDetection(job))
+                if then is not None:
+                    then()
         except Cancelled:
             with self.state:
                 self.state.info = CANCELLED
@@ -540,7 +610,7 @@ class LandmarkReviewApp(TrameApp):
         self.state.heatmap_landmark_items = [ALL_LANDMARKS, *result.landmarkNames]
         self.state.heatmap_landmark = ALL_LANDMARKS
         self.state.info = result.summary
-        self.state.unsaved = False
+        self._markSaved()
         self._refreshTable()
         self._onHeatmapChoice()
 
@@ -667,6 +737,7 @@ class LandmarkReviewApp(TrameApp):
             self.dragStart = None
         with self.state:
             self._refreshTable()
+            self._keepCorrections()
 
     def _rememberMove(self, index: int, previous: np.ndarray) -> None:
         self.undoMoves.append((index, previous))
@@ -683,6 +754,7 @@ class LandmarkReviewApp(TrameApp):
         self.state.can_undo = bool(self.undoMoves)
         self.state.selected_landmark = index
         self._refreshTable()
+        self._keepCorrections()
 
     def selectLandmark(self, index: int) -> None:
         """Center the views on a landmark and, with a heatmap shown, show that landmark's heatmap."""
@@ -726,6 +798,7 @@ class LandmarkReviewApp(TrameApp):
         if np.linalg.norm(self._positionOf(index) - before) > 0:
             self._rememberMove(index, before)
         self._refreshTable()
+        self._keepCorrections()
 
     def _onHeatmapChoice(self, **_) -> None:
         if self.markupsNode is None or not self.logic.hasHeatmaps(self.markupsNode):
@@ -826,7 +899,7 @@ class LandmarkReviewApp(TrameApp):
             self._writeLandmarks(path)
             content = path.read_bytes()
             path.unlink()
-            self.state.unsaved = False
+            self._markSaved()
             return self.server.protocol.addAttachment(content)
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
@@ -840,6 +913,87 @@ class LandmarkReviewApp(TrameApp):
             landmarks = dataclasses.replace(landmarks, points_lps=landmarks.points_lps[:, :2])
         landmarks = dataclasses.replace(landmarks, expected_errors=self.expectedErrors)
         write_landmarks(landmarks, path, [str(status) for status in statuses], self.imageUnit)
+
+    # ------------------------------------------------------------------------------------------
+    # corrections kept across sessions (see `autosave`)
+
+    def _markSaved(self) -> None:
+        """The corrections are exported (or kept in the training folder), or there are none any more."""
+        self.state.unsaved = False
+        self.autosave.clear()
+
+    def _keepCorrections(self) -> None:
+        """Write the corrections not exported to the autosave folder, where a later session finds them."""
+        if not self.state.unsaved or self.markupsNode is None or self.imagePath is None:
+            return
+        moved = {
+            index: tuple(row.positionRas)
+            for index, row in enumerate(self.logic.landmarkRows(self.markupsNode))
+            if row.status == LandmarkStatus.MOVED and row.positionRas is not None
+        }
+        try:
+            self.autosave.write(self.imagePath, self.state.image_name, self.detectionModel, moved, self._writeLandmarks)
+        except (OSError, SCNLandmarksError) as error:  # the review goes on; the page still asks before leaving
+            logger.warning("corrections not autosaved: %s", error)
+
+    def _offerRecovery(self) -> None:
+        kept = self.recoverable[0] if self.recoverable else None
+        self.state.recovery = kept.summary if kept else ""
+        self.state.recovery_export_name = f"{image_stem(kept.imageName) or 'landmarks'}.mrk.json" if kept else ""
+
+    def downloadRecovered(self):
+        """The kept corrections as a `.mrk.json` download (they stay offered until restored or discarded)."""
+        if not self.recoverable:
+            return None
+        try:
+            return self.server.protocol.addAttachment(self.recoverable[0].landmarks.read_bytes())
+        except OSError as error:
+            self._showError(error)
+            return None
+
+    def discardRecovered(self) -> None:
+        if self.recoverable:
+            kept = self.recoverable.pop(0)
+            shutil.rmtree(kept.folder, ignore_errors=True)
+            self.state.info = f"Discarded the kept corrections of {kept.imageName}."
+        self._offerRecovery()
+
+    def restoreRecovered(self) -> None:
+        """Open the kept image, detect again with the same model, and put the moved points back."""
+        if self.recoverable and not self.state.busy:
+            self._unlessUnsaved(lambda: self._restore(self.recoverable[0]))
+
+    def _restore(self, kept: Recoverable) -> None:
+        path = kept.imagePath
+        if path.is_relative_to(kept.folder):
+            # The other session's copy of an upload becomes this session's (that folder goes once restored).
+            own = Path(tempfile.mkdtemp(dir=self.workdir, prefix="restored-")) / path.name
+            try:
+                os.link(path, own)
+                path = own
+            except OSError as error:
+                logger.warning("%s: restored from the autosave folder (%s)", path, error)
+        self.pathAliases[str(path)] = kept.imageName
+        self.openImage(path)
+        if self.state.error:
+            return
+        entry = next((i for i, e in self.models.items() if str(e.path) == kept.modelPath), None)
+        self.state.model_id, self.state.model_path = (entry, "") if entry else (self.state.model_id, kept.modelPath)
+        self._startDetection(kept.modelPath, then=lambda: self._putBack(kept))
+
+    def _putBack(self, kept: Recoverable) -> None:
+        for index, position in kept.movedRas.items():
+            self.markupsNode.SetNthControlPointPosition(index, *position)
+        self.state.unsaved = True
+        self._refreshTable()
+        self._keepCorrections()  # now this session's, before the other session's folder goes
+        if kept in self.recoverable:
+            self.recoverable.remove(kept)
+        shutil.rmtree(kept.folder, ignore_errors=True)
+        self._offerRecovery()
+        self.state.info = (
+            f"Restored your corrections of {kept.imageName} ({len(kept.movedRas)} moved); not exported yet."
+        )
 
     # ------------------------------------------------------------------------------------------
     # learning from corrections
@@ -858,29 +1012,51 @@ class LandmarkReviewApp(TrameApp):
     def saveTrainingPair(self, caseId: str, replace: bool = False) -> None:
         """Add the image and its corrected points to the training folder as case `caseId`.
 
-        An existing case of that name is never replaced silently: the page asks first (`replace`).
+        A case of that name this reviewer saved is never replaced silently: the page asks first
+        (`replace`). One saved by another reviewer of a shared folder (or by anything else) is never
+        replaced from here: this case gets the next free name (`name-2`...), and the page says so.
         """
         self.state.error = ""
         self.state.confirm_replace_case = False
+        folder = self.trainingFolder
+        renamedFrom = None
         try:
             if self.markupsNode is None:
                 raise SCNLandmarksError("Nothing to save: detect landmarks (and correct them) first.")
             caseId = safe_filename((caseId or "").strip() or self.state.case_id, "case")
-            self.state.case_id = caseId
-            paths = self.logic.trainingPairPaths(self.volumeNode, self.trainingFolder, caseId)
-            if not replace and self.logic.existingFiles(paths):
-                self.state.confirm_replace_case = True
-                return
-            with _folderLock(self.trainingFolder):
-                self.logic.saveTrainingPair(
-                    self.volumeNode, self.markupsNode, self.trainingFolder, caseId, overwrite=replace
-                )
+            # Checked and written under the folder's lock: two sessions may save the same name at once.
+            with _folderLock(folder):
+                owners = _caseOwners(folder)
+
+                def taken(name: str) -> bool:
+                    return bool(self.logic.existingFiles(self.logic.trainingPairPaths(self.volumeNode, folder, name)))
+
+                if taken(caseId) and owners.get(caseId) != self.reviewerDigest:
+                    renamedFrom, caseId = caseId, _freeCaseId(caseId, taken)
+                elif taken(caseId) and not replace:
+                    self.state.case_id = caseId
+                    self.state.confirm_replace_case = True
+                    return
+                self.logic.saveTrainingPair(self.volumeNode, self.markupsNode, folder, caseId, overwrite=True)
+                owners[caseId] = self.reviewerDigest
+                (folder / CASE_OWNERS_FILE).write_text(json.dumps(owners, indent=1), encoding="utf-8")
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
-        self.state.unsaved = False  # the corrections are kept, on the server
+        self.state.case_id = caseId
         self._describeTrainingFolder()
-        self.state.info = f"Saved case {caseId} to the training folder ({self.state.training_cases})."
+        saved = f"Saved case {caseId} to the training folder ({self.state.training_cases})."
+        if renamedFrom is not None:
+            saved = (
+                f"The training folder already holds a case named {renamedFrom}, saved by another reviewer; "
+                f"yours is saved beside it as {caseId} ({self.state.training_cases})."
+            )
+        if self.state.training_folder_kept:
+            self._markSaved()  # the corrections are kept, on the server
+        else:
+            # A folder that goes with the session keeps nothing: the corrections still need exporting.
+            saved += " This folder is removed when the session ends: export the points to keep them."
+        self.state.info = saved
 
     def startFinetune(self, modelId: str | None, modelPath: str, minutes, name: str = "") -> None:
         """Fine-tune the chosen model on the training folder's cases, in a process of its own; returns at once.
@@ -968,7 +1144,8 @@ class LandmarkReviewApp(TrameApp):
         self.state.finetune_message = CANCELLING_FINETUNE
 
     def shutdown(self) -> None:
-        """The session is ending: no training outlives it, and its unfinished model is removed."""
+        """The session is ending: no training outlives it, and its unfinished model is removed. Its
+        corrections not exported stay in the autosave folder for the reviewer's next session."""
         job = self.trainingJob
         if job is not None:
             job.kill()
@@ -1013,6 +1190,7 @@ class LandmarkReviewApp(TrameApp):
                         style="width: 400px; flex: none; height: 100%; overflow: hidden;",
                     ):
                         with html.Div(style="flex: none;"):
+                            self._recoveryPanel()
                             self._openPanel()
                             self._detectPanel()
                         self._landmarkTable()
@@ -1025,6 +1203,30 @@ class LandmarkReviewApp(TrameApp):
                         self._trainingCard()
             self._confirmDialog()
             self._replaceCaseDialog()
+            client.Script(LEAVE_GUARD_SCRIPT)
+
+    def _recoveryPanel(self) -> None:
+        """The corrections another session of this reviewer left unexported: restore, download or discard."""
+        download = self.server.controller.trigger_name(self.downloadRecovered)
+        with v.VAlert(v_if="recovery", type="warning", density="compact", classes="mb-2", id="recovery"):
+            html.Div(
+                "Corrections not exported, kept from an earlier session: {{ recovery }}.",
+                classes="text-body-2",
+                id="recovery-text",
+            )
+            with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
+                v.VBtn("Restore", click=self.restoreRecovered, size="small", disabled=("busy",), id="recovery-restore")
+                v.VBtn(
+                    "Download .mrk.json",
+                    size="small",
+                    variant="tonal",
+                    id="recovery-download",
+                    click=(
+                        f"trigger('{download}').then(content => {{ if (content) {{ "
+                        "utils.download(recovery_export_name, content, 'application/json'); } })"
+                    ),
+                )
+                v.VBtn("Discard", click=self.discardRecovered, size="small", variant="text", id="recovery-discard")
 
     def _openPanel(self) -> None:
         trigger = self.server.controller.trigger_name
@@ -1435,8 +1637,8 @@ class LandmarkReviewApp(TrameApp):
         with self._question(
             "confirm_replace_case",
             "confirm-replace-case",
-            "This case is already saved",
-            "The training folder already holds a case named {{ case_id }}. Replace it with this "
+            "You saved this case already",
+            "The training folder already holds the case {{ case_id }} you saved. Replace it with this "
             "image and these points, or cancel (and give the case another name)?",
         ):
             v.VBtn("Cancel", click="confirm_replace_case = false", id="replace-case-cancel")

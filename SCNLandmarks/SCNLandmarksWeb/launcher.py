@@ -8,6 +8,11 @@ key). Reloading the page keeps the session; a session whose page has been closed
 `idleTimeout` seconds ends, and its temporary folder is removed. At most `maxSessions` run at
 once; one more gets a page saying so. Every request needs the access token when one is set
 (see `access`).
+
+Each browser gets a reviewer id (a cookie). A session writes its corrections not exported yet to
+an autosave folder of that reviewer, outside its temporary folder, so a session that ended (its
+page closed too long, or the tab closed by mistake) leaves them to the reviewer's next session,
+which offers them back; the autosaves last as long as the station runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import html
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 SESSION_KEY_HEADER = "X-SCN-Landmarks-Session-Key"
 SESSION_KEY_ENVIRONMENT = "SCN_LANDMARKS_SESSION_KEY"
+REVIEWER_ENVIRONMENT = "SCN_LANDMARKS_REVIEWER"
+REVIEWER_COOKIE = "scn_landmarks_reviewer"
+REVIEWER_COOKIE_MAX_AGE_S = 365 * 24 * 3600
+AUTOSAVE_FOLDER = "autosave"
 READY_LINE = "SCN Landmarks session ready on port"
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 10
@@ -77,9 +87,18 @@ class Session:
     id: str
     workdir: Path
     key: str
+    reviewer: str
     process: asyncio.subprocess.Process | None = None
     port: int | None = None
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+# What happened to a session that is gone, and to its work (also shown by a page whose session ends under it).
+ENDED_MESSAGE = (
+    "Sessions end a few minutes after their page is closed, and when the station restarts. Corrections "
+    "that were not exported were kept: a new session in this browser offers them back (while the station "
+    'runs). <a href="/">Open a new session</a>.'
+)
 
 
 def page(title: str, message: str, status: int, refresh_s: int | None = None) -> web.Response:
@@ -152,11 +171,18 @@ class ReviewLauncher:
                 503,
             )
         sessionId = secrets.token_urlsafe(16)
-        session = Session(sessionId, self.root / sessionId, secrets.token_urlsafe(32))
+        reviewer = request.cookies.get(REVIEWER_COOKIE, "")
+        if not re.fullmatch(r"[\w-]{16,64}", reviewer):  # it names a folder: only ids of ours
+            reviewer = secrets.token_urlsafe(16)
+        session = Session(sessionId, self.root / sessionId, secrets.token_urlsafe(32), reviewer)
         session.workdir.mkdir()
         self.sessions[sessionId] = session
         asyncio.get_running_loop().create_task(self._run(session))
-        raise web.HTTPSeeOther(f"/s/{sessionId}/")
+        response = web.HTTPSeeOther(f"/s/{sessionId}/")
+        response.set_cookie(
+            REVIEWER_COOKIE, reviewer, httponly=True, samesite="Strict", path="/", max_age=REVIEWER_COOKIE_MAX_AGE_S
+        )
+        raise response
 
     async def _run(self, session: Session) -> None:
         """Start a session process, follow its output, and clean up after it ends."""
@@ -173,6 +199,8 @@ class ReviewLauncher:
             str(options.idleTimeout),
             "--max-upload-mb",
             str(options.maxUploadMegabytes),
+            "--autosave-dir",
+            str(self.root / AUTOSAVE_FOLDER / session.reviewer / session.id),
         ]
         if options.model:
             command += ["--model", options.model]
@@ -182,7 +210,7 @@ class ReviewLauncher:
             command += ["--training-folder", options.trainingFolder]
         for root in options.dataRoots:
             command += ["--data-root", root]
-        environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key}
+        environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key, REVIEWER_ENVIRONMENT: session.reviewer}
         environment.pop(access.TOKEN_ENVIRONMENT, None)
         try:
             # stdin stays open: a session process whose front server has gone sees it close and ends.
@@ -247,12 +275,7 @@ class ReviewLauncher:
 
     @staticmethod
     def _ended() -> web.Response:
-        return page(
-            "This review session has ended",
-            "Sessions end a few minutes after their page is closed (or when the station restarts). "
-            '<a href="/">Open a new session</a>.',
-            404,
-        )
+        return page("This review session has ended", ENDED_MESSAGE, 404)
 
     # ------------------------------------------------------------------------------------------
     # passage to a session
@@ -262,6 +285,12 @@ class ReviewLauncher:
         async with self.client.get(url, params=request.query, headers={SESSION_KEY_HEADER: session.key}) as upstream:
             body = await upstream.read()
             headers = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+            if tail in ("", "index.html"):
+                # The page of a session must come from the station each time: a copy from the browser's
+                # cache, opened after the session ended, has nothing to connect to (a blank page).
+                headers["Cache-Control"] = "no-store"
+                headers.pop("Last-Modified", None)
+                headers.pop("ETag", None)
             return web.Response(body=body, status=upstream.status, headers=headers)
 
     async def _passWebsocket(self, request: web.Request, session: Session) -> web.StreamResponse:

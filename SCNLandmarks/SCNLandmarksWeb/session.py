@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import access
-from .launcher import READY_LINE, SESSION_KEY_ENVIRONMENT, SESSION_KEY_HEADER
+from .launcher import ENDED_MESSAGE, READY_LINE, REVIEWER_ENVIRONMENT, SESSION_KEY_ENVIRONMENT, SESSION_KEY_HEADER
 
 QUIET_LOGGERS = ("trame", "trame_client", "trame_server", "trame_rca", "trame_slicer", "wslink", "aiohttp")
 
@@ -36,6 +36,9 @@ def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=int, default=512)
     parser.add_argument("--training-folder", help="the station's training folder (default: one of this session's own)")
     parser.add_argument("--data-root", action="append", default=[], help="a folder the page may open files from")
+    parser.add_argument(
+        "--autosave-dir", help="where corrections not exported are kept (its siblings: the reviewer's other sessions')"
+    )
     return parser.parse_args(argv)
 
 
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             maxUploadBytes=arguments.max_upload_mb * 1024**2,
             trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None,
             dataRoots=[Path(root) for root in arguments.data_root],
+            reviewer=os.environ.pop(REVIEWER_ENVIRONMENT, None),
+            autosaveFolder=Path(arguments.autosave_dir) if arguments.autosave_dir else None,
+            endedMessage=ENDED_MESSAGE,
         )
         app.server.controller.on_server_bind.add(lambda server: server.app.middlewares.append(requireSessionKey(key)))
         app.server.controller.on_server_ready.add(lambda **_: print(f"{READY_LINE} {app.server.port}", flush=True))

@@ -4,9 +4,10 @@ Loading reads tensors only (safetensors never unpickles), parses the metadata on
 `ModelDescription` and rebuilds the networks from it, so a model file is all a user or the Slicer
 module needs.
 
-Format versions: 2 describes each network as a stage ("coarse", optional "refinement"); 1 (the
-shipped models) kept the coarse stage's fields at the top level and called the refinement's grid
-size "patch_size". Both are read; version 2 is written.
+Format versions: 3 is 2 with a clinic's convention offset (see convention.py); it is written only
+for models that have one, so that older software refuses them rather than detecting without the
+offset. 2 describes each network as a stage ("coarse", optional "refinement"); 1 kept the coarse
+stage's fields at the top level and called the refinement's grid size "patch_size". All are read.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from safetensors.torch import save_file
 
 from .calibration import Calibration
 from .config import InferenceConfig, IntensityConfig
+from .convention import ConventionOffset
 from .errors import ModelFileError
 from .io.atomic import atomic_output
 from .models import build_model
 from .pose import MeanConfiguration
 
 FORMAT = "scn-landmarks-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+VERSION_WITHOUT_CONVENTION = 2
 METADATA_KEY = "scn_landmarks"
 # Tensor name prefixes of the two stages: the coarse network, and the optional refinement network.
 PREFIXES = {"coarse": "network.", "refinement": "refiner."}
@@ -117,6 +120,7 @@ class ModelDescription:
         mean_configuration: where the landmarks lie on average in the training images, the canonical
             pose that detection brings images into (None: detection in the image's own pose only;
             models trained before pose normalisation existed load so).
+        convention: a clinic's per-landmark offset added after detection (None: none learned).
     """
 
     dimension: int
@@ -131,6 +135,7 @@ class ModelDescription:
     validation: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
     mean_configuration: MeanConfiguration | None = None
+    convention: ConventionOffset | None = None
 
     @property
     def in_pixels(self) -> bool:
@@ -146,7 +151,7 @@ class ModelDescription:
         """The metadata written to a model file (the current format version)."""
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": VERSION_WITHOUT_CONVENTION if self.convention is None else FORMAT_VERSION,
             "dimension": self.dimension,
             "in_channels": self.in_channels,
             "landmark_names": list(self.landmark_names),
@@ -158,6 +163,7 @@ class ModelDescription:
             "validation": self.validation,
             **({} if self.calibration is None else {"calibration": self.calibration.to_json()}),
             **({} if self.mean_configuration is None else {"mean_configuration": self.mean_configuration.to_json()}),
+            **({} if self.convention is None else {"convention": self.convention.to_json()}),
         }
 
     @classmethod
@@ -207,6 +213,13 @@ class ModelDescription:
                 description,
                 mean_configuration=MeanConfiguration.from_json(
                     values["mean_configuration"], description.landmark_names, description.dimension, source
+                ),
+            )
+        if values.get("convention") is not None:
+            description = dataclasses.replace(
+                description,
+                convention=ConventionOffset.from_json(
+                    values["convention"], len(description.landmark_names), description.dimension, source
                 ),
             )
         axis = description.inference.mirror_axis

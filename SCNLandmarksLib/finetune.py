@@ -2,9 +2,12 @@
 
 `finetune(base, dataset, out)` derives the training configuration from the base model file (its
 grid, networks, augmentation and landmark names; a lower learning rate; the refinement stage too
-when the base has one), trains from the base's weights, and compares the new model with the base on
-held-aside cases: `out/model.safetensors` is the new model only when it is better there, else a copy
-of the base. `out/MODEL_CARD.md` says what was done and measured; `out/training/` holds the run.
+when the base has one) and trains from the base's weights. It then chooses among four candidates:
+the base, the base with the cases' convention offset (see convention.py), the fine-tuned model, and
+the fine-tuned model with an offset. The offset is judged leave-one-out on every corrected case,
+the fine-tuned models on the held-aside cases; a candidate replaces the base only when it is better
+beyond noise (`convention.better_beyond_noise`). `out/model.safetensors` is the chosen model,
+`out/MODEL_CARD.md` says what was done and measured; `out/training/` holds the run.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .autoconfig import (
     HELD_ASIDE_SPLIT,
     SPEC_NAME,
+    TRAIN_SPLIT,
     default_augmentation,
     held_aside_ids,
     resolve_dataset,
@@ -27,13 +33,22 @@ from .autoconfig import (
 )
 from .bundle import ModelDescription, load_model, read_description, save_model
 from .config import Config, config_from_dict, current_augmentation_names
+from .convention import (
+    MIN_RELATIVE_GAIN,
+    MIN_STANDARD_ERRORS,
+    ConventionOffset,
+    better_beyond_noise,
+    canonical_residuals,
+    fit_offsets,
+    leave_one_out_offsets,
+)
 from .data.spec import load_dataset_spec
 from .errors import Cancelled, DataError
-from .inference import Predictor, resolve_device
+from .inference import Prediction, Predictor, resolve_device
 from .io.atomic import atomic_output, write_text_atomically
 from .io.images import spacing_unit
 from .io.paths import refuse_existing
-from .train import BEST_MODEL, load_split, train, validate_model
+from .train import BEST_MODEL, TrainingImage, load_split, train
 from .vocabulary import Cancel
 
 MODEL = "model.safetensors"
@@ -45,19 +60,38 @@ MIN_ITERATIONS, MAX_ITERATIONS = 100, 2000
 VALIDATIONS = 10  # validations (held-aside errors) per stage
 
 
+# The candidates a fine-tuning chooses among (see the module docstring).
+BASE, BASE_OFFSET, FINE_TUNED, FINE_TUNED_OFFSET = "base", "base + offset", "fine-tuned", "fine-tuned + offset"
+# Outcomes besides the chosen candidate: nothing to compare with.
+NOT_VALIDATED, NEW_LANDMARKS = "not validated", "new landmarks"
+KEPT_BASE = "kept base"  # the outcome when the base wins: model.safetensors is the base, unchanged
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Errors on the held-aside cases (the model's unit): mean, median, landmarks missed, and the
-    selection score where a missed landmark counts as a large error."""
+    """One candidate's mean point error (the model's unit; a missed landmark counts as the cap) on
+    the cases it was judged on."""
 
     mean_error: float
-    median_error: float
-    missed: int
-    score: float
+    cases: int
 
-    @classmethod
-    def of(cls, scores: dict[str, float]) -> Comparison:
-        return cls(scores["mean_error"], scores["median_error"], int(scores["missed"]), scores["score"])
+
+@dataclass(frozen=True)
+class Decision:
+    """Which candidate won, and every candidate's errors.
+
+    Attributes:
+        chosen: one of BASE, BASE_OFFSET, FINE_TUNED, FINE_TUNED_OFFSET.
+        leave_one_out: the base with and without an offset over all corrected cases, each case's
+            offset learned from the others.
+        held_aside: every candidate on the held-aside cases (empty when none were held aside).
+        offset: the chosen candidate's offset, learned from all corrected cases (None without one).
+    """
+
+    chosen: str
+    leave_one_out: dict[str, Comparison]
+    held_aside: dict[str, Comparison]
+    offset: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -67,11 +101,10 @@ class FinetuneResult:
     Attributes:
         model_path: out/model.safetensors, the model to use.
         card_path: out/MODEL_CARD.md.
-        outcome: "improved" (the new model), "kept base" (the new one was not better on the held-aside
-            cases), "not validated" (fewer than 5 cases: the new model, unchecked) or "new landmarks"
-            (the base finds other landmarks, so it cannot be compared: the new model).
-        base: the base's errors on the held-aside cases (None when not compared).
-        new: the new model's errors there (None when not validated).
+        outcome: the chosen candidate (KEPT_BASE when the base won: model.safetensors is the base,
+            unchanged), NOT_VALIDATED (fewer than 5 cases: the fine-tuned model, unchecked) or
+            NEW_LANDMARKS (the base finds other landmarks, so it cannot be compared: the new model).
+        decision: the candidates' errors (None when nothing was compared).
         iterations: the iterations each stage ran.
         landmark_names: the new model's landmarks.
         cancelled: training was cancelled; the best model up to then was compared and kept.
@@ -82,23 +115,53 @@ class FinetuneResult:
     outcome: str
     training_cases: list[str]
     held_aside: list[str]
-    base: Comparison | None
-    new: Comparison | None
+    decision: Decision | None
     unit: str
     iterations: dict[str, int]
     landmark_names: tuple[str, ...]
     cancelled: bool = False
 
+    def verdict(self) -> str:
+        """One sentence: which candidate won, by how much, on which cases."""
+        if self.outcome == NOT_VALIDATED:
+            return f"not validated: fewer than 5 cases, all used for training: the fine-tuned model ({self.model_path})"
+        if self.outcome == NEW_LANDMARKS or self.decision is None:
+            return f"new landmarks: the base cannot be compared on them: the new model ({self.model_path})"
+        decision, unit = self.decision, self.unit
+        chosen = decision.chosen
+        table = decision.held_aside if chosen in (FINE_TUNED, FINE_TUNED_OFFSET) else decision.leave_one_out
+        where = (
+            f"on the {table[BASE].cases} held-aside cases"
+            if table is decision.held_aside
+            else f"leave-one-out over the {table[BASE].cases} corrected cases"
+        )
+        others = ", ".join(
+            f"{name} {comparison.mean_error:.2f}" for name, comparison in table.items() if name not in (BASE, chosen)
+        )
+        figures = f"{table[chosen].mean_error:.2f} {unit} against the base's {table[BASE].mean_error:.2f} {unit}"
+        kept = "keeping the base model" if chosen == BASE else f"chosen: {chosen}"
+        return f"{kept} ({figures} {where}{'; ' + others if others else ''}): {self.model_path}"
+
     def summary(self) -> dict[str, Any]:
-        """One JSON-ready line: the outcome and both models' held-aside errors side by side."""
+        """One JSON-ready line: the outcome, every candidate's errors and the verdict."""
+        decision = self.decision
+
+        def errors(table: dict[str, Comparison]) -> dict[str, float]:
+            return {name: comparison.mean_error for name, comparison in table.items()}
+
+        held = {} if decision is None else decision.held_aside
         return {
             "model": str(self.model_path),
             "outcome": self.outcome,
             "unit": self.unit,
             "training_cases": len(self.training_cases),
             "held_aside": len(self.held_aside),
-            "base_mean_error": None if self.base is None else self.base.mean_error,
-            "new_mean_error": None if self.new is None else self.new.mean_error,
+            "base_mean_error": held[BASE].mean_error if BASE in held else None,
+            "new_mean_error": held[FINE_TUNED].mean_error if FINE_TUNED in held else None,
+            "held_aside_errors": errors(held),
+            "leave_one_out_errors": {} if decision is None else errors(decision.leave_one_out),
+            "corrected_cases": len(self.training_cases) + len(self.held_aside),
+            "verdict": self.verdict(),
             "iterations": self.iterations,
             "cancelled": self.cancelled,
         }
@@ -249,62 +312,134 @@ def finetune(
             raise
         stopped_early = True
 
-    base_scores = new_scores = None
     same_names = names == tuple(base.landmark_names)
-    if held_aside:
+    decision = None
+    if held_aside and same_names:
         spec = load_dataset_spec(spec_path)
-        items = load_split(spec, spec.split(HELD_ASIDE_SPLIT))
+        cases = load_split(spec, spec.split(TRAIN_SPLIT)) + load_split(spec, spec.split(HELD_ASIDE_SPLIT))
         target = resolve_device(device)
-        cap = 10.0 * config.heatmap.sigma_init
-        new_scores = Comparison.of(validate_model(Predictor.from_file(new_path, target), items, cap))
-        if same_names:
-            base_scores = Comparison.of(validate_model(Predictor.from_file(base_path, target), items, cap))
+        decision = decide(
+            Predictor.from_file(base_path, target),
+            Predictor.from_file(new_path, target),
+            cases,
+            len(held_aside),
+            10.0 * config.heatmap.sigma_init,
+        )
     if not held_aside:
-        outcome = "not validated"
-    elif base_scores is None:
-        outcome = "new landmarks"
+        outcome = NOT_VALIDATED
+    elif decision is None:
+        outcome = NEW_LANDMARKS
     else:
-        assert new_scores is not None  # measured whenever cases were held aside
-        outcome = "improved" if new_scores.score < base_scores.score else "kept base"
+        outcome = KEPT_BASE if decision.chosen == BASE else decision.chosen
     result = FinetuneResult(
         out / MODEL,
         out / CARD,
         outcome,
         training_cases,
         held_aside,
-        base_scores,
-        new_scores,
+        decision,
         base.unit,
         reached,
         names,
         stopped_early,
     )
-    if outcome == "kept base":
+    if outcome == KEPT_BASE:
         with atomic_output(result.model_path) as temporary:
             shutil.copyfile(base_path, temporary)
     else:
-        loaded = load_model(new_path)
+        chosen = load_model(base_path if outcome == BASE_OFFSET else new_path)
+        offset = None if decision is None else decision.offset
+        if offset is not None and outcome == BASE_OFFSET and base.convention is not None:
+            offset = offset + base.convention.offsets  # learned on top of the base's own offset
         description = dataclasses.replace(
-            loaded.description,
+            chosen.description,
+            convention=None if offset is None else ConventionOffset(offset, len(ids)),
             provenance={
-                **loaded.description.provenance,
+                **chosen.description.provenance,
                 "base_model": str(base_path),
                 "training_cases": training_cases,
                 "held_aside": held_aside,
                 "outcome": outcome,
             },
         )
-        save_model(result.model_path, description, loaded.coarse, loaded.refinement)
+        save_model(result.model_path, description, chosen.coarse, chosen.refinement)
     write_text_atomically(result.card_path, model_card(result, base_path, base, source_spec.path, config, minutes))
     return result
 
 
-def _errors(comparison: Comparison | None, unit: str) -> str:
-    if comparison is None:
-        return "-"
-    return (
-        f"{comparison.mean_error:.2f} {unit} mean, {comparison.median_error:.2f} {unit} median, "
-        f"{comparison.missed} missed"
+def _point_errors(points: np.ndarray, truth: np.ndarray, cap: float) -> np.ndarray:
+    """(N,) distances to the true points, at most `cap` (also for a missed landmark); NaN where the
+    case has no true point."""
+    distances = np.linalg.norm(points - truth, axis=1)
+    present = np.all(np.isfinite(truth), axis=1)
+    return np.where(present, np.minimum(np.nan_to_num(distances, nan=cap), cap), np.nan)
+
+
+def decide(base: Predictor, new: Predictor, cases: list[TrainingImage], held_aside: int, cap: float) -> Decision:
+    """Choose among the base, the base with an offset, the fine-tuned model and the fine-tuned model
+    with an offset (see the module docstring).
+
+    Args:
+        cases: every corrected case, the `held_aside` last ones never trained on.
+        cap: the error a missed landmark counts as (errors are capped there too).
+    """
+    truths = [case.landmarks.points_lps for case in cases]
+    trained = len(cases) - held_aside
+
+    def detected(predictor: Predictor) -> tuple[np.ndarray, np.ndarray, list[Prediction]]:
+        """The predictor's errors (C, N), canonical residuals (C, N, d) and detections."""
+        found = [predictor.predict(case.image) for case in cases]
+        points = [f.landmarks.points_lps for f in found]
+        errors = np.stack([_point_errors(p, t, cap) for p, t in zip(points, truths)])
+        residuals = np.stack([canonical_residuals(p, t, f.pose) for p, t, f in zip(points, truths, found)])
+        return errors, residuals, found
+
+    def with_offsets(found: list[Prediction], offsets: np.ndarray, rows: range) -> np.ndarray:
+        """Errors (len(rows), N) of the detections moved by each row's offsets: an offset needs no
+        second detection, only the pose the first one found."""
+        return np.stack(
+            [
+                _point_errors(
+                    ConventionOffset(offsets[row], len(cases)).applied(
+                        found[row].landmarks.points_lps, found[row].pose
+                    ),
+                    truths[row],
+                    cap,
+                )
+                for row in rows
+            ]
+        )
+
+    base_errors, base_residuals, base_found = detected(base)
+    everyone = range(len(cases))
+    offset_errors = with_offsets(base_found, leave_one_out_offsets(base_residuals), everyone)
+    leave_one_out = {
+        BASE: Comparison(float(np.nanmean(base_errors)), len(cases)),
+        BASE_OFFSET: Comparison(float(np.nanmean(offset_errors)), len(cases)),
+    }
+    reference = BASE_OFFSET if better_beyond_noise(offset_errors.ravel(), base_errors.ravel()) else BASE
+    new_errors, new_residuals, new_found = detected(new)
+    held = range(trained, len(cases))
+    # The fine-tuned model's own offset is learned where it trained, as the model itself.
+    new_offset = fit_offsets(new_residuals[:trained])
+    candidates = {
+        BASE: base_errors[trained:],
+        BASE_OFFSET: offset_errors[trained:],
+        FINE_TUNED: new_errors[trained:],
+        FINE_TUNED_OFFSET: with_offsets(new_found, np.broadcast_to(new_offset, new_residuals.shape), held),
+    }
+    tuned = (
+        FINE_TUNED_OFFSET
+        if better_beyond_noise(candidates[FINE_TUNED_OFFSET].ravel(), candidates[FINE_TUNED].ravel())
+        else FINE_TUNED
+    )
+    chosen = tuned if better_beyond_noise(candidates[tuned].ravel(), candidates[reference].ravel()) else reference
+    offsets = {BASE_OFFSET: fit_offsets(base_residuals), FINE_TUNED_OFFSET: fit_offsets(new_residuals)}
+    return Decision(
+        chosen,
+        leave_one_out,
+        {name: Comparison(float(np.nanmean(errors)), held_aside) for name, errors in candidates.items()},
+        offsets.get(chosen),
     )
 
 
@@ -316,20 +451,27 @@ def model_card(
     config: Config,
     minutes: float | None,
 ) -> str:
-    """MODEL_CARD.md of a fine-tuned model: base, cases, settings, held-aside figures, outcome."""
+    """MODEL_CARD.md of a fine-tuned model: base, cases, settings, every candidate's errors, outcome."""
     verdicts = {
-        "improved": (
-            "The new model is better than the base on the held-aside cases: model.safetensors is the new model."
+        KEPT_BASE: (
+            "No candidate is better than the base beyond noise: model.safetensors is the base model, unchanged; "
+            f"the fine-tuned network is kept for inspection in {TRAINING_FOLDER}/{BEST_MODEL}."
         ),
-        "kept base": (
-            "The new model is **not** better than the base on the held-aside cases: model.safetensors is "
-            f"the base model, unchanged; the new one is kept for inspection in {TRAINING_FOLDER}/{BEST_MODEL}."
+        BASE_OFFSET: (
+            "The base model with this clinic's convention offset won: model.safetensors is the base's network, "
+            "and each detected point is moved by its landmark's offset (learned in the model's canonical frame, "
+            "so it follows the head's pose)."
         ),
-        "not validated": (
+        FINE_TUNED: "The fine-tuned model won: model.safetensors is the new network.",
+        FINE_TUNED_OFFSET: (
+            "The fine-tuned model with a convention offset won: model.safetensors is the new network, and each "
+            "detected point is moved by its landmark's offset."
+        ),
+        NOT_VALIDATED: (
             "**Not validated**: fewer than 5 cases, so all trained and none was held aside. "
             "model.safetensors is the new model; check it on new cases before relying on it."
         ),
-        "new landmarks": (
+        NEW_LANDMARKS: (
             "The base model finds other landmarks, so it cannot be compared on these cases: "
             "model.safetensors is the new model."
         ),
@@ -366,14 +508,32 @@ def model_card(
         "the full configuration is "
         f"`{TRAINING_FOLDER}/config.toml` (`scn-landmarks train {TRAINING_FOLDER}/config.toml` reruns it)",
         "",
-        "## Held-aside cases",
-        "",
-        "| model | error |",
-        "|---|---|",
-        f"| base | {_errors(result.base, result.unit)} |",
-        f"| new | {_errors(result.new, result.unit)} |",
-        "",
-        "The held-aside cases also chose the best iteration of the new model, so its figure is slightly optimistic.",
-        "",
     ]
+    decision = result.decision
+    if decision is not None:
+        unit = result.unit
+        lines += [
+            "## The candidates",
+            "",
+            f"Mean point error in {unit} (a missed landmark counts as {10:g} heatmap sigmas). Chosen: "
+            f"**{decision.chosen}**. A candidate replaces the base only when it is better beyond noise: by "
+            f"{100 * MIN_RELATIVE_GAIN:g} % of the error and {MIN_STANDARD_ERRORS:g} standard errors of the "
+            "paired per-point difference.",
+            "",
+            f"| candidate | leave-one-out, {len(result.training_cases) + len(result.held_aside)} cases | "
+            f"held aside, {len(result.held_aside)} cases |",
+            "|---|---|---|",
+        ]
+        for name, comparison in decision.held_aside.items():
+            loo = decision.leave_one_out.get(name)
+            lines.append(
+                f"| {name} | {'-' if loo is None else f'{loo.mean_error:.2f}'} | {comparison.mean_error:.2f} |"
+            )
+        lines += [
+            "",
+            "Leave-one-out: each case's offset learned from the other cases. The fine-tuned candidates never "
+            "trained on the held-aside cases, but those cases chose their best iteration, so their figures are "
+            "slightly optimistic.",
+            "",
+        ]
     return "\n".join(lines)

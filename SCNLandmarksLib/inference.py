@@ -221,6 +221,8 @@ class Predictor:
         self.dimension: int = self.description.dimension
         # The canonical pose detection brings images into; None = detect in the image's own pose only.
         self.mean_configuration = loaded.description.mean_configuration
+        # A clinic's convention learned by fine-tuning, added to every detection (None: none).
+        self.convention = loaded.description.convention
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Predictor:
@@ -473,9 +475,10 @@ class Predictor:
             expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
             prediction.flagged = self.calibration.flagged(expected)
             expected = expected * frame.scale
-        prediction.landmarks = LandmarkSet(
-            self.landmark_names, frame.to_image(points), prediction.confidences, expected
-        )
+        points = frame.to_image(points)
+        if self.convention is not None:
+            points = self.convention.applied(points, prediction.pose)
+        prediction.landmarks = LandmarkSet(self.landmark_names, points, prediction.confidences, expected)
         if progress is not None:
             progress(1.0, "done")
         return prediction

@@ -199,3 +199,26 @@ def with_stored_training(path: Path, target: Path, **training) -> Path:
         stored["refinement"] = {**config["refinement"], "training": {**config["refinement"]["training"], **training}}
     description = dataclasses.replace(description, provenance={**description.provenance, "config": stored})
     return save_model(target, description, loaded.coarse, loaded.refinement)
+
+
+def relabelled_by(model: Path, spec_path: Path, folder: Path) -> Path:
+    """A copy of a dataset (images and spec) whose landmarks are `model`'s own detections: cases on
+    which nothing can beat the model, neither an offset nor a model identical to it."""
+    from SCNLandmarksLib.data.spec import load_dataset_spec
+    from SCNLandmarksLib.inference import Predictor
+    from SCNLandmarksLib.io.landmarks import write_landmarks
+
+    spec = load_dataset_spec(spec_path)
+    predictor = Predictor.from_file(model, "cpu")
+    (folder / "images").mkdir(parents=True)
+    lines = [f"dimension = {spec.dimension}", "landmarks = " + json.dumps(list(spec.landmark_names)), ""]
+    for entry in spec.entries:
+        image = folder / "images" / entry.image.name
+        shutil.copyfile(entry.image, image)
+        write_landmarks(
+            predictor.predict(sitk.ReadImage(str(image))).landmarks, folder / "images" / f"{entry.id}.mrk.json"
+        )
+        lines += ["[[images]]", f'id = "{entry.id}"', f'image = "images/{image.name}"']
+        lines += [f'landmarks = "images/{entry.id}.mrk.json"', ""]
+    (folder / "dataset.toml").write_text("\n".join(lines))
+    return folder / "dataset.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, with_stored_training
+from conftest import relabelled_by, tiny_config, with_stored_training
 
 from SCNLandmarksLib.autoconfig import config_for_dataset, held_aside_ids
 from SCNLandmarksLib.bundle import load_model, read_description
@@ -66,18 +66,22 @@ def test_finetune_command_writes_model_card_and_compares_on_held_aside_cases(
         == 0
     )
     summary = _last_json_line(capsys.readouterr().out)
-    assert summary["held_aside"] == 2 and summary["training_cases"] == 10
-    assert summary["outcome"] in ("improved", "kept base")
+    assert summary["held_aside"] == 2 and summary["training_cases"] == 10 and summary["corrected_cases"] == 12
+    assert summary["outcome"] in ("kept base", "base + offset", "fine-tuned", "fine-tuned + offset")
     assert summary["base_mean_error"] > 0 and summary["new_mean_error"] > 0
+    assert set(summary["held_aside_errors"]) == {"base", "base + offset", "fine-tuned", "fine-tuned + offset"}
+    assert set(summary["leave_one_out_errors"]) == {"base", "base + offset"}
     card = (out / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert str(tiny_model_2d) in card and "case004, case009" in card and "20 of 20 iterations" in card
-    assert f"{summary['base_mean_error']:.2f} mm mean" in card and f"{summary['new_mean_error']:.2f} mm mean" in card
+    assert f"| base | {summary['leave_one_out_errors']['base']:.2f} | {summary['base_mean_error']:.2f} |" in card
+    assert f"| fine-tuned | - | {summary['new_mean_error']:.2f} |" in card
     written = read_description(out / "model.safetensors")
-    if summary["outcome"] == "improved":
+    if summary["outcome"] == "kept base":
+        assert (out / "model.safetensors").read_bytes() == tiny_model_2d.read_bytes()
+    else:
         assert written.provenance["base_model"] == str(tiny_model_2d)
         assert written.provenance["held_aside"] == ["case004", "case009"]
-    else:
-        assert (out / "model.safetensors").read_bytes() == tiny_model_2d.read_bytes()
+        assert (written.convention is not None) == summary["outcome"].endswith("+ offset")
     # The run's configuration is a normal one: `scn-landmarks train` reruns it.
     assert load_config(out / "training" / "config.toml").initial_model == tiny_model_2d
 
@@ -85,7 +89,8 @@ def test_finetune_command_writes_model_card_and_compares_on_held_aside_cases(
 def test_finetune_honours_the_time_budget(tiny_model_2d, dataset_2d, tmp_path):
     result = finetune(tiny_model_2d, dataset_2d, tmp_path / "quick", minutes=0.05, iterations=100_000, device="cpu")
     assert 0 < result.iterations["coarse"] < 100_000
-    assert result.new is not None and result.new.mean_error == result.new.mean_error  # validated, not NaN
+    tuned = result.decision.held_aside["fine-tuned"]
+    assert tuned.mean_error == tuned.mean_error and tuned.cases == 2  # validated, not NaN
     load_model(result.model_path)  # a complete model file
     load_model(tmp_path / "quick" / "training" / "model.safetensors")
     assert (tmp_path / "quick" / "training" / "checkpoint.pt").is_file()
@@ -113,11 +118,12 @@ def test_finetune_keeps_the_base_when_the_new_model_is_not_better(dataset_2d, tm
     )
     assert read_description(base).refinement is not None
 
-    result = finetune(base, dataset_2d, tmp_path / "out", iterations=4, device="cpu")
+    result = finetune(base, relabelled_by(base, dataset_2d, tmp_path / "own"), tmp_path / "out", iterations=4)
     assert result.outcome == "kept base" and result.iterations == {"coarse": 4, "refinement": 4}
-    assert result.new.score >= result.base.score
+    held = result.decision.held_aside
+    assert held["fine-tuned"].mean_error == pytest.approx(held["base"].mean_error, abs=1e-4)
     assert result.model_path.read_bytes() == base.read_bytes()
-    assert "**not** better" in result.card_path.read_text(encoding="utf-8")
+    assert "No candidate is better than the base" in result.card_path.read_text(encoding="utf-8")
     # Both stages started from the base's weights (a learning rate of 0 left them there).
     start, run = load_model(base), load_model(tmp_path / "out" / "training" / "last.safetensors")
     for ours, theirs in ((run.coarse, start.coarse), (run.refinement, start.refinement)):

@@ -50,6 +50,23 @@ def caseCount(count: int) -> str:
     return f"{count} case{'' if count == 1 else 's'}"
 
 
+def heldAsideFigures(result: dict) -> str:
+    """The candidates' cross-validated errors from a fine-tuning's result line, as one sentence."""
+    unit = result.get("unit", "")
+
+    def listed(errors: dict) -> str:
+        return ", ".join(f"{name} {error:.2f}" for name, error in errors.items())
+
+    parts = []
+    if result.get("leave_one_out_errors"):
+        parts.append(
+            f"leave-one-out over {result.get('corrected_cases')} cases: {listed(result['leave_one_out_errors'])}"
+        )
+    if result.get("held_aside_errors"):
+        parts.append(f"on the {result.get('held_aside')} held-aside cases: {listed(result['held_aside_errors'])}")
+    return f"Mean error ({unit}) {'; '.join(parts)}" if parts else "No errors measured"
+
+
 class TrainingFailed(SCNLandmarksError):
     """The training process failed, was killed, or its result could not be added to the user's models."""
 
@@ -453,11 +470,8 @@ class TrainingJob:
             self._discardStaging()
             return TrainingOutcome(
                 None,
-                (
-                    f"The new model is not better than {self.base.name} on the {result.get('held_aside')} held-aside "
-                    f"cases ({result.get('new_mean_error'):.2f} against {result.get('base_mean_error'):.2f} "
-                    f"{self.data.unit}): nothing was added; keep using the base model."
-                ),
+                f"No candidate is better than {self.base.name}: nothing was added; keep using the base model. "
+                f"{heldAsideFigures(result)}.",
                 cancelled,
                 result,
             )
@@ -489,15 +503,12 @@ class TrainingJob:
                 f"{measured}.{stopped}"
             )
         outcome = result.get("outcome", "")
-        if outcome == "improved":
-            measured = (
-                f"{result['new_mean_error']:.2f} {unit} on the held-aside cases, the base "
-                f"{result['base_mean_error']:.2f} {unit}"
-            )
-        elif outcome == "not validated":
+        if outcome == "not validated":
             measured = "not validated (fewer than 5 cases)"
-        else:
+        elif outcome == "new landmarks":
             measured = "new landmarks, not comparable with the base"
+        else:
+            measured = f"{outcome} chosen. {heldAsideFigures(result)}"
         return (
             f"Fine-tuned from {self.base.name} on {caseCount(len(self.data.cases))} of {self.data.folder}; "
             f"{measured}.{stopped}"

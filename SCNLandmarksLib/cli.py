@@ -181,23 +181,9 @@ def _finetune(args: argparse.Namespace) -> int:
             cancel=cancel,
             overwrite=args.overwrite,
         )
-    unit = result.unit
     if result.cancelled:
         print("cancelled: the best model up to then is compared with the base", file=sys.stderr)
-    if result.outcome in ("kept base", "improved") and result.new is not None and result.base is not None:
-        better = "better" if result.outcome == "improved" else "not better"
-        kept = (
-            f"{result.model_path}" if result.outcome == "improved" else f"keeping the base model as {result.model_path}"
-        )
-        print(
-            f"the new model is {better} on the {len(result.held_aside)} held-aside cases "
-            f"({result.new.mean_error:.2f} {unit} against the base's {result.base.mean_error:.2f} {unit}): {kept}",
-            file=sys.stderr,
-        )
-    elif result.outcome == "not validated":
-        print(f"not validated: fewer than 5 cases, all used for training: {result.model_path}", file=sys.stderr)
-    else:
-        print(f"new landmarks: the base cannot be compared on them: {result.model_path}", file=sys.stderr)
+    print(result.verdict(), file=sys.stderr)
     _result(args, result.summary())
     return 0
 

@@ -292,6 +292,18 @@ def test_the_page_opens_server_files_only_in_the_data_folders(tmp_path):
         dataFile(str(image), [])
 
 
+def test_off_loopback_the_printed_link_names_this_machine_as_others_reach_it():
+    from urllib.parse import urlsplit
+
+    from SCNLandmarksWeb import access
+    from SCNLandmarksWeb.launcher import LauncherOptions, startUrl
+
+    url = startUrl(LauncherOptions(host="0.0.0.0", token=TOKEN), 8080, True)
+    host = urlsplit(url).hostname
+    assert host not in ("localhost", "0.0.0.0") and not access.isLoopback(host), url
+    assert url.endswith(f":8080/?token={TOKEN}")
+
+
 def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser, tmp_path):
     first, second = new_page(browser, server), new_page(browser, server)
     assert first.url != second.url, "two reviewers must get two sessions"
@@ -445,6 +457,19 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     page.click("#replace-case-cancel")
     page.locator("#confirm-replace-case").wait_for(state="hidden")
     assert {path.name: path.stat().st_mtime_ns for path in training_folder.iterdir() if path.is_file()} == saved
+    # Another reviewer saving the same image into the shared folder replaces nothing (nor is asked to):
+    # their case gets a name of its own, and the page says why.
+    other = new_page(browser, server)
+    open_sample_and_detect(other)
+    other.click("#training-button")
+    assert other.locator("#case-id").input_value() == case
+    other.click("#save-training-pair")
+    other.wait_for_function("document.querySelector('#info').innerText.includes('another reviewer')")
+    assert f"saved beside it as {case}-2 (2 cases)" in other.locator("#info").inner_text()
+    assert other.locator("#confirm-replace-case").is_hidden()
+    assert {f"{case}-2.nrrd", f"{case}-2.mrk.json"} <= {path.name for path in training_folder.iterdir()}
+    assert all(training_folder.joinpath(n).stat().st_mtime_ns == saved[n] for n in (f"{case}.nrrd", f"{case}.mrk.json"))
+    other.context.close()
 
     # A base that is not a model is named before any training starts, and nothing is added.
     user_models = Path(os.environ["SCN_LANDMARKS_USER_MODELS"])  # conftest's, inherited by the server
@@ -590,9 +615,13 @@ def test_corrections_survive_a_closed_tab_and_an_ended_session(browser, tmp_path
         # Saved as a training pair into the session's own folder (no --training-folder): that folder goes
         # with the session, so the corrections still count as not exported.
         page.click("#training-button")
+        page.click("#start-finetune")
+        page.wait_for_function("document.querySelector('#finetune-error').innerText.includes('no cases yet')")
         page.click("#save-training-pair")
         page.wait_for_function("document.querySelector('#info').innerText.includes('Saved case')")
         assert "removed when the session ends: export the points" in page.locator("#info").inner_text()
+        assert "1 case" in page.locator("#training-folder").inner_text()
+        assert page.locator("#finetune-error").is_hidden(), "a stale 'no cases yet' beside '1 case'"
         page.click("#training-close")
         page.click("#open-sample")
         page.locator("#confirm-discard").wait_for()
@@ -699,6 +728,9 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     assert Image.open(picture).mode == "RGB"
     page.set_input_files("#upload", str(picture))
     page.wait_for_function("document.querySelector('#image-name').innerText === 'xray.png'")
+    # The brain model was chosen: a 2D image gets a 2D model at once, and the page says so.
+    assert "The model is now Cephalometric" in page.locator("#info").inner_text()
+    assert "Cephalometric" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
     assert page.locator(".slice-view").count() == 1
     assert page.locator(".slice-slider:visible").count() == 0
     box = view_box(page)

@@ -108,7 +108,7 @@ ENDED_MESSAGE = (
 def _folderLock(folder: Path):
     """Sessions are processes of their own: one at a time adds a case to a shared training folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".scn-landmarks.lock", "w") as lock:
+    with open(folder / ".scn-landmarks.lock", "a") as lock:  # (appending nothing: the folder stays as it was)
         if os.name == "nt":
             import msvcrt
 
@@ -426,13 +426,15 @@ class LandmarkReviewApp(TrameApp):
             with _quietVtk():
                 volumeNode = loadVolumeFile(self.slicerApp.scene, path)
             try:
-                checkScalarVolume(volumeNode)
-            except ColourImageError:
+                checkScalarVolume(volumeNode)  # refused now, not at the first detection
+            except SCNLandmarksError as error:
                 self._removeVolume(volumeNode)
-                raise SCNLandmarksError(
-                    f"{name}: a colour image (red, green and blue differ); landmarks are detected on grey "
-                    "images. Save it as a greyscale image (8 or 16 bits) and open that."
-                ) from None
+                if isinstance(error, ColourImageError):  # (its own message names a Slicer module)
+                    raise SCNLandmarksError(
+                        f"{name}: a colour image (red, green and blue differ); landmarks are detected on grey "
+                        "images. Save it as a greyscale image (8 or 16 bits) and open that."
+                    ) from None
+                raise
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
@@ -454,14 +456,30 @@ class LandmarkReviewApp(TrameApp):
         self.state.export_name = f"{image_stem(name) or 'landmarks'}.mrk.json"
         self.state.case_id = safe_filename(image_stem(name), "case")
         self._markSaved()
-        self.state.info = f"Opened {name}."
+        self.state.info = f"Opened {name}." + self._modelForDimension(2 if is2d else 3)
+
+    def _modelForDimension(self, dimension: int) -> str:
+        """Choose a catalogue model of the image's dimension when the chosen one is of the other (a
+        cephalogram opened while the brain model is chosen); what changed, for the page, or ""."""
+        chosen = self.models.get(self.state.model_id)
+        if self.state.model_path.strip() or chosen is None or chosen.dimension in (None, dimension):
+            return ""
+        entry = next((e for e in self.models.values() if e.available and e.dimension == dimension), None)
+        if entry is None:
+            return ""
+        self.state.model_id = entry.id
+        self._preloadModel()
+        return f" The model is now {entry.name}: {chosen.name} detects in {chosen.dimension}D images."
 
     def _removeVolume(self, volumeNode) -> None:
+        """The volume and the nodes that came with it (storage, display) leave the scene."""
         scene = self.slicerApp.scene
-        storageNode = volumeNode.GetStorageNode()
+        companions = [volumeNode.GetStorageNode()]
+        companions += [volumeNode.GetNthDisplayNode(i) for i in range(volumeNode.GetNumberOfDisplayNodes())]
         scene.RemoveNode(volumeNode)
-        if storageNode is not None:
-            scene.RemoveNode(storageNode)
+        for node in companions:
+            if node is not None:
+                scene.RemoveNode(node)
 
     def openTypedPath(self, path: str) -> None:
         """Open a file on the server, if it lies in the station's data folders (`access.dataFile`)."""
@@ -1045,6 +1063,7 @@ class LandmarkReviewApp(TrameApp):
             return
         self.state.case_id = caseId
         self._describeTrainingFolder()
+        self.state.finetune_error = ""  # (it may say the folder had no cases yet)
         saved = f"Saved case {caseId} to the training folder ({self.state.training_cases})."
         if renamedFrom is not None:
             saved = (

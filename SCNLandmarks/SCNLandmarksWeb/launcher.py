@@ -358,11 +358,23 @@ class ReviewLauncher:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def reachableAddress() -> str:
+    """This machine's address on its default route, as other machines reach it (its name often maps
+    to localhost, which on another machine is that machine)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # a documentation address; connecting a UDP socket sends nothing
+            address = probe.getsockname()[0]
+    except OSError:  # no route: no network to be reached from either
+        address = ""
+    return address if address and not access.isLoopback(address) else socket.gethostname()
+
+
 def startUrl(options: LauncherOptions, port: int, showToken: bool) -> str:
     """The address to open (with the token when it was generated: printed once, ready to open)."""
     host = options.host
     if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
+        host = reachableAddress()
     host = f"[{host}]" if ":" in host else host
     query = f"?{access.QUERY}={options.token}" if showToken and options.token else ""
     return f"http://{host}:{port}/{query}"

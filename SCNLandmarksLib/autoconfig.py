@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .config import Config, config_from_dict
@@ -93,6 +92,8 @@ def write_split_spec(
         }
         if entry.landmarks is not None:
             item["landmarks"] = str(entry.landmarks)
+        if entry.spacing is not None:
+            item["spacing"] = list(entry.spacing)
         images.append(item)
     values: dict[str, Any] = {"dimension": spec.dimension, "landmarks": list(landmark_names or spec.landmark_names)}
     if spec.landmarks_csv is not None:
@@ -189,14 +190,12 @@ def config_for_dataset(
         spec_path = write_split_spec(spec, output_dir / SPEC_NAME, held_aside_ids([e.id for e in spec.entries]))
     extents, spacings = [], []
     for entry in spec.entries:
-        reader = sitk.ImageFileReader()
         try:
-            reader.SetFileName(str(entry.image))
-            reader.ReadImageInformation()
-        except RuntimeError as error:
-            raise DataError(f"{entry.image}: cannot read the image (case '{entry.id}'): {error}") from None
-        size = np.asarray(reader.GetSize()[:dimension], dtype=float)
-        spacing = np.asarray(reader.GetSpacing()[:dimension], dtype=float)
+            size_read, spacing_read = entry.read_information()
+        except DataError as error:
+            raise DataError(f"{error} (case '{entry.id}')") from None
+        size = np.asarray(size_read[:dimension], dtype=float)
+        spacing = np.asarray(spacing_read[:dimension], dtype=float)
         extents.append(size * spacing)
         spacings.append(spacing)
     extent = np.max(extents, axis=0)

@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import DataError
 from .io.atomic import write_text_atomically
 from .io.bids import BIDS_DESCRIPTION, bids_t1w_images, derivative_description, is_bids_dataset
-from .io.images import image_inputs, spacing_unit, write_image
+from .io.images import carries_spacing, checked_spacing, image_inputs, read_image, spacing_unit, write_image
 from .io.landmarks import write_landmarks
 from .io.paths import output_stems, refuse_existing
 from .landmark_set import LandmarkSet
 from .vocabulary import HeatmapKind, LandmarkStatus
+
+if TYPE_CHECKING:
+    from .bundle import ModelDescription
 
 # Written by `detect` beside the landmark files: the images in the order to review them.
 REVIEW_SUMMARY = "summary.csv"
@@ -54,16 +60,39 @@ class BatchImage:
         stem: its outputs' path below the output folder, without suffix: the image's stem, or for a
             BIDS dataset's image its place in a derivatives tree ('sub-01/ses-1/anat/sub-01_ses-1_T1w').
         dataset: the BIDS dataset the image comes from; None for other inputs.
+        spacing: the spacing stated for a picture (`detect --spacing`, mm per pixel); None for files
+            that carry their own and for pictures left in pixels.
     """
 
     path: Path
     stem: str
     dataset: Path | None = None  # the BIDS dataset the image comes from
+    spacing: tuple[float, ...] | None = None
 
     @property
     def unit(self) -> str:
-        """The unit of the image's positions: 'mm', or 'px' for pictures without spacing."""
-        return spacing_unit(self.path)
+        """The unit of the image's positions: 'mm', or 'px' for pictures without (stated) spacing."""
+        return spacing_unit(self.path, self.spacing)
+
+    def read(self, model: ModelDescription, ahead: sitk.Image | None = None) -> sitk.Image:
+        """The image as `model` detects it: with the stated spacing, in the model's dimension.
+
+        Args:
+            ahead: the image already read without a dimension (a one-slice volume is then 2D), used
+                when it has the model's.
+
+        Raises:
+            DataError: the file cannot be read, or it is a picture in pixels for a model in mm (the
+                message says to give --spacing), naming the file.
+        """
+        image = ahead
+        if image is None or image.GetDimension() != model.dimension:
+            image = read_image(self.path, model.dimension, self.spacing)
+        # After reading: a broken file says so first.
+        model.check_image_unit(
+            self.unit, str(self.path), "give its spacing in mm per pixel with --spacing X Y (e.g. --spacing 0.1 0.1)"
+        )
+        return image
 
     def landmark_file(self, request: BatchRequest) -> Path:
         return request.out / f"{self.stem}{request.landmark_suffix}"
@@ -117,16 +146,20 @@ class ImageOutcome:
         )
 
 
-def batch_images(arguments: list[str | os.PathLike]) -> list[BatchImage]:
+def batch_images(arguments: list[str | os.PathLike], spacing: Sequence[float] | None = None) -> list[BatchImage]:
     """The images named on the command line, each with its distinct output stem.
 
     Files are taken as they are; a BIDS dataset folder stands for its T1-weighted images (whose
     outputs go to the same places in a derivatives tree); another folder for the images in it, or
     its DICOM series (see io.images.image_inputs).
 
+    Args:
+        spacing: mm per pixel (x, y[, z]) of the pictures among them (PNG, JPEG, BMP, TIFF); files
+            that carry their own spacing keep it.
+
     Raises:
-        DataError: a path does not exist, a folder holds no images, a dataset no T1w image, or two
-            inputs would write the same files.
+        DataError: a path does not exist, a folder holds no images, a dataset no T1w image, two
+            inputs would write the same files, or `spacing` is given but no image is a picture.
     """
     entries: list[tuple[Path, str | None, Path | None]] = []
     for argument in map(Path, arguments):
@@ -135,7 +168,16 @@ def batch_images(arguments: list[str | os.PathLike]) -> list[BatchImage]:
         else:
             entries += [(image, None, None) for image in image_inputs([argument])]
     plain = iter(output_stems([image for image, stem, _ in entries if stem is None]))
-    images = [BatchImage(image, next(plain) if stem is None else stem, dataset) for image, stem, dataset in entries]
+    stated = None if spacing is None else checked_spacing(spacing, "--spacing")
+    images = [
+        BatchImage(image, next(plain) if stem is None else stem, dataset, None if carries_spacing(image) else stated)
+        for image, stem, dataset in entries
+    ]
+    if stated is not None and all(image.spacing is None for image in images):
+        raise DataError(
+            f"--spacing is for pictures without spacing (PNG, JPEG, BMP, TIFF); {images[0].path}"
+            f"{' and the others' if len(images) > 1 else ''} carry their own"
+        )
     seen: dict[str, Path] = {}
     for image in images:
         earlier = seen.setdefault(image.stem.casefold(), image.path)

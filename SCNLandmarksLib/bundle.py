@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from .calibration import Calibration
 from .config import InferenceConfig, IntensityConfig
 from .convention import ConventionOffset
-from .errors import ModelFileError
+from .errors import DataError, ModelFileError
 from .io.atomic import atomic_output
 from .models import build_model
 from .pose import MeanConfiguration
@@ -141,6 +141,24 @@ class ModelDescription:
     def in_pixels(self) -> bool:
         """True when positions are in pixels (the training images had no physical spacing)."""
         return self.unit.lower() in ("px", "pixel", "pixels")
+
+    def check_image_unit(self, unit: str, source: str, remedy: str) -> None:
+        """Refuse an image in pixels (a picture without a stated spacing) for a model in mm: its pixels
+        would be taken for millimetres, and the points found at a wrong scale.
+
+        Args:
+            unit: the image's unit ('mm' or 'px'; see io.images.spacing_unit).
+            source: how to name the image in the message.
+            remedy: how the user states the picture's spacing there (an option, a spec key).
+
+        Raises:
+            DataError: naming `source`, the units and `remedy`.
+        """
+        if unit == "px" and not self.in_pixels:
+            raise DataError(
+                f"{source}: a picture without spacing (positions in pixels), but the model works in "
+                f"{self.unit}; {remedy}"
+            )
 
     @property
     def stages(self) -> dict[str, StageDescription]:

@@ -448,7 +448,6 @@ def dataset_cases(
 ) -> tuple[int, Iterator[tuple[str, sitk.Image, LandmarkSet]]]:
     """The number of images of a dataset split and its (id, image, truth) cases, read one at a time."""
     from .data.spec import load_dataset_spec
-    from .io.images import read_image
 
     spec = load_dataset_spec(dataset)
     if list(spec.landmark_names) != predictor.landmark_names:
@@ -457,8 +456,9 @@ def dataset_cases(
             f"{predictor.landmark_names}"
         )
     entries = spec.split(split)
+    spec.check_model_unit(entries, predictor.description)
     truths = spec.load_landmarks(entries)
-    return len(entries), ((e.id, read_image(e.image, predictor.dimension), truths[e.id]) for e in entries)
+    return len(entries), ((e.id, e.read(predictor.dimension), truths[e.id]) for e in entries)
 
 
 def default_thresholds(unit: str, values: list[float] | None) -> dict[str, float]:

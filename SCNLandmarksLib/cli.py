@@ -19,9 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import Cancelled, SCNLandmarksError
 from .vocabulary import Precision
+
+if TYPE_CHECKING:
+    from .bundle import ModelDescription  # imports torch, which parsing the command line does not need
 
 log = logging.getLogger("scn-landmarks")
 
@@ -196,7 +200,7 @@ def _detect(args: argparse.Namespace) -> int:
     from .batch import BatchRequest, batch_images, check_outputs
     from .io.images import read_image
 
-    images = batch_images(args.images)
+    images = batch_images(args.images, args.spacing)
     request = BatchRequest(Path(args.out), LANDMARK_FORMATS[args.format], args.heatmaps)
     if args.cluster is not None:
         return _detect_on_cluster(args, images, request)
@@ -206,18 +210,19 @@ def _detect(args: argparse.Namespace) -> int:
     # Importing torch (below) keeps one core busy for about a second: the first image is read on
     # another meanwhile (SimpleITK needs no torch and releases the GIL while it reads).
     reader = ThreadPoolExecutor(max_workers=1)
-    first_image = reader.submit(read_image, images[0].path)
+    first_image = reader.submit(read_image, images[0].path, None, images[0].spacing)
     reader.shutdown(wait=False)
+    by_path = {image.path: image for image in images}
 
     def read(path: Path, dimension: int) -> sitk.Image:
-        image = first_image.result() if path == images[0].path else None
-        # Read without the model's dimension, a one-slice volume became 2D: a 3D model reads it again.
-        return image if image is not None and image.GetDimension() == dimension else read_image(path, dimension)
+        # The first image as read ahead; the model's dimension is its description's.
+        return by_path[path].read(predictor.description, first_image.result() if path == images[0].path else None)
 
     from .batch import ImageOutcome, write_outputs, write_summary
     from .inference import Predictor
 
     predictor = Predictor.from_file(args.model, args.device, args.precision)
+    _refuse_spacing_for_pixel_model(args, predictor.description)
     if predictor.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
     request.out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +280,14 @@ class CohortProgressBar:
         self.stream.flush()
 
 
+def _refuse_spacing_for_pixel_model(args: argparse.Namespace, model: ModelDescription) -> None:
+    # A model in pixels measures pictures in pixels: a stated spacing would rescale them under it.
+    if args.spacing is not None and model.in_pixels:
+        raise UsageError(
+            f"{args.model} works in pixels (trained on pictures without spacing): detect without --spacing"
+        )
+
+
 def _detect_on_cluster(args: argparse.Namespace, images, request) -> int:
     from .bundle import read_description
     from .cluster import import_distributed, run_cohort
@@ -283,7 +296,9 @@ def _detect_on_cluster(args: argparse.Namespace, images, request) -> int:
     # after Dask's import, which sets up its logging.
     import_distributed()
     logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    if read_description(args.model).calibration is None:
+    description = read_description(args.model)
+    _refuse_spacing_for_pixel_model(args, description)
+    if description.calibration is None:
         print("the model is not calibrated: no expected errors", file=sys.stderr)
     started = time.perf_counter()
     result = run_cohort(
@@ -385,7 +400,7 @@ def _dataset_init(args: argparse.Namespace) -> int:
 
     names = read_names_file(args.names) if args.names else None
     summary = init_dataset(
-        args.images, args.landmarks, args.out, args.format, names, args.csv_coordinates, args.overwrite
+        args.images, args.landmarks, args.out, args.format, names, args.csv_coordinates, args.overwrite, args.spacing
     )
     print("\n".join(summary.lines()))
     return 0
@@ -464,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --cluster: resume an interrupted run, keeping the images whose files are all written",
     )
+    detect.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="mm per pixel (x y [z]) of the pictures (PNG, JPEG, BMP, TIFF), which carry no spacing: their "
+        "positions are then in mm (needed for models trained in mm); other files keep their own",
+    )
     _add_inference_options(detect)
     detect.set_defaults(run=_detect)
 
@@ -506,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv-coordinates",
         choices=("index", "physical"),
         help="a table's coordinates (default: index for wide-csv, physical for csv)",
+    )
+    init.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="mm per pixel (x y [z]) of the pictures (PNG, JPEG, BMP, TIFF), written as the spec's spacing: "
+        "their positions and pixel-coordinate landmarks are then in mm",
     )
     init.add_argument("--out", required=True, help="dataset spec to write (.toml)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing --out")

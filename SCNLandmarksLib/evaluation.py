@@ -661,7 +661,6 @@ def evaluate_model(
     """
     from .data.spec import load_dataset_spec
     from .inference import Predictor
-    from .io.images import read_image
 
     predictor = Predictor.from_file(model_path, device, precision)
     spec = load_dataset_spec(dataset)
@@ -669,13 +668,14 @@ def evaluate_model(
     names = predictor.landmark_names
     if list(spec.landmark_names) != names:
         raise DataError(f"{spec.path}: landmark names {list(spec.landmark_names)} differ from the model's {names}")
+    spec.check_model_unit(entries, predictor.description)
     truths = spec.load_landmarks(entries)
     modes = [True, False] if predictor.refinement is not None else [True]
     images: dict[str, Any] = {}
     predictions: dict[bool, dict[str, LandmarkSet]] = {refine: {} for refine in modes}
     seconds: dict[bool, float] = {refine: 0.0 for refine in modes}
     for number, entry in enumerate(entries, start=1):
-        images[entry.id] = read_image(entry.image, predictor.dimension)
+        images[entry.id] = entry.read(predictor.dimension)
         for refine in modes:
             started = time.perf_counter()
             prediction = predictor.predict(images[entry.id], source=str(entry.image), refine=refine)

@@ -46,7 +46,6 @@ from .data.spec import load_dataset_spec
 from .errors import Cancelled, DataError
 from .inference import Prediction, Predictor, resolve_device
 from .io.atomic import atomic_output, write_text_atomically
-from .io.images import spacing_unit
 from .io.paths import refuse_existing
 from .train import BEST_MODEL, TrainingImage, load_split, train
 from .vocabulary import Cancel
@@ -245,10 +244,11 @@ def _check_dataset(base_path: Path, base: ModelDescription, spec_path: Path) -> 
         raise DataError(
             f"{spec_path}: the cases are {spec.dimension}D, the base model {base_path} is {base.dimension}D"
         )
-    unit = spacing_unit(spec.entries[0].image)
+    unit = spec.entries[0].unit
     if unit != base.unit and not (base.in_pixels and unit == "px"):
         raise DataError(
             f"{spec.entries[0].image}: image positions are in {unit}, the base model {base_path} works in {base.unit}"
+            + ("; state the pictures' spacing in the spec (spacing = [x, y], mm per pixel)" if unit == "px" else "")
         )
     if set(spec.landmark_names) == set(base.landmark_names):
         return tuple(base.landmark_names)

@@ -43,7 +43,6 @@ from .geometry import ImageGeometry
 from .heatmaps import LearnableSigmas, gaussian_heatmaps
 from .inference import Predictor, has_bfloat16_matrix_units, resolve_device
 from .io.atomic import atomic_output
-from .io.images import read_image, spacing_unit
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
 from .models import HEAD_PREFIXES, TRAINING_ONLY_PARAMS, build_model, default_params
@@ -135,7 +134,7 @@ class _Trainable(nn.Module):
 
 def load_split(spec: DatasetSpec, entries: list[ImageEntry]) -> list[TrainingImage]:
     """Read the images of one split with their landmarks (LPS)."""
-    images = {e.id: read_image(e.image, spec.dimension) for e in entries}
+    images = {e.id: e.read(spec.dimension) for e in entries}
     landmarks = spec.load_landmarks(entries, {k: ImageGeometry.of(v) for k, v in images.items()})
     items = []
     for entry in entries:
@@ -662,7 +661,8 @@ def train(
     spec = load_dataset_spec(config.dataset)
     if spec.dimension != config.dimension:
         raise DataError(f"{spec.path}: dataset is {spec.dimension}D but the config's grid is {config.dimension}D")
-    training_items = load_split(spec, spec.split(config.train_split))
+    training_entries = spec.split(config.train_split)
+    training_items = load_split(spec, training_entries)
     validation_entries = [e for e in spec.entries if e.split == config.validation_split]
     validation_items = load_split(spec, validation_entries) if validation_entries else []
     names = list(spec.landmark_names)
@@ -678,7 +678,7 @@ def train(
         base = read_description(config.initial_model)
         if base.mean_configuration is not None and base.landmark_names == tuple(names):
             mean = base.mean_configuration
-    run = TrainingRun(config, spec, context, spacing_unit(training_items[0].path), validation_items, mean)
+    run = TrainingRun(config, spec, context, training_entries[0].unit, validation_items, mean)
 
     result = None
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s

@@ -110,7 +110,6 @@ def inspectTrainingFolder(folder) -> TrainingData:
     dependencies.loadTorch()
     from SCNLandmarksLib.autoconfig import resolve_dataset
     from SCNLandmarksLib.data.spec import load_dataset_spec
-    from SCNLandmarksLib.io.images import spacing_unit
     from SCNLandmarksLib.io.landmarks import read_landmarks
 
     folder = Path(folder)
@@ -135,7 +134,7 @@ def inspectTrainingFolder(folder) -> TrainingData:
         spec.dimension,
         tuple(names),
         tuple(e.id for e in spec.entries),
-        spacing_unit(spec.entries[0].image),
+        spec.entries[0].unit,
     )
 
 

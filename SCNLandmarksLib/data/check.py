@@ -28,7 +28,6 @@ import SimpleITK as sitk
 
 from ..errors import DataError
 from ..geometry import ImageGeometry
-from ..io.images import read_image, spacing_unit
 from ..landmark_set import LandmarkSet
 from ..pose import Pose, similarity_fit
 from .spec import DatasetSpec, ImageEntry, load_dataset_spec
@@ -115,14 +114,14 @@ def check_dataset(spec: DatasetSpec | str | Path, progress: ImageProgress | None
     cases: list[_Case] = []
     for number, entry in enumerate(spec.entries, start=1):
         try:
-            image = read_image(entry.image)
+            image = entry.read()
         except DataError as error:
             findings.append(Finding(entry.id, None, FindingKind.UNREADABLE, str(error)))
             continue
         finally:
             if progress is not None:
                 progress(number, len(spec.entries), entry.id)
-        case = _Case(entry, ImageGeometry.of(image), spacing_unit(entry.image), _pixels_hash(image))
+        case = _Case(entry, ImageGeometry.of(image), entry.unit, _pixels_hash(image))
         cases.append(case)
         if case.geometry.dimension != spec.dimension:
             findings.append(
@@ -186,8 +185,9 @@ def _spacing_findings(cases: list[_Case]) -> list[Finding]:
                     case.entry.id,
                     None,
                     FindingKind.SPACING,
-                    f"measured in {case.unit} (its format has no spacing) while the other images "
-                    f"are in {majority_unit}",
+                    f"measured in {case.unit}"
+                    + (" (a picture without a stated spacing)" if case.unit == "px" else "")
+                    + f" while the other images are in {majority_unit}",
                 )
             )
     same_unit = [c for c in cases if c.unit == majority_unit and c.geometry.dimension == cases[0].geometry.dimension]

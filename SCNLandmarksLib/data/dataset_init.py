@@ -9,6 +9,7 @@ it is written; an existing spec is replaced only when asked.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.atomic import atomic_output
-from ..io.images import image_inputs, read_image
+from ..io.images import carries_spacing, checked_spacing, image_inputs, read_image
 from ..io.landmark_formats import (
     LANDMARK_INPUT_FORMATS,
     PER_IMAGE_FORMATS,
@@ -50,6 +51,7 @@ class DatasetInitSummary:
     csv_coordinates: str | None = None
     points_present: int = 0
     points_missing: int = 0
+    spacing: tuple[float, ...] | None = None  # stated for the pictures, mm per pixel
 
     def lines(self) -> list[str]:
         """The summary as printed by ``dataset init``."""
@@ -69,6 +71,7 @@ class DatasetInitSummary:
             f"{listed(self.unpaired_landmarks)}",
             f"landmark names ({len(self.landmark_names)}): {', '.join(self.landmark_names)}",
             f"landmark points: {self.points_present} present, {self.points_missing} missing",
+            *([f"pictures in mm: {' x '.join(map(str, self.spacing))} mm per pixel"] if self.spacing else []),
             f"wrote {self.spec} (no splits yet: give each image a split, or add a [splits] table)",
         ]
         return lines
@@ -140,10 +143,13 @@ def _spec_text(
     entries: list[tuple[str, Path, Path | None]],
     table: Path | None,
     csv_coordinates: str | None,
+    spacing: tuple[float, ...] | None,
 ) -> str:
     values: dict[str, Any] = {"dimension": dimension, "landmarks": names, "landmarks_format": landmarks_format}
     if table is not None:
         values |= {"landmarks_csv": _spec_path(table, base), "csv_coordinates": csv_coordinates}
+    if spacing is not None:
+        values["spacing"] = list(spacing)
     values["images"] = [
         {
             "id": image_id,
@@ -163,6 +169,7 @@ def init_dataset(
     names: list[str] | None = None,
     csv_coordinates: str | None = None,
     overwrite: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> DatasetInitSummary:
     """Write a dataset spec pairing the images of a folder with their landmarks by file stem.
 
@@ -177,13 +184,16 @@ def init_dataset(
         csv_coordinates: a table's coordinates, "index" or "physical"; None: "index" for ``wide-csv``
             (its published convention), "physical" for ``csv`` (what `write_landmarks_csv` writes).
         overwrite: replace an existing `out`.
+        spacing: mm per pixel (x, y[, z]) of the pictures (PNG, JPEG, BMP, TIFF), written as the spec's
+            `spacing`; their positions, and landmarks in pixel coordinates, are then in mm.
 
     Returns:
         The summary: images found, pairs, what did not pair, landmark names.
 
     Raises:
         DataError: `out` exists (without `overwrite`), nothing pairs, two files share a stem, or a
-            landmark file cannot be read (names the file); nothing is written then.
+            landmark file cannot be read (names the file), or `spacing` is not the images'
+            dimension or no image is a picture; nothing is written then.
     """
     images_dir, source, out = Path(images), Path(landmarks), Path(out)
     if landmarks_format not in ("auto", *LANDMARK_INPUT_FORMATS):
@@ -193,17 +203,23 @@ def init_dataset(
         raise DataError(f"{source}: landmark file or folder not found")
     by_stem = _images_by_stem(images_dir)
     dimension = read_image(next(iter(by_stem.values()))).GetDimension()
+    stated = None if spacing is None else checked_spacing(spacing, "spacing")
+    if stated is not None and len(stated) != dimension:
+        raise DataError(f"{images_dir}: the images are {dimension}D, but the spacing {list(stated)} is not")
+    if stated is not None and all(carries_spacing(image) for image in by_stem.values()):
+        raise DataError(f"{images_dir}: a spacing is for pictures without one, and every image carries its own")
     geometries: dict[str, ImageGeometry] = {}
 
     def geometry(image_id: str, image: Path) -> ImageGeometry:
         if image_id not in geometries:
-            geometries[image_id] = ImageGeometry.of(read_image(image, dimension))
+            own = None if carries_spacing(image) else stated
+            geometries[image_id] = ImageGeometry.of(read_image(image, dimension, own))
         return geometries[image_id]
 
     table = source if source.is_file() else None
     found_sets: list[LandmarkSet] = []
     entries: list[tuple[str, Path, Path | None]] = []
-    summary = DatasetInitSummary(out, list(by_stem.values()), landmarks_format, [])
+    summary = DatasetInitSummary(out, list(by_stem.values()), landmarks_format, [], spacing=stated)
     if table is not None:
         kind = detect_format(table, table=True) if landmarks_format == "auto" else landmarks_format
         if kind not in TABLE_FORMATS:
@@ -250,7 +266,7 @@ def init_dataset(
     summary.landmark_names = names
 
     base = out.resolve().parent
-    text = _spec_text(dimension, names, summary.landmarks_format, base, entries, table, summary.csv_coordinates)
+    text = _spec_text(dimension, names, summary.landmarks_format, base, entries, table, summary.csv_coordinates, stated)
     # Check the spec with the loader training uses before it replaces anything.
     with atomic_output(out, ".toml") as temporary:
         temporary.write_text(text, encoding="utf-8")

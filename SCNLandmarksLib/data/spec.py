@@ -7,12 +7,14 @@ Example::
     landmarks_csv = "landmarks.csv"         # optional table image,landmark,x,y[,z] (or id,x_0,y_0,...)
     csv_coordinates = "index"               # "physical" (LPS mm) or "index" (continuous pixel index)
     landmarks_format = "auto"               # or one of LANDMARK_INPUT_FORMATS for every landmark file
+    spacing = [0.1, 0.1]                    # optional: mm per pixel (x, y) of pictures (PNG, JPEG, ...)
 
     [[images]]
     id = "001"
     image = "images/001.png"
     landmarks = "001.mrk.json"              # optional per-image file (.mrk.json, .fcsv, LabelMe, ISBI .txt)
     split = "train"                         # optional; or list ids under [splits]
+    spacing = [0.12, 0.12]                  # optional: this picture's own, instead of the one above
 
     [splits]
     validation = ["002"]
@@ -20,16 +22,24 @@ Example::
 Paths are relative to the spec file. A landmark absent from an image's file is missing for that
 image: it is left out of the loss, never treated as zero. `landmarks_format` "auto" detects each file's
 format (see `SCNLandmarksLib.io.landmark_formats`); the table's rows name images by their id.
+
+Pictures (PNG, JPEG, BMP, TIFF) carry no physical spacing: without `spacing` their positions are pixels
+("px"); with it they are millimetres, for the images and for landmarks given in pixel coordinates alike
+(pixel index x spacing, origin 0, identity direction). Files that carry a spacing (NRRD, MHA, NIfTI,
+DICOM) keep theirs: the top-level `spacing` does not apply to them, and an entry's own is an error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import SimpleITK as sitk
 
 from ..errors import DataError
 from ..geometry import ImageGeometry
-from ..io.images import read_image
+from ..io.images import carries_spacing, checked_spacing, read_image, read_image_information, spacing_unit
 from ..io.landmark_formats import (
     LANDMARK_INPUT_FORMATS,
     PER_IMAGE_FORMATS,
@@ -43,13 +53,37 @@ from ..io.paths import image_stem
 from ..io.toml import read_toml
 from ..landmark_set import LandmarkSet
 
+if TYPE_CHECKING:
+    from ..bundle import ModelDescription  # imports torch, which reading a spec does not need
+
 
 @dataclass(frozen=True)
 class ImageEntry:
+    """One image of a dataset spec.
+
+    Attributes:
+        spacing: the spacing stated for a picture (mm per pixel, x then y[, z]): its own, else the
+            spec's; None for files that carry their own and for pictures left in pixels.
+    """
+
     id: str
     image: Path
     landmarks: Path | None
     split: str | None
+    spacing: tuple[float, ...] | None = None
+
+    @property
+    def unit(self) -> str:
+        """The unit of the image's positions: 'mm', or 'px' for a picture without a stated spacing."""
+        return spacing_unit(self.image, self.spacing)
+
+    def read(self, dimension: int | None = None) -> sitk.Image:
+        """The image with its geometry (the stated spacing for a picture), as io.images.read_image."""
+        return read_image(self.image, dimension, self.spacing)
+
+    def read_information(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The image's size and spacing from its header alone, as `read` gives them."""
+        return read_image_information(self.image, self.spacing)
 
 
 @dataclass(frozen=True)
@@ -70,6 +104,19 @@ class DatasetSpec:
             raise DataError(f"{self.path}: split '{name}' has no images (splits: {known})")
         return chosen
 
+    def check_model_unit(self, entries: list[ImageEntry], model: ModelDescription) -> None:
+        """Refuse pictures left in pixels for a model in mm (their pixels would be taken for mm).
+
+        Raises:
+            DataError: naming the spec and the first such image, and how to state its spacing.
+        """
+        for entry in entries:
+            model.check_image_unit(
+                entry.unit,
+                f"{self.path}: image '{entry.id}' ({entry.image})",
+                "state the pictures' spacing in the spec (spacing = [x, y], mm per pixel)",
+            )
+
     def load_landmarks(
         self, entries: list[ImageEntry], geometries: dict[str, ImageGeometry] | None = None
     ) -> dict[str, LandmarkSet]:
@@ -79,7 +126,7 @@ class DatasetSpec:
 
         def geometry(entry: ImageEntry) -> ImageGeometry:
             if entry.id not in geometries:
-                geometries[entry.id] = ImageGeometry.of(read_image(entry.image, self.dimension))
+                geometries[entry.id] = ImageGeometry.of(entry.read(self.dimension))
             return geometries[entry.id]
 
         table: dict[str, LandmarkSet] = {}
@@ -145,6 +192,10 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
             f"format of one image's landmarks (tables: {list(TABLE_FORMATS)})"
         )
 
+    spacing = checked_spacing(values["spacing"], f"{path}: 'spacing'") if "spacing" in values else None
+    if spacing is not None and len(spacing) != dimension:
+        raise DataError(f"{path}: 'spacing' {list(spacing)} has {len(spacing)} values; the dataset is {dimension}D")
+
     split_of = {}
     for split_name, ids in values.get("splits", {}).items():
         for image_id in ids:
@@ -165,7 +216,9 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
                 f"{path}: landmarks_format '{landmarks_format}' is a table format, but image "
                 f"'{image_id}' has its own landmark file"
             )
-        entries.append(ImageEntry(image_id, image, landmarks, item.get("split", split_of.get(image_id))))
+        own = _entry_spacing(path, item, image_id, image, dimension)
+        stated = own or (None if carries_spacing(image) else spacing)
+        entries.append(ImageEntry(image_id, image, landmarks, item.get("split", split_of.get(image_id)), stated))
     if not entries:
         raise DataError(f"{path}: the dataset has no images ([[images]] entries)")
     ids = [e.id for e in entries]
@@ -175,3 +228,19 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
     if unknown:
         raise DataError(f"{path}: [splits] name unknown image ids {unknown}")
     return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates, landmarks_format)
+
+
+def _entry_spacing(path: Path, item: dict, image_id: str, image: Path, dimension: int) -> tuple[float, ...] | None:
+    """An [[images]] entry's own spacing; an error for a file that carries one (never overridden)."""
+    if "spacing" not in item:
+        return None
+    where = f"{path}: image '{image_id}' ({image})"
+    if carries_spacing(image):
+        raise DataError(
+            f"{where} carries its own spacing in its file; 'spacing' is only for pictures without one "
+            "(PNG, JPEG, BMP, TIFF)"
+        )
+    spacing = checked_spacing(item["spacing"], where)
+    if len(spacing) != dimension:
+        raise DataError(f"{where}: 'spacing' {list(spacing)} has {len(spacing)} values; the dataset is {dimension}D")
+    return spacing

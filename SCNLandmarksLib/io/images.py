@@ -8,7 +8,9 @@ positions in LPS millimetres stay valid.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +39,58 @@ IMAGE_SUFFIXES = PIXEL_UNIT_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".nhdr", ".m
 _MULTI_FILE_SUFFIXES = (".mhd", ".hdr")
 
 
-def spacing_unit(path: str | os.PathLike) -> str:
+def carries_spacing(path: str | os.PathLike) -> bool:
+    """Whether an image file (or DICOM directory) states its own physical spacing: False for pictures
+    (PNG, JPEG, BMP, TIFF), whose spacing is 1 unless one is stated for them."""
+    return format_suffix(path) not in PIXEL_UNIT_SUFFIXES
+
+
+def spacing_unit(path: str | os.PathLike, spacing: Sequence[float] | None = None) -> str:
     """Unit of physical coordinates of images read from `path`.
 
     Args:
         path: image file (or DICOM directory).
+        spacing: the spacing stated for a picture (mm per pixel; see `read_image`), or None.
 
     Returns:
-        "px" for formats that carry no physical spacing (PNG, JPEG, BMP, TIFF), else "mm".
+        "px" for pictures (PNG, JPEG, BMP, TIFF) without a stated spacing, else "mm".
     """
-    return "px" if format_suffix(path) in PIXEL_UNIT_SUFFIXES else "mm"
+    return "mm" if spacing is not None or carries_spacing(path) else "px"
+
+
+def checked_spacing(values: object, source: str) -> tuple[float, ...]:
+    """A spacing stated by a user for pictures: 2 or 3 finite positive numbers (mm per pixel, x then
+    y[, z]).
+
+    Raises:
+        DataError: naming `source` (the spec, or the command-line option) and the values.
+    """
+    numbers = values if isinstance(values, (list, tuple)) else []
+    if len(numbers) not in (2, 3) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in numbers
+    ):
+        raise DataError(
+            f"{source}: spacing must be 2 or 3 positive numbers (mm per pixel, x then y[, z]), got {values!r}"
+        )
+    return tuple(float(v) for v in numbers)
+
+
+def _picture_spacing(path: Path, spacing: Sequence[float] | None, dimension: int) -> tuple[float, ...]:
+    """The spacing a picture is read with: the stated one, else 1 (its positions are then pixels)."""
+    if spacing is None:
+        return (1.0,) * dimension
+    if len(spacing) != dimension:
+        raise DataError(f"{path}: a {len(spacing)}D spacing {tuple(spacing)} was stated for a {dimension}D image")
+    return tuple(float(s) for s in spacing)
+
+
+def _refuse_stated_spacing(path: Path, spacing: Sequence[float] | None) -> None:
+    # A file's own spacing is never overridden: a stated one there is a mistake to report.
+    if spacing is not None and carries_spacing(path):
+        raise DataError(
+            f"{path}: the file carries its own spacing; a spacing is stated only for pictures without one "
+            f"({', '.join(PIXEL_UNIT_SUFFIXES)})"
+        )
 
 
 def image_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -179,38 +223,70 @@ def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "ima
     return image
 
 
-def read_image(path: str | os.PathLike, dimension: int | None = None) -> sitk.Image:
+def _reason(error: Exception) -> str:
+    # SimpleITK's messages start with the C++ source location; the last line holds the reason.
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
+def read_image(
+    path: str | os.PathLike, dimension: int | None = None, spacing: Sequence[float] | None = None
+) -> sitk.Image:
     """Read a 2D or 3D image as a scalar float32 SimpleITK image with its physical geometry.
 
     Supported: 2D PNG, TIFF, JPEG, BMP, MHA/NRRD and single DICOM files; 3D NIfTI, NRRD, MHA and
     DICOM series directories. A 3D image with exactly one slice along the last axis becomes 2D.
-    For PNG/JPEG/BMP/TIFF the spacing is set to 1 (see `spacing_unit`): coordinates are pixels.
+    For PNG/JPEG/BMP/TIFF the spacing is `spacing` when stated (positions in mm), else 1 (positions
+    in pixels; see `spacing_unit`); origin and direction are as SimpleITK reads them (0, identity).
 
     Args:
         path: image file, or a directory holding a DICOM series.
         dimension: expected dimension (2 or 3); None accepts both.
+        spacing: mm per pixel (x then y[, z]) for a picture; an error for a file with its own spacing.
 
     Returns:
         sitk.Image of pixel type sitkFloat32 and dimension 2 or 3; origin/spacing/direction in LPS mm.
 
     Raises:
         DataError: the file is missing or unreadable, has an unsupported pixel type or dimension,
-            or its dimension differs from `dimension`. The message names the path.
+            or its dimension differs from `dimension`; `spacing` is given for a file with its own, or
+            has another dimension than the image. The message names the path.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    _refuse_stated_spacing(path, spacing)
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
-        # SimpleITK's messages start with the C++ source location; the last line holds the reason.
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: cannot read image ({reason})") from error
+        raise DataError(f"{path}: cannot read image ({_reason(error)})") from error
 
     image = as_scalar_image(image, dimension, str(path))
-    if spacing_unit(path) == "px":
-        image.SetSpacing([1.0] * image.GetDimension())
+    if not carries_spacing(path):
+        image.SetSpacing(_picture_spacing(path, spacing, image.GetDimension()))
     return image
+
+
+def read_image_information(
+    path: str | os.PathLike, spacing: Sequence[float] | None = None
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Size and spacing of an image file from its header alone, as `read_image` gives them (a
+    picture's spacing is the stated one, else 1); a 3D file of one slice keeps its third axis.
+
+    Raises:
+        DataError: as `read_image`, naming the path.
+    """
+    path = Path(path)
+    _refuse_stated_spacing(path, spacing)
+    reader = sitk.ImageFileReader()
+    try:
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(f"{path}: cannot read image ({_reason(error)})") from error
+    size = tuple(reader.GetSize())
+    if carries_spacing(path):
+        return size, tuple(reader.GetSpacing())
+    return size, _picture_spacing(path, spacing, len(size))
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
@@ -236,5 +312,4 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
         with atomic_output(path, suffix) as temporary:
             sitk.WriteImage(image, str(temporary), compress)
     except (RuntimeError, OSError) as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: cannot write image ({reason})") from error
+        raise DataError(f"{path}: cannot write image ({_reason(error)})") from error

@@ -41,7 +41,7 @@ from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from .errors import Cancelled, DataError, ModelFileError, TrainingError
 from .geometry import ImageGeometry
 from .heatmaps import LearnableSigmas, gaussian_heatmaps
-from .inference import Predictor, has_bfloat16_matrix_units, resolve_device
+from .inference import Predictor, cpu_bfloat16_hardware, resolve_device
 from .io.atomic import atomic_output
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
@@ -97,8 +97,8 @@ class StageSettings:
 
 def mixed_precision_applies(device: torch.device) -> bool:
     """Whether `mixed_precision` training autocasts to bfloat16 on `device`: on CUDA, and on CPUs that
-    multiply bfloat16 in hardware (3D steps 2x, 2D 1.3x faster there; other CPUs would emulate it)."""
-    return device.type == "cuda" or (device.type == "cpu" and has_bfloat16_matrix_units())
+    compute bfloat16 in hardware (AMX: 3D steps 2x, 2D 1.3x faster; other CPUs would emulate it)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_bfloat16_hardware() is not None)
 
 
 def stage_settings(config: Config) -> list[StageSettings]:

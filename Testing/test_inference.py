@@ -14,7 +14,7 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
 from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.inference import Predictor, has_bfloat16_matrix_units, resolve_precision, tile_starts
+from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware, resolve_precision, tile_starts
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.models import LocalAppearanceNet
 
@@ -61,12 +61,20 @@ def test_bfloat16_appearance_layers_find_the_float32_points(tiny_model_2d, case_
     assert np.linalg.norm(b.landmarks.points_lps - truth.points_lps, axis=1).mean() < 1.0
 
 
-def test_precision_choice():
+def test_precision_choice(monkeypatch):
     assert resolve_precision("float32", torch.device("cpu")) == torch.float32
     assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_precision("auto", torch.device("cuda")) == torch.float32  # not measured on GPUs
     cpu = resolve_precision("auto", torch.device("cpu"))
-    assert cpu == (torch.bfloat16 if has_bfloat16_matrix_units() else torch.float32)
+    assert cpu == (torch.bfloat16 if cpu_bfloat16_hardware() is not None else torch.float32)
+    # Each kind of machine, whichever this one is.
+    for hardware, dtype in (("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16), ("none", torch.float32)):
+        monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", hardware)
+        assert cpu_bfloat16_hardware() == (None if hardware == "none" else hardware)
+        assert resolve_precision("auto", torch.device("cpu")) == dtype
+    monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", "fast")
+    with pytest.raises(DataError, match="SCN_LANDMARKS_CPU_BFLOAT16='fast': use amx, avx512_bf16 or none"):
+        cpu_bfloat16_hardware()
     with pytest.raises(DataError, match="unknown precision 'half'.*auto, float32, bfloat16"):
         resolve_precision("half", torch.device("cpu"))
 

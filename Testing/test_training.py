@@ -143,7 +143,7 @@ def test_resume_equals_uninterrupted_training(dataset_2d, tmp_path):
 
 def test_cpu_training_autocasts_to_bfloat16_only_where_the_hardware_multiplies_it(dataset_2d, tmp_path, monkeypatch):
     def weights(name: str, hardware: bool, mixed_precision: bool) -> dict[str, torch.Tensor]:
-        monkeypatch.setattr("SCNLandmarksLib.train.has_bfloat16_matrix_units", lambda: hardware)
+        monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", "amx" if hardware else "none")
         config = _fast_config(dataset_2d, tmp_path / name, iterations=3, mixed_precision=mixed_precision)
         train(config, device="cpu")
         return torch.load(config.output_dir / CHECKPOINT, weights_only=True)["trainable"]

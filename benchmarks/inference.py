@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from SCNLandmarksLib.geometry import ImageGeometry, covering_grid
-from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
@@ -185,6 +186,15 @@ def finest_spacing(predictor: Predictor) -> tuple[float, ...]:
     return (description.refinement or description.coarse).grid_spacing
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as Linux reports it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
@@ -203,6 +213,12 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
             "device": predictor.device.type,
             "threads": torch.get_num_threads(),
             "compute_dtype": str(predictor.compute_dtype).removeprefix("torch."),
+            # Which kernels ran: the CPU's bfloat16 hardware as the library reads it, the ISA oneDNN
+            # may use (ONEDNN_MAX_CPU_ISA caps it) and ATen's vector path.
+            "cpu_bfloat16": cpu_bfloat16_hardware() if predictor.device.type == "cpu" else None,
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu_name(),
             "model_load_s": load_s,
             **single,
             "peak_rss_mb": rss_mb,

@@ -284,15 +284,22 @@ def _connected(address: str, distributed: Any) -> Iterator[Any]:
     with it."""
     local = LOCAL_ADDRESS.fullmatch(address)
     if local is not None:
+        import dask  # installed with distributed
+
         workers = int(local.group(1))
         if workers < 1:
             raise ClusterError(f"--cluster {address}: give at least one worker (local:1)")
         # Loopback only, on free ports (its status page too): a local cluster serves this machine, and
-        # two runs may start at once. One image at a time per worker process.
+        # two runs may start at once. The cores are shared out as images in flight, one torch thread
+        # each, as a plain detect does: one image on two threads ran 3x slower on a busy machine
+        # (benchmarks/cluster.py, local:1 before this). Without Dask's
+        # MALLOC_TRIM_THRESHOLD_ for its workers, which stops glibc from keeping large blocks: each
+        # image's volumes were then mapped afresh (twice the page faults, 30 % more time per image).
         with (
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
             distributed.LocalCluster(
                 n_workers=workers,
-                threads_per_worker=1,
+                threads_per_worker=max(1, len(os.sched_getaffinity(0)) // workers),
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address="127.0.0.1:0",

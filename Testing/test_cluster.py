@@ -130,10 +130,10 @@ def test_a_cluster_run_writes_what_detect_writes_and_reports_a_corrupt_image(
     assert (out / "case000.mrk.json").stat().st_mtime_ns == kept
 
 
-def test_skip_existing_redoes_only_unfinished_images(tiny_model_2d, cohort, tmp_path):
+def test_skip_existing_redoes_only_unfinished_images(tiny_model_2d, cohort, cluster, tmp_path):
     folder, _ = cohort
     out = tmp_path / "cluster"
-    first = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--cluster", "local:2")
+    first = cli("detect", str(tiny_model_2d), str(folder), "--out", str(out), "--cluster", cluster[0])
     assert first.returncode == 2, first.stderr[-2000:]
     finished = _files(out)
     # An interrupted run: one image's file never written, the table cut in the middle of the last row
@@ -145,6 +145,7 @@ def test_skip_existing_redoes_only_unfinished_images(tiny_model_2d, cohort, tmp_
     (out / "cohort.parquet").unlink()
     kept = (out / "case000.mrk.json").stat().st_mtime_ns
 
+    # Resumed on another cluster: two worker processes the command starts itself.
     resumed = cli(
         "detect", str(tiny_model_2d), str(folder), "--out", str(out), "--cluster", "local:2", "--skip-existing"
     )

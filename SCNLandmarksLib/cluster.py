@@ -113,7 +113,11 @@ def _detect_on_worker(
     Raises:
         ModelFileError: the worker cannot load the model (the run stops: no image would succeed).
     """
-    prediction = _worker_predictor(model, device, precision, slots_by_host).predict_file(image.path, request.heatmaps)
+    predictor = _worker_predictor(model, device, precision, slots_by_host)
+    # Read as `detect` reads it: with the picture's stated spacing, refused in pixels for a model in mm.
+    prediction = predictor.predict_file(
+        image.path, request.heatmaps, read=lambda path, dimension: image.read(predictor.description)
+    )
     if isinstance(prediction, DataError):
         return ImageOutcome(image, error=str(prediction))
     try:

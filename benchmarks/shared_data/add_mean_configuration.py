@@ -22,7 +22,6 @@ import json
 from SCNLandmarksLib.bundle import read_description, save_description
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.inference import Predictor
-from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.pose import mean_configuration
 
 
@@ -41,9 +40,7 @@ def main() -> None:
     entries = spec.split(args.split)
     if args.detected:
         predictor = Predictor.from_file(args.model, "cpu")
-        landmarks = [
-            predictor.predict(read_image(e.image, predictor.dimension), source=str(e.image)).landmarks for e in entries
-        ]
+        landmarks = [predictor.predict(e.read(predictor.dimension), source=str(e.image)).landmarks for e in entries]
         what = "the model's own points on"
     else:
         landmarks = list(spec.load_landmarks(entries).values())

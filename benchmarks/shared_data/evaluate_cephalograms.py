@@ -24,7 +24,6 @@ import SimpleITK as sitk
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.geometry import ImageGeometry
 from SCNLandmarksLib.inference import Predictor
-from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.paths import image_stem
 
 ANNOTATORS = ("mollabashi", "farhadifar")
@@ -69,7 +68,7 @@ def main() -> None:
     }
     kept_as_given = mirrored_images = 0
     for entry in entries:
-        image = read_image(entry.image, 2)
+        image = entry.read(2)
         geometry = ImageGeometry.of(image)
         both = [k for k in range(len(spec.landmark_names)) if k in first[entry.id] and k in second[entry.id]]
         a = geometry.index_to_physical(np.array([first[entry.id][k] for k in both]))

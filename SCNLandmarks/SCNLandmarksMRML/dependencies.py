@@ -673,7 +673,7 @@ def install(
     Args:
         plan: from `installationPlan`.
         torchUtils: a ``PyTorchUtils.PyTorchUtilsLogic`` (needed when the plan holds torch).
-        pipInstall: installs a list of requirements (in Slicer: ``slicer.util.pip_install``).
+        pipInstall: installs a list of requirements (in Slicer: the util module's ``pip_install``).
         replaceTorch: uninstall the installed torch first; never while torch is loaded in this
             process (use `requestTorchReinstall` then).
 

@@ -222,11 +222,16 @@ def test_cli_detect_says_when_it_found_the_landmarks_on_the_mirror_image(mirror_
 
 
 def test_cli_detect_labels_positions_in_each_image_s_unit(tiny_model_2d, dataset_2d, tmp_path):
-    # A millimetre model on a picture without spacing finds pixel positions: the files say so.
+    # A model in pixels finds pixel positions on a picture without spacing, mm on a volume: the files
+    # say so. (A model in mm refuses such a picture without --spacing: test_stated_spacing.py.)
+    loaded = load_model(tiny_model_2d)
+    pixel_model = save_model(
+        tmp_path / "pixels.safetensors", dataclasses.replace(loaded.description, unit="px"), loaded.coarse
+    )
     entry = load_dataset_spec(dataset_2d).split("validation")[0]
     picture = tmp_path / "picture.png"
     write_image(sitk.Cast(sitk.RescaleIntensity(read_image(entry.image, 2), 0, 255), sitk.sitkUInt8), picture)
-    detected = cli("detect", str(tiny_model_2d), str(picture), str(entry.image), "--out", str(tmp_path / "out"))
+    detected = cli("detect", str(pixel_model), str(picture), str(entry.image), "--out", str(tmp_path / "out"))
     assert detected.returncode == 0, detected.stderr[-2000:]
     units = {
         name: json.loads((tmp_path / "out" / name).read_text())["markups"][0]["coordinateUnits"]

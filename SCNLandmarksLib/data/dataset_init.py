@@ -203,9 +203,7 @@ def init_dataset(
         raise DataError(f"{source}: landmark file or folder not found")
     by_stem = _images_by_stem(images_dir)
     dimension = read_image(next(iter(by_stem.values()))).GetDimension()
-    stated = None if spacing is None else checked_spacing(spacing, "spacing")
-    if stated is not None and len(stated) != dimension:
-        raise DataError(f"{images_dir}: the images are {dimension}D, but the spacing {list(stated)} is not")
+    stated = None if spacing is None else checked_spacing(spacing, str(images_dir), dimension)
     if stated is not None and all(carries_spacing(image) for image in by_stem.values()):
         raise DataError(f"{images_dir}: a spacing is for pictures without one, and every image carries its own")
     geometries: dict[str, ImageGeometry] = {}

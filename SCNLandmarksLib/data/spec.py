@@ -192,9 +192,7 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
             f"format of one image's landmarks (tables: {list(TABLE_FORMATS)})"
         )
 
-    spacing = checked_spacing(values["spacing"], f"{path}: 'spacing'") if "spacing" in values else None
-    if spacing is not None and len(spacing) != dimension:
-        raise DataError(f"{path}: 'spacing' {list(spacing)} has {len(spacing)} values; the dataset is {dimension}D")
+    spacing = checked_spacing(values["spacing"], str(path), dimension) if "spacing" in values else None
 
     split_of = {}
     for split_name, ids in values.get("splits", {}).items():
@@ -240,7 +238,4 @@ def _entry_spacing(path: Path, item: dict, image_id: str, image: Path, dimension
             f"{where} carries its own spacing in its file; 'spacing' is only for pictures without one "
             "(PNG, JPEG, BMP, TIFF)"
         )
-    spacing = checked_spacing(item["spacing"], where)
-    if len(spacing) != dimension:
-        raise DataError(f"{where}: 'spacing' {list(spacing)} has {len(spacing)} values; the dataset is {dimension}D")
-    return spacing
+    return checked_spacing(item["spacing"], where, dimension)

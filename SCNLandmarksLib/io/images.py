@@ -58,9 +58,9 @@ def spacing_unit(path: str | os.PathLike, spacing: Sequence[float] | None = None
     return "mm" if spacing is not None or carries_spacing(path) else "px"
 
 
-def checked_spacing(values: object, source: str) -> tuple[float, ...]:
+def checked_spacing(values: object, source: str, dimension: int | None = None) -> tuple[float, ...]:
     """A spacing stated by a user for pictures: 2 or 3 finite positive numbers (mm per pixel, x then
-    y[, z]).
+    y[, z]), `dimension` of them when given.
 
     Raises:
         DataError: naming `source` (the spec, or the command-line option) and the values.
@@ -72,6 +72,8 @@ def checked_spacing(values: object, source: str) -> tuple[float, ...]:
         raise DataError(
             f"{source}: spacing must be 2 or 3 positive numbers (mm per pixel, x then y[, z]), got {values!r}"
         )
+    if dimension is not None and len(numbers) != dimension:
+        raise DataError(f"{source}: spacing {list(numbers)} has {len(numbers)} values; the images are {dimension}D")
     return tuple(float(v) for v in numbers)
 
 

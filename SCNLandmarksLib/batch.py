@@ -29,8 +29,10 @@ from .io.paths import output_stems, refuse_existing
 from .landmark_set import LandmarkSet
 from .vocabulary import HeatmapKind, LandmarkStatus
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # these import torch, which planning a batch does not need
     from .bundle import ModelDescription
+    from .calibration import ImageReview
+    from .inference import Prediction
 
 # Written by `detect` beside the landmark files: the images in the order to review them.
 REVIEW_SUMMARY = "summary.csv"
@@ -126,8 +128,8 @@ class ImageOutcome:
     mirrored: bool = False
     error: str = ""
 
-    def review(self):
-        """The image's line of the review summary (calibration.ImageReview)."""
+    def review(self) -> ImageReview:
+        """The image's line of the review summary."""
         from .calibration import ImageReview, image_review
 
         name = self.image.path.name
@@ -188,17 +190,13 @@ def batch_images(arguments: list[str | os.PathLike], spacing: Sequence[float] | 
 
 def check_outputs(
     images: list[BatchImage], request: BatchRequest, overwrite: bool, more: list[Path] | None = None
-) -> list[Path]:
+) -> None:
     """Check, before the first file is written, every file a batch could write: a clinician's corrected
     file in the output folder is never replaced unless asked.
 
     Args:
         more: the batch's other files (beside the summary and, for BIDS input, the derivatives'
             dataset_description.json).
-
-    Returns:
-        The batch's own files: the review summary, then `more`, then dataset_description.json when
-        an input is a BIDS dataset.
 
     Raises:
         DataError: an image's file would take a batch file's name, or (unless `overwrite`) a file exists.
@@ -215,14 +213,13 @@ def check_outputs(
                     f"{target.name}; choose another --format or rename that image"
                 )
     refuse_existing([*(target for image in images for target in image.outputs(request)), *batch_files], overwrite)
-    return batch_files
 
 
-def write_outputs(image: BatchImage, prediction, request: BatchRequest) -> ImageOutcome:
+def write_outputs(image: BatchImage, prediction: Prediction, request: BatchRequest) -> ImageOutcome:
     """Write one image's files (each atomically; the landmark file last) and say what was found.
 
     Args:
-        prediction: the image's inference.Prediction (heatmaps kept when the request has them).
+        prediction: the image's, with its heatmaps when the request has them.
 
     Raises:
         DataError: a file cannot be written (names it).

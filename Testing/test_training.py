@@ -17,7 +17,14 @@ import torch
 from conftest import tiny_config
 
 from SCNLandmarksLib.bundle import read_description
-from SCNLandmarksLib.config import HeatmapConfig, config_from_dict, config_to_dict, load_config, save_config
+from SCNLandmarksLib.config import (
+    HeatmapConfig,
+    TrainingConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, TrainingError
 from SCNLandmarksLib.evaluation import evaluate_model
@@ -25,7 +32,7 @@ from SCNLandmarksLib.heatmaps import gaussian_heatmaps, peak_height, refine_peak
 from SCNLandmarksLib.inference import Predictor
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.losses import heatmap_loss
-from SCNLandmarksLib.train import CHECKPOINT, train
+from SCNLandmarksLib.train import CHECKPOINT, _learning_rate_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -368,3 +375,20 @@ def test_fine_tuning_starts_from_a_model_file_of_the_same_design(trained_2d, dat
     with pytest.raises(ModelFileError, match="network parameters differ") as failure:
         train(config_from_dict(other, Path("/")), device="cpu")
     assert str(result.model_path) in str(failure.value)
+
+
+def test_a_schedule_cut_by_the_time_budget_still_ends_annealed():
+    training = TrainingConfig(iterations=1000, schedule="cosine")
+    spent = [0.0]
+    factor = _learning_rate_factor(training, lambda: spent[0])
+    assert factor(0) == 1.0 and factor(500) == pytest.approx(0.5)
+    # A fifth of the iterations done when the budget is spent: the rate is where the budget says.
+    spent[0] = 0.5
+    assert factor(200) == pytest.approx(0.5)
+    spent[0] = 1.0
+    assert factor(200) == pytest.approx(0.0, abs=1e-12)
+    # Iterations ahead of the budget count as they are.
+    spent[0] = 0.1
+    assert factor(900) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    stepped = _learning_rate_factor(TrainingConfig(iterations=1000, schedule="step", step_every=400), lambda: 0.9)
+    assert stepped(10) == pytest.approx(0.01)

@@ -247,4 +247,6 @@ def write_summary(request: BatchRequest, outcomes: list[ImageOutcome]) -> Path:
         description = json.dumps(derivative_description(sources), indent=2) + "\n"
         write_text_atomically(request.out / BIDS_DESCRIPTION, description)
     unit = "/".join(sorted({outcome.image.unit for outcome in outcomes}))
-    return write_review_summary(request.out / REVIEW_SUMMARY, [outcome.review() for outcome in outcomes], unit)
+    coverage = next((o.landmarks.coverage for o in outcomes if o.landmarks is not None and o.landmarks.coverage), None)
+    rows = [outcome.review() for outcome in outcomes]
+    return write_review_summary(request.out / REVIEW_SUMMARY, rows, unit, coverage)

@@ -11,6 +11,13 @@ on the logarithm of the measured error (robust to the few gross errors that domi
 one base per landmark (Sella is easier than Gonion) shrunk towards the pooled base, then scaled so
 that the mean expected error of each landmark equals its mean measured error on the fitting images.
 
+A calibration may also give each point a coverage radius: the distance from the point within which
+the true point lies with a stated probability (`coverage`, e.g. 0.9). It is split conformal, per
+landmark: on images with known landmarks, each point's score is its error over its expected error,
+and a landmark's radius factor is the ceil((n + 1) * coverage)-th smallest of its n scores, so that
+the radius (factor times expected error) holds the true point of a new image with at least that
+probability for every landmark, not only on average (points found; a missed point has no radius).
+
 Evidence measures (`EVIDENCE`; all dimensionless):
   peak: -log of the heatmap peak over the ideal peak of the landmark's learned Gaussian.
   width: log of the heatmap's spread around its peak (RMS radius within two sigmas) over the sigma.
@@ -23,6 +30,7 @@ Evidence measures (`EVIDENCE`; all dimensionless):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +44,7 @@ import torch
 
 from .errors import DataError, ModelFileError
 from .io.atomic import write_text_atomically
+from .io.landmarks import coverage_radius_column
 from .landmark_set import LandmarkSet
 
 EVIDENCE = ("peak", "width", "refinement_shift", "shift_spread")
@@ -61,7 +70,11 @@ class Calibration:
         weights: one weight >= 0 per evidence measure.
         usual_errors: mean measured error of each landmark on the fitting images; a point whose
             expected error exceeds it is flagged for review.
-        fitted_on: how it was fitted and what it scored held out (dataset, split, images, figures).
+        fitted_on: how it was fitted and what it scored held out (dataset, split, images, figures;
+            "coverage": where the radius factors were fitted and the coverage measured held out).
+        coverage: the probability that a point's coverage radius holds its true point (None: no
+            coverage radius; calibrations written before them load so).
+        radius_factors: per landmark, coverage radius over expected error (None with `coverage`).
     """
 
     landmark_names: tuple[str, ...]
@@ -70,6 +83,8 @@ class Calibration:
     weights: tuple[float, ...]
     usual_errors: tuple[float, ...]
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    coverage: float | None = None
+    radius_factors: tuple[float, ...] | None = None
 
     def expected_errors(self, evidence: dict[str, np.ndarray]) -> np.ndarray:
         """(N,) expected error per landmark from its evidence (NaN where a measure is NaN)."""
@@ -83,8 +98,15 @@ class Calibration:
         with np.errstate(invalid="ignore"):
             return np.asarray(expected_errors) > np.asarray(self.usual_errors)
 
+    def coverage_radii(self, expected_errors: np.ndarray) -> np.ndarray | None:
+        """(..., N) coverage radii of points with these expected errors (same unit; NaN where the
+        expected error is NaN), or None when the calibration has no radius factors."""
+        if self.radius_factors is None:
+            return None
+        return np.asarray(expected_errors, dtype=np.float64) * np.asarray(self.radius_factors)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        values: dict[str, Any] = {
             "landmark_names": list(self.landmark_names),
             "base_errors": list(self.base_errors),
             "evidence": list(self.evidence),
@@ -92,6 +114,10 @@ class Calibration:
             "usual_errors": list(self.usual_errors),
             "fitted_on": self.fitted_on,
         }
+        if self.radius_factors is not None:
+            values["coverage"] = self.coverage
+            values["radius_factors"] = list(self.radius_factors)
+        return values
 
     @classmethod
     def from_json(cls, values: Any, landmark_names: tuple[str, ...], source: str) -> Calibration:
@@ -102,6 +128,7 @@ class Calibration:
                 the model's.
         """
         try:
+            factors = values.get("radius_factors")
             calibration = cls(
                 tuple(str(n) for n in values["landmark_names"]),
                 tuple(float(v) for v in values["base_errors"]),
@@ -109,6 +136,8 @@ class Calibration:
                 tuple(float(w) for w in values["weights"]),
                 tuple(float(v) for v in values["usual_errors"]),
                 dict(values.get("fitted_on") or {}),
+                None if factors is None else float(values["coverage"]),
+                None if factors is None else tuple(float(v) for v in factors),
             )
         except (TypeError, ValueError, KeyError, AttributeError) as error:
             raise ModelFileError(f"{source}: malformed calibration section ({error!r})") from None
@@ -129,6 +158,12 @@ class Calibration:
         values_ok = [*calibration.base_errors, *calibration.usual_errors]
         if not all(math.isfinite(v) and v > 0 for v in values_ok) or min(calibration.weights, default=0.0) < 0:
             raise ModelFileError(f"{source}: calibration errors must be positive and weights non-negative")
+        factors = calibration.radius_factors
+        if factors is not None:
+            if len(factors) != count or not all(math.isfinite(v) and v > 0 for v in factors):
+                raise ModelFileError(f"{source}: the calibration needs one positive radius factor per landmark")
+            if not 0.0 < float(calibration.coverage or 0.0) < 1.0:
+                raise ModelFileError(f"{source}: the calibration's coverage {calibration.coverage} is not in (0, 1)")
         return calibration
 
 
@@ -316,6 +351,127 @@ def cross_validated_expected(
 
 
 # ----------------------------------------------------------------------------------------------------
+# coverage radius (split conformal, per landmark)
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The ceil((n + 1) * coverage)-th smallest of n scores (NaN ignored): a new score exchangeable
+    with them is at most this with probability >= coverage.
+
+    Raises:
+        ValueError: fewer scores than that rank (a radius for this coverage needs more points).
+    """
+    values = np.sort(np.asarray(scores, dtype=np.float64)[np.isfinite(scores)])
+    # The epsilon keeps (n + 1) * coverage, an integer on paper (20 * 0.9), from rounding up one rank.
+    rank = math.ceil((len(values) + 1) * coverage - 1e-9)
+    if rank > len(values):
+        raise ValueError(
+            f"{len(values)} points; a radius for coverage {coverage:g} needs at least "
+            f"{math.ceil(coverage / (1.0 - coverage) - 1e-9)}"
+        )
+    return float(values[rank - 1])
+
+
+def with_radius_factors(
+    calibration: Calibration, errors: np.ndarray, expected: np.ndarray, coverage: float
+) -> Calibration:
+    """`calibration` with radius factors fitted on points with these errors and expected errors.
+
+    Args:
+        errors, expected: (images, N) measured and expected errors (NaN: not found or no truth); the
+            expected errors should not have been fitted on these errors (held out), as split
+            conformal prediction assumes.
+
+    Raises:
+        DataError: a landmark has too few points for `coverage` (names it).
+    """
+    if not 0.0 < coverage < 1.0:
+        raise DataError(f"the coverage must be a probability between 0 and 1, not {coverage}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.asarray(errors, dtype=np.float64) / np.asarray(expected, dtype=np.float64)
+    factors = []
+    for j, name in enumerate(calibration.landmark_names):
+        try:
+            factors.append(conformal_quantile(scores[:, j], coverage))
+        except ValueError as error:
+            raise DataError(f"landmark '{name}': {error} (give more images or a lower --coverage)") from None
+    return dataclasses.replace(calibration, coverage=coverage, radius_factors=tuple(factors))
+
+
+def fit_with_radii(
+    landmark_names: list[str],
+    errors: np.ndarray,
+    evidence: dict[str, np.ndarray],
+    measures: tuple[str, ...],
+    coverage: float,
+    folds: int,
+    fitted_on: dict[str, Any] | None = None,
+) -> Calibration:
+    """`fit_calibration` on all images, with radius factors from each image's expected errors as a
+    calibration fitted without its fold gives them (scores held out, as split conformal needs)."""
+    held_out = cross_validated_expected(landmark_names, errors, evidence, measures, folds)
+    calibration = fit_calibration(landmark_names, errors, evidence, measures, fitted_on)
+    return with_radius_factors(calibration, errors, held_out, coverage)
+
+
+def held_out_radii(
+    landmark_names: list[str],
+    errors: np.ndarray,
+    evidence: dict[str, np.ndarray],
+    measures: tuple[str, ...],
+    coverage: float,
+    folds: int,
+    calibration: Calibration | None = None,
+    expected: np.ndarray | None = None,
+) -> np.ndarray:
+    """(images, N) coverage radii, each image's from a fit without its fold (images in `folds`
+    interleaved groups).
+
+    Not leaving one image out: with fixed expected errors, a point would then be covered exactly when
+    its score is not among the largest of all, so the figure would be the rank's, whatever the data.
+
+    Without `calibration`, each fit is the whole of `fit_with_radii` (expected error and radius
+    factors, `folds` inner folds); with it, only the radius factors are fitted, on its `expected`
+    errors (images, N), and its expected errors kept.
+    """
+    radii = np.full(errors.shape, np.nan)
+    for fold in range(folds):
+        held = np.arange(len(errors)) % folds == fold
+        if calibration is None:
+            part = {m: v[~held] for m, v in evidence.items()}
+            fitted = fit_with_radii(landmark_names, errors[~held], part, measures, coverage, folds)
+            held_expected = np.array(
+                [fitted.expected_errors({m: v[i] for m, v in evidence.items()}) for i in np.flatnonzero(held)]
+            )
+        else:
+            assert expected is not None
+            fitted = with_radius_factors(calibration, errors[~held], expected[~held], coverage)
+            held_expected = expected[held]
+        radii[held] = fitted.coverage_radii(held_expected)
+    return radii
+
+
+def coverage_figures(landmark_names: list[str], errors: np.ndarray, radii: np.ndarray) -> dict[str, Any]:
+    """How often the radii held the true point: overall, per landmark and the worst landmark, over
+    the points with both an error and a radius (a missed point has neither)."""
+    both = np.isfinite(errors) & np.isfinite(radii)
+    inside = both & (np.nan_to_num(errors, nan=np.inf) <= np.nan_to_num(radii, nan=-np.inf))
+    per_landmark = {
+        name: float(inside[:, j].sum() / both[:, j].sum()) if both[:, j].any() else math.nan
+        for j, name in enumerate(landmark_names)
+    }
+    known = {name: value for name, value in per_landmark.items() if math.isfinite(value)}
+    worst = min(known, key=known.__getitem__) if known else ""
+    return {
+        "points": int(both.sum()),
+        "coverage": float(inside.sum() / both.sum()) if both.any() else math.nan,
+        "worst_landmark": worst,
+        "worst_coverage": known.get(worst, math.nan),
+        "per_landmark": per_landmark,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
 # measuring a model on images with known landmarks
 
 
@@ -406,8 +562,10 @@ def calibrate(
     thresholds: dict[str, float],
     folds: int,
     source: str,
+    coverage: float = 0.9,
 ) -> tuple[Calibration, dict[str, Any]]:
-    """Fit the calibration on all measured images, after scoring it held out (cross-validated by image).
+    """Fit the calibration and its coverage radius on all measured images, after scoring them held
+    out (cross-validated by image).
 
     Returns:
         The calibration (its `fitted_on` holds the held-out figures) and the comparison of evidence
@@ -426,9 +584,61 @@ def calibrate(
         "folds": folds,
         "thresholds": thresholds,
         "held_out": held_out,
+        "coverage": _coverage_record(
+            names,
+            source,
+            measured,
+            coverage,
+            folds,
+            lambda: held_out_radii(names, measured.errors, measured.evidence, measures, coverage, folds),
+        ),
     }
-    calibration = fit_calibration(names, measured.errors, measured.evidence, measures, fitted_on)
+    calibration = fit_with_radii(names, measured.errors, measured.evidence, measures, coverage, folds, fitted_on)
     return calibration, compare_evidence(names, measured, thresholds, folds)
+
+
+def add_coverage(
+    calibration: Calibration, measured: Measurements, coverage: float, folds: int, source: str
+) -> Calibration:
+    """`calibration` (its expected errors unchanged) with radius factors fitted on `measured`, which a
+    predictor with this calibration measured, after measuring their coverage held out (`folds`-fold
+    cross-validation by image).
+
+    For a calibration fitted elsewhere (pooled fold models, or data unlike these images): its
+    expected errors were not fitted on these images, so their scores are held out.
+    """
+    if measured.expected is None:
+        raise DataError("the coverage radius needs a calibrated model's expected errors")
+    names = list(calibration.landmark_names)
+    expected = measured.expected
+    record = _coverage_record(
+        names,
+        source,
+        measured,
+        coverage,
+        folds,
+        lambda: held_out_radii(names, measured.errors, {}, (), coverage, folds, calibration, expected),
+    )
+    fitted = dataclasses.replace(calibration, fitted_on={**calibration.fitted_on, "coverage": record})
+    return with_radius_factors(fitted, measured.errors, measured.expected, coverage)
+
+
+def _coverage_record(
+    names: list[str],
+    source: str,
+    measured: Measurements,
+    coverage: float,
+    folds: int,
+    held_out_radii: Callable[[], np.ndarray],
+) -> dict[str, Any]:
+    """What a calibration's `fitted_on["coverage"]` says: where the radius was fitted and the coverage
+    its held-out radii give, or why that could not be measured (folds too small for the radius)."""
+    held_out: dict[str, Any] = {"method": f"{folds}-fold cross-validation by image"}
+    try:
+        held_out.update(coverage_figures(names, measured.errors, held_out_radii()))
+    except DataError as error:
+        held_out["not_measured"] = f"too few images per fold: {error}"
+    return {"coverage": coverage, "source": source, "images": len(measured.image_ids), "held_out": held_out}
 
 
 def calibration_report(model: str | Path, calibration: Calibration, comparison: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +649,8 @@ def calibration_report(model: str | Path, calibration: Calibration, comparison: 
         "evidence": list(calibration.evidence),
         "weights": list(calibration.weights),
         "held_out": calibration.fitted_on["held_out"],
+        "coverage": calibration.fitted_on.get("coverage"),
+        "radius_factors": list(calibration.radius_factors or ()),
         "evidence_compared": comparison,
     }
 
@@ -489,6 +701,7 @@ class ImageReview:
     flagged: int | None  # points expected to be worse than usual (None: model not calibrated)
     largest_expected_error: float  # NaN when not calibrated or nothing was found
     error: str = ""  # why the image has no landmarks (it could not be read), "" when it has them
+    largest_coverage_radius: float = math.nan  # NaN when the model gives no coverage radius
 
 
 def review_summary(rows: Iterable[ImageReview]) -> list[ImageReview]:
@@ -502,29 +715,37 @@ def review_summary(rows: Iterable[ImageReview]) -> list[ImageReview]:
     return sorted(rows, key=key)
 
 
+def _largest(values: np.ndarray | None) -> float:
+    finite = values[np.isfinite(values)] if values is not None else np.empty(0)
+    return float(finite.max()) if finite.size else math.nan
+
+
 def image_review(image: str, landmarks: LandmarkSet, flagged: np.ndarray | None) -> ImageReview:
     """The review summary line of one image's prediction."""
-    expected = landmarks.expected_errors
-    finite = expected[np.isfinite(expected)] if expected is not None else np.empty(0)
     return ImageReview(
-        image, None if flagged is None else int(np.sum(flagged)), float(finite.max()) if finite.size else math.nan
+        image,
+        None if flagged is None else int(np.sum(flagged)),
+        _largest(landmarks.expected_errors),
+        largest_coverage_radius=_largest(landmarks.coverage_radii),
     )
 
 
-def write_review_summary(path: str | Path, rows: Iterable[ImageReview], unit: str) -> Path:
+def write_review_summary(
+    path: str | Path, rows: Iterable[ImageReview], unit: str, coverage: float | None = None
+) -> Path:
     """Write summary.csv: image, flagged points, largest expected error, error (why an image has no
-    landmarks), review-first order."""
+    landmarks), review-first order; with a `coverage` (the model gives coverage radii), the largest
+    coverage radius last (column "largest_coverage_radius_90_mm" for 90 %)."""
+
+    def number(value: float) -> str:
+        return f"{value:.2f}" if math.isfinite(value) else ""
+
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}", "error"])
+    radius = [] if coverage is None else [f"largest_{coverage_radius_column(coverage)}_{unit}"]
+    writer.writerow(["image", "flagged_points", f"largest_expected_error_{unit}", "error", *radius])
     for row in review_summary(rows):
-        writer.writerow(
-            [
-                row.image,
-                "" if row.flagged is None else row.flagged,
-                f"{row.largest_expected_error:.2f}" if math.isfinite(row.largest_expected_error) else "",
-                row.error,
-            ]
-        )
+        cells = [row.image, "" if row.flagged is None else row.flagged, number(row.largest_expected_error), row.error]
+        writer.writerow([*cells, *([number(row.largest_coverage_radius)] if radius else [])])
     write_text_atomically(Path(path), stream.getvalue())
     return Path(path)

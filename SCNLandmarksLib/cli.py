@@ -223,8 +223,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_file(args.model, args.device, args.precision)
     _refuse_spacing_for_pixel_model(args, predictor.description)
-    if predictor.calibration is None:
-        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    _say_calibration(predictor.calibration)
     request.out.mkdir(parents=True, exist_ok=True)
     outcomes = []
     started = time.perf_counter()
@@ -280,6 +279,19 @@ class CohortProgressBar:
         self.stream.flush()
 
 
+def _say_calibration(calibration) -> None:
+    """Tell what a model's points will lack: an uncalibrated model has no expected errors, a model
+    calibrated before coverage radii existed no radius."""
+    if calibration is None:
+        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    elif calibration.radius_factors is None:
+        print(
+            "the model's calibration predates coverage radii: no coverage radius (scn-landmarks calibrate "
+            "... --coverage-only adds one)",
+            file=sys.stderr,
+        )
+
+
 def _refuse_spacing_for_pixel_model(args: argparse.Namespace, model: ModelDescription) -> None:
     # A model in pixels measures pictures in pixels: a stated spacing would rescale them under it.
     if args.spacing is not None and model.in_pixels:
@@ -298,8 +310,7 @@ def _detect_on_cluster(args: argparse.Namespace, images, request) -> int:
     logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     description = read_description(args.model)
     _refuse_spacing_for_pixel_model(args, description)
-    if description.calibration is None:
-        print("the model is not calibrated: no expected errors", file=sys.stderr)
+    _say_calibration(description.calibration)
     started = time.perf_counter()
     result = run_cohort(
         args.cluster,
@@ -370,21 +381,39 @@ def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .bundle import save_description
-    from .calibration import calibrate, calibration_report, dataset_cases, default_thresholds, measure
+    from .calibration import (
+        add_coverage,
+        calibrate,
+        calibration_report,
+        dataset_cases,
+        default_thresholds,
+        measure,
+    )
     from .inference import Predictor
     from .io.paths import refuse_existing
 
+    if not 0.0 < args.coverage < 1.0:
+        raise UsageError(f"--coverage is a probability between 0 and 1, not {args.coverage}")
     out = Path(args.out)
     refuse_existing([out], args.overwrite)
     predictor = Predictor.from_file(args.model, args.device, args.precision)
+    kept = predictor.calibration
+    if args.coverage_only and kept is None:
+        raise UsageError(f"{args.model} is not calibrated: --coverage-only adds a radius to a model's calibration")
     total, cases = dataset_cases(predictor, args.dataset, args.split)
-    thresholds = default_thresholds(predictor.description.unit, args.flag_above)
     measured = measure(predictor, cases, lambda done, image_id: print(f"[{done}/{total}] {image_id}", file=sys.stderr))
-    calibration, comparison = calibrate(
-        predictor, measured, tuple(args.evidence), thresholds, args.folds, f"{args.dataset} split {args.split}"
-    )
+    source = f"{args.dataset} split {args.split}"
+    if args.coverage_only and kept is not None:
+        calibration = add_coverage(kept, measured, args.coverage, args.folds, source)
+        report = {"model": str(out), "coverage": calibration.fitted_on["coverage"]}
+    else:
+        thresholds = default_thresholds(predictor.description.unit, args.flag_above)
+        calibration, comparison = calibrate(
+            predictor, measured, tuple(args.evidence), thresholds, args.folds, source, args.coverage
+        )
+        report = calibration_report(out, calibration, comparison)
     save_description(args.model, out, dataclasses.replace(predictor.description, calibration=calibration))
-    print(json.dumps(calibration_report(out, calibration, comparison), indent=1))
+    print(json.dumps(report, indent=1))
     return 0
 
 
@@ -565,6 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--folds", type=int, default=5, help="cross-validation folds (by image) for the held-out figures"
+    )
+    calibrate.add_argument(
+        "--coverage",
+        type=float,
+        default=0.9,
+        help="probability that a point's coverage radius holds the true point (default 0.9; per landmark, "
+        "it needs at least 9 images for 0.9)",
+    )
+    calibrate.add_argument(
+        "--coverage-only",
+        action="store_true",
+        help="fit only the coverage radius, keeping the model's expected errors (e.g. fitted on fold models' "
+        "images, or on other data)",
     )
     _add_inference_options(calibrate)
     calibrate.set_defaults(run=_calibrate)

@@ -595,6 +595,15 @@ def _expected_error_section(result: EvaluationResult, out_dir: Path) -> list[str
     rows = [[n, _fmt(v["expected"]), _fmt(v["measured"])] for n, v in scores["per_landmark"].items()]
     rows.append(["**all**", _fmt(scores["mean_expected"]), _fmt(scores["mean_measured"])])
     lines += _table(["Landmark", f"mean expected ({u})", f"mean measured ({u})"], rows)
+    coverage = scores.get("coverage")
+    if coverage:
+        lines += [
+            f"Coverage radius (the model's {100 * coverage['target']:g} %, per landmark): it held the true "
+            f"point for {_pct(coverage['coverage'])} of {coverage['points']} points; the worst landmark, "
+            f"{coverage['worst_landmark']}, {_pct(coverage['worst_coverage'])}.",
+            "",
+        ]
+        lines += _table(["Landmark", "coverage"], [[n, _pct(v)] for n, v in coverage["per_landmark"].items()])
     plot = _calibration_plot(np.asarray(scores["expected"], dtype=np.float64), result.errors, u, out_dir)
     lines += [f"![calibration]({plot.name})", ""] if plot else ["matplotlib is not available; plot skipped.", ""]
     return lines
@@ -694,24 +703,26 @@ def evaluate_model(
         ]
     calibration = predictor.calibration
     if calibration is not None:
-        from .calibration import calibrated_means, default_thresholds, flagging_scores
+        from .calibration import calibrated_means, coverage_figures, default_thresholds, flagging_scores
 
         thresholds = calibration.fitted_on.get("thresholds") or default_thresholds(
             unit, None if unit == "mm" else [radii[-1]]
         )
-        expected = np.array(
-            [
-                predictions[True][i].reordered(result.landmark_names).expected_errors
-                if i in predictions[True]
-                else np.full(len(names), np.nan)
-                for i in result.image_ids
-            ]
-        )
+        ordered = [
+            predictions[True][i].reordered(result.landmark_names) if i in predictions[True] else None
+            for i in result.image_ids
+        ]
+        missing = np.full(len(names), np.nan)
+        expected = np.array([missing if o is None else o.expected_errors for o in ordered])
         result.expected_error = {
             **flagging_scores(expected, result.errors, thresholds),
             "per_landmark": calibrated_means(result.landmark_names, expected, result.errors),
             "expected": expected.tolist(),
         }
+        if calibration.radius_factors is not None:
+            held = np.array([missing if o is None else o.coverage_radii for o in ordered])
+            figures = coverage_figures(result.landmark_names, result.errors, held)
+            result.expected_error["coverage"] = {"target": calibration.coverage, **figures}
     out_dir = Path(out_dir)
     metrics = write_metrics(result, out_dir / "metrics.json")
     worst = [

@@ -139,7 +139,8 @@ class Prediction:
             in the image as given.
         evidence: per evidence measure the calibration uses (see calibration.EVIDENCE), (N,) values.
         flagged: (N,) True for points expected to be worse than their landmark usually is; None
-            when the model is not calibrated (then `landmarks.expected_errors` is None too).
+            when the model is not calibrated (then `landmarks.expected_errors` is None too, and
+            `landmarks.coverage_radii`, which a calibration fitted before them does not give either).
         pose: where the image's anatomy lies relative to the model's canonical pose (see pose.py);
             None when the model has no mean configuration or too few points were found to fit one.
         canonical_pass: the points come from a second pass in the canonical pose.
@@ -484,16 +485,20 @@ class Predictor:
         if self.evidence_measures:
             cell = float(np.mean(self.description.coarse.grid_spacing))
             evidence["refinement_shift"] = distance_evidence(coarse_points, [points], cell)
-        expected = None
+        expected = radii = coverage = None
         if self.calibration is not None:
             # In the frame's unit, as the evidence; the image's unit differs by the frame's scale.
             expected = np.where(np.all(np.isfinite(points), axis=1), self.calibration.expected_errors(evidence), np.nan)
             prediction.flagged = self.calibration.flagged(expected)
             expected = expected * frame.scale
+            radii = self.calibration.coverage_radii(expected)
+            coverage = None if radii is None else self.calibration.coverage
         points = frame.to_image(points)
         if self.convention is not None:
             points = self.convention.applied(points, prediction.pose)
-        prediction.landmarks = LandmarkSet(self.landmark_names, points, prediction.confidences, expected)
+        prediction.landmarks = LandmarkSet(
+            self.landmark_names, points, prediction.confidences, expected, radii, coverage
+        )
         if progress is not None:
             progress(1.0, "done")
         return prediction

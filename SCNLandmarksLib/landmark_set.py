@@ -18,12 +18,17 @@ class LandmarkSet:
         confidences: optional (N,) values in [0, 1] (prediction confidence); NaN where unknown.
         expected_errors: optional (N,) expected point error in the points' unit (from a calibrated
             model); NaN where unknown.
+        coverage_radii: optional (N,) distance from each point, in the points' unit, within which the
+            true point lies with probability `coverage`; NaN where unknown.
+        coverage: the probability the coverage radii are for (e.g. 0.9); given with them.
     """
 
     names: list[str]
     points_lps: np.ndarray
     confidences: np.ndarray | None = field(default=None)
     expected_errors: np.ndarray | None = field(default=None)
+    coverage_radii: np.ndarray | None = field(default=None)
+    coverage: float | None = field(default=None)
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -40,6 +45,10 @@ class LandmarkSet:
             self.confidences = np.asarray(self.confidences, dtype=np.float64).reshape(len(self.names))
         if self.expected_errors is not None:
             self.expected_errors = np.asarray(self.expected_errors, dtype=np.float64).reshape(len(self.names))
+        if self.coverage_radii is not None:
+            if self.coverage is None or not 0.0 < self.coverage < 1.0:
+                raise ValueError(f"coverage radii need the probability they hold the point with, got {self.coverage}")
+            self.coverage_radii = np.asarray(self.coverage_radii, dtype=np.float64).reshape(len(self.names))
 
     @property
     def dimension(self) -> int:
@@ -61,7 +70,11 @@ class LandmarkSet:
             raise ValueError(f"unknown landmark names {unknown}; expected names from {names}")
         index = {n: i for i, n in enumerate(self.names)}
         points = np.full((len(names), self.dimension), np.nan)
-        per_point = {"confidences": self.confidences, "expected_errors": self.expected_errors}
+        per_point = {
+            "confidences": self.confidences,
+            "expected_errors": self.expected_errors,
+            "coverage_radii": self.coverage_radii,
+        }
         present = [j for j, n in enumerate(names) if n in index]
         sources = [index[names[j]] for j in present]
         points[present] = self.points_lps[sources]
@@ -72,4 +85,4 @@ class LandmarkSet:
                 column = np.full(len(names), np.nan)
                 column[present] = values[sources]
             reordered[key] = column
-        return LandmarkSet(names, points, **reordered)
+        return LandmarkSet(names, points, **reordered, coverage=self.coverage)

@@ -199,7 +199,7 @@ def read_labelme(
     if others:
         logger.info("%s: ignoring %d shapes that are not points", path, others)
     index = np.asarray(indices, dtype=np.float64).reshape(-1, 2) - LABELME_PIXEL_CENTRE
-    return _make_set(path, labels, geometry.index_to_physical(index), None, None, names, None)
+    return _make_set(path, labels, geometry.index_to_physical(index), names, None)
 
 
 # ----------------------------------------------------------------------------------------------------

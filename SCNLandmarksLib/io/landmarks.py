@@ -10,9 +10,14 @@ says so in the file. Formats, chosen by the file suffix:
 
 In .mrk.json and .fcsv files, when the labels are not the expected landmark names but the descriptions
 are (AFIDs files label points 1..32 and name them in the description), the descriptions name the points.
-* ``.csv``: a table with a header row. One image: ``landmark,x,y[,z][,confidence][,expected_error]``;
+* ``.csv``: a table with a header row. One image:
+  ``landmark,x,y[,z][,confidence][,expected_error][,coverage_radius_90]``;
   many images: ``image,landmark,x,y[,z][,confidence]`` (see `read_landmarks_csv`). Empty or ``nan`` coordinates,
   or no row at all, mean a missing landmark; other columns (e.g. ``status``) are ignored.
+
+A calibrated model's coverage radius (the distance from the point within which the true point lies
+with a stated probability) is a .mrk.json measurement ``coverage radius 90%`` (its description says so
+in words) and a CSV column ``coverage_radius_90``, for a probability of 90 % (`coverage_radius_column`).
 
 An infinite coordinate is never a missing landmark but a broken file: a DataError names the file, the
 line and the landmark.
@@ -51,6 +56,8 @@ NO_POSITION_STATUSES = ("missing", "undefined")
 CONFIDENCE_MEASUREMENT = "confidence"
 EXPECTED_ERROR_MEASUREMENT = "expected error"  # also the CSV column, with "_" for the space
 EXPECTED_ERROR_COLUMN = "expected_error"
+COVERAGE_RADIUS_COLUMN = "coverage_radius"  # + "_90" for 90 %; the measurement: "coverage radius 90%"
+_COVERAGE_RADIUS_NAME = re.compile(r"coverage[ _]radius[ _]([0-9]+(?:\.[0-9]+)?)%?")
 
 FCSV_VERSION = "4.11"
 FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID")
@@ -171,14 +178,14 @@ def _make_set(
     path: Path,
     labels: list[str],
     points: np.ndarray,
-    confidences: np.ndarray | None,
-    expected_errors: np.ndarray | None,
     names: list[str] | None,
     dimension: int | None,
+    **per_point,
 ) -> LandmarkSet:
-    """Validate labels, apply `dimension` and the name order of `names`."""
+    """Validate labels, apply `dimension` and the name order of `names`; `per_point`: the LandmarkSet's
+    other fields (confidences, expected errors, coverage radii and their coverage)."""
     _check_labels(path, labels)
-    landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), confidences, expected_errors)
+    landmarks = LandmarkSet(labels, _apply_dimension(path, points, dimension), **per_point)
     return landmarks if names is None else landmarks.reordered(_check_names(path, labels, names))
 
 
@@ -213,13 +220,30 @@ def _value_text(values: np.ndarray | None, i: int) -> str:
     return _number_text(values[i])
 
 
+def coverage_radius_column(coverage: float) -> str:
+    """The CSV column of coverage radii with probability `coverage`: "coverage_radius_90" for 0.9."""
+    return f"{COVERAGE_RADIUS_COLUMN}_{100.0 * coverage:g}"
+
+
+def _coverage_radius_measurement(coverage: float) -> str:
+    """The .mrk.json measurement of coverage radii with probability `coverage`: "coverage radius 90%"."""
+    return coverage_radius_column(coverage).replace("_", " ") + "%"
+
+
+def _coverage_of(name: object) -> float | None:
+    """The probability a coverage radius column or measurement name states (0.9), or None for another name."""
+    match = _COVERAGE_RADIUS_NAME.fullmatch(str(name).strip().lower())
+    coverage = None if match is None else float(match.group(1)) / 100.0
+    return coverage if coverage is not None and 0.0 < coverage < 1.0 else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Slicer markups JSON
 
 
-def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Labels, descriptions, (N, 3) LPS points (NaN rows = missing), optional (N,) confidences and
-    expected errors.
+def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """Labels, descriptions, (N, 3) LPS points (NaN rows = missing) and the LandmarkSet's optional
+    per-point fields (confidences, expected errors, coverage radii and their coverage).
 
     Schema v1.0.0 has no coordinateUnits and no measurements (defaults: mm, no confidences); v1.0.4 may
     give the units as a code triplet ["mm", "UCUM", "millimeter"].
@@ -282,12 +306,20 @@ def _read_markups_json(path: Path) -> tuple[list[str], list[str], np.ndarray, np
             )
     if system == "RAS":
         points = ras_to_lps(points)
+    radius_names = [
+        m["name"] for m in markup.get("measurements", []) if isinstance(m, dict) and _coverage_of(m.get("name"))
+    ]
+    radii = _read_point_measurement(path, markup, len(labels), radius_names[0]) if radius_names else None
     return (
         labels,
         descriptions,
         points,
-        _read_point_measurement(path, markup, len(labels), CONFIDENCE_MEASUREMENT),
-        _read_point_measurement(path, markup, len(labels), EXPECTED_ERROR_MEASUREMENT),
+        {
+            "confidences": _read_point_measurement(path, markup, len(labels), CONFIDENCE_MEASUREMENT),
+            "expected_errors": _read_point_measurement(path, markup, len(labels), EXPECTED_ERROR_MEASUREMENT),
+            "coverage_radii": radii,
+            "coverage": _coverage_of(radius_names[0]) if radii is not None else None,
+        },
     )
 
 
@@ -346,6 +378,17 @@ def _markups_json_text(landmarks: LandmarkSet, status: list[str], unit: str) -> 
                 "enabled": True,
                 "units": unit,
                 "controlPointValues": [float(e) for e in landmarks.expected_errors],
+            }
+        )
+    if landmarks.coverage_radii is not None and landmarks.coverage is not None:
+        measurements.append(
+            {
+                "name": _coverage_radius_measurement(landmarks.coverage),
+                "enabled": True,
+                "units": unit,
+                "description": f"the true point lies within this distance of the point with probability "
+                f"{100.0 * landmarks.coverage:g} % (split conformal, per landmark)",
+                "controlPointValues": [float(r) for r in landmarks.coverage_radii],
             }
         )
     if measurements:
@@ -470,18 +513,25 @@ def _landmark_column(path: Path, header: list[str]) -> str:
     raise DataError(f"{path}: the CSV header {header} has no 'landmark' column")
 
 
+def _value_columns(header: list[str]) -> list[str]:
+    """The per-point value columns a table may have, in LandmarkSet order: confidence, expected error
+    and (the first) coverage radius column."""
+    radius = [column for column in header if _coverage_of(column)]
+    return ["confidence", EXPECTED_ERROR_COLUMN, *radius[:1]]
+
+
 def _parse_table(
     path: Path,
     header: list[str],
     rows: list[tuple[int, dict[str, str]]],
     dimension: int | None,
     image_column: str | None,
-) -> tuple[list[str], dict[str, dict[str, tuple[list[float], float, float]]]]:
-    """Landmark names in first-seen order and {image: {landmark: (point, confidence, expected error)}}."""
+) -> tuple[list[str], dict[str, dict[str, tuple[list[float], list[float]]]]]:
+    """Landmark names in first-seen order and {image: {landmark: (point, values of `_value_columns`)}}."""
     axes = _table_axes(path, header, dimension)
     landmark_column = _landmark_column(path, header)
     names: list[str] = []
-    table: dict[str, dict[str, tuple[list[float], float, float]]] = {}
+    table: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for line, row in rows:
         image = (row.get(image_column) or "").strip() if image_column else ""
         name = (row.get(landmark_column) or "").strip()
@@ -492,34 +542,34 @@ def _parse_table(
         point = [_parse_float(row.get(axis) or "", path, line, axis, name) for axis in axes]
         if not all(math.isfinite(v) for v in point):
             point = [math.nan] * len(axes)
-        confidence, expected_error = (
+        values = [
             _parse_float(row.get(column) or "", path, line, column, name) if column in header else math.nan
-            for column in ("confidence", EXPECTED_ERROR_COLUMN)
-        )
+            for column in _value_columns(header)
+        ]
         per_image = table.setdefault(image, {})
         if name in per_image:
             where = f" for image '{image}'" if image_column else ""
             raise DataError(f"{path}, line {line}: landmark '{name}' occurs more than once{where}")
-        per_image[name] = (point, confidence, expected_error)
+        per_image[name] = (point, values)
         if name not in names:
             names.append(name)
     return names, table
 
 
 def _table_set(
-    names: list[str], entries: dict[str, tuple[list[float], float, float]], dimension: int, header: list[str]
+    names: list[str], entries: dict[str, tuple[list[float], list[float]]], dimension: int, header: list[str]
 ) -> LandmarkSet:
     points = np.full((len(names), dimension), np.nan)
-    per_point = [
-        np.full(len(names), np.nan) if column in header else None for column in ("confidence", EXPECTED_ERROR_COLUMN)
-    ]
+    columns = _value_columns(header)
+    per_point = [np.full(len(names), np.nan) if column in header else None for column in columns]
     for i, name in enumerate(names):
         if name in entries:
-            points[i], *values = entries[name]
+            points[i], values = entries[name]
             for column, value in zip(per_point, values):
                 if column is not None:
                     column[i] = value
-    return LandmarkSet(names, points, *per_point)
+    radii, coverage = (per_point[2], _coverage_of(columns[2])) if len(columns) > 2 else (None, None)
+    return LandmarkSet(names, points, per_point[0], per_point[1], radii, coverage)
 
 
 def _read_single_csv(path: Path, names: list[str] | None, dimension: int | None) -> LandmarkSet:
@@ -577,12 +627,12 @@ def read_landmarks(
     if kind == "csv":
         return _read_single_csv(path, names, dimension)
     if kind == "json":
-        labels, descriptions, points, confidences, expected_errors = _read_markups_json(path)
+        labels, descriptions, points, per_point = _read_markups_json(path)
     else:
         labels, descriptions, points = _read_fcsv(path)
-        confidences, expected_errors = None, None
+        per_point = {}
     labels = labels_or_descriptions(path, labels, descriptions, names)
-    return _make_set(path, labels, points, confidences, expected_errors, names, dimension)
+    return _make_set(path, labels, points, names, dimension, **per_point)
 
 
 def table_index_to_physical(
@@ -654,9 +704,11 @@ def write_landmarks(
     .mrk.json: a Slicer "Fiducial" markup (coordinateSystem LPS, coordinateUnits `unit`), one control point per
     landmark (label = name, id "1".."N"; 2D points get z = 0; NaN rows get positionStatus "missing");
     confidences as a markup measurement "confidence" with one value per control point, expected
-    errors (when known) as a measurement "expected error" in `unit`. .fcsv: version 4.11, LPS,
-    missing landmarks left out (no confidences). .csv:
-    ``landmark,x,y[,z],confidence[,expected_error][,status]`` with blank cells for missing values.
+    errors (when known) as a measurement "expected error" in `unit`, coverage radii (when known) as
+    a measurement "coverage radius 90%" in `unit` (for 90 %). .fcsv: version 4.11, LPS, missing
+    landmarks left out (no confidences). .csv:
+    ``landmark,x,y[,z],confidence[,expected_error][,coverage_radius_90][,status]`` with blank cells
+    for missing values.
 
     Args:
         landmarks: the landmarks, points_lps (N, 2|3).
@@ -685,6 +737,9 @@ def write_landmarks(
         if landmarks.expected_errors is not None:
             header.append(EXPECTED_ERROR_COLUMN)
             rows = [[*row, _value_text(landmarks.expected_errors, i)] for i, row in enumerate(rows)]
+        if landmarks.coverage_radii is not None and landmarks.coverage is not None:
+            header.append(coverage_radius_column(landmarks.coverage))
+            rows = [[*row, _value_text(landmarks.coverage_radii, i)] for i, row in enumerate(rows)]
         if status is not None:
             header.append("status")
             rows = [[*row, note] for row, note in zip(rows, texts)]

@@ -3,6 +3,7 @@
     python benchmarks/shared_data/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
         [--single-resolution] [--harder] [--registration]
         [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000]]
+        [--coverage OUT [--coverage-copies 30] [--coverage-seed 3000] [--coverage-folds 3]]
 
 Each copy is the image pushed through a random rigid + scaling + smooth elastic transform (seeds the
 training never drew) on a 1 mm grid, with its landmarks mapped through the exact inverse; a copy
@@ -13,6 +14,12 @@ With --calibrate, the expected-error calibration is first fitted on other deform
 from --calibration-seed; its held-out figures cross-validated by copy) and written with the model to
 OUT; the evaluation copies then also score it (AUROC of flagging points beyond 3 mm, mean expected
 against mean measured error): copies neither the network nor the calibration saw.
+
+With --coverage, the model's calibration (expected errors unchanged) first gets a 90 % coverage radius
+fitted on harder copies (seeds from --coverage-seed; a brain the model never saw is at least that far
+from the template, so a radius fitted on the milder copies would be too small), its coverage measured
+by cross-validation over those copies, and is written with the model to OUT; the evaluation copies
+then also report the coverage they measure.
 
 --harder makes the evaluation copies a harder proxy for a brain the model never saw: deformations
 beyond the training's (±25 mm, ±25°, ±20 % scaling, ±10 % per axis, 6 mm elastic on a 30 mm grid,
@@ -40,7 +47,16 @@ import SimpleITK as sitk
 import torch
 
 from SCNLandmarksLib.bundle import save_description
-from SCNLandmarksLib.calibration import CHEAP_EVIDENCE, calibrate, calibrated_means, flagging_scores, measure
+from SCNLandmarksLib.calibration import (
+    CHEAP_EVIDENCE,
+    Measurements,
+    add_coverage,
+    calibrate,
+    calibrated_means,
+    coverage_figures,
+    flagging_scores,
+    measure,
+)
 from SCNLandmarksLib.config import AugmentationConfig
 from SCNLandmarksLib.data.augmentation import augmented_sample, intensity_curve, rotation_matrix, smooth_noise_field
 from SCNLandmarksLib.data.preparation import PreparedImage
@@ -193,6 +209,28 @@ def calibrate_on_copies(
     return Predictor.from_file(out, predictor.device)
 
 
+def add_coverage_on_copies(
+    predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int, folds: int, out: str
+) -> Predictor:
+    """Fit the calibration's 90 % coverage radius on harder copies and write the model to `out`."""
+    if predictor.calibration is None:
+        raise SystemExit(f"{predictor.path}: not calibrated; --coverage adds a radius to a calibration")
+    errors, expected = [], []
+    for n in range(copies):
+        copy, points = harder_copy(image, truth, seed + n)
+        copy_errors, copy_expected, seconds = errors_of(predictor, copy, points, refine=True)
+        errors.append(copy_errors)
+        expected.append(copy_expected)
+        print(f"coverage copy {n + 1}/{copies} (seed {seed + n}, {seconds:.1f} s)", flush=True)
+    ids = [f"seed {seed + n}" for n in range(copies)]
+    source = f"{copies} harder copies of the template (--harder), seeds {seed}-{seed + copies - 1}"
+    measured = Measurements(ids, np.array(errors), {}, np.array(expected))
+    calibration = add_coverage(predictor.calibration, measured, 0.9, folds, source)
+    save_description(predictor.path, out, dataclasses.replace(predictor.description, calibration=calibration))
+    print(json.dumps({"model": out, "radius_factors": calibration.radius_factors, **calibration.fitted_on["coverage"]}))
+    return Predictor.from_file(out, predictor.device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -220,6 +258,12 @@ def main() -> None:
     )
     parser.add_argument("--calibration-copies", type=int, default=30)
     parser.add_argument("--calibration-seed", type=int, default=2000)
+    parser.add_argument(
+        "--coverage", metavar="OUT", help="fit the 90 %% coverage radius on harder copies, write the model here"
+    )
+    parser.add_argument("--coverage-copies", type=int, default=30)
+    parser.add_argument("--coverage-seed", type=int, default=3000)
+    parser.add_argument("--coverage-folds", type=int, default=3, help="folds by copy for the held-out coverage")
     args = parser.parse_args()
     predictor = Predictor.from_file(args.model, args.device)
     image = read_image(args.image, predictor.dimension)
@@ -227,6 +271,10 @@ def main() -> None:
     if args.calibrate:
         predictor = calibrate_on_copies(
             predictor, image, truth, args.calibration_copies, args.calibration_seed, args.calibrate
+        )
+    if args.coverage:
+        predictor = add_coverage_on_copies(
+            predictor, image, truth, args.coverage_copies, args.coverage_seed, args.coverage_folds, args.coverage
         )
     cases = {
         "original": (image, truth),
@@ -286,6 +334,11 @@ def main() -> None:
                     }
                 )
             )
+            radii = predictor.calibration.coverage_radii(predicted)
+            if radii is not None:
+                figures = coverage_figures(predictor.landmark_names, measured, radii)
+                copies = kind.replace("copy", "copies")
+                print(json.dumps({"case": f"coverage radius on the {len(deformed)} {copies}", **figures}))
 
 
 if __name__ == "__main__":

@@ -254,6 +254,9 @@ class LandmarkReviewApp(TrameApp):
         # Of the current detection, from a calibrated model (None otherwise): per point.
         self.expectedErrors: np.ndarray | None = None
         self.flagged: np.ndarray | None = None
+        # The coverage radius per point and its probability (None: a calibration without radii).
+        self.coverageRadii: np.ndarray | None = None
+        self.coverage: float | None = None
         self.markupsObservers: list[int] = []
         self.lastTableRefresh = 0.0
         self.cancelRequested = False
@@ -297,6 +300,7 @@ class LandmarkReviewApp(TrameApp):
         state.info = ""
         state.landmarks = []
         state.calibrated = False
+        state.coverage_percent = ""  # "90" when the model gives 90 % coverage radii
         state.error_unit = "mm"
         state.selected_landmark = None
         state.can_undo = False
@@ -613,6 +617,11 @@ class LandmarkReviewApp(TrameApp):
         self.expectedErrors = result.prediction.landmarks.expected_errors
         self.flagged = result.prediction.flagged
         self.state.calibrated = self.expectedErrors is not None
+        self.coverageRadii, self.coverage = (
+            result.prediction.landmarks.coverage_radii,
+            result.prediction.landmarks.coverage,
+        )
+        self.state.coverage_percent = "" if self.coverage is None else f"{100 * self.coverage:g}"
         node = self.markupsNode
         self.markupsObservers = [
             node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed),
@@ -657,7 +666,7 @@ class LandmarkReviewApp(TrameApp):
             if node is not None:
                 self.slicerApp.scene.RemoveNode(node)
         self.markupsNode = self.movedMarkersNode = None
-        self.expectedErrors = self.flagged = None
+        self.expectedErrors = self.flagged = self.coverageRadii = self.coverage = None
         self.state.landmarks = []
         self.state.selected_landmark = None
         self.state.heatmap_visible = False
@@ -672,6 +681,7 @@ class LandmarkReviewApp(TrameApp):
         for index, row in enumerate(landmarkRows):
             lps = None if row.positionRas is None else ras_to_lps(np.asarray(row.positionRas)[None])[0]
             expected = math.nan if self.expectedErrors is None else float(self.expectedErrors[index])
+            radius = math.nan if self.coverageRadii is None else float(self.coverageRadii[index])
             rows.append(
                 {
                     "index": index,
@@ -679,6 +689,7 @@ class LandmarkReviewApp(TrameApp):
                     "status": row.status,
                     "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
                     "expected_error": f"{expected:.1f}" if math.isfinite(expected) else "",
+                    "coverage_radius": f"{radius:.1f}" if math.isfinite(radius) else "",
                     # A point the user placed is no longer the model's guess: no longer flagged.
                     "flagged": bool(
                         self.flagged is not None and self.flagged[index] and row.status != LandmarkStatus.MOVED
@@ -929,7 +940,9 @@ class LandmarkReviewApp(TrameApp):
         landmarks, statuses = self.logic.landmarkSet(self.markupsNode)
         if self.state.is_2d:
             landmarks = dataclasses.replace(landmarks, points_lps=landmarks.points_lps[:, :2])
-        landmarks = dataclasses.replace(landmarks, expected_errors=self.expectedErrors)
+        landmarks = dataclasses.replace(
+            landmarks, expected_errors=self.expectedErrors, coverage_radii=self.coverageRadii, coverage=self.coverage
+        )
         write_landmarks(landmarks, path, [str(status) for status in statuses], self.imageUnit)
 
     # ------------------------------------------------------------------------------------------
@@ -1348,6 +1361,12 @@ class LandmarkReviewApp(TrameApp):
                         v_if="calibrated",
                         title="The error this point is expected to have (from the model's calibration)",
                     )
+                    html.Th(
+                        "{{ coverage_percent }} % radius ({{ error_unit }})",
+                        v_if="coverage_percent",
+                        title="The true point lies within this distance of the point with this probability "
+                        "(from the model's calibration, per landmark)",
+                    )
                     html.Th("Conf.", title="The model's confidence in [0, 1]")
                     html.Th("Status")
             with html.Tbody():
@@ -1381,6 +1400,7 @@ class LandmarkReviewApp(TrameApp):
                             color="orange-darken-3",
                             title="Above this landmark's usual error: check it",
                         )
+                    html.Td("{{ row.coverage_radius }}", v_if="coverage_percent", classes="coverage-radius")
                     html.Td("{{ row.confidence }}")
                     html.Td(
                         "{{ row.status }}",

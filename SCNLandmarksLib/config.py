@@ -130,7 +130,7 @@ class TrainingConfig:
     validate_every: int = 1000
     checkpoint_every: int = 200
     seed: int = 0
-    # bfloat16 autocast on CUDA and on CPUs that compute bfloat16 in hardware (inference.cpu_bfloat16_hardware)
+    # bfloat16 autocast on CUDA and on CPUs with AMX (train.mixed_precision_applies)
     mixed_precision: bool = True
     gradient_clip: float = 100.0
 

@@ -8,6 +8,7 @@ new model from the images' sizes and spacings and the time budget.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ import torch
 from .config import Config, config_from_dict
 from .data.spec import DatasetSpec, load_dataset_spec
 from .errors import DataError
-from .io.toml import write_toml
 from .models import build_model
 
 SPEC_NAME = "dataset.toml"  # the spec of a training folder (the Slicer module writes it there)
@@ -81,26 +81,16 @@ def held_aside_ids(ids: list[str]) -> list[str]:
 def write_split_spec(
     spec: DatasetSpec, path: Path, held_aside: list[str], landmark_names: tuple[str, ...] | None = None
 ) -> Path:
-    """Write a copy of `spec` (absolute paths) whose held-aside cases form the validation split and
-    all others the training split; `landmark_names` reorders the landmarks (same set)."""
-    images = []
-    for entry in spec.entries:
-        item: dict[str, Any] = {
-            "id": entry.id,
-            "image": str(entry.image),
-            "split": HELD_ASIDE_SPLIT if entry.id in held_aside else TRAIN_SPLIT,
-        }
-        if entry.landmarks is not None:
-            item["landmarks"] = str(entry.landmarks)
-        if entry.spacing is not None:
-            item["spacing"] = list(entry.spacing)
-        images.append(item)
-    values: dict[str, Any] = {"dimension": spec.dimension, "landmarks": list(landmark_names or spec.landmark_names)}
-    if spec.landmarks_csv is not None:
-        values.update(landmarks_csv=str(spec.landmarks_csv), csv_coordinates=spec.csv_coordinates)
-    values["images"] = images
-    write_toml(path, values, comment=f"The cases of {spec.path}, with the held-aside cases as the validation split.")
-    return path
+    """Write a copy of `spec` whose held-aside cases form the validation split and all others the
+    training split; `landmark_names` reorders the landmarks (same set)."""
+    entries = tuple(
+        dataclasses.replace(entry, split=HELD_ASIDE_SPLIT if entry.id in held_aside else TRAIN_SPLIT)
+        for entry in spec.entries
+    )
+    copy = dataclasses.replace(
+        spec, path=Path(path), entries=entries, landmark_names=tuple(landmark_names or spec.landmark_names)
+    )
+    return copy.write(f"The cases of {spec.path}, with the held-aside cases as the validation split.")
 
 
 def default_augmentation(dimension: int, extent: float) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from SCNLandmarksMRML import (  # noqa: E402
 )
 from SCNLandmarksMRML.catalogue import sampleModel  # noqa: E402
 from SCNLandmarksMRML.markups import createLandmarksNode, predictionUnit  # noqa: E402
+from SCNLandmarksMRML.review import ReviewSession  # noqa: E402
 from SCNLandmarksMRML.training import inspectTrainingFolder  # noqa: E402
 
 
@@ -134,19 +135,25 @@ def _reviewNode(scene, expected, flagged, statuses=None):
     )
 
 
+def _session(scene, node) -> ReviewSession:
+    review = ReviewSession(SCNLandmarksLogic(scene))
+    review.setDetection(node)
+    return review
+
+
 def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mrml):
-    logic = SCNLandmarksLogic(mrml.scene)
     node = _reviewNode(mrml.scene, [2.0, 9.0, 4.0, 9.0, 1.0], [False, True, False, True, False])
+    review = _session(mrml.scene, node)
     order, current = [], None
-    while (current := logic.nextToReview(node, current)) is not None:
+    while (current := review.nextToReview(current)) is not None:
         order.append(current)
     assert order == [1, 3, 2, 0, 4]  # ties in landmark order
     # A corrected point needs no review: it drops out; the walk goes on from where it was.
     node.SetNthControlPointPosition(3, 100.0, 0.0, 0.0)
-    assert logic.nextToReview(node, 1) == 2 and logic.nextToReview(node, None) == 1
-    assert logic.nextToReview(node, 3) == 2  # from the point just moved: on, not back to the top
+    assert review.nextToReview(1) == 2 and review.nextToReview(None) == 1
+    assert review.nextToReview(3) == 2  # from the point just moved: on, not back to the top
 
-    rows = logic.landmarkRows(node)
+    rows = review.rows()
     assert panel.tableHeaders(rows) == ("Landmark", "Expected error", "Status")
     table = panel.tableRows(rows, "px")
     assert [row.texts[1] for row in table] == ["2.00 px", "! 9.00 px", "4.00 px", "9.00 px", "1.00 px"]
@@ -157,9 +164,10 @@ def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mr
     plain = _reviewNode(
         mrml.scene, None, None, [LandmarkStatus.DETECTED, LandmarkStatus.MISSING, LandmarkStatus.DETECTED]
     )
-    rows = logic.landmarkRows(plain)
+    review = _session(mrml.scene, plain)
+    rows = review.rows()
     assert panel.tableHeaders(rows)[1] == "Confidence" and panel.tableRows(rows)[0].texts[1] == "0.50"
-    assert [logic.nextToReview(plain, c) for c in (None, 0, 2)] == [0, 2, None]
+    assert [review.nextToReview(c) for c in (None, 0, 2)] == [0, 2, None]
 
 
 def test_a_calibrated_models_detection_carries_its_expected_errors_to_the_table(mrml):
@@ -175,5 +183,7 @@ def test_a_calibrated_models_detection_carries_its_expected_errors_to_the_table(
     assert [row.flagged for row in rows] == [bool(f) for f in result.prediction.flagged]
     finite = [i for i, row in enumerate(rows) if math.isfinite(row.expectedError) and row.status != "missing"]
     assert len(finite) == len(rows)
-    assert logic.nextToReview(result.markupsNode) == max(finite, key=lambda i: (rows[i].expectedError, -i))
+    # Flagged points first, each group from the largest expected error down.
+    first = max(finite, key=lambda i: (rows[i].reviewFirst, rows[i].expectedError, -i))
+    assert _session(mrml.scene, result.markupsNode).nextToReview() == first
     assert all(row.texts[1].endswith(" mm") for row in panel.tableRows(rows, predictionUnit(result.markupsNode)))

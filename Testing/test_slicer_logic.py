@@ -783,7 +783,8 @@ def test_every_widget_the_module_uses_is_in_the_ui_file():
 
 def test_parameter_names_in_the_ui_file_are_parameter_node_fields():
     tree = ast.parse(_module_source())
-    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SCNLandmarksParameterNode")
+    # (Defined under the module's version check, not at its top level.)
+    wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "SCNLandmarksParameterNode")
     fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
     bound = {}
     for name, widget in _ui_widgets().items():

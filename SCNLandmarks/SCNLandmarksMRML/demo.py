@@ -156,7 +156,10 @@ def reviewFirst(rows: list[dict]) -> list[str]:
     """The flagged landmarks, largest expected error first (what a person should check first)."""
     from SCNLandmarksMRML.review import review_order
 
-    order = review_order([math.nan if r["expectedError"] is None else r["expectedError"] for r in rows])
+    order = review_order(
+        [math.nan if r["expectedError"] is None else r["expectedError"] for r in rows],
+        flagged=[bool(r["flagged"]) for r in rows],
+    )
     return [rows[i]["name"] for i in order if rows[i]["flagged"]]
 
 

@@ -12,24 +12,24 @@ module can start, and say what is missing, in a Slicer without PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import slicer
 
+from SCNLandmarksLib.data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
 from SCNLandmarksLib.io.paths import image_stem
-from SCNLandmarksLib.io.toml import write_toml
 from SCNLandmarksLib.landmark_set import LandmarkSet
 from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
 
-from . import annotate, catalogue, dependencies, overlays, rendering, review
+from . import annotate, catalogue, dependencies, overlays, rendering
 from . import markups as landmarkMarkups
 from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode, volumeDimension
 
@@ -358,6 +358,8 @@ class SCNLandmarksLogic:
             expectedErrors=landmarks.expected_errors,
             flagged=prediction.flagged,
             unit=job.predictor.description.unit,
+            coverageRadii=landmarks.coverage_radii,
+            coverage=landmarks.coverage,
         )
         if job.keepHeatmaps:
             self._predictions[markupsNode.GetID()] = (prediction, job.volumeImage)
@@ -399,15 +401,6 @@ class SCNLandmarksLogic:
     def resetPoint(self, markupsNode, landmark: int | str) -> landmarkMarkups.LandmarkRow:
         """Restore the predicted position of one landmark (index in model order, or name)."""
         return landmarkMarkups.resetPoint(markupsNode, landmark)
-
-    def nextToReview(self, markupsNode, current: int | None = None) -> int | None:
-        """The landmark to review after `current` (None: the first): largest expected error first
-        (landmark order for an uncalibrated model); moved and missing points are left out. None
-        when there is none left."""
-        rows = self.landmarkRows(markupsNode)
-        errors = [row.expectedError for row in rows]
-        calibrated = any(np.isfinite(errors))
-        return review.next_to_review(errors if calibrated else None, [row.status for row in rows], current)
 
     @staticmethod
     def shortLandmarkNames(markupsNode) -> dict[str, str] | None:
@@ -545,13 +538,24 @@ class SCNLandmarksLogic:
     # export
 
     def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[LandmarkStatus]]:
-        """Current (corrected) positions as a library LandmarkSet in LPS (3D), and the statuses."""
+        """Current (corrected) positions as a library LandmarkSet in LPS (2D points for a 2D volume),
+        with the detection's confidences, expected errors and coverage radii, and the statuses."""
         rows = self.landmarkRows(markupsNode)
         if not rows:
             raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
         pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
+        volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
+        dimension = volumeDimension(volumeNode) if volumeNode is not None else 3
+        expected = np.array([r.expectedError for r in rows], dtype=np.float64)
+        radii = np.array([r.coverageRadius for r in rows], dtype=np.float64)
+        coverage = landmarkMarkups.predictionCoverage(markupsNode)
         landmarks = LandmarkSet(
-            [r.name for r in rows], ras_to_lps(pointsRas), np.array([r.confidence for r in rows], dtype=np.float64)
+            [r.name for r in rows],
+            ras_to_lps(pointsRas)[:, :dimension],
+            np.array([r.confidence for r in rows], dtype=np.float64),
+            expected if np.isfinite(expected).any() else None,
+            radii if coverage is not None else None,
+            coverage,
         )
         return landmarks, [r.status for r in rows]
 
@@ -584,10 +588,12 @@ class SCNLandmarksLogic:
     def exportLandmarks(self, markupsNode, path, overwrite: bool = True) -> Path:
         """Write the current (corrected) points of a point list.
 
-        The suffix chooses the format: ``.mrk.json`` (Slicer markups JSON, written by Slicer's
-        vtkMRMLMarkupsJsonStorageNode, LPS, with labels, status descriptions and the confidence
-        measurement), ``.fcsv`` (Slicer's legacy fiducial CSV) or ``.csv`` (the library's table
-        ``landmark,x,y,z,confidence,status`` in LPS).
+        The suffix chooses the format: ``.mrk.json`` (Slicer markups JSON, LPS, with labels, status
+        descriptions and the confidence and expected error measurements), ``.fcsv`` (Slicer's legacy
+        fiducial CSV) or ``.csv`` (the library's table ``landmark,x,y[,z],confidence[,expected_error],status``
+        in LPS). A detection's points are written as ``scn-landmarks detect`` writes them (the
+        library's writer: 2D points for a 2D volume, positions in the model's unit, "px" for pictures);
+        any other point list (an annotation) by Slicer's storage nodes (.mrk.json, .fcsv).
 
         Points are written under their full landmark names, whatever labels the views show.
 
@@ -605,16 +611,20 @@ class SCNLandmarksLogic:
             raise DataError("No landmarks to export: run a detection (or choose a point list) first.")
         path = Path(path)
         lower = path.name.lower()
+        if not lower.endswith((".mrk.json", ".json", ".fcsv", ".csv")):
+            raise DataError(f"{path}: unknown landmark format; use .mrk.json, .fcsv or .csv")
         self._refuseOverwrite([path], overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         if landmarkMarkups.isLandmarksNode(markupsNode):
-            landmarkMarkups.updatePointStatuses(markupsNode)
-        if lower.endswith(".csv"):
+            # A detection: as `scn-landmarks detect` writes it (expected errors, the model's unit).
             from SCNLandmarksLib.io.landmarks import write_landmarks
 
+            landmarkMarkups.updatePointStatuses(markupsNode)
             landmarks, statuses = self.landmarkSet(markupsNode)
-            write_landmarks(landmarks, path, status=statuses)
+            write_landmarks(landmarks, path, statuses, landmarkMarkups.predictionUnit(markupsNode) or "mm")
             return path
+        if lower.endswith(".csv"):
+            raise DataError(f"{path}: a point list that is not a detection is exported as .mrk.json or .fcsv")
         if lower.endswith(".mrk.json") or lower.endswith(".json"):
             storageNode = slicer.vtkMRMLMarkupsJsonStorageNode()
         elif lower.endswith(".fcsv"):
@@ -685,11 +695,10 @@ class SCNLandmarksLogic:
         folder = Path(folder)
         imagePath, landmarksPath = self.trainingPairPaths(volumeNode, folder, caseId)
         self._refuseOverwrite([imagePath, landmarksPath], overwrite)
-        folder.mkdir(parents=True, exist_ok=True)
         caseId = image_stem(imagePath)
         dimension = volumeDimension(volumeNode)
-        specPath = folder / TRAINING_SPEC_NAME
-        spec = self._readTrainingSpec(specPath, dimension, names)
+        spec = self.trainingSpec(folder, dimension, names)
+        folder.mkdir(parents=True, exist_ok=True)
 
         storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storageNode.SetFileName(str(imagePath))
@@ -698,43 +707,38 @@ class SCNLandmarksLogic:
             raise DataError(f"{imagePath}: Slicer could not write the volume")
         landmarksPath = self.exportLandmarks(markupsNode, landmarksPath)
 
-        previous = [entry for entry in spec.get("images", []) if str(entry.get("id")) == caseId]
-        split = split or (previous[0].get("split") if previous else None) or "train"
-        images = [entry for entry in spec.get("images", []) if str(entry.get("id")) != caseId]
-        images.append({"id": caseId, "image": imagePath.name, "landmarks": landmarksPath.name, "split": split})
-        self._writeTrainingSpec(specPath, dimension, names, images)
+        previous = next((entry for entry in spec.entries if entry.id == caseId), None)
+        split = split or (previous.split if previous else None) or "train"
+        entries = [entry for entry in spec.entries if entry.id != caseId]
+        entries.append(ImageEntry(caseId, imagePath, landmarksPath, split))
+        dataclasses.replace(spec, entries=tuple(entries)).write(
+            "Training cases saved by the SCNLandmarks module (see SCNLandmarksLib.data.spec)."
+        )
         return imagePath, landmarksPath
 
     @staticmethod
-    def _readTrainingSpec(specPath: Path, dimension: int, names: list[str]) -> dict:
+    def trainingSpec(folder, dimension: int, names: list[str]) -> DatasetSpec:
+        """The dataset spec of a training folder (`TRAINING_SPEC_NAME`; an empty one for a new folder),
+        checked to hold cases of this dimension and these landmarks.
+
+        Raises:
+            DataError: the spec cannot be read (naming it), or holds other cases (choose another folder).
+        """
+        specPath = Path(folder) / TRAINING_SPEC_NAME
         if not specPath.is_file():
-            return {}
-        try:
-            spec = tomllib.loads(specPath.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise DataError(f"{specPath}: cannot read the dataset spec ({error})") from None
-        if spec.get("dimension") not in (None, dimension):
+            return DatasetSpec(specPath, dimension, tuple(names), ())
+        spec = load_dataset_spec(specPath)
+        if spec.dimension != dimension:
             raise DataError(
-                f"{specPath}: this folder holds {spec.get('dimension')}D cases; the volume is "
-                f"{dimension}D. Choose another folder."
+                f"{specPath}: this folder holds {spec.dimension}D cases; the volume is {dimension}D. "
+                "Choose another folder."
             )
-        if spec.get("landmarks") not in (None, names):
+        if list(spec.landmark_names) != list(names):
             raise DataError(
-                f"{specPath}: this folder's cases have the landmarks {spec.get('landmarks')}, "
-                f"not {names}. Choose another folder."
+                f"{specPath}: this folder's cases have the landmarks {list(spec.landmark_names)}, not {names}. "
+                "Choose another folder."
             )
         return spec
-
-    @staticmethod
-    def _writeTrainingSpec(specPath: Path, dimension: int, names: list[str], images: list[dict]) -> None:
-        cases = [
-            {key: str(entry[key]) for key in ("id", "image", "landmarks", "split") if key in entry} for entry in images
-        ]
-        write_toml(
-            specPath,
-            {"dimension": dimension, "landmarks": list(names), "images": cases},
-            comment="Training cases saved by the SCNLandmarks Slicer module (see SCNLandmarksLib.data.spec).",
-        )
 
     # ------------------------------------------------------------------------------------------
     # pictures

@@ -5,8 +5,8 @@ itself, so it survives scene saving:
 
 * node attribute ``SCNLandmarks.Prediction`` (JSON): per control point ID the landmark name, the
   predicted RAS position (null when missing), the confidence, the predicted status and, for a
-  calibrated model, the expected error and whether it is above the landmark's usual error; the
-  model's unit;
+  calibrated model, the expected error, whether it is above the landmark's usual error and the
+  coverage radius (with the probability it is for); the model's unit;
 * a static measurement ``confidence`` with one value per control point (written to .mrk.json as
   ``controlPointValues``, which the library reads back);
 * the control point description: the current status and confidence, for people.
@@ -59,7 +59,10 @@ class LandmarkRow:
         predictedRas: predicted (3,) RAS position, or None when the model found none.
         expectedError: the calibrated model's expected error of the prediction (the model's unit),
             NaN when unknown (an uncalibrated model, a missing point).
-        flagged: the expected error is above this landmark's usual error (review it first).
+        flagged: the model's flag: the expected error is above this landmark's usual error (see
+            `reviewFirst`).
+        coverageRadius: the distance from the prediction within which the true point lies with the
+            probability `predictionCoverage` gives (model unit); NaN when unknown.
     """
 
     name: str
@@ -70,6 +73,13 @@ class LandmarkRow:
     predictedRas: np.ndarray | None
     expectedError: float = math.nan
     flagged: bool = False
+    coverageRadius: float = math.nan
+
+    @property
+    def reviewFirst(self) -> bool:
+        """The one rule for the orange flag and the review order (`review`): the model flagged the point
+        (above its landmark's usual error) and the user has not moved it since."""
+        return self.flagged and self.status != LandmarkStatus.MOVED
 
 
 def describe(status: LandmarkStatus, confidence: float) -> str:
@@ -106,6 +116,13 @@ def predictionUnit(markupsNode) -> str:
     return str(info.get("unit", "")) if info else ""
 
 
+def predictionCoverage(markupsNode) -> float | None:
+    """The probability the detection's coverage radii are for (e.g. 0.9); None without radii."""
+    info = readPredictionInfo(markupsNode)
+    coverage = info.get("coverage") if info else None
+    return None if coverage is None else float(coverage)
+
+
 def isLandmarksNode(node) -> bool:
     """True for markups nodes made by this module (they carry a prediction record)."""
     return node is not None and node.IsA("vtkMRMLMarkupsFiducialNode") and readPredictionInfo(node) is not None
@@ -124,6 +141,8 @@ def createLandmarksNode(
     expectedErrors: np.ndarray | None = None,
     flagged: np.ndarray | None = None,
     unit: str = "",
+    coverageRadii: np.ndarray | None = None,
+    coverage: float | None = None,
 ):
     """Make (or refill) a markups point list holding predicted landmarks.
 
@@ -139,6 +158,8 @@ def createLandmarksNode(
         modelPath: recorded in the prediction record.
         markupsNode: an existing node to refill instead of creating one.
         expectedErrors, flagged: (N,) from a calibrated model (None otherwise).
+        coverageRadii, coverage: (N,) radii holding the true point with probability `coverage`, from
+            a calibration that has them (None otherwise).
         unit: the model's unit ("mm" or "px"), shown with expected errors.
 
     Returns:
@@ -160,6 +181,8 @@ def createLandmarksNode(
             expectedErrors,
             flagged,
             unit,
+            coverageRadii,
+            coverage,
         )
     except Exception:
         if created:
@@ -181,7 +204,18 @@ def removeNode(scene, node) -> None:
 
 
 def _fillLandmarksNode(
-    markupsNode, landmarkNames, pointsRas, confidences, statuses, volumeNode, modelPath, expectedErrors, flagged, unit
+    markupsNode,
+    landmarkNames,
+    pointsRas,
+    confidences,
+    statuses,
+    volumeNode,
+    modelPath,
+    expectedErrors,
+    flagged,
+    unit,
+    coverageRadii,
+    coverage,
 ) -> None:
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
@@ -198,8 +232,9 @@ def _fillLandmarksNode(
         count = len(landmarkNames)
         expectedErrors = np.full(count, np.nan) if expectedErrors is None else expectedErrors
         flagged = np.zeros(count, dtype=bool) if flagged is None else flagged
-        for landmarkName, ras, confidence, status, expected, isFlagged in zip(
-            landmarkNames, pointsRas, confidences, statuses, expectedErrors, flagged
+        coverageRadii = np.full(count, np.nan) if coverageRadii is None else coverageRadii
+        for landmarkName, ras, confidence, status, expected, isFlagged, radius in zip(
+            landmarkNames, pointsRas, confidences, statuses, expectedErrors, flagged, coverageRadii
         ):
             present = bool(np.all(np.isfinite(ras)))
             index = markupsNode.AddControlPoint(vtk.vtkVector3d(*(ras if present else (0.0, 0.0, 0.0))), landmarkName)
@@ -215,6 +250,7 @@ def _fillLandmarksNode(
                     "status": status,
                     "expectedError": None if math.isnan(_finite(expected)) else _finite(expected),
                     "flagged": bool(isFlagged),
+                    "coverageRadius": None if math.isnan(_finite(radius)) else _finite(radius),
                 }
             )
         values = vtk.vtkDoubleArray()
@@ -227,7 +263,10 @@ def _fillLandmarksNode(
         measurement.SetPrintFormat("%4.2f")
         measurement.SetControlPointValues(values)
         markupsNode.AddMeasurement(measurement)
-        _writePredictionInfo(markupsNode, {"model": str(modelPath), "unit": unit, "points": records})
+        info = {"model": str(modelPath), "unit": unit, "points": records}
+        if coverage is not None:
+            info["coverage"] = float(coverage)
+        _writePredictionInfo(markupsNode, info)
         if volumeNode is not None:
             markupsNode.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
             markupsNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
@@ -238,14 +277,6 @@ def _fillLandmarksNode(
         updatePointStatuses(markupsNode)
     finally:
         markupsNode.EndModify(wasModifying)
-
-
-def _record(info: dict, markupsNode, index: int) -> dict | None:
-    pointId = markupsNode.GetNthControlPointID(index)
-    for record in info["points"]:
-        if record["id"] == pointId:
-            return record
-    return None
 
 
 def currentStatus(markupsNode, record: dict) -> tuple[LandmarkStatus, int, np.ndarray | None]:
@@ -282,6 +313,7 @@ def landmarkRows(markupsNode) -> list[LandmarkRow]:
                 None if predicted is None else np.asarray(predicted, dtype=np.float64),
                 _finite(record.get("expectedError")),
                 bool(record.get("flagged", False)),
+                _finite(record.get("coverageRadius")),
             )
         )
     return rows
@@ -375,17 +407,6 @@ class StatusObserver:
             updatePointStatuses(caller)
         finally:
             self._updating = False
-
-
-def landmarkPositionsRas(markupsNode) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, (N, 3) RAS positions with NaN where unplaced, (N,) confidences) in model order."""
-    rows = landmarkRows(markupsNode)
-    names = [r.name for r in rows]
-    points = np.array(
-        [r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows], dtype=np.float64
-    ).reshape(-1, 3)
-    confidences = np.array([r.confidence for r in rows], dtype=np.float64)
-    return names, points, confidences
 
 
 def setPointLabels(markupsNode, shortNames: dict[str, str] | None = None) -> None:

@@ -123,7 +123,7 @@ def tableRows(rows: list[LandmarkRow], unit: str = "") -> list[TableRow]:
     calibrated = isCalibrated(rows)
     table = []
     for row in rows:
-        flagged = row.flagged and row.status != LandmarkStatus.MOVED
+        flagged = row.reviewFirst
         if calibrated:
             value = "" if math.isnan(row.expectedError) else f"{row.expectedError:.2f} {unit}".rstrip()
             value = FLAGGED_MARK + value if flagged else value

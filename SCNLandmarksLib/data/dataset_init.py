@@ -12,7 +12,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import DataError
 from ..geometry import ImageGeometry
@@ -29,9 +28,8 @@ from ..io.landmark_formats import (
     read_landmark_table,
 )
 from ..io.paths import image_stem, refuse_existing
-from ..io.toml import dumps_toml
 from ..landmark_set import LandmarkSet
-from .spec import load_dataset_spec
+from .spec import DatasetSpec, ImageEntry, load_dataset_spec
 
 # How many unpaired names the summary lists before "...".
 _LISTED = 10
@@ -127,38 +125,6 @@ def _landmark_files_by_stem(folder: Path, landmarks_format: str, image_paths: se
         if path.is_file() and path not in image_paths and path.name.lower().endswith(suffixes)
     ]
     return _by_stem(folder, files, "landmark files")
-
-
-def _spec_path(path: Path, base: Path) -> str:
-    """`path` relative to the spec's folder when it lies inside it, else absolute."""
-    path = path.resolve()
-    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
-
-
-def _spec_text(
-    dimension: int,
-    names: list[str],
-    landmarks_format: str,
-    base: Path,
-    entries: list[tuple[str, Path, Path | None]],
-    table: Path | None,
-    csv_coordinates: str | None,
-    spacing: tuple[float, ...] | None,
-) -> str:
-    values: dict[str, Any] = {"dimension": dimension, "landmarks": names, "landmarks_format": landmarks_format}
-    if table is not None:
-        values |= {"landmarks_csv": _spec_path(table, base), "csv_coordinates": csv_coordinates}
-    if spacing is not None:
-        values["spacing"] = list(spacing)
-    values["images"] = [
-        {
-            "id": image_id,
-            "image": _spec_path(image, base),
-            **({"landmarks": _spec_path(landmarks, base)} if landmarks is not None else {}),
-        }
-        for image_id, image, landmarks in entries
-    ]
-    return "# Written by scn-landmarks dataset init.\n" + dumps_toml(values)
 
 
 def init_dataset(
@@ -263,11 +229,18 @@ def init_dataset(
         names = list(dict.fromkeys(name for landmark_set in found_sets for name in landmark_set.names))
     summary.landmark_names = names
 
-    base = out.resolve().parent
-    text = _spec_text(dimension, names, summary.landmarks_format, base, entries, table, summary.csv_coordinates, stated)
-    # Check the spec with the loader training uses before it replaces anything.
+    # Checked with the loader training uses before it replaces anything.
     with atomic_output(out, ".toml") as temporary:
-        temporary.write_text(text, encoding="utf-8")
+        DatasetSpec(
+            temporary,
+            dimension,
+            tuple(names),
+            tuple(ImageEntry(image_id, image, landmarks, None) for image_id, image, landmarks in entries),
+            table,
+            summary.csv_coordinates or "physical",
+            summary.landmarks_format,
+            stated,
+        ).write("Written by scn-landmarks dataset init.")
         spec = load_dataset_spec(temporary)
         loaded = spec.load_landmarks(list(spec.entries), geometries)
     summary.paired = {image_id: (image, str(landmarks or table)) for image_id, image, landmarks in entries}

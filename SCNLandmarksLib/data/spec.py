@@ -33,12 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 
 from ..errors import DataError
 from ..geometry import ImageGeometry
+from ..io.atomic import write_text_atomically
 from ..io.images import carries_spacing, checked_spacing, read_image, read_image_information, spacing_unit
 from ..io.landmark_formats import (
     LANDMARK_INPUT_FORMATS,
@@ -50,7 +51,7 @@ from ..io.landmark_formats import (
     read_landmark_table,
 )
 from ..io.paths import image_stem
-from ..io.toml import read_toml
+from ..io.toml import dumps_toml, read_toml
 from ..landmark_set import LandmarkSet
 
 if TYPE_CHECKING:
@@ -88,6 +89,13 @@ class ImageEntry:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A dataset spec as `load_dataset_spec` reads it and `write` writes it (the one reader and the
+    one writer of the format).
+
+    Attributes:
+        spacing: the top-level spacing stated for the pictures (entries hold what applies to each).
+    """
+
     path: Path
     dimension: int
     landmark_names: tuple[str, ...]
@@ -95,6 +103,49 @@ class DatasetSpec:
     landmarks_csv: Path | None = None
     csv_coordinates: str = "physical"
     landmarks_format: str = "auto"
+    spacing: tuple[float, ...] | None = None
+
+    def text(self, comment: str = "") -> str:
+        """The spec as TOML: paths relative to the spec's folder when they lie inside it, else absolute;
+        an entry's spacing only where it differs from the top-level one (files that carry their own
+        get none: `load_dataset_spec` applies the top-level one to pictures only)."""
+        base = Path(self.path).resolve().parent
+
+        def relative(path: Path) -> str:
+            path = Path(path).resolve()
+            return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
+
+        values: dict[str, Any] = {"dimension": self.dimension, "landmarks": list(self.landmark_names)}
+        if self.landmarks_format != "auto":
+            values["landmarks_format"] = self.landmarks_format
+        if self.landmarks_csv is not None:
+            values |= {"landmarks_csv": relative(self.landmarks_csv), "csv_coordinates": self.csv_coordinates}
+        if self.spacing is not None:
+            values["spacing"] = list(self.spacing)
+        images = []
+        for entry in self.entries:
+            item: dict[str, Any] = {"id": entry.id, "image": relative(entry.image)}
+            if entry.landmarks is not None:
+                item["landmarks"] = relative(entry.landmarks)
+            if entry.split is not None:
+                item["split"] = entry.split
+            if entry.spacing is not None and tuple(entry.spacing) != self.spacing:
+                item["spacing"] = list(entry.spacing)
+            images.append(item)
+        values["images"] = images
+        return (f"# {comment}\n" if comment else "") + dumps_toml(values)
+
+    def write(self, comment: str = "") -> Path:
+        """Write the spec to `path` atomically (see `text`); returns `path`.
+
+        Raises:
+            DataError: the file cannot be written.
+        """
+        try:
+            write_text_atomically(self.path, self.text(comment))
+        except OSError as error:
+            raise DataError(f"{self.path}: cannot write the dataset spec ({error})") from None
+        return Path(self.path)
 
     def split(self, name: str) -> list[ImageEntry]:
         """Entries of one split, in spec order; an empty split is an error naming the spec file."""
@@ -225,7 +276,7 @@ def load_dataset_spec(path: str | Path) -> DatasetSpec:
     unknown = sorted(set(split_of) - set(ids))
     if unknown:
         raise DataError(f"{path}: [splits] name unknown image ids {unknown}")
-    return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates, landmarks_format)
+    return DatasetSpec(path, dimension, tuple(names), tuple(entries), csv_path, coordinates, landmarks_format, spacing)
 
 
 def _entry_spacing(path: Path, item: dict, image_id: str, image: Path, dimension: int) -> tuple[float, ...] | None:

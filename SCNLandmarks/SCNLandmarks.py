@@ -67,7 +67,7 @@ else:
     from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
     from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus
     from SCNLandmarksMRML import annotate, catalogue, dependencies, panel, training
-    from SCNLandmarksMRML.markups import predictionUnit
+    from SCNLandmarksMRML.review import CHANGED, ReviewSession
     from SCNLandmarksMRML.runner import DetectionRunner
     from SCNLandmarksMRML.volumes import volumeDimension
 
@@ -209,9 +209,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.runner = None
+        self.review = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedLandmarks = None
         self._overlayState = None
         self._updatingGui = False
         self._modelInfo: dict[str, tuple[str, str]] = {}  # model path -> (info line, tooltip)
@@ -225,7 +225,6 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadedModelPaths: list[str] = []
         self._modelListKey = None
         self._tableColors: dict = {}
-        self.trainingJob = None
         self._trainingData = None
         self._annotationNode = None
 
@@ -244,6 +243,10 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SCNLandmarksLogic()
         self.runner = DetectionRunner(self.logic)
+        # The review of the detection shown (rows, order, corrections, export, training): this panel
+        # only shows it and passes the user's actions to it, as the web app does.
+        self.review = ReviewSession(self.logic)
+        self.review.listen(self._onReviewChanged)
 
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setVisible(False)
@@ -275,6 +278,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTable.itemSelectionChanged.connect(self.onResultSelected)
         self.ui.resetPointButton.clicked.connect(self.onResetPoint)
         self.ui.resetAllButton.clicked.connect(self.onResetAll)
+        self.ui.undoMoveButton.clicked.connect(self.onUndoMove)
         self.ui.exportButton.clicked.connect(self.onExport)
         self.ui.saveTrainingPairButton.clicked.connect(self.onSaveTrainingPair)
         self.ui.nextToReviewButton.clicked.connect(self.onNextToReview)
@@ -295,8 +299,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.runner is not None and self.runner.running:
             self.runner.cancel()
         self._modelInfoReader.shutdown(wait=False, cancel_futures=True)
-        if self.trainingJob is not None and self.trainingJob.running:
-            self.trainingJob.cancel()  # it stops at its next iteration; nothing is registered without us
+        if self.review is not None and self.review.trainingRunning:
+            self.review.cancelTraining()  # it stops at its next iteration; nothing is registered without us
         self.removeObservers()
 
     def enter(self) -> None:
@@ -415,15 +419,16 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else _("Select an input volume and a model.")
             )
         hasLandmarks = bool(parameters and parameters.landmarks) and not busy
-        self.ui.resetAllButton.enabled = hasLandmarks and bool(self.logic.landmarkRows(parameters.landmarks))
+        self.ui.resetAllButton.enabled = hasLandmarks and bool(self.review.rows())
         self.ui.resetPointButton.enabled = self.ui.resetAllButton.enabled and bool(self.ui.resultsTable.selectedItems())
+        self.ui.undoMoveButton.enabled = hasLandmarks and self.review.canUndo
         self.ui.exportButton.enabled = hasLandmarks
         self.ui.saveTrainingPairButton.enabled = hasLandmarks and bool(self._landmarksVolume())
         self.ui.nextToReviewButton.enabled = self.ui.resetAllButton.enabled
         self.ui.reinstallTorchButton.enabled = not busy and not installing
-        training = self.trainingJob is not None and self.trainingJob.running
+        training = self.review.trainingRunning
         self.ui.startTrainingButton.enabled = self._trainingData is not None and not training and not installing
-        self.ui.cancelTrainingButton.enabled = training and not self.trainingJob.cancelRequested
+        self.ui.cancelTrainingButton.enabled = training and not self.review.trainingJob.cancelRequested
         entry = SCNLandmarksMRML.entryForModel(parameters.modelPath) if parameters else None
         self.ui.removeModelButton.enabled = bool(entry and entry.userModel) and not training
         self.ui.skipLandmarkButton.enabled = (
@@ -735,51 +740,32 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # results table and correction
 
     def _observeLandmarks(self, node) -> None:
-        if node is self._observedLandmarks:
+        if node is self.review.markupsNode:
             return
-        events = (
-            slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
-            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-            slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent,
-            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
-        )
-        if self._observedLandmarks is not None:
-            for event in events:
-                self.removeObserver(self._observedLandmarks, event, self._onLandmarksModified)
-            self.removeObserver(
-                self._observedLandmarks, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onLandmarksDropped
-            )
-        self._observedLandmarks = node
-        if node is not None:
-            self.logic.observeCorrections(node)
-            for event in events:
-                self.addObserver(node, event, self._onLandmarksModified)
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onLandmarksDropped)
+        self.review.setDetection(node)
         combo = self.ui.heatmapLandmarkComboBox
         with SignalBlocker(combo):
             combo.clear()
             combo.addItem(_("All landmarks (maximum)"), "")
-            for row in self.logic.landmarkRows(node) if node is not None else []:
+            for row in self.review.rows():
                 combo.addItem(row.name, row.name)
         self._updateManualWidgets()
 
-    def _onLandmarksModified(self, caller=None, event=None) -> None:
-        # Dragging fires this for every mouse move: refresh at most every TABLE_REFRESH_MS.
-        if not self._tableTimer.isActive():
+    def _onReviewChanged(self, what: str) -> None:
+        # Dragging reports every mouse move: refresh at most every TABLE_REFRESH_MS; settled changes at once.
+        if what == CHANGED:
+            self._tableTimer.stop()
+            self._onLandmarksRefresh()
+        elif not self._tableTimer.isActive():
             self._tableTimer.start()
-
-    def _onLandmarksDropped(self, caller=None, event=None) -> None:
-        self._tableTimer.stop()
-        self._onLandmarksRefresh()
 
     def _onLandmarksRefresh(self) -> None:
         self._updateResultsTable()
         self._updateButtons()
 
     def _updateResultsTable(self) -> None:
-        node = self._parameterNode.landmarks if self._parameterNode else None
-        landmarkRows = self.logic.landmarkRows(node) if node else []
-        rows = panel.tableRows(landmarkRows, predictionUnit(node) if node else "")
+        landmarkRows = self.review.rows()
+        rows = panel.tableRows(landmarkRows, self.review.unit)
         table = self.ui.resultsTable
         with SignalBlocker(table):
             table.setHorizontalHeaderLabels(list(panel.tableHeaders(landmarkRows)))
@@ -813,18 +799,21 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.centerViewsOnLandmark(node, index) is None:
             self.ui.statusLabel.text = _(
                 "'{name}' has no position: place it in a view (Markups module, place mode) or reset it."
-            ).format(name=self.logic.landmarkRows(node)[index].name)
+            ).format(name=self.review.rows()[index].name)
 
     def onResetPoint(self) -> None:
         index = self._selectedLandmark()
-        if index is not None and self._parameterNode.landmarks:
-            self.logic.resetPoint(self._parameterNode.landmarks, index)
+        if index is not None and self.review.rows():
+            self.review.resetPoint(index)
 
     def onResetAll(self) -> None:
-        node = self._parameterNode.landmarks
-        if node:
-            for index in range(len(self.logic.landmarkRows(node))):
-                self.logic.resetPoint(node, index)
+        if self.review.rows():
+            self.review.resetPoints()
+
+    def onUndoMove(self) -> None:
+        index = self.review.undo()
+        if index is not None:
+            self.ui.resultsTable.selectRow(index)
 
     # --------------------------------------------------------------------------------------------
     # heatmap overlay
@@ -889,7 +878,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._mayWrite([path]):
             return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            written = self.logic.exportLandmarks(node, path, overwrite=True)
+            written = self.review.export(path, overwrite=True)
             self.ui.statusLabel.text = _("Landmarks exported to {path}").format(path=written)
 
     def onSaveTrainingPair(self) -> None:
@@ -900,12 +889,10 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._parameterNode.trainingFolder = folder
         volume = self._landmarksVolume()
-        if not self._mayWrite(self.logic.trainingPairPaths(volume, folder)):
+        if not self._mayWrite(self.review.trainingPairPaths(folder, volumeNode=volume)):
             return
         with slicer.util.tryWithErrorDisplay(_("Saving the training pair failed."), waitCursor=True):
-            imagePath, landmarksPath = self.logic.saveTrainingPair(
-                volume, self._parameterNode.landmarks, folder, overwrite=True
-            )
+            imagePath, landmarksPath = self.review.saveTrainingPair(folder, overwrite=True, volumeNode=volume)
             self.ui.statusLabel.text = _("Saved {image} and {landmarks}.").format(
                 image=imagePath, landmarks=landmarksPath
             )
@@ -915,10 +902,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # review first
 
     def onNextToReview(self) -> None:
-        node = self._parameterNode.landmarks if self._parameterNode else None
-        if node is None:
+        if not self.review.rows():
             return
-        index = self.logic.nextToReview(node, self._selectedLandmark())
+        index = self.review.nextToReview(self._selectedLandmark())
         if index is None:
             self.ui.statusLabel.text = _("Nothing left to review (moved and missing points are skipped).")
             self.ui.resultsTable.clearSelection()
@@ -1078,9 +1064,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Choose the model to start from."))
             return
         try:
-            if base is not None:
-                training.checkBase(base, self._trainingData)
-            self.trainingJob = training.TrainingJob(
+            job = self.review.startTraining(
                 self._trainingData,
                 base,
                 self.ui.trainNameLineEdit.text.strip(),
@@ -1088,24 +1072,20 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.trainDeviceComboBox.itemData(self.ui.trainDeviceComboBox.currentIndex) or "auto",
                 python=pythonForChildren(),
             )
-            self.trainingJob.start()
         except SCNLandmarksError as error:
-            self.trainingJob = None
             self.ui.trainingStatusLabel.text = str(error)
             slicer.util.errorDisplay(str(error))
             return
-        self.ui.trainingStatusLabel.text = _("Training '{name}' in a separate process...").format(
-            name=self.trainingJob.name
-        )
+        self.ui.trainingStatusLabel.text = _("Training '{name}' in a separate process...").format(name=job.name)
         self.ui.trainingProgressBar.value = 0
         self.ui.trainingProgressBar.setVisible(True)
         self._trainTimer.start()
         self._updateButtons()
 
     def _onPollTraining(self) -> None:
-        job = self.trainingJob
+        job = self.review.trainingJob
         try:
-            outcome = job.poll()
+            outcome = self.review.pollTraining()
         except SCNLandmarksError as error:
             self._trainingEnded(str(error))
             slicer.util.errorDisplay(str(error))
@@ -1131,9 +1111,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onCancelTraining(self) -> None:
-        if self.trainingJob is not None:
-            self.trainingJob.cancel()
-            self._updateButtons()
+        self.review.cancelTraining()
+        self._updateButtons()
 
     def onRemoveModel(self) -> None:
         entry = SCNLandmarksMRML.entryForModel(self._parameterNode.modelPath)
@@ -1366,17 +1345,20 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
             slicer.util.arrayFromVTKMatrix(_ijkToRas(heatmap)), slicer.util.arrayFromVTKMatrix(_ijkToRas(volume))
         )
 
-        self.delayDisplay("Correcting and exporting")
+        self.delayDisplay("Correcting and exporting (the review session the panel binds to)")
         node = result.markupsNode
-        first = next(i for i, row in enumerate(logic.landmarkRows(node)) if row.positionRas is not None)
+        review = ReviewSession(logic)
+        review.setDetection(node)
+        first = next(i for i, row in enumerate(review.rows()) if row.positionRas is not None)
         moved = np.array(node.GetNthControlPointPositionVector(first)) + np.array([2.0, -1.0, 0.0])
-        node.SetNthControlPointPosition(first, *moved)
-        self.assertEqual(logic.landmarkRows(node)[first].status, LandmarkStatus.MOVED)
-        exported = logic.exportLandmarks(node, workDir / "corrected.mrk.json")
+        node.SetNthControlPointPosition(first, *moved)  # as a drag in a view does
+        self.assertEqual(review.rows()[first].status, LandmarkStatus.MOVED)
+        self.assertTrue(review.unsaved and review.canUndo)
+        exported = review.export(workDir / "corrected.mrk.json")
         loaded = slicer.util.loadMarkups(str(exported))
         np.testing.assert_allclose(loaded.GetNthControlPointPositionVector(first), moved, atol=1e-6)
-        logic.resetPoint(node, first)
-        self.assertNotEqual(logic.landmarkRows(node)[first].status, LandmarkStatus.MOVED)
+        self.assertEqual(review.undo(), first)
+        self.assertNotEqual(review.rows()[first].status, LandmarkStatus.MOVED)
 
         self.delayDisplay("Refusing a model of the other dimension")
         before = slicer.mrmlScene.GetNumberOfNodes()

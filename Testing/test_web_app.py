@@ -406,7 +406,8 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     assert all(np.isfinite(e) and e > 0 for e in errors.values()), errors
     assert all(entry["flagged"] == entry["marked"] for entry in table), "flagged points carry the mark"
 
-    # Next to review walks the points from the largest expected error down, centring the views on each.
+    # Next to review walks the flagged points first, then the others, each largest expected error first
+    # (one rule with the orange mark), centring the views on each.
     walked = []
     for _ in range(4):
         previous = walked[-1] if walked else None
@@ -417,7 +418,8 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
             arg=previous,
         )
         walked.append(page.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name"))
-    expected_order = sorted(errors, key=lambda name: -errors[name])
+    flagged = {entry["name"] for entry in table if entry["flagged"]}
+    expected_order = sorted(errors, key=lambda name: (name not in flagged, -errors[name]))
     assert walked == expected_order[:4], (walked, expected_order)
     page.wait_for_timeout(1000)  # the slice views re-render on the landmark's slices
     box = view_box(page, "Red")
@@ -482,9 +484,10 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     assert "notes.safetensors" in page.locator("#finetune-error").inner_text()
     page.fill("#model-path", "")
 
-    # Fine-tune the chosen model on it through the module's training job, with progress in the page, and
-    # Cancel at once: the run's first iteration already spends the tiny budget and keeps its model, so
-    # the Cancel, seen at the end of that iteration, keeps the best model so far (as in Slicer).
+    # Fine-tune the chosen model on it through the review session's training job, with progress in the
+    # page, and Cancel at once: the run's first iteration already spends the tiny budget, and the Cancel is
+    # seen at the end of it. Two cases are too few to hold some aside, so the model was never compared with
+    # its base: it joins no model list, and the page says why.
     page.fill("#finetune-minutes", "0.001")
     page.fill("#finetune-name", "Brain, our corrections")
     page.evaluate("""() => { window.trainingSeen = [];
@@ -495,33 +498,15 @@ def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server,
     page.click("#cancel-finetune")
     page.wait_for_selector("#finetune-result:visible", timeout=3 * WAIT_MS)
     result = page.locator("#finetune-result").inner_text()
-    assert "'Brain, our corrections' was added to your models" in result and "not validated" in result, result
-    assert "Stopped early (cancelled): the best model up to then" in result, result
+    assert result.startswith("Not validated: 2 cases are too few") and "nothing was added" in result, result
     seen = page.evaluate("window.trainingSeen")
     assert any("cancelling" in message for message in seen), seen
     assert any("stage: iteration 1 of" in message for message in seen), f"no training progress: {seen}"
-    # In the user models folder shared with the Slicer module, with its card; chosen in this session.
-    added = sorted(set(user_models.glob("*/entry.json")) - set(listed_before))
-    assert len(added) == 1 and (added[0].parent / "MODEL_CARD.md").is_file(), added
+    assert sorted(user_models.glob("*/entry.json")) == listed_before
     assert not list(user_models.glob(".*")), "a staging folder was left behind"
-    screenshot(page, "web_training_cancelled_model_kept.png")
-    assert "cancelled by the user" in (added[0].parent / "MODEL_CARD.md").read_text(encoding="utf-8")
-    assert "Brain, our corrections" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
-    # A new session (another reviewer, or after a restart: the list is read from the folder) lists it too.
-    other = new_page(browser, server)
-    other.locator("[role=combobox]", has=other.locator("#model")).click()  # opens the list
-    other.locator(".v-overlay .v-list-item", has_text="Brain, our corrections").wait_for()
-    other.context.close()
+    screenshot(page, "web_training_not_validated.png")
+    assert "Brain, our corrections" not in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
     page.click("#training-close")
-    # Its sample is its base's: opening it keeps the fine-tuned model chosen.
-    page.click("#open-sample")
-    page.locator("#confirm-discard").wait_for(state="hidden")  # the corrections were saved: nothing to ask
-    page.wait_for_function("!document.querySelector('#landmarks tbody tr[data-name]')")
-    assert "Brain, our corrections" in page.locator("#model").evaluate("e => e.closest('.v-input').innerText")
-    assert SAMPLE in page.locator("#info").inner_text()
-    page.click("#detect")
-    page.wait_for_function("document.querySelector('#info').innerText.includes('32 of 32 landmarks found')")
-    assert page.locator("#error").is_hidden()
 
 
 def run_coroutine(coroutine):

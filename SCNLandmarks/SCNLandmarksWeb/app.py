@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +27,6 @@ import secrets
 import shutil
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,17 +47,19 @@ from trame_vuetify.ui.vuetify3 import SinglePageLayout
 from trame_vuetify.widgets import vuetify3 as v
 
 from SCNLandmarksLib.bundle import read_description
+from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
 from SCNLandmarksLib.io.images import spacing_unit
-from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
-from SCNLandmarksMRML.training import TrainingJob, caseCount, checkBase, inspectTrainingFolder
+from SCNLandmarksMRML.markups import predictionCoverage
+from SCNLandmarksMRML.review import CHANGED, MOVING, ReviewSession
+from SCNLandmarksMRML.training import TrainingJob, caseCount
 from SCNLandmarksMRML.volumes import (
     ColourImageError,
     checkScalarVolume,
@@ -231,7 +231,6 @@ class LandmarkReviewApp(TrameApp):
         self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
         self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
         self.trainingFolder = Path(trainingFolder) if trainingFolder else self.workdir / "training-pairs"
-        self.trainingJob: TrainingJob | None = None
         self.autosave = Autosave(autosaveFolder, self.workdir)
         self.recoverable: list[Recoverable] = self.autosave.others()
         self.endedMessage = endedMessage
@@ -248,22 +247,16 @@ class LandmarkReviewApp(TrameApp):
         self.volumeNode = None
         self.imagePath: Path | None = None
         self.detectionModel = ""  # the model file of the current detection
-        self.imageUnit = "mm"
-        self.markupsNode = None
+        # The detection under review, its corrections, export, training pairs and fine-tuning: this
+        # page only shows the session and passes the user's actions to it.
+        self.review = ReviewSession(self.logic)
+        self.review.listen(self._onReviewChanged)
         self.movedMarkersNode = None
-        # Of the current detection, from a calibrated model (None otherwise): per point.
-        self.expectedErrors: np.ndarray | None = None
-        self.flagged: np.ndarray | None = None
-        # The coverage radius per point and its probability (None: a calibration without radii).
-        self.coverageRadii: np.ndarray | None = None
-        self.coverage: float | None = None
-        self.markupsObservers: list[int] = []
+        self.grabObserver: int | None = None
         self.lastTableRefresh = 0.0
         self.cancelRequested = False
         self.detection: asyncio.Task | None = None
         self.pendingAction: Callable[[], None] | None = None
-        self.undoMoves: list[tuple[int, np.ndarray]] = []
-        self.dragStart: tuple[int, np.ndarray] | None = None
         self.pathAliases: dict[str, str] = {}
         if not trainingFolder:
             self.pathAliases[str(self.trainingFolder)] = "the session's training folder"
@@ -373,7 +366,7 @@ class LandmarkReviewApp(TrameApp):
 
     def _unlessUnsaved(self, action: Callable[[], None]) -> None:
         """Run `action`, or first ask (export / discard / cancel) when corrections are not exported."""
-        if self.state.unsaved and self.markupsNode is not None:
+        if self.review.unsaved and self.review.markupsNode is not None:
             self.pendingAction = action
             self.state.confirm_discard = True
         else:
@@ -453,8 +446,7 @@ class LandmarkReviewApp(TrameApp):
         self.slicerApp.display_manager.show_volume(volumeNode, do_reset_views=True)
         self.state.image_name = name
         # X-ray photos (PNG, JPEG...) carry no spacing: their positions are pixel columns and rows.
-        self.imageUnit = spacing_unit(path)
-        unit = "pixels" if self.imageUnit == "px" else "mm"
+        unit = "pixels" if spacing_unit(path) == "px" else "mm"
         self.state.position_unit = f"x, y in {unit}" if is2d else f"LPS, {unit}"
         self.state.cursor_position = ""  # the old readout belongs to the old image
         self.state.export_name = f"{image_stem(name) or 'landmarks'}.mrk.json"
@@ -613,21 +605,13 @@ class LandmarkReviewApp(TrameApp):
 
     def _showResult(self, result) -> None:
         self._clearDetection()  # the previous result goes only once the new one is there
-        self.markupsNode = result.markupsNode
-        self.expectedErrors = result.prediction.landmarks.expected_errors
-        self.flagged = result.prediction.flagged
-        self.state.calibrated = self.expectedErrors is not None
-        self.coverageRadii, self.coverage = (
-            result.prediction.landmarks.coverage_radii,
-            result.prediction.landmarks.coverage,
-        )
-        self.state.coverage_percent = "" if self.coverage is None else f"{100 * self.coverage:g}"
-        node = self.markupsNode
-        self.markupsObservers = [
-            node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed),
-            node.AddObserver(node.PointModifiedEvent, self._onPointMoving),
-            node.AddObserver(node.PointEndInteractionEvent, self._onPointDropped),
-        ]
+        node = result.markupsNode
+        self.review.setDetection(node)
+        self.state.calibrated = self.review.calibrated
+        coverage = predictionCoverage(node)
+        self.state.coverage_percent = "" if coverage is None else f"{100 * coverage:g}"
+        # Dragging a point selects it (the session itself sees the drag's start and end).
+        self.grabObserver = node.AddObserver(node.PointStartInteractionEvent, self._onPointGrabbed)
         display = node.GetDisplayNode()
         if display is not None and not self.state.is_2d:
             # Each of the three views shows every landmark: those off its slice as faded projections.
@@ -653,21 +637,18 @@ class LandmarkReviewApp(TrameApp):
             self.state.progress_message = message
 
     def _clearDetection(self) -> None:
-        """Forget the previous detection: its point list and heatmap leave the scene."""
-        self.undoMoves.clear()
-        self.state.can_undo = False
-        if self.markupsNode is None:
-            return
-        for tag in self.markupsObservers:
-            self.markupsNode.RemoveObserver(tag)
-        heatmapNode = self.logic.heatmapNode(self.markupsNode)
-        self.logic.forgetDetection(self.markupsNode)
-        for node in (heatmapNode, self.markupsNode, self.movedMarkersNode):
-            if node is not None:
-                self.slicerApp.scene.RemoveNode(node)
-        self.markupsNode = self.movedMarkersNode = None
-        self.expectedErrors = self.flagged = self.coverageRadii = self.coverage = None
+        """Forget the previous detection: its point list, heatmap and halos leave the scene."""
+        node = self.review.markupsNode
+        if node is not None and self.grabObserver is not None:
+            node.RemoveObserver(self.grabObserver)
+        self.grabObserver = None
+        self.review.clear()
+        if self.movedMarkersNode is not None:
+            self.slicerApp.scene.RemoveNode(self.movedMarkersNode)
+        self.movedMarkersNode = None
+        self.state.coverage_percent = ""
         self.state.landmarks = []
+        self.state.can_undo = False
         self.state.selected_landmark = None
         self.state.heatmap_visible = False
 
@@ -677,27 +658,24 @@ class LandmarkReviewApp(TrameApp):
     def _refreshTable(self) -> None:
         rows = []
         dimensions = 2 if self.state.is_2d else 3
-        landmarkRows = self.logic.updatePointStatuses(self.markupsNode)
+        landmarkRows = self.review.rows()
         for index, row in enumerate(landmarkRows):
             lps = None if row.positionRas is None else ras_to_lps(np.asarray(row.positionRas)[None])[0]
-            expected = math.nan if self.expectedErrors is None else float(self.expectedErrors[index])
-            radius = math.nan if self.coverageRadii is None else float(self.coverageRadii[index])
             rows.append(
                 {
                     "index": index,
                     "name": row.name,
                     "status": row.status,
                     "confidence": "" if not math.isfinite(row.confidence) else f"{row.confidence:.2f}",
-                    "expected_error": f"{expected:.1f}" if math.isfinite(expected) else "",
-                    "coverage_radius": f"{radius:.1f}" if math.isfinite(radius) else "",
-                    # A point the user placed is no longer the model's guess: no longer flagged.
-                    "flagged": bool(
-                        self.flagged is not None and self.flagged[index] and row.status != LandmarkStatus.MOVED
-                    ),
+                    "expected_error": f"{row.expectedError:.1f}" if math.isfinite(row.expectedError) else "",
+                    "coverage_radius": f"{row.coverageRadius:.1f}" if math.isfinite(row.coverageRadius) else "",
+                    "flagged": row.reviewFirst,
                     "position": "" if lps is None else ", ".join(f"{c:.1f}" for c in lps[:dimensions]),
                 }
             )
         self.state.landmarks = rows
+        self.state.can_undo = self.review.canUndo
+        self.state.unsaved = self.review.unsaved
         self.lastTableRefresh = time.monotonic()
         self._markMovedPoints(landmarkRows)
 
@@ -727,79 +705,59 @@ class LandmarkReviewApp(TrameApp):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName("moved by user"))
         node.CreateDefaultDisplayNodes()
         node.SetLocked(True)  # the halos never take the mouse: the point under them is dragged
-        node.SetAndObserveTransformNodeID(self.markupsNode.GetTransformNodeID())
+        node.SetAndObserveTransformNodeID(self.review.markupsNode.GetTransformNodeID())
         display = node.GetDisplayNode()
         color = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
         display.SetColor(*color)
         display.SetSelectedColor(*color)
         display.SetGlyphTypeFromString("Circle2D")  # a disk in slice views: translucent, a halo round the point
-        display.SetGlyphScale(MOVED_HALO_SCALE * self.markupsNode.GetDisplayNode().GetGlyphScale())
+        display.SetGlyphScale(MOVED_HALO_SCALE * self.review.markupsNode.GetDisplayNode().GetGlyphScale())
         display.SetOpacity(MOVED_HALO_OPACITY)
         display.SetPointLabelsVisibility(False)
         display.SetPropertiesLabelVisibility(False)
         return node
 
-    def _positionOf(self, index: int) -> np.ndarray:
-        position = np.zeros(3)
-        self.markupsNode.GetNthControlPointPosition(index, position)
-        return position
-
     def _onPointGrabbed(self, caller, event) -> None:
         # The point under the mouse is the display node's active one: dragging a point selects it.
         display = caller.GetDisplayNode()
         index = display.GetActiveControlPoint() if display is not None else -1
-        if index < 0:
-            return
-        self.dragStart = (index, self._positionOf(index))
-        with self.state:
-            self.state.selected_landmark = index
-
-    def _onPointMoving(self, caller, event) -> None:
-        # Dragging fires many modified events: the table follows at a readable rate.
-        if time.monotonic() - self.lastTableRefresh > TABLE_REFRESH_S:
+        if index >= 0:
             with self.state:
-                self._refreshTable()
+                self.state.selected_landmark = index
 
-    def _onPointDropped(self, caller, event) -> None:
-        if self.dragStart is not None:
-            self._rememberMove(*self.dragStart)
-            self.dragStart = None
+    def _onReviewChanged(self, what: str) -> None:
+        """The session's points changed: while a point is dragged the table follows at a readable
+        rate; once they settle, the table, the undo button and the autosave follow."""
+        if what == MOVING and time.monotonic() - self.lastTableRefresh <= TABLE_REFRESH_S:
+            return
+        if self.review.markupsNode is None:
+            return
         with self.state:
             self._refreshTable()
-            self._keepCorrections()
-
-    def _rememberMove(self, index: int, previous: np.ndarray) -> None:
-        self.undoMoves.append((index, previous))
-        with self.state:
-            self.state.can_undo = True
-            self.state.unsaved = True
+            if what == CHANGED:
+                self._keepCorrections()
 
     def undoMove(self) -> None:
         """Put the last moved (or reset) point back where it was before."""
-        if self.markupsNode is None or not self.undoMoves:
-            return
-        index, position = self.undoMoves.pop()
-        self.markupsNode.SetNthControlPointPosition(index, *position)
-        self.state.can_undo = bool(self.undoMoves)
-        self.state.selected_landmark = index
-        self._refreshTable()
-        self._keepCorrections()
+        index = self.review.undo()
+        if index is not None:
+            self.state.selected_landmark = index
 
     def selectLandmark(self, index: int) -> None:
         """Center the views on a landmark and, with a heatmap shown, show that landmark's heatmap."""
-        if self.markupsNode is None:
+        if self.review.markupsNode is None:
             return
         self.state.selected_landmark = index
-        self.logic.centerViewsOnLandmark(self.markupsNode, int(index))
+        self.logic.centerViewsOnLandmark(self.review.markupsNode, int(index))
         if self.state.heatmap_visible:
             self.state.heatmap_landmark = self.state.landmarks[int(index)]["name"]
 
     def nextToReview(self) -> None:
         """Center the views on the next point to check: largest expected error first (landmark order for
         a model without calibration), after the selected one; points the user moved count as checked."""
-        if self.markupsNode is None:
+        if self.review.markupsNode is None:
             return
-        index = self.logic.nextToReview(self.markupsNode, self.state.selected_landmark)
+        index = self.review.nextToReview(self.state.selected_landmark)
         if index is None:
             self.state.selected_landmark = None  # the next click starts from the top again
             self.state.info = "Every point has been shown once; Next to review starts again from the first."
@@ -808,7 +766,7 @@ class LandmarkReviewApp(TrameApp):
 
     def zoomToSelected(self) -> None:
         """Center the views on the selected landmark and zoom in around it."""
-        if self.markupsNode is None or self.state.selected_landmark is None:
+        if self.review.markupsNode is None or self.state.selected_landmark is None:
             return
         self.selectLandmark(int(self.state.selected_landmark))
         imageData = self.volumeNode.GetImageData()
@@ -819,25 +777,19 @@ class LandmarkReviewApp(TrameApp):
             sliceNode.SetFieldOfView(width, width * fieldOfView[1] / fieldOfView[0], fieldOfView[2])
 
     def resetSelected(self) -> None:
-        if self.markupsNode is None or self.state.selected_landmark is None:
-            return
-        index = int(self.state.selected_landmark)
-        before = self._positionOf(index)
-        self.logic.resetPoint(self.markupsNode, index)
-        if np.linalg.norm(self._positionOf(index) - before) > 0:
-            self._rememberMove(index, before)
-        self._refreshTable()
-        self._keepCorrections()
+        if self.review.markupsNode is not None and self.state.selected_landmark is not None:
+            self.review.resetPoint(int(self.state.selected_landmark))
 
     def _onHeatmapChoice(self, **_) -> None:
-        if self.markupsNode is None or not self.logic.hasHeatmaps(self.markupsNode):
+        node = self.review.markupsNode
+        if node is None or not self.logic.hasHeatmaps(node):
             return
         try:
             if self.state.heatmap_visible:
                 landmark = self.state.heatmap_landmark
                 everyLandmark = landmark == ALL_LANDMARKS
                 heatmapNode = self.logic.showHeatmap(
-                    self.markupsNode,
+                    node,
                     self.state.heatmap_kind,
                     None if everyLandmark else landmark,
                     float(self.state.heatmap_opacity),
@@ -849,13 +801,13 @@ class LandmarkReviewApp(TrameApp):
                     display.SetWindowLevelMinMax(ALL_LANDMARKS_FLOOR, 1.0)
                     display.SetLowerThreshold(ALL_LANDMARKS_FLOOR)
             else:
-                self.logic.hideHeatmap(self.markupsNode)
+                self.logic.hideHeatmap(node)
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
 
     def _onHeatmapOpacity(self, heatmap_opacity, **_) -> None:
-        if self.markupsNode is not None and self.state.heatmap_visible:
-            self.logic.setHeatmapOpacity(self.markupsNode, float(heatmap_opacity))
+        if self.review.markupsNode is not None and self.state.heatmap_visible:
+            self.logic.setHeatmapOpacity(self.review.markupsNode, float(heatmap_opacity))
 
     # ------------------------------------------------------------------------------------------
     # views
@@ -918,14 +870,15 @@ class LandmarkReviewApp(TrameApp):
     # export
 
     def exportMarkups(self):
-        """The current (corrected) points as a `.mrk.json` download (None, with the error shown, if none)."""
+        """The current (corrected) points as a `.mrk.json` download (None, with the error shown, if none),
+        as `scn-landmarks detect` writes them (the session's export)."""
         self.state.error = ""
         try:
-            if self.markupsNode is None:
+            if self.review.markupsNode is None:
                 raise SCNLandmarksError("Nothing to export: detect landmarks first.")
             # A new folder each time: nothing on the server is ever replaced.
             path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="export-")) / "landmarks.mrk.json"
-            self._writeLandmarks(path)
+            self.review.export(path)
             content = path.read_bytes()
             path.unlink()
             self._markSaved()
@@ -934,36 +887,30 @@ class LandmarkReviewApp(TrameApp):
             self._showError(error)
             return None
 
-    def _writeLandmarks(self, path: Path) -> None:
-        """The corrected points as `scn-landmarks detect` writes them for this image: 2D points for a 2D
-        image, expected errors when known, positions labelled px for pictures without spacing."""
-        landmarks, statuses = self.logic.landmarkSet(self.markupsNode)
-        if self.state.is_2d:
-            landmarks = dataclasses.replace(landmarks, points_lps=landmarks.points_lps[:, :2])
-        landmarks = dataclasses.replace(
-            landmarks, expected_errors=self.expectedErrors, coverage_radii=self.coverageRadii, coverage=self.coverage
-        )
-        write_landmarks(landmarks, path, [str(status) for status in statuses], self.imageUnit)
-
     # ------------------------------------------------------------------------------------------
     # corrections kept across sessions (see `autosave`)
 
     def _markSaved(self) -> None:
         """The corrections are exported (or kept in the training folder), or there are none any more."""
+        self.review.markSaved()
         self.state.unsaved = False
         self.autosave.clear()
 
     def _keepCorrections(self) -> None:
         """Write the corrections not exported to the autosave folder, where a later session finds them."""
-        if not self.state.unsaved or self.markupsNode is None or self.imagePath is None:
+        node = self.review.markupsNode
+        if not self.review.unsaved or node is None or self.imagePath is None:
             return
-        moved = {
-            index: tuple(row.positionRas)
-            for index, row in enumerate(self.logic.landmarkRows(self.markupsNode))
-            if row.status == LandmarkStatus.MOVED and row.positionRas is not None
-        }
+        moved = {index: tuple(position) for index, position in self.review.movedPositions().items()}
         try:
-            self.autosave.write(self.imagePath, self.state.image_name, self.detectionModel, moved, self._writeLandmarks)
+            # Written as an export is (a copy: the corrections still count as not exported).
+            self.autosave.write(
+                self.imagePath,
+                self.state.image_name,
+                self.detectionModel,
+                moved,
+                lambda path: self.logic.exportLandmarks(node, path),
+            )
         except (OSError, SCNLandmarksError) as error:  # the review goes on; the page still asks before leaving
             logger.warning("corrections not autosaved: %s", error)
 
@@ -1013,11 +960,7 @@ class LandmarkReviewApp(TrameApp):
         self._startDetection(kept.modelPath, then=lambda: self._putBack(kept))
 
     def _putBack(self, kept: Recoverable) -> None:
-        for index, position in kept.movedRas.items():
-            self.markupsNode.SetNthControlPointPosition(index, *position)
-        self.state.unsaved = True
-        self._refreshTable()
-        self._keepCorrections()  # now this session's, before the other session's folder goes
+        self.review.movePoints(kept.movedRas)  # now this session's (autosaved), before the other session's folder goes
         if kept in self.recoverable:
             self.recoverable.remove(kept)
         shutil.rmtree(kept.folder, ignore_errors=True)
@@ -1033,9 +976,9 @@ class LandmarkReviewApp(TrameApp):
         """How many cases the training folder holds (other sessions may add to a shared one)."""
         spec = self.trainingFolder / TRAINING_SPEC_NAME
         try:
-            cases = len(tomllib.loads(spec.read_text(encoding="utf-8")).get("images", [])) if spec.is_file() else 0
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            logger.warning("%s: %s", spec, error)
+            cases = len(load_dataset_spec(spec).entries) if spec.is_file() else 0
+        except SCNLandmarksError as error:
+            logger.warning("%s", error)
             self.state.training_cases = "its dataset.toml cannot be read (details in the server log)"
             return
         self.state.training_cases = caseCount(cases)
@@ -1052,7 +995,7 @@ class LandmarkReviewApp(TrameApp):
         folder = self.trainingFolder
         renamedFrom = None
         try:
-            if self.markupsNode is None:
+            if self.review.markupsNode is None:
                 raise SCNLandmarksError("Nothing to save: detect landmarks (and correct them) first.")
             caseId = safe_filename((caseId or "").strip() or self.state.case_id, "case")
             # Checked and written under the folder's lock: two sessions may save the same name at once.
@@ -1060,7 +1003,7 @@ class LandmarkReviewApp(TrameApp):
                 owners = _caseOwners(folder)
 
                 def taken(name: str) -> bool:
-                    return bool(self.logic.existingFiles(self.logic.trainingPairPaths(self.volumeNode, folder, name)))
+                    return bool(self.logic.existingFiles(self.review.trainingPairPaths(folder, name)))
 
                 if taken(caseId) and owners.get(caseId) != self.reviewerDigest:
                     renamedFrom, caseId = caseId, _freeCaseId(caseId, taken)
@@ -1068,7 +1011,8 @@ class LandmarkReviewApp(TrameApp):
                     self.state.case_id = caseId
                     self.state.confirm_replace_case = True
                     return
-                self.logic.saveTrainingPair(self.volumeNode, self.markupsNode, folder, caseId, overwrite=True)
+                # A folder that goes with the session keeps nothing: the corrections still need exporting.
+                self.review.saveTrainingPair(folder, caseId, overwrite=True, keeps=self.state.training_folder_kept)
                 owners[caseId] = self.reviewerDigest
                 (folder / CASE_OWNERS_FILE).write_text(json.dumps(owners, indent=1), encoding="utf-8")
         except Exception as error:  # the page shows it; the server carries on
@@ -1086,7 +1030,6 @@ class LandmarkReviewApp(TrameApp):
         if self.state.training_folder_kept:
             self._markSaved()  # the corrections are kept, on the server
         else:
-            # A folder that goes with the session keeps nothing: the corrections still need exporting.
             saved += " This folder is removed when the session ends: export the points to keep them."
         self.state.info = saved
 
@@ -1119,21 +1062,16 @@ class LandmarkReviewApp(TrameApp):
         self.finetuneCancelRequested = False
         asyncio.get_event_loop().create_task(self._finetune(Path(base), minutes, (name or "").strip()))
 
-    def _startTrainingJob(self, base: Path, minutes: float, name: str) -> TrainingJob:
-        """Check the cases and the base (naming what is wrong before any training), then start (reads files)."""
-        data = inspectTrainingFolder(self.trainingFolder)
-        checkBase(base, data)
-        job = TrainingJob(data, base, name, minutes=minutes, device=self.device)
-        job.start()
-        return job
-
     async def _finetune(self, base: Path, minutes: float, name: str) -> None:
         try:
-            self.trainingJob = job = await asyncio.to_thread(self._startTrainingJob, base, minutes, name)
+            # (Reads the cases and the base model before starting: off the event loop.)
+            job = await asyncio.to_thread(
+                self.review.startTraining, self.trainingFolder, base, name, minutes, self.device
+            )
             if self.finetuneCancelRequested:
                 job.cancel()
             while True:
-                outcome = await asyncio.to_thread(job.poll, TRAINING_POLL_S)
+                outcome = await asyncio.to_thread(self.review.pollTraining, TRAINING_POLL_S)
                 self._showFinetuneProgress(job)  # the last figures too: a short run may end between two looks
                 if outcome is not None:
                     break
@@ -1156,7 +1094,6 @@ class LandmarkReviewApp(TrameApp):
         finally:
             with self.state:
                 self.state.finetuning = False
-                self.trainingJob = None
 
     def _showFinetuneProgress(self, job: TrainingJob) -> None:
         progress = job.progress
@@ -1171,18 +1108,13 @@ class LandmarkReviewApp(TrameApp):
         if not self.state.finetuning:
             return
         self.finetuneCancelRequested = True
-        if self.trainingJob is not None:
-            self.trainingJob.cancel()
+        self.review.cancelTraining()
         self.state.finetune_message = CANCELLING_FINETUNE
 
     def shutdown(self) -> None:
         """The session is ending: no training outlives it, and its unfinished model is removed. Its
         corrections not exported stay in the autosave folder for the reviewer's next session."""
-        job = self.trainingJob
-        if job is not None:
-            job.kill()
-            with contextlib.suppress(SCNLandmarksError):  # "killed: nothing was added"
-                job.wait()
+        self.review.endTraining()
 
     # ------------------------------------------------------------------------------------------
     # page
@@ -1591,9 +1523,8 @@ class LandmarkReviewApp(TrameApp):
                 v.VDivider(classes="my-3")
                 html.Div(
                     "Fine-tune the chosen model on the folder's cases. The new model joins the model list "
-                    "(the user models folder, shared with the Slicer module) unless, with 5 cases or more, "
-                    "it is not better than the chosen one on the cases held aside; Cancel keeps the best "
-                    "model so far.",
+                    "(the user models folder, shared with the Slicer module) only when it is better than the "
+                    "chosen one on the cases held aside (5 cases or more); Cancel keeps the best model so far.",
                     classes="text-caption",
                 )
                 v.VTextField(

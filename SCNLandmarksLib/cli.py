@@ -42,7 +42,7 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class TrainingProgress:
+class TerminalProgressBar:
     """A one-line progress bar (loss, mean sigma, ETA) on a terminal, periodic lines otherwise."""
 
     def __init__(self, stream=sys.stderr, every_s: float = 10.0):
@@ -98,7 +98,7 @@ def _print_json(values: dict) -> None:
 
 
 def _progress(args: argparse.Namespace) -> Callable[[dict], None]:
-    return JsonProgress() if args.progress_json else TrainingProgress()
+    return JsonProgress() if args.progress_json else TerminalProgressBar()
 
 
 def _result(args: argparse.Namespace, values: dict) -> None:

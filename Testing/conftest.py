@@ -23,6 +23,27 @@ from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.geometry import ImageGeometry, mirror_points
 from SCNLandmarksLib.train import TrainingResult, train
 
+# The quick run (`pytest -m "not slow"`) leaves out what trains models, runs the shipped models on
+# their samples, starts child processes, a browser or a cluster: tests in these modules, and tests
+# that use these fixtures.
+SLOW_MODULES = {
+    "test_cluster",
+    "test_demo",
+    "test_finetune",
+    "test_shipped_models",
+    "test_slicer_app_setup",
+    "test_slicer_training",
+    "test_training",
+    "test_web_app",
+}
+SLOW_FIXTURES = {"trained_2d", "trained_3d", "tiny_model_2d", "tiny_model_3d", "mirror_model_2d", "server", "browser"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_models_folder(tmp_path_factory) -> Path:

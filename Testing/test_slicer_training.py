@@ -201,13 +201,13 @@ def _run(job: TrainingJob, until=None) -> list:
 
 @pytest.fixture
 def four_cases(tmp_path) -> Path:
-    """Four corrected cases: all train and none is held aside, so a fine-tune always keeps its model."""
+    """Four corrected cases: all train and none is held aside, so the fine-tuned model is not validated."""
     folder = tmp_path / "corrections"
     make_dataset(folder, images=4, landmarks=4, size=(64, 48), spacing=(1.0, 1.3), validation=0)
     return folder
 
 
-def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model(
+def test_fine_tuning_in_a_child_process_reports_progress_and_adds_no_model_it_could_not_validate(
     user_folder, tiny_model_2d, four_cases
 ):
     job = TrainingJob(
@@ -218,26 +218,43 @@ def test_fine_tuning_in_a_child_process_reports_progress_and_registers_the_model
     assert [p.iteration for p in seen] == sorted(p.iteration for p in seen) and seen[-1].iteration == 12
     assert all(p.iterations == 12 and p.stage == "coarse" and p.loss > 0 and p.etaSeconds >= 0 for p in seen)
     assert "coarse stage: iteration 12 of 12, loss" in seen[-1].text
-    assert not outcome.cancelled and outcome.result["outcome"] == "not validated"
-    entry = outcome.entry
-    assert entry.userModel and entry.name == "Corrected" and "not validated (fewer than 5 cases)" in entry.description
-    assert "# Fine-tuned from model.safetensors" in entry.card.read_text(encoding="utf-8")
-    assert (entry.path.parent / "training" / "config.toml").is_file()  # the run stays with its model
-    assert [e.path for e in catalogue.userModels()] == [entry.path]  # listed, as files: after a restart too
-    assert not list(user_folder.glob(".*"))  # no staging folder left
+    # Four cases are too few to hold some aside: the model was never compared with its base, so it
+    # joins no model list (the base stays the one to use).
+    assert not outcome.cancelled and outcome.result["outcome"] == "not validated" and outcome.entry is None
+    assert outcome.message.startswith("Not validated: 4 cases are too few") and "nothing was added" in outcome.message
+    assert catalogue.userModels() == [] and _tree(user_folder) == []  # no staging folder left either
 
 
-def test_cancel_keeps_the_best_model_so_far_and_registers_it(user_folder, tiny_model_2d, four_cases):
-    # 400 iterations: without held-aside cases the newest model is kept every 40 (checkpoints).
+def _conventionCases(tiny_model_2d, dataset_2d, tmp_path) -> tuple[Path, Path]:
+    """A base that learns nothing (learning rates 0) and cases whose corrections move every landmark
+    by the same amount from where the base puts it: (base, spec)."""
+    base = with_stored_training(
+        tiny_model_2d, tmp_path / "base.safetensors", learning_rate=0.0, sigma_learning_rate=0.0
+    )
+    spec = relabelled_by(base, dataset_2d, tmp_path / "shifted")
+    for landmarks in (spec.parent / "images").glob("*.mrk.json"):
+        points = read_landmarks(landmarks, dimension=2)
+        write_landmarks(LandmarkSet(points.names, points.points_lps + [1.5, -1.0]), landmarks)
+    return base, spec
+
+
+def test_cancel_keeps_the_best_model_so_far_and_registers_it_when_it_beats_the_base(
+    user_folder, tiny_model_2d, dataset_2d, tmp_path
+):
+    # A clinic's convention (every point 1.5 mm right, 1 mm down of the base's): the offset beats the
+    # base whenever the fine-tuning stops, so the cancelled run still adds the winner.
+    base, spec = _conventionCases(tiny_model_2d, dataset_2d, tmp_path)
     job = TrainingJob(
-        inspectTrainingFolder(four_cases), base=tiny_model_2d, name="Stopped", minutes=5, device="cpu", iterations=400
+        inspectTrainingFolder(spec.parent), base=base, name="Stopped", minutes=5, device="cpu", iterations=400
     )
     seen = _run(job, until=lambda progress: progress.iteration > 40)
     outcome = job.poll()
     assert outcome.cancelled and outcome.result["cancelled"] and 40 < outcome.result["iterations"]["coarse"] < 400
     assert seen[-1].iteration < 400
     entry = outcome.entry
-    assert entry is not None and "Stopped early (cancelled): the best model up to then" in entry.description
+    assert outcome.result["outcome"] == "base + offset" and entry is not None and entry.name == "Stopped"
+    assert "Stopped early (cancelled): the best model up to then" in entry.description
+    assert (entry.path.parent / "training" / "config.toml").is_file()  # the run stays with its model
     assert "cancelled by the user" in entry.card.read_text(encoding="utf-8")
     assert [e.path for e in catalogue.userModels()] == [entry.path]
     assert not (entry.path.parent / "stop-requested").exists()
@@ -264,13 +281,7 @@ def test_a_base_that_stays_better_is_kept_and_nothing_is_added(user_folder, tiny
 
 def test_a_clinic_convention_is_added_as_the_base_with_an_offset(user_folder, tiny_model_2d, dataset_2d, tmp_path):
     # Cases whose corrections move every landmark by the same amount from where the base puts it.
-    base = with_stored_training(
-        tiny_model_2d, tmp_path / "base.safetensors", learning_rate=0.0, sigma_learning_rate=0.0
-    )
-    spec = relabelled_by(base, dataset_2d, tmp_path / "shifted")
-    for landmarks in (spec.parent / "images").glob("*.mrk.json"):
-        points = read_landmarks(landmarks, dimension=2)
-        write_landmarks(LandmarkSet(points.names, points.points_lps + [1.5, -1.0]), landmarks)
+    base, spec = _conventionCases(tiny_model_2d, dataset_2d, tmp_path)
     job = TrainingJob(inspectTrainingFolder(spec.parent), base=base, minutes=5, device="cpu", iterations=6)
     _run(job)
     outcome = job.poll()

@@ -16,9 +16,11 @@ its JSON progress lines. The caller polls it (a timer)::
 
 `cancel` asks the child to stop at its next iteration (through a stop file, which works on every
 platform): a fine-tuning then still compares the best model so far with the base and keeps the better
-one; a new landmark set keeps its best model so far. The child writes into a hidden staging folder of
-the user models folder; only a finished model becomes a catalogue entry (one rename), so a killed
-process or a full disk never leaves a damaged entry: the staging folder is then removed.
+one; a new landmark set keeps its best model so far. A fine-tuned model is added to the user's models
+only when it was validated on held-aside cases and is better than its base. The child writes into a
+hidden staging folder of the user models folder; only a finished model becomes a catalogue entry (one
+rename), so a killed process or a full disk never leaves a damaged entry: the staging folder is then
+removed.
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ class TrainingOutcome:
 
     Attributes:
         entry: the new model in the user's models, or None when nothing was added (the base stayed
-            better on the held-aside cases).
+            better on the held-aside cases, or too few cases to hold some aside).
         message: what happened, for the user.
         cancelled: the user cancelled; the best model up to then was kept (see `entry`).
         result: the command's result line (outcome, held-aside errors of base and new model).
@@ -465,15 +467,10 @@ class TrainingJob:
         result = self._result or {}
         # A cancel that came after the last iteration changed nothing.
         cancelled = self._cancelled and (status != 0 or bool(result.get("cancelled")))
-        if result.get("outcome") == "kept base":
+        unpublished = self._unpublished(result)
+        if unpublished:
             self._discardStaging()
-            return TrainingOutcome(
-                None,
-                f"No candidate is better than {self.base.name}: nothing was added; keep using the base model. "
-                f"{heldAsideFigures(result)}.",
-                cancelled,
-                result,
-            )
+            return TrainingOutcome(None, unpublished, cancelled, result)
         (self.staging / STOP_FILE).unlink(missing_ok=True)
         try:
             description = self._description(result, cancelled, model)
@@ -483,6 +480,27 @@ class TrainingJob:
                 f"Cannot add the new model to {self.staging.parent} ({error}); nothing was added."
             ) from None
         return TrainingOutcome(entry, f"'{entry.name}' was added to your models: {description}", cancelled, result)
+
+    def _unpublished(self, result: dict) -> str:
+        """Why a fine-tuning's model joins no model list ("" when it does): only a model validated on
+        held-aside cases and better than its base is published (or one for landmarks the base lacks)."""
+        if self.base is None:
+            return ""
+        from SCNLandmarksLib.finetune import KEPT_BASE, NOT_VALIDATED
+
+        outcome = result.get("outcome")
+        if outcome == KEPT_BASE:
+            return (
+                f"No candidate is better than {self.base.name}: nothing was added; keep using the base model. "
+                f"{heldAsideFigures(result)}."
+            )
+        if outcome == NOT_VALIDATED:
+            return (
+                f"Not validated: {caseCount(len(self.data.cases))} are too few to hold some aside and compare the "
+                f"new model with {self.base.name} (5 or more are needed), so nothing was added; keep using the "
+                "base model, and save more training pairs."
+            )
+        return ""
 
     def _description(self, result: dict, cancelled: bool, model: Path) -> str:
         from SCNLandmarksLib.bundle import read_description
@@ -501,10 +519,10 @@ class TrainingJob:
                 f"New landmark set trained on {caseCount(len(self.data.cases))} of {self.data.folder}; "
                 f"{measured}.{stopped}"
             )
+        from SCNLandmarksLib.finetune import NEW_LANDMARKS
+
         outcome = result.get("outcome", "")
-        if outcome == "not validated":
-            measured = "not validated (fewer than 5 cases)"
-        elif outcome == "new landmarks":
+        if outcome == NEW_LANDMARKS:
             measured = "new landmarks, not comparable with the base"
         else:
             measured = f"{outcome} chosen. {heldAsideFigures(result)}"

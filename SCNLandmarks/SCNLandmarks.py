@@ -764,11 +764,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _updateResultsTable(self) -> None:
-        landmarkRows = self.review.rows()
-        rows = panel.tableRows(landmarkRows, self.review.unit)
+        landmarkRows, coverage = self.review.rows(), self.review.coverage
+        rows = panel.tableRows(landmarkRows, self.review.unit, coverage)
+        headers = panel.tableHeaders(landmarkRows, coverage)
         table = self.ui.resultsTable
         with SignalBlocker(table):
-            table.setHorizontalHeaderLabels(list(panel.tableHeaders(landmarkRows)))
+            table.setColumnCount(len(headers))
+            table.setHorizontalHeaderLabels(list(headers))
             panel.updateTable(QtTable(table), rows, qt.QTableWidgetItem, _setItemColor, self._tableColors)
 
     def _updateShortLabels(self) -> None:

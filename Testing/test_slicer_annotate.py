@@ -5,6 +5,7 @@ points from the largest expected error down)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -157,6 +158,11 @@ def test_next_to_review_walks_the_points_from_the_largest_expected_error_down(mr
     assert panel.tableHeaders(rows) == ("Landmark", "Expected error", "Status")
     table = panel.tableRows(rows, "px")
     assert [row.texts[1] for row in table] == ["2.00 px", "! 9.00 px", "4.00 px", "9.00 px", "1.00 px"]
+    # With coverage radii (90 %): a radius column between the expected error and the status.
+    assert panel.tableHeaders(rows, 0.9) == ("Landmark", "Expected error", "90 % radius", "Status")
+    radii = [dataclasses.replace(row, coverageRadius=2.0 * row.expectedError) for row in rows]
+    assert [row.texts[2] for row in panel.tableRows(radii, "px", 0.9)][:2] == ["4.00 px", "18.00 px"]
+    assert panel.tableRows(radii, "px", 0.9)[0].texts[3] == rows[0].status
     assert table[1].color == panel.FLAGGED_COLOR  # above its landmark's usual error
     assert table[3].color == panel.STATUS_COLORS[LandmarkStatus.MOVED]  # flagged, but corrected already
 

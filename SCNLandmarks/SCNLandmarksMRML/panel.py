@@ -102,7 +102,7 @@ FLAGGED_MARK = "! "
 class TableRow:
     """The cells of one landmark in the results table (full names: the table never abbreviates)."""
 
-    texts: tuple[str, str, str]
+    texts: tuple[str, ...]
     color: tuple[int, int, int] | None
 
 
@@ -111,15 +111,17 @@ def isCalibrated(rows: list[LandmarkRow]) -> bool:
     return any(math.isfinite(row.expectedError) for row in rows)
 
 
-def tableHeaders(rows: list[LandmarkRow]) -> tuple[str, str, str]:
-    """Column titles: the second column is the expected error for a calibrated model, else the confidence."""
-    return ("Landmark", "Expected error" if isCalibrated(rows) else "Confidence", "Status")
+def tableHeaders(rows: list[LandmarkRow], coverage: float | None = None) -> tuple[str, ...]:
+    """Column titles: the second column is the expected error for a calibrated model, else the
+    confidence; with coverage radii (`coverage`, e.g. 0.9) a radius column follows it."""
+    radius = () if coverage is None else (f"{100 * coverage:g} % radius",)
+    return ("Landmark", "Expected error" if isCalibrated(rows) else "Confidence", *radius, "Status")
 
 
-def tableRows(rows: list[LandmarkRow], unit: str = "") -> list[TableRow]:
-    """Name, expected error (calibrated model; in `unit`) or confidence, and status of each landmark,
-    and the row's color by status. Points above their landmark's usual error and not corrected yet
-    are marked ("! ") and colored."""
+def tableRows(rows: list[LandmarkRow], unit: str = "", coverage: float | None = None) -> list[TableRow]:
+    """Name, expected error (calibrated model; in `unit`) or confidence, the coverage radius (when
+    `coverage` is given) and status of each landmark, and the row's color by status. Points above
+    their landmark's usual error and not corrected yet are marked ("! ") and colored."""
     calibrated = isCalibrated(rows)
     table = []
     for row in rows:
@@ -129,9 +131,9 @@ def tableRows(rows: list[LandmarkRow], unit: str = "") -> list[TableRow]:
             value = FLAGGED_MARK + value if flagged else value
         else:
             value = "" if math.isnan(row.confidence) else f"{row.confidence:.2f}"
-        table.append(
-            TableRow((row.name, value, row.status), FLAGGED_COLOR if flagged else STATUS_COLORS.get(row.status))
-        )
+        radius = "" if math.isnan(row.coverageRadius) else f"{row.coverageRadius:.2f} {unit}".rstrip()
+        texts = (row.name, value, *(() if coverage is None else (radius,)), row.status)
+        table.append(TableRow(texts, FLAGGED_COLOR if flagged else STATUS_COLORS.get(row.status)))
     return table
 
 

@@ -178,6 +178,11 @@ class ReviewSession:
         """The unit of positions and expected errors: the model's ("mm", or "px" for pictures)."""
         return markups.predictionUnit(self.markupsNode) if self.markupsNode is not None else ""
 
+    @property
+    def coverage(self) -> float | None:
+        """The probability the points' coverage radii are for (e.g. 0.9); None without radii."""
+        return markups.predictionCoverage(self.markupsNode) if self.markupsNode is not None else None
+
     def rows(self) -> list[markups.LandmarkRow]:
         """Each landmark's row in model order (status, expected error, the flag: `LandmarkRow.reviewFirst`)."""
         return markups.updatePointStatuses(self.markupsNode) if self.markupsNode is not None else []

@@ -750,7 +750,15 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
         [p["position"] for p in web["controlPoints"]], [p["position"] for p in cli["controlPoints"]], atol=1e-3
     )
     described = [[(m["name"], m.get("units")) for m in markup["measurements"]] for markup in (web, cli)]
-    assert described[0] == described[1] == [("confidence", None), ("expected error", "px")]
+    assert (
+        described[0]
+        == described[1]
+        == [
+            ("confidence", None),
+            ("expected error", "px"),
+            ("coverage radius 90%", "px"),
+        ]
+    )
     for ours, theirs in zip(web["measurements"], cli["measurements"]):
         np.testing.assert_allclose(ours["controlPointValues"], theirs["controlPointValues"], atol=1e-3)
     duplicates = page.evaluate("""() => { const seen = {};

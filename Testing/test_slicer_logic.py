@@ -51,6 +51,7 @@ from SCNLandmarksMRML import (  # noqa: E402
     loadVolumeFile,
 )
 from SCNLandmarksMRML.catalogue import availableModels, catalogueModels, entryForModel, readCatalogue, sampleModel  # noqa: E402
+from SCNLandmarksMRML.markups import LOW_CONFIDENCE_MARK, viewLabel  # noqa: E402
 from SCNLandmarksMRML.volumes import ColourImageError, ijkToRasArray  # noqa: E402
 
 NAMES = ["Apex", "Base", "Left", "Right"]
@@ -60,6 +61,8 @@ VOXELS_3D = [(5, 6, 4), (14, 9, 3), (9, 16, 7), None]
 VOXELS_2D = [(12, 8), (30, 20), (20, 33), None]
 CONFIDENCES = [0.95, 0.9, 0.2, 0.01]
 STATUS = [LandmarkStatus.DETECTED, LandmarkStatus.DETECTED, LandmarkStatus.LOW_CONFIDENCE, LandmarkStatus.MISSING]
+# The labels on the views: "Left" is marked as of low confidence.
+VIEW_LABELS = ["Apex", "Base", "Left" + LOW_CONFIDENCE_MARK, "Right"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,13 +305,13 @@ def test_detect_3d_oblique_puts_points_at_the_truth(mrml, files, suffix):
     result = logic.detectLandmarks(volume, BlobOracle(3), progress=lambda f, m: messages.append((f, m)))
     node = result.markupsNode
     assert node.IsA("vtkMRMLMarkupsFiducialNode") and node.GetScene() is mrml.scene
-    assert _labels(node) == NAMES
+    assert _labels(node) == VIEW_LABELS
     np.testing.assert_allclose(_positions(node), lps_to_ras(files["truth3d"]), atol=1e-4)
     np.testing.assert_allclose(result.pointsRas, lps_to_ras(files["truth3d"]), atol=1e-4)
     assert [r.status for r in logic.landmarkRows(node)] == STATUS
     np.testing.assert_allclose([r.confidence for r in logic.landmarkRows(node)], CONFIDENCES)
     assert node.GetNthControlPointDescription(2) == "low confidence; confidence 0.20"
-    assert [bool(node.GetNthControlPointSelected(i)) for i in range(4)] == [False, False, True, False]
+    assert all(node.GetNthControlPointSelected(i) for i in range(4))  # Slicer's default: the user's to change
     assert not node.GetLocked() and not any(node.GetNthControlPointLocked(i) for i in range(4))
     assert node.GetNthControlPointPositionStatus(3) == slicer.vtkMRMLMarkupsNode.PositionUndefined
     measurement = node.GetMeasurement("confidence")
@@ -468,6 +471,39 @@ def test_moved_point_is_marked_exported_and_reloaded(mrml, files, tmp_path):
     np.testing.assert_allclose(_positions(node)[0], predicted[0])
     logic.resetPoint(node, 3)
     assert logic.landmarkRows(node)[3].status == LandmarkStatus.MISSING
+
+
+def test_low_confidence_is_marked_on_the_label_and_the_users_selection_is_left_alone(mrml, files, tmp_path):
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
+    predicted = _positions(node)
+    # The user unselects two points in the Markups module, the low-confidence one among them.
+    node.SetNthControlPointSelected(0, False)
+    node.SetNthControlPointSelected(2, False)
+    chosen = [False, True, False, True]
+
+    def selection() -> list[bool]:
+        return [bool(node.GetNthControlPointSelected(i)) for i in range(4)]
+
+    assert selection() == chosen
+
+    node.SetNthControlPointPosition(1, *(predicted[1] + 4.0))  # an edit: the observer refreshes every point
+    assert logic.landmarkRows(node)[1].status == LandmarkStatus.MOVED
+    assert selection() == chosen and _labels(node) == VIEW_LABELS
+    assert node.GetNthControlPointDescription(2) == "low confidence; confidence 0.20"
+    # Moving the low-confidence point takes its mark away; resetting it brings the mark back.
+    node.SetNthControlPointPosition(2, *(predicted[2] + 2.0))
+    assert _labels(node)[2] == "Left" and node.GetNthControlPointDescription(2).startswith(LandmarkStatus.MOVED)
+    logic.resetPoint(node, "Left")
+    assert _labels(node) == VIEW_LABELS and selection() == chosen
+    # A point the user renamed keeps the name, marked while it is of low confidence.
+    node.SetNthControlPointLabel(2, "L")
+    assert _labels(node)[2] == "L" + LOW_CONFIDENCE_MARK
+    # Files name the landmarks without the mark.
+    exported = logic.exportLandmarks(node, tmp_path / "marked.mrk.json")
+    assert [p["label"] for p in json.loads(exported.read_text())["markups"][0]["controlPoints"]] == NAMES
+    assert selection() == chosen
     assert node.GetNthControlPointPositionStatus(3) == slicer.vtkMRMLMarkupsNode.PositionUndefined
     with pytest.raises(DataError, match="unknown landmark format"):
         logic.exportLandmarks(node, tmp_path / "points.txt")
@@ -653,7 +689,7 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     assert _ids(mrml.scene) == before
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(rendered.path)))
     assert picture.shape == rendered.rgb.shape and picture.shape[2] == 3 and max(picture.shape[:2]) == 300
-    assert [m[0] for m in rendered.markers] == NAMES[:3]
+    assert [m[0] for m in rendered.markers] == VIEW_LABELS[:3]
     column, row = rendered.pixelOf(result.pointsRas[1])
     assert 0 <= column < picture.shape[1] and 0 <= row < picture.shape[0]
     assert abs(rendered.markers[1][2]) < 1e-6  # the slice passes through "Base"
@@ -673,6 +709,12 @@ def test_render_overlay_png(mrml, files, tmp_path, suffix, method):
     assert np.any((green[:, 1] > green[:, 0] + 60) & (green[:, 1] > green[:, 2] + 60))
     if method == "numpy":
         assert tuple(picture[int(round(row)), int(round(column))]) == STATUS_COLORS[LandmarkStatus.DETECTED]
+    # "Left", of low confidence, is drawn in its status color (orange) where it lies in the slice.
+    _label, (column, row), distance = rendered.markers[2]
+    if abs(distance) <= 0.5 * max(volume.GetSpacing()):
+        around = picture[int(round(row)) - 2 : int(round(row)) + 3, int(round(column)) - 2 : int(round(column)) + 3]
+        difference = np.abs(around.reshape(-1, 3).astype(int) - STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE])
+        assert np.any(difference.max(axis=1) <= 40)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -693,7 +735,8 @@ def test_real_model_3d_matches_the_library_predictor(mrml, tiny_model_3d, datase
     logic = SCNLandmarksLogic(mrml.scene)
     result = logic.detectLandmarks(volume, tiny_model_3d, device="cpu")
     reference = Predictor.from_file(tiny_model_3d, "cpu").predict(read_image(path, 3))
-    assert _labels(result.markupsNode) == reference.landmarks.names
+    statuses = [row.status for row in logic.landmarkRows(result.markupsNode)]
+    assert _labels(result.markupsNode) == [viewLabel(n, s) for n, s in zip(reference.landmarks.names, statuses)]
     # The scene stores this oblique volume with another voxel order than the file: the same image,
     # summed in another order, which bfloat16 appearance layers (auto precision on CPUs with AMX)
     # round to 0.004 mm and 0.001 in confidence apart (float32: 3e-6 mm).

@@ -12,8 +12,9 @@ itself, so it survives scene saving:
 * the control point description: the current status and confidence, for people.
 
 The current status is derived, never stored as truth: a point whose position differs from its
-prediction (or that was placed where the model found none) is "moved by user". Low-confidence
-points are shown "selected" (the display node's selected color) so they stand out in the views.
+prediction (or that was placed where the model found none) is "moved by user". A low-confidence
+point's label on the views ends in `LOW_CONFIDENCE_MARK` until it is moved. The points' "selected"
+flags are the user's (the Markups module's checkboxes): this module never sets them.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ CONFIDENCE_MEASUREMENT = "confidence"
 # A control point further than this from its prediction (mm, in the node's frame) has been moved.
 MOVED_TOLERANCE_MM = 1e-3
 
-# Display node colors, RGB in [0, 1]: low-confidence points are shown "selected" to stand out.
+# The points' color, RGB in [0, 1]: a markups point has no color of its own (only its node's, one for
+# selected points and one for the others), so low confidence shows in the label instead.
 NORMAL_COLOR = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.DETECTED])
-LOW_CONFIDENCE_COLOR = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE])
+LOW_CONFIDENCE_MARK = " (?)"
 
 
 @dataclass(frozen=True)
@@ -270,9 +272,9 @@ def _fillLandmarksNode(
         if volumeNode is not None:
             markupsNode.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
             markupsNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        # New points are selected (Slicer's default); the user's unselected ones keep Slicer's color.
         display = markupsNode.GetDisplayNode()
-        display.SetColor(*NORMAL_COLOR)
-        display.SetSelectedColor(*LOW_CONFIDENCE_COLOR)
+        display.SetSelectedColor(*NORMAL_COLOR)
         display.SetPointLabelsVisibility(True)
         updatePointStatuses(markupsNode)
     finally:
@@ -319,8 +321,19 @@ def landmarkRows(markupsNode) -> list[LandmarkRow]:
     return rows
 
 
+def viewLabel(label: str, status: LandmarkStatus) -> str:
+    """`label` as the views show a point of this status: marked while of low confidence."""
+    label = label.removesuffix(LOW_CONFIDENCE_MARK)
+    return label + LOW_CONFIDENCE_MARK if status == LandmarkStatus.LOW_CONFIDENCE else label
+
+
+def _setLabel(markupsNode, index: int, label: str) -> None:
+    if markupsNode.GetNthControlPointLabel(index) != label:
+        markupsNode.SetNthControlPointLabel(index, label)
+
+
 def updatePointStatuses(markupsNode) -> list[LandmarkRow]:
-    """Refresh descriptions and highlighting of every control point from its current status."""
+    """Refresh the description and label mark of every control point from its current status."""
     rows = landmarkRows(markupsNode)
     wasModifying = markupsNode.StartModify()
     try:
@@ -330,9 +343,7 @@ def updatePointStatuses(markupsNode) -> list[LandmarkRow]:
             description = describe(row.status, row.confidence)
             if markupsNode.GetNthControlPointDescription(row.index) != description:
                 markupsNode.SetNthControlPointDescription(row.index, description)
-            selected = row.status == LandmarkStatus.LOW_CONFIDENCE
-            if bool(markupsNode.GetNthControlPointSelected(row.index)) != selected:
-                markupsNode.SetNthControlPointSelected(row.index, selected)
+            _setLabel(markupsNode, row.index, viewLabel(markupsNode.GetNthControlPointLabel(row.index), row.status))
     finally:
         markupsNode.EndModify(wasModifying)
     return rows
@@ -372,7 +383,7 @@ def resetPoint(markupsNode, landmark: int | str) -> LandmarkRow:
 
 
 class StatusObserver:
-    """Keeps control point descriptions and highlighting current while the user edits points."""
+    """Keeps control point descriptions and label marks current while the user edits points."""
 
     def __init__(self):
         self._tags: dict[str, tuple[object, list[int]]] = {}
@@ -409,11 +420,12 @@ class StatusObserver:
             self._updating = False
 
 
-def setPointLabels(markupsNode, shortNames: dict[str, str] | None = None) -> None:
+def setPointLabels(markupsNode, shortNames: dict[str, str] | None = None, marked: bool = True) -> None:
     """Label each landmark's control point with its short name from `shortNames` (landmark name ->
     short name; names without one keep their full name), or with its full name when None.
 
-    The full names stay the landmarks' names (prediction record, table, exports).
+    The full names stay the landmarks' names (prediction record, table, exports). With `marked`, a
+    low-confidence point keeps its mark (`viewLabel`); files get the names alone.
     """
     info = readPredictionInfo(markupsNode)
     if info is None:
@@ -421,10 +433,10 @@ def setPointLabels(markupsNode, shortNames: dict[str, str] | None = None) -> Non
     wasModifying = markupsNode.StartModify()
     try:
         for record in info["points"]:
-            index = markupsNode.GetNthControlPointIndexByID(record["id"])
+            status, index, _position = currentStatus(markupsNode, record)
             label = (shortNames or {}).get(record["name"], record["name"])
-            if index >= 0 and markupsNode.GetNthControlPointLabel(index) != label:
-                markupsNode.SetNthControlPointLabel(index, label)
+            if index >= 0:
+                _setLabel(markupsNode, index, viewLabel(label, status) if marked else label)
     finally:
         markupsNode.EndModify(wasModifying)
 
@@ -434,14 +446,13 @@ def fullNameLabels(markupsNode) -> Iterator[None]:
     """Within the block the control points carry the full landmark names (for writers that save
     labels); afterwards the labels shown before come back."""
     shown = [markupsNode.GetNthControlPointLabel(i) for i in range(markupsNode.GetNumberOfControlPoints())]
-    setPointLabels(markupsNode, None)
+    setPointLabels(markupsNode, None, marked=False)
     try:
         yield
     finally:
         wasModifying = markupsNode.StartModify()
         try:
             for index, label in enumerate(shown[: markupsNode.GetNumberOfControlPoints()]):
-                if markupsNode.GetNthControlPointLabel(index) != label:
-                    markupsNode.SetNthControlPointLabel(index, label)
+                _setLabel(markupsNode, index, label)
         finally:
             markupsNode.EndModify(wasModifying)

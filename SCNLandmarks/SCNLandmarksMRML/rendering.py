@@ -6,9 +6,10 @@ the chosen opacity) - a VTK pipeline that needs no window. The points are then d
 ways:
 
 * "vtk": the composited image and Slicer's markups displayable manager (the code that draws
-  point lists in slice views: glyphs in the display node's colors, labels) render into an
-  offscreen VTK window. Needs OpenGL offscreen (EGL or OSMesa; slicer-core has it where Mesa
-  EGL is installed) and the application logic with the Markups module logic.
+  point lists in slice views: glyphs in the display node's colors, labels; low-confidence points
+  get a halo in their status color) render into an offscreen VTK window. Needs OpenGL offscreen
+  (EGL or OSMesa; slicer-core has it where Mesa EGL is installed) and the application logic with
+  the Markups module logic.
 * "numpy": markers drawn on the composited image with numpy (no OpenGL at all): a filled disc in
   the status color for points in the slice (within half a voxel), a ring for points elsewhere.
 
@@ -28,7 +29,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from SCNLandmarksLib.vocabulary import STATUS_COLORS
+from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
 
 from . import markups as landmarkMarkups
 from .overlays import worldFromLocal
@@ -93,33 +94,62 @@ def _markupsPoints(markupsNode):
     return points
 
 
-def _addOffSliceProjections(scene, markupsNode):
-    """A temporary, unlabelled copy of the placed points, drawn by Slicer's slice projection: every
-    point shows in the slice view as a small faded marker where it projects onto the slice, while
-    `markupsNode` itself draws (and labels) the points that lie in the slice."""
-    copy = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", OFFSCREEN_VIEW_NAME + "Projections")
+def _markerCopy(scene, markupsNode, suffix: str, indices, color, scale: float):
+    """A temporary, locked, unlabelled copy of some placed points of `markupsNode`, drawn in `color`
+    with `scale` times its glyphs."""
+    copy = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", OFFSCREEN_VIEW_NAME + suffix)
     copy.SetAndObserveTransformNodeID(markupsNode.GetTransformNodeID())
-    for index in range(markupsNode.GetNumberOfControlPoints()):
-        if markupsNode.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined:
-            copy.AddControlPoint(vtk.vtkVector3d(*markupsNode.GetNthControlPointPositionVector(index)), "")
+    for index in indices:
+        copy.AddControlPoint(vtk.vtkVector3d(*markupsNode.GetNthControlPointPositionVector(index)), "")
     copy.SetLocked(True)
     copy.CreateDefaultDisplayNodes()
     display = copy.GetDisplayNode()
-    source = markupsNode.GetDisplayNode()
     display.SetPointLabelsVisibility(False)
     display.SetPropertiesLabelVisibility(False)
+    display.SetColor(*color)
+    display.SetSelectedColor(*color)
+    source = markupsNode.GetDisplayNode()
+    if source is not None:
+        display.SetGlyphScale(scale * source.GetGlyphScale())
+        display.SetGlyphSize(scale * source.GetGlyphSize())
+        display.SetUseGlyphScale(source.GetUseGlyphScale())
+    return copy
+
+
+def _placedIndices(markupsNode) -> list[int]:
+    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+    return [
+        index
+        for index in range(markupsNode.GetNumberOfControlPoints())
+        if markupsNode.GetNthControlPointPositionStatus(index) == defined
+    ]
+
+
+def _addOffSliceProjections(scene, markupsNode):
+    """Every point shows in the slice view as a small faded marker where it projects onto the slice
+    (Slicer's slice projection of an unlabelled copy), while `markupsNode` itself draws (and labels)
+    the points that lie in the slice."""
+    copy = _markerCopy(scene, markupsNode, "Projections", _placedIndices(markupsNode), PROJECTION_COLOR, 0.6)
+    display = copy.GetDisplayNode()
     display.SetSliceProjection(True)
     display.SetSliceProjectionUseFiducialColor(False)
     display.SetSliceProjectionOutlinedBehindSlicePlane(False)
     display.SetSliceProjectionColor(*PROJECTION_COLOR)
     display.SetSliceProjectionOpacity(0.9)
-    display.SetColor(*PROJECTION_COLOR)
-    display.SetSelectedColor(*PROJECTION_COLOR)
-    if source is not None:
-        display.SetGlyphScale(0.6 * source.GetGlyphScale())
-        display.SetGlyphSize(0.6 * source.GetGlyphSize())
-        display.SetUseGlyphScale(source.GetUseGlyphScale())
     return copy
+
+
+def _addLowConfidenceHalos(scene, markupsNode):
+    """Low-confidence points in their status color, a little larger than the points they surround: a
+    markups point has no color of its own, and the pictures keep the table's colors."""
+    placed = set(_placedIndices(markupsNode))
+    low = [
+        row.index
+        for row in landmarkMarkups.landmarkRows(markupsNode)
+        if row.status == LandmarkStatus.LOW_CONFIDENCE and row.index in placed
+    ]
+    color = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.LOW_CONFIDENCE])
+    return _markerCopy(scene, markupsNode, "LowConfidence", low, color, 1.4) if low else None
 
 
 def offscreenRenderingAvailable() -> bool:
@@ -252,8 +282,10 @@ def renderOverlayPng(
         sliceToRas = matrixToArray(sliceNode.GetSliceToRAS())
         rgb = None
         if useVtk:
-            if offSlicePoints and markupsNode is not None:
-                _addOffSliceProjections(scene, markupsNode)
+            if markupsNode is not None:
+                _addLowConfidenceHalos(scene, markupsNode)
+                if offSlicePoints:
+                    _addOffSliceProjections(scene, markupsNode)
             try:
                 rgb = _renderWithMarkupsDisplayableManager(
                     sliceLogic, sliceNode, applicationLogic, width, height, markupsNode is not None

@@ -50,6 +50,9 @@ REFINEMENT_PARAMS = {2: {"filters": 32, "levels": 3, "dropout": 0.0}, 3: {"filte
 NETWORK_SHARE_OF_ITERATION = 0.7
 TIMED_STEPS = 3
 DEFAULT_MINUTES = 30.0
+# Pictures in pixels whose longest sides differ by more than this factor are trained with
+# scale_from_anatomy (see config.Config).
+MIXED_SIZES_ABOVE = 1.1
 
 
 def resolve_dataset(path: str | Path) -> Path:
@@ -189,6 +192,10 @@ def config_for_dataset(
         extents.append(size * spacing)
         spacings.append(spacing)
     extent = np.max(extents, axis=0)
+    units = {entry.unit for entry in spec.entries}
+    # Pictures of several sizes in pixels come from several devices (or crops): their pixels need not
+    # mean the same size, so training brings each image's anatomy to one size, as detection does.
+    mixed_sizes = units == {"px"} and float(np.max(extents) / np.min(np.max(extents, axis=1))) > MIXED_SIZES_ABOVE
     finest = float(np.median([s.min() for s in spacings]))
     coarse_spacing = max(float(extent.max()) / COARSE_SIDE[dimension], finest)
     grid_size = [_rounded_up(e / coarse_spacing, 8) for e in extent]
@@ -211,6 +218,7 @@ def config_for_dataset(
         "heatmap": {"sigma_init": sigma, "sigma_min": 0.5 * coarse_spacing},
         "model": {"architecture": "scn", "params": COARSE_PARAMS[dimension]},
         "training": _training(iterations, batch_size, 5e-4),
+        "scale_from_anatomy": mixed_sizes,
     }
     if refine:
         fine_spacing = max(finest, coarse_spacing / 4.0)

@@ -435,6 +435,18 @@ def _dataset_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_merge(args: argparse.Namespace) -> int:
+    from .data.dataset_init import merge_datasets
+
+    merged = merge_datasets(args.specs, args.out, args.labels, args.overwrite)
+    splits = sorted({entry.split or "(none)" for entry in merged.entries})
+    print(
+        f"wrote {merged.path}: {len(merged.entries)} images (splits: {', '.join(splits)}), "
+        f"landmarks in {merged.landmarks_csv}"
+    )
+    return 0
+
+
 PROGRESS_JSON_HELP = (
     'print progress as JSON lines on stdout ({"event": "progress", ...}; the last line '
     '{"event": "result", ...}), for programs that run training'
@@ -570,6 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="dataset spec to write (.toml)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     init.set_defaults(run=_dataset_init)
+
+    merge = dataset_commands.add_parser(
+        "merge", help="write one dataset spec holding the images of several (e.g. one per X-ray device)"
+    )
+    merge.add_argument("specs", nargs="+", help="dataset specs (.toml) to merge")
+    merge.add_argument("--labels", nargs="+", help="prefix of each source's ids (default: each spec's folder name)")
+    merge.add_argument("--out", required=True, help="dataset spec to write (.toml); its landmark table goes beside it")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out and its table")
+    merge.set_defaults(run=_dataset_merge)
 
     calibrate = commands.add_parser(
         "calibrate", help="fit a model's expected error per landmark on a dataset split and write the model with it"

@@ -186,6 +186,10 @@ class Config:
     shipped model on your own images); it must have this config's architecture and parameters,
     except the training-only ones (dropout, initialisation). With other landmark names only its
     local-appearance body is reused and the landmark heads start anew.
+
+    `scale_from_anatomy` (images in pixels only) trains on every image brought to one anatomical size
+    (`pose.anatomical_scales`; the initial model's canonical size when it has one), as detection's
+    pass in the canonical pose sees images: pixels of different devices then mean the same.
     """
 
     dataset: Path
@@ -201,6 +205,7 @@ class Config:
     train_split: str = "train"
     validation_split: str = "validation"
     initial_model: Path | None = None
+    scale_from_anatomy: bool = False
 
     @property
     def dimension(self) -> int:
@@ -274,7 +279,9 @@ def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "confi
     sections = {name: _build(cls, values.pop(name, {}), f"{where} [{name}]") for name, cls in _SECTIONS.items()}
     if "refinement" in values:
         sections["refinement"] = _refinement(dict(values.pop("refinement")), f"{where} [refinement]")
-    top: dict[str, Any] = {k: values.pop(k) for k in ("train_split", "validation_split") if k in values}
+    top: dict[str, Any] = {
+        k: values.pop(k) for k in ("train_split", "validation_split", "scale_from_anatomy") if k in values
+    }
     dataset = (base_dir / values.pop("dataset")).resolve()
     output_dir = (base_dir / values.pop("output_dir")).resolve()
     if "initial_model" in values:

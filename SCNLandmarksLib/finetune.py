@@ -186,8 +186,9 @@ def finetune_config(
 
     def augmentation(values: dict[str, Any] | None) -> dict[str, Any]:
         values = current_augmentation_names(values or default_augmentation(base.dimension, extent))
-        if not same_names:  # the base's left/right pairs name landmarks this dataset may not have
-            values.pop("mirror_pairs", None)
+        if not same_names:  # the base's left/right pairs and chains name landmarks this dataset may not have
+            for key in ("mirror_pairs", "articulation_chains", "articulation_deg"):
+                values.pop(key, None)
         return values
 
     def training(values: dict[str, Any] | None) -> dict[str, Any]:
@@ -222,6 +223,9 @@ def finetune_config(
         "initial_model": str(base_path),
         "intensity": dataclasses.asdict(base.intensity),
         "inference": dataclasses.asdict(base.inference),
+        # A base in pixels was trained at its own anatomical size; cases from another device (or
+        # zoom) come to that size, as detection's canonical pass brings them.
+        "scale_from_anatomy": base.in_pixels,
         **stage(base.coarse, stored),
     }
     if base.refinement is not None:

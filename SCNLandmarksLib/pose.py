@@ -40,6 +40,8 @@ TRIAL_SCALE_STEPS = (-2, -1, 0, 1, 2)
 # In the fit, points whose residual exceeds this many times the median residual are left out (a
 # first pass may miss a landmark by far; one such point would tilt the whole fit).
 OUTLIER_RESIDUALS = 3.0
+# Rounds of the generalised Procrustes mean in `anatomical_scales`: the scales settle within 1e-4 in two.
+PROCRUSTES_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,40 @@ def similarity_fit(
     return Pose(rotation, scale, mean_points - scale * rotation @ mean_reference)
 
 
+def anatomical_scales(
+    landmark_sets: list[LandmarkSet], source: str, reference: MeanConfiguration | None = None
+) -> tuple[MeanConfiguration, np.ndarray]:
+    """How large each set's anatomy is relative to a canonical size, for images in pixels, whose
+    pixels have no physical size (e.g. cephalograms from two devices).
+
+    Each scale is that of the similarity fit of the mean configuration to the set's points (image
+    units per canonical unit), so dividing a set's positions by it brings the anatomy to the canonical
+    size wherever the head lies and however it is turned. Without `reference`, the mean
+    configuration is a generalised Procrustes mean whose size is the median set's; with one (a base
+    model's), it stays as it is.
+
+    Returns:
+        The mean configuration in the canonical size (the canonical positions' mean), and the (n,)
+        scales; 1 for a set with too few points to fit.
+    """
+    points = [landmarks.points_lps for landmarks in landmark_sets]
+
+    def fitted_scales(mean: MeanConfiguration) -> np.ndarray:
+        poses = [fit_pose(mean.array, p, np.ones(len(p)), with_scale=True) for p in points]
+        return np.array([1.0 if pose is None else pose.scale for pose in poses])
+
+    if reference is not None:
+        return reference, fitted_scales(reference)
+    mean = mean_configuration(landmark_sets, source)
+    for _ in range(PROCRUSTES_ROUNDS):
+        scales = fitted_scales(mean)
+        scales /= float(np.median(scales))
+        mean = mean_configuration(
+            [LandmarkSet(s.names, p / scale) for s, p, scale in zip(landmark_sets, points, scales)], source
+        )
+    return mean, scales
+
+
 def trial_scales(image_extent: np.ndarray, model_extent: np.ndarray) -> list[float]:
     """The first pass's trial scales for a model in pixels, most plausible first.
 
@@ -276,6 +312,7 @@ __all__ = [
     "mean_configuration",
     "Pose",
     "fit_pose",
+    "anatomical_scales",
     "trial_scales",
     "CANONICAL_ROTATION_DEG",
     "CANONICAL_SCALE",

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from .config import (
     config_to_dict,
     save_config,
 )
-from .data.augmentation import augmented_sample, swap_permutation
+from .data.augmentation import augmented_sample, chain_indices, swap_permutation
 from .data.preparation import PreparedImage, prepare_image
 from .data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from .errors import Cancelled, DataError, ModelFileError, TrainingError
@@ -46,7 +46,7 @@ from .io.atomic import atomic_output
 from .landmark_set import LandmarkSet
 from .losses import heatmap_loss
 from .models import HEAD_PREFIXES, TRAINING_ONLY_PARAMS, build_model, default_params
-from .pose import MeanConfiguration, mean_configuration
+from .pose import MeanConfiguration, Pose, anatomical_scales, mean_configuration
 from .vocabulary import Cancel
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,14 @@ def load_split(spec: DatasetSpec, entries: list[ImageEntry]) -> list[TrainingIma
     return items
 
 
+def _in_canonical_size(item: TrainingImage, scale: float) -> TrainingImage:
+    """The training image with its anatomy at the canonical size: a new header (pixel size 1 / scale),
+    the same pixels; the landmarks scaled alike, so each stays on its pixel."""
+    pose = Pose.scaling_about(np.zeros(item.landmarks.dimension), scale)
+    landmarks = replace(item.landmarks, points_lps=pose.to_canonical(item.landmarks.points_lps))
+    return replace(item, image=pose.canonical_image(item.image), landmarks=landmarks)
+
+
 def _learning_rate_factor(training: TrainingConfig, budget_spent: Callable[[], float]) -> Callable[[int], float]:
     """The learning-rate factor at an iteration. Under a time budget the schedule runs by the larger
     of the iterations done and the share of the budget spent, so that it ends annealed when the
@@ -231,6 +239,7 @@ def _sample_batch(
             generator,
             permutation,
             center_lps=center,
+            chains=chain_indices(item.landmarks.names, stage.augmentation.articulation_chains),
         )
         samples.append(sample)
         indices.append(index)
@@ -674,12 +683,28 @@ def train(
         [item.landmarks for item in training_items],
         f"mean of the annotated landmarks of the {len(training_items)} training images",
     )
+    base_mean = None
     if config.initial_model is not None:
         # Fine-tuning keeps the base's canonical pose: the network was trained in it.
         base = read_description(config.initial_model)
         if base.mean_configuration is not None and base.landmark_names == tuple(names):
-            mean = base.mean_configuration
-    run = TrainingRun(config, spec, context, training_entries[0].unit, validation_items, mean)
+            mean = base_mean = base.mean_configuration
+    unit = training_entries[0].unit
+    if config.scale_from_anatomy:
+        if unit != "px":
+            raise DataError(
+                f"{spec.path}: scale_from_anatomy is for images in pixels; these are in {unit}, "
+                "whose spacing already gives the anatomy's size"
+            )
+        mean, scales = anatomical_scales([item.landmarks for item in training_items], mean.source, base_mean)
+        training_items = [_in_canonical_size(item, scale) for item, scale in zip(training_items, scales)]
+        log.info(
+            "scale from anatomy: the %d training images' anatomy spans %.2f-%.2f x the canonical size",
+            len(scales),
+            float(scales.min()),
+            float(scales.max()),
+        )
+    run = TrainingRun(config, spec, context, unit, validation_items, mean)
 
     result = None
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s

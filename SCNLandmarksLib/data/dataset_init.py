@@ -1,4 +1,5 @@
-"""Build a dataset spec from a folder of images and their landmark files (``scn-landmarks dataset init``).
+"""Build a dataset spec from a folder of images and their landmark files (``scn-landmarks dataset init``),
+or from several specs (``scn-landmarks dataset merge``).
 
 Images pair with per-image landmark files, or with the rows of one landmark table, by file stem
 (`image_stem`: "001.png" pairs with "001.mrk.json", "001.json", "001.txt" or a table row "001"/"001.png").
@@ -27,6 +28,7 @@ from ..io.landmark_formats import (
     read_landmark_file,
     read_landmark_table,
 )
+from ..io.landmarks import write_landmarks_csv
 from ..io.paths import image_stem, refuse_existing
 from ..landmark_set import LandmarkSet
 from .spec import DatasetSpec, ImageEntry, load_dataset_spec
@@ -247,3 +249,59 @@ def init_dataset(
     summary.points_present = sum(int(s.present.sum()) for s in loaded.values())
     summary.points_missing = sum(int((~s.present).sum()) for s in loaded.values())
     return summary
+
+
+def merge_datasets(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> DatasetSpec:
+    """Write one dataset spec holding the images of several (e.g. one per X-ray device).
+
+    Each image keeps its file, its stated spacing and its split; its id becomes "LABEL-ID" (ids of
+    different sources may repeat); the landmarks of all go into one table beside the spec
+    (``OUT_STEM_landmarks.csv``, physical coordinates, as each source's loader read them).
+
+    Args:
+        labels: one per source (default: the name of each source spec's folder).
+
+    Raises:
+        DataError: fewer than two sources, labels that repeat or do not match the sources, sources
+            of different dimension, landmark names or unit (pixels and mm cannot share one model),
+            or `out` or its table exist (without `overwrite`); nothing is written then.
+    """
+    if len(sources) < 2:
+        raise DataError("merging needs at least two dataset specs")
+    specs = [load_dataset_spec(Path(source)) for source in sources]
+    labels = list(labels) if labels is not None else [spec.path.parent.name for spec in specs]
+    if len(labels) != len(specs) or len(set(labels)) != len(labels) or not all(labels):
+        raise DataError(f"the sources need distinct, non-empty labels, one each: got {labels} (give --labels)")
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.dimension != first.dimension or set(spec.landmark_names) != set(first.landmark_names):
+            raise DataError(
+                f"{spec.path}: its images are {spec.dimension}D with landmarks {list(spec.landmark_names)}; "
+                f"{first.path} has {first.dimension}D with {list(first.landmark_names)}: they cannot train one model"
+            )
+    units = {f"{spec.path}: {entry.unit}" for spec in specs for entry in spec.entries[:1]}
+    if len({entry.unit for spec in specs for entry in spec.entries}) > 1:
+        raise DataError(
+            f"the sources' positions are in different units ({', '.join(sorted(units))}); state the "
+            "pictures' spacing in every source, or in none (then training finds their size from the anatomy)"
+        )
+    out = Path(out).resolve()
+    table = out.parent / f"{out.stem}_landmarks.csv"
+    refuse_existing([out, table], overwrite)
+    entries, landmark_sets = [], {}
+    for label, spec in zip(labels, specs):
+        landmarks = spec.load_landmarks(list(spec.entries))
+        for entry in spec.entries:
+            merged_id = f"{label}-{entry.id}"
+            entries.append(ImageEntry(merged_id, entry.image, None, entry.split, entry.spacing))
+            landmark_sets[merged_id] = landmarks[entry.id].reordered(list(first.landmark_names))
+    merged = DatasetSpec(out, first.dimension, first.landmark_names, tuple(entries), table, "physical")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_landmarks_csv(table, landmark_sets)
+    merged.write(f"The images of {', '.join(str(spec.path) for spec in specs)} (ids prefixed by {', '.join(labels)}).")
+    return merged

@@ -30,6 +30,10 @@ class GridConfig:
     spacing: tuple[float, ...]
 
 
+# Articulation turns beyond this would fold a finger onto its neighbour.
+MAX_ARTICULATION_DEG = 45.0
+
+
 @dataclass(frozen=True)
 class AugmentationConfig:
     """Random physical transform and intensity changes applied to each training sample (MIA 2019, Sec. 3)."""
@@ -61,6 +65,12 @@ class AugmentationConfig:
     # A partial field of view, with this probability: beyond a random plane normal to a random axis
     # the image is blank, the plane never closer to a landmark than FIELD_OF_VIEW_MARGIN_MM; 0 = off.
     field_of_view_cut: float = 0.0
+    # Articulation (2D): each chain of landmark names (a finger: its base, then each joint, then its
+    # tip) turns about each of its joints by an angle drawn from U(-a, a), a from `articulation_deg`
+    # (one tuple per chain, one angle per joint: the chain's length - 1; degrees), and the image
+    # follows through a smooth warp that takes each landmark exactly to its turned position. Empty = off.
+    articulation_chains: tuple[tuple[str, ...], ...] = ()
+    articulation_deg: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,11 +345,33 @@ def validate(config: Config, where: str = "config") -> None:
             f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
             "outside 0..1 (it is a mean confidence)"
         )
+    augmentations = {"augmentation": config.augmentation}
+    if refinement is not None:
+        augmentations["refinement.augmentation"] = refinement.augmentation
+    for section, augmentation in augmentations.items():
+        _validate_articulation(augmentation, config.dimension, f"{where} [{section}]")
     if config.inference.mirror_axis is not None and config.augmentation.mirror_pairs:
         raise DataError(
             f"{where} [inference]: mirror_axis cannot be used with left/right landmark pairs "
             "([augmentation] mirror_pairs): the mirror pass could swap the sides"
         )
+
+
+def _validate_articulation(augmentation: AugmentationConfig, dimension: int, where: str) -> None:
+    chains, angles = augmentation.articulation_chains, augmentation.articulation_deg
+    if not chains and not angles:
+        return
+    if dimension != 2:
+        raise DataError(f"{where}: articulation_chains are for 2D images (the chains turn in the image plane)")
+    if any(len(chain) < 2 for chain in chains):
+        raise DataError(f"{where}: every articulation chain needs two landmarks or more (a joint and what it turns)")
+    if len(angles) != len(chains) or any(len(a) != len(c) - 1 for c, a in zip(chains, angles)):
+        raise DataError(
+            f"{where}: articulation_deg needs one angle per joint of each chain (its length - 1): "
+            f"chains of {[len(c) for c in chains]} landmarks, angles {[len(a) for a in angles]}"
+        )
+    if any(not 0.0 <= a <= MAX_ARTICULATION_DEG for row in angles for a in row):
+        raise DataError(f"{where}: articulation_deg must lie within 0..{MAX_ARTICULATION_DEG:g} degrees")
 
 
 def load_config(path: str | Path) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from conftest import oblique_direction
 
-from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig
+from SCNLandmarksLib.config import AugmentationConfig, IntensityConfig, config_from_dict
 from SCNLandmarksLib.data import augmentation
 from SCNLandmarksLib.data.augmentation import (
     augmented_sample,
+    chain_indices,
     intensity_curve,
     random_transform,
     swap_permutation,
@@ -27,6 +29,7 @@ from SCNLandmarksLib.data.preparation import (
     shrink_factors,
 )
 from SCNLandmarksLib.data.synthetic import render
+from SCNLandmarksLib.errors import DataError
 from SCNLandmarksLib.geometry import (
     ImageGeometry,
     axis_aligned_grid,
@@ -39,6 +42,7 @@ from SCNLandmarksLib.heatmaps import refine_peaks
 
 CASES = {
     "2d": dict(size=(70, 50), spacing=(0.8, 1.3)),
+    "big 2d": dict(size=(120, 80), spacing=(0.8, 1.3)),
     "3d": dict(size=(40, 36, 22), spacing=(1.0, 1.2, 2.1)),
 }
 
@@ -298,3 +302,175 @@ def test_lower_resolution_and_partial_field_of_view_change_the_image_not_the_lan
             distance = torch.stack([(axis - c).abs() for axis, c in zip(axes, landmark.flip(0))]).max(dim=0).values
             assert not (blank & (distance < 4.0)).any()
     assert cuts >= 3
+
+
+def little_hand(geometry: ImageGeometry) -> tuple[np.ndarray, list[list[int]], AugmentationConfig]:
+    """A palm of 3 landmarks and three 4-landmark fingers spread 10 mm apart in an image's middle,
+    the chains (base, joint, joint, tip) and an augmentation that turns them by up to 25 degrees."""
+    center = geometry.center_physical()
+    palm = [center + [x, -12.0] for x in (-10.0, 0.0, 10.0)]
+    fingers = [center + [x, y] for x in (-10.0, 0.0, 10.0) for y in (0.0, 8.0, 16.0, 24.0)]
+    points = np.array(palm + fingers) - [0.0, 6.0]
+    chains = [[3 + 4 * f + j for j in range(4)] for f in range(3)]
+    config = AugmentationConfig(
+        articulation_chains=tuple(tuple(str(k) for k in chain) for chain in chains),
+        articulation_deg=((25.0, 20.0, 15.0),) * 3,
+    )
+    return points, chains, config
+
+
+def test_articulation_takes_every_landmark_exactly_to_its_anatomy_2d():
+    """Fingers turned about their joints, then the random affine, elastic and mirror transform, on an
+    anisotropic, oblique, flipped image: each mapped landmark goes back through the whole transform to
+    its own anatomy exactly, and the sample read there shows it."""
+    images, geometry = coordinate_images("big 2d")
+    points, chains, articulated = little_hand(geometry)
+    names = [str(k) for k in range(len(points))]
+    assert chain_indices(names, articulated.articulation_chains) == chains
+    articulated = dataclasses.replace(
+        articulated,
+        rotation_deg=20.0,
+        scale=0.1,
+        mirror_axis=0,
+        mirror_probability=0.5,
+        elastic_mm=1.0,
+        elastic_control_spacing_mm=20.0,
+        intensity_shift=0.0,
+        intensity_scale=0.0,
+    )
+    plain = dataclasses.replace(articulated, articulation_chains=(), articulation_deg=())
+    grid_size, grid_spacing = (128, 128), (0.7, 0.7)
+    center = geometry.center_physical()
+    tips_moved = []
+    for seed in range(6):
+        positions = []
+        for image in images:
+            generator = torch.Generator().manual_seed(seed)  # the same transform for every coordinate image
+            sample, index, grid = augmented_sample(
+                image, points, grid_size, grid_spacing, articulated, generator, chains=chains
+            )
+            positions.append([value_at_index(sample, i) for i in index.numpy()])
+        # The sample between its cells is a bilinear reading of a curved map.
+        error = np.abs(np.array(positions).T - points).max()
+        assert error < 0.05, f"seed {seed}: the sample shows the landmarks {error:.4f} mm off their anatomy"
+        # Exactly: the same draws, then each landmark forward through the elastic, affine and articulation.
+        generator = torch.Generator().manual_seed(seed)
+        transform = random_transform(articulated, grid, center, generator, "cpu")
+        articulated_draw = augmentation.random_articulation(
+            articulated, chains, torch.as_tensor(points), geometry, transform.input_positions(grid, "cpu"), generator
+        )
+        assert articulated_draw is not None and transform.displacement is not None
+        articulation = articulated_draw[0]
+        q = torch.as_tensor(grid.index_to_physical(index.numpy()))
+        q = q + augmentation.displacement_at(transform.displacement, grid, q)
+        read = articulation.source_positions(q @ transform.affine[:2, :2].T + transform.affine[:2, 2])
+        exact = float(torch.linalg.norm(read - torch.as_tensor(points), dim=1).max())
+        assert exact < 1e-4, f"seed {seed}: a landmark maps {exact:.2e} mm off its anatomy"
+        # The fingers did turn: the tips lie elsewhere than the same transform puts them unarticulated.
+        _, unturned, _ = augmented_sample(
+            images[0], points, grid_size, grid_spacing, plain, torch.Generator().manual_seed(seed)
+        )
+        palm_moved = float((index[:3] - unturned[:3]).abs().max())
+        assert palm_moved < 0.3, f"seed {seed}: the palm moved {palm_moved:.3f} cells"
+        tips_moved.append(float(torch.linalg.norm(index[[6, 10, 14]] - unturned[[6, 10, 14]], dim=1).max()))
+    assert min(tips_moved) > 2.0, tips_moved  # cells of 0.7 mm: every draw swung the tips by millimetres
+
+
+def quadratic_peak(sample: torch.Tensor, near: np.ndarray) -> np.ndarray:
+    """The (x, y) index of a 2D sample's peak near a continuous index: the maximum of a full quadratic
+    (cross term included) fitted to the log values around the brightest voxel, exact for any Gaussian,
+    elliptical and tilted too."""
+    x, y = np.rint(near).astype(int)
+    window = sample[0, y - 3 : y + 4, x - 3 : x + 4].double().numpy()
+    dy, dx = np.unravel_index(np.argmax(window), window.shape)
+    cy, cx = y - 3 + dy, x - 3 + dx
+    offsets = np.array([(i, j) for j in (-1, 0, 1) for i in (-1, 0, 1)], dtype=np.float64)
+    values = np.log([float(sample[0, cy + j, cx + i]) for i, j in offsets.astype(int)])
+    u, v = offsets.T
+    coefficients = np.linalg.lstsq(np.stack([np.ones(9), u, v, u * u, u * v, v * v], axis=1), values, rcond=None)[0]
+    _, b, c, d, e, f = coefficients
+    return np.array([cx, cy]) + np.linalg.solve([[2 * d, e], [e, 2 * f]], [-b, -c])
+
+
+def test_a_bright_dot_peaks_where_its_articulated_landmark_goes():
+    """A dot at each landmark of an anisotropic, oblique, flipped image: after the articulation (and a
+    rotation) each dot's intensity peak lies at its mapped landmark, to a small fraction of a cell."""
+    # Input pixels finer than the sample's cells: the bilinear reading of the image pulls a dot's peak
+    # towards the image's pixel centers by a fraction of a pixel (0.03 mm here, with or without a turn).
+    size, spacing = (300, 220), (0.25, 0.4)
+    geometry = ImageGeometry(size, spacing, (-20.0, 30.0), tuple(oblique_direction(2).ravel()))
+    points, chains, config = little_hand(geometry)
+    config = dataclasses.replace(config, translation=0.0, rotation_deg=10.0, intensity_shift=0.0, intensity_scale=0.0)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij")[::-1], axis=-1)
+    physical = geometry.index_to_physical(index)
+    dots = sum(np.exp(-np.sum((physical - p) ** 2, axis=-1) / (2.0 * 1.5**2)) for p in points)
+    prepared = PreparedImage(torch.as_tensor(dots + 1e-3, dtype=torch.float32)[None], geometry, 0.0)
+    worst = 0.0
+    for seed in range(6):
+        sample, landmark_index, _ = augmented_sample(
+            prepared, points, (100, 100), (0.5, 0.5), config, torch.Generator().manual_seed(seed), chains=chains
+        )
+        for near in landmark_index.numpy():
+            worst = max(worst, float(np.linalg.norm(quadratic_peak(sample, near) - near)))
+    assert worst < 0.12, f"a dot peaks {worst:.3f} cells from its landmark"
+
+
+def test_an_articulation_that_would_fold_the_image_is_tempered():
+    """Fingers 10 mm apart turned by up to 45 degrees at every joint would cross: every warp used
+    keeps each cell's area change within the limit, and its landmarks still show their anatomy."""
+    _, geometry = coordinate_images("big 2d")
+    points, chains, config = little_hand(geometry)
+    config = dataclasses.replace(config, articulation_deg=((45.0,) * 3,) * 3)
+    grid = axis_aligned_grid(geometry.center_physical(), (96, 96), (0.7, 0.7))
+    positions = augmentation.grid_positions(grid, "cpu")
+    limit = augmentation.ARTICULATION_MAX_AREA_CHANGE
+    tempered = 0
+    for seed in range(8):
+        drawn = augmentation.random_articulation(
+            config, chains, torch.as_tensor(points), geometry, positions, torch.Generator().manual_seed(seed)
+        )
+        if drawn is None:
+            continue
+        articulation, warped = drawn
+        change = augmentation.cell_areas(warped) / augmentation.cell_areas(positions)
+        assert 1.0 / limit <= float(change.min()) and float(change.max()) <= limit
+        reached = articulation.source_positions(articulation.landmarks_lps)
+        torch.testing.assert_close(reached, torch.as_tensor(points), atol=1e-9, rtol=0.0)
+        full = augmentation.turned_chains(torch.as_tensor(points), chains, _drawn_angles(config, seed))
+        tempered += int(not torch.allclose(full, articulation.landmarks_lps))
+    assert tempered >= 1  # some draws had to be halved
+
+
+def _drawn_angles(config: AugmentationConfig, seed: int) -> list[torch.Tensor]:
+    """The angles random_articulation draws first with this seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.rand(len(limits), generator=generator, dtype=torch.float64) * 2.0 - 1.0)
+        * torch.tensor(limits, dtype=torch.float64).deg2rad()
+        for limits in config.articulation_deg
+    ]
+
+
+def test_articulation_settings_are_checked():
+    values = {"dataset": "d.toml", "output_dir": "out", "grid": {"size": [32, 32], "spacing": [1.0, 1.0]}}
+    chains = [["a", "b", "c"]]
+    ok = config_from_dict(
+        {**values, "augmentation": {"articulation_chains": chains, "articulation_deg": [[10, 5]]}}, Path("/")
+    )
+    assert ok.augmentation.articulation_chains == (("a", "b", "c"),)
+    assert ok.augmentation.articulation_deg == ((10, 5),)
+    for augmentation_values, message in (
+        ({"articulation_chains": chains, "articulation_deg": [[10]]}, "one angle per joint"),
+        ({"articulation_chains": chains, "articulation_deg": [[10, 60]]}, r"within 0\.\.45 degrees"),
+        ({"articulation_chains": [["a"]], "articulation_deg": [[]]}, "two landmarks or more"),
+    ):
+        with pytest.raises(DataError, match=message):
+            config_from_dict({**values, "augmentation": augmentation_values}, Path("/"), "hand.toml")
+    volume = {"size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0]}
+    with pytest.raises(DataError, match=r"\[augmentation\]: articulation_chains are for 2D images"):
+        config_from_dict(
+            {**values, "grid": volume, "augmentation": {"articulation_chains": chains, "articulation_deg": [[1, 1]]}},
+            Path("/"),
+        )
+    with pytest.raises(DataError, match=r"landmarks the dataset does not have: \['c'\]"):
+        chain_indices(["a", "b"], (("a", "b", "c"),))

@@ -9,6 +9,12 @@ smooth elastic displacement. Landmarks go the other way through the exact invers
 part is inverted in closed form and the elastic part by fixed-point iteration q = A^-1 p - u(q),
 which converges because u is smooth (its Jacobian is far below 1).
 
+Articulation (2D, e.g. fingers) comes first, in the image's own frame: chains of landmarks turn
+about their joints, and the image is read at W(p), a thin-plate spline whose nodes are the turned
+landmarks themselves (plus fixed anchors around the image), each mapped to where it came from.
+The spline interpolates exactly, so every turned landmark shows its own anatomy, with no inverse
+to iterate.
+
 Everything runs in torch on the training device, driven by an explicit torch.Generator, so a
 sample is a pure function of (seed, iteration, position in batch): resumed training sees exactly
 the samples uninterrupted training would have seen.
@@ -17,6 +23,7 @@ the samples uninterrupted training would have seen.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +31,25 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AugmentationConfig
+from ..errors import DataError
 from ..geometry import ImageGeometry, axis_aligned_grid
 from .preparation import PreparedImage, grid_positions, grid_sample_coordinates, sample_at
 
 CURVE_KNOTS = 6  # of the random intensity curve (AugmentationConfig.intensity_curve): 4 inner knots
 # A partial field of view (AugmentationConfig.field_of_view_cut) leaves this much image around every landmark.
 FIELD_OF_VIEW_MARGIN_MM = 20.0
+# The articulation spline's fixed anchors lie on a box this fraction of the image's extent beyond each
+# side of it: near enough to hold the image as a whole in place, far enough from a fingertip near the
+# border that the warp stays gentle there.
+ARTICULATION_ANCHOR_MARGIN = 0.25
+# A drawn articulation whose warp would shrink or stretch any cell of the sample's grid by more than
+# this factor (two fingers turned into each other fold the image between them) is tried again at half
+# its angles, at most ARTICULATION_RETRIES times, and otherwise left out. A thumb turned away from the
+# palm stretches the skin between it and the index finger about 3-fold.
+ARTICULATION_MAX_AREA_CHANGE = 4.0
+ARTICULATION_RETRIES = 3
+# Positions per step when the spline is evaluated (a step holds positions x nodes values).
+SPLINE_CHUNK = 65536
 
 
 @dataclass
@@ -156,6 +176,140 @@ def random_transform(
     return SpatialTransform(affine, displacement, mirrored)
 
 
+def chain_indices(names: Sequence[str], chains: tuple[tuple[str, ...], ...]) -> list[list[int]]:
+    """The articulation chains (AugmentationConfig.articulation_chains) as landmark indices."""
+    unknown = sorted({name for chain in chains for name in chain} - set(names))
+    if unknown:
+        raise DataError(f"articulation_chains name landmarks the dataset does not have: {unknown}")
+    return [[names.index(name) for name in chain] for chain in chains]
+
+
+def turned_chains(points: torch.Tensor, chains: list[list[int]], angles_rad: list[torch.Tensor]) -> torch.Tensor:
+    """2D landmarks (N, 2) with each chain turned about its joints: joint j (the chain's j-th landmark)
+    turns the landmarks after it by angles_rad[chain][j], each joint about where the turns before it
+    put it, as a finger bends. A chain with a missing landmark stays as it is."""
+    turned = points.clone()
+    for chain, angles in zip(chains, angles_rad):
+        if not torch.isfinite(points[chain]).all():
+            continue
+        for joint, angle in enumerate(angles):
+            pivot, after = turned[chain[joint]], chain[joint + 1 :]
+            turned[after] = pivot + (turned[after] - pivot) @ rotation_matrix(angle[None], 2).T
+    return turned
+
+
+@dataclass
+class Articulation:
+    """The warp of an articulated 2D image: the image as given is read at W(p) = p + u(p), u a
+    thin-plate spline through the nodes (turned landmarks and fixed anchors) that takes each node
+    exactly to where it came from.
+
+    Attributes:
+        landmarks_lps: (N, 2) float64 landmarks after the turn (NaN stays NaN): where the warped
+            image shows them.
+        nodes: (M, 2) spline nodes, normalised: (p - center) / scale (well-conditioned in any unit).
+        weights: (M, 2) kernel weights; affine: (3, 2) coefficients of (1, x, y); both in normalised units.
+        center: (2,); scale: normalisation of positions and displacements.
+    """
+
+    landmarks_lps: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    affine: torch.Tensor
+    center: torch.Tensor
+    scale: float
+
+    @classmethod
+    def through(cls, nodes_lps: torch.Tensor, sources_lps: torch.Tensor, landmarks_lps: torch.Tensor) -> Articulation:
+        """The spline with W(nodes_lps[i]) = sources_lps[i] for every node ((M, 2) float64).
+
+        Raises:
+            torch.linalg.LinAlgError: two nodes coincide.
+        """
+        center = nodes_lps.mean(dim=0)
+        scale = float(torch.linalg.norm(nodes_lps - center, dim=1).max())
+        nodes = (nodes_lps - center) / scale
+        m = len(nodes)
+        polynomial = torch.cat([torch.ones((m, 1), dtype=nodes.dtype, device=nodes.device), nodes], dim=1)
+        system = torch.zeros((m + 3, m + 3), dtype=nodes.dtype, device=nodes.device)
+        squared = torch.cdist(nodes, nodes) ** 2
+        system[:m, :m] = 0.5 * squared * torch.log(squared.clamp(min=torch.finfo(squared.dtype).tiny))
+        system[:m, m:] = polynomial
+        system[m:, :m] = polynomial.T
+        values = torch.zeros((m + 3, 2), dtype=nodes.dtype, device=nodes.device)
+        values[:m] = (sources_lps - nodes_lps) / scale
+        solution = torch.linalg.solve(system, values)
+        return cls(landmarks_lps, nodes, solution[:m], solution[m:], center, scale)
+
+    def source_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where the image as given is read for physical positions (..., 2) of the articulated image,
+        computed in their dtype (float32 for a sample's grid: the image is read in float32 anyway)."""
+        dtype = positions.dtype
+        nodes, weights, affine = (t.to(dtype) for t in (self.nodes, self.weights, self.affine))
+        flat = (positions.reshape(-1, 2) - self.center.to(dtype)) / self.scale
+        moved = []
+        for chunk in flat.split(SPLINE_CHUNK):
+            squared = torch.cdist(chunk, nodes) ** 2
+            kernel = 0.5 * squared * torch.log(squared.clamp(min=torch.finfo(dtype).tiny))
+            moved.append(chunk + kernel @ weights + chunk @ affine[1:] + affine[0])
+        return (torch.cat(moved) * self.scale + self.center.to(dtype)).reshape(positions.shape)
+
+
+def cell_areas(positions: torch.Tensor) -> torch.Tensor:
+    """Signed areas (y - 1, x - 1) of the cells of a 2D grid of positions (y, x, 2)."""
+    along_x = positions[:-1, 1:] - positions[:-1, :-1]
+    along_y = positions[1:, :-1] - positions[:-1, :-1]
+    return along_x[..., 0] * along_y[..., 1] - along_x[..., 1] * along_y[..., 0]
+
+
+def random_articulation(
+    config: AugmentationConfig,
+    chains: list[list[int]],
+    points_lps: torch.Tensor,
+    geometry: ImageGeometry,
+    positions: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[Articulation, torch.Tensor] | None:
+    """Draw one articulation of the landmark chains (AugmentationConfig.articulation_chains).
+
+    Args:
+        chains: the chains as landmark indices (chain_indices).
+        points_lps: (N, 2) float64 landmarks (NaN = missing), physical.
+        geometry: the image's; the spline's fixed anchors surround it.
+        positions: (y, x, 2) physical positions the sample reads, a grid (where the warp must stay sane).
+    Returns:
+        The articulation and the positions through its warp (where the sample reads the image as
+        given), or None when no turn within ARTICULATION_RETRIES halvings of the drawn angles keeps
+        every grid cell's area change within ARTICULATION_MAX_AREA_CHANGE.
+    """
+    # Always the same draws, whatever is tried after: the generator's later draws stay reproducible.
+    angles = [
+        _uniform(generator, -1.0, 1.0, (len(limits),)) * torch.tensor(limits, dtype=torch.float64).deg2rad()
+        for limits in config.articulation_deg
+    ]
+    present = torch.isfinite(points_lps).all(dim=1)
+    corners = torch.as_tensor(geometry.corners_physical(), dtype=torch.float64)
+    low, high = corners.min(dim=0).values, corners.max(dim=0).values
+    margin = ARTICULATION_ANCHOR_MARGIN * (high - low)
+    fractions = torch.tensor([[a, b] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) if (a, b) != (0.5, 0.5)])
+    anchors = (low - margin + fractions.to(torch.float64) * (high - low + 2.0 * margin)).to(positions.device)
+    points = points_lps.to(positions.device)
+    for attempt in range(ARTICULATION_RETRIES + 1):
+        turned = turned_chains(points, chains, [a * 0.5**attempt for a in angles])
+        try:
+            articulation = Articulation.through(
+                torch.cat([turned[present], anchors]), torch.cat([points[present], anchors]), turned
+            )
+        except torch.linalg.LinAlgError:  # landmarks at one spot cannot move apart
+            return None
+        warped = articulation.source_positions(positions)
+        # |log| of each cell's area change within log(limit); a fold (a cell turned over) gives NaN and fails.
+        change = torch.log(cell_areas(warped) / cell_areas(positions)).abs()
+        if bool((change <= math.log(ARTICULATION_MAX_AREA_CHANGE)).all()):
+            return articulation, warped
+    return None
+
+
 def augment_intensities(
     sample: torch.Tensor, config: AugmentationConfig, grid: ImageGeometry, generator: torch.Generator
 ) -> torch.Tensor:
@@ -255,6 +409,7 @@ def augmented_sample(
     mirror_permutation: list[int] | None = None,
     augment: bool = True,
     center_lps: np.ndarray | None = None,
+    chains: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ImageGeometry]:
     """One training sample: the image on an axis-aligned grid, randomly transformed about its center.
 
@@ -265,6 +420,7 @@ def augmented_sample(
         mirror_permutation: landmark permutation applied when the transform mirrors.
         augment: False gives the plain centered resampling (validation).
         center_lps: where the grid is centered (physical); default the image's center.
+        chains: the articulation chains as landmark indices (chain_indices), when the config articulates.
     Returns:
         sample: (1, *grid) float32 input;
         landmark_index: (N, d) float64 continuous grid indices (x, y[, z]) of the landmarks, NaN if missing;
@@ -278,8 +434,13 @@ def augmented_sample(
         transform = random_transform(config, grid, center, generator, device)
     else:
         transform = SpatialTransform(torch.eye(d + 1, dtype=torch.float64))
-    sample = sample_at(prepared, transform.input_positions(grid, device))
+    positions = transform.input_positions(grid, device)
     points = torch.as_tensor(points_lps, dtype=torch.float64)
+    if augment and chains:
+        articulated = random_articulation(config, chains, points, prepared.geometry, positions, generator)
+        if articulated is not None:
+            points, positions = articulated[0].landmarks_lps.cpu(), articulated[1]
+    sample = sample_at(prepared, positions)
     present = torch.isfinite(points).all(dim=1)
     output = torch.full_like(points, float("nan"))
     if present.any():

@@ -66,7 +66,7 @@ else:
     import SCNLandmarksMRML
     from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
     from SCNLandmarksLib.vocabulary import HeatmapKind, LandmarkStatus
-    from SCNLandmarksMRML import annotate, catalogue, dependencies, panel, training
+    from SCNLandmarksMRML import annotate, catalogue, dependencies, overlays, panel, training
     from SCNLandmarksMRML.review import CHANGED, ReviewSession
     from SCNLandmarksMRML.runner import DetectionRunner
     from SCNLandmarksMRML.volumes import volumeDimension
@@ -101,9 +101,11 @@ else:
 
 # The results table is refreshed at most this often while a point is dragged.
 TABLE_REFRESH_MS = 100
-# How often the running detection is polled, and how long each poll lets the worker thread run.
-POLL_INTERVAL_MS = 100
-POLL_WAIT_S = 0.05
+# How often the running detection is polled, and how long each poll lets the worker thread run:
+# Slicer's event loop keeps the interpreter lock, so the worker runs Python only within polls. Short
+# ones keep the GUI's pauses short, and the worker waits less for the next (benchmarks/detection_poll.py).
+POLL_INTERVAL_MS = 20
+POLL_WAIT_S = 0.01
 # How often a training's progress is read (it runs in another process).
 TRAINING_POLL_MS = 500
 # How often the PyTorch probe, the model file reader and the installation log are looked at.
@@ -187,7 +189,8 @@ def registerSampleData() -> None:
             uris=source.uri,
             fileNames=source.fileName,
             nodeNames=source.nodeName,
-            loadFileType="VolumeFile",
+            loadFileTypes="VolumeFile",
+            checksums=source.checksum,
         )
         if source.licenseFile is not None:
             logging.info(
@@ -227,6 +230,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableColors: dict = {}
         self._trainingData = None
         self._annotationNode = None
+        self._placeMode = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -268,6 +272,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self._hideHeatmapsFromInput()
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelSelected)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceSelected)
@@ -285,7 +291,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.readNamesButton.clicked.connect(self.onReadLandmarkNames)
         self.ui.startAnnotationButton.clicked.connect(self.onStartAnnotation)
         self.ui.skipLandmarkButton.clicked.connect(self.onSkipLandmark)
-        self.ui.trainBaseComboBox.currentIndexChanged.connect(self.onTrainBaseChanged)
+        self.ui.trainBaseComboBox.activated.connect(self.onTrainBaseActivated)
         self.ui.startTrainingButton.clicked.connect(self.onStartTraining)
         self.ui.cancelTrainingButton.clicked.connect(self.onCancelTraining)
         self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
@@ -321,6 +327,16 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node) -> None:
+        if overlays.isHeatmapNode(node):
+            self._hideHeatmapsFromInput()
+
+    def _hideHeatmapsFromInput(self) -> None:
+        """Heatmaps are scalar volumes, but nothing to detect landmarks in (labelmaps: the .ui)."""
+        proxy = self.ui.inputVolumeSelector.sortFilterProxyModel()
+        proxy.hiddenNodeIDs = overlays.heatmapNodeIDs(slicer.mrmlScene)
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeAboutToBeRemoved(self, caller, event, node) -> None:
@@ -361,6 +377,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._observeLandmarks(self._parameterNode.landmarks if self._parameterNode else None)
             self._updateShortLabels()
             self._updateResultsTable()
+            self._updateTrainingBase()  # "Start from" the Detection model: it may have changed
             self._updateButtons()
             self._updateOverlay()
         finally:
@@ -429,8 +446,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         training = self.review.trainingRunning
         self.ui.startTrainingButton.enabled = self._trainingData is not None and not training and not installing
         self.ui.cancelTrainingButton.enabled = training and not self.review.trainingJob.cancelRequested
-        entry = SCNLandmarksMRML.entryForModel(parameters.modelPath) if parameters else None
-        self.ui.removeModelButton.enabled = bool(entry and entry.userModel) and not training
+        self.ui.removeModelButton.enabled = self.ui.userModelComboBox.count > 0 and not training
         self.ui.skipLandmarkButton.enabled = (
             self._annotationNode is not None and annotate.nextToPlace(self._annotationNode) is not None
         )
@@ -458,7 +474,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         key = (current, tuple(self._loadedModelPaths))
         if key == self._modelListKey:
             return
-        choices, index = panel.modelChoices(catalogue.allModels(), current, self._loadedModelPaths)
+        models = catalogue.allModels()
+        self._updateUserModels(models)
+        choices, index = panel.modelChoices(models, current, self._loadedModelPaths)
         combo = self.ui.modelComboBox
         with SignalBlocker(combo):
             combo.clear()
@@ -470,6 +488,19 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelListKey = key
         if not current and index >= 0:
             self._parameterNode.modelPath = choices[index].data  # the first shipped model, shown selected
+
+    def _updateUserModels(self, models) -> None:
+        """The Train section's own list of the user's models: what its Remove button acts on."""
+        combo = self.ui.userModelComboBox
+        current = combo.itemData(combo.currentIndex) if combo.count else None
+        with SignalBlocker(combo):
+            combo.clear()
+            for entry in models:
+                if entry.userModel:
+                    combo.addItem(entry.name, str(entry.path))
+            index = combo.findData(current)
+            if index >= 0:
+                combo.currentIndex = index
 
     def _populateDevices(self) -> None:
         """Both device selectors, from what is known of torch (`_deviceFacts`), keeping the choices."""
@@ -605,8 +636,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
                 torchUtils = PyTorchUtils.PyTorchUtilsLogic()
             self._setActionsEnabled(False)
-            if not dependencies.install(plan, torchUtils, slicer.util.pip_install, replaceTorch=replacesTorch):
-                return False
+            with self._installLog.printed():
+                if not dependencies.install(plan, torchUtils, slicer.util.pip_install, replaceTorch=replacesTorch):
+                    return False
         except Exception as error:  # pip and PyTorchUtils raise various errors; the log has the details
             logging.exception("SCNLandmarks: installation failed")
             slicer.util.errorDisplay(
@@ -938,9 +970,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             names = annotate.parseLandmarkNames(self.ui.landmarkNamesEdit.plainText)
             self._observeAnnotation(annotate.createAnnotationNode(slicer.mrmlScene, names, volume))
             self._parameterNode.landmarks = self._annotationNode  # "Save as training pair" saves it
-            markupsLogic = slicer.modules.markups.logic()
-            markupsLogic.SetActiveList(self._annotationNode)
-            markupsLogic.StartPlaceMode(True)  # persistent: one click per landmark (the node's points are fixed)
+            if self._placeMode is None:
+                self._placeMode = annotate.PlaceMode(
+                    slicer.modules.markups.logic(), slicer.app.applicationLogic().GetInteractionNode()
+                )
+            self._placeMode.start(self._annotationNode)
             self._onAnnotationChanged()
 
     def _observeAnnotation(self, node) -> None:
@@ -957,11 +991,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             return
         if annotate.updatePlacement(node) is None:
-            # Every landmark placed or skipped: leave place mode, and do not leave it persistent for
-            # the user's next markup.
-            interaction = slicer.app.applicationLogic().GetInteractionNode()
-            interaction.SetPlaceModePersistence(0)
-            interaction.SwitchToViewTransformMode()
+            # Every landmark placed or skipped (Slicer ends place mode itself after a click on the
+            # last one, not after Skip); the user's persistence comes back (`annotate.PlaceMode`).
+            slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
         self.ui.annotationStatusLabel.text = annotate.annotationStatus(node).text
         self._updateButtons()
 
@@ -976,7 +1008,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setupTrainSection(self) -> None:
         base = self.ui.trainBaseComboBox
         for label, key in (
-            (_("Selected model (fine-tune)"), BASE_SELECTED),
+            (_("Detection model (fine-tune)"), BASE_SELECTED),
             (_("Model file..."), BASE_FILE),
             (_("New landmark set (from scratch)"), BASE_NEW),
         ):
@@ -993,6 +1025,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainTimer.setInterval(TRAINING_POLL_MS)
         self._trainTimer.timeout.connect(self._onPollTraining)
         self._trainBaseFile = ""
+        self._trainBaseIndex = 0
+        self._trainBaseShown = None
 
     def onTrainSectionCollapsed(self, collapsed: bool) -> None:
         if not collapsed and self._trainingDataStale:
@@ -1010,7 +1044,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = panel.trainingFolderText(self._parameterNode.trainingFolder) if self._parameterNode else ""
         self._trainingData = None
         if not folder:
-            self.ui.trainingDataLabel.text = _("Choose the training folder (Export section).")
+            self.ui.trainingDataLabel.text = _("Choose the training folder.")
         else:
             try:
                 self._trainingData = training.inspectTrainingFolder(folder)
@@ -1028,22 +1062,30 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self._trainBaseFile
         return self._parameterNode.modelPath if self._parameterNode else ""
 
-    def onTrainBaseChanged(self, index: int) -> None:
-        if self.ui.trainBaseComboBox.itemData(index) == BASE_FILE:
-            self._trainBaseFile = (
-                qt.QFileDialog.getOpenFileName(
-                    slicer.util.mainWindow(),
-                    _("Model to start from"),
-                    "",
-                    _("SCN landmark models (*.safetensors);;All files (*)"),
-                )
-                or ""
+    def onTrainBaseActivated(self, index: int) -> None:
+        combo = self.ui.trainBaseComboBox
+        if combo.itemData(index) == BASE_FILE:
+            path = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(),
+                _("Model to start from"),
+                "",
+                _("SCN landmark models (*.safetensors);;All files (*)"),
             )
+            if path:
+                self._trainBaseFile = path
+            elif not self._trainBaseFile:  # cancelled, and no file chosen before: the previous choice
+                with SignalBlocker(combo):
+                    combo.currentIndex = self._trainBaseIndex
+        self._trainBaseIndex = combo.currentIndex
         self._updateTrainingBase()
 
     def _updateTrainingBase(self) -> None:
-        """The line under "Start from": what training from that base does with these cases."""
+        """The line under "Start from": what training from that base does with these cases (read
+        again only when the base or the cases changed: it reads the model file)."""
         base = self._trainingBasePath()
+        if (base, self._trainingData) == self._trainBaseShown:
+            return
+        self._trainBaseShown = (base, self._trainingData)
         if self._trainingData is None:
             text = ""
         elif base is None:
@@ -1117,7 +1159,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onRemoveModel(self) -> None:
-        entry = SCNLandmarksMRML.entryForModel(self._parameterNode.modelPath)
+        combo = self.ui.userModelComboBox
+        entry = SCNLandmarksMRML.entryForModel(combo.itemData(combo.currentIndex))
         if entry is None or not entry.userModel:
             return
         if not slicer.util.confirmYesNoDisplay(
@@ -1127,10 +1170,16 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle=_("Remove model"),
         ):
             return
+        detecting = self._parameterNode is not None and entry == SCNLandmarksMRML.entryForModel(
+            self._parameterNode.modelPath
+        )
         with slicer.util.tryWithErrorDisplay(_("Cannot remove the model."), waitCursor=True):
             catalogue.removeUserModel(entry)
             self._modelListKey = None
-            self._parameterNode.modelPath = ""  # the first shipped model is selected again
+            if detecting:
+                self._parameterNode.modelPath = ""  # the first shipped model is selected again
+            self._updateModelList()
+            self._updateButtons()
             self.ui.trainingStatusLabel.text = _("'{name}' was removed.").format(name=entry.name)
 
 

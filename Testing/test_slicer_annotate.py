@@ -118,6 +118,28 @@ def test_each_click_places_the_next_named_landmark_and_a_skipped_one_is_saved_as
     assert annotate.nextToPlace(node) == 2 and node.GetControlPointPlacementStartIndex() == 2
 
 
+@pytest.mark.parametrize("persistence", [0, 1])
+def test_place_mode_gives_the_users_persistence_back_when_it_ends(mrml, tmp_path, persistence):
+    markupsLogic = next(logic for logic in mrml.logics if logic.IsA("vtkSlicerMarkupsLogic"))
+    interaction = mrml.applicationLogic.GetInteractionNode()
+    interaction.SetPlaceModePersistence(persistence)  # as the user left the toolbar's "Place multiple"
+    node = annotate.createAnnotationNode(mrml.scene, ["Tip", "Base"], _volume(mrml.scene, tmp_path, 3))
+    placing = annotate.PlaceMode(markupsLogic, interaction)
+    placing.start(node)
+    placing.start(node)  # started again before the first ended
+    assert interaction.GetCurrentInteractionMode() == interaction.Place and interaction.GetPlaceModePersistence()
+    assert markupsLogic.GetActiveListID() == node.GetID()
+    annotate.placeNext(node, (1.0, 2.0, 3.0))
+    assert interaction.GetPlaceModePersistence()  # one click per landmark, without choosing place again
+    interaction.SwitchToViewTransformMode()  # Esc, another mouse mode, or Slicer once the last point is placed
+    assert interaction.GetPlaceModePersistence() == persistence
+    # The user's own placements later are left alone.
+    interaction.SetPlaceModePersistence(1 - persistence)
+    interaction.SetCurrentInteractionMode(interaction.Place)
+    interaction.SwitchToViewTransformMode()
+    assert interaction.GetPlaceModePersistence() == 1 - persistence
+
+
 def _reviewNode(scene, expected, flagged, statuses=None):
     statuses = statuses or [LandmarkStatus.DETECTED] * len(expected)
     names = [f"L{i}" for i in range(len(statuses))]

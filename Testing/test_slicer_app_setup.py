@@ -8,7 +8,8 @@ runs this file as a script in a child process (it replaces modules in `sys.modul
     python Testing/test_slicer_app_setup.py MAJOR MINOR REPORT.json
 
 which imports the module with `slicer.app` reporting Slicer MAJOR.MINOR, sets up the widget, waits
-for the PyTorch probe and the model file reader, and writes what the panel shows to REPORT.json.
+for the PyTorch probe and the model file reader, and writes what the panel shows to REPORT.json;
+with a fifth argument, `panel`, it then also goes through the panel's steps that `panelSteps` lists.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class Widget:
     def selectedItems(self):
         return []
 
+    def sortFilterProxyModel(self):
+        return self.__dict__.setdefault("proxy", Widget("proxy"))
+
 
 class Ui:
     def __init__(self):
@@ -137,7 +141,7 @@ def installStubs(major: int, minor: int) -> dict:
     qt.QTimer = lambda *args: Widget("timer")
     qt.QLabel = lambda text="": labels.append(Widget("label", text)) or labels[-1]
     qt.QHeaderView = types.SimpleNamespace(Stretch=1)
-    qt.Qt = types.SimpleNamespace(ToolTipRole=3)
+    qt.Qt = types.SimpleNamespace(ToolTipRole=3, WaitCursor=16)
     for name in ("QBrush", "QColor", "QTableWidgetItem", "QFileDialog", "QWidget"):
         setattr(qt, name, Widget)
     sys.modules["qt"] = qt
@@ -209,14 +213,89 @@ def installStubs(major: int, minor: int) -> dict:
         connect=lambda signal, slot: seen["connections"].append(signal),
         applicationLogic=lambda: headless.applicationLogic,
         commandOptions=lambda: types.SimpleNamespace(testingEnabled=True),
+        setOverrideCursor=lambda cursor: None,  # the wait cursor of slicer.util.tryWithErrorDisplay
+        restoreOverrideCursor=lambda: None,
     )
     slicer.mrmlScene = headless.scene
     slicer.util.loadUI = lambda path: Widget("ui")
     slicer.util.childWidgetVariables = lambda widget: ui
+    slicer.util.mainWindow = lambda: None
     return seen
 
 
-def main(major: int, minor: int, report: Path) -> None:
+def panelSteps(widget, module, seen: dict) -> dict:
+    """Steps through the panel as a user and Slicer would; returns what each left shown."""
+    import slicer
+
+    from SCNLandmarksMRML import catalogue, training
+    from SCNLandmarksMRML.overlays import HEATMAP_KIND_ATTRIBUTE
+
+    ui, steps = seen["ui"], {}
+
+    # Slicer starts: the bundled sample goes to Sample Data.
+    registered = []
+    sampleData = types.ModuleType("SampleData")
+    sampleData.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **arguments: registered.append(arguments)
+    )
+    sys.modules["SampleData"] = sampleData
+    module.registerSampleData()
+    steps["sampleData"] = [
+        {key: value for key, value in r.items() if key.startswith("load") or key == "checksums"} for r in registered
+    ]
+
+    # A heatmap joins the scene: the input volume selector hides it.
+    heatmap = slicer.vtkMRMLScalarVolumeNode()
+    heatmap.SetAttribute(HEATMAP_KIND_ATTRIBUTE, "final")
+    slicer.mrmlScene.AddNode(heatmap)
+    steps["heatmap"] = heatmap.GetID()
+    steps["hiddenFromInput"] = list(ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs)
+
+    # Train, "Start from" the Detection model: the line below follows that model.
+    training.checkBase = lambda base, data: f"from {Path(base).name}"
+    widget._trainingData = "the cases"  # read by checkBase only
+    startFrom = []
+    for name in ("a.safetensors", "b.safetensors"):
+        widget._parameterNode.modelPath = f"/models/{name}"
+        widget._onParameterNodeModified()  # what the parameter node's observer calls
+        startFrom.append(ui.trainBaseLabel.text)
+    steps["startFrom"] = startFrom
+
+    # "Model file...": cancelled (the previous choice comes back), a file, cancelled again (kept).
+    answers = iter(["", "/models/c.safetensors", ""])
+    sys.modules["qt"].QFileDialog = types.SimpleNamespace(getOpenFileName=lambda *args: next(answers))
+    base, modelFile = ui.trainBaseComboBox, []
+    for _ in range(3):
+        base.currentIndex = 1
+        widget.onTrainBaseActivated(1)
+        modelFile.append([base.itemData(base.currentIndex), ui.trainBaseLabel.text])
+    steps["modelFile"] = modelFile
+
+    # Your models: the Train section's own list, which Remove acts on (not the Detection model).
+    mine = catalogue.registerUserModel(catalogue.sampleModel().path, "Mine")
+    widget._modelListKey = None
+    widget._updateModelList()
+    widget._updateButtons()
+    steps["yourModels"] = [item[0] for item in ui.userModelComboBox.items]
+    steps["removeEnabled"] = ui.removeModelButton.enabled
+    slicer.util.confirmYesNoDisplay = lambda *args, **options: True
+    widget.onRemoveModel()
+    steps["yourModelsAfterRemove"] = [item[0] for item in ui.userModelComboBox.items]
+    steps["removed"] = not mine.path.exists()
+    steps["detectionModelAfterRemove"] = widget._parameterNode.modelPath
+
+    # The scene is closed while a training runs and the user is in another module; it then ends.
+    widget.setParameterNode(None)
+    entry = types.SimpleNamespace(path=Path("/models/new/model.safetensors"), name="new")
+    outcome = training.TrainingOutcome(entry, "'new' was added to your models", False, {})
+    job = types.SimpleNamespace(running=True, progress=None, cancelRequested=False, poll=lambda wait=0.0: outcome)
+    widget.review.trainingJob = job
+    widget._onPollTraining()
+    steps["trainingEndedAfterSceneClose"] = ui.trainingStatusLabel.text
+    return steps
+
+
+def main(major: int, minor: int, report: Path, steps: bool = False) -> None:
     sys.path.insert(0, str(MODULE_DIR))
     from SCNLandmarksMRML import compatibility
 
@@ -258,19 +337,23 @@ def main(major: int, minor: int, report: Path) -> None:
             reinstallConnected=bool(ui.reinstallTorchButton.clicked.slots),
             modelInfo=ui.modelInfoLabel.text,
         )
+        if steps:
+            result["steps"] = panelSteps(widget, SCNLandmarks, seen)
     report.write_text(json.dumps(result), encoding="utf-8")
 
 
-def _panel(tmp_path: Path, version: tuple[int, int], pythonPath: Path | None = None) -> dict:
+def _panel(tmp_path: Path, version: tuple[int, int], pythonPath: Path | None = None, steps: bool = False) -> dict:
     import pytest
 
     pytest.importorskip("slicer")
+    from SCNLandmarksMRML.catalogue import USER_MODELS_ENVIRONMENT
+
     report = tmp_path / "panel.json"
-    environment = dict(os.environ)
+    environment = dict(os.environ, **{USER_MODELS_ENVIRONMENT: str(tmp_path / "user models")})
     if pythonPath is not None:  # first on the path of this process and of the probe it starts
         environment["PYTHONPATH"] = os.pathsep.join([str(pythonPath), environment.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, __file__, *map(str, version), str(report)],
+        [sys.executable, __file__, *map(str, version), str(report), *(["panel"] if steps else [])],
         capture_output=True,
         text=True,
         env=environment,
@@ -314,5 +397,23 @@ def test_a_torch_that_cannot_load_leaves_the_panel_working_and_says_why(tmp_path
     assert panel["reinstallEnabled"] and panel["reinstallConnected"]
 
 
+def test_the_panel_keeps_the_users_choices_and_survives_a_scene_close(tmp_path):
+    steps = _panel(tmp_path, (5, 10), steps=True)["steps"]
+    # Sample Data re-copies an updated sample: it is registered with its checksum.
+    [sample] = steps["sampleData"]
+    assert sample["checksums"].startswith("SHA256:") and sample["loadFileTypes"] == "VolumeFile"
+    assert steps["hiddenFromInput"] == [steps["heatmap"]]
+    assert steps["startFrom"] == ["from a.safetensors", "from b.safetensors"]  # not stale
+    assert steps["modelFile"] == [
+        ["selected", "from b.safetensors"],  # cancelled: the Detection model again, not a stuck "Model file..."
+        ["file", "from c.safetensors"],
+        ["file", "from c.safetensors"],  # cancelled: the file chosen before stays
+    ]
+    assert steps["yourModels"] == ["Mine"] and steps["removeEnabled"]
+    assert steps["yourModelsAfterRemove"] == [] and steps["removed"]
+    assert steps["detectionModelAfterRemove"] == "/models/b.safetensors"  # Remove left the Detection model alone
+    assert steps["trainingEndedAfterSceneClose"] == "'new' was added to your models"
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:] == ["panel"])

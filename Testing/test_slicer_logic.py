@@ -30,6 +30,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (MRML) is not installed", allow_module_level=True)
+import vtk  # noqa: E402 - slicer-core's
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "SCNLandmarks"
@@ -324,6 +325,22 @@ def test_detect_3d_oblique_puts_points_at_the_truth(mrml, files, suffix):
     assert "on cpu" in result.summary
 
 
+def test_the_worker_threads_step_touches_no_mrml_node(mrml, files):
+    """`runDetection` runs on a worker thread in the module: MRML nodes are not thread-safe."""
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    job = logic.prepareDetection(volume, BlobOracle(3))
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the worker's step called {name} on the volume node")
+
+    job.volumeNode = Untouchable()
+    logic.runDetection(job)
+    job.volumeNode = volume
+    assert _positions(logic.finishDetection(job).markupsNode).shape == (4, 3)
+
+
 def test_detect_2d_png_maps_points_into_the_slice(mrml, files):
     volume = loadVolumeFile(mrml.scene, files["png"])
     # Put the X-ray somewhere else in space: the points must follow the slice (z of the slice).
@@ -421,6 +438,31 @@ def test_heatmap_volume_shares_the_input_geometry(mrml, files, suffix):
         logic.showHeatmap(result.markupsNode, "final", "Nose")
     with pytest.raises(DataError, match="Unknown heatmap kind"):
         logic.showHeatmap(result.markupsNode, "sharp")
+
+
+def test_heatmaps_and_labelmaps_are_not_offered_as_input_volumes(mrml, files):
+    from SCNLandmarksMRML.overlays import heatmapNodeIDs, isHeatmapNode
+
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    logic = SCNLandmarksLogic(mrml.scene)
+    result = logic.detectLandmarks(volume, BlobOracle(3))
+    added = []
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(caller, event, node):
+        added.append((node.GetID(), isHeatmapNode(node)))
+
+    tag = mrml.scene.AddObserver(mrml.scene.NodeAddedEvent, onNodeAdded)
+    try:
+        heatmap = logic.showHeatmap(result.markupsNode, "final", None)
+    finally:
+        mrml.scene.RemoveObserver(tag)
+    # The module's widget hides the heatmap from its input selector when the scene announces it.
+    assert (heatmap.GetID(), True) in added and heatmapNodeIDs(mrml.scene) == [heatmap.GetID()]
+    assert not isHeatmapNode(volume)
+    selector = _ui_widgets()["inputVolumeSelector"]
+    hidden = next(p for p in selector.findall("property") if p.get("name") == "hideChildNodeTypes")
+    assert [s.text for s in hidden.iter("string")] == ["vtkMRMLLabelMapVolumeNode"]
 
 
 def test_heatmaps_need_a_detection_of_this_session(mrml, files):

@@ -4,6 +4,7 @@ results table, short labels, replacing files, the sample data and the extension'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -292,6 +293,19 @@ def test_log_lines_from_any_thread_wait_for_the_gui_thread():
     assert lines.take() == ["from pip's reader thread", "from the GUI thread"] and lines.take() == []
 
 
+def test_what_the_installer_prints_reaches_the_log_and_still_the_console(capsys):
+    lines = dependencies.LogLines()
+    with lines.printed():
+        print("Collecting torch>=2.2")  # as slicer.util.logProcessOutput passes pip's lines on
+        print("Downloading", end="")
+        print(" 2.1 GB")
+        sys.stdout.write("Successfully installed torch")
+    assert lines.take() == ["Collecting torch>=2.2", "Downloading 2.1 GB", "Successfully installed torch"]
+    assert capsys.readouterr().out == "Collecting torch>=2.2\nDownloading 2.1 GB\nSuccessfully installed torch"
+    print("after the installation")
+    assert lines.take() == []
+
+
 def test_the_self_test_skips_with_a_reason_without_torch_and_runs_with_it():
     missing = dependencies.dependencyStatus(torchVersion="", importedTorchVersion="", pytorchUtils=True, missing=[])
     reason = dependencies.selfTestSkipReason(missing)
@@ -517,6 +531,8 @@ def test_the_bundled_sample_is_offered_to_sample_data_with_its_license():
     assert source.uri.startswith("file://") and Path(source.uri[len("file://") :]).is_file()
     assert source.fileName == "MNI152NLin2009cAsym_T1w_2mm.nii.gz" and source.nodeName == "MNI152NLin2009cAsym_T1w_2mm"
     assert source.licenseFile is not None and "Louis Collins" in source.licenseFile.read_text(encoding="utf-8")
+    image = Path(source.uri[len("file://") :]).read_bytes()
+    assert source.checksum == "SHA256:" + hashlib.sha256(image).hexdigest()  # an updated sample is copied again
     module = (MODULE_DIR / "SCNLandmarks.py").read_text(encoding="utf-8")
     assert "registerCustomSampleDataSource" in module and 'connect("startupCompleted()", registerSampleData)' in module
 

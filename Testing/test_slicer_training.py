@@ -129,7 +129,7 @@ def test_nothing_half_written_is_ever_listed(user_folder, tiny_model_2d, tmp_pat
 # the training folder and the base
 
 
-def test_bad_training_folders_and_bases_are_named(tmp_path, dataset_2d, tiny_model_2d, tiny_model_3d):
+def test_bad_training_folders_and_bases_are_named(user_folder, tmp_path, dataset_2d, tiny_model_2d, tiny_model_3d):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="empty.*the training folder is empty"):
@@ -153,6 +153,11 @@ def test_bad_training_folders_and_bases_are_named(tmp_path, dataset_2d, tiny_mod
         inspectTrainingFolder(mixed)
 
     assert checkBase(tiny_model_2d, data).startswith("Fine-tunes model.safetensors on its own 4 landmarks")
+    # A catalogue model is named by its entry: every catalogue model's file is model.safetensors.
+    mine = catalogue.registerUserModel(tiny_model_2d, "My hands")
+    assert mine.path.name == "model.safetensors"
+    assert checkBase(mine.path, data).startswith("Fine-tunes My hands on its own 4 landmarks")
+    assert TrainingJob(data, mine.path, userFolder=user_folder).baseName == "My hands"
     other = tmp_path / "other"
     make_dataset(other, images=3, landmarks=3)
     renamed = (other / "dataset.toml").read_text(encoding="utf-8").replace('"L3"', '"Tip"')

@@ -120,6 +120,41 @@ def updatePlacement(node) -> int | None:
     return index
 
 
+class PlaceMode:
+    """Slicer's place mode for annotations: persistent while one lasts (a click per landmark), and the
+    user's own place-mode persistence given back as soon as place mode ends (every landmark placed,
+    Esc, another mouse mode): left on, it would make the user's next toolbar placement persistent.
+
+    Args:
+        markupsLogic: the Markups module logic (vtkSlicerMarkupsLogic).
+        interactionNode: the application's vtkMRMLInteractionNode.
+    """
+
+    def __init__(self, markupsLogic, interactionNode):
+        self.markupsLogic = markupsLogic
+        self.interactionNode = interactionNode
+        self._userPersistence: int | None = None
+        self._tag: int | None = None
+
+    def start(self, node) -> None:
+        """Place `node`'s landmarks from now on, one click each."""
+        if self._tag is None:  # a second start keeps the persistence the user had before the first
+            self._userPersistence = self.interactionNode.GetPlaceModePersistence()
+        self.markupsLogic.SetActiveList(node)
+        self.markupsLogic.StartPlaceMode(True)
+        if self._tag is None:
+            self._tag = self.interactionNode.AddObserver(
+                slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent, self._onModeChanged
+            )
+
+    def _onModeChanged(self, caller, event) -> None:
+        if self.interactionNode.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.Place:
+            return
+        self.interactionNode.RemoveObserver(self._tag)
+        self._tag = None
+        self.interactionNode.SetPlaceModePersistence(self._userPersistence)
+
+
 def placeNext(node, positionRas) -> int:
     """Place the next landmark at `positionRas` (the node's coordinates), as a click in place mode does.
 

@@ -26,6 +26,7 @@ Shipped models are never replaced or removed.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -200,6 +201,13 @@ def entryForModel(modelPath, locations=CATALOGUE_LOCATIONS, userFolder=None) -> 
     except OSError:
         return None
     return next((entry for entry in allModels(locations, userFolder) if entry.path.resolve() == wanted), None)
+
+
+def modelName(modelPath, userFolder=None) -> str:
+    """How messages name a model: its catalogue entry's name (every catalogue model's file is
+    model.safetensors), else its file name."""
+    entry = entryForModel(modelPath, userFolder=userFolder)
+    return entry.name if entry is not None else Path(modelPath).name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,6 +418,8 @@ class SampleDataSource:
         nodeName: the volume node's name.
         licenseFile: the sample's license (shown in the log when it is loaded), or None.
         modelName: the catalogue model it is the sample of.
+        checksum: ``SHA256:<hex digest>`` of the image: Sample Data copies the file into its cache
+            once and, without a checksum, never again, even after an update of the extension.
     """
 
     sampleName: str
@@ -418,6 +428,7 @@ class SampleDataSource:
     nodeName: str
     licenseFile: Path | None
     modelName: str
+    checksum: str
 
 
 def sampleDataSources(locations=CATALOGUE_LOCATIONS) -> list[SampleDataSource]:
@@ -435,6 +446,7 @@ def sampleDataSources(locations=CATALOGUE_LOCATIONS) -> list[SampleDataSource]:
                 stem,
                 entry.sampleLicense if entry.sampleLicense and entry.sampleLicense.is_file() else None,
                 entry.name,
+                "SHA256:" + hashlib.sha256(entry.sample.read_bytes()).hexdigest(),
             )
         )
     return sources

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -651,6 +651,17 @@ class LogLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self._lines.put(self.format(record))
 
+    @contextmanager
+    def printed(self) -> Iterator[None]:
+        """Within the block, what is printed is collected too, and still printed: pip's output reaches
+        Slicer's console through ``print`` (Slicer's ``logProcessOutput``), not through logging."""
+        tee = _PrintedLines(sys.stdout, self._lines.put)
+        try:
+            with redirect_stdout(tee):
+                yield
+        finally:
+            tee.flushLine()
+
     def take(self) -> list[str]:
         """The lines logged since the last call, oldest first."""
         lines = []
@@ -659,6 +670,29 @@ class LogLines(logging.Handler):
                 lines.append(self._lines.get_nowait())
             except queue.Empty:
                 return lines
+
+
+class _PrintedLines:
+    """A standard output that passes text on to `stream` and each complete line to `line`."""
+
+    def __init__(self, stream, line: Callable[[str], None]):
+        self._stream = stream
+        self._line = line
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *complete, self._partial = (self._partial + text).split("\n")
+        for each in complete:
+            self._line(each)
+        return self._stream.write(text)
+
+    def flushLine(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = ""
+
+    def __getattr__(self, name):  # flush, encoding, isatty...: the stream's
+        return getattr(self._stream, name)
 
 
 def install(

@@ -29,6 +29,21 @@ HEATMAP_KIND_ATTRIBUTE = "SCNLandmarks.HeatmapKind"
 HEATMAP_LANDMARK_ATTRIBUTE = "SCNLandmarks.HeatmapLandmark"
 
 
+def isHeatmapNode(node) -> bool:
+    """True for heatmap volumes made by `updateHeatmapNode`, already when the scene announces them."""
+    return node is not None and node.GetAttribute(HEATMAP_KIND_ATTRIBUTE) is not None
+
+
+def heatmapNodeIDs(scene) -> list[str]:
+    """IDs of the scene's heatmap volumes (to keep them out of the input volume selector)."""
+    return [node.GetID() for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode") if isHeatmapNode(node)]
+
+
+def _nodesByClass(scene, className: str) -> list:
+    nodes = scene.GetNodesByClass(className)
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+
 def heatColorNodeId(scene) -> str:
     """ID of a heat color node of the scene (Inferno, else PET-Heat, else one made here)."""
     for name in HEAT_COLOR_NAMES:
@@ -72,7 +87,11 @@ def updateHeatmapNode(scene, heatmapNode, array: np.ndarray, volumeNode, name: s
     if array.shape != tuple(expected):
         raise ValueError(f"heatmap of shape {array.shape} is not on the input grid {tuple(expected)}")
     if heatmapNode is None:
-        heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        heatmapNode = slicer.vtkMRMLScalarVolumeNode()
+        heatmapNode.SetName(name)
+        # Marked before it is added, so that observers of the scene's NodeAddedEvent know it.
+        heatmapNode.SetAttribute(HEATMAP_KIND_ATTRIBUTE, "")
+        scene.AddNode(heatmapNode)
     else:
         heatmapNode.SetName(name)
     setVolumeArray(heatmapNode, array, ijkToRasArray(volumeNode))
@@ -95,8 +114,7 @@ def updateHeatmapNode(scene, heatmapNode, array: np.ndarray, volumeNode, name: s
 
 def sliceCompositeNodes(scene) -> list:
     """All slice composite nodes of the scene (one per slice view)."""
-    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return _nodesByClass(scene, "vtkMRMLSliceCompositeNode")
 
 
 def showInSliceViews(scene, volumeNode, heatmapNode, opacity: float) -> int:

@@ -159,11 +159,12 @@ def checkBase(basePath, data: TrainingData) -> str:
         )
     if base.unit != data.unit and not (base.in_pixels and data.unit == "px"):
         raise DataError(f"{basePath}: the base model works in {base.unit}, the cases in {data.folder} in {data.unit}")
+    name = catalogue.modelName(basePath)
     if set(base.landmark_names) == set(data.landmarkNames):
-        return f"Fine-tunes {Path(basePath).name} on its own {len(base.landmark_names)} landmarks."
+        return f"Fine-tunes {name} on its own {len(base.landmark_names)} landmarks."
     common = len(set(base.landmark_names) & set(data.landmarkNames))
     return (
-        f"The cases have other landmarks than {Path(basePath).name} ({common} of {len(data.landmarkNames)} in "
+        f"The cases have other landmarks than {name} ({common} of {len(data.landmarkNames)} in "
         "common): new landmark heads are trained, starting from the base's local-appearance weights."
     )
 
@@ -278,6 +279,11 @@ class TrainingJob:
         self._done = False
 
     # ------------------------------------------------------------------------------------------
+
+    @property
+    def baseName(self) -> str:
+        """The base model as messages name it (its catalogue entry's name, else its file's)."""
+        return catalogue.modelName(self.base, self.userFolder) if self.base else ""
 
     @property
     def running(self) -> bool:
@@ -491,13 +497,13 @@ class TrainingJob:
         outcome = result.get("outcome")
         if outcome == KEPT_BASE:
             return (
-                f"No candidate is better than {self.base.name}: nothing was added; keep using the base model. "
+                f"No candidate is better than {self.baseName}: nothing was added; keep using the base model. "
                 f"{heldAsideFigures(result)}."
             )
         if outcome == NOT_VALIDATED:
             return (
                 f"Not validated: {caseCount(len(self.data.cases))} are too few to hold some aside and compare the "
-                f"new model with {self.base.name} (5 or more are needed), so nothing was added; keep using the "
+                f"new model with {self.baseName} (5 or more are needed), so nothing was added; keep using the "
                 "base model, and save more training pairs."
             )
         return ""
@@ -527,7 +533,7 @@ class TrainingJob:
         else:
             measured = f"{outcome} chosen. {heldAsideFigures(result)}"
         return (
-            f"Fine-tuned from {self.base.name} on {caseCount(len(self.data.cases))} of {self.data.folder}; "
+            f"Fine-tuned from {self.baseName} on {caseCount(len(self.data.cases))} of {self.data.folder}; "
             f"{measured}.{stopped}"
         )
 

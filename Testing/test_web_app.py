@@ -96,7 +96,7 @@ def server(training_folder, data_root):
         "--idle-timeout",
         "60",
         "--max-sessions",
-        "6",
+        "8",
         "--training-folder",
         str(training_folder),
         "--data-root",
@@ -373,6 +373,85 @@ def test_two_reviewers_detect_correct_and_export_each_their_own(server, browser,
     theirs = export(second, tmp_path)
     assert np.linalg.norm(theirs[name] - predicted) < 0.1
     assert np.linalg.norm(theirs[name] - points[name]) > 5.0
+
+
+# The names of the table rows shown whole: below the table's header and above its end (and the page's).
+VISIBLE_ROWS = """() => {
+    const table = document.querySelector('#landmarks').getBoundingClientRect();
+    const top = document.querySelector('#landmarks thead').getBoundingClientRect().bottom;
+    const bottom = Math.min(table.bottom, window.innerHeight);
+    return Array.from(document.querySelectorAll('#landmarks tbody tr')).filter(r => {
+        const b = r.getBoundingClientRect(); return b.top >= top - 0.5 && b.bottom <= bottom + 0.5; })
+        .map(r => r.dataset.name); }"""
+
+
+def view_names(page, view: str) -> set[str]:
+    """The landmarks a slice view names (the page's record of what it put in that view)."""
+    names = page.locator(f".slice-view[data-view='{view}']").get_attribute("data-names")
+    return set(names.split(",")) if names else set()
+
+
+def is_selection_mark(r, g, b):
+    """The amber cross and name of the selected point (marks.SELECTED_COLOR)."""
+    return (r > 200) & (g > 150) & (b < 90)
+
+
+def test_on_a_laptop_screen_the_table_shows_a_dozen_rows_and_the_selected_point_is_found_and_named(server, browser):
+    from SCNLandmarksWeb.marks import NEAR_SLICES
+
+    page = new_page(browser, server, 1366, 768)
+    open_sample_and_detect(page)
+    shown = page.evaluate(VISIBLE_ROWS)
+    assert len(shown) >= 11, shown
+    names = page.eval_on_selector_all("#landmarks tbody tr", "rows => rows.map(r => r.dataset.name)")
+    positions = {name: row_position(page, name) for name in names}
+
+    # Whoever selects a point (here Next to review, in its own order), its row is scrolled into the table's
+    # view; the views are centred on it and mark it, and each view names it and the points near its slice
+    # only (the sample's 2 mm slices; the others stay unnamed markers).
+    spacing_mm = 2.0
+    axis = {"Red": 2, "Yellow": 0, "Green": 1}  # LPS axis across the axial, sagittal and coronal slices
+    selected, beyond = None, False
+    for _ in names:
+        page.click("#next-to-review")
+        page.wait_for_function(
+            "previous => { const r = document.querySelector('#landmarks tr.bg-blue-lighten-4');"
+            " return r && r.dataset.name !== previous; }",
+            arg=selected,
+        )
+        selected = page.locator("#landmarks tr.bg-blue-lighten-4").get_attribute("data-name")
+        page.wait_for_function(f"name => ({VISIBLE_ROWS})().includes(name)", arg=selected)  # scrolled to it
+        beyond = beyond or names.index(selected) >= len(shown)
+        if beyond:
+            break
+    assert beyond, "Next to review never selected a row below the first screenful"
+    page.wait_for_function(
+        "name => ['Red', 'Yellow', 'Green'].every(v =>"
+        " (document.querySelector(`.slice-view[data-view='${v}']`).dataset.names || '').split(',').includes(name))",
+        arg=selected,
+    )
+    for view, index in axis.items():
+        offset = {name: abs(position[index] - positions[selected][index]) for name, position in positions.items()}
+        named = view_names(page, view)
+        near = {name for name in names if offset[name] <= NEAR_SLICES * spacing_mm - 0.1}
+        possibly_near = {name for name in names if offset[name] <= NEAR_SLICES * spacing_mm + 0.1}
+        assert near <= named <= possibly_near | {selected}, (view, named, near)
+    assert len(view_names(page, "Yellow")) < len(names) / 2, "the side view names every landmark"
+    page.wait_for_timeout(1500)  # the views re-render around the selected point
+    pixels = screenshot(page, "web_review_laptop_selected.png")
+    for view in axis:
+        assert has_color(pixels, view_box(page, view), is_selection_mark) > 30, f"no mark in the {view} view"
+
+    # The ≡ button gives the views the whole width, and gives the controls back.
+    width = view_box(page, "Red")["width"]
+    red_width = "() => document.querySelector(\".slice-view[data-view='Red']\").parentElement.offsetWidth"
+    page.click("#panel-toggle")
+    page.locator("#panel").wait_for(state="hidden")
+    page.wait_for_function(f"({red_width})() > {width + 200}")
+    page.click("#panel-toggle")
+    page.locator("#panel").wait_for()
+    page.wait_for_function(f"({red_width})() < {width + 1}")
+    page.context.close()
 
 
 def test_review_first_heatmap_per_landmark_and_learning_from_corrections(server, browser, training_folder, tmp_path):
@@ -728,6 +807,13 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     page.click("#detect")
     page.wait_for_selector("#landmarks tbody tr:nth-child(19)")
     assert "Exp. error (px)" in page.locator("#landmarks thead").inner_text()
+    # A picture is one slice: its one view names every point found (with the model's abbreviations).
+    found = page.eval_on_selector_all("#landmarks tbody tr", "rows => rows.filter(r => r.dataset.position).length")
+    page.wait_for_function(
+        "count => (document.querySelector(\".slice-view[data-view='Red']\").dataset.names || '').split(',')"
+        ".filter(n => n).length === count",
+        arg=found,
+    )
     marks = page.eval_on_selector_all(
         "#landmarks tbody tr",
         """rows => rows.map(r =>

@@ -53,7 +53,7 @@ from SCNLandmarksLib.geometry import ras_to_lps
 from SCNLandmarksLib.io.atomic import safe_filename
 from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksLib.io.paths import image_stem
-from SCNLandmarksLib.vocabulary import STATUS_COLORS, LandmarkStatus
+from SCNLandmarksLib.vocabulary import LandmarkStatus
 from SCNLandmarksMRML import catalogue
 from SCNLandmarksMRML.headless import loadVolumeFile
 from SCNLandmarksMRML.logic import TRAINING_SPEC_NAME, SCNLandmarksLogic
@@ -70,6 +70,7 @@ from SCNLandmarksMRML.volumes import (
 
 from . import access
 from .autosave import Autosave, Recoverable
+from .marks import ViewMarks
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ CANCELLED = "Detection cancelled; the previous result is unchanged."
 # The all-landmarks heatmap (each landmark scaled to its peak) shows each landmark above this
 # fraction of its peak: wide heatmaps (a brain's) then stay apart instead of merging into one blob.
 ALL_LANDMARKS_FLOOR = 0.5
-MOVED_HALO_SCALE = 2.2  # a moved point's halo, relative to the point's own glyph
-MOVED_HALO_OPACITY = 0.45
 TRAINING_POLL_S = 0.5  # how long each look at the running fine-tuning waits for its end
 DEFAULT_FINETUNE_MINUTES = 10.0
 CANCELLING_FINETUNE = "cancelling: the current iteration ends first, the best model so far is kept"
@@ -99,6 +98,17 @@ if (!window.scnLandmarksLeaveGuard) {
   });
 }
 """
+# Compact rows (Vuetify's compact density is 36 px), so that a laptop's screen (1366 x 768) lists
+# a dozen landmarks beside the views.
+PAGE_STYLE = """
+#landmarks td, #landmarks th { height: 26px !important; padding: 0 6px !important; font-size: 0.8125rem; }
+#landmarks th { line-height: 1.15; font-size: 0.75rem; }
+#landmarks td { white-space: nowrap; }
+"""
+# The selected row is scrolled into the table's view whoever selected it (Next to review, a drag, Undo).
+SHOW_SELECTED_ROW = (
+    "window.document.querySelector('#landmarks tr.bg-blue-lighten-4')?.scrollIntoView({block: 'nearest'})"
+)
 ENDED_MESSAGE = (
     "This review session has ended. Corrections not exported were kept: open a new session to get them back."
 )
@@ -221,18 +231,12 @@ class LandmarkReviewApp(TrameApp):
         endedMessage: str = ENDED_MESSAGE,
     ):
         super().__init__(server)
-        # Kept in shared folders as a digest only: the id itself is the browser's cookie.
-        self.reviewerDigest = hashlib.sha256(
-            f"scn-landmarks reviewer {reviewer or secrets.token_urlsafe(16)}".encode()
-        ).hexdigest()[:16]
         self.dataRoots = [Path(root).resolve() for root in dataRoots]
         self.device = device
         self.maxUploadBytes = maxUploadBytes
         self._ownWorkdir = None if workdir else tempfile.TemporaryDirectory(prefix="scn-landmarks-web-")
         self.workdir = Path(workdir) if workdir else Path(self._ownWorkdir.name)
         self.trainingFolder = Path(trainingFolder) if trainingFolder else self.workdir / "training-pairs"
-        self.autosave = Autosave(autosaveFolder, self.workdir)
-        self.recoverable: list[Recoverable] = self.autosave.others()
         self.endedMessage = endedMessage
         self.finetuneCancelRequested = False  # (a Cancel may come before the job has started)
         self.slicerApp = SlicerApp()
@@ -251,7 +255,7 @@ class LandmarkReviewApp(TrameApp):
         # page only shows the session and passes the user's actions to it.
         self.review = ReviewSession(self.logic)
         self.review.listen(self._onReviewChanged)
-        self.movedMarkersNode = None
+        self.marks = ViewMarks(self.slicerApp.scene, self._sliceNodes, self._showViewNames)
         self.grabObserver: int | None = None
         self.lastTableRefresh = 0.0
         self.cancelRequested = False
@@ -263,6 +267,7 @@ class LandmarkReviewApp(TrameApp):
         self.models: dict[str, catalogue.ModelEntry] = {}
         self._refreshModels()
         self._initialState(model)
+        self.forReviewer(reviewer, autosaveFolder)
         self._buildUi()
         self._observeViews()
         self.server.controller.on_server_ready.add(self._preloadModel)
@@ -296,10 +301,11 @@ class LandmarkReviewApp(TrameApp):
         state.coverage_percent = ""  # "90" when the model gives 90 % coverage radii
         state.error_unit = "mm"
         state.selected_landmark = None
+        state.view_names = {}  # view name -> the names it shows, comma-separated
         state.can_undo = False
         state.unsaved = False
         state.confirm_discard = False
-        state.details_open = True
+        state.panel_open = True
         state.help_open = False
         state.heatmap_visible = False
         state.heatmap_kind = "final"
@@ -319,7 +325,6 @@ class LandmarkReviewApp(TrameApp):
             '<div style="font-family: sans-serif; margin: 3em; max-width: 40em;"><h2 id="title">This review '
             f'session has ended</h2><p id="message">{self.endedMessage}</p></div>'
         )
-        self._offerRecovery()
         state.training_folder = self.pathAliases.get(str(self.trainingFolder), str(self.trainingFolder))
         state.training_folder_kept = str(self.trainingFolder) not in self.pathAliases
         state.training_cases = ""
@@ -336,6 +341,26 @@ class LandmarkReviewApp(TrameApp):
         self._describeTrainingFolder()
         state.change("heatmap_visible", "heatmap_kind", "heatmap_landmark")(self._onHeatmapChoice)
         state.change("heatmap_opacity")(self._onHeatmapOpacity)
+        state.change("selected_landmark")(self._onSelection)
+        # A model chosen (by the reviewer, or for an image's dimension) loads while the image is opened.
+        state.change("model_id")(self._preloadModel)
+
+    def forReviewer(self, reviewer: str | None, autosaveFolder: Path | None) -> None:
+        """Whose review this is: the station starts a session before its reviewer comes (a warm spare),
+        and names the reviewer when it hands the session over.
+
+        Args:
+            reviewer: the station's per-browser id (None: a new one): the training cases they saved
+                are theirs to replace.
+            autosaveFolder: as for the constructor.
+        """
+        # Kept in shared folders as a digest only: the id itself is the browser's cookie.
+        self.reviewerDigest = hashlib.sha256(
+            f"scn-landmarks reviewer {reviewer or secrets.token_urlsafe(16)}".encode()
+        ).hexdigest()[:16]
+        self.autosave = Autosave(autosaveFolder, self.workdir)
+        self.recoverable: list[Recoverable] = self.autosave.others()
+        self._offerRecovery()
 
     def _refreshModels(self) -> None:
         """The model list: the shipped models and the user's (which any session may have added to)."""
@@ -464,7 +489,6 @@ class LandmarkReviewApp(TrameApp):
         if entry is None:
             return ""
         self.state.model_id = entry.id
-        self._preloadModel()
         return f" The model is now {entry.name}: {chosen.name} detects in {chosen.dimension}D images."
 
     def _removeVolume(self, volumeNode) -> None:
@@ -508,7 +532,6 @@ class LandmarkReviewApp(TrameApp):
             self.state.model_path = ""
             why = f"{chosen.name} has no sample image" if chosen is not None else "no model was chosen"
             self.state.info = f"Opened the sample of {entry.name}; the model is now {entry.name} ({why})."
-            self._preloadModel()
 
     @staticmethod
     def _shippedSampleFor(userEntry: catalogue.ModelEntry) -> catalogue.ModelEntry | None:
@@ -606,6 +629,9 @@ class LandmarkReviewApp(TrameApp):
     def _showResult(self, result) -> None:
         self._clearDetection()  # the previous result goes only once the new one is there
         node = result.markupsNode
+        # The views name points near their slice only (see `marks`): the point list itself names none.
+        node.GetDisplayNode().SetPointLabelsVisibility(False)
+        self.marks.setLandmarks(node, self.logic.shortLandmarkNames(node))
         self.review.setDetection(node)
         self.state.calibrated = self.review.calibrated
         coverage = predictionCoverage(node)
@@ -643,9 +669,7 @@ class LandmarkReviewApp(TrameApp):
             node.RemoveObserver(self.grabObserver)
         self.grabObserver = None
         self.review.clear()
-        if self.movedMarkersNode is not None:
-            self.slicerApp.scene.RemoveNode(self.movedMarkersNode)
-        self.movedMarkersNode = None
+        self.marks.setLandmarks(None)
         self.state.coverage_percent = ""
         self.state.landmarks = []
         self.state.can_undo = False
@@ -677,45 +701,14 @@ class LandmarkReviewApp(TrameApp):
         self.state.can_undo = self.review.canUndo
         self.state.unsaved = self.review.unsaved
         self.lastTableRefresh = time.monotonic()
-        self._markMovedPoints(landmarkRows)
+        self.marks.setRows(landmarkRows)
 
-    def _markMovedPoints(self, landmarkRows) -> None:
-        """Mark the points the user moved on the views themselves, with a cyan halo: a second, locked
-        point list (a point list has one glyph and two colors, both taken by the landmarks)."""
-        moved = [
-            row.positionRas
-            for row in landmarkRows
-            if row.status == LandmarkStatus.MOVED and row.positionRas is not None
-        ]
-        if self.movedMarkersNode is None:
-            if not moved:
-                return
-            self.movedMarkersNode = self._movedMarkersNode()
-        node = self.movedMarkersNode
-        wasModifying = node.StartModify()
-        try:
-            node.RemoveAllControlPoints()
-            for position in moved:
-                node.AddControlPoint(vtk.vtkVector3d(*position), "")
-        finally:
-            node.EndModify(wasModifying)
+    def _onSelection(self, selected_landmark, **_) -> None:
+        self.marks.select(selected_landmark)
 
-    def _movedMarkersNode(self):
-        scene = self.slicerApp.scene
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName("moved by user"))
-        node.CreateDefaultDisplayNodes()
-        node.SetLocked(True)  # the halos never take the mouse: the point under them is dragged
-        node.SetAndObserveTransformNodeID(self.review.markupsNode.GetTransformNodeID())
-        display = node.GetDisplayNode()
-        color = tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED])
-        display.SetColor(*color)
-        display.SetSelectedColor(*color)
-        display.SetGlyphTypeFromString("Circle2D")  # a disk in slice views: translucent, a halo round the point
-        display.SetGlyphScale(MOVED_HALO_SCALE * self.review.markupsNode.GetDisplayNode().GetGlyphScale())
-        display.SetOpacity(MOVED_HALO_OPACITY)
-        display.SetPointLabelsVisibility(False)
-        display.SetPropertiesLabelVisibility(False)
-        return node
+    def _showViewNames(self, names: dict[str, list[str]]) -> None:
+        with self.state:
+            self.state.view_names = {view: ",".join(shown) for view, shown in names.items()}
 
     def _onPointGrabbed(self, caller, event) -> None:
         # The point under the mouse is the display node's active one: dragging a point selects it.
@@ -827,10 +820,12 @@ class LandmarkReviewApp(TrameApp):
     def _sliceViewGutter(self, server, viewId: str, view) -> None:
         """Reset-view button, and the slice slider for 3D images only (a 2D image has one slice)."""
         create_vertical_view_gutter_ui(server, viewId, view)
+        tag = view.get_singleton_tag()
         html.Div(
             classes="slice-view",
-            __properties=[("data_view", "data-view")],
-            data_view=view.get_singleton_tag(),
+            __properties=[("data_view", "data-view"), ("data_names", "data-names")],
+            data_view=tag,
+            data_names=(f"view_names['{tag}'] || ''",),  # the landmarks this view names (see `marks`)
             style="display: none;",
         )
         with html.Div(v_show="!is_2d", style="position: absolute; bottom: 0; left: 0; width: 100%;"):
@@ -1080,7 +1075,6 @@ class LandmarkReviewApp(TrameApp):
                     self._refreshModels()
                     self.state.model_id = outcome.entry.id
                     self.state.model_path = ""
-                    self._preloadModel()
                 added = " It is chosen in the model list." if outcome.entry is not None else ""
                 self.state.finetune_added = outcome.entry is not None
                 self.state.finetune_result = inUserTerms(outcome.message, self.pathAliases) + added
@@ -1122,6 +1116,10 @@ class LandmarkReviewApp(TrameApp):
     def _buildUi(self) -> None:
         with SinglePageLayout(self.server, full_height=True) as self.ui:
             self.ui.title.set_text("SCN Landmarks")
+            self.ui.toolbar.density = "compact"
+            # ≡ hides the controls, so that the views take the whole width, and shows them again.
+            self.ui.icon.click = "panel_open = !panel_open"
+            self.ui.icon.id = "panel-toggle"
             with self.ui.toolbar:
                 v.VSpacer()
                 html.Div("{{ image_name }}", classes="text-body-2 mx-4", id="image-name")
@@ -1146,12 +1144,15 @@ class LandmarkReviewApp(TrameApp):
                 )
             self.ui.footer.hide()
             with self.ui.content:
-                with html.Div(classes="d-flex", style="height: calc(100vh - 64px);"):
+                with html.Div(classes="d-flex", style="height: calc(100vh - 48px);"):
                     # The table takes the height left; everything else keeps its size, so every
                     # control stays on screen however many landmarks there are.
                     with html.Div(
-                        classes="d-flex flex-column pa-2",
-                        style="width: 400px; flex: none; height: 100%; overflow: hidden;",
+                        v_show="panel_open",
+                        classes="pa-2",  # (a class setting display would win over v-show)
+                        style="display: flex; flex-direction: column; width: 400px; flex: none; height: 100%; "
+                        "overflow: hidden;",
+                        id="panel",
                     ):
                         with html.Div(style="flex: none;"):
                             self._recoveryPanel()
@@ -1168,6 +1169,8 @@ class LandmarkReviewApp(TrameApp):
             self._confirmDialog()
             self._replaceCaseDialog()
             client.Script(LEAVE_GUARD_SCRIPT)
+            client.Style(PAGE_STYLE)
+            client.ClientStateChange(value="selected_landmark", change=SHOW_SELECTED_ROW)
 
     def _recoveryPanel(self) -> None:
         """The corrections another session of this reviewer left unexported: restore, download or discard."""
@@ -1199,20 +1202,23 @@ class LandmarkReviewApp(TrameApp):
             "(error = $event.target.files[0].name + ': larger than this station accepts ('"
             " + Math.round(max_upload_bytes / 1048576) + ' MB).', upload_key++) : "
         )
-        v.VFileInput(
-            label="Upload an image",
-            density="compact",
-            hide_details=True,
-            id="upload",
-            key=("upload_key",),
-            disabled=("busy",),
-            prepend_icon="",
-            change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])",
-        )
-        with html.Div(classes="d-flex align-center mt-2"):
-            # Only with data folders (--data-root): the page opens no other files of the server.
+        with html.Div(classes="d-flex align-center"):
+            v.VFileInput(
+                label="Upload an image",
+                density="compact",
+                hide_details=True,
+                id="upload",
+                key=("upload_key",),
+                disabled=("busy",),
+                prepend_icon="",
+                change=f"{limit_check}trigger('{trigger(self.uploadImage)}', [$event.target.files])",
+            )
+            v.VBtn(
+                "Sample", click=self.openSample, variant="tonal", disabled=("busy",), classes="ml-2", id="open-sample"
+            )
+        # Only with data folders (--data-root): the page opens no other files of the server.
+        with html.Div(v_if="data_roots", classes="d-flex align-center mt-2"):
             v.VTextField(
-                v_if="data_roots",
                 v_model=("image_path",),
                 label="or a file on the server",
                 title=("'In ' + data_roots",),
@@ -1222,14 +1228,10 @@ class LandmarkReviewApp(TrameApp):
             )
             v.VBtn(
                 "Open",
-                v_if="data_roots",
                 click=f"trigger('{trigger(self.openTypedPath)}', [image_path])",
                 classes="ml-2",
                 disabled=("busy",),
                 id="open-path",
-            )
-            v.VBtn(
-                "Sample", click=self.openSample, variant="tonal", disabled=("busy",), classes="ml-2", id="open-sample"
             )
 
     def _detectPanel(self) -> None:
@@ -1245,6 +1247,17 @@ class LandmarkReviewApp(TrameApp):
                 id="model",
             )
             v.VChip("loading model", v_show="model_loading", size="small", classes="ml-2", id="model-loading")
+            v.VBtn(
+                "Detect",
+                prepend_icon="mdi-crosshairs-gps",
+                click=f"trigger('{trigger(self.detect)}', [model_id, model_path])",
+                color="primary",
+                disabled=("busy",),
+                classes="ml-2",
+                id="detect",
+                title="Detect the landmarks with the chosen model",
+            )
+            v.VBtn("Cancel", click=self.cancel, v_show="busy", classes="ml-2", id="cancel")
         v.VTextField(
             v_model=("model_path",),
             label="or a model file on the server (.safetensors)",
@@ -1253,16 +1266,6 @@ class LandmarkReviewApp(TrameApp):
             classes="mt-2",
             id="model-path",
         )
-        with html.Div(classes="d-flex mt-2"):
-            v.VBtn(
-                "Detect landmarks",
-                click=f"trigger('{trigger(self.detect)}', [model_id, model_path])",
-                color="primary",
-                disabled=("busy",),
-                classes="flex-grow-1",
-                id="detect",
-            )
-            v.VBtn("Cancel", click=self.cancel, v_show="busy", classes="ml-2", id="cancel")
         v.VProgressLinear(
             v_show="busy",
             model_value=("progress",),
@@ -1341,24 +1344,15 @@ class LandmarkReviewApp(TrameApp):
                     )
 
     def _landmarkActions(self) -> None:
-        with html.Div(v_show="landmarks.length", classes="mt-1"):
-            with html.Div(classes="d-flex align-center"):
-                v.VBtn(
-                    icon=("details_open ? 'mdi-chevron-down' : 'mdi-chevron-right'",),
-                    size="x-small",
-                    variant="text",
-                    click="details_open = !details_open",
-                    id="details-toggle",
-                )
-                html.Span("Selected landmark", classes="text-caption")
-            with html.Div(v_show="details_open", classes="text-caption pl-2", id="details"):
-                html.Div(
-                    "{{ selected_landmark === null ? 'Click a row or drag a point.' : "
-                    "landmarks[selected_landmark].name + ' (' + landmarks[selected_landmark].status + '): ' + "
-                    "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
-                    id="details-text",
-                )
-        with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 4px;"):
+        html.Div(
+            "{{ selected_landmark === null ? 'Click a row or drag a point.' : "
+            "landmarks[selected_landmark].name + ' (' + landmarks[selected_landmark].status + '): ' + "
+            "landmarks[selected_landmark].position + ' (' + position_unit + ')' }}",
+            v_show="landmarks.length",
+            classes="text-caption mt-1 text-truncate",
+            id="details-text",
+        )
+        with html.Div(classes="d-flex align-center mt-1", style="gap: 4px;"):
             v.VBtn(
                 "Next to review",
                 prepend_icon="mdi-arrow-right-bold",
@@ -1370,28 +1364,26 @@ class LandmarkReviewApp(TrameApp):
                 id="next-to-review",
                 title="Center the views on the next point to check, largest expected error first",
             )
-            v.VBtn(
-                "Reset point",
-                click=self.resetSelected,
-                disabled=("selected_landmark === null",),
-                size="small",
-                variant="tonal",
-                id="reset-point",
-            )
-            v.VBtn(
-                "Undo move", click=self.undoMove, disabled=("!can_undo",), size="small", variant="tonal", id="undo-move"
-            )
-            v.VBtn(
-                "Zoom to",
-                click=self.zoomToSelected,
-                disabled=("selected_landmark === null",),
-                size="small",
-                variant="tonal",
-                id="zoom-to",
-            )
+            # Icons, their names in the tooltips: the buttons stay on one line, and the table gets the room.
+            for icon, click, enabled, identifier, name in (
+                ("mdi-restore", self.resetSelected, "selected_landmark !== null", "reset-point", "Reset point"),
+                ("mdi-undo", self.undoMove, "can_undo", "undo-move", "Undo move"),
+                ("mdi-magnify-plus-outline", self.zoomToSelected, "selected_landmark !== null", "zoom-to", "Zoom to"),
+            ):
+                v.VBtn(
+                    icon=icon,
+                    click=click,
+                    disabled=(f"!({enabled})",),
+                    size="small",
+                    density="comfortable",
+                    variant="tonal",
+                    id=identifier,
+                    title=name,
+                )
             v.VSpacer()
             v.VBtn(
-                "Export .mrk.json",
+                "Export",
+                title="Export .mrk.json: the corrected points, as scn-landmarks detect writes them",
                 prepend_icon="mdi-download",
                 disabled=("!landmarks.length",),
                 size="small",
@@ -1432,14 +1424,13 @@ class LandmarkReviewApp(TrameApp):
                 id="heatmap-opacity",
                 prepend_icon="mdi-opacity",
             )
-        with html.Div(classes="d-flex", style="gap: 4px;"):
+        with html.Div(v_if="heatmap_visible", classes="d-flex", style="gap: 4px;"):
             v.VSelect(
                 v_model=("heatmap_kind",),
                 items=("heatmap_kind_items",),
                 label="Kind",
                 density="compact",
                 hide_details=True,
-                disabled=("!heatmap_visible",),
                 id="heatmap-kind",
             )
             v.VSelect(
@@ -1448,7 +1439,6 @@ class LandmarkReviewApp(TrameApp):
                 label="Landmark",
                 density="compact",
                 hide_details=True,
-                disabled=("!heatmap_visible",),
                 id="heatmap-landmark",
             )
 
@@ -1464,13 +1454,13 @@ class LandmarkReviewApp(TrameApp):
             with v.VCardText():
                 with html.Ul(classes="pl-4"):
                     for line in (
-                        "Drag a landmark to move it; Undo move puts it back, Reset point restores the "
-                        "model's position.",
+                        "Drag a landmark to move it; Undo move (the undo arrow) puts it back, Reset point (the "
+                        "circular arrow) restores the model's position.",
                         "Left-drag on the image: window/level (brightness, contrast).",
                         "Right-drag, or Ctrl + mouse wheel: zoom.",
                         "Middle-drag, or Shift + left-drag: pan.",
                         "Mouse wheel or the slider: move through the slices (3D images).",
-                        "Click a row to center the views on it; Zoom to zooms in on it.",
+                        "Click a row to center the views on it; Zoom to (the magnifier) zooms in on it.",
                         "Next to review: the points most likely wrong first (largest expected error); "
                         "an orange expected error is above that landmark's usual error.",
                         "Cyan halo, bold status: a point you moved. Faded points: landmarks off the shown slice.",

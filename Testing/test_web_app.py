@@ -737,6 +737,34 @@ def test_corrections_survive_a_closed_tab_and_an_ended_session(browser, tmp_path
     context.close()
 
 
+def logged(output: list[str], pattern: str, count: int = 1) -> list[str]:
+    """The first group of the first `count` lines of the station's output that match `pattern`, once there are
+    that many (bounded wait)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while len(found := re.findall(pattern, "".join(output))) < count:
+        assert time.monotonic() < deadline, f"no {count} lines like {pattern!r} in the station's output"
+        time.sleep(0.2)
+    return found[:count]
+
+
+def test_a_session_started_ahead_serves_the_next_reviewer_and_the_next_spare_starts_at_once(browser):
+    spare = r"session (\S+) ready \(a spare\)"
+    with review_server("--max-sessions", "2") as (station, output):
+        [first] = logged(output, spare)  # started with the station, before anyone asked
+        page = new_page(browser, station)
+        assert f"/s/{first}" in page.url, "the first reviewer did not get the session started ahead"
+        # Taking it starts the next one, which the next reviewer gets.
+        second = logged(output, spare, 2)[1]
+        other = new_page(browser, station)
+        assert f"/s/{second}" in other.url
+        # Spares count towards --max-sessions: with two reviewers in, none is started, and a third is refused.
+        third = browser.new_context().new_page()
+        assert third.goto(station).status == 503
+        assert len(re.findall(r"session \S+ started", "".join(output))) == 2
+        for each in (page, other, third):
+            each.context.close()
+
+
 def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, browser, data_root, tmp_path):
     page = new_page(browser, server)
     broken = tmp_path / "broken.nrrd"

@@ -33,6 +33,12 @@ def register(commands) -> None:
         help="review sessions (browser tabs) at once, each its own process (default 4)",
     )
     serve.add_argument(
+        "--warm-spares",
+        type=int,
+        default=1,
+        help="sessions started ahead, so that a new reviewer's page is ready at once (default 1; 0: none)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=int,
         default=300,
@@ -89,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             token=token,
             maxSessions=max(1, args.max_sessions),
+            warmSpares=max(0, args.warm_spares),
             idleTimeout=max(1, args.idle_timeout),
             maxUploadMegabytes=max(1, args.max_upload_mb),
             image=args.image,

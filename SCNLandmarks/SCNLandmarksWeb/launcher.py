@@ -1,13 +1,15 @@
 """One review session per browser tab, each in its own process (trame's launcher model).
 
-`scn-landmarks serve` runs this small front server. Opening ``/`` starts a session process
-(`SCNLandmarksWeb.session`: its own MRML scene, model and temporary folder) and sends the browser
-to ``/s/<session id>/``; the front server passes that page's requests and websocket to the
-session's process, which listens on loopback only and accepts only the front server (a per-session
-key). Reloading the page keeps the session; a session whose page has been closed for
-`idleTimeout` seconds ends, and its temporary folder is removed. At most `maxSessions` run at
-once; one more gets a page saying so. Every request needs the access token when one is set
-(see `access`).
+`scn-landmarks serve` runs this small front server. Opening ``/`` hands the browser a session
+process (`SCNLandmarksWeb.session`: its own MRML scene, model and temporary folder) and sends it to
+``/s/<session id>/``; the front server passes that page's requests and websocket to the session's
+process, which listens on loopback only and accepts only the front server (a per-session key).
+Starting a session takes seconds (Python, torch, Slicer's libraries, the model), so the station
+keeps `warmSpares` of them started ahead, unclaimed: opening ``/`` takes one, and starts the next.
+Reloading the page keeps the session; a session whose page has been closed for `idleTimeout`
+seconds ends, and its temporary folder is removed. At most `maxSessions` processes run at once
+(spares included); one more reviewer gets a page saying so. Every request needs the access token
+when one is set (see `access`).
 
 Each browser gets a reviewer id (a cookie). A session writes its corrections not exported yet to
 an autosave folder of that reviewer, outside its temporary folder, so a session that ended (its
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 SESSION_KEY_HEADER = "X-SCN-Landmarks-Session-Key"
 SESSION_KEY_ENVIRONMENT = "SCN_LANDMARKS_SESSION_KEY"
-REVIEWER_ENVIRONMENT = "SCN_LANDMARKS_REVIEWER"
+CLAIM_PATH = "/claim"  # where a session is handed to its reviewer (see `session`)
 REVIEWER_COOKIE = "scn_landmarks_reviewer"
 REVIEWER_COOKIE_MAX_AGE_S = 365 * 24 * 3600
 AUTOSAVE_FOLDER = "autosave"
@@ -71,6 +73,7 @@ class LauncherOptions:
     port: int = 8080
     token: str | None = None
     maxSessions: int = 4
+    warmSpares: int = 1  # sessions started ahead, so that a reviewer's comes at once
     idleTimeout: int = 300
     maxUploadMegabytes: int = 512
     image: str | None = None
@@ -82,15 +85,23 @@ class LauncherOptions:
 
 @dataclass
 class Session:
-    """A running session process."""
+    """A running session process.
+
+    Attributes:
+        reviewer: whose it is; None while it is a spare.
+        ready: True once the process listens, False if it ended before.
+        claimed: the hand-over to the reviewer (`_handOver`, a task: True once the process is
+            theirs, False if that failed); None while it is a spare.
+    """
 
     id: str
     workdir: Path
     key: str
-    reviewer: str
+    reviewer: str | None = None
     process: asyncio.subprocess.Process | None = None
     port: int | None = None
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    claimed: asyncio.Task | None = None
 
 
 # What happened to a session that is gone, and to its work (also shown by a page whose session ends under it).
@@ -120,6 +131,7 @@ class ReviewLauncher:
         self.sessions: dict[str, Session] = {}
         self.root = Path(tempfile.mkdtemp(prefix="scn-landmarks-web-"))
         self.client: aiohttp.ClientSession | None = None
+        self.stopping = False
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._requireAccess], client_max_size=1024**2)
@@ -162,7 +174,7 @@ class ReviewLauncher:
 
     async def _newSession(self, request: web.Request) -> web.StreamResponse:
         self._forgetEnded()
-        if len(self.sessions) >= self.options.maxSessions:
+        if sum(session.reviewer is not None for session in self.sessions.values()) >= self.options.maxSessions:
             return page(
                 "All review sessions are in use",
                 f"This station runs at most {self.options.maxSessions} review sessions at once, and all are "
@@ -170,19 +182,53 @@ class ReviewLauncher:
                 '(<a href="/">retry</a>).',
                 503,
             )
-        sessionId = secrets.token_urlsafe(16)
         reviewer = request.cookies.get(REVIEWER_COOKIE, "")
         if not re.fullmatch(r"[\w-]{16,64}", reviewer):  # it names a folder: only ids of ours
             reviewer = secrets.token_urlsafe(16)
-        session = Session(sessionId, self.root / sessionId, secrets.token_urlsafe(32), reviewer)
-        session.workdir.mkdir()
-        self.sessions[sessionId] = session
-        asyncio.get_running_loop().create_task(self._run(session))
-        response = web.HTTPSeeOther(f"/s/{sessionId}/")
+        spares = [session for session in self.sessions.values() if session.reviewer is None]
+        # The spare that has been starting longest (the first started) is the nearest to ready.
+        session = spares[0] if spares else self._start()
+        session.reviewer = reviewer
+        session.claimed = asyncio.get_running_loop().create_task(self._handOver(session))
+        self._keepSpares()
+        response = web.HTTPSeeOther(f"/s/{session.id}/")
         response.set_cookie(
             REVIEWER_COOKIE, reviewer, httponly=True, samesite="Strict", path="/", max_age=REVIEWER_COOKIE_MAX_AGE_S
         )
         raise response
+
+    def _start(self) -> Session:
+        """Start a session process, a spare until it is handed over."""
+        sessionId = secrets.token_urlsafe(16)
+        session = Session(sessionId, self.root / sessionId, secrets.token_urlsafe(32))
+        session.workdir.mkdir()
+        self.sessions[sessionId] = session
+        asyncio.get_running_loop().create_task(self._run(session))
+        return session
+
+    def _keepSpares(self) -> None:
+        """Start spares up to `warmSpares`, as far as `maxSessions` leaves room."""
+        if self.stopping:
+            return
+        spares = sum(session.reviewer is None for session in self.sessions.values())
+        for _ in range(min(self.options.warmSpares - spares, self.options.maxSessions - len(self.sessions))):
+            self._start()
+
+    async def _handOver(self, session: Session) -> bool:
+        """Give the session to its reviewer once it is ready; True when it took them."""
+        if not await session.ready:
+            return False
+        autosave = self.root / AUTOSAVE_FOLDER / session.reviewer / session.id
+        try:
+            async with self.client.post(
+                f"http://127.0.0.1:{session.port}{CLAIM_PATH}",
+                json={"reviewer": session.reviewer, "autosave": str(autosave)},
+                headers={SESSION_KEY_HEADER: session.key},
+            ) as answer:
+                return answer.status == 200
+        except aiohttp.ClientError:
+            logger.exception("session %s could not be handed over", session.id[:6])
+            return False
 
     async def _run(self, session: Session) -> None:
         """Start a session process, follow its output, and clean up after it ends."""
@@ -199,8 +245,6 @@ class ReviewLauncher:
             str(options.idleTimeout),
             "--max-upload-mb",
             str(options.maxUploadMegabytes),
-            "--autosave-dir",
-            str(self.root / AUTOSAVE_FOLDER / session.reviewer / session.id),
         ]
         if options.model:
             command += ["--model", options.model]
@@ -210,7 +254,7 @@ class ReviewLauncher:
             command += ["--training-folder", options.trainingFolder]
         for root in options.dataRoots:
             command += ["--data-root", root]
-        environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key, REVIEWER_ENVIRONMENT: session.reviewer}
+        environment = {**os.environ, SESSION_KEY_ENVIRONMENT: session.key}
         environment.pop(access.TOKEN_ENVIRONMENT, None)
         try:
             # stdin stays open: a session process whose front server has gone sees it close and ends.
@@ -227,6 +271,7 @@ class ReviewLauncher:
                 if line.startswith(READY_LINE) and not session.ready.done():
                     session.port = int(line.split()[-1])
                     session.ready.set_result(True)
+                    logger.info("session %s ready%s", session.id[:6], "" if session.reviewer else " (a spare)")
                 elif line:
                     logger.info("[session %s] %s", session.id[:6], line)
             await session.process.wait()
@@ -238,6 +283,8 @@ class ReviewLauncher:
                 session.ready.set_result(False)
             self.sessions.pop(session.id, None)
             shutil.rmtree(session.workdir, ignore_errors=True)
+            if session.reviewer is not None:  # (a spare that failed is not restarted over and over)
+                self._keepSpares()
 
     def _forgetEnded(self) -> None:
         for sessionId, session in list(self.sessions.items()):
@@ -249,15 +296,15 @@ class ReviewLauncher:
 
     async def _sessionRequest(self, request: web.Request) -> web.StreamResponse:
         session = self.sessions.get(request.match_info["id"])
-        if session is None:
+        if session is None or session.claimed is None:  # (a spare's id is never given out)
             return self._ended()
         tail = request.match_info["tail"]
-        if not session.ready.done() and tail == "":
+        if not session.claimed.done() and tail == "":
             return page(
                 "Starting your review session", "One moment: the review station is starting...", 200, refresh_s=1
             )
         try:
-            started = await asyncio.wait_for(asyncio.shield(session.ready), START_TIMEOUT_S)
+            started = await asyncio.wait_for(asyncio.shield(session.claimed), START_TIMEOUT_S)
         except TimeoutError:
             started = False
         if not started:
@@ -342,9 +389,11 @@ class ReviewLauncher:
 
     async def _startup(self, app: web.Application) -> None:
         self.client = aiohttp.ClientSession(auto_decompress=False)
+        self._keepSpares()
 
     async def _cleanup(self, app: web.Application) -> None:
         """End every session process and remove all temporary folders."""
+        self.stopping = True
         processes = [s.process for s in self.sessions.values() if s.process and s.process.returncode is None]
         for process in processes:
             process.terminate()

@@ -1,10 +1,13 @@
 """One review session: a process with its own MRML scene, model and temporary folder.
 
-Started by the front server (`launcher`) with ``python -m SCNLandmarksWeb.session``; it listens on
-loopback on a port of its own choosing, announces it on stdout, and answers only requests that
-carry its session key (the front server adds it). It ends when its page has been closed for
-``--idle-timeout`` seconds, when it is sent SIGTERM, or when the front server goes away (its stdin
-closes), and removes its temporary folder on the way out.
+Started by the front server (`launcher`) with ``python -m SCNLandmarksWeb.session`` before anyone
+asks for it (a warm spare: the libraries imported and the model loaded); it listens on loopback on
+a port of its own choosing, announces it on stdout, and answers only requests that carry its
+session key (the front server adds it). It waits, however long, until the front server hands it to
+a reviewer (``POST /claim``: who, and where their corrections are autosaved); from then on it ends
+when its page has been closed for ``--idle-timeout`` seconds. It also ends when it is sent SIGTERM
+or when the front server goes away (its stdin closes), and removes its temporary folder on the way
+out.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 from aiohttp import web
 
 from . import access
-from .launcher import ENDED_MESSAGE, READY_LINE, REVIEWER_ENVIRONMENT, SESSION_KEY_ENVIRONMENT, SESSION_KEY_HEADER
+from .launcher import CLAIM_PATH, ENDED_MESSAGE, READY_LINE, SESSION_KEY_ENVIRONMENT, SESSION_KEY_HEADER
 
+WSLINK_SERVER = web.AppKey("wslink server", object)
 QUIET_LOGGERS = ("trame", "trame_client", "trame_server", "trame_rca", "trame_slicer", "wslink", "aiohttp")
 
 
@@ -32,13 +36,10 @@ def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image")
     parser.add_argument("--model")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--idle-timeout", type=int, default=300)
+    parser.add_argument("--idle-timeout", type=int, default=300, help="counted once the session is claimed")
     parser.add_argument("--max-upload-mb", type=int, default=512)
     parser.add_argument("--training-folder", help="the station's training folder (default: one of this session's own)")
     parser.add_argument("--data-root", action="append", default=[], help="a folder the page may open files from")
-    parser.add_argument(
-        "--autosave-dir", help="where corrections not exported are kept (its siblings: the reviewer's other sessions')"
-    )
     return parser.parse_args(argv)
 
 
@@ -52,6 +53,24 @@ def requireSessionKey(key: str):
         return await handler(request)
 
     return middleware
+
+
+def claimHandler(app, idleTimeout: int):
+    """aiohttp handler of ``POST /claim``: the session is now the reviewer's (JSON: ``reviewer``, and
+    ``autosave``, the folder their corrections not exported are kept in); its idle time starts."""
+
+    async def claim(request: web.Request) -> web.Response:
+        claimed = await request.json()
+        with app.state:
+            app.forReviewer(claimed["reviewer"], Path(claimed["autosave"]))
+        # A spare waits unclaimed for as long as it takes (it starts with no idle timeout); from now
+        # on the session ends `idleTimeout` seconds after its last page went (wslink's own timer).
+        wslinkServer = request.app[WSLINK_SERVER]
+        wslinkServer.config["timeout"] = idleTimeout
+        wslinkServer.shutdown_schedule()
+        return web.Response(text="claimed")
+
+    return claim
 
 
 def _endWhenFrontServerGoes() -> None:
@@ -90,16 +109,18 @@ def main(argv: list[str] | None = None) -> int:
             maxUploadBytes=arguments.max_upload_mb * 1024**2,
             trainingFolder=Path(arguments.training_folder) if arguments.training_folder else None,
             dataRoots=[Path(root) for root in arguments.data_root],
-            reviewer=os.environ.pop(REVIEWER_ENVIRONMENT, None),
-            autosaveFolder=Path(arguments.autosave_dir) if arguments.autosave_dir else None,
             endedMessage=ENDED_MESSAGE,
         )
-        app.server.controller.on_server_bind.add(lambda server: server.app.middlewares.append(requireSessionKey(key)))
+
+        def bind(wslinkServer) -> None:
+            wslinkServer.app.middlewares.append(requireSessionKey(key))
+            wslinkServer.app[WSLINK_SERVER] = wslinkServer
+            wslinkServer.app.router.add_post(CLAIM_PATH, claimHandler(app, arguments.idle_timeout))
+
+        app.server.controller.on_server_bind.add(bind)
         app.server.controller.on_server_ready.add(lambda **_: print(f"{READY_LINE} {app.server.port}", flush=True))
         _endWhenFrontServerGoes()
-        app.server.start(
-            host="127.0.0.1", port=0, open_browser=False, timeout=arguments.idle_timeout, show_connection_info=False
-        )
+        app.server.start(host="127.0.0.1", port=0, open_browser=False, timeout=0, show_connection_info=False)
     finally:
         if app is not None:
             app.shutdown()

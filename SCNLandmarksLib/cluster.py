@@ -53,11 +53,14 @@ COHORT_COLUMNS = (
     "unit",
     "confidence",
     "expected_error",
+    "coverage_radius",
+    "coverage",
     "flagged",
     "status",
     "mirrored",
 )
-_FLOAT_COLUMNS = ("x", "y", "z", "confidence", "expected_error")
+# coverage_radius: the point's radius holding the true point with probability `coverage` (e.g. 0.9).
+_FLOAT_COLUMNS = ("x", "y", "z", "confidence", "expected_error", "coverage_radius", "coverage")
 _BOOLEAN_COLUMNS = ("flagged", "mirrored")
 LOCAL_ADDRESS = re.compile(r"local:(\d+)")
 WORKER_WAIT_S = 120.0  # how long a run waits for its first worker (local ones start in seconds)
@@ -155,6 +158,8 @@ def cohort_rows(outcome: ImageOutcome) -> list[list[str]]:
                 outcome.image.unit,
                 _number(landmarks.confidences[i]) if landmarks.confidences is not None else "",
                 _number(landmarks.expected_errors[i]) if landmarks.expected_errors is not None else "",
+                _number(landmarks.coverage_radii[i]) if landmarks.coverage_radii is not None else "",
+                _number(landmarks.coverage) if landmarks.coverage_radii is not None and landmarks.coverage else "",
                 _boolean(None if outcome.flagged is None else outcome.flagged[i]),
                 outcome.status[i],
                 _boolean(outcome.mirrored),
@@ -173,8 +178,14 @@ def _outcome_from_rows(image: BatchImage, rows: list[list[str]]) -> ImageOutcome
     axes = ("x", "y", "z") if any(columns["z"]) else ("x", "y")
     expected = floats("expected_error") if any(columns["expected_error"]) else None
     flagged = np.array([text == "true" for text in columns["flagged"]]) if any(columns["flagged"]) else None
+    radii = floats("coverage_radius") if any(columns["coverage_radius"]) else None
     landmarks = LandmarkSet(
-        columns["landmark"], np.stack([floats(axis) for axis in axes], axis=1), floats("confidence"), expected
+        columns["landmark"],
+        np.stack([floats(axis) for axis in axes], axis=1),
+        floats("confidence"),
+        expected,
+        radii,
+        None if radii is None else float(columns["coverage"][0]),
     )
     return ImageOutcome(image, landmarks, columns["status"], flagged, columns["mirrored"][0] == "true")
 

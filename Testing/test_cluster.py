@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 from conftest import REPO, cli
 
+from SCNLandmarksLib.batch import BatchImage, ImageOutcome
+from SCNLandmarksLib.cluster import COHORT_COLUMNS, _outcome_from_rows, cohort_rows
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.io.images import read_image, write_image
 from SCNLandmarksLib.io.landmarks import read_landmarks
+from SCNLandmarksLib.landmark_set import LandmarkSet
 
 distributed = pytest.importorskip("distributed", reason="the cluster extra: pip install 'scn-landmarks[cluster]'")
 pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
@@ -218,3 +221,24 @@ def test_cluster_arguments_are_checked_in_one_line(tiny_model_2d, cohort, tmp_pa
         "error: --cluster needs Dask's distributed scheduler: pip install 'scn-landmarks[cluster]'"
     )
     assert not Path(out).exists()
+
+
+def test_the_cohort_table_keeps_each_points_coverage_radius(tmp_path):
+    """A calibrated model's coverage radii and their probability go into the cohort table and read
+    back exactly (a resumed cohort's skipped images keep theirs)."""
+    landmarks = LandmarkSet(
+        ["A", "B"],
+        np.array([[1.5, 2.25], [np.nan, np.nan]]),
+        np.array([0.9, 0.05]),
+        np.array([1.2, np.nan]),
+        np.array([2.75, np.nan]),
+        0.9,
+    )
+    image = BatchImage(tmp_path / "case.mha", "case")
+    outcome = ImageOutcome(image, landmarks, ["detected", "missing"], np.array([False, False]), False)
+    rows = cohort_rows(outcome)
+    assert dict(zip(COHORT_COLUMNS, rows[0]))["coverage_radius"] == "2.75"
+    assert dict(zip(COHORT_COLUMNS, rows[0]))["coverage"] == "0.9"
+    read_back = _outcome_from_rows(image, rows).landmarks
+    np.testing.assert_array_equal(read_back.coverage_radii, landmarks.coverage_radii)
+    assert read_back.coverage == 0.9

@@ -70,9 +70,10 @@ def main() -> None:
     for entry in entries:
         image = entry.read(2)
         geometry = ImageGeometry.of(image)
-        both = [k for k in range(len(spec.landmark_names)) if k in first[entry.id] and k in second[entry.id]]
-        a = geometry.index_to_physical(np.array([first[entry.id][k] for k in both]))
-        b = geometry.index_to_physical(np.array([second[entry.id][k] for k in both]))
+        key = image_stem(entry.id)  # the annotators' tables name images by file ("001.png"), as ids may
+        both = [k for k in range(len(spec.landmark_names)) if k in first[key] and k in second[key]]
+        a = geometry.index_to_physical(np.array([first[key][k] for k in both]))
+        b = geometry.index_to_physical(np.array([second[key][k] for k in both]))
         mean = means[entry.id].points_lps[both]
         as_given = predictor.predict(image)
         kept_as_given += not as_given.mirrored

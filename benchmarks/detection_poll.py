@@ -12,9 +12,10 @@ within `poll` it gives the lock away as Python normally does (5 ms switching int
 For each schedule "INTERVAL:WAIT" (ms), and "free" (a GUI thread that never holds the lock: the
 runner's own speed), one JSON line: the detection's wall time (median of --repeat, after a
 warm-up; the bundled brain model on the bundled MNI sample, through the module's runner on a
-headless scene, model loading included), the longest single poll (the GUI thread away from its
-event loop: no repaint, no mouse, for that long) and the share of the detection's time the GUI
-thread spent away.
+headless scene, model loading included), how long single polls took (the GUI thread away from its
+event loop: no repaint, no mouse; median, 95th percentile and longest, the longest including the
+poll that copies the voxels or makes the point list), and the share of the detection's time the
+GUI thread spent away. The schedules take turns, run by run, so that a busy machine slows them alike.
 """
 
 from __future__ import annotations
@@ -35,17 +36,20 @@ from SCNLandmarksMRML.catalogue import sampleModel  # noqa: E402
 HELD_SWITCH_INTERVAL_S = 1000.0
 
 
-def detect_free(runner: DetectionRunner, volume, model: Path) -> dict:
+def detect_free(runner: DetectionRunner, volume, model: Path) -> tuple[float, list[float]]:
     start = time.perf_counter()
     runner.start(volume, model, "cpu", keepHeatmaps=False)
     runner.wait(0.01)
-    return {"seconds": time.perf_counter() - start, "longest_poll_ms": None, "away": None}
+    return time.perf_counter() - start, []
 
 
-def detect_held(runner: DetectionRunner, volume, model: Path, interval: float, wait: float) -> dict:
-    """One detection with a GUI thread that keeps the interpreter lock between its polls."""
+def detect_held(
+    runner: DetectionRunner, volume, model: Path, interval: float, wait: float
+) -> tuple[float, list[float]]:
+    """One detection with a GUI thread that keeps the interpreter lock between its polls: its wall
+    time and the duration of each poll (s)."""
     normal = sys.getswitchinterval()
-    longest = away = 0.0
+    polls = []
     start = time.perf_counter()
     runner.start(volume, model, "cpu", keepHeatmaps=False)
     due = start + interval
@@ -58,7 +62,7 @@ def detect_held(runner: DetectionRunner, volume, model: Path, interval: float, w
             before = time.perf_counter()
             result = runner.poll(wait)
             after = time.perf_counter()
-            longest, away = max(longest, after - before), away + (after - before)
+            polls.append(after - before)
             if result is not None:
                 break
             due += interval
@@ -66,8 +70,7 @@ def detect_held(runner: DetectionRunner, volume, model: Path, interval: float, w
                 due = after + interval
     finally:
         sys.setswitchinterval(normal)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "longest_poll_ms": 1000 * longest, "away": away / seconds}
+    return time.perf_counter() - start, polls
 
 
 def main() -> None:
@@ -91,14 +94,17 @@ def main() -> None:
     schedules = [("free", None, None)] + [
         (text, *(float(ms) / 1000 for ms in text.split(":"))) for text in args.schedules
     ]
-    for name, interval, wait in schedules:
-        runs = [
-            detect_free(runner, volume, entry.path)
-            if interval is None
-            else detect_held(runner, volume, entry.path, interval, wait)
-            for _ in range(args.repeat)
-        ]
-        median = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+    runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name, _, _ in schedules}
+    for _ in range(args.repeat):
+        for name, interval, wait in schedules:
+            runs[name].append(
+                detect_free(runner, volume, entry.path)
+                if interval is None
+                else detect_held(runner, volume, entry.path, interval, wait)
+            )
+    for name, _, _ in schedules:
+        seconds = [run[0] for run in runs[name]]
+        polls = sorted(1000 * poll for run in runs[name] for poll in run[1])
         print(
             json.dumps(
                 {
@@ -106,17 +112,18 @@ def main() -> None:
                     "model": entry.name,
                     "image": entry.sample.name,
                     "threads": args.threads,
-                    "seconds": round(median["seconds"], 3),
-                    "seconds_spread": [
-                        round(min(r["seconds"] for r in runs), 3),
-                        round(max(r["seconds"] for r in runs), 3),
-                    ],
-                    "longest_poll_ms": None
-                    if median["longest_poll_ms"] is None
-                    else round(max(r["longest_poll_ms"] for r in runs), 1),
-                    "gui_away": None
-                    if median["away"] is None
-                    else round(statistics.median(r["away"] for r in runs), 3),
+                    "seconds": round(statistics.median(seconds), 3),
+                    "seconds_range": [round(min(seconds), 3), round(max(seconds), 3)],
+                    "poll_ms": {
+                        "median": round(polls[len(polls) // 2], 1),
+                        "p95": round(polls[int(0.95 * (len(polls) - 1))], 1),
+                        "longest": round(polls[-1], 1),
+                    }
+                    if polls
+                    else None,
+                    "gui_away": round(statistics.median(sum(run[1]) / run[0] for run in runs[name]), 3)
+                    if polls
+                    else None,
                 }
             ),
             flush=True,

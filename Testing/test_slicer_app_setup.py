@@ -284,6 +284,21 @@ def panelSteps(widget, module, seen: dict) -> dict:
     steps["removed"] = not mine.path.exists()
     steps["detectionModelAfterRemove"] = widget._parameterNode.modelPath
 
+    # While packages are installed (pip processes GUI events), a second click starts nothing.
+    from SCNLandmarksMRML import dependencies
+
+    actions = (ui.detectButton, ui.startTrainingButton, ui.reinstallTorchButton)
+    widget._parameterNode.inputVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    with dependencies.installing():
+        widget._updateButtons()
+        steps["enabledWhileInstalling"] = [button.enabled for button in actions]
+        ui.statusLabel.text = "installing"
+        widget.onDetect()
+        widget.onReinstallTorch()
+        steps["statusAfterClicks"] = ui.statusLabel.text
+    widget._updateButtons()
+    steps["enabledAfter"] = [button.enabled for button in actions]
+
     # The scene is closed while a training runs and the user is in another module; it then ends.
     widget.setParameterNode(None)
     entry = types.SimpleNamespace(path=Path("/models/new/model.safetensors"), name="new")
@@ -413,6 +428,8 @@ def test_the_panel_keeps_the_users_choices_and_survives_a_scene_close(tmp_path):
     assert steps["yourModelsAfterRemove"] == [] and steps["removed"]
     assert steps["detectionModelAfterRemove"] == "/models/b.safetensors"  # Remove left the Detection model alone
     assert steps["trainingEndedAfterSceneClose"] == "'new' was added to your models"
+    assert steps["enabledWhileInstalling"] == [False, False, False] and steps["statusAfterClicks"] == "installing"
+    assert steps["enabledAfter"] == [True, True, True]
 
 
 if __name__ == "__main__":

@@ -231,6 +231,12 @@ def is_halo(r, g, b):
     return (b - r > 60) & (g - r > 40)
 
 
+def is_low_confidence_halo(r, g, b):
+    """The translucent orange halo of a low-confidence point (STATUS_COLORS' "low confidence") over
+    the image: red well above green, green above blue."""
+    return (r - g > 50) & (g - b > 20) & (r > 150)
+
+
 def screenshot(page, name: str) -> np.ndarray:
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / name))
@@ -849,6 +855,11 @@ def test_bad_files_get_user_level_errors_and_the_server_carries_on(server, brows
     )
     assert all(flagged == marked for flagged, marked in marks)
     assert any(flagged for flagged, _ in marks), "a brain slice is no cephalogram: some points must be flagged"
+    # Its low-confidence points are ringed orange in the view (the markups 'selected' flag stays the user's).
+    statuses = page.eval_on_selector_all("#landmarks .landmark-status", "cells => cells.map(c => c.innerText)")
+    assert "low confidence" in statuses, "a brain slice is no cephalogram: some points must be uncertain"
+    page.wait_for_timeout(1000)
+    assert has_color(screenshot(page, "web_low_confidence.png"), view_box(page), is_low_confidence_halo) > 30
     with page.expect_download() as download:
         page.click("#export")
     web = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["markups"][0]

@@ -1463,7 +1463,8 @@ class LandmarkReviewApp(TrameApp):
                         "Click a row to center the views on it; Zoom to (the magnifier) zooms in on it.",
                         "Next to review: the points most likely wrong first (largest expected error); "
                         "an orange expected error is above that landmark's usual error.",
-                        "Cyan halo, bold status: a point you moved. Faded points: landmarks off the shown slice.",
+                        "Orange halo: a low-confidence point. Cyan halo, bold status: a point you moved. "
+                        "Faded points: landmarks off the shown slice.",
                     ):
                         html.Li(line)
             with v.VCardActions():

@@ -1,5 +1,5 @@
 """What the slice views show around the landmarks: names where they can be read, the selected point
-marked, a halo round each point the user moved.
+marked, a halo round each point the user moved (blue) and each low-confidence one (orange).
 
 Slicer labels every point of a point list in every slice view, projections off the slice included:
 a brain's 32 names pile up in the side views, and a cephalogram's 19 long names overlap. So the
@@ -44,13 +44,20 @@ class Look:
     projected: bool = True
 
 
-# A translucent disk round a moved point: the point shows through. A cross on the selected one: a
-# moved point's halo stays its own color inside it.
-MOVED = Look(tuple(c / 255.0 for c in STATUS_COLORS[LandmarkStatus.MOVED]), "Circle2D", 2.2, 0.45, False, False)
-SELECTED = Look(SELECTED_COLOR, "Cross2D", 5.0, named=False)
-SELECTED_NAME = Look(SELECTED_COLOR)
+# Halos are translucent disks: the point shows through. A cross on the selected one: a halo stays its
+# own color inside it.
+def _halo(status: LandmarkStatus) -> Look:
+    return Look(tuple(c / 255.0 for c in STATUS_COLORS[status]), "Circle2D", 2.2, 0.45, False, False)
+
+
+# A translucent disk round a point of a status to review (low confidence) or reviewed (moved).
+LOOKS = {
+    "moved": _halo(LandmarkStatus.MOVED),
+    "low confidence": _halo(LandmarkStatus.LOW_CONFIDENCE),
+    "selected": Look(SELECTED_COLOR, "Cross2D", 5.0, named=False),
+    "selected name": Look(SELECTED_COLOR),
+}  # other roles: a view's names
 NAMES = Look(markups.NORMAL_COLOR)
-LOOKS = {"moved": MOVED, "selected": SELECTED, "selected name": SELECTED_NAME}  # other roles: a view's names
 
 Mark = tuple[str, tuple[float, ...]]  # (label, RAS position in the landmarks' frame)
 
@@ -120,6 +127,9 @@ class ViewMarks:
         # (Names carry the module's mark of a low-confidence point: `markups.viewLabel`.)
         wanted: dict[str, list[Mark]] = {
             "moved": [("", tuple(row.positionRas)) for row in placed if row.status == LandmarkStatus.MOVED],
+            "low confidence": [
+                ("", tuple(row.positionRas)) for row in placed if row.status == LandmarkStatus.LOW_CONFIDENCE
+            ],
             "selected": [("", position) for position in chosenAt],
             "selected name": [(markups.viewLabel(chosen.name, chosen.status), position) for position in chosenAt],
         }

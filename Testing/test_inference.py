@@ -94,6 +94,68 @@ def test_absent_landmark_is_reported_missing_not_guessed(tiny_model_2d, case_2d)
     assert all(s == "detected" for s in prediction.status[1:]) and min(prediction.landmarks.confidences[1:]) > 0.6
 
 
+def blobs(case_2d) -> np.ndarray:
+    """The blob radius of each landmark of the synthetic 2D images (as make_dataset draws them)."""
+    image, _ = case_2d
+    extent = (np.asarray(image.GetSize()) - 1) * np.asarray(image.GetSpacing())
+    return 0.035 * float(extent.min()) * (1.0 + 0.5 * np.arange(4) / 3)
+
+
+def test_a_visible_landmark_in_an_unusual_pose_gets_a_position_flagged_never_missing(tiny_model_2d, case_2d):
+    """Landmark 2 swung by 50 degrees about the others' center, far from every configuration the
+    network learnt: its final heatmap is too weak (the spatial configuration does not expect it
+    there), yet the image shows it, so it gets a position there, flagged for review, not missing."""
+    image, truth = case_2d
+    geometry = ImageGeometry.of(image)
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    # As strict as the absent-landmark test: a weak final peak alone would make it missing.
+    predictor.inference = dataclasses.replace(predictor.inference, missing_below=0.3)
+    others = [0, 1, 3]
+    center = truth.points_lps[others].mean(axis=0)
+    turn = np.radians(50.0)
+    points = truth.points_lps.copy()
+    points[2] = center + np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]]) @ (points[2] - center)
+    assert np.linalg.norm(points[2] - truth.points_lps[2]) > 10.0  # mm: a pose the network never saw
+    prediction = predictor.predict(render(geometry, points, blobs(case_2d), np.random.default_rng(0)))
+    assert prediction.landmarks.confidences[2] < predictor.inference.missing_below  # the old rule's "missing"
+    assert prediction.status[2] == "low confidence"
+    assert np.linalg.norm(prediction.landmarks.points_lps[2] - points[2]) < 3.0  # 1.5 cells of the 2 mm grid
+    assert [prediction.status[k] for k in others] == ["detected"] * 3
+
+
+def test_a_landmark_outside_the_field_of_view_or_cut_off_stays_missing(tiny_model_2d, case_2d):
+    """The same image cut so that landmark 0 lies outside it (4 mm beyond its edge), or blanked
+    beyond that line: landmark 0 is missing, not guessed; the others are found."""
+    image, truth = case_2d
+    geometry = ImageGeometry.of(image)
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    predictor.inference = dataclasses.replace(predictor.inference, missing_below=0.3)
+    index = geometry.physical_to_index(truth.points_lps)
+    # Along the image axis on which landmark 0 lies furthest beyond the others.
+    axis = int(np.argmax(np.abs(index[0] - index[1:].mean(axis=0)) * np.asarray(geometry.spacing)))
+    side = np.sign(index[0, axis] - index[1:, axis].mean())
+    edge = int(round(index[0, axis] - side * 4.0 / geometry.spacing[axis]))
+    assert all(side * (index[k, axis] - edge) < -2.0 for k in (1, 2, 3))  # the others stay in view
+    start, size = [0, 0], list(geometry.size)
+    if side > 0:
+        size[axis] = edge
+    else:
+        start[axis], size[axis] = edge + 1, geometry.size[axis] - edge - 1
+    cut = sitk.RegionOfInterest(image, size, start)
+    values = sitk.GetArrayFromImage(image)
+    blank = values.copy()
+    rows = [slice(None), slice(None)]
+    rows[1 - axis] = slice(edge, None) if side > 0 else slice(None, edge + 1)
+    blank[tuple(rows)] = values.min()
+    blanked = sitk.GetImageFromArray(blank)
+    blanked.CopyInformation(image)
+    for case in (cut, blanked):
+        prediction = predictor.predict(case)
+        assert prediction.status[0] == "missing", (prediction.status, prediction.landmarks.confidences)
+        assert np.isnan(prediction.landmarks.points_lps[0]).all()
+        assert prediction.status[1:] == ["detected"] * 3
+
+
 def test_a_mirror_image_is_detected_on_its_mirror_for_models_with_a_mirror_axis(
     tiny_model_2d, mirror_model_2d, case_2d
 ):

@@ -241,6 +241,23 @@ class Articulation:
         solution = torch.linalg.solve(system, values)
         return cls(landmarks_lps, nodes, solution[:m], solution[m:], center, scale)
 
+    @classmethod
+    def turning(cls, points_lps: torch.Tensor, turned_lps: torch.Tensor, geometry: ImageGeometry) -> Articulation:
+        """The warp of an image (`geometry`) whose landmarks (N, 2; NaN = missing) move to `turned_lps`:
+        the spline's nodes are the turned landmarks and 8 fixed anchors on a box
+        ARTICULATION_ANCHOR_MARGIN of the image's extent beyond each of its sides."""
+        corners = torch.as_tensor(geometry.corners_physical(), dtype=torch.float64, device=points_lps.device)
+        low, high = corners.min(dim=0).values, corners.max(dim=0).values
+        margin = ARTICULATION_ANCHOR_MARGIN * (high - low)
+        fractions = [[a, b] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) if (a, b) != (0.5, 0.5)]
+        anchors = (
+            low - margin + torch.tensor(fractions, dtype=torch.float64, device=low.device) * (high - low + 2.0 * margin)
+        )
+        present = torch.isfinite(points_lps).all(dim=1)
+        return cls.through(
+            torch.cat([turned_lps[present], anchors]), torch.cat([points_lps[present], anchors]), turned_lps
+        )
+
     def source_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Where the image as given is read for physical positions (..., 2) of the articulated image,
         computed in their dtype (float32 for a sample's grid: the image is read in float32 anyway)."""
@@ -287,19 +304,11 @@ def random_articulation(
         _uniform(generator, -1.0, 1.0, (len(limits),)) * torch.tensor(limits, dtype=torch.float64).deg2rad()
         for limits in config.articulation_deg
     ]
-    present = torch.isfinite(points_lps).all(dim=1)
-    corners = torch.as_tensor(geometry.corners_physical(), dtype=torch.float64)
-    low, high = corners.min(dim=0).values, corners.max(dim=0).values
-    margin = ARTICULATION_ANCHOR_MARGIN * (high - low)
-    fractions = torch.tensor([[a, b] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) if (a, b) != (0.5, 0.5)])
-    anchors = (low - margin + fractions.to(torch.float64) * (high - low + 2.0 * margin)).to(positions.device)
     points = points_lps.to(positions.device)
     for attempt in range(ARTICULATION_RETRIES + 1):
         turned = turned_chains(points, chains, [a * 0.5**attempt for a in angles])
         try:
-            articulation = Articulation.through(
-                torch.cat([turned[present], anchors]), torch.cat([points[present], anchors]), turned
-            )
+            articulation = Articulation.turning(points, turned, geometry)
         except torch.linalg.LinAlgError:  # landmarks at one spot cannot move apart
             return None
         warped = articulation.source_positions(positions)

@@ -72,7 +72,7 @@ def main() -> None:
     predictor = Predictor.from_file(args.model, "cpu", "float32")
     names = predictor.landmark_names
     chains = chain_indices(names, load_config(HAND / "train.toml").augmentation.articulation_chains)
-    total = {"visible_missing": 0, "placed_outside": 0, "errors_mm": []}
+    visible_missing, placed_outside, all_errors = 0, 0, []
     with open(args.shared / "landmarks.csv", newline="") as table:
         rows = {row[0]: np.asarray(row[1:], dtype=np.float64).reshape(len(names), 2) for row in csv.reader(table)}
     for hand, pixels in rows.items():
@@ -86,20 +86,20 @@ def main() -> None:
             outside = [names[k] for k in np.flatnonzero(~visible) if prediction.status[k] != LandmarkStatus.MISSING]
             errors = np.linalg.norm(prediction.landmarks.points_lps - truth, axis=1)[visible]
             errors = errors[np.isfinite(errors)]
-            total["visible_missing"] += len(missing)
-            total["placed_outside"] += len(outside)
-            total["errors_mm"] += errors.tolist()
+            visible_missing += len(missing)
+            placed_outside += len(outside)
+            all_errors += errors.tolist()
             line = {"hand": hand, "pose": pose, "visible_missing": missing, "placed_outside": outside}
             print(
                 json.dumps({**line, "mean_mm": round(float(errors.mean()), 2), "max_mm": round(float(errors.max()), 1)})
             )
-    errors = np.asarray(total["errors_mm"])
+    errors = np.asarray(all_errors)
     print(
         json.dumps(
             {
                 "all": f"{len(rows)} hands x {len(POSES)} poses",
-                "visible_missing": total["visible_missing"],
-                "placed_outside": total["placed_outside"],
+                "visible_missing": visible_missing,
+                "placed_outside": placed_outside,
                 "mean_mm": round(float(errors.mean()), 2),
                 "median_mm": round(float(np.median(errors)), 2),
                 "points": len(errors),

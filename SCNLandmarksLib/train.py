@@ -696,7 +696,11 @@ def train(
                 f"{spec.path}: scale_from_anatomy is for images in pixels; these are in {unit}, "
                 "whose spacing already gives the anatomy's size"
             )
-        mean, scales = anatomical_scales([item.landmarks for item in training_items], mean.source, base_mean)
+        source = (
+            f"generalised Procrustes mean of the {len(training_items)} training images' landmarks, "
+            "at the median image's anatomical size"
+        )
+        mean, scales = anatomical_scales([item.landmarks for item in training_items], source, base_mean)
         training_items = [_in_canonical_size(item, scale) for item, scale in zip(training_items, scales)]
         log.info(
             "scale from anatomy: the %d training images' anatomy spans %.2f-%.2f x the canonical size",

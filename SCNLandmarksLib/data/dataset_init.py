@@ -284,10 +284,11 @@ def merge_datasets(
                 f"{spec.path}: its images are {spec.dimension}D with landmarks {list(spec.landmark_names)}; "
                 f"{first.path} has {first.dimension}D with {list(first.landmark_names)}: they cannot train one model"
             )
-    units = {f"{spec.path}: {entry.unit}" for spec in specs for entry in spec.entries[:1]}
-    if len({entry.unit for spec in specs for entry in spec.entries}) > 1:
+    units = {spec.path: sorted({entry.unit for entry in spec.entries}) for spec in specs}
+    if len({unit for spec_units in units.values() for unit in spec_units}) > 1:
+        described = ", ".join(f"{path}: {' and '.join(spec_units)}" for path, spec_units in units.items())
         raise DataError(
-            f"the sources' positions are in different units ({', '.join(sorted(units))}); state the "
+            f"the sources' positions are in different units ({described}); state the "
             "pictures' spacing in every source, or in none (then training finds their size from the anatomy)"
         )
     out = Path(out).resolve()

@@ -161,6 +161,11 @@ class InferenceConfig:
     # model whose confidence separates the two facings (measured on its data) can skip it for
     # images that face its way.
     mirror_pass_below: float = 1.0
+    # Patches per landmark in the refinement stage (test-time augmentation): one centred on the coarse
+    # point and the others on a ring (2D) or sphere (3D) around it; the refined points of the views
+    # whose peak is confident are averaged. Each view sees the landmark at another place in the patch,
+    # so their errors partly cancel: 9 views took the ISBI model from 1.12 to 1.07 mm (its card).
+    refinement_views: int = 1
 
     def status(self, confidence: float) -> LandmarkStatus:
         """The status of a landmark found with this confidence."""

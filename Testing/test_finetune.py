@@ -206,6 +206,17 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     load_model(out / "model.safetensors")
 
 
+@pytest.mark.parametrize("dimension, views", [(2, 9), (3, 1)])
+def test_images_much_finer_than_the_coarse_grid_get_a_refinement_with_its_measured_views(dimension, views, tmp_path):
+    size, spacing = ((640, 480), (1.0, 1.0)) if dimension == 2 else ((96, 96, 64), (0.25, 1.0, 1.0))
+    spec = make_dataset(tmp_path / "data", dimension, images=3, landmarks=4, size=size, spacing=spacing, validation=1)
+    config = config_for_dataset(spec, tmp_path / "auto", minutes=0.1)
+    assert config.refinement is not None and config.inference.refinement_views == views
+    small = make_dataset(tmp_path / "small", 2, images=3, landmarks=4, size=(64, 48), spacing=(1.0, 1.0), validation=1)
+    unrefined = config_for_dataset(small, tmp_path / "small-auto", minutes=0.1)
+    assert unrefined.refinement is None and unrefined.inference.refinement_views == 1
+
+
 def test_a_dataset_given_by_a_relative_path_is_found_from_the_output_folder(dataset_2d, tmp_path, monkeypatch):
     monkeypatch.chdir(dataset_2d.parent)
     config = config_for_dataset(dataset_2d.name, tmp_path / "auto", minutes=0.05)

@@ -14,7 +14,7 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
 from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware, resolve_precision, tile_starts
+from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware, resolve_precision, tile_starts, view_directions
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.models import LocalAppearanceNet
 
@@ -31,6 +31,15 @@ def test_tile_starts_cover_the_axis_with_overlap():
     starts = tile_starts(100, 32, 8)
     assert starts[0] == 0 and starts[-1] == 100 - 32
     assert all(b - a <= 32 - 8 for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_refinement_views_surround_the_coarse_point_evenly(dimension):
+    directions = view_directions(9 if dimension == 2 else 15, dimension)
+    assert not directions[0].any()  # the centred view first
+    np.testing.assert_allclose(np.linalg.norm(directions[1:], axis=1), 1.0)
+    assert np.linalg.norm(directions[1:].mean(axis=0)) < 0.1  # no side favoured
+    assert view_directions(1, dimension).shape == (1, dimension)
 
 
 def test_tiled_inference_finds_the_same_landmarks(tiny_model_2d, case_2d):

@@ -25,11 +25,12 @@ from SCNLandmarksLib.config import (
     load_config,
     save_config,
 )
+from SCNLandmarksLib.data.preparation import normalize_image
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, TrainingError
 from SCNLandmarksLib.evaluation import evaluate_model
 from SCNLandmarksLib.heatmaps import gaussian_heatmaps, peak_height, refine_peaks
-from SCNLandmarksLib.inference import Predictor
+from SCNLandmarksLib.inference import REFINEMENT_VIEW_SHIFT, Predictor, view_directions
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.losses import heatmap_loss
 from SCNLandmarksLib.train import CHECKPOINT, _learning_rate_factor, train
@@ -303,6 +304,21 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     coarse = float(np.mean(validation_errors(predictor, dataset_2d, refine=False)[0]))
     assert refined < 0.3 and refined < 0.8 * coarse, f"refined {refined:.3f} mm vs coarse {coarse:.3f} mm"
 
+    # Test-time views: a point refined in 9 views is the mean of the single-view refinements of the
+    # patches centred around it, and refines as well.
+    viewed = Predictor.from_file(result.model_path, "cpu")
+    viewed.inference = dataclasses.replace(viewed.inference, refinement_views=9)
+    spec = load_dataset_spec(dataset_2d)
+    entry = spec.split("validation")[0]
+    normalized = normalize_image(read_image(entry.image), viewed.description.intensity)
+    rough = spec.load_landmarks([entry])[entry.id].points_lps + np.array([1.5, -1.0])
+    patch = viewed.description.refinement
+    half_extent = (np.asarray(patch.grid_size) - 1.0) / 2.0 * np.asarray(patch.grid_spacing)
+    shifts = REFINEMENT_VIEW_SHIFT * half_extent * view_directions(9, 2)
+    single_views = [predictor._refine(normalized, rough + shift) for shift in shifts]
+    np.testing.assert_allclose(viewed._refine(normalized, rough), np.mean(single_views, axis=0), atol=1e-4)
+    assert float(np.mean(validation_errors(viewed, dataset_2d)[0])) < 0.3
+
     # A turned header takes passes in the canonical pose: the refinement still runs once per image, in
     # the pose of the pass whose points are returned, and refines as well as on the image as given.
     refinements = []
@@ -310,7 +326,6 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     predictor._refine = lambda *args: (refinements.append(args), refine_patches(*args))[1]
     angle = math.radians(25.0)
     turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    spec = load_dataset_spec(dataset_2d)
     entries = spec.split("validation")
     truth = spec.load_landmarks(entries)
     turned_errors = []

@@ -25,6 +25,9 @@ Evidence measures (`EVIDENCE`; all dimensionless):
       for coarse-to-fine models.
   shift_spread: log(1 + RMS distance of the points found on the coarse grid shifted by half a cell,
       in cells); costs two more coarse network passes, so it is computed only when a calibration uses it.
+  view_spread: log(1 + RMS distance of the refinement's views' points from their mean, in refinement
+      cells), for models with several `refinement_views` (0 otherwise): a refiner that answers at
+      different structures from patches a few cells apart is unsure.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .io.atomic import write_text_atomically
 from .io.landmarks import coverage_radius_column
 from .landmark_set import LandmarkSet
 
-EVIDENCE = ("peak", "width", "refinement_shift", "shift_spread")
+EVIDENCE = ("peak", "width", "refinement_shift", "shift_spread", "view_spread")
 CHEAP_EVIDENCE = ("peak", "width", "refinement_shift")  # from the passes detection runs anyway
 # The heatmap spread is measured within this many sigmas of the peak (beyond it lie other landmarks).
 WIDTH_WINDOW_SIGMAS = 2.0

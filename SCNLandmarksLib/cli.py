@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["peak", "width", "refinement_shift"],
         help="evidence measures to use: peak, width, refinement_shift, shift_spread (costs "
-        "two more network passes per detection)",
+        "two more network passes per detection), view_spread (models with several refinement views)",
     )
     calibrate.add_argument(
         "--flag-above",

@@ -414,7 +414,8 @@ class Predictor:
         normalized = normalize_image(as_scalar_image(image, self.dimension, source), self.description.intensity)
         fitted = self._fitted_pose(points, np.ones(len(points)))
         pose = Pose.identity(self.dimension) if fitted is None else fitted
-        return pose.to_image(self._refine(pose.canonical_image(normalized), pose.to_canonical(points)))
+        refined, _ = self._refine(pose.canonical_image(normalized), pose.to_canonical(points))
+        return pose.to_image(refined)
 
     def _pose_weights(self, prediction: Prediction) -> np.ndarray:
         """The confidences of a pass's points, as weights of its pose fit; 0 for the points placed by
@@ -532,17 +533,18 @@ class Predictor:
         if cancel is not None and cancel():
             raise Cancelled("landmark detection cancelled")
         coarse_points = frame.to_canonical(prediction.landmarks.points_lps)
-        points = coarse_points
+        points, view_spread = coarse_points, np.zeros(len(coarse_points))
         if refine and self.refinement is not None:
             if progress is not None:
                 progress(REFINEMENT_PROGRESS, "refining landmarks on fine patches")
             start = time.perf_counter()
-            points = self._refine(frame.canonical_image(normalized), coarse_points)
+            points, view_spread = self._refine(frame.canonical_image(normalized), coarse_points)
             prediction.timings["refinement"] = time.perf_counter() - start
         evidence = prediction.evidence
         if self.evidence_measures:
             cell = float(np.mean(self.description.coarse.grid_spacing))
             evidence["refinement_shift"] = distance_evidence(coarse_points, [points], cell)
+            evidence["view_spread"] = view_spread
         expected = radii = coverage = None
         if self.calibration is not None:
             # In the frame's unit, as the evidence; the image's unit differs by the frame's scale.
@@ -800,17 +802,22 @@ class Predictor:
         return distance_evidence(points, others, float(np.mean(cell)))
 
     @torch.inference_mode()
-    def _refine(self, normalized: sitk.Image, points: np.ndarray) -> np.ndarray:
+    def _refine(self, normalized: sitk.Image, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coarse-to-fine: each found landmark's maximum on fine patches around its coarse position (one
         centred on it, and the model's further `refinement_views`), averaged over the confident views.
 
         All patches go through the refinement network in one batch. A landmark whose refined peak is
         below the missing threshold in every view keeps its coarse position.
+
+        Returns:
+            The points, and the "view_spread" evidence: log(1 + RMS distance of the confident views'
+            points from their mean, in refinement cells); 0 with one view.
         """
         description, refinement = self.description.refinement, self.refinement
         found = np.flatnonzero(np.all(np.isfinite(points), axis=1))
+        spread = np.zeros(len(points))
         if description is None or refinement is None or len(found) == 0:
-            return points
+            return points, spread
         spacing, size = description.grid_spacing, description.grid_size
         prepared = prepare_normalized(normalized, spacing, self.device)
         half_extent = (np.asarray(size) - 1.0) / 2.0 * np.asarray(spacing)
@@ -830,5 +837,7 @@ class Predictor:
         refined = points.copy()
         for m, k in enumerate(found):
             if confident[:, m].any():
-                refined[k] = views[confident[:, m], m].mean(axis=0)
-        return refined
+                kept = views[confident[:, m], m]
+                refined[k] = kept.mean(axis=0)
+                spread[k] = np.sqrt(np.mean(np.sum((kept - refined[k]) ** 2, axis=1)))
+        return refined, np.log1p(spread / float(np.mean(spacing)))

@@ -315,8 +315,11 @@ def test_coarse_to_fine_refinement_improves_a_coarse_model(dataset_2d, tmp_path)
     patch = viewed.description.refinement
     half_extent = (np.asarray(patch.grid_size) - 1.0) / 2.0 * np.asarray(patch.grid_spacing)
     shifts = REFINEMENT_VIEW_SHIFT * half_extent * view_directions(9, 2)
-    single_views = [predictor._refine(normalized, rough + shift) for shift in shifts]
-    np.testing.assert_allclose(viewed._refine(normalized, rough), np.mean(single_views, axis=0), atol=1e-4)
+    single_views = np.array([predictor._refine(normalized, rough + shift)[0] for shift in shifts])
+    averaged, spread = viewed._refine(normalized, rough)
+    np.testing.assert_allclose(averaged, single_views.mean(axis=0), atol=1e-4)
+    cells = np.sqrt(np.mean(np.sum((single_views - averaged) ** 2, axis=2), axis=0)) / np.mean(patch.grid_spacing)
+    np.testing.assert_allclose(spread, np.log1p(cells), atol=1e-4)  # the "view_spread" evidence
     assert float(np.mean(validation_errors(viewed, dataset_2d)[0])) < 0.3
 
     # A turned header takes passes in the canonical pose: the refinement still runs once per image, in

@@ -2,7 +2,7 @@
 
     python benchmarks/shared_data/evaluate_deformed_copies.py MODEL IMAGE LANDMARKS [--copies 10] [--seed 1000]
         [--single-resolution] [--harder] [--registration]
-        [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000]]
+        [--calibrate OUT [--calibration-copies 30] [--calibration-seed 2000] [--calibration-harder]]
         [--coverage OUT [--coverage-copies 30] [--coverage-seed 3000] [--coverage-folds 3]]
 
 Each copy is the image pushed through a random rigid + scaling + smooth elastic transform (seeds the
@@ -13,7 +13,9 @@ Prints one JSON line per copy and a summary line (mean/median error in mm).
 With --calibrate, the expected-error calibration is first fitted on other deformed copies (seeds
 from --calibration-seed; its held-out figures cross-validated by copy) and written with the model to
 OUT; the evaluation copies then also score it (AUROC of flagging points beyond 3 mm, mean expected
-against mean measured error): copies neither the network nor the calibration saw.
+against mean measured error): copies neither the network nor the calibration saw. With
+--calibration-harder those copies are harder copies (see --harder): expected errors for a brain as far
+from the template as the proxy, which run high on brains close to it.
 
 With --coverage, the model's calibration (expected errors unchanged) first gets a 90 % coverage radius
 fitted on harder copies (seeds from --coverage-seed; a brain the model never saw is at least that far
@@ -176,11 +178,13 @@ def errors_of(
 
 
 def calibrate_on_copies(
-    predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int, out: str
+    predictor: Predictor, image: sitk.Image, truth: np.ndarray, copies: int, seed: int, harder: bool, out: str
 ) -> Predictor:
-    """Fit the expected-error calibration on deformed copies and write the calibrated model to `out`."""
+    """Fit the expected-error calibration on deformed (or harder) copies and write the calibrated model
+    to `out`."""
     names = predictor.landmark_names
-    cases = ((f"seed {seed + n}", *deformed_copy(image, truth, seed + n)) for n in range(copies))
+    make_copy, kind = (harder_copy, "harder copies") if harder else (deformed_copy, "deformed copies")
+    cases = ((f"seed {seed + n}", *make_copy(image, truth, seed + n)) for n in range(copies))
     measured = measure(
         predictor,
         ((i, copy, LandmarkSet(names, points)) for i, copy, points in cases),
@@ -192,7 +196,7 @@ def calibrate_on_copies(
         CHEAP_EVIDENCE,
         {"> 3 mm": 3.0},
         5,
-        f"{copies} deformed copies of the template, seeds {seed}-{seed + copies - 1}",
+        f"{copies} {kind} of the template, seeds {seed}-{seed + copies - 1}",
     )
     save_description(predictor.path, out, dataclasses.replace(predictor.description, calibration=calibration))
     print(
@@ -259,6 +263,9 @@ def main() -> None:
     parser.add_argument("--calibration-copies", type=int, default=30)
     parser.add_argument("--calibration-seed", type=int, default=2000)
     parser.add_argument(
+        "--calibration-harder", action="store_true", help="fit the calibration on harder copies (see --harder)"
+    )
+    parser.add_argument(
         "--coverage", metavar="OUT", help="fit the 90 %% coverage radius on harder copies, write the model here"
     )
     parser.add_argument("--coverage-copies", type=int, default=30)
@@ -270,7 +277,13 @@ def main() -> None:
     truth = read_landmarks(args.landmarks, names=predictor.landmark_names, dimension=predictor.dimension).points_lps
     if args.calibrate:
         predictor = calibrate_on_copies(
-            predictor, image, truth, args.calibration_copies, args.calibration_seed, args.calibrate
+            predictor,
+            image,
+            truth,
+            args.calibration_copies,
+            args.calibration_seed,
+            args.calibration_harder,
+            args.calibrate,
         )
     if args.coverage:
         predictor = add_coverage_on_copies(

@@ -1,13 +1,14 @@
 """A hand model on the 6 shared hand radiographs with a finger turned beyond their poses, as JSON lines.
 
-    python benchmarks/shared_data/hand_articulation.py [--model Resources/Models/hand-xray-37/model.safetensors]
+    python benchmarks/shared_data/hand_articulation.py [--model Resources/Models/hand-xray-37/model.safetensors] [--hands ID...]
 
 Each hand (a 0.25 mm copy of its image) is warped into each pose of POSES by the training's articulation
 (`Articulation.turning`: a thin-plate spline through the landmarks, so the turned landmarks are exactly
 where the warped image shows them) and detected. Per hand and pose: the visible landmarks reported
 missing, the mean error of the visible points found (mm), and the landmarks turned out of the image that
 got a point anyway; the last line sums over all. The shipped model trained on these 6 hands: the figures
-measure poses, not unseen hands.
+measure poses, not unseen hands. For unseen hands in unusual poses, give a fold model of `hand_kfold.py`
+and its held-out hands (`--hands`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=HAND / "model.safetensors")
     parser.add_argument("--shared", type=Path, default=Path("../shared/data/hand"))
+    parser.add_argument("--hands", nargs="+", help="these hands only (ids of landmarks.csv; default: all)")
     args = parser.parse_args()
     predictor = Predictor.from_file(args.model, "cpu", "float32")
     names = predictor.landmark_names
@@ -75,6 +77,11 @@ def main() -> None:
     visible_missing, placed_outside, all_errors = 0, 0, []
     with open(args.shared / "landmarks.csv", newline="") as table:
         rows = {row[0]: np.asarray(row[1:], dtype=np.float64).reshape(len(names), 2) for row in csv.reader(table)}
+    if args.hands:
+        unknown = sorted(set(args.hands) - set(rows))
+        if unknown:
+            parser.error(f"no hand {unknown} in {args.shared / 'landmarks.csv'}")
+        rows = {hand: rows[hand] for hand in args.hands}
     for hand, pixels in rows.items():
         image = read_image(args.shared / "images" / f"{hand}.mha", 2)
         points = ImageGeometry.of(image).index_to_physical(pixels)

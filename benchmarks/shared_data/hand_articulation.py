@@ -1,6 +1,6 @@
 """A hand model on the 6 shared hand radiographs with a finger turned beyond their poses, as JSON lines.
 
-    python benchmarks/shared_data/hand_articulation.py [--model Resources/Models/hand-xray-37/model.safetensors] [--hands ID...]
+    python benchmarks/shared_data/hand_articulation.py [--model MODEL] [--hands ID...]
 
 Each hand (a 0.25 mm copy of its image) is warped into each pose of POSES by the training's articulation
 (`Articulation.turning`: a thin-plate spline through the landmarks, so the turned landmarks are exactly
@@ -8,7 +8,7 @@ where the warped image shows them) and detected. Per hand and pose: the visible 
 missing, the mean error of the visible points found (mm), and the landmarks turned out of the image that
 got a point anyway; the last line sums over all. The shipped model trained on these 6 hands: the figures
 measure poses, not unseen hands. For unseen hands in unusual poses, give a fold model of `hand_kfold.py`
-and its held-out hands (`--hands`).
+and its held-out hands (`--hands`). MODEL: the shipped hand-xray-37 by default.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ A restructuring must not change any result: run this with --save before the chan
     python benchmarks/shipped_points.py --compare /tmp/before.json --tolerance 1e-4
 
 The brain model runs on the bundled MNI sample with and without its refinement stage; the
-cephalometric model (no sample ships with it) on a head profile cut from the same sample at cephalogram size, as given
-and left-right mirrored, so both of its passes are exercised.
+cephalometric models (no sample ships with them) on a head profile cut from the same sample at cephalogram
+size (cephalometric-19 as given and left-right mirrored, so both of its passes are exercised); the hand
+model on hand 3167 of the shared data when `../shared/data/hand` is there (no hand image ships). Points,
+confidences, statuses and expected errors are compared.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from SCNLandmarksLib.vocabulary import Precision  # noqa: E402
 
 MODELS = REPO / "Resources" / "Models"
 SAMPLE = REPO / "Resources" / "Samples" / "MNI152NLin2009cAsym_T1w_2mm.nii.gz"
+HAND = REPO.parent / "shared" / "data" / "hand" / "images" / "3167.mha"
 
 
 def head_profile(volume: sitk.Image) -> sitk.Image:
@@ -59,18 +62,25 @@ def shipped_points(precision: str) -> dict[str, dict[str, list]]:
     profile = head_profile(volume)
     brain = Predictor.from_file(MODELS / "brain-afids-32" / "model.safetensors", "cpu", precision)
     ceph = Predictor.from_file(MODELS / "cephalometric-19" / "model.safetensors", "cpu", precision)
+    isbi = Predictor.from_file(MODELS / "cephalometric-isbi-19" / "model.safetensors", "cpu", precision)
     runs = {
         "brain": (brain, volume, True),
         "brain coarse only": (brain, volume, False),
         "ceph": (ceph, profile, True),
         "ceph mirrored": (ceph, mirrored(profile), True),
+        "ceph isbi": (isbi, profile, True),
     }
+    if HAND.is_file():
+        hand = Predictor.from_file(MODELS / "hand-xray-37" / "model.safetensors", "cpu", precision)
+        runs["hand"] = (hand, read_image(HAND, 2), True)
     results = {}
     for name, (predictor, image, refine) in runs.items():
         prediction = predictor.predict(image, refine=refine)
+        expected_errors = prediction.landmarks.expected_errors
         results[name] = {
             "points": np.nan_to_num(prediction.landmarks.points_lps, nan=-1e9).tolist(),
             "confidences": prediction.landmarks.confidences.tolist(),
+            "expected_errors": [] if expected_errors is None else np.nan_to_num(expected_errors, nan=-1.0).tolist(),
             "status": [str(s) for s in prediction.status],
             "mirrored": prediction.mirrored,
         }
@@ -99,19 +109,31 @@ def main() -> int:
     worst = 0.0
     same = True
     for name, result in results.items():
+        if name not in expected:
+            print(f"{name}: not in {args.compare}")
+            same = False
+            continue
         before = expected[name]
         difference = float(np.max(np.abs(np.subtract(result["points"], before["points"]))))
         confidence = float(np.max(np.abs(np.subtract(result["confidences"], before["confidences"]))))
+        # Files saved before expected errors were recorded hold none.
+        expected_error = float(
+            np.max(
+                np.abs(np.subtract(result["expected_errors"], before.get("expected_errors", result["expected_errors"])))
+            )
+        )
         worst = max(worst, difference)
         agrees = (
             difference <= args.tolerance
             and confidence <= args.tolerance
+            and expected_error <= args.tolerance
             and result["status"] == before["status"]
             and result["mirrored"] == before["mirrored"]
         )
         same &= agrees
         print(
             f"{name}: largest point difference {difference:.2e}, confidence {confidence:.2e}, "
+            f"expected error {expected_error:.2e}, "
             f"statuses {'same' if result['status'] == before['status'] else 'DIFFER'}"
             f"{'' if agrees else '  <-- differs'}"
         )

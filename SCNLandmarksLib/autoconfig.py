@@ -34,10 +34,11 @@ COARSE_SIDE = {2: 128, 3: 48}
 REFINE_WHEN_COARSER = 4.0
 REFINEMENT_PATCH = {2: 32, 3: 24}
 REFINEMENT_BATCH = 4
-# The refinement's test-time views (InferenceConfig.refinement_views): in 2D, 9 views took the ISBI
-# model's validation error from 1.12 to 1.07 mm for 0.1 s per image; in 3D the refinement is most of a
-# detection's time (the brain's 32 patches: 0.7 s of 0.9 s without AMX), so one view until measured.
-REFINEMENT_VIEWS = {2: 9, 3: 1}
+# How a refinement stage decodes (InferenceConfig): in 2D, 9 test-time views took the ISBI model's
+# validation error from 1.12 to 1.07 mm for 0.1 s per image, and the coarse prior on to 1.05 mm; in 3D
+# the refinement is most of a detection's time (the brain's 32 patches: 0.7 s of 0.9 s without AMX) and
+# neither was measured, so the defaults stay.
+REFINEMENT_DECODING: dict[int, dict[str, Any]] = {2: {"refinement_views": 9, "refinement_prior": True}, 3: {}}
 # Networks small enough to train on a CPU within minutes. 2D: 32 filters, not the cephalogram model's 64:
 # on the 6 hand radiographs (3-fold, 18-20 minutes on a shared CPU) 64 filters ran half the iterations
 # and gave 3.38 mm mean error on unseen hands, 32 filters 2.37 mm on the same folds.
@@ -250,7 +251,7 @@ def config_for_dataset(
             ),
             "augmentation": {**default_augmentation(dimension, float(extent.max())), "translation": 0.0},
         }
-        values["inference"] = {"refinement_views": REFINEMENT_VIEWS[dimension]}
+        values["inference"] = REFINEMENT_DECODING[dimension]
     return config_from_dict(values, output_dir, where=f"configuration derived from {spec_path}")
 
 

@@ -787,6 +787,16 @@ class Predictor:
         size = np.asarray(grid.size) + below + above
         return dataclasses.replace(grid, size=tuple(int(n) for n in size), origin=tuple(float(o) for o in origin))
 
+    def _coarse_prior(self, grids: list[ImageGeometry], centers: np.ndarray, channels: torch.Tensor) -> torch.Tensor:
+        """(patches, *patch size): on each patch, the coarse stage's Gaussian of its landmark's learned
+        sigma around the landmark's coarse point (`centers`, (patches, d))."""
+        positions = torch.stack([grid_positions(grid, self.device, torch.float64) for grid in grids])
+        offsets = positions - torch.as_tensor(centers, device=self.device).reshape(
+            len(grids), *[1] * self.dimension, -1
+        )
+        sigmas = self.coarse.sigmas[channels].to(self.device, torch.float64).reshape(-1, *[1] * self.dimension)
+        return torch.exp(-0.5 * (offsets**2).sum(dim=-1) / sigmas**2).float()
+
     def _shift_spread(self, prepared: PreparedImage, grid: ImageGeometry, points: np.ndarray) -> np.ndarray:
         """The "shift_spread" evidence: how far the points move when the coarse grid is shifted by
         half a cell along every axis, one way and the other."""
@@ -829,9 +839,12 @@ class Predictor:
         chunk = len(grids) if self.device.type == "cuda" else CPU_REFINEMENT_CHUNK
         final = torch.cat([refinement.network(part).final for part in batch.split(chunk)])
         channels = torch.as_tensor(np.tile(found, len(shifts)))
-        index, value = refine_peaks(final[torch.arange(len(grids)), channels].float())
+        heatmaps = final[torch.arange(len(grids)), channels].float()
+        index, value = refine_peaks(heatmaps)
         ideal = peak_height(refinement.sigmas[channels], description.gamma, self.dimension)
         confident = ((value / ideal).cpu().numpy() >= self.inference.missing_below).reshape(len(shifts), len(found))
+        if self.inference.refinement_prior:
+            index, _ = refine_peaks(heatmaps * self._coarse_prior(grids, points[channels.numpy()], channels))
         views = np.stack([grid.index_to_physical(i) for grid, i in zip(grids, index.cpu().numpy())])
         views = views.reshape(len(shifts), len(found), self.dimension)
         refined = points.copy()

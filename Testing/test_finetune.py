@@ -13,7 +13,7 @@ from conftest import relabelled_by, tiny_config, with_stored_training
 from SCNLandmarksLib.autoconfig import config_for_dataset, held_aside_ids
 from SCNLandmarksLib.bundle import load_model, read_description
 from SCNLandmarksLib.cli import main
-from SCNLandmarksLib.config import config_from_dict, config_to_dict, load_config
+from SCNLandmarksLib.config import InferenceConfig, config_from_dict, config_to_dict, load_config
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import make_dataset
 from SCNLandmarksLib.errors import DataError, ModelFileError
@@ -206,15 +206,16 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     load_model(out / "model.safetensors")
 
 
-@pytest.mark.parametrize("dimension, views", [(2, 9), (3, 1)])
-def test_images_much_finer_than_the_coarse_grid_get_a_refinement_with_its_measured_views(dimension, views, tmp_path):
+@pytest.mark.parametrize("dimension, views, prior", [(2, 9, True), (3, 1, False)])
+def test_images_much_finer_than_the_coarse_grid_get_a_refinement_decoded_as_measured(dimension, views, prior, tmp_path):
     size, spacing = ((640, 480), (1.0, 1.0)) if dimension == 2 else ((96, 96, 64), (0.25, 1.0, 1.0))
     spec = make_dataset(tmp_path / "data", dimension, images=3, landmarks=4, size=size, spacing=spacing, validation=1)
     config = config_for_dataset(spec, tmp_path / "auto", minutes=0.1)
     assert config.refinement is not None and config.inference.refinement_views == views
+    assert config.inference.refinement_prior == prior
     small = make_dataset(tmp_path / "small", 2, images=3, landmarks=4, size=(64, 48), spacing=(1.0, 1.0), validation=1)
     unrefined = config_for_dataset(small, tmp_path / "small-auto", minutes=0.1)
-    assert unrefined.refinement is None and unrefined.inference.refinement_views == 1
+    assert unrefined.refinement is None and unrefined.inference == InferenceConfig()
 
 
 def test_a_dataset_given_by_a_relative_path_is_found_from_the_output_folder(dataset_2d, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import SimpleITK as sitk
 import torch
 from conftest import mirror_case
 
+from SCNLandmarksLib.bundle import Stage, StageDescription
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
@@ -40,6 +42,45 @@ def test_refinement_views_surround_the_coarse_point_evenly(dimension):
     np.testing.assert_allclose(np.linalg.norm(directions[1:], axis=1), 1.0)
     assert np.linalg.norm(directions[1:].mean(axis=0)) < 0.1  # no side favoured
     assert view_directions(1, dimension).shape == (1, dimension)
+
+
+class _EchoNetwork(torch.nn.Module):
+    """A stand-in refinement network whose heatmap for every landmark is its input patch: what the
+    refinement makes of a heatmap, not what a network learns, is under test."""
+
+    def __init__(self, landmarks: int):
+        super().__init__()
+        self.landmarks = landmarks
+
+    def forward(self, patch: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(final=patch.repeat(1, self.landmarks, 1, 1))
+
+
+def test_the_coarse_prior_keeps_the_refinement_on_the_configurations_structure(tiny_model_2d):
+    """Two look-alike peaks on a landmark's patch: the brighter 4 mm from the coarse point, the other
+    0.5 mm from it. The refinement alone takes the brighter; weighed by the coarse stage's Gaussian
+    (sigma 2 mm here), the one where the whole configuration puts the landmark."""
+    predictor = Predictor.from_file(tiny_model_2d, "cpu")
+    landmarks = len(predictor.landmark_names)
+    patch = StageDescription("unet", {}, (24, 24), (0.5, 0.5), (1.0,) * landmarks, 1.0)
+    predictor.description = dataclasses.replace(predictor.description, refinement=patch)
+    predictor.refinement = Stage(_EchoNetwork(landmarks), torch.ones(landmarks))
+    predictor.coarse = Stage(predictor.coarse.network, torch.full((landmarks,), 2.0))
+    coarse_point = np.array([10.3, 20.2])
+    near, far = coarse_point + [0.5, 0.0], coarse_point + [0.0, 4.0]
+    image = sitk.Image(64, 96, sitk.sitkFloat32)
+    image.SetSpacing((0.5, 0.5))
+    positions = ImageGeometry.of(image).index_to_physical(np.stack(np.meshgrid(np.arange(64), np.arange(96)), -1))
+    values = sum(
+        height * np.exp(-0.5 * np.sum((positions - peak) ** 2, axis=-1)) for peak, height in ((near, 0.7), (far, 1.0))
+    )
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing((0.5, 0.5))
+    points = np.tile(coarse_point, (landmarks, 1))
+    for prior, expected in ((False, far), (True, near)):
+        predictor.inference = dataclasses.replace(predictor.inference, missing_below=0.0, refinement_prior=prior)
+        refined, _ = predictor._refine(image, points)
+        assert np.linalg.norm(refined - expected, axis=1).max() < 0.1, (prior, refined[0], expected)
 
 
 def test_tiled_inference_finds_the_same_landmarks(tiny_model_2d, case_2d):

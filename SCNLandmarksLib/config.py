@@ -169,7 +169,8 @@ class InferenceConfig:
     # Weigh each refinement heatmap by the coarse stage's Gaussian around the coarse point (its learned
     # sigma): the spatial configuration's answer at the fine resolution, so that a patch's look-alike
     # structure away from where the whole configuration puts the landmark does not win (the ISBI
-    # model's Articulare and A point jumped 2-3 mm so). 1.07 to 1.05 mm on the ISBI model (its card).
+    # model's Articulare and A point jumped 2-3 mm so: 1.07 to 1.05 mm, its card). It also keeps a
+    # gross coarse error that the views would correct (a hand's look-alike finger), so it is opt-in.
     refinement_prior: bool = False
 
     def status(self, confidence: float) -> LandmarkStatus:

@@ -245,6 +245,9 @@ class ModelDescription:
             raise ModelFileError(
                 f"{source}: inference.mirror_axis {axis!r} is not an axis of {description.dimension}D images"
             )
+        views = description.inference.refinement_views
+        if not isinstance(views, int) or views < 1:
+            raise ModelFileError(f"{source}: inference.refinement_views {views!r} is not a whole number >= 1")
         return description
 
 

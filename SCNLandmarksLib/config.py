@@ -356,6 +356,11 @@ def validate(config: Config, where: str = "config") -> None:
             f"{where} [inference]: mirror_pass_below {config.inference.mirror_pass_below} "
             "outside 0..1 (it is a mean confidence)"
         )
+    if not isinstance(config.inference.refinement_views, int) or config.inference.refinement_views < 1:
+        raise DataError(
+            f"{where} [inference]: refinement_views {config.inference.refinement_views!r} must be a whole number "
+            ">= 1 (1: the patch centred on the coarse point only)"
+        )
     augmentations = {"augmentation": config.augmentation}
     if refinement is not None:
         augmentations["refinement.augmentation"] = refinement.augmentation

@@ -124,13 +124,20 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_model_file_with_an_impossible_mirror_axis_is_refused(tiny_model_2d, tmp_path):
+@pytest.mark.parametrize(
+    "setting, problem",
+    [
+        ({"mirror_axis": 2}, "inference.mirror_axis 2 is not an axis of 2D images"),
+        ({"refinement_views": 0}, "inference.refinement_views 0 is not a whole number >= 1"),
+    ],
+)
+def test_a_model_file_with_impossible_decoding_settings_is_refused(tiny_model_2d, tmp_path, setting, problem):
     loaded = load_model(tiny_model_2d)
-    inference = dataclasses.replace(loaded.description.inference, mirror_axis=2)
+    inference = dataclasses.replace(loaded.description.inference, **setting)
     path = save_model(
-        tmp_path / "mirror.safetensors", dataclasses.replace(loaded.description, inference=inference), loaded.coarse
+        tmp_path / "decoding.safetensors", dataclasses.replace(loaded.description, inference=inference), loaded.coarse
     )
-    with pytest.raises(ModelFileError, match="inference.mirror_axis 2 is not an axis of 2D images") as failure:
+    with pytest.raises(ModelFileError, match=problem) as failure:
         Predictor.from_file(path, "cpu")
     assert str(path) in str(failure.value)
 

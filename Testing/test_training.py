@@ -110,6 +110,8 @@ def test_axes_named_in_a_configuration_must_exist_in_its_grid(trained_2d):
     for section, key in (("inference", "mirror_axis"), ("augmentation", "mirror_axis")):
         with pytest.raises(DataError, match=rf"\[{section}\]: {key} 2 outside 0..1"):
             config_from_dict({**values, section: {**values[section], key: 2}}, Path("/"), "ceph.toml")
+    with pytest.raises(DataError, match=r"\[inference\]: refinement_views 0 must be a whole number >= 1"):
+        config_from_dict({**values, "inference": {"refinement_views": 0}}, Path("/"), "ceph.toml")
     paired = {
         **values,
         "inference": {"mirror_axis": 0},

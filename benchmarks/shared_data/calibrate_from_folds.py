@@ -48,6 +48,13 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=["test"], help="the held-out split, one for all or one per fold")
     parser.add_argument("--evidence", nargs="+", default=list(CHEAP_EVIDENCE))
     parser.add_argument("--flag-above", type=float, nargs="+", help="error thresholds (model unit) for the AUROC")
+    parser.add_argument(
+        "--coverage",
+        type=float,
+        default=0.9,
+        help="probability of the coverage radius (split conformal: n held-out images per landmark allow at most "
+        "n / (n + 1))",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -75,7 +82,7 @@ def main() -> None:
     held_out = ", ".join(f"{folder} on {split}" for folder, split in zip(args.folds, splits))
     source = f"held-out images of {len(parts)} models ({held_out})"
     calibration, comparison = calibrate(
-        predictor, pooled, tuple(args.evidence), thresholds, len(pooled.image_ids), source
+        predictor, pooled, tuple(args.evidence), thresholds, len(pooled.image_ids), source, args.coverage
     )
     save_description(args.model, args.out, dataclasses.replace(predictor.description, calibration=calibration))
     print(json.dumps(calibration_report(args.out, calibration, comparison), indent=1))

@@ -1,9 +1,9 @@
 """Calibrate a model on the held-out images of k-fold models trained with its recipe, and write it.
 
-    python benchmarks/shared_data/hand_kfold.py --minutes 22 --out runs/hand-kfold-long
-    python benchmarks/shared_data/calibrate_from_folds.py Resources/Models/hand-xray-37/model.safetensors \
-        --folds runs/hand-kfold-long/fold{0,1,2} --datasets runs/data/hand-fold{0,1,2}/dataset.toml \
-        --flag-above 2 3 --out Resources/Models/hand-xray-37/model.safetensors --overwrite
+    python benchmarks/shared_data/hand_kfold.py --out runs/hand-kfold-art
+    python benchmarks/shared_data/calibrate_from_folds.py runs/hand-xray-37/model.safetensors \
+        --folds runs/hand-kfold-art/fold{0,1,2} --datasets runs/data/hand-fold{0,1,2}/dataset.toml \
+        --flag-above 2 3 --coverage 0.85 --out Resources/Models/hand-xray-37/model.safetensors --overwrite
 
 A model trained on every annotated image has no held-out image of its own (the 6 hands). Each fold
 model, trained the same way on fewer images, is measured on the images it never saw (the "test"

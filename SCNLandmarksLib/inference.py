@@ -38,7 +38,7 @@ from .data.preparation import (
 )
 from .errors import Cancelled, DataError
 from .geometry import ImageGeometry, axis_aligned_grid, covering_grid, mirror_points
-from .heatmaps import peak_height, refine_peaks
+from .heatmaps import gaussian_heatmaps, peak_height, refine_peaks
 from .io.images import as_scalar_image, read_image
 from .landmark_set import LandmarkSet
 from .models import HeatmapOutput, LocalAppearanceNet
@@ -788,14 +788,14 @@ class Predictor:
         return dataclasses.replace(grid, size=tuple(int(n) for n in size), origin=tuple(float(o) for o in origin))
 
     def _coarse_prior(self, grids: list[ImageGeometry], centers: np.ndarray, channels: torch.Tensor) -> torch.Tensor:
-        """(patches, *patch size): on each patch, the coarse stage's Gaussian of its landmark's learned
-        sigma around the landmark's coarse point (`centers`, (patches, d))."""
-        positions = torch.stack([grid_positions(grid, self.device, torch.float64) for grid in grids])
-        offsets = positions - torch.as_tensor(centers, device=self.device).reshape(
-            len(grids), *[1] * self.dimension, -1
-        )
-        sigmas = self.coarse.sigmas[channels].to(self.device, torch.float64).reshape(-1, *[1] * self.dimension)
-        return torch.exp(-0.5 * (offsets**2).sum(dim=-1) / sigmas**2).float()
+        """(patches, *patch size): on each patch (axis-aligned, all of one size and spacing), the coarse
+        stage's Gaussian of its landmark's learned sigma around the landmark's coarse point (`centers`,
+        (patches, d)), 1 at its peak: the training target's shape, without its height."""
+        index = np.stack([grid.physical_to_index(center) for grid, center in zip(grids, centers)])
+        sigmas = self.coarse.sigmas[channels].to(self.device)
+        patches = torch.ones(1, len(grids), dtype=torch.bool)
+        shape = gaussian_heatmaps(torch.as_tensor(index)[None], patches, grids[0].size, grids[0].spacing, sigmas, 1.0)
+        return shape[0] / peak_height(sigmas, 1.0, self.dimension).reshape(-1, *[1] * self.dimension)
 
     def _shift_spread(self, prepared: PreparedImage, grid: ImageGeometry, points: np.ndarray) -> np.ndarray:
         """The "shift_spread" evidence: how far the points move when the coarse grid is shifted by

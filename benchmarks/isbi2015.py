@@ -5,7 +5,9 @@
     python benchmarks/isbi2015.py evaluate [--folds 0 1 2 3 4] [--architecture scn] [--model PATH]
 
 `prepare` writes one dataset spec per fold with `dataset init` (the annotators' mean, pixel units):
-fold k holds out every K-th image by id, starting at the k-th, as its "test" split, never trained on.
+fold k holds out every K-th image by id, starting at the k-th, as its "test" split, never trained on;
+and `all/dataset.toml`, every image in the training split, for the shipped model (the recipe chosen on
+the folds, trained on all 150).
 `train` trains a fold as `scn-landmarks train --dataset` does (the self-configured recipe for the
 time budget, `autoconfig.config_for_dataset`); `--architecture` swaps the coarse network for one of
 the library's baselines (the seed's comparison of SCN with U-Net, downsampling and conv-only nets,
@@ -42,6 +44,7 @@ from SCNLandmarksLib.train import train
 MM_PER_PIXEL = 0.1  # the challenge's images (MANIFEST); the JPEG files carry no spacing
 TRUTHS = {"mean": "landmarks_mean.csv", "senior": "landmarks_senior.csv"}
 RADII_MM = (2.0, 2.5, 3.0, 4.0)
+FINAL_SPEC = Path("all") / "dataset.toml"
 
 
 def fold_ids(ids: list[str], folds: int, fold: int) -> list[str]:
@@ -49,17 +52,24 @@ def fold_ids(ids: list[str], folds: int, fold: int) -> list[str]:
     return [image for number, image in enumerate(sorted(ids)) if number % folds == fold]
 
 
+def write_split_spec(data: Path, spec: Path, splits: dict[str, list[str]]) -> None:
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    init_dataset(data / "images", data / TRUTHS["mean"], spec, overwrite=True)
+    with spec.open("a", encoding="utf-8") as stream:
+        stream.write("\n[splits]\n" + "".join(f"{name} = {json.dumps(ids)}\n" for name, ids in splits.items()))
+
+
 def prepare(data: Path, out: Path, folds: int) -> None:
+    ids = [image.name for image in sorted((data / "images").glob("*.jpg"))]
     for fold in range(folds):
         spec = out / f"fold{fold}" / "dataset.toml"
-        spec.parent.mkdir(parents=True, exist_ok=True)
-        init_dataset(data / "images", data / TRUTHS["mean"], spec, overwrite=True)
-        ids = [image.name for image in sorted((data / "images").glob("*.jpg"))]
         test = fold_ids(ids, folds, fold)
-        training = [image for image in ids if image not in test]
-        with spec.open("a", encoding="utf-8") as stream:
-            stream.write(f"\n[splits]\ntrain = {json.dumps(training)}\ntest = {json.dumps(test)}\n")
+        write_split_spec(data, spec, {"train": [image for image in ids if image not in test], "test": test})
         print(f"fold {fold}: {len(ids) - len(test)} training, {len(test)} test images: {spec}")
+    # The shipped model's spec: the recipe chosen on the folds, trained on every image.
+    spec = out / FINAL_SPEC
+    write_split_spec(data, spec, {"train": ids})
+    print(f"all: {len(ids)} training images (the shipped model's): {spec}")
 
 
 def run_dir(out: Path, fold: int, architecture: str) -> Path:

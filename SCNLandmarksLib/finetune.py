@@ -47,7 +47,7 @@ from .errors import Cancelled, DataError
 from .inference import Prediction, Predictor, resolve_device
 from .io.atomic import atomic_output, write_text_atomically
 from .io.paths import refuse_existing
-from .train import BEST_MODEL, TrainingImage, load_split, train
+from .train import BEST_MODEL, TrainingImage, capped_point_errors, load_split, train
 from .vocabulary import Cancel
 
 MODEL = "model.safetensors"
@@ -371,14 +371,6 @@ def finetune(
     return result
 
 
-def _point_errors(points: np.ndarray, truth: np.ndarray, cap: float) -> np.ndarray:
-    """(N,) distances to the true points, at most `cap` (also for a missed landmark); NaN where the
-    case has no true point."""
-    distances = np.linalg.norm(points - truth, axis=1)
-    present = np.all(np.isfinite(truth), axis=1)
-    return np.where(present, np.minimum(np.nan_to_num(distances, nan=cap), cap), np.nan)
-
-
 def decide(base: Predictor, new: Predictor, cases: list[TrainingImage], held_aside: int, cap: float) -> Decision:
     """Choose among the base, the base with an offset, the fine-tuned model and the fine-tuned model
     with an offset (see the module docstring).
@@ -394,7 +386,7 @@ def decide(base: Predictor, new: Predictor, cases: list[TrainingImage], held_asi
         """The predictor's errors (C, N), canonical residuals (C, N, d) and detections."""
         found = [predictor.predict(case.image) for case in cases]
         points = [f.landmarks.points_lps for f in found]
-        errors = np.stack([_point_errors(p, t, cap) for p, t in zip(points, truths)])
+        errors = np.stack([capped_point_errors(p, t, cap) for p, t in zip(points, truths)])
         residuals = np.stack([canonical_residuals(p, t, f.pose) for p, t, f in zip(points, truths, found)])
         return errors, residuals, found
 
@@ -403,7 +395,7 @@ def decide(base: Predictor, new: Predictor, cases: list[TrainingImage], held_asi
         second detection, only the pose the first one found."""
         return np.stack(
             [
-                _point_errors(
+                capped_point_errors(
                     ConventionOffset(offsets[row], len(cases)).applied(
                         found[row].landmarks.points_lps, found[row].pose
                     ),

@@ -38,8 +38,9 @@ REFINEMENT_BATCH = 4
 # validation error from 1.12 to 1.07 mm and the hand recipe's 3-fold error from 1.07 to 0.94 mm, for
 # 0.1-0.2 s per image. The coarse prior helped the ISBI model (1.05 mm) but held a hand point on a
 # look-alike finger where the views alone had found the right one, so it is not derived. In 3D the
-# refinement is most of a detection's time (the brain's 32 patches: 0.7 s of 0.9 s without AMX) and
-# neither was measured.
+# refinement is most of a detection's time: 7 views took the brain model's deformed copies from 0.53
+# to 0.46 mm and its harder proxy from 1.32 to 1.30 mm, but its detection from 0.56 to 2.3 s (AMX), so
+# 3D keeps one view (the prior made the harder proxy worse, 1.35 mm).
 REFINEMENT_DECODING: dict[int, dict[str, Any]] = {2: {"refinement_views": 9}, 3: {}}
 # Networks small enough to train on a CPU within minutes. 2D: 32 filters, not the cephalogram model's 64:
 # on the 6 hand radiographs (3-fold, 18-20 minutes on a shared CPU) 64 filters ran half the iterations

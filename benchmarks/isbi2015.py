@@ -3,7 +3,6 @@
     python benchmarks/isbi2015.py prepare [--data ../shared/data/isbi2015] [--out runs/isbi2015] [--fold-count 5]
     python benchmarks/isbi2015.py train --fold K [--minutes 90] [--architecture scn|unet|downsampling|convonly]
     python benchmarks/isbi2015.py evaluate [--folds 0 1 2 3 4] [--architecture scn] [--model PATH]
-    python benchmarks/isbi2015.py carry --model ALL_IMAGES_MODEL --calibration-from FOLD_MODEL --to OUT
 
 `prepare` writes one dataset spec per fold with `dataset init` (the annotators' mean, pixel units):
 fold k holds out every K-th image by id, starting at the k-th, as its "test" split, never trained on;
@@ -19,9 +18,8 @@ mean and against the senior annotator (the challenge's own ground truth). `--mod
 one model file on the folds given (e.g. a model trained with `train --dataset` on the 150 images,
 whose held-aside cases are fold 4, but which also chose its best iteration there).
 
-`carry` writes the model trained on every image (`all/dataset.toml`) with the calibration of the same
-recipe's model fitted on its held-aside fold (`scn-landmarks calibrate`): the all-images model has no
-images of its own left to calibrate on.
+The model trained on every image has no held-out image of its own: calibrate it on a fold model's
+held-out detections with `benchmarks/shared_data/calibrate_from_folds.py` (the cephalometric-isbi-19 card).
 
 The ISBI test sets (ids 151-400) are not used here: the project's reviewers measure them.
 """
@@ -38,7 +36,6 @@ import numpy as np
 import torch
 
 from SCNLandmarksLib.autoconfig import config_for_dataset
-from SCNLandmarksLib.bundle import read_description, save_description
 from SCNLandmarksLib.data.dataset_init import init_dataset
 from SCNLandmarksLib.evaluation import Statistics, evaluate
 from SCNLandmarksLib.inference import Predictor
@@ -154,31 +151,9 @@ def report(
     target.with_suffix(".json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
 
 
-def carry_calibration(model: Path, calibrated: Path, out: Path) -> None:
-    description, source = read_description(model), read_description(calibrated)
-    if source.calibration is None:
-        raise SystemExit(f"{calibrated}: the model is not calibrated")
-    if (source.landmark_names, source.unit, source.inference) != (
-        description.landmark_names,
-        description.unit,
-        description.inference,
-    ):
-        raise SystemExit(
-            f"{calibrated} and {model} differ in landmarks, unit or decoding: its calibration does not apply"
-        )
-    fitted_on = {
-        **source.calibration.fitted_on,
-        "carried_over": f"fitted on the detections of {calibrated} (same recipe, its held-aside images never "
-        "trained on); this model, trained on every image, carries it over",
-    }
-    calibration = dataclasses.replace(source.calibration, fitted_on=fitted_on)
-    save_description(model, out, dataclasses.replace(description, calibration=calibration))
-    print(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("prepare", "train", "evaluate", "carry"))
+    parser.add_argument("command", choices=("prepare", "train", "evaluate"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/isbi2015"))
     parser.add_argument("--out", type=Path, default=Path("runs/isbi2015"))
     parser.add_argument("--fold-count", type=int, default=5)
@@ -186,9 +161,7 @@ def main() -> None:
     parser.add_argument("--fold", type=int, help="train: the fold to train")
     parser.add_argument("--minutes", type=float, default=90.0)
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="scn")
-    parser.add_argument("--model", type=Path, help="evaluate: this model file on every fold given; carry: the model")
-    parser.add_argument("--calibration-from", type=Path, help="carry: the calibrated model of the same recipe")
-    parser.add_argument("--to", type=Path, help="carry: the model file to write")
+    parser.add_argument("--model", type=Path, help="evaluate: this model file on every fold given")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -196,10 +169,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.command == "prepare":
         prepare(args.data, args.out, args.fold_count)
-    elif args.command == "carry":
-        if not (args.model and args.calibration_from and args.to):
-            parser.error("carry needs --model, --calibration-from and --to")
-        carry_calibration(args.model, args.calibration_from, args.to)
     elif args.command == "train":
         if args.fold is None:
             parser.error("train needs --fold")

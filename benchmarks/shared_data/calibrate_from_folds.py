@@ -11,7 +11,8 @@ split); their errors and evidence, pooled, calibrate the model given. The expect
 of a model trained on fewer images, so they lean high for the model trained on all of them.
 A model that has held-out images of its own joins the pool as one more "fold": give the model file
 itself, with its dataset and split (`--split test test test validation`; one split serves all).
-The held-out figures in the calibration are cross-validated by image over the pooled images.
+The held-out figures in the calibration are cross-validated by image over the pooled images
+(`--cv-folds`; default one fold per image).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def main() -> None:
         help="probability of the coverage radius (split conformal: n held-out images per landmark allow at most "
         "n / (n + 1))",
     )
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        help="folds by image for the held-out figures and the radius (default: one per image); match the "
+        "`scn-landmarks calibrate --folds` a model was calibrated with before",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -82,7 +89,13 @@ def main() -> None:
     held_out = ", ".join(f"{folder} on {split}" for folder, split in zip(args.folds, splits))
     source = f"held-out images of {len(parts)} models ({held_out})"
     calibration, comparison = calibrate(
-        predictor, pooled, tuple(args.evidence), thresholds, len(pooled.image_ids), source, args.coverage
+        predictor,
+        pooled,
+        tuple(args.evidence),
+        thresholds,
+        args.cv_folds or len(pooled.image_ids),
+        source,
+        args.coverage,
     )
     save_description(args.model, args.out, dataclasses.replace(predictor.description, calibration=calibration))
     print(json.dumps(calibration_report(args.out, calibration, comparison), indent=1))

@@ -70,6 +70,8 @@ def main() -> None:
     splits = args.split * len(args.folds) if len(args.split) == 1 else args.split
     if len(splits) != len(args.folds):
         parser.error("give one split for all folds or one per fold")
+    if args.cv_folds is not None and args.cv_folds < 2:
+        parser.error(f"--cv-folds must be at least 2, got {args.cv_folds}")
     refuse_existing([args.out], args.overwrite)
 
     parts = []
@@ -84,6 +86,8 @@ def main() -> None:
         np.concatenate([part.errors for part in parts]),
         {m: np.concatenate([part.evidence[m] for part in parts]) for m in parts[0].evidence},
     )
+    if args.cv_folds is not None and args.cv_folds > len(pooled.image_ids):
+        parser.error(f"--cv-folds {args.cv_folds} is more than the {len(pooled.image_ids)} held-out images")
     predictor = Predictor.from_file(args.model, "cpu")
     thresholds = default_thresholds(predictor.description.unit, args.flag_above)
     held_out = ", ".join(f"{folder} on {split}" for folder, split in zip(args.folds, splits))

@@ -206,7 +206,8 @@ class Config:
     stage, and its refinement network the refinement stage when it has one (fine-tuning, e.g. a
     shipped model on your own images); it must have this config's architecture and parameters,
     except the training-only ones (dropout, initialisation). With other landmark names only its
-    local-appearance body is reused and the landmark heads start anew.
+    local-appearance body is reused and the landmark heads start anew. With `[training] iterations
+    = 0` its coarse stage is kept as it is, so that a refinement stage can be added to a trained model.
 
     `scale_from_anatomy` (images in pixels only) trains on every image brought to one anatomical size
     (`pose.anatomical_scales`; the initial model's canonical size when it has one), as detection's
@@ -332,12 +333,17 @@ def validate(config: Config, where: str = "config") -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DataError(f"{where}: {key} = {value!r}; choose one of {allowed}")
-    if config.training.iterations < 1 or config.training.batch_size < 1:
-        raise DataError(f"{where} [training]: iterations and batch_size must be >= 1")
+    if config.training.batch_size < 1 or config.training.iterations < (0 if config.initial_model else 1):
+        raise DataError(
+            f"{where} [training]: batch_size must be >= 1 and iterations >= 1 "
+            "(0 keeps an initial_model's coarse stage as it is)"
+        )
     if config.heatmap.sigma_init <= 0 or config.heatmap.sigma_min <= 0:
         raise DataError(f"{where} [heatmap]: sigma_init and sigma_min must be > 0")
     refinement = config.refinement
     if refinement is not None:
+        if refinement.training.iterations < 1 or refinement.training.batch_size < 1:
+            raise DataError(f"{where} [refinement.training]: iterations and batch_size must be >= 1")
         if len(refinement.grid.size) != config.dimension or len(refinement.grid.spacing) != config.dimension:
             raise DataError(f"{where} [refinement.grid]: size and spacing need {config.dimension} entries")
         if refinement.model.architecture == "scn":

@@ -163,7 +163,8 @@ def _learning_rate_factor(training: TrainingConfig, budget_spent: Callable[[], f
         return max(float(iteration), budget_spent() * training.iterations)
 
     if training.schedule == "cosine":
-        return lambda it: 0.5 * (1.0 + math.cos(math.pi * min(reached(it), training.iterations) / training.iterations))
+        length = max(training.iterations, 1)  # a kept stage (0 iterations) never steps
+        return lambda it: 0.5 * (1.0 + math.cos(math.pi * min(reached(it), length) / length))
     if training.schedule == "step":
         return lambda it: 0.1 ** (int(reached(it)) // training.step_every)
     return lambda it: 1.0
@@ -604,42 +605,50 @@ class TrainingRun:
             deadline: time.monotonic() at which the stage ends early, as if its last iteration were
                 reached (validated, best model exported, checkpointed; --resume continues it).
         """
-        training, main_process = stage.settings.training, self.context.main_process
-        best_model = self.context.output_dir / BEST_MODEL
+        training = stage.settings.training
         if deadline is not None:
             stage.time_window = (time.monotonic(), deadline)
+        if training.iterations == 0 and stage.iteration == 0:
+            # The initial model's stage, kept as it is (config.Config): scored once, as a stage's end is.
+            kept: dict[str, Any] = {}
+            self._score_and_keep(stage, kept, last=True)
+            log.info("the %s stage is the initial model's, kept as it is: %s", stage.settings.name, kept or "")
         for info in stage.steps(items, permutation):
-            iteration = stage.iteration
             out_of_time = deadline is not None and time.monotonic() >= deadline
-            last = iteration == training.iterations or out_of_time
-            if main_process and (iteration % training.validate_every == 0 or last):
-                validation = self.validate(iteration)
-                if validation is not None:
-                    info["validation"] = validation
-                    if stage.record(validation):
-                        self.export(best_model, iteration, stage.best_validation)
-            if iteration % training.checkpoint_every == 0 or last:
-                stage.save_checkpoint()
-                if main_process and not self.validation_items:
-                    # Without validation there is no best model: keep the newest one usable at all times.
-                    self.export(best_model, iteration, None)
-            if progress is not None and main_process:
+            self._score_and_keep(stage, info, last=stage.iteration == training.iterations or out_of_time)
+            if progress is not None and self.context.main_process:
                 progress(info)
             if cancel is not None and cancel():
                 stage.save_checkpoint()
                 raise Cancelled(
-                    f"training cancelled at iteration {iteration} of the {stage.settings.name} stage; "
+                    f"training cancelled at iteration {stage.iteration} of the {stage.settings.name} stage; "
                     "resume with --resume"
                 )
             if out_of_time:
                 log.info(
                     "time budget spent: the %s stage ends at iteration %d of %d",
                     stage.settings.name,
-                    iteration,
+                    stage.iteration,
                     training.iterations,
                 )
                 break
         return stage.result()
+
+    def _score_and_keep(self, stage: StageTrainer, info: dict[str, Any], last: bool) -> None:
+        """Validate, export the best model and checkpoint when this iteration is due for it."""
+        training, iteration, main_process = stage.settings.training, stage.iteration, self.context.main_process
+        best_model = self.context.output_dir / BEST_MODEL
+        if main_process and (iteration % training.validate_every == 0 or last):
+            validation = self.validate(iteration)
+            if validation is not None:
+                info["validation"] = validation
+                if stage.record(validation):
+                    self.export(best_model, iteration, stage.best_validation)
+        if iteration % training.checkpoint_every == 0 or last:
+            stage.save_checkpoint()
+            if main_process and not self.validation_items:
+                # Without validation there is no best model: keep the newest one usable at all times.
+                self.export(best_model, iteration, None)
 
 
 def _has_refinement(path: Path) -> bool:

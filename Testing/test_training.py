@@ -285,6 +285,40 @@ def coarse_to_fine_config(dataset: Path, output_dir: Path, coarse_iterations: in
     return config_from_dict({**values, **top}, Path("/"))
 
 
+def test_a_refinement_stage_is_added_to_a_trained_model_whose_coarse_stage_stays_as_it_is(
+    trained_2d, dataset_2d, tmp_path
+):
+    """`[training] iterations = 0` with an initial model: the coarse stage is the model file's, untouched,
+    scored once on the validation images, and the new refinement stage trains behind it."""
+    config, base_result = trained_2d
+    values = config_to_dict(config)
+    refiner = config_to_dict(coarse_to_fine_config(dataset_2d, tmp_path / "unused", 1, 6))["refinement"]
+    refiner["training"].update(validate_every=3, checkpoint_every=3)
+    values.update(
+        output_dir=str(tmp_path / "refined"),
+        initial_model=str(base_result.model_path),
+        training={**values["training"], "iterations": 0},
+        refinement=refiner,
+    )
+    result = train(config_from_dict(values, Path("/")), device="cpu")
+    base = Predictor.from_file(base_result.model_path, "cpu")
+    newest = Predictor.from_file(tmp_path / "refined" / "last.safetensors", "cpu")
+    assert newest.refinement is not None and base.refinement is None
+    for predictor in (newest, Predictor.from_file(result.model_path, "cpu")):
+        torch.testing.assert_close(predictor.coarse.sigmas, base.coarse.sigmas)
+        for key, value in base.coarse.network.state_dict().items():
+            torch.testing.assert_close(predictor.coarse.network.state_dict()[key], value)
+    state = torch.load(tmp_path / "refined" / CHECKPOINT, weights_only=True)
+    assert state["iteration"] == 0 and [h["iteration"] for h in state["history"]] == [0]
+
+    # Only an initial model can be kept; a refinement stage always trains.
+    with pytest.raises(DataError, match=r"\[training\]: .*0 keeps an initial_model's coarse stage"):
+        config_from_dict({key: value for key, value in values.items() if key != "initial_model"}, Path("/"))
+    no_refiner_steps = {**refiner, "training": {**refiner["training"], "iterations": 0}}
+    with pytest.raises(DataError, match=r"\[refinement.training\]: iterations and batch_size must be >= 1"):
+        config_from_dict({**values, "refinement": no_refiner_steps}, Path("/"))
+
+
 def test_more_coarse_iterations_on_a_finished_run_keep_its_refinement(dataset_2d, tmp_path):
     """Resuming a run without validation whose refinement had finished, with more coarse iterations: the
     model file keeps both stages (it once kept the coarse stage alone)."""

@@ -56,6 +56,7 @@ TRAINING_FOLDER = "training"
 LEARNING_RATE_FACTOR = 0.2  # of the base's own learning rate: adapt, do not forget
 ITERATIONS_FACTOR = 0.2  # of the base's own iterations, within these bounds
 MIN_ITERATIONS, MAX_ITERATIONS = 100, 2000
+UNKNOWN_BASE_ITERATIONS = 1000
 VALIDATIONS = 10  # validations (held-aside errors) per stage
 
 
@@ -194,9 +195,10 @@ def finetune_config(
     def training(values: dict[str, Any] | None) -> dict[str, Any]:
         values = dict(values or {})
         base_rate = float(values.get("learning_rate", 1e-4))
-        count = iterations or min(
-            MAX_ITERATIONS, max(MIN_ITERATIONS, int(ITERATIONS_FACTOR * int(values.get("iterations", 1000))))
-        )
+        # A base without a stored configuration, or whose stage was kept from an earlier model file
+        # (iterations = 0, config.Config), does not say how long the stage trained.
+        own = int(values.get("iterations") or UNKNOWN_BASE_ITERATIONS)
+        count = iterations or min(MAX_ITERATIONS, max(MIN_ITERATIONS, int(ITERATIONS_FACTOR * own)))
         every = max(1, count // VALIDATIONS)
         return {
             **values,

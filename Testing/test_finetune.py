@@ -3,6 +3,7 @@ tiny synthetic datasets and tiny models trained in the session."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,6 +44,16 @@ def test_finetune_derives_its_configuration_from_the_base(tiny_model_2d, trained
     assert config.training.batch_size == base_config.training.batch_size
     assert config.initial_model == tiny_model_2d and config.intensity == base.intensity
     assert config.refinement is None
+    assert config.training.iterations == max(100, int(0.2 * base_config.training.iterations))
+
+    # A coarse stage kept from an earlier model file (iterations = 0) gets the length of a base that
+    # says nothing of it, not the shortest fine-tuning.
+    stored = base.provenance["config"]
+    kept = dataclasses.replace(
+        base,
+        provenance={**base.provenance, "config": {**stored, "training": {**stored["training"], "iterations": 0}}},
+    )
+    assert finetune_config(tiny_model_2d, kept, dataset_2d, tmp_path, base.landmark_names).training.iterations == 200
 
 
 def test_finetune_command_writes_model_card_and_compares_on_held_aside_cases(

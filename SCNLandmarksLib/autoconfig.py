@@ -36,8 +36,9 @@ REFINEMENT_PATCH = {2: 32, 3: 24}
 REFINEMENT_BATCH = 4
 # How a refinement stage decodes (InferenceConfig): in 2D, 9 test-time views took the ISBI model's
 # validation error from 1.12 to 1.07 mm and the hand recipe's 3-fold error from 1.07 to 0.94 mm, for
-# 0.1-0.2 s per image. The coarse prior helped the ISBI model (1.05 mm) but held a hand point on a
-# look-alike finger where the views alone had found the right one, so it is not derived. In 3D the
+# 0.1-0.2 s per image. The coarse prior helped the ISBI model (1.05 mm) and the Hamedan cephalograms'
+# refiner (6.73 to 6.47 px with 9 views) but held a hand point on a look-alike finger where the views
+# alone had found the right one (worst hand point 6.2 to 10.2 mm), so it is not derived. In 3D the
 # refinement is most of a detection's time: 7 views took the brain model's deformed copies from 0.53
 # to 0.46 mm and its harder proxy from 1.32 to 1.30 mm, but its detection from 0.56 to 2.3 s (AMX), so
 # 3D keeps one view (the prior made the harder proxy worse, 1.35 mm).

@@ -612,7 +612,12 @@ class TrainingRun:
             # The initial model's stage, kept as it is (config.Config): scored once, as a stage's end is.
             kept: dict[str, Any] = {}
             self._score_and_keep(stage, kept, last=True)
-            log.info("the %s stage is the initial model's, kept as it is: %s", stage.settings.name, kept or "")
+            score = kept["validation"]["mean_error"] if "validation" in kept else None
+            log.info(
+                "the %s stage is the initial model's, kept as it is%s",
+                stage.settings.name,
+                "" if score is None else f" (validation mean error {score:.4g})",
+            )
         for info in stage.steps(items, permutation):
             out_of_time = deadline is not None and time.monotonic() >= deadline
             self._score_and_keep(stage, info, last=stage.iteration == training.iterations or out_of_time)

@@ -2,6 +2,7 @@
 
     python benchmarks/isbi2015.py prepare [--data ../shared/data/isbi2015] [--out runs/isbi2015] [--fold-count 5]
     python benchmarks/isbi2015.py train --fold K [--minutes 90] [--architecture scn|unet|downsampling|convonly]
+    python benchmarks/isbi2015.py train --fold K --recipe Resources/Models/cephalometric-isbi-19/train.toml
     python benchmarks/isbi2015.py evaluate [--folds 0 1 2 3 4] [--architecture scn] [--model PATH]
 
 `prepare` writes one dataset spec per fold with `dataset init` (the annotators' mean, pixel units):
@@ -11,10 +12,12 @@ the folds, trained on all 150).
 `train` trains a fold as `scn-landmarks train --dataset` does (the self-configured recipe for the
 time budget, `autoconfig.config_for_dataset`); `--architecture` swaps the coarse network for one of
 the library's baselines (the seed's comparison of SCN with U-Net, downsampling and conv-only nets,
-Payer et al. 2019, table 2). `evaluate` detects each fold's test images with its model through the
-product's detection path and reports the mean radial error in mm (0.1 mm per pixel) and the success
-detection rates within 2 / 2.5 / 3 / 4 mm, per fold, pooled and per landmark, against the annotators'
-mean and against the senior annotator (the challenge's own ground truth). `--model PATH` evaluates
+Payer et al. 2019, table 2); `--recipe CONFIG` trains a fixed configuration instead (a shipped model's
+train.toml: every iteration, no time budget) into `foldK/<the configuration's folder name>`.
+`evaluate` detects each fold's test images with its model through the product's detection path and
+reports the mean radial error in mm (0.1 mm per pixel) and the success detection rates within
+2 / 2.5 / 3 / 4 mm, per fold, pooled and per landmark, against the annotators' mean and against the
+senior annotator (the challenge's own ground truth). `--model PATH` evaluates
 one model file on the folds given (e.g. a model trained with `train --dataset` on the 150 images,
 whose held-aside cases are fold 4, but which also chose its best iteration there).
 
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from SCNLandmarksLib.autoconfig import config_for_dataset
+from SCNLandmarksLib.config import load_config
 from SCNLandmarksLib.data.dataset_init import init_dataset
 from SCNLandmarksLib.evaluation import Statistics, evaluate
 from SCNLandmarksLib.inference import Predictor
@@ -79,16 +83,23 @@ def run_dir(out: Path, fold: int, architecture: str) -> Path:
     return out / f"fold{fold}" / architecture
 
 
-def train_fold(out: Path, fold: int, minutes: float, architecture: str, device: str) -> None:
+def train_fold(out: Path, fold: int, minutes: float, architecture: str, device: str, recipe: Path | None) -> None:
     spec = out / f"fold{fold}" / "dataset.toml"
-    output = run_dir(out, fold, architecture)
-    config = config_for_dataset(spec, output, minutes, gpu=device == "cuda")
+    budget_s: float | None = minutes * 60.0
+    if recipe is not None:
+        # A shipped model's configuration on the fold, as it trained: every iteration.
+        output = out / f"fold{fold}" / recipe.resolve().parent.name
+        config = dataclasses.replace(load_config(recipe), dataset=spec.resolve(), output_dir=output.resolve())
+        budget_s = None
+    else:
+        output = run_dir(out, fold, architecture)
+        config = config_for_dataset(spec, output, minutes, gpu=device == "cuda")
     if architecture != "scn":
         # The seed's comparison: the same recipe with another coarse network (its default size).
         model = dataclasses.replace(config.model, architecture=architecture, params=default_params(architecture, 2))
         config = dataclasses.replace(config, model=model)
     resume = (output / "checkpoint.pt").is_file()
-    result = train(config, device=device, time_budget_s=minutes * 60.0, resume=resume)
+    result = train(config, device=device, time_budget_s=budget_s, resume=resume)
     print(result.model_path)
 
 
@@ -162,6 +173,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=90.0)
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="scn")
     parser.add_argument("--model", type=Path, help="evaluate: this model file on every fold given")
+    parser.add_argument("--recipe", type=Path, help="train: this training configuration, every iteration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -172,7 +184,7 @@ def main() -> None:
     elif args.command == "train":
         if args.fold is None:
             parser.error("train needs --fold")
-        train_fold(args.out, args.fold, args.minutes, args.architecture, args.device)
+        train_fold(args.out, args.fold, args.minutes, args.architecture, args.device, args.recipe)
     else:
         folds = args.folds if args.folds else list(range(args.fold_count))
         report(args.data, args.out, folds, args.fold_count, args.architecture, args.model, args.device)

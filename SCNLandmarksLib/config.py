@@ -333,10 +333,15 @@ def validate(config: Config, where: str = "config") -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DataError(f"{where}: {key} = {value!r}; choose one of {allowed}")
-    if config.training.batch_size < 1 or config.training.iterations < (0 if config.initial_model else 1):
+    if config.training.batch_size < 1 or config.training.iterations < 0:
         raise DataError(
-            f"{where} [training]: batch_size must be >= 1 and iterations >= 1 "
-            "(0 keeps an initial_model's coarse stage as it is)"
+            f"{where} [training]: batch_size must be >= 1 and iterations >= 1 (0 keeps an initial_model's coarse stage)"
+        )
+    if config.training.iterations == 0 and (config.initial_model is None or config.refinement is None):
+        raise DataError(
+            f"{where} [training]: iterations = 0 keeps an initial_model's coarse stage as it is, to add a "
+            "[refinement] stage behind it; this configuration lacks "
+            + ("an initial_model" if config.initial_model is None else "a [refinement] section")
         )
     if config.heatmap.sigma_init <= 0 or config.heatmap.sigma_min <= 0:
         raise DataError(f"{where} [heatmap]: sigma_init and sigma_min must be > 0")

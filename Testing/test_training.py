@@ -311,9 +311,13 @@ def test_a_refinement_stage_is_added_to_a_trained_model_whose_coarse_stage_stays
     state = torch.load(tmp_path / "refined" / CHECKPOINT, weights_only=True)
     assert state["iteration"] == 0 and [h["iteration"] for h in state["history"]] == [0]
 
-    # Only an initial model can be kept; a refinement stage always trains.
-    with pytest.raises(DataError, match=r"\[training\]: .*0 keeps an initial_model's coarse stage"):
+    # Only an initial model can be kept, and only to add a refinement stage; a refinement stage always trains.
+    with pytest.raises(
+        DataError, match=r"\[training\]: iterations = 0 keeps an initial_model's .* lacks an initial_model"
+    ):
         config_from_dict({key: value for key, value in values.items() if key != "initial_model"}, Path("/"))
+    with pytest.raises(DataError, match=r"\[training\]: iterations = 0 .* lacks a \[refinement\] section"):
+        config_from_dict({key: value for key, value in values.items() if key != "refinement"}, Path("/"))
     no_refiner_steps = {**refiner, "training": {**refiner["training"], "iterations": 0}}
     with pytest.raises(DataError, match=r"\[refinement.training\]: iterations and batch_size must be >= 1"):
         config_from_dict({**values, "refinement": no_refiner_steps}, Path("/"))

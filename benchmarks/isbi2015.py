@@ -85,15 +85,15 @@ def run_dir(out: Path, fold: int, architecture: str) -> Path:
 
 def train_fold(out: Path, fold: int, minutes: float, architecture: str, device: str, recipe: Path | None) -> None:
     spec = out / f"fold{fold}" / "dataset.toml"
-    budget_s: float | None = minutes * 60.0
     if recipe is not None:
-        # A shipped model's configuration on the fold, as it trained: every iteration.
+        # A shipped model's configuration on the fold, as it trained: every iteration, no budget.
         output = out / f"fold{fold}" / recipe.resolve().parent.name
         config = dataclasses.replace(load_config(recipe), dataset=spec.resolve(), output_dir=output.resolve())
-        budget_s = None
+        budget_s: float | None = None
     else:
         output = run_dir(out, fold, architecture)
         config = config_for_dataset(spec, output, minutes, gpu=device == "cuda")
+        budget_s = minutes * 60.0
     if architecture != "scn":
         # The seed's comparison: the same recipe with another coarse network (its default size).
         model = dataclasses.replace(config.model, architecture=architecture, params=default_params(architecture, 2))
@@ -184,6 +184,9 @@ def main() -> None:
     elif args.command == "train":
         if args.fold is None:
             parser.error("train needs --fold")
+        if args.recipe is not None and args.architecture != "scn":
+            # Both would train into the recipe's folder, and one would resume the other's checkpoint.
+            parser.error("--recipe trains its configuration as it is; --architecture swaps the self-configured one's")
         train_fold(args.out, args.fold, args.minutes, args.architecture, args.device, args.recipe)
     else:
         folds = args.folds if args.folds else list(range(args.fold_count))

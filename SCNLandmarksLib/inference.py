@@ -86,38 +86,71 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-# Where the CPU's bfloat16 arithmetic is read from: developers set it to check the other machine
-# kinds' behaviour on one machine (with oneDNN's ONEDNN_MAX_CPU_ISA capped to match).
+# Where the CPU's bfloat16 arithmetic and its maker are read from: developers set them to check the
+# other machine kinds' behaviour on one machine (with oneDNN's ONEDNN_MAX_CPU_ISA capped to match).
 BFLOAT16_HARDWARE_VARIABLE = "SCN_LANDMARKS_CPU_BFLOAT16"
+CPU_VENDOR_VARIABLE = "SCN_LANDMARKS_CPU_VENDOR"
+CPU_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first /proc/cpuinfo line's value for `name` ("" where there is none or it cannot be read)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
 
 
 def cpu_bfloat16_hardware() -> str | None:
     """How this CPU computes bfloat16, as Linux reports it: "amx" (Intel AMX matrix units),
-    "avx512_bf16" (bfloat16 dot products in AVX-512: AMD Zen 4 and later, Intel Cooper Lake) or None
-    (emulated in float32, slower than float32 itself; also where it cannot be read). The variable
-    BFLOAT16_HARDWARE_VARIABLE ("amx", "avx512_bf16" or "none") overrides the reading."""
+    "avx512_bf16" (bfloat16 dot products in AVX-512: AMD Zen 4 and later, Intel Cooper Lake, and
+    Intel CPUs with AMX whose virtual machine hides it) or None (emulated in float32, slower than
+    float32 itself; also where it cannot be read). The variable BFLOAT16_HARDWARE_VARIABLE ("amx",
+    "avx512_bf16" or "none") overrides the reading."""
     forced = os.environ.get(BFLOAT16_HARDWARE_VARIABLE)
     if forced is not None:
         if forced not in ("amx", "avx512_bf16", "none"):
             raise DataError(f"{BFLOAT16_HARDWARE_VARIABLE}={forced!r}: use amx, avx512_bf16 or none")
         return None if forced == "none" else forced
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = _cpuinfo_field("flags").split()
     return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's maker: "intel", "amd" or None (another, or unreadable); CPU_VENDOR_VARIABLE ("intel", "amd" or
+    "other") overrides the reading."""
+    forced = os.environ.get(CPU_VENDOR_VARIABLE)
+    if forced is not None:
+        if forced not in ("intel", "amd", "other"):
+            raise DataError(f"{CPU_VENDOR_VARIABLE}={forced!r}: use intel, amd or other")
+        return None if forced == "other" else forced
+    return CPU_VENDORS.get(_cpuinfo_field("vendor_id"))
+
+
+def bfloat16_is_faster_on_this_cpu() -> bool:
+    """Whether the networks run faster in bfloat16 than in float32 here, as measured per machine kind
+    (each extra image in one `detect`, benchmarks/inference.py; README, "Speed"): with AMX 2-4x
+    faster; with AVX-512 BF16 on an AMD EPYC 1.5x faster (the brain, measured by the project's
+    reviewers); with AVX-512 BF16 on an Intel Xeon without AMX 1.24-1.28x slower (brain, cephalogram):
+    there float32 runs on two full-width AVX-512 FMA units, where Zen 4 splits 512-bit operations
+    in two and its bfloat16 dot products pay off."""
+    hardware = cpu_bfloat16_hardware()
+    return hardware == "amx" or (hardware == "avx512_bf16" and cpu_vendor() == "amd")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The dtype the networks' appearance layers compute in (a Precision): 'auto' is bfloat16 on a CPU
-    that computes bfloat16 in hardware (AMX: convolutions 4x faster; AVX-512 BF16: about 1.5x; points
-    unchanged to a tenth of a cell: see the README's speed section), float32 elsewhere (GPUs
-    included: not measured)."""
+    where it was measured faster than float32 (bfloat16_is_faster_on_this_cpu; points unchanged to a
+    tenth of a cell: see the README's speed section), float32 elsewhere (GPUs included: not measured)."""
     if precision not in set(Precision):
         raise DataError(f"unknown precision {precision!r}; use one of: {', '.join(Precision)}")
     if precision == Precision.AUTO:
-        return torch.bfloat16 if device.type == "cpu" and cpu_bfloat16_hardware() is not None else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and bfloat16_is_faster_on_this_cpu() else torch.float32
     return torch.bfloat16 if precision == Precision.BFLOAT16 else torch.float32
 
 

@@ -16,7 +16,15 @@ from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.data.synthetic import render
 from SCNLandmarksLib.errors import Cancelled, DataError
 from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware, resolve_precision, tile_starts, view_directions
+from SCNLandmarksLib.inference import (
+    Predictor,
+    bfloat16_is_faster_on_this_cpu,
+    cpu_bfloat16_hardware,
+    cpu_vendor,
+    resolve_precision,
+    tile_starts,
+    view_directions,
+)
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.models import LocalAppearanceNet
 
@@ -116,15 +124,27 @@ def test_precision_choice(monkeypatch):
     assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_precision("auto", torch.device("cuda")) == torch.float32  # not measured on GPUs
     cpu = resolve_precision("auto", torch.device("cpu"))
-    assert cpu == (torch.bfloat16 if cpu_bfloat16_hardware() is not None else torch.float32)
-    # Each kind of machine, whichever this one is.
-    for hardware, dtype in (("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16), ("none", torch.float32)):
+    assert cpu == (torch.bfloat16 if bfloat16_is_faster_on_this_cpu() else torch.float32)
+    # Each kind of machine, whichever this one is: bfloat16 where it was measured faster.
+    kinds = [
+        ("amx", "intel", torch.bfloat16),
+        ("avx512_bf16", "amd", torch.bfloat16),
+        ("avx512_bf16", "intel", torch.float32),  # its float32 is faster (README, "Speed")
+        ("none", "amd", torch.float32),
+        ("none", "other", torch.float32),
+    ]
+    for hardware, vendor, dtype in kinds:
         monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", hardware)
+        monkeypatch.setenv("SCN_LANDMARKS_CPU_VENDOR", vendor)
         assert cpu_bfloat16_hardware() == (None if hardware == "none" else hardware)
-        assert resolve_precision("auto", torch.device("cpu")) == dtype
+        assert cpu_vendor() == (None if vendor == "other" else vendor)
+        assert resolve_precision("auto", torch.device("cpu")) == dtype, (hardware, vendor)
     monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", "fast")
     with pytest.raises(DataError, match="SCN_LANDMARKS_CPU_BFLOAT16='fast': use amx, avx512_bf16 or none"):
         cpu_bfloat16_hardware()
+    monkeypatch.setenv("SCN_LANDMARKS_CPU_VENDOR", "via")
+    with pytest.raises(DataError, match="SCN_LANDMARKS_CPU_VENDOR='via': use intel, amd or other"):
+        cpu_vendor()
     with pytest.raises(DataError, match="unknown precision 'half'.*auto, float32, bfloat16"):
         resolve_precision("half", torch.device("cpu"))
 

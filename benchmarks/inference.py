@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from SCNLandmarksLib.geometry import ImageGeometry, covering_grid
-from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware
+from SCNLandmarksLib.inference import Predictor, cpu_bfloat16_hardware, cpu_vendor
 from SCNLandmarksLib.io.images import read_image
 from SCNLandmarksLib.io.landmarks import write_landmarks
 from SCNLandmarksLib.io.paths import image_stem
@@ -213,9 +213,11 @@ def measure(name: str, model: Path, paths: list[Path], args: argparse.Namespace)
             "device": predictor.device.type,
             "threads": torch.get_num_threads(),
             "compute_dtype": str(predictor.compute_dtype).removeprefix("torch."),
-            # Which kernels ran: the CPU's bfloat16 hardware as the library reads it, the ISA oneDNN
-            # may use (ONEDNN_MAX_CPU_ISA caps it) and ATen's vector path.
+            # Which kernels ran: the CPU's bfloat16 hardware and maker as the library reads them
+            # (`auto` chooses by both), the ISA oneDNN may use (ONEDNN_MAX_CPU_ISA caps it) and ATen's
+            # vector path.
             "cpu_bfloat16": cpu_bfloat16_hardware() if predictor.device.type == "cpu" else None,
+            "cpu_vendor": cpu_vendor() if predictor.device.type == "cpu" else None,
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu": cpu_name(),

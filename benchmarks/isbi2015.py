@@ -3,7 +3,7 @@
     python benchmarks/isbi2015.py prepare [--data ../shared/data/isbi2015] [--out runs/isbi2015] [--fold-count 5]
     python benchmarks/isbi2015.py train --fold K [--minutes 90] [--architecture scn|unet|downsampling|convonly]
     python benchmarks/isbi2015.py train --fold K --recipe Resources/Models/cephalometric-isbi-19/train.toml
-    python benchmarks/isbi2015.py evaluate [--folds 0 1 2 3 4] [--architecture scn] [--model PATH]
+    python benchmarks/isbi2015.py evaluate [--folds 0 1 2 3 4] [--architecture scn] [--model PATH | --recipe CONFIG]
 
 `prepare` writes one dataset spec per fold with `dataset init` (the annotators' mean, pixel units):
 fold k holds out every K-th image by id, starting at the k-th, as its "test" split, never trained on;
@@ -17,9 +17,10 @@ train.toml: every iteration, no time budget) into `foldK/<the configuration's fo
 `evaluate` detects each fold's test images with its model through the product's detection path and
 reports the mean radial error in mm (0.1 mm per pixel) and the success detection rates within
 2 / 2.5 / 3 / 4 mm, per fold, pooled and per landmark, against the annotators' mean and against the
-senior annotator (the challenge's own ground truth). `--model PATH` evaluates
-one model file on the folds given (e.g. a model trained with `train --dataset` on the 150 images,
-whose held-aside cases are fold 4, but which also chose its best iteration there).
+senior annotator (the challenge's own ground truth). `--recipe CONFIG` evaluates each fold's model
+that `train --recipe CONFIG` trained; `--model PATH` evaluates one model file on the folds given (e.g.
+a model trained with `train --dataset` on the 150 images, whose held-aside cases are fold 4, but which
+also chose its best iteration there).
 
 The model trained on every image has no held-out image of its own: calibrate it on a fold model's
 held-out detections with `benchmarks/shared_data/calibrate_from_folds.py` (the cephalometric-isbi-19 card).
@@ -79,19 +80,20 @@ def prepare(data: Path, out: Path, folds: int) -> None:
     print(f"all: {len(ids)} training images (the shipped model's): {spec}")
 
 
-def run_dir(out: Path, fold: int, architecture: str) -> Path:
-    return out / f"fold{fold}" / architecture
+def run_dir(out: Path, fold: int, architecture: str, recipe: Path | None = None) -> Path:
+    """Where fold `fold`'s model trains: named by the recipe's folder (a shipped model's name), else
+    by the coarse network's architecture."""
+    return out / f"fold{fold}" / (architecture if recipe is None else recipe.resolve().parent.name)
 
 
 def train_fold(out: Path, fold: int, minutes: float, architecture: str, device: str, recipe: Path | None) -> None:
     spec = out / f"fold{fold}" / "dataset.toml"
+    output = run_dir(out, fold, architecture, recipe)
     if recipe is not None:
         # A shipped model's configuration on the fold, as it trained: every iteration, no budget.
-        output = out / f"fold{fold}" / recipe.resolve().parent.name
         config = dataclasses.replace(load_config(recipe), dataset=spec.resolve(), output_dir=output.resolve())
         budget_s: float | None = None
     else:
-        output = run_dir(out, fold, architecture)
         config = config_for_dataset(spec, output, minutes, gpu=device == "cuda")
         budget_s = minutes * 60.0
     if architecture != "scn":
@@ -129,20 +131,29 @@ def _row(label: str, statistics: Statistics) -> str:
 
 
 def report(
-    data: Path, out: Path, folds: list[int], fold_count: int, architecture: str, model: Path | None, device: str
+    data: Path,
+    out: Path,
+    folds: list[int],
+    fold_count: int,
+    architecture: str,
+    model: Path | None,
+    recipe: Path | None,
+    device: str,
 ):
     predictions: dict[str, LandmarkSet] = {}
     per_fold = {}
     names: list[str] = []
     for fold in folds:
-        path = model or run_dir(out, fold, architecture) / "model.safetensors"
+        path = model or run_dir(out, fold, architecture, recipe) / "model.safetensors"
         ids = sorted(image.name for image in (data / "images").glob("*.jpg"))
         found = detect_fold(path, data, fold_ids(ids, fold_count, fold), device)
         names = next(iter(found.values())).names
         per_fold[fold] = found
         predictions.update(found)
     header = "| | mean (mm) | median (mm) | " + " | ".join(f"<= {r:g} mm (%)" for r in RADII_MM) + " | missed |"
-    lines = [f"# ISBI 2015 training set, {fold_count}-fold: {architecture if model is None else model}", ""]
+    # The folds' models are named by their folder (an architecture or a recipe's name).
+    folder = run_dir(out, folds[0], architecture, recipe).name
+    lines = [f"# ISBI 2015 training set, {fold_count}-fold: {folder if model is None else model}", ""]
     summary = {}
     for kind in TRUTHS:
         truths = read_truths(data, kind, names)
@@ -157,7 +168,7 @@ def report(
         lines.append("")
         summary[kind] = pooled.to_json()
     print("\n".join(lines))
-    target = out / f"report-{architecture if model is None else model.parent.name}.md"
+    target = out / f"report-{folder if model is None else model.parent.name}.md"
     target.write_text("\n".join(lines), encoding="utf-8")
     target.with_suffix(".json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
 
@@ -173,24 +184,30 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=90.0)
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="scn")
     parser.add_argument("--model", type=Path, help="evaluate: this model file on every fold given")
-    parser.add_argument("--recipe", type=Path, help="train: this training configuration, every iteration")
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        help="train: this training configuration, every iteration; evaluate: the folds' models of it",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recipe is not None and args.architecture != "scn":
+        # Both name the folds' model folders: the recipe's holds its own coarse network.
+        parser.error("--recipe trains its configuration as it is; --architecture swaps the self-configured one's")
     if args.command == "prepare":
         prepare(args.data, args.out, args.fold_count)
     elif args.command == "train":
         if args.fold is None:
             parser.error("train needs --fold")
-        if args.recipe is not None and args.architecture != "scn":
-            # Both would train into the recipe's folder, and one would resume the other's checkpoint.
-            parser.error("--recipe trains its configuration as it is; --architecture swaps the self-configured one's")
         train_fold(args.out, args.fold, args.minutes, args.architecture, args.device, args.recipe)
     else:
+        if args.recipe is not None and args.model is not None:
+            parser.error("evaluate takes --model (one file for every fold) or --recipe (each fold's model), not both")
         folds = args.folds if args.folds else list(range(args.fold_count))
-        report(args.data, args.out, folds, args.fold_count, args.architecture, args.model, args.device)
+        report(args.data, args.out, folds, args.fold_count, args.architecture, args.model, args.recipe, args.device)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,11 @@ def cpu_vendor() -> str | None:
 
 def bfloat16_is_faster_on_this_cpu() -> bool:
     """Whether the networks run faster in bfloat16 than in float32 here, as measured per machine kind
-    (each extra image in one `detect`, benchmarks/inference.py; README, "Speed"): with AMX 2-4x
-    faster; with AVX-512 BF16 on an AMD EPYC 1.5x faster (the brain, measured by the project's
-    reviewers); with AVX-512 BF16 on an Intel Xeon without AMX 1.24-1.28x slower (brain, cephalogram):
-    there float32 runs on two full-width AVX-512 FMA units, where Zen 4 splits 512-bit operations
-    in two and its bfloat16 dot products pay off."""
+    (each extra image in one `detect`, benchmarks/inference.py; README, "Speed"): with AMX 1.4-2x
+    faster (its convolutions 4x); with AVX-512 BF16 on an AMD EPYC 1.5x faster (the brain, measured
+    by the project's reviewers); with AVX-512 BF16 on an Intel Xeon without AMX 1.24-1.28x slower
+    (brain, cephalogram), likely because its float32 runs on two full-width AVX-512 FMA units where
+    Zen 4 splits 512-bit operations in two."""
     hardware = cpu_bfloat16_hardware()
     return hardware == "amx" or (hardware == "avx512_bf16" and cpu_vendor() == "amd")
 

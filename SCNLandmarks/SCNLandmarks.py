@@ -1382,7 +1382,7 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         if dimension == 2:
             expected = np.concatenate([expected, np.zeros((len(expected), 1))], axis=1)
         # Slicer may store the volume in another voxel order than the file; bfloat16 appearance layers
-        # (auto precision on CPUs with AMX) then round a few thousandths of a mm apart.
+        # (auto precision where the CPU computes bfloat16 faster) then round a few thousandths of a mm apart.
         np.testing.assert_allclose(result.pointsRas, lps_to_ras(expected), atol=0.05)
         if truth is not None and tolerance is not None:
             true = read_landmarks(truth, names=result.landmarkNames, dimension=dimension).points_lps

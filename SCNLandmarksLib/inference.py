@@ -11,6 +11,7 @@ there and flagged low confidence (Predictor._seen_in_view); "missing" is for the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -93,13 +94,18 @@ CPU_VENDOR_VARIABLE = "SCN_LANDMARKS_CPU_VENDOR"
 CPU_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 
 
-def _cpuinfo_field(name: str) -> str:
-    """The first /proc/cpuinfo line's value for `name` ("" where there is none or it cannot be read)."""
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo ("" where it cannot be read), read once: the CPU does not change while a process runs."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-    for line in cpuinfo.splitlines():
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first /proc/cpuinfo line's value for `name` ("" where there is none)."""
+    for line in _cpuinfo().splitlines():
         key, _, value = line.partition(":")
         if key.strip() == name:
             return value.strip()

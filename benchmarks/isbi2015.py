@@ -143,9 +143,9 @@ def report(
     predictions: dict[str, LandmarkSet] = {}
     per_fold = {}
     names: list[str] = []
+    ids = sorted(image.name for image in (data / "images").glob("*.jpg"))
     for fold in folds:
         path = model or run_dir(out, fold, architecture, recipe) / "model.safetensors"
-        ids = sorted(image.name for image in (data / "images").glob("*.jpg"))
         found = detect_fold(path, data, fold_ids(ids, fold_count, fold), device)
         names = next(iter(found.values())).names
         per_fold[fold] = found

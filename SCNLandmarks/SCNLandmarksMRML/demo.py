@@ -349,8 +349,7 @@ def run(arguments) -> dict:
             volume = SCNLandmarksMRML.loadVolumeFile(scene, image)
         finally:
             vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
-        result = logic.detectLandmarks(volume, model, arguments.device, progress=progress)
-        print(result.summary, file=sys.stderr)
+        result = logic.detectLandmarks(volume, model, arguments.device, progress=progress)  # logs its summary
 
         stem = image_stem(image) or "image"
         exported = [

@@ -35,6 +35,7 @@ SLOW_MODULES = {
     "test_slicer_training",
     "test_training",
     "test_web_app",
+    "test_web_sessions",
 }
 SLOW_FIXTURES = {"trained_2d", "trained_3d", "tiny_model_2d", "tiny_model_3d", "mirror_model_2d", "server", "browser"}
 

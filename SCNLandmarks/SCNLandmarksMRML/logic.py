@@ -24,8 +24,8 @@ import slicer
 from SCNLandmarksLib.data.spec import DatasetSpec, ImageEntry, load_dataset_spec
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError
 from SCNLandmarksLib.geometry import ras_to_lps
-from SCNLandmarksLib.io.atomic import safe_filename
-from SCNLandmarksLib.io.paths import image_stem
+from SCNLandmarksLib.io.atomic import atomic_output, safe_filename
+from SCNLandmarksLib.io.paths import format_suffix, image_stem
 from SCNLandmarksLib.landmark_set import LandmarkSet
 from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Progress
 
@@ -700,12 +700,18 @@ class SCNLandmarksLogic:
         spec = self.trainingSpec(folder, dimension, names)
         folder.mkdir(parents=True, exist_ok=True)
 
-        storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storageNode.SetFileName(str(imagePath))
-        storageNode.SetUseCompression(True)
-        if not storageNode.WriteData(volumeNode):
-            raise DataError(f"{imagePath}: Slicer could not write the volume")
-        landmarksPath = self.exportLandmarks(markupsNode, landmarksPath)
+        # Both files are written beside their places first and renamed there only once both are
+        # written: a failure never pairs a new image with a replaced case's old points.
+        with (
+            atomic_output(imagePath, format_suffix(imagePath)) as imageTemporary,
+            atomic_output(landmarksPath, format_suffix(landmarksPath)) as landmarksTemporary,
+        ):
+            storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storageNode.SetFileName(str(imageTemporary))
+            storageNode.SetUseCompression(True)
+            if not storageNode.WriteData(volumeNode):
+                raise DataError(f"{imagePath}: Slicer could not write the volume")
+            self.exportLandmarks(markupsNode, landmarksTemporary)
 
         previous = next((entry for entry in spec.entries if entry.id == caseId), None)
         split = split or (previous.split if previous else None) or "train"

@@ -48,9 +48,9 @@ from trame_vuetify.widgets import vuetify3 as v
 
 from SCNLandmarksLib.bundle import read_description
 from SCNLandmarksLib.data.spec import load_dataset_spec
-from SCNLandmarksLib.errors import Cancelled, SCNLandmarksError
+from SCNLandmarksLib.errors import Cancelled, DataError, SCNLandmarksError
 from SCNLandmarksLib.geometry import ras_to_lps
-from SCNLandmarksLib.io.atomic import safe_filename
+from SCNLandmarksLib.io.atomic import safe_filename, write_text_atomically
 from SCNLandmarksLib.io.images import spacing_unit
 from SCNLandmarksLib.io.paths import image_stem
 from SCNLandmarksLib.vocabulary import LandmarkStatus
@@ -70,6 +70,7 @@ from SCNLandmarksMRML.volumes import (
 
 from . import access
 from .autosave import Autosave, Recoverable
+from .locks import lockIfFree
 from .marks import ViewMarks
 
 logger = logging.getLogger(__name__)
@@ -114,38 +115,37 @@ ENDED_MESSAGE = (
 )
 
 
-@contextlib.contextmanager
-def _folderLock(folder: Path):
-    """Sessions are processes of their own: one at a time adds a case to a shared training folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".scn-landmarks.lock", "a") as lock:  # (appending nothing: the folder stays as it was)
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # (retries for 10 s, then raises OSError)
-            try:
-                yield
-            finally:
-                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            yield
-
-
 # Who saved which case of a shared training folder (case id -> a digest of the reviewer's id), so one
 # reviewer never replaces another's case.
 CASE_OWNERS_FILE = ".scn-landmarks-case-owners.json"
+# Sessions are processes of their own: one at a time adds a case to a shared training folder, under
+# this file's lock. A session that finds it held tries again shortly, for at most a minute.
+TRAINING_FOLDER_LOCK = ".scn-landmarks.lock"
+SAVE_RETRY_S = 0.25
+SAVE_WAIT_S = 60.0
 
 
 def _caseOwners(folder: Path) -> dict[str, str]:
+    """The case owners of a training folder ({} for a folder without any yet).
+
+    Raises:
+        DataError: the file cannot be read: saving on would forget every other reviewer's cases.
+    """
     path = folder / CASE_OWNERS_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as error:  # then every existing case counts as someone else's
-        logger.warning("%s: %s", path, error)
+    if not path.is_file():
         return {}
+    try:
+        owners = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(owners, dict):
+            return owners
+        problem = "not a JSON object"
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    logger.error("%s: %s", path, problem)
+    raise DataError(
+        f"The training folder's record of who saved which case ({path.name}) cannot be read; nothing "
+        "was saved. Ask the station's administrator to restore or remove it."
+    )
 
 
 def _freeCaseId(caseId: str, taken: Callable[[str], bool]) -> str:
@@ -267,6 +267,7 @@ class LandmarkReviewApp(TrameApp):
         self.models: dict[str, catalogue.ModelEntry] = {}
         self._refreshModels()
         self._initialState(model)
+        self.autosave = Autosave(None, self.workdir)  # (a session started ahead keeps nothing yet)
         self.forReviewer(reviewer, autosaveFolder)
         self._buildUi()
         self._observeViews()
@@ -358,6 +359,7 @@ class LandmarkReviewApp(TrameApp):
         self.reviewerDigest = hashlib.sha256(
             f"scn-landmarks reviewer {reviewer or secrets.token_urlsafe(16)}".encode()
         ).hexdigest()[:16]
+        self.autosave.close()
         self.autosave = Autosave(autosaveFolder, self.workdir)
         self.recoverable: list[Recoverable] = self.autosave.others()
         self._offerRecovery()
@@ -567,7 +569,13 @@ class LandmarkReviewApp(TrameApp):
             )
             return
         path = Path(tempfile.mkdtemp(dir=self.workdir, prefix="upload-")) / re.sub(r"[^\w.+-]", "_", name)
-        path.write_bytes(upload.content)
+        try:
+            path.write_bytes(upload.content)
+        except OSError as error:
+            shutil.rmtree(path.parent, ignore_errors=True)
+            logger.error("%s: upload not stored: %s", path, error)
+            self.state.error = f"{name}: the server could not store the file ({error.strerror or error})."
+            return
         self.pathAliases[str(path)] = name
         self._unlessUnsaved(lambda: self.openImage(path))
 
@@ -590,7 +598,14 @@ class LandmarkReviewApp(TrameApp):
         self.cancelRequested = False
         state.busy = True
         state.progress, state.progress_message = 0, "loading model"
+        self._holdPoints(True)  # the new result replaces them: a correction made meanwhile would be lost
         self.detection = asyncio.get_event_loop().create_task(self._detect(modelPath, then))
+
+    def _holdPoints(self, held: bool) -> None:
+        """Lock (or unlock) the point list under review against drags in the views."""
+        node = self.review.markupsNode
+        if node is not None:
+            node.SetLocked(held)
 
     async def _detect(self, modelPath: str, then: Callable[[], None] | None) -> None:
         """Load (if needed) and run the model off the main thread; the scene changes only on success."""
@@ -625,6 +640,7 @@ class LandmarkReviewApp(TrameApp):
         finally:
             with self.state:
                 self.state.busy = False
+                self._holdPoints(False)  # (the previous result, when this one did not replace it)
 
     def _showResult(self, result) -> None:
         self._clearDetection()  # the previous result goes only once the new one is there
@@ -732,6 +748,8 @@ class LandmarkReviewApp(TrameApp):
 
     def undoMove(self) -> None:
         """Put the last moved (or reset) point back where it was before."""
+        if self.state.busy:  # (a detection will replace the points)
+            return
         index = self.review.undo()
         if index is not None:
             self.state.selected_landmark = index
@@ -770,7 +788,7 @@ class LandmarkReviewApp(TrameApp):
             sliceNode.SetFieldOfView(width, width * fieldOfView[1] / fieldOfView[0], fieldOfView[2])
 
     def resetSelected(self) -> None:
-        if self.review.markupsNode is not None and self.state.selected_landmark is not None:
+        if self.review.markupsNode is not None and self.state.selected_landmark is not None and not self.state.busy:
             self.review.resetPoint(int(self.state.selected_landmark))
 
     def _onHeatmapChoice(self, **_) -> None:
@@ -927,7 +945,7 @@ class LandmarkReviewApp(TrameApp):
     def discardRecovered(self) -> None:
         if self.recoverable:
             kept = self.recoverable.pop(0)
-            shutil.rmtree(kept.folder, ignore_errors=True)
+            self.autosave.forget(kept)
             self.state.info = f"Discarded the kept corrections of {kept.imageName}."
         self._offerRecovery()
 
@@ -958,7 +976,7 @@ class LandmarkReviewApp(TrameApp):
         self.review.movePoints(kept.movedRas)  # now this session's (autosaved), before the other session's folder goes
         if kept in self.recoverable:
             self.recoverable.remove(kept)
-        shutil.rmtree(kept.folder, ignore_errors=True)
+        self.autosave.forget(kept)
         self._offerRecovery()
         self.state.info = (
             f"Restored your corrections of {kept.imageName} ({len(kept.movedRas)} moved); not exported yet."
@@ -966,6 +984,22 @@ class LandmarkReviewApp(TrameApp):
 
     # ------------------------------------------------------------------------------------------
     # learning from corrections
+
+    def _saveLater(self, caseId: str, replace: bool, waitingSince: float) -> None:
+        """Save the case once the session saving to the training folder now has finished."""
+        if time.monotonic() - waitingSince > SAVE_WAIT_S:
+            self.state.error = (
+                f"Another session has been saving to the training folder for over {SAVE_WAIT_S:.0f} s; "
+                f"case {caseId} was not saved. Try again."
+            )
+            return
+        self.state.info = "Waiting for another session to finish saving to the training folder..."
+
+        def retry() -> None:
+            with self.state:
+                self.saveTrainingPair(caseId, replace, waitingSince)
+
+        asyncio.get_event_loop().call_later(SAVE_RETRY_S, retry)
 
     def _describeTrainingFolder(self) -> None:
         """How many cases the training folder holds (other sessions may add to a shared one)."""
@@ -978,12 +1012,14 @@ class LandmarkReviewApp(TrameApp):
             return
         self.state.training_cases = caseCount(cases)
 
-    def saveTrainingPair(self, caseId: str, replace: bool = False) -> None:
+    def saveTrainingPair(self, caseId: str, replace: bool = False, waitingSince: float | None = None) -> None:
         """Add the image and its corrected points to the training folder as case `caseId`.
 
         A case of that name this reviewer saved is never replaced silently: the page asks first
         (`replace`). One saved by another reviewer of a shared folder (or by anything else) is never
         replaced from here: this case gets the next free name (`name-2`...), and the page says so.
+        While another session saves to the folder, this one tries again shortly (`waitingSince`: when
+        it first tried), never waiting on the event loop.
         """
         self.state.error = ""
         self.state.confirm_replace_case = False
@@ -994,7 +1030,10 @@ class LandmarkReviewApp(TrameApp):
                 raise SCNLandmarksError("Nothing to save: detect landmarks (and correct them) first.")
             caseId = safe_filename((caseId or "").strip() or self.state.case_id, "case")
             # Checked and written under the folder's lock: two sessions may save the same name at once.
-            with _folderLock(folder):
+            with lockIfFree(folder / TRAINING_FOLDER_LOCK) as locked:
+                if not locked:
+                    self._saveLater(caseId, replace, waitingSince or time.monotonic())
+                    return
                 owners = _caseOwners(folder)
 
                 def taken(name: str) -> bool:
@@ -1009,7 +1048,7 @@ class LandmarkReviewApp(TrameApp):
                 # A folder that goes with the session keeps nothing: the corrections still need exporting.
                 self.review.saveTrainingPair(folder, caseId, overwrite=True, keeps=self.state.training_folder_kept)
                 owners[caseId] = self.reviewerDigest
-                (folder / CASE_OWNERS_FILE).write_text(json.dumps(owners, indent=1), encoding="utf-8")
+                write_text_atomically(folder / CASE_OWNERS_FILE, json.dumps(owners, indent=1))
         except Exception as error:  # the page shows it; the server carries on
             self._showError(error)
             return
@@ -1109,6 +1148,7 @@ class LandmarkReviewApp(TrameApp):
         """The session is ending: no training outlives it, and its unfinished model is removed. Its
         corrections not exported stay in the autosave folder for the reviewer's next session."""
         self.review.endTraining()
+        self.autosave.close()
 
     # ------------------------------------------------------------------------------------------
     # page
@@ -1366,8 +1406,14 @@ class LandmarkReviewApp(TrameApp):
             )
             # Icons, their names in the tooltips: the buttons stay on one line, and the table gets the room.
             for icon, click, enabled, identifier, name in (
-                ("mdi-restore", self.resetSelected, "selected_landmark !== null", "reset-point", "Reset point"),
-                ("mdi-undo", self.undoMove, "can_undo", "undo-move", "Undo move"),
+                (
+                    "mdi-restore",
+                    self.resetSelected,
+                    "selected_landmark !== null && !busy",
+                    "reset-point",
+                    "Reset point",
+                ),
+                ("mdi-undo", self.undoMove, "can_undo && !busy", "undo-move", "Undo move"),
                 ("mdi-magnify-plus-outline", self.zoomToSelected, "selected_landmark !== null", "zoom-to", "Zoom to"),
             ):
                 v.VBtn(

@@ -6,7 +6,9 @@ outside its temporary folder, which goes when the session ends): the corrected p
 session), the model that detected them, and the points the reviewer moved. The reviewer's next
 session finds the folders of their other sessions and offers them back: download the points, or
 restore the review (the image opened and detected again with the same model, the moved points put
-back). Exporting the points (or discarding them) empties the folder.
+back). Exporting the points (or discarding them) empties the folder. A session holds a lock on its
+mark file (``.<session id>.live`` beside its folder) while it runs, so that the reviewer's other
+sessions (a second tab) never offer, nor delete, the corrections of a session still open.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from SCNLandmarksLib.io.atomic import atomic_output
 from SCNLandmarksLib.io.paths import format_suffix
+
+from .locks import isLocked, tryLock
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,18 @@ class Autosave:
     def __init__(self, folder: Path | None, temporary: Path):
         self.folder = folder
         self.temporary = temporary.resolve()
+        self.liveMark: IO[str] | None = None
+        if folder is not None:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            self.liveMark = open(_liveMark(folder), "a")  # locked until `close` (or the process ends)
+            tryLock(self.liveMark)  # (free: the session's id is new)
+
+    def close(self) -> None:
+        """The session ends: its corrections may be offered to the reviewer's next sessions."""
+        if self.liveMark is not None:
+            self.liveMark.close()
+            self.liveMark: IO[str] | None = None
+            _liveMark(self.folder).unlink(missing_ok=True)
 
     def write(
         self,
@@ -122,7 +139,7 @@ class Autosave:
             return []
         found = []
         for folder in self.folder.parent.iterdir():
-            if folder == self.folder or not (folder / MANIFEST).is_file():
+            if folder == self.folder or not (folder / MANIFEST).is_file() or isLocked(_liveMark(folder)):
                 continue
             try:
                 manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -139,3 +156,14 @@ class Autosave:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 logger.warning("%s: not a readable autosave (%s)", folder, error)
         return sorted(found, key=lambda kept: -kept.savedAt)
+
+    @staticmethod
+    def forget(kept: Recoverable) -> None:
+        """Remove what an ended session kept (restored, or discarded by the reviewer)."""
+        shutil.rmtree(kept.folder, ignore_errors=True)
+        _liveMark(kept.folder).unlink(missing_ok=True)
+
+
+def _liveMark(folder: Path) -> Path:
+    """The file a running session keeps locked (see the module docstring)."""
+    return folder.parent / f".{folder.name}.live"

@@ -247,6 +247,16 @@ def test_write_image_round_trip_and_failure_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.nii.gz"]
 
 
+@pytest.mark.parametrize("suffix, data", [(".mhd", ".raw"), (".nhdr", ".raw")])
+def test_a_header_and_data_format_written_twice_leaves_its_two_files_only(tmp_path, suffix, data):
+    image = make_image(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6), OBLIQUE_3D)
+    path = tmp_path / f"heatmap{suffix}"
+    write_image(image, path)
+    write_image(image, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, f"heatmap{data}"])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), sitk.GetArrayFromImage(image))
+
+
 # ----------------------------------------------------------------------------------------------------
 # landmark files: reading
 

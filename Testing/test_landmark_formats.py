@@ -363,9 +363,10 @@ def test_wide_csv_with_or_without_header(tmp_path, oblique, header):
 
 def test_wide_csv_3d_header_and_errors(tmp_path):
     path = tmp_path / "landmarks.csv"
-    path.write_text("id,x_AC,y_AC,z_AC\nbrain,1,2,3\n")
-    table = read_wide_csv(path, "physical")
-    assert table["brain"].names == ["AC"] and table["brain"].points_lps.tolist() == [[1, 2, 3]]
+    for header in ("id,x_AC,y_AC,z_AC", "ID,X_AC,Y_AC,Z_AC"):
+        path.write_text(f"{header}\nbrain,1,2,3\n")
+        table = read_wide_csv(path, "physical")
+        assert table["brain"].names == ["AC"] and table["brain"].points_lps.tolist() == [[1, 2, 3]]
     path.write_text("brain,1,2,3\n")
     with pytest.raises(DataError, match=r"landmarks\.csv, line 1: 3 coordinates are not 2D points"):
         read_wide_csv(path, "physical")

@@ -36,7 +36,7 @@ GREY_TOLERANCE = 2
 IMAGE_SUFFIXES = PIXEL_UNIT_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 # Formats whose header names a separate data file, so the written header cannot be renamed afterwards.
-_MULTI_FILE_SUFFIXES = (".mhd", ".hdr")
+_MULTI_FILE_SUFFIXES = (".mhd", ".hdr", ".nhdr")
 
 
 def carries_spacing(path: str | os.PathLike) -> bool:

@@ -265,7 +265,7 @@ def _is_number_or_blank(cell: str) -> bool:
 
 def _wide_header(path: Path, header: list[str], dimension: int | None) -> tuple[int, list[str]]:
     """Dimension and point names of a header ``id,x_<name>,y_<name>[,z_<name>],...``."""
-    axes = "xyz"[: 3 if any(column.startswith("z_") for column in header[1:]) else 2]
+    axes = "xyz"[: 3 if any(column.lower().startswith("z_") for column in header[1:]) else 2]
     if dimension is not None and dimension != len(axes):
         raise DataError(f"{path}: the header has {len(axes)}D columns but the landmarks must be {dimension}D")
     columns = header[1:]

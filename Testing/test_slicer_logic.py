@@ -41,7 +41,7 @@ from conftest import mirror_case  # noqa: E402
 from SCNLandmarksLib.bundle import ModelDescription, StageDescription  # noqa: E402
 from SCNLandmarksLib.config import InferenceConfig, IntensityConfig  # noqa: E402
 from SCNLandmarksLib.errors import Cancelled, DataError, ModelFileError  # noqa: E402
-from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
+from SCNLandmarksLib.geometry import lps_to_ras, ras_to_lps  # noqa: E402
 from SCNLandmarksLib.landmark_set import LandmarkSet  # noqa: E402
 from SCNLandmarksLib.vocabulary import STATUS_COLORS, HeatmapKind, LandmarkStatus  # noqa: E402
 from SCNLandmarksMRML import (  # noqa: E402
@@ -377,6 +377,48 @@ def test_pixel_unit_models_see_unit_spacing(mrml, files):
     assert seen == [(1.0, 1.0)]
     expected = files["truth2d"][:3] * [-0.1, -0.1, 1.0]
     np.testing.assert_allclose(_positions(result.markupsNode)[:3], expected, atol=1e-6)
+
+
+def test_a_pixel_model_on_a_volume_with_spacing_exports_its_points_and_errors_in_mm(mrml, files, tmp_path):
+    from SCNLandmarksLib.io.landmarks import read_landmarks
+
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    volume.SetSpacing(0.1, 0.1, 1.0)  # e.g. a DICOM X-ray: a model in pixels still detects in its pixels
+    oracle = BlobOracle(2)
+    oracle.description = dataclasses.replace(oracle.description, unit="px")
+    original = oracle.predict
+
+    def predict(image, **keywords):
+        prediction = original(image, **keywords)
+        prediction.landmarks = dataclasses.replace(prediction.landmarks, expected_errors=np.full(len(NAMES), 5.0))
+        return prediction
+
+    oracle.predict = predict
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, oracle).markupsNode
+    path = logic.exportLandmarks(node, tmp_path / "points.mrk.json")
+    written = json.loads(path.read_text())["markups"][0]
+    assert written["coordinateUnits"] == "mm"
+    errors = next(m for m in written["measurements"] if m["name"] == "expected error")
+    assert errors["units"] == "mm" and np.allclose(errors["controlPointValues"][:3], 0.5)
+    back = read_landmarks(path, names=NAMES, dimension=2)
+    np.testing.assert_allclose(back.points_lps[:3], ras_to_lps(_positions(node))[:3, :2], atol=1e-9)
+
+
+def test_a_single_slice_outside_the_axial_plane_is_exported_with_every_coordinate(mrml, files, tmp_path):
+    from SCNLandmarksLib.io.landmarks import read_landmarks
+
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    matrix = ijkToRasArray(volume)
+    matrix[:3, :3] = np.array([[0.0, 0.0, 1.0], [0.2, 0.0, 0.0], [0.0, -0.3, 0.0]])  # a sagittal X-ray
+    matrix[:3, 3] = (-4.0, 10.0, 20.0)
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, BlobOracle(2)).markupsNode
+    for suffix in ("mrk.json", "fcsv", "csv"):
+        path = logic.exportLandmarks(node, tmp_path / f"points.{suffix}")
+        back = read_landmarks(path, names=NAMES, dimension=3)
+        np.testing.assert_allclose(lps_to_ras(back.points_lps)[:3], _positions(node)[:3], atol=1e-4)
 
 
 def test_detect_refills_an_existing_node(mrml, files):

@@ -31,7 +31,7 @@ from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Prog
 
 from . import annotate, catalogue, dependencies, overlays, rendering
 from . import markups as landmarkMarkups
-from .volumes import VolumeImage, checkScalarVolume, imageFromVolumeNode, volumeDimension
+from .volumes import VolumeImage, checkScalarVolume, ijkToRasArray, imageFromVolumeNode, isAxialSlice, volumeDimension
 
 logger = logging.getLogger(__name__)
 
@@ -537,27 +537,41 @@ class SCNLandmarksLogic:
     # ------------------------------------------------------------------------------------------
     # export
 
-    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[LandmarkStatus]]:
-        """Current (corrected) positions as a library LandmarkSet in LPS (2D points for a 2D volume),
-        with the detection's confidences, expected errors and coverage radii, and the statuses."""
+    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[LandmarkStatus], str]:
+        """Current (corrected) positions as a library LandmarkSet in LPS, as `scn-landmarks detect`
+        writes them for the volume's file, with the detection's confidences, expected errors and
+        coverage radii, the statuses, and the unit ("mm", or "px" for a picture, unit spacing,
+        detected by a model in pixels).
+
+        A single slice in the axial plane gives 2D points (LPS x and y); one in another plane keeps
+        its 3D points, since no two LPS axes describe it. A model in pixels detects in the volume's
+        pixels: on a volume with another spacing its expected errors are scaled to mm with the points.
+        """
         rows = self.landmarkRows(markupsNode)
         if not rows:
             raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
         pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
         volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
-        dimension = volumeDimension(volumeNode) if volumeNode is not None else 3
-        expected = np.array([r.expectedError for r in rows], dtype=np.float64)
-        radii = np.array([r.coverageRadius for r in rows], dtype=np.float64)
+        points = ras_to_lps(pointsRas)
+        if volumeNode is not None and volumeDimension(volumeNode) == 2 and isAxialSlice(volumeNode):
+            points = points[:, :2]
+        unit, scale = landmarkMarkups.predictionUnit(markupsNode) or "mm", 1.0
+        if unit == "px" and volumeNode is not None:
+            spacing = np.linalg.norm(ijkToRasArray(volumeNode)[:3, :2], axis=0)
+            if not np.allclose(spacing, 1.0):
+                unit, scale = "mm", float(np.mean(spacing))
+        expected = scale * np.array([r.expectedError for r in rows], dtype=np.float64)
+        radii = scale * np.array([r.coverageRadius for r in rows], dtype=np.float64)
         coverage = landmarkMarkups.predictionCoverage(markupsNode)
         landmarks = LandmarkSet(
             [r.name for r in rows],
-            ras_to_lps(pointsRas)[:, :dimension],
+            points,
             np.array([r.confidence for r in rows], dtype=np.float64),
             expected if np.isfinite(expected).any() else None,
             radii if coverage is not None else None,
             coverage,
         )
-        return landmarks, [r.status for r in rows]
+        return landmarks, [r.status for r in rows], unit
 
     @staticmethod
     def existingFiles(paths) -> list[Path]:
@@ -592,7 +606,7 @@ class SCNLandmarksLogic:
         descriptions and the confidence and expected error measurements), ``.fcsv`` (Slicer's legacy
         fiducial CSV) or ``.csv`` (the library's table ``landmark,x,y[,z],confidence[,expected_error],status``
         in LPS). A detection's points are written as ``scn-landmarks detect`` writes them (the
-        library's writer: 2D points for a 2D volume, positions in the model's unit, "px" for pictures);
+        library's writer: see `landmarkSet`);
         any other point list (an annotation) by Slicer's storage nodes (.mrk.json, .fcsv).
 
         Points are written under their full landmark names, whatever labels the views show.
@@ -616,12 +630,12 @@ class SCNLandmarksLogic:
         self._refuseOverwrite([path], overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         if landmarkMarkups.isLandmarksNode(markupsNode):
-            # A detection: as `scn-landmarks detect` writes it (expected errors, the model's unit).
+            # A detection: as `scn-landmarks detect` writes it (expected errors, the image's unit).
             from SCNLandmarksLib.io.landmarks import write_landmarks
 
             landmarkMarkups.updatePointStatuses(markupsNode)
-            landmarks, statuses = self.landmarkSet(markupsNode)
-            write_landmarks(landmarks, path, statuses, landmarkMarkups.predictionUnit(markupsNode) or "mm")
+            landmarks, statuses, unit = self.landmarkSet(markupsNode)
+            write_landmarks(landmarks, path, statuses, unit)
             return path
         if lower.endswith(".csv"):
             raise DataError(f"{path}: a point list that is not a detection is exported as .mrk.json or .fcsv")

@@ -203,7 +203,7 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
     if np.any(spacing <= 0):
         raise DataError(f"Volume '{name}' has a degenerate IJKToRAS matrix (zero spacing).")
-    directionLps = LPS_FROM_RAS @ (ijkToRas[:3, :3] / spacing)
+    directionLps = _directionLps(ijkToRas)
     originLps = LPS_FROM_RAS @ ijkToRas[:3, 3]
     if pixelUnits:
         spacing = np.ones(3)
@@ -215,14 +215,10 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
         image.SetDirection(directionLps.ravel().tolist())
     else:
         image = sitk.GetImageFromArray(array[0])
-        inPlane = directionLps[:2, :2]
-        axial = np.all(np.abs(directionLps[2, :2]) < _PLANE_TOLERANCE) and np.allclose(
-            inPlane.T @ inPlane, np.eye(2), atol=1e-6
-        )
         image.SetSpacing(spacing[:2].tolist())
-        if axial:
+        if _isAxial(directionLps):
             image.SetOrigin(originLps[:2].tolist())
-            image.SetDirection(inPlane.ravel().tolist())
+            image.SetDirection(directionLps[:2, :2].ravel().tolist())
         else:
             # The slice is not in the axial plane (e.g. one coronal slice): describe it in its own
             # pixel frame; points still map back exactly through the indices.
@@ -230,6 +226,25 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
             image.SetOrigin((0.0, 0.0))
             image.SetDirection((1.0, 0.0, 0.0, 1.0))
     return VolumeImage(image, ijkToRas, (nx, ny, nz))
+
+
+def _directionLps(ijkToRas: np.ndarray) -> np.ndarray:
+    """The LPS directions of the voxel axes (columns, unit length)."""
+    return LPS_FROM_RAS @ (ijkToRas[:3, :3] / np.linalg.norm(ijkToRas[:3, :3], axis=0))
+
+
+def _isAxial(directionLps: np.ndarray) -> bool:
+    """Whether a slice's first two axes lie in the axial plane, so that LPS x and y describe it."""
+    inPlane = directionLps[:2, :2]
+    return bool(
+        np.all(np.abs(directionLps[2, :2]) < _PLANE_TOLERANCE)
+        and np.allclose(inPlane.T @ inPlane, np.eye(2), atol=1e-6)
+    )
+
+
+def isAxialSlice(volumeNode) -> bool:
+    """Whether a single-slice volume lies in the axial plane: its 2D positions are LPS x and y."""
+    return _isAxial(_directionLps(ijkToRasArray(volumeNode)))
 
 
 def setVolumeArray(volumeNode, array: np.ndarray, ijkToRas: np.ndarray) -> None:

@@ -10,6 +10,7 @@ Imports no torch: the command line plans (and refuses) before torch is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +24,15 @@ import SimpleITK as sitk
 from .errors import DataError
 from .io.atomic import write_text_atomically
 from .io.bids import BIDS_DESCRIPTION, bids_t1w_images, derivative_description, is_bids_dataset
-from .io.images import carries_spacing, checked_spacing, image_inputs, read_image, spacing_unit, write_image
+from .io.images import (
+    carries_spacing,
+    checked_spacing,
+    image_inputs,
+    read_image,
+    slice_placement,
+    spacing_unit,
+    write_image,
+)
 from .io.landmarks import write_landmarks
 from .io.paths import output_stems, refuse_existing
 from .landmark_set import LandmarkSet
@@ -224,13 +233,19 @@ def write_outputs(image: BatchImage, prediction: Prediction, request: BatchReque
     Raises:
         DataError: a file cannot be written (names it).
     """
+    # A slice outside the axial plane was detected in its own plane: its outputs go back into space.
+    placement = slice_placement(image.path)
     for kind in prediction.heatmap_kinds:
-        write_image(prediction.heatmap(kind), image.heatmap_file(request, kind))
+        heatmap = prediction.heatmap(kind)
+        write_image(heatmap if placement is None else placement.in_space(heatmap), image.heatmap_file(request, kind))
+    landmarks = prediction.landmarks
+    if placement is not None:
+        landmarks = dataclasses.replace(landmarks, points_lps=placement.to_space(landmarks.points_lps))
     # Positions and expected errors are in the image's frame, whatever unit the model learned in.
-    write_landmarks(prediction.landmarks, image.landmark_file(request), prediction.status, image.unit)
+    write_landmarks(landmarks, image.landmark_file(request), prediction.status, image.unit)
     return ImageOutcome(
         image,
-        prediction.landmarks,
+        landmarks,
         [str(status) for status in prediction.status],
         prediction.flagged,
         prediction.mirrored,

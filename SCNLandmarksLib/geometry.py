@@ -143,6 +143,16 @@ class ImageGeometry:
         return np.all((index >= -margin_voxels) & (index <= upper), axis=-1)
 
 
+def in_axial_plane(direction: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """Whether a single slice with this (3, 3) direction (columns: the voxel axes in LPS) lies in the
+    axial plane, so that LPS x and y describe its points (2D positions are then LPS x and y)."""
+    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    in_plane = direction[:2, :2]
+    return bool(
+        np.all(np.abs(direction[2, :2]) < tolerance) and np.allclose(in_plane.T @ in_plane, np.eye(2), atol=tolerance)
+    )
+
+
 def mirror_points(points: np.ndarray, axis: int, center_lps: np.ndarray) -> np.ndarray:
     """Physical points (..., d) reflected through the plane normal to `axis` at `center_lps` (NaN stays NaN)."""
     points = np.array(points, dtype=np.float64, copy=True)

@@ -249,6 +249,36 @@ def test_cli_detect_labels_positions_in_each_image_s_unit(tiny_model_2d, dataset
     assert header == "image,flagged_points,largest_expected_error_mm/px,error"
 
 
+def test_cli_detect_on_a_slice_outside_the_axial_plane_writes_points_and_heatmaps_in_space(
+    tiny_model_2d, dataset_2d, tmp_path
+):
+    from test_io import sagittal_slice
+
+    entry = load_dataset_spec(dataset_2d).split("validation")[0]
+    pixels = sitk.GetArrayFromImage(read_image(entry.image, 2))
+    plane = sitk.GetImageFromArray(pixels)  # the same pixels where the plane frame puts them
+    plane.SetSpacing(read_image(entry.image, 2).GetSpacing())
+    write_image(plane, tmp_path / "plane.mha")
+    volume = sagittal_slice(pixels)
+    volume.SetSpacing((*plane.GetSpacing(), 2.0))
+    write_image(volume, tmp_path / "lateral.nrrd")
+    detected = cli(
+        "detect", str(tiny_model_2d), str(tmp_path / "plane.mha"), str(tmp_path / "lateral.nrrd"),
+        "--out", str(tmp_path / "out"), "--heatmaps", "--device", "cpu",
+    )  # fmt: skip
+    assert detected.returncode == 0, detected.stderr[-2000:]
+    names = list(load_dataset_spec(dataset_2d).landmark_names)
+    in_plane = read_landmarks(tmp_path / "out" / "plane.mrk.json", names=names, dimension=2).points_lps
+    in_space = read_landmarks(tmp_path / "out" / "lateral.mrk.json", names=names).points_lps
+    assert in_space.shape == (len(names), 3) and np.isfinite(in_plane).all()
+    index = [volume.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in in_space]
+    np.testing.assert_allclose(np.array(index)[:, :2], in_plane / plane.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(np.array(index)[:, 2], 0.0, atol=1e-9)
+    heatmap = sitk.ReadImage(str(tmp_path / "out" / "lateral_heatmap_final.nrrd"))
+    assert heatmap.GetSize() == volume.GetSize() and np.allclose(heatmap.GetDirection(), volume.GetDirection())
+    assert np.allclose(heatmap.GetOrigin(), volume.GetOrigin())
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     image = tmp_path / "image.png"
     write_image(sitk.Image([8, 8], sitk.sitkUInt8), image)

@@ -25,6 +25,7 @@ from SCNLandmarksLib.io import (
     write_landmarks,
     write_landmarks_csv,
 )
+from SCNLandmarksLib.io.images import slice_placement
 from SCNLandmarksLib.landmark_set import LandmarkSet
 
 AFIDS_DIR = Path("/work/shared/data/afids")
@@ -142,20 +143,6 @@ def test_single_slice_volume_becomes_2d(tmp_path):
     assert spacing_unit(path) == "mm"
 
 
-def test_single_coronal_slice_falls_back_to_identity_direction(tmp_path, caplog):
-    coronal = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # index y runs along physical -z
-    geometry = ImageGeometry((4, 3, 1), (0.5, 0.5, 1.0), (1.0, 2.0, 3.0), tuple(coronal.ravel()))
-    path = tmp_path / "coronal.nrrd"
-    sitk.WriteImage(make_image(np.ones((1, 3, 4), np.uint8), geometry), str(path))
-
-    result = read_image(path)
-
-    assert result.GetSize() == (4, 3)
-    assert result.GetDirection() == (1.0, 0.0, 0.0, 1.0)
-    np.testing.assert_allclose(result.GetSpacing(), (0.5, 0.5))
-    assert "not in the x-y plane" in caplog.text
-
-
 def test_dicom_series_directory_reads_as_3d(tmp_path):
     slices, spacing, origin = 3, (0.8, 0.9, 2.5), (-20.0, 15.0, 40.0)
     array = np.arange(slices * 6 * 5, dtype=np.int16).reshape(slices, 6, 5) * 3
@@ -245,6 +232,44 @@ def test_write_image_round_trip_and_failure_leaves_nothing(tmp_path):
         write_image(make_image(np.zeros((3, 4), np.float32)), target)
     assert str(target) in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.nii.gz"]
+
+
+def sagittal_slice(array: np.ndarray) -> sitk.Image:
+    """A one-slice 3D image of `array` (y, x) outside the axial plane: oblique in a sagittal-like plane,
+    one axis flipped, anisotropic pixels (e.g. a lateral X-ray whose DICOM gives its orientation)."""
+    image = sitk.GetImageFromArray(array[None])
+    angle = math.radians(20.0)
+    rows, columns = (0.0, math.cos(angle), math.sin(angle)), (0.0, math.sin(angle), -math.cos(angle))
+    image.SetDirection(np.column_stack([rows, columns, np.cross(rows, columns)]).ravel().tolist())
+    image.SetSpacing((0.3, 0.45, 2.0))
+    image.SetOrigin((11.0, -20.0, 35.0))
+    return image
+
+
+def test_a_single_slice_outside_the_axial_plane_is_read_in_its_plane_with_its_landmarks(tmp_path):
+    from SCNLandmarksLib.data.spec import load_dataset_spec
+
+    volume = sagittal_slice(np.arange(30 * 40, dtype=np.float32).reshape(30, 40))
+    write_image(volume, tmp_path / "xray.nrrd")
+    index = np.array([[3.0, 4.0], [31.5, 2.25], [17.0, 28.0]])
+    in_space = np.array([volume.TransformContinuousIndexToPhysicalPoint([*i, 0.0]) for i in index])
+    write_landmarks(LandmarkSet(["a", "b", "c"], in_space), tmp_path / "xray.mrk.json")
+    (tmp_path / "dataset.toml").write_text(
+        'dimension = 2\nlandmarks = ["a", "b", "c"]\n[[images]]\nid = "xray"\nimage = "xray.nrrd"\n'
+        'landmarks = "xray.mrk.json"\nsplit = "train"\n'
+    )
+    spec = load_dataset_spec(tmp_path / "dataset.toml")
+    plane = spec.entries[0].read(2)
+    assert np.allclose(plane.GetSpacing(), (0.3, 0.45)) and plane.GetDirection() == (1.0, 0.0, 0.0, 1.0)
+    points = spec.load_landmarks(list(spec.entries))["xray"].points_lps
+    np.testing.assert_allclose(ImageGeometry.of(plane).physical_to_index(points), index, atol=1e-9)
+    placement = slice_placement(tmp_path / "xray.nrrd")
+    np.testing.assert_allclose(placement.to_space(points), in_space, atol=1e-9)
+    axial = sitk.GetImageFromArray(np.zeros((1, 3, 4), np.float32))
+    axial.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))  # flipped, yet in the axial plane
+    write_image(axial, tmp_path / "axial.nrrd")
+    assert slice_placement(tmp_path / "axial.nrrd") is None
+    assert read_image(tmp_path / "axial.nrrd", 2).GetDirection() == (0.0, 1.0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("suffix, data", [(".mhd", ".raw"), (".nhdr", ".raw")])

@@ -20,15 +20,13 @@ import vtk
 from vtk.util import numpy_support
 
 from SCNLandmarksLib.errors import DataError
-from SCNLandmarksLib.geometry import ImageGeometry
+from SCNLandmarksLib.geometry import ImageGeometry, in_axial_plane
 from SCNLandmarksLib.io.images import is_grey
 
 logger = logging.getLogger(__name__)
 
 # diag(-1, -1, 1): RAS <-> LPS for directions and points (its own inverse).
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
-
-_PLANE_TOLERANCE = 1e-6
 
 
 class ColourImageError(DataError):
@@ -216,13 +214,13 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     else:
         image = sitk.GetImageFromArray(array[0])
         image.SetSpacing(spacing[:2].tolist())
-        if _isAxial(directionLps):
+        if in_axial_plane(directionLps):
             image.SetOrigin(originLps[:2].tolist())
             image.SetDirection(directionLps[:2, :2].ravel().tolist())
         else:
             # The slice is not in the axial plane (e.g. one coronal slice): describe it in its own
             # pixel frame; points still map back exactly through the indices.
-            logger.warning("'%s' is a single slice outside the axial plane; using its in-plane frame", name)
+            logger.info("'%s' is a single slice outside the axial plane: detected in its own plane", name)
             image.SetOrigin((0.0, 0.0))
             image.SetDirection((1.0, 0.0, 0.0, 1.0))
     return VolumeImage(image, ijkToRas, (nx, ny, nz))
@@ -233,18 +231,9 @@ def _directionLps(ijkToRas: np.ndarray) -> np.ndarray:
     return LPS_FROM_RAS @ (ijkToRas[:3, :3] / np.linalg.norm(ijkToRas[:3, :3], axis=0))
 
 
-def _isAxial(directionLps: np.ndarray) -> bool:
-    """Whether a slice's first two axes lie in the axial plane, so that LPS x and y describe it."""
-    inPlane = directionLps[:2, :2]
-    return bool(
-        np.all(np.abs(directionLps[2, :2]) < _PLANE_TOLERANCE)
-        and np.allclose(inPlane.T @ inPlane, np.eye(2), atol=1e-6)
-    )
-
-
 def isAxialSlice(volumeNode) -> bool:
     """Whether a single-slice volume lies in the axial plane: its 2D positions are LPS x and y."""
-    return _isAxial(_directionLps(ijkToRasArray(volumeNode)))
+    return in_axial_plane(_directionLps(ijkToRasArray(volumeNode)))
 
 
 def setVolumeArray(volumeNode, array: np.ndarray, ijkToRas: np.ndarray) -> None:

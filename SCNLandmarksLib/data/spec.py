@@ -31,6 +31,7 @@ DICOM) keep theirs: the top-level `spacing` does not apply to them, and an entry
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,14 @@ import SimpleITK as sitk
 from ..errors import DataError
 from ..geometry import ImageGeometry
 from ..io.atomic import write_text_atomically
-from ..io.images import carries_spacing, checked_spacing, read_image, read_image_information, spacing_unit
+from ..io.images import (
+    carries_spacing,
+    checked_spacing,
+    read_image,
+    read_image_information,
+    slice_placement,
+    spacing_unit,
+)
 from ..io.landmark_formats import (
     LANDMARK_INPUT_FORMATS,
     PER_IMAGE_FORMATS,
@@ -198,9 +206,18 @@ class DatasetSpec:
         for entry in entries:
             if entry.landmarks is not None:
                 kind = detect_format(entry.landmarks) if self.landmarks_format == "auto" else self.landmarks_format
-                result[entry.id] = read_landmark_file(
-                    entry.landmarks, kind, names, self.dimension, geometry(entry) if kind in PIXEL_FORMATS else None
+                # A slice outside the axial plane has its landmarks in space: they go into its plane.
+                placement = slice_placement(entry.image) if self.dimension == 2 else None
+                landmarks = read_landmark_file(
+                    entry.landmarks,
+                    kind,
+                    names,
+                    None if placement is not None else self.dimension,
+                    geometry(entry) if kind in PIXEL_FORMATS else None,
                 )
+                if placement is not None and landmarks.points_lps.shape[1] == 3:
+                    landmarks = dataclasses.replace(landmarks, points_lps=placement.to_plane(landmarks.points_lps))
+                result[entry.id] = landmarks
             elif entry.id in table:
                 result[entry.id] = table[entry.id]
             else:

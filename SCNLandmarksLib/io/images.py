@@ -11,12 +11,14 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from SCNLandmarksLib.errors import DataError
+from SCNLandmarksLib.geometry import in_axial_plane
 from SCNLandmarksLib.io.atomic import atomic_output
 from SCNLandmarksLib.io.paths import format_suffix
 
@@ -191,15 +193,73 @@ def _to_scalar_float(image: sitk.Image, path: Path | str) -> sitk.Image:
 
 
 def _drop_single_slice(image: sitk.Image, path: Path | str) -> sitk.Image:
-    """A 3D image with one slice along the last axis -> 2D, keeping the in-plane geometry."""
+    """A 3D image with one slice along the last axis -> 2D: in the axial plane with its in-plane
+    geometry; in another plane (e.g. a sagittal X-ray) in its own plane (see `SlicePlacement`)."""
     width, height, _ = image.GetSize()
-    try:
+    if in_axial_plane(np.reshape(image.GetDirection(), (3, 3))):
         return sitk.Extract(image, [width, height, 0], [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
-    except RuntimeError:
-        # The slice plane does not contain the first two physical axes (e.g. a single coronal
-        # slice), so no 2x2 direction describes it; fall back to an identity in-plane direction.
-        logger.warning("%s: the single slice is not in the x-y plane; using an identity 2D direction", path)
-        return sitk.Extract(image, [width, height, 0], [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+    logger.info("%s: a single slice outside the axial plane; detected in its own plane", path)
+    plane = sitk.Extract(image, [width, height, 0], [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+    plane.SetOrigin((0.0, 0.0))
+    return plane
+
+
+@dataclass(frozen=True)
+class SlicePlacement:
+    """Where a file's single slice outside the axial plane (e.g. a sagittal X-ray) lies in LPS space.
+
+    No two LPS axes describe such a slice, so `read_image` gives it in its own plane: origin 0,
+    identity direction, its spacing; a 2D position is mm along its rows and columns from its first
+    pixel. Its landmarks are written in space (3D LPS points) and read back into the plane.
+
+    Attributes:
+        origin: (3,) LPS position of the first pixel.
+        spacing: (3,) the file's spacing (the third: its slice thickness).
+        direction: (3, 3) LPS directions of the file's axes (columns: rows, columns, slice normal).
+    """
+
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+
+    def to_space(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) positions in the plane -> (N, 3) LPS points (NaN rows kept)."""
+        return self.origin + np.asarray(points, dtype=np.float64) @ self.direction[:, :2].T
+
+    def to_plane(self, points: np.ndarray) -> np.ndarray:
+        """(N, 3) LPS points -> (N, 2) positions in the plane (a point off it goes to its projection)."""
+        return (np.asarray(points, dtype=np.float64) - self.origin) @ self.direction[:, :2]
+
+    def in_space(self, plane_image: sitk.Image) -> sitk.Image:
+        """A 2D image on the slice's own grid (e.g. a heatmap) as the one-slice 3D image the file is."""
+        volume = sitk.JoinSeries(plane_image)
+        volume.SetOrigin(self.origin.tolist())
+        volume.SetSpacing(self.spacing.tolist())
+        volume.SetDirection(self.direction.ravel().tolist())
+        return volume
+
+
+def slice_placement(path: str | os.PathLike) -> SlicePlacement | None:
+    """The placement of an image file holding one slice outside the axial plane (from its header);
+    None for any other image (and for folders: a DICOM series)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    try:
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(f"{path}: cannot read image ({_reason(error)})") from error
+    size = reader.GetSize()
+    if len(size) != 3 or size[2] != 1:
+        return None
+    direction = np.reshape(reader.GetDirection(), (3, 3))
+    if in_axial_plane(direction):
+        return None
+    return SlicePlacement(
+        np.asarray(reader.GetOrigin(), dtype=np.float64), np.asarray(reader.GetSpacing(), dtype=np.float64), direction
+    )
 
 
 def as_scalar_image(image: sitk.Image, dimension: int | None, source: str = "image") -> sitk.Image:

@@ -106,9 +106,10 @@ class Session:
 
 # What happened to a session that is gone, and to its work (also shown by a page whose session ends under it).
 ENDED_MESSAGE = (
-    "Sessions end a few minutes after their page is closed, and when the station restarts. Corrections "
-    "that were not exported were kept: a new session in this browser offers them back (while the station "
-    'runs). <a href="/">Open a new session</a>.'
+    "Sessions end a few minutes after their page is closed, and when the station stops. Corrections "
+    "that were not exported are kept while the station runs: a new session in this browser offers them "
+    "back. A station that was stopped or restarted has kept none. "
+    '<a href="/">Open a new session</a>.'
 )
 
 

@@ -285,10 +285,14 @@ def finetune(
 
     Raises:
         ModelFileError: the base is not a readable model file.
-        DataError: the dataset is empty, inconsistent, or made for other images than the base's.
+        DataError: the dataset is empty, inconsistent, or made for other images than the base's; the
+            base lies in `out`.
     """
     started = time.monotonic()
     base_path, out = Path(base_path).resolve(), Path(out).resolve()
+    if base_path.is_relative_to(out):
+        # The run writes (and first clears) files in `out`: the base would be lost, or compared with itself.
+        raise DataError(f"{base_path}: the base model lies in the output folder {out}; choose another --out")
     refuse_existing([out / MODEL, out / CARD], overwrite)
     base = read_description(base_path)
     source_spec = load_dataset_spec(resolve_dataset(dataset))

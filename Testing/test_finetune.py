@@ -163,6 +163,16 @@ def test_finetune_with_other_landmarks_reuses_the_local_appearance_weights(tiny_
     assert result.model_path.read_bytes() == before
 
 
+def test_finetune_refuses_a_base_inside_its_output_folder_and_leaves_it(tiny_model_2d, dataset_2d, tmp_path):
+    # e.g. a previous fine-tuning's training/model.safetensors: the run clears and rewrites that folder
+    base = tmp_path / "out" / "training" / "model.safetensors"
+    base.parent.mkdir(parents=True)
+    base.write_bytes(tiny_model_2d.read_bytes())
+    with pytest.raises(DataError, match="lies in the output folder"):
+        finetune(base, dataset_2d, tmp_path / "out", iterations=1, device="cpu", overwrite=True)
+    assert base.read_bytes() == tiny_model_2d.read_bytes()
+
+
 @pytest.mark.parametrize("problem", ["not a model", "empty folder", "no cases", "unknown landmark", "3D cases"])
 def test_finetune_bad_input_names_the_file_and_writes_no_model(problem, tiny_model_2d, dataset_3d, tmp_path):
     base, dataset = tiny_model_2d, tmp_path / "cases"

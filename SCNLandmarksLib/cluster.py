@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -38,12 +40,14 @@ import numpy as np
 from .batch import BatchImage, BatchRequest, ImageOutcome, check_outputs, write_outputs, write_summary
 from .errors import ClusterError, DataError, ModelFileError
 from .io.atomic import atomic_output, write_text_atomically
+from .io.paths import refuse_existing
 from .landmark_set import LandmarkSet
 
 log = logging.getLogger(__name__)
 
 COHORT_TABLE = "cohort.csv"
 COHORT_PARQUET = "cohort.parquet"
+COHORT_MODEL = "cohort-model.json"  # which model file (by content) the table's results come from
 COHORT_COLUMNS = (
     "image",
     "landmark",
@@ -197,11 +201,12 @@ class CohortTable:
     def __init__(self, out: Path, landmark_count: int):
         self.path = out / COHORT_TABLE
         self.parquet_path = out / COHORT_PARQUET
+        self.model_path = out / COHORT_MODEL
         self.landmark_count = landmark_count
         self._stream: TextIO | None = None
 
-    def finished(self) -> dict[str, list[list[str]]]:
-        """{image: its rows} of every image whose rows are all in the table (none without one)."""
+    def recorded(self) -> dict[str, list[list[str]]]:
+        """{image: its rows} of every image with a row in the table (none without one)."""
         if not self.path.is_file():
             return {}
         text = self.path.read_text(encoding="utf-8")
@@ -216,7 +221,23 @@ class CohortTable:
         for row in rows:
             if len(row) == len(COHORT_COLUMNS):
                 by_image.setdefault(row[0], []).append(row)
-        return {image: found for image, found in by_image.items() if len(found) == self.landmark_count}
+        return by_image
+
+    def check_model(self, model: Path, resuming: bool) -> None:
+        """Record the model of this run beside the table; a resumed run must use the same one.
+
+        Raises:
+            DataError: resuming with another model file (by content) than the recorded run's.
+        """
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        if resuming and self.model_path.is_file():
+            recorded = json.loads(self.model_path.read_text(encoding="utf-8")).get("model_sha256")
+            if recorded != digest:
+                raise DataError(
+                    f"{self.path}: the run recorded there used another model than {model}; nothing was "
+                    "written (give --overwrite to detect every image again with this one)"
+                )
+        write_text_atomically(self.model_path, json.dumps({"model": str(model), "model_sha256": digest}) + "\n")
 
     @contextmanager
     def recording(self, kept: dict[str, list[list[str]]]) -> Iterator[None]:
@@ -239,8 +260,8 @@ class CohortTable:
 
     def finish(self, images: list[BatchImage]) -> list[Path]:
         """Rewrite the table in input order (and as Parquet when pyarrow is installed); its files."""
-        finished = self.finished()
-        rows = [row for image in images for row in finished.get(str(image.path), [])]
+        recorded = self.recorded()
+        rows = [row for image in images for row in recorded.get(str(image.path), [])]
         write_text_atomically(self.path, _csv_text(rows))
         try:
             import pyarrow as pa
@@ -399,15 +420,21 @@ def run_cohort(
     request = dataclasses.replace(request, out=request.out.resolve())
     images = [dataclasses.replace(image, path=image.path.resolve()) for image in images]
     table = CohortTable(request.out, len(names))
-    check_outputs(images, request, overwrite or skip_existing, [table.path, table.parquet_path])
+    check_outputs(images, request, overwrite or skip_existing, [table.path, table.parquet_path, table.model_path])
     kept: dict[str, list[list[str]]] = {}
     if skip_existing:
-        finished = table.finished()
+        recorded = table.recorded()
+        if not overwrite:
+            # Landmark files (each image's last output) that no row of the table accounts for are not
+            # this run's: a plain run's, or corrected by hand.
+            refuse_existing([image.landmark_file(request) for image in images if str(image.path) not in recorded])
         kept = {
-            str(image.path): finished[str(image.path)]
+            str(image.path): recorded[str(image.path)]
             for image in images
-            if str(image.path) in finished and all(path.is_file() for path in image.outputs(request))
+            if len(recorded.get(str(image.path), [])) == len(names)
+            and all(path.is_file() for path in image.outputs(request))
         }
+    table.check_model(model, skip_existing and not overwrite)
     todo = [image for image in images if str(image.path) not in kept]
     outcomes = {key: _outcome_from_rows(image, kept[key]) for image in images if (key := str(image.path)) in kept}
 

@@ -4,6 +4,7 @@ worker and a corrupt image, resumes, and takes a BIDS dataset; on a local cluste
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from conftest import REPO, cli
 
 from SCNLandmarksLib.batch import BatchImage, ImageOutcome
+from SCNLandmarksLib.bundle import read_description, save_description
 from SCNLandmarksLib.cluster import COHORT_COLUMNS, _outcome_from_rows, cohort_rows
 from SCNLandmarksLib.data.spec import load_dataset_spec
 from SCNLandmarksLib.io.images import read_image, write_image
@@ -149,14 +151,31 @@ def test_skip_existing_redoes_only_unfinished_images(tiny_model_2d, cohort, clus
     kept = (out / "case000.mrk.json").stat().st_mtime_ns
 
     # Resumed on another cluster: two worker processes the command starts itself.
-    resumed = cli(
-        "detect", str(tiny_model_2d), str(folder), "--out", str(out), "--cluster", "local:2", "--skip-existing"
-    )
+    resume_arguments = ["detect", str(tiny_model_2d), str(folder), "--out", str(out), "--cluster", "local:2"]
+    resume_arguments.append("--skip-existing")
+    resumed = cli(*resume_arguments)
     assert resumed.returncode == 2, resumed.stderr[-2000:]
     # Redone: the missing file, the image whose rows were cut, and the corrupt one (still corrupt).
     assert f"{IMAGES} of {IMAGES + 1} images ({IMAGES - 2} done before)" in resumed.stderr
     assert (out / "case000.mrk.json").stat().st_mtime_ns == kept
     assert _files(out) == finished
+
+    # A file no row of the table accounts for (corrected by hand after a plain run, say) is not
+    # replaced without --overwrite; nor are the results resumed with another model.
+    rows = (out / "cohort.csv").read_text().splitlines()
+    (out / "cohort.csv").write_text("\n".join(r for r in rows if "case000" not in r) + "\n")
+    (out / "case000.mrk.json").write_text((out / "case000.mrk.json").read_text().replace("detected", "corrected"))
+    corrected = (out / "case000.mrk.json").read_bytes()
+    refused = cli(*resume_arguments)
+    assert refused.returncode == 2 and "case000.mrk.json" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "case000.mrk.json").read_bytes() == corrected
+    described = read_description(tiny_model_2d)
+    other = save_description(  # another model file: the same weights, another provenance
+        tiny_model_2d, tmp_path / "other.safetensors", dataclasses.replace(described, provenance={"copy": True})
+    )
+    (out / "case000.mrk.json").unlink()
+    changed = cli(*[str(other) if a == str(tiny_model_2d) else a for a in resume_arguments])
+    assert changed.returncode == 2 and "used another model" in changed.stderr
 
 
 def test_a_killed_worker_costs_only_its_images(tiny_model_2d, cohort, plain_run, tmp_path):

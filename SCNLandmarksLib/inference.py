@@ -430,7 +430,8 @@ class Predictor:
         read: Callable[[Path, int], sitk.Image] = read_image,
     ) -> Prediction | DataError:
         """Detect landmarks on one image file, as batch mode does each: a file that cannot be used
-        gives its DataError (naming the file) instead of a prediction."""
+        gives its DataError (naming the file) instead of a prediction, and so does an unforeseen
+        failure on it (logged), as on a cluster: one image never stops a batch."""
         try:
             start = time.perf_counter()
             image = read(path, self.dimension)
@@ -441,6 +442,11 @@ class Predictor:
             )
         except DataError as error:
             return error
+        except Cancelled:
+            raise
+        except Exception as error:
+            log.exception("%s: detection failed", path)
+            return DataError(f"{path}: detection failed ({type(error).__name__}: {error})")
         prediction.timings["read"] = read_s
         return prediction
 

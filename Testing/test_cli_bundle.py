@@ -279,6 +279,19 @@ def test_cli_detect_on_a_slice_outside_the_axial_plane_writes_points_and_heatmap
     assert np.allclose(heatmap.GetOrigin(), volume.GetOrigin())
 
 
+def test_cli_detect_goes_on_after_an_image_smaller_than_a_grid_cell(tiny_model_2d, dataset_2d, tmp_path):
+    entry = load_dataset_spec(dataset_2d).split("validation")[0]
+    tiny = sitk.Image([1, 3], sitk.sitkFloat32)
+    tiny.SetSpacing((0.1, 0.1))
+    write_image(tiny, tmp_path / "tiny.nrrd")
+    detected = cli(
+        "detect", str(tiny_model_2d), str(tmp_path / "tiny.nrrd"), str(entry.image), "--out", str(tmp_path / "out")
+    )
+    assert "Traceback" not in detected.stderr, detected.stderr[-2000:]
+    assert (tmp_path / "out" / f"{image_stem(entry.image)}.mrk.json").is_file()
+    assert (tmp_path / "out" / "summary.csv").is_file()
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     image = tmp_path / "image.png"
     write_image(sitk.Image([8, 8], sitk.sitkUInt8), image)

@@ -82,7 +82,8 @@ def prepare_normalized(
     """
     if normalized.GetDimension() != len(grid_spacing):
         raise DataError(f"image is {normalized.GetDimension()}D but the grid is {len(grid_spacing)}D")
-    factors = shrink_factors(normalized.GetSpacing(), grid_spacing)
+    # (An image smaller than a grid cell is shrunk to one pixel along that axis, not refused.)
+    factors = [min(f, n) for f, n in zip(shrink_factors(normalized.GetSpacing(), grid_spacing), normalized.GetSize())]
     if any(f > 1 for f in factors):
         normalized = sitk.BinShrink(normalized, factors)
     array = torch.from_numpy(sitk.GetArrayFromImage(normalized)).to(device=device, dtype=torch.float32)

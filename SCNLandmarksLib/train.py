@@ -405,6 +405,13 @@ class StageTrainer:
             self.trainable.load_state_dict(state["trainable"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # The configuration's learning rates, not the checkpoint's: resuming with a lower one is
+            # how a run whose loss diverged goes on (see `_stopped`).
+            training = self.settings.training
+            self.scheduler.base_lrs = [training.learning_rate, training.sigma_learning_rate]
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["initial_lr"], group["lr"] = base, base * factor
             self.iteration = int(state["iteration"])
             self.best_score = float(state["best_score"])
             self.best_validation = state.get("best_validation") or None
@@ -433,9 +440,19 @@ class StageTrainer:
             settings.heatmap.resolved_gamma(self.dimension),
         )
 
+    def require_finite_weights(self) -> None:
+        """Refuse to keep weights a diverged step made non-finite (the loss that shows it comes later).
+
+        Raises:
+            TrainingError: naming the stage and iteration; the files on disk stay the last good ones.
+        """
+        if not all(torch.isfinite(p).all() for p in self.trainable.parameters()):
+            raise self._stopped("the weights became non-finite")
+
     def save_checkpoint(self) -> None:
         if not self.context.main_process:
             return
+        self.require_finite_weights()
         with atomic_output(self.checkpoint_path) as temporary:
             torch.save(
                 {
@@ -451,10 +468,14 @@ class StageTrainer:
             )
 
     def _stopped(self, reason: str) -> TrainingError:
-        return TrainingError(
-            f"{reason} at iteration {self.iteration + 1} of the {self.settings.name} stage; training stopped. The "
-            f"last good checkpoint ({self.checkpoint_path}) is kept: lower training.learning_rate and resume "
+        remedy = (
+            f"The last good checkpoint ({self.checkpoint_path}) is kept: lower training.learning_rate and resume "
             "with --resume."
+            if self.checkpoint_path.is_file()
+            else "No checkpoint was written before it: lower training.learning_rate and train again."
+        )
+        return TrainingError(
+            f"{reason} at iteration {self.iteration + 1} of the {self.settings.name} stage; training stopped. {remedy}"
         )
 
     def steps(self, items: list[TrainingImage], permutation: list[int] | None) -> Iterator[dict[str, Any]]:
@@ -574,6 +595,8 @@ class TrainingRun:
         )
 
     def export(self, path: Path, iteration: int, validation: dict | None) -> None:
+        for stage in self.stages.values():
+            stage.require_finite_weights()
         loaded = self._loaded(iteration, validation)
         save_model(path, loaded.description, loaded.coarse, loaded.refinement)
 

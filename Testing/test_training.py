@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from SCNLandmarksLib.bundle import read_description
+from SCNLandmarksLib.bundle import load_model, read_description
 from SCNLandmarksLib.config import (
     HeatmapConfig,
     TrainingConfig,
@@ -151,6 +151,17 @@ def test_resume_equals_uninterrupted_training(dataset_2d, tmp_path):
     assert repr(a["history"]) == repr(b["history"])  # repr: NaN entries compare equal
 
 
+def test_a_resumed_run_takes_the_learning_rate_of_its_configuration(dataset_2d, tmp_path):
+    # How a diverged run goes on (its error says so): a lower learning rate, resumed.
+    config = _fast_config(dataset_2d, tmp_path / "run", learning_rate=1e-3)
+    with pytest.raises(Cancelled):
+        train(config, device="cpu", cancel=lambda: True)
+    lower = dataclasses.replace(config, training=dataclasses.replace(config.training, learning_rate=1e-6))
+    rates: list[float] = []
+    train(lower, resume=True, device="cpu", progress=lambda info: rates.append(info["learning_rate"]))
+    assert len(rates) == 5 and 0 < max(rates) <= 1e-6
+
+
 def test_cpu_training_autocasts_to_bfloat16_only_where_the_hardware_multiplies_it(dataset_2d, tmp_path, monkeypatch):
     def weights(name: str, hardware: bool, mixed_precision: bool) -> dict[str, torch.Tensor]:
         monkeypatch.setenv("SCN_LANDMARKS_CPU_BFLOAT16", "amx" if hardware else "none")
@@ -168,7 +179,13 @@ def test_cpu_training_autocasts_to_bfloat16_only_where_the_hardware_multiplies_i
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset_2d, tmp_path):
     config = _fast_config(
-        dataset_2d, tmp_path / "nan", iterations=50, checkpoint_every=1, learning_rate=1e12, gradient_clip=1e30
+        dataset_2d,
+        tmp_path / "nan",
+        iterations=50,
+        checkpoint_every=1,
+        validate_every=1,
+        learning_rate=1e12,
+        gradient_clip=1e30,
     )
     config = dataclasses.replace(config, heatmap=dataclasses.replace(config.heatmap, learnable_sigma=False))
     with pytest.raises(TrainingError, match="non-finite|loss became") as failure:
@@ -176,6 +193,15 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     assert str(config.output_dir / CHECKPOINT) in str(failure.value)
     state = torch.load(config.output_dir / CHECKPOINT, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert all(torch.isfinite(load_model(config.output_dir / "model.safetensors").coarse.sigmas))
+    for _, value in load_model(config.output_dir / "model.safetensors").coarse.network.state_dict().items():
+        assert torch.isfinite(value).all()
+
+    # Diverged before its first checkpoint: the message does not promise one.
+    early = dataclasses.replace(config, output_dir=tmp_path / "early")
+    early = dataclasses.replace(early, training=dataclasses.replace(early.training, checkpoint_every=1000))
+    with pytest.raises(TrainingError, match="No checkpoint was written before it"):
+        train(early, device="cpu")
 
 
 def _free_port() -> int:

@@ -144,12 +144,22 @@ def _train(args: argparse.Namespace) -> int:
 
         if args.out is None:
             raise UsageError("--dataset needs --out DIR")
-        config = config_for_dataset(args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda")
-        print(
-            f"configuration derived from the dataset: {Path(config.output_dir) / 'config.toml'} "
-            "(edit it and rerun with `scn-landmarks train` on it)",
-            file=sys.stderr,
-        )
+        derived = Path(args.out) / "config.toml"
+        if args.resume:
+            # The configuration the run began with: deriving it again (from a speed measured anew)
+            # would change its iterations and schedule under the checkpoint.
+            if not derived.is_file():
+                raise UsageError(f"{derived}: no configuration to resume (the run has not started in {args.out})")
+            config = load_config(derived)
+        else:
+            config = config_for_dataset(
+                args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda"
+            )
+            print(
+                f"configuration derived from the dataset: {derived} (edit it and rerun with `scn-landmarks "
+                "train` on it)",
+                file=sys.stderr,
+            )
     with _interruptible(args.stop_file) as cancel:
         result = train(
             config,

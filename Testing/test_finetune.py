@@ -221,6 +221,14 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     assert 0 < summary["iterations"] <= config.training.iterations
     assert read_description(out / "model.safetensors").landmark_names == spec.landmark_names
 
+    # Resumed through the same command, the run keeps the configuration it began with.
+    derived = (out / "config.toml").read_bytes()
+    resume = ["train", "--dataset", str(unsplit), "--out", str(out), "--resume", "--minutes", "0.02", "--device", "cpu"]
+    assert main(resume) == 0
+    assert (out / "config.toml").read_bytes() == derived
+    assert main([*resume[:4], str(tmp_path / "never"), *resume[5:]]) == 2
+    assert "no configuration to resume" in capsys.readouterr().err
+
     first = (out / "model.safetensors").read_bytes()
     assert main(["train", str(out / "config.toml"), "--minutes", "0.02", "--device", "cpu"]) == 0
     assert (out / "model.safetensors").read_bytes() != first

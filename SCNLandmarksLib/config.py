@@ -290,6 +290,22 @@ def _refinement(values: dict[str, Any], where: str) -> RefinementConfig:
     return _build(RefinementConfig, {**values, **nested}, where)
 
 
+def _check_training(training: TrainingConfig, where: str) -> None:
+    """Types and ranges of a [training] section, checked before any data is read."""
+    for name in ("iterations", "batch_size", "step_every", "validate_every", "checkpoint_every", "seed"):
+        value = getattr(training, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{where}: {name} = {value!r} must be a whole number")
+    for name in ("learning_rate", "sigma_learning_rate", "momentum", "weight_decay", "gradient_clip"):
+        value = getattr(training, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DataError(f"{where}: {name} = {value!r} must be a number")
+    if min(training.step_every, training.validate_every, training.checkpoint_every) < 1:
+        raise DataError(f"{where}: step_every, validate_every and checkpoint_every must be >= 1")
+    if min(training.learning_rate, training.sigma_learning_rate, training.weight_decay) < 0:
+        raise DataError(f"{where}: learning rates and weight_decay must be >= 0")
+
+
 def config_from_dict(values: dict[str, Any], base_dir: Path, where: str = "config") -> Config:
     """Build and validate a Config; relative paths are resolved against `base_dir`."""
     values = dict(values)
@@ -333,6 +349,9 @@ def validate(config: Config, where: str = "config") -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise DataError(f"{where}: {key} = {value!r}; choose one of {allowed}")
+    _check_training(config.training, f"{where} [training]")
+    if config.refinement is not None:
+        _check_training(config.refinement.training, f"{where} [refinement.training]")
     if config.training.batch_size < 1 or config.training.iterations < 0:
         raise DataError(
             f"{where} [training]: batch_size must be >= 1 and iterations >= 1 (0 keeps an initial_model's coarse stage)"

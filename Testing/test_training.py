@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -347,6 +348,27 @@ def test_a_refinement_stage_is_added_to_a_trained_model_whose_coarse_stage_stays
     no_refiner_steps = {**refiner, "training": {**refiner["training"], "iterations": 0}}
     with pytest.raises(DataError, match=r"\[refinement.training\]: iterations and batch_size must be >= 1"):
         config_from_dict({**values, "refinement": no_refiner_steps}, Path("/"))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("validate_every", 0, "step_every, validate_every and checkpoint_every must be >= 1"),
+        ("checkpoint_every", 0, "step_every, validate_every and checkpoint_every must be >= 1"),
+        ("iterations", "5", "iterations = '5' must be a whole number"),
+        ("learning_rate", -1.0, "learning rates and weight_decay must be >= 0"),
+        ("learning_rate", "fast", "learning_rate = 'fast' must be a number"),
+    ],
+)
+def test_a_training_section_out_of_range_is_refused_naming_the_file(key, value, message):
+    values = {
+        "dataset": "d.toml",
+        "output_dir": "out",
+        "grid": {"size": [32, 32], "spacing": [2.0, 2.0]},
+        "training": {key: value},
+    }
+    with pytest.raises(DataError, match=rf"ceph\.toml \[training\]: {re.escape(message)}"):
+        config_from_dict(values, Path("/"), "ceph.toml")
 
 
 def test_more_coarse_iterations_on_a_finished_run_keep_its_refinement(dataset_2d, tmp_path):

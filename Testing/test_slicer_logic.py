@@ -435,6 +435,26 @@ def test_detect_refills_an_existing_node(mrml, files):
 # heatmaps
 
 
+def test_a_heatmap_is_refused_once_its_image_is_gone_or_changed_and_goes_with_its_detection(mrml, files):
+    logic = SCNLandmarksLogic(mrml.scene)
+    volume = loadVolumeFile(mrml.scene, files["nrrd"])
+    node = logic.detectLandmarks(volume, BlobOracle(3)).markupsNode
+    heatmap = logic.showHeatmap(node, "final")
+    composites = [mrml.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+    # The voxels replaced by others of another size (a resample in place, say): refused, in words.
+    slicer.util.updateVolumeFromArray(volume, np.zeros((4, 5, 6), np.float32))
+    assert "changed since" in logic.heatmapProblem(node)
+    with pytest.raises(DataError, match="changed since"):
+        logic.showHeatmap(node, "final")
+    mrml.scene.RemoveNode(volume)
+    assert "is gone" in logic.heatmapProblem(node)
+    # The detection removed (the module forgets it first): its heatmap leaves the views and the scene.
+    logic.forgetDetection(node)
+    mrml.scene.RemoveNode(node)
+    assert not mrml.scene.IsNodePresent(heatmap)
+    assert all(composite.GetForegroundVolumeID() is None for composite in composites)
+
+
 @pytest.mark.parametrize("suffix", ["nrrd", "png"])
 def test_heatmap_volume_shares_the_input_geometry(mrml, files, suffix):
     volume = loadVolumeFile(mrml.scene, files[suffix])

@@ -453,6 +453,14 @@ class SCNLandmarksLogic:
                 f"No heatmaps for '{markupsNode.GetName()}': heatmaps are kept in memory for detections made "
                 "in this session only. Run the detection again to see them."
             )
+        volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return f"The image '{markupsNode.GetName()}' was detected on is gone: its heatmaps cannot be shown."
+        if tuple(volumeNode.GetImageData().GetDimensions()) != self._predictions[markupsNode.GetID()][1].size:
+            return (
+                f"The voxels of '{volumeNode.GetName()}' changed since '{markupsNode.GetName()}' was detected: "
+                "run the detection again to see its heatmaps."
+            )
         return ""
 
     def heatmapNode(self, markupsNode):
@@ -528,9 +536,14 @@ class SCNLandmarksLogic:
         overlays.hideFromSliceViews(self.scene, self.heatmapNode(markupsNode))
 
     def forgetDetection(self, markupsNode) -> None:
-        """Drop the in-memory heatmaps and observers of a detection (e.g. its node was removed)."""
+        """Drop the in-memory heatmaps and observers of a detection (e.g. its node is being removed),
+        and its heatmap from the scene: nothing could show or hide it any more."""
         if markupsNode is None:
             return
+        heatmapNode = self.heatmapNode(markupsNode)
+        if heatmapNode is not None and self.scene.IsNodePresent(heatmapNode):
+            overlays.hideFromSliceViews(self.scene, heatmapNode)
+            landmarkMarkups.removeNode(self.scene, heatmapNode)
         self._predictions.pop(markupsNode.GetID(), None)
         self._statusObserver.unobserve(markupsNode)
 

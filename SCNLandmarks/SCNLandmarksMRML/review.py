@@ -156,11 +156,9 @@ class ReviewSession:
         self.setDetection(None)
         if node is None:
             return
-        heatmapNode = self.logic.heatmapNode(node)
-        self.logic.forgetDetection(node)
-        for each in (heatmapNode, node):
-            if each is not None and self.logic.scene.IsNodePresent(each):
-                markups.removeNode(self.logic.scene, each)
+        self.logic.forgetDetection(node)  # (its heatmap too)
+        if self.logic.scene.IsNodePresent(node):
+            markups.removeNode(self.logic.scene, node)
 
     def _unobserve(self) -> None:
         for tag in self._observers:

@@ -322,6 +322,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self.runner.running:
             self.runner.cancel()
+        self._observeAnnotation(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -342,6 +343,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNodeAboutToBeRemoved(self, caller, event, node) -> None:
         if node is not None and node.IsA("vtkMRMLMarkupsFiducialNode"):
             self.logic.forgetDetection(node)
+            if node is self._annotationNode:  # (Skip would act on a point list no longer in the scene)
+                self._observeAnnotation(None)
+                self._updateButtons()
 
     # --------------------------------------------------------------------------------------------
     # parameter node

@@ -201,6 +201,9 @@ class ModelDescription:
             )
         values = _from_version_1(header, source) if version <= 1 else header
         _require(values, _MODEL_KEYS, source, "")
+        names = values["landmark_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ModelFileError(f"{source}: landmark_names {names!r} is not a list of landmark names")
         _require(values["coarse"], _STAGE_KEYS, source, "coarse.")
         if values.get("refinement") is not None:
             _require(values["refinement"], _STAGE_KEYS, source, "refinement.")
@@ -248,6 +251,17 @@ class ModelDescription:
         views = description.inference.refinement_views
         if not isinstance(views, int) or views < 1:
             raise ModelFileError(f"{source}: inference.refinement_views {views!r} is not a whole number >= 1")
+        if not description.inference.max_grid_voxels >= 1:
+            raise ModelFileError(
+                f"{source}: inference.max_grid_voxels {description.inference.max_grid_voxels!r} is not >= 1"
+            )
+        for name, stage in description.stages.items():
+            if len(stage.grid_size) != description.dimension or len(stage.grid_spacing) != description.dimension:
+                raise ModelFileError(
+                    f"{source}: {name}.grid_size and grid_spacing need {description.dimension} entries"
+                )
+            if min(stage.grid_spacing) <= 0 or min(stage.grid_size) < 1:
+                raise ModelFileError(f"{source}: {name}.grid_spacing {list(stage.grid_spacing)} is not > 0")
         return description
 
 

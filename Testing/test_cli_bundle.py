@@ -129,6 +129,7 @@ def test_untrusted_truncated_and_foreign_files_are_refused(tiny_model_2d, tmp_pa
     [
         ({"mirror_axis": 2}, "inference.mirror_axis 2 is not an axis of 2D images"),
         ({"refinement_views": 0}, "inference.refinement_views 0 is not a whole number >= 1"),
+        ({"max_grid_voxels": 0}, "inference.max_grid_voxels 0 is not >= 1"),
     ],
 )
 def test_a_model_file_with_impossible_decoding_settings_is_refused(tiny_model_2d, tmp_path, setting, problem):
@@ -137,6 +138,26 @@ def test_a_model_file_with_impossible_decoding_settings_is_refused(tiny_model_2d
     path = save_model(
         tmp_path / "decoding.safetensors", dataclasses.replace(loaded.description, inference=inference), loaded.coarse
     )
+    with pytest.raises(ModelFileError, match=problem) as failure:
+        Predictor.from_file(path, "cpu")
+    assert str(path) in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"landmark_names": "abc"}, "landmark_names 'abc' is not a list of landmark names"),
+        ({"coarse": {"grid_spacing": [0.0, 0.0]}}, r"coarse.grid_spacing \[0.0, 0.0\] is not > 0"),
+    ],
+)
+def test_a_model_file_with_impossible_metadata_is_refused_naming_it(tiny_model_2d, tmp_path, change, problem):
+    with safe_open(str(tiny_model_2d), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key, value in change.items():
+        metadata[key] = {**metadata[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
     with pytest.raises(ModelFileError, match=problem) as failure:
         Predictor.from_file(path, "cpu")
     assert str(path) in str(failure.value)

@@ -223,11 +223,12 @@ class CohortTable:
                 by_image.setdefault(row[0], []).append(row)
         return by_image
 
-    def check_model(self, model: Path, resuming: bool) -> None:
-        """Record the model of this run beside the table; a resumed run must use the same one.
+    def check_model(self, model: Path, resuming: bool) -> str:
+        """The model file's digest, which `record_model` writes beside the table; a resumed run must
+        use the model (by content) of the run it resumes.
 
         Raises:
-            DataError: resuming with another model file (by content) than the recorded run's.
+            DataError: resuming with another model file than the recorded run's.
         """
         digest = hashlib.sha256(model.read_bytes()).hexdigest()
         if resuming and self.model_path.is_file():
@@ -237,6 +238,9 @@ class CohortTable:
                     f"{self.path}: the run recorded there used another model than {model}; nothing was "
                     "written (give --overwrite to detect every image again with this one)"
                 )
+        return digest
+
+    def record_model(self, model: Path, digest: str) -> None:
         write_text_atomically(self.model_path, json.dumps({"model": str(model), "model_sha256": digest}) + "\n")
 
     @contextmanager
@@ -434,7 +438,7 @@ def run_cohort(
             if len(recorded.get(str(image.path), [])) == len(names)
             and all(path.is_file() for path in image.outputs(request))
         }
-    table.check_model(model, skip_existing and not overwrite)
+    digest = table.check_model(model, skip_existing and not overwrite)
     todo = [image for image in images if str(image.path) not in kept]
     outcomes = {key: _outcome_from_rows(image, kept[key]) for image in images if (key := str(image.path)) in kept}
 
@@ -454,6 +458,7 @@ def run_cohort(
             pure=False,
         )
         image_of = {future.key: image for future, image in zip(futures, todo)}
+        table.record_model(model, digest)
         with table.recording(kept):
             for done, future in enumerate(distributed.as_completed(futures, loop=client.loop), start=1):
                 outcome = _outcome(future, image_of[future.key], distributed)

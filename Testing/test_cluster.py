@@ -101,7 +101,7 @@ def test_a_cluster_run_writes_what_detect_writes_and_reports_a_corrupt_image(
 
     written = _files(out)
     expected = _files(plain)
-    assert set(written) == set(expected) | {"cohort.csv", "cohort.parquet"}
+    assert set(written) == set(expected) | {"cohort.csv", "cohort.parquet", "cohort-model.json"}
     assert {name: written[name] for name in expected} == expected  # landmarks and summary byte for byte
     assert "sub-02/ses-1/anat/sub-02_ses-1_T1w.mrk.json" in written
     description = json.loads(written["dataset_description.json"])

@@ -716,7 +716,7 @@ def test_corrections_survive_a_closed_tab_and_an_ended_session(browser, tmp_path
         again = context.new_page()
         again.goto(session_url)
         assert "ended" in again.locator("#title").inner_text()
-        assert "were kept" in again.locator("#message").inner_text()
+        assert "are kept while the station runs" in again.locator("#message").inner_text()
 
         # A new session in this browser offers the corrections back: download them, or restore the review.
         again.goto(station)

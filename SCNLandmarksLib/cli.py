@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import Cancelled, SCNLandmarksError
+from .errors import Cancelled, DataError, SCNLandmarksError
 from .vocabulary import Precision
 
 if TYPE_CHECKING:
@@ -130,6 +130,20 @@ def _minutes_to_seconds(minutes: float | None) -> float | None:
     return None if minutes is None else minutes * 60.0
 
 
+def _refuse_a_trained_run(out: Path, args: argparse.Namespace) -> None:
+    """A new run would replace the model and checkpoint of one already in `out` (hours of work)."""
+    if args.resume or args.overwrite:
+        return
+    from .train import BEST_MODEL, CHECKPOINT
+
+    found = [name for name in (BEST_MODEL, CHECKPOINT) if (out / name).is_file()]
+    if found:
+        raise DataError(
+            f"{out} holds a trained run ({', '.join(found)}); nothing was written: give --resume to continue "
+            "it, --overwrite to train anew there, or another output folder"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
@@ -138,12 +152,14 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("give either a configuration file or --dataset SPEC --out DIR")
     if args.config is not None:
         config = load_config(args.config)
+        _refuse_a_trained_run(Path(config.output_dir), args)
     else:
         from .autoconfig import config_for_dataset
         from .inference import resolve_device
 
         if args.out is None:
             raise UsageError("--dataset needs --out DIR")
+        _refuse_a_trained_run(Path(args.out), args)
         derived = Path(args.out) / "config.toml"
         if args.resume:
             # The configuration the run began with: deriving it again (from a speed measured anew)
@@ -156,8 +172,8 @@ def _train(args: argparse.Namespace) -> int:
                 args.dataset, args.out, args.minutes, resolve_device(args.device).type == "cuda"
             )
             print(
-                f"configuration derived from the dataset: {derived} (edit it and rerun with `scn-landmarks "
-                "train` on it)",
+                f"configuration derived from the dataset: {derived} (edit it and rerun `scn-landmarks train` "
+                "on it, with --overwrite to replace this run)",
                 file=sys.stderr,
             )
     with _interruptible(args.stop_file) as cancel:
@@ -495,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (with --dataset)")
     train.add_argument("--minutes", type=float, help="wall-clock budget; training then ends with the best model so far")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="train anew in an output folder that holds a trained run"
+    )
     _add_device_option(train)
     train.add_argument("--progress-json", action="store_true", help=PROGRESS_JSON_HELP)
     train.add_argument("--stop-file", help=STOP_FILE_HELP)

@@ -230,7 +230,10 @@ def test_train_from_a_dataset_alone_writes_a_configuration_that_reruns(dataset_2
     assert "no configuration to resume" in capsys.readouterr().err
 
     first = (out / "model.safetensors").read_bytes()
-    assert main(["train", str(out / "config.toml"), "--minutes", "0.02", "--device", "cpu"]) == 0
+    rerun = ["train", str(out / "config.toml"), "--minutes", "0.02", "--device", "cpu"]
+    assert main(rerun) == 2 and "holds a trained run" in capsys.readouterr().err  # hours of work kept
+    assert (out / "model.safetensors").read_bytes() == first
+    assert main([*rerun, "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() != first
     load_model(out / "model.safetensors")
 

@@ -701,11 +701,14 @@ def train(
         device: 'auto', 'cpu' or 'cuda' (under torchrun: each rank uses its LOCAL_RANK GPU).
         progress: called every iteration with a dict (stage, iteration, iterations, loss, mean_sigma, eta_s, ...).
         cancel: polled every iteration; True saves a checkpoint and raises Cancelled.
-        time_budget_s: wall-clock budget; the stages share it in proportion to their work (StageSettings.work) and
-            each ends cleanly (validated, best model kept, checkpointed) when its share is spent.
+        time_budget_s: wall-clock budget of the whole call (reading the images too); the stages share what
+            is left in proportion to their work (StageSettings.work), each ending cleanly (validated, best
+            model kept, checkpointed) when its share is spent.
     Raises:
         TrainingError: the loss or gradients became non-finite (last good checkpoint kept).
     """
+    # The budget is the whole call's: reading the images (minutes for a large dataset) spends it too.
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     context = RunContext.start(device, config.output_dir)
     spec = load_dataset_spec(config.dataset)
     if spec.dimension != config.dimension:
@@ -750,7 +753,6 @@ def train(
     run = TrainingRun(config, spec, context, unit, validation_items, mean)
 
     result = None
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     stages = stage_settings(config)
     for number, settings in enumerate(stages):
         stage_deadline = None

@@ -405,6 +405,27 @@ def test_a_pixel_model_on_a_volume_with_spacing_exports_its_points_and_errors_in
     np.testing.assert_allclose(back.points_lps[:3], ras_to_lps(_positions(node))[:3, :2], atol=1e-9)
 
 
+def test_a_pixel_models_case_is_saved_as_a_picture_to_fine_tune_it_in_pixels(mrml, files, tmp_path):
+    from SCNLandmarksLib.data.spec import load_dataset_spec
+
+    volume = loadVolumeFile(mrml.scene, files["png"])
+    volume.SetSpacing(0.1, 0.1, 1.0)  # e.g. a DICOM cephalogram: a NRRD of it would be in mm
+    volume.SetOrigin(4.0, -3.0, 0.0)
+    oracle = BlobOracle(2)
+    oracle.description = dataclasses.replace(oracle.description, unit="px")
+    logic = SCNLandmarksLogic(mrml.scene)
+    node = logic.detectLandmarks(volume, oracle).markupsNode
+    image, points = logic.saveTrainingPair(volume, node, tmp_path / "cases", "case1")
+    assert image.name == "case1.tif"
+    spec = load_dataset_spec(tmp_path / "cases" / "dataset.toml")
+    entry = spec.entries[0]
+    assert entry.unit == "px" and entry.read(2).GetSpacing() == (1.0, 1.0)
+    rasToIjk = np.linalg.inv(ijkToRasArray(volume))
+    index = (_positions(node)[:3] @ rasToIjk[:3, :3].T + rasToIjk[:3, 3])[:, :2]
+    np.testing.assert_allclose(spec.load_landmarks([entry])["case1"].points_lps[:3], index, atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(entry.read(2)), slicer.util.arrayFromVolume(volume)[0])
+
+
 def test_a_single_slice_outside_the_axial_plane_is_exported_with_every_coordinate(mrml, files, tmp_path):
     from SCNLandmarksLib.io.landmarks import read_landmarks
 

@@ -170,7 +170,9 @@ def test_training_pairs_are_written_by_the_specs_one_writer(session, tmp_path, m
     assert [(e.id, e.split) for e in spec.entries] == [("a", "train"), ("b", "validation")]
     assert spec.landmark_names == tuple(NAMES) and spec.dimension == 2
     text = (folder / "dataset.toml").read_text()
-    assert 'image = "a.nrrd"' in text and 'landmarks = "b.mrk.json"' in text  # relative: the folder moves as one
+    assert (
+        'image = "a.tif"' in text and 'landmarks = "b.mrk.json"' in text
+    )  # a picture: a model in pixels; relative paths
     landmarks = spec.load_landmarks(list(spec.entries))["a"]
     np.testing.assert_allclose(landmarks.points_lps[1], [-21.0, -6.0], atol=1e-4)
     assert np.isnan(landmarks.points_lps[3]).all()

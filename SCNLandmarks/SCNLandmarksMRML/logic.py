@@ -31,7 +31,15 @@ from SCNLandmarksLib.vocabulary import Cancel, HeatmapKind, LandmarkStatus, Prog
 
 from . import annotate, catalogue, dependencies, overlays, rendering
 from . import markups as landmarkMarkups
-from .volumes import VolumeImage, checkScalarVolume, ijkToRasArray, imageFromVolumeNode, isAxialSlice, volumeDimension
+from .volumes import (
+    VolumeImage,
+    checkScalarVolume,
+    ijkToRasArray,
+    imageFromVolumeNode,
+    isAxialSlice,
+    pictureOfVolume,
+    volumeDimension,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -550,7 +558,9 @@ class SCNLandmarksLogic:
     # ------------------------------------------------------------------------------------------
     # export
 
-    def landmarkSet(self, markupsNode) -> tuple[LandmarkSet, list[LandmarkStatus], str]:
+    def landmarkSet(
+        self, markupsNode, picture: VolumeImage | None = None
+    ) -> tuple[LandmarkSet, list[LandmarkStatus], str]:
         """Current (corrected) positions as a library LandmarkSet in LPS, as `scn-landmarks detect`
         writes them for the volume's file, with the detection's confidences, expected errors and
         coverage radii, the statuses, and the unit ("mm", or "px" for a picture, unit spacing,
@@ -559,17 +569,20 @@ class SCNLandmarksLogic:
         A single slice in the axial plane gives 2D points (LPS x and y); one in another plane keeps
         its 3D points, since no two LPS axes describe it. A model in pixels detects in the volume's
         pixels: on a volume with another spacing its expected errors are scaled to mm with the points.
+
+        Args:
+            picture: the volume as a picture (`pictureOfVolume`): the points in its pixels instead.
         """
         rows = self.landmarkRows(markupsNode)
         if not rows:
             raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
         pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
         volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
-        points = ras_to_lps(pointsRas)
-        if volumeNode is not None and volumeDimension(volumeNode) == 2 and isAxialSlice(volumeNode):
+        points = ras_to_lps(pointsRas) if picture is None else picture.rasToPoints(pointsRas)
+        if picture is None and volumeNode is not None and volumeDimension(volumeNode) == 2 and isAxialSlice(volumeNode):
             points = points[:, :2]
-        unit, scale = landmarkMarkups.predictionUnit(markupsNode) or "mm", 1.0
-        if unit == "px" and volumeNode is not None:
+        unit, scale = (landmarkMarkups.predictionUnit(markupsNode) or "mm", 1.0) if picture is None else ("px", 1.0)
+        if unit == "px" and volumeNode is not None and picture is None:
             spacing = np.linalg.norm(ijkToRasArray(volumeNode)[:3, :2], axis=0)
             if not np.allclose(spacing, 1.0):
                 unit, scale = "mm", float(np.mean(spacing))
@@ -666,11 +679,23 @@ class SCNLandmarksLogic:
         return path
 
     @staticmethod
-    def trainingPairPaths(volumeNode, folder, caseId: str | None = None) -> tuple[Path, Path]:
-        """The (image, landmarks) files `saveTrainingPair` would write for this volume and folder."""
+    def savedAsPicture(volumeNode, markupsNode) -> bool:
+        """Whether a training case of these is saved as a picture: a 2D detection by a model in pixels,
+        which is fine-tuned in pixels, the unit it learned in (a NRRD's spacing would make them mm)."""
+        return (
+            volumeNode is not None
+            and markupsNode is not None
+            and volumeDimension(volumeNode) == 2
+            and landmarkMarkups.predictionUnit(markupsNode) == "px"
+        )
+
+    @staticmethod
+    def trainingPairPaths(volumeNode, folder, caseId: str | None = None, picture: bool = False) -> tuple[Path, Path]:
+        """The (image, landmarks) files `saveTrainingPair` would write for this volume and folder
+        (`picture`: see `savedAsPicture`)."""
         caseId = safe_filename(caseId or (volumeNode.GetName() if volumeNode is not None else "") or "case", "case")
         folder = Path(folder)
-        return folder / f"{caseId}.nrrd", folder / f"{caseId}.mrk.json"
+        return folder / f"{caseId}{'.tif' if picture else '.nrrd'}", folder / f"{caseId}.mrk.json"
 
     def saveTrainingPair(
         self,
@@ -684,7 +709,8 @@ class SCNLandmarksLogic:
         """Save a volume and its corrected landmarks as one more training case of a dataset folder.
 
         Writes ``<folder>/<caseId>.nrrd`` (Slicer's NRRD writer, geometry as in Slicer) and
-        ``<folder>/<caseId>.mrk.json`` (Slicer's markups JSON, LPS), and adds or replaces the case
+        ``<folder>/<caseId>.mrk.json`` (Slicer's markups JSON, LPS), or for a detection by a model in
+        pixels ``<caseId>.tif`` and its points in pixels (`savedAsPicture`), and adds or replaces the case
         in ``<folder>/dataset.toml``, the library's dataset spec, so ``scn-landmarks train`` can
         use the folder as is.
 
@@ -720,7 +746,8 @@ class SCNLandmarksLogic:
         if not names:
             raise DataError(f"'{markupsNode.GetName()}' holds no landmarks.")
         folder = Path(folder)
-        imagePath, landmarksPath = self.trainingPairPaths(volumeNode, folder, caseId)
+        picture = self.savedAsPicture(volumeNode, markupsNode)
+        imagePath, landmarksPath = self.trainingPairPaths(volumeNode, folder, caseId, picture)
         self._refuseOverwrite([imagePath, landmarksPath], overwrite)
         caseId = image_stem(imagePath)
         dimension = volumeDimension(volumeNode)
@@ -733,12 +760,22 @@ class SCNLandmarksLogic:
             atomic_output(imagePath, format_suffix(imagePath)) as imageTemporary,
             atomic_output(landmarksPath, format_suffix(landmarksPath)) as landmarksTemporary,
         ):
-            storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storageNode.SetFileName(str(imageTemporary))
-            storageNode.SetUseCompression(True)
-            if not storageNode.WriteData(volumeNode):
-                raise DataError(f"{imagePath}: Slicer could not write the volume")
-            self.exportLandmarks(markupsNode, landmarksTemporary)
+            if picture:
+                from SCNLandmarksLib.io.images import write_image
+                from SCNLandmarksLib.io.landmarks import write_landmarks
+
+                pixels = pictureOfVolume(volumeNode)
+                write_image(pixels.image, imageTemporary)
+                landmarkMarkups.updatePointStatuses(markupsNode)
+                landmarks, statuses, unit = self.landmarkSet(markupsNode, pixels)
+                write_landmarks(landmarks, landmarksTemporary, statuses, unit)
+            else:
+                storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+                storageNode.SetFileName(str(imageTemporary))
+                storageNode.SetUseCompression(True)
+                if not storageNode.WriteData(volumeNode):
+                    raise DataError(f"{imagePath}: Slicer could not write the volume")
+                self.exportLandmarks(markupsNode, landmarksTemporary)
 
         previous = next((entry for entry in spec.entries if entry.id == caseId), None)
         split = split or (previous.split if previous else None) or "train"

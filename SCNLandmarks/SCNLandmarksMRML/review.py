@@ -325,7 +325,9 @@ class ReviewSession:
 
     def trainingPairPaths(self, folder, caseId: str | None = None, volumeNode=None) -> tuple[Path, Path]:
         """The (image, landmarks) files `saveTrainingPair` would write."""
-        return self.logic.trainingPairPaths(volumeNode or self.volumeNode, folder, caseId)
+        volumeNode = volumeNode or self.volumeNode
+        picture = self.logic.savedAsPicture(volumeNode, self.markupsNode)
+        return self.logic.trainingPairPaths(volumeNode, folder, caseId, picture)
 
     def saveTrainingPair(
         self,

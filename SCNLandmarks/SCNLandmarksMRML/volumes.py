@@ -226,6 +226,15 @@ def imageFromVolumeNode(volumeNode, dimension: int | None = None, pixelUnits: bo
     return VolumeImage(image, ijkToRas, (nx, ny, nz))
 
 
+def pictureOfVolume(volumeNode) -> VolumeImage:
+    """A 2D volume as the picture a model in pixels sees it: unit spacing, origin 0, identity
+    direction, as the library reads such an image saved as a picture (positions are pixels)."""
+    volumeImage = imageFromVolumeNode(volumeNode, 2, pixelUnits=True)
+    volumeImage.image.SetOrigin((0.0, 0.0))
+    volumeImage.image.SetDirection((1.0, 0.0, 0.0, 1.0))
+    return volumeImage
+
+
 def _directionLps(ijkToRas: np.ndarray) -> np.ndarray:
     """The LPS directions of the voxel axes (columns, unit length)."""
     return LPS_FROM_RAS @ (ijkToRas[:3, :3] / np.linalg.norm(ijkToRas[:3, :3], axis=0))

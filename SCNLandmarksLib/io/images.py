@@ -239,18 +239,28 @@ class SlicePlacement:
         return volume
 
 
-def slice_placement(path: str | os.PathLike) -> SlicePlacement | None:
-    """The placement of an image file holding one slice outside the axial plane (from its header);
-    None for any other image (and for folders: a DICOM series)."""
-    path = Path(path)
-    if path.is_dir():
-        return None
+def _header(path: Path) -> sitk.ImageFileReader:
+    """A reader holding an image file's header (size, spacing, origin, direction), pixels unread.
+
+    Raises:
+        DataError: naming the path.
+    """
     reader = sitk.ImageFileReader()
     try:
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise DataError(f"{path}: cannot read image ({_reason(error)})") from error
+    return reader
+
+
+def slice_placement(path: str | os.PathLike) -> SlicePlacement | None:
+    """The placement of an image file holding one slice outside the axial plane (from its header);
+    None for any other image (and for folders: a DICOM series)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    reader = _header(path)
     size = reader.GetSize()
     if len(size) != 3 or size[2] != 1:
         return None
@@ -339,12 +349,7 @@ def read_image_information(
     """
     path = Path(path)
     _refuse_stated_spacing(path, spacing)
-    reader = sitk.ImageFileReader()
-    try:
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise DataError(f"{path}: cannot read image ({_reason(error)})") from error
+    reader = _header(path)
     size = tuple(reader.GetSize())
     if carries_spacing(path):
         return size, tuple(reader.GetSpacing())

@@ -88,8 +88,9 @@ class Autosave:
         """The session ends: its corrections may be offered to the reviewer's next sessions."""
         if self.liveMark is not None:
             self.liveMark.close()
-            self.liveMark: IO[str] | None = None
-            _liveMark(self.folder).unlink(missing_ok=True)
+            self.liveMark = None
+            if self.folder is not None:
+                _liveMark(self.folder).unlink(missing_ok=True)
 
     def write(
         self,

@@ -578,14 +578,18 @@ class SCNLandmarksLogic:
             raise DataError(f"'{markupsNode.GetName()}' holds no detected landmarks.")
         pointsRas = np.array([r.positionRas if r.positionRas is not None else [np.nan] * 3 for r in rows])
         volumeNode = markupsNode.GetNodeReference(landmarkMarkups.VOLUME_REFERENCE_ROLE)
-        points = ras_to_lps(pointsRas) if picture is None else picture.rasToPoints(pointsRas)
-        if picture is None and volumeNode is not None and volumeDimension(volumeNode) == 2 and isAxialSlice(volumeNode):
-            points = points[:, :2]
-        unit, scale = (landmarkMarkups.predictionUnit(markupsNode) or "mm", 1.0) if picture is None else ("px", 1.0)
-        if unit == "px" and volumeNode is not None and picture is None:
-            spacing = np.linalg.norm(ijkToRasArray(volumeNode)[:3, :2], axis=0)
-            if not np.allclose(spacing, 1.0):
-                unit, scale = "mm", float(np.mean(spacing))
+        scale = 1.0
+        if picture is not None:
+            points, unit = picture.rasToPoints(pointsRas), "px"
+        else:
+            points = ras_to_lps(pointsRas)
+            if volumeNode is not None and volumeDimension(volumeNode) == 2 and isAxialSlice(volumeNode):
+                points = points[:, :2]
+            unit = landmarkMarkups.predictionUnit(markupsNode) or "mm"
+            if unit == "px" and volumeNode is not None:
+                spacing = np.linalg.norm(ijkToRasArray(volumeNode)[:3, :2], axis=0)
+                if not np.allclose(spacing, 1.0):
+                    unit, scale = "mm", float(np.mean(spacing))
         expected = scale * np.array([r.expectedError for r in rows], dtype=np.float64)
         radii = scale * np.array([r.coverageRadius for r in rows], dtype=np.float64)
         coverage = landmarkMarkups.predictionCoverage(markupsNode)
@@ -625,7 +629,7 @@ class SCNLandmarksLogic:
                 "name or folder, or agree to replace it."
             )
 
-    def exportLandmarks(self, markupsNode, path, overwrite: bool = True) -> Path:
+    def exportLandmarks(self, markupsNode, path, overwrite: bool = True, picture: VolumeImage | None = None) -> Path:
         """Write the current (corrected) points of a point list.
 
         The suffix chooses the format: ``.mrk.json`` (Slicer markups JSON, LPS, with labels, status
@@ -639,6 +643,8 @@ class SCNLandmarksLogic:
 
         Args:
             overwrite: False refuses to replace an existing file (the caller asks the user first).
+            picture: a detection's points in the pixels of this picture of its volume instead (see
+                `landmarkSet`; training cases of a model in pixels).
 
         Returns:
             The written path.
@@ -660,7 +666,7 @@ class SCNLandmarksLogic:
             from SCNLandmarksLib.io.landmarks import write_landmarks
 
             landmarkMarkups.updatePointStatuses(markupsNode)
-            landmarks, statuses, unit = self.landmarkSet(markupsNode)
+            landmarks, statuses, unit = self.landmarkSet(markupsNode, picture)
             write_landmarks(landmarks, path, statuses, unit)
             return path
         if lower.endswith(".csv"):
@@ -760,22 +766,18 @@ class SCNLandmarksLogic:
             atomic_output(imagePath, format_suffix(imagePath)) as imageTemporary,
             atomic_output(landmarksPath, format_suffix(landmarksPath)) as landmarksTemporary,
         ):
-            if picture:
+            pixels = pictureOfVolume(volumeNode) if picture else None
+            if pixels is not None:
                 from SCNLandmarksLib.io.images import write_image
-                from SCNLandmarksLib.io.landmarks import write_landmarks
 
-                pixels = pictureOfVolume(volumeNode)
                 write_image(pixels.image, imageTemporary)
-                landmarkMarkups.updatePointStatuses(markupsNode)
-                landmarks, statuses, unit = self.landmarkSet(markupsNode, pixels)
-                write_landmarks(landmarks, landmarksTemporary, statuses, unit)
             else:
                 storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
                 storageNode.SetFileName(str(imageTemporary))
                 storageNode.SetUseCompression(True)
                 if not storageNode.WriteData(volumeNode):
                     raise DataError(f"{imagePath}: Slicer could not write the volume")
-                self.exportLandmarks(markupsNode, landmarksTemporary)
+            self.exportLandmarks(markupsNode, landmarksTemporary, picture=pixels)
 
         previous = next((entry for entry in spec.entries if entry.id == caseId), None)
         split = split or (previous.split if previous else None) or "train"

@@ -256,9 +256,9 @@ def _header(path: Path) -> sitk.ImageFileReader:
 
 def slice_placement(path: str | os.PathLike) -> SlicePlacement | None:
     """The placement of an image file holding one slice outside the axial plane (from its header);
-    None for any other image (and for folders: a DICOM series)."""
+    None for any other image (pictures are 2D; folders, a DICOM series, are not read here)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or not carries_spacing(path):  # (folders and pictures: no header to read)
         return None
     reader = _header(path)
     size = reader.GetSize()
